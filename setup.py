@@ -1,0 +1,33 @@
+from setuptools import setup
+
+setup(
+    name="twistedcluster",
+    version="0.1.0",
+    description="A load balancer for Twisted: proxy and redirect modes, "
+    "least-load routing on load reported over AMP, admin CLI.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # Flat layout; twisted/plugins has no __init__.py on purpose (Twisted's
+    # plugin convention), so it is listed as a package by name.
+    packages=["twistedcluster", "twisted.plugins"],
+    package_data={"twisted.plugins": ["twistedcluster_plugins.py"]},
+    install_requires=[
+        "twisted>=24.7",
+        "service-identity>=24.1",
+        "attrs>=23.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6.100",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "cluster-admin = twistedcluster.admincli:main",
+            "cluster-local = twistedcluster.localcluster:main",
+        ],
+    },
+)

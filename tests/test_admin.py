@@ -1,0 +1,93 @@
+"""
+The balancer's admin channel, in memory.
+"""
+
+from twistedcluster import commands
+from twistedcluster.pool import State
+from twistedcluster.testing import MemoryBalancer
+
+
+def balancerWith(*names):
+    lb = MemoryBalancer()
+    for i, n in enumerate(names):
+        lb.pool.register(n, "127.0.0.1", 9000 + i, capacity=10)
+    return lb
+
+
+def test_list_backends_shows_every_state_and_the_policy():
+    lb = balancerWith("a", "b")
+    lb.pool.markDown("b")
+    lb.pool.report("a", connections=4, load=0.4)
+    lb.pool.acquire("a")
+    admin, _, _ = lb.adminChannel()
+    answer = lb.resultOf(admin.callRemote(commands.ListBackends))
+    assert answer["policy"] == "least-load"
+    byName = {b["name"]: b for b in answer["backends"]}
+    assert byName["a"]["state"] == "up"
+    assert byName["a"]["connections"] == 4
+    assert byName["a"]["load"] == 0.4
+    assert byName["a"]["routed"] == 1
+    assert byName["b"]["state"] == "down"
+
+
+def test_drain_enable_disable():
+    lb = balancerWith("a", "b")
+    admin, _, _ = lb.adminChannel()
+    assert lb.resultOf(admin.callRemote(commands.DrainBackend, name="a")) == {"state": "draining"}
+    assert lb.pool.get("a").state is State.DRAINING
+    assert [c.name for c in lb.pool.eligible()] == ["b"]
+    assert lb.resultOf(admin.callRemote(commands.DisableBackend, name="a")) == {"state": "disabled"}
+    assert lb.resultOf(admin.callRemote(commands.EnableBackend, name="a")) == {"state": "up"}
+    assert lb.pool.get("a").state is State.UP
+
+
+def test_unknown_backend_is_a_clear_error():
+    lb = balancerWith("a")
+    admin, server, _ = lb.adminChannel()
+    f = lb.resultOf(admin.callRemote(commands.DrainBackend, name="nope"))
+    assert f.check(commands.UnknownBackendError)
+    assert "no backend named 'nope'" in f.getErrorMessage()
+    assert not server.transport.disconnecting
+
+
+def test_weight():
+    lb = balancerWith("a")
+    admin, _, _ = lb.adminChannel()
+    lb.resultOf(admin.callRemote(commands.SetWeight, name="a", weight=5))
+    assert lb.pool.get("a").weight == 5
+    f = lb.resultOf(admin.callRemote(commands.SetWeight, name="a", weight=1000))
+    assert f.check(commands.InvalidWeightError)
+    assert "out of range" in f.getErrorMessage()
+    assert lb.pool.get("a").weight == 5
+
+
+def test_policy():
+    lb = balancerWith("a")
+    admin, _, _ = lb.adminChannel()
+    answer = lb.resultOf(admin.callRemote(commands.SetPolicy, policy="round-robin"))
+    assert answer == {"previous": "least-load"}
+    assert lb.cluster.policyName == "round-robin"
+    f = lb.resultOf(admin.callRemote(commands.SetPolicy, policy="fastest"))
+    assert f.check(commands.UnknownPolicyError)
+    assert "least-conn" in f.getErrorMessage()
+    assert lb.cluster.policyName == "round-robin"
+
+
+def test_changes_are_logged_with_the_peer(logged):
+    lb = balancerWith("a")
+    admin, _, _ = lb.adminChannel()
+    lb.resultOf(admin.callRemote(commands.DrainBackend, name="a"))
+    assert any("admin" in line and "set backend a to draining" in line for line in logged)
+
+
+def test_control_commands_are_not_admin_commands():
+    lb = balancerWith("a")
+    admin, _, _ = lb.adminChannel()
+    f = lb.resultOf(
+        admin.callRemote(
+            commands.Register, name="evil", host="10.9.9.9", port=1, capacity=1,
+            connections=0, load=0.0, interval=1.0,
+        )
+    )
+    assert f.check(commands.amp.UnhandledCommand)
+    assert "evil" not in lb.pool

@@ -1,0 +1,154 @@
+"""
+The balancer's control channel, in memory: registration, reports, heartbeat,
+and what a broken or hostile peer gets.
+"""
+
+import pytest
+from twisted.protocols import amp
+
+from twistedcluster import commands
+from twistedcluster.pool import State
+from twistedcluster.testing import MemoryBalancer
+
+
+def register(client, name="a", host="127.0.0.1", port=9000, interval=1.0, **kw):
+    args = dict(name=name, host=host, port=port, capacity=10, connections=0, load=0.0, interval=interval)
+    args.update(kw)
+    return client.callRemote(commands.Register, **args)
+
+
+def result(d, balancer):
+    return balancer.resultOf(d)
+
+
+def test_register_and_report_reach_the_pool():
+    lb = MemoryBalancer()
+    client, server, pump = lb.controlChannel()
+    answer = result(register(client, capacity=20, connections=3, load=0.15), lb)
+    assert answer == {"heartbeatTimeout": 3.0}
+    s = lb.pool.get("a")
+    assert (s.state, s.host, s.port, s.capacity, s.connections) == (State.UP, "127.0.0.1", 9000, 20, 3)
+    result(client.callRemote(commands.ReportLoad, connections=7, load=0.35), lb)
+    s = lb.pool.get("a")
+    assert (s.connections, s.load) == (7, 0.35)
+
+
+def test_channel_closing_marks_down_at_once():
+    lb = MemoryBalancer()
+    client, server, pump = lb.controlChannel()
+    result(register(client), lb)
+    client.transport.loseConnection()
+    lb.flush()
+    assert lb.pool.get("a").state is State.DOWN
+    assert lb.pool.eligible() == ()
+
+
+def test_silence_marks_down_and_a_report_brings_it_back():
+    lb = MemoryBalancer()
+    client, server, pump = lb.controlChannel()
+    result(register(client, interval=0.5), lb)  # heartbeat 1.5 s
+    lb.clock.advance(1.0)
+    result(client.callRemote(commands.ReportLoad, connections=0, load=0.0), lb)
+    lb.clock.advance(1.0)
+    assert lb.pool.get("a").state is State.UP  # the report reset the timer
+    lb.clock.advance(1.0)
+    assert lb.pool.get("a").state is State.DOWN
+    result(client.callRemote(commands.ReportLoad, connections=1, load=0.1), lb)
+    assert lb.pool.get("a").state is State.UP
+
+
+def test_fixed_heartbeat_timeout_option():
+    lb = MemoryBalancer(heartbeatTimeout=0.25)
+    client, server, pump = lb.controlChannel()
+    assert result(register(client, interval=5.0), lb) == {"heartbeatTimeout": 0.25}
+
+
+def test_report_before_register_is_a_clear_error():
+    lb = MemoryBalancer()
+    client, server, pump = lb.controlChannel()
+    f = result(client.callRemote(commands.ReportLoad, connections=1, load=0.1), lb)
+    assert f.check(commands.NotRegistered)
+    assert "register before" in f.getErrorMessage()
+    assert not server.transport.disconnecting  # an error, not a dropped channel
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(name=""), "name must be"),
+        (dict(name="has space"), "white space"),
+        (dict(port=0), "port must be"),
+        (dict(capacity=0), "capacity must be"),
+        (dict(load=float("nan")), "load must be"),
+        (dict(connections=-1), "connections must be"),
+        (dict(interval=0.0), "interval must be"),
+    ],
+)
+def test_invalid_registration_is_refused(kw, message):
+    lb = MemoryBalancer()
+    client, server, pump = lb.controlChannel()
+    f = result(register(client, **kw), lb)
+    assert f.check(commands.InvalidArgument)
+    assert message in f.getErrorMessage()
+    assert len(lb.pool) == 0
+
+
+def test_name_taken_by_another_live_backend():
+    lb = MemoryBalancer()
+    c1, _, _ = lb.controlChannel()
+    c2, _, _ = lb.controlChannel()
+    result(register(c1, port=9000), lb)
+    f = result(register(c2, port=9001), lb)
+    assert f.check(commands.NameTaken)
+    assert "127.0.0.1:9000" in f.getErrorMessage()
+    assert lb.pool.get("a").port == 9000
+
+
+def test_same_backend_on_a_new_channel_takes_over():
+    # A backend restarted before its old channel was seen to close.
+    lb = MemoryBalancer()
+    c1, s1, _ = lb.controlChannel()
+    c2, s2, _ = lb.controlChannel()
+    result(register(c1), lb)
+    result(register(c2), lb)
+    assert s1.transport.disconnecting
+    lb.flush()
+    assert lb.pool.get("a").state is State.UP  # the old channel's close is not the backend's
+
+
+def test_unknown_command_gets_an_error_and_is_logged(logged):
+    lb = MemoryBalancer()
+    client, server, pump = lb.controlChannel()
+
+    class Bogus(amp.Command):
+        commandName = b"Bogus"
+
+    f = result(client.callRemote(Bogus), lb)
+    assert f.check(amp.UnhandledCommand)
+    assert any("unknown command b'Bogus'" in line for line in logged)
+    result(register(client), lb)  # the channel still works
+    assert lb.pool.get("a").state is State.UP
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GARBAGE\r\nGET / HTTP/1.0\r\n\r\n",
+        b"\x00\x00",  # an empty box
+        b"\x00\x04name" + b"\xff\xff" + b"x" * 10,  # a value claiming 65535 bytes... then a bad key
+        b"".join(b"\x00\x01k\x00\x01v" for _ in range(100)),  # a box with too many keys
+    ],
+)
+def test_malformed_boxes_close_only_that_connection(data, logged):
+    lb = MemoryBalancer()
+    good, _, _ = lb.controlChannel()
+    result(register(good, name="good"), lb)
+    bad, badServer, _ = lb.controlChannel()
+    badServer.dataReceived(data)
+    if data.startswith(b"\x00\x04name"):
+        badServer.dataReceived(b"y" * 70000)
+    assert badServer.transport.disconnecting
+    assert any("closing connection from" in line for line in logged)
+    lb.flush()
+    result(good.callRemote(commands.ReportLoad, connections=2, load=0.2), lb)
+    assert lb.pool.get("good").connections == 2

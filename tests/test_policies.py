@@ -1,0 +1,178 @@
+"""
+Routing policies, with hypothesis for the invariants: never a backend that is
+not up, weights respected, no herding on stale reports.
+"""
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twistedcluster.cluster import Cluster
+from twistedcluster.policies import (
+    POLICIES,
+    LeastConn,
+    LeastLoad,
+    RoundRobin,
+    UnknownPolicy,
+    makePolicy,
+)
+from twistedcluster.pool import AdminState, BackendStatus, Pool, State
+
+
+def status(name, **kw):
+    kw.setdefault("state", State.UP)
+    kw.setdefault("capacity", 100)
+    return BackendStatus(name=name, host="127.0.0.1", port=1, **kw)
+
+
+def test_least_load_picks_lowest_estimated_load():
+    cs = [status("a", load=0.5), status("b", load=0.2), status("c", load=0.3)]
+    assert LeastLoad().choose(cs, random.Random(0)).name == "b"
+
+
+def test_least_load_adds_what_was_routed_since_the_report():
+    # b reported less, but 40 connections went to it since: a is lighter.
+    cs = [status("a", load=0.3), status("b", load=0.1, routedSinceReport=40)]
+    assert LeastLoad().choose(cs, random.Random(0)).name == "a"
+
+
+def test_least_load_respects_weight():
+    cs = [status("a", load=0.3, weight=1), status("b", load=0.5, weight=2)]
+    assert LeastLoad().choose(cs, random.Random(0)).name == "b"
+
+
+def test_ties_are_broken_at_random():
+    cs = [status("a"), status("b"), status("c")]
+    picks = Counter(LeastLoad().choose(cs, random.Random(i)).name for i in range(300))
+    assert set(picks) == {"a", "b", "c"}
+
+
+def test_least_conn_uses_balancer_observed_connections():
+    cs = [status("a", active=5, load=0.0), status("b", active=1, load=0.9)]
+    assert LeastConn().choose(cs, random.Random(0)).name == "b"
+
+
+def test_round_robin_is_smooth_and_weighted():
+    cs = [status("a", weight=5), status("b", weight=1), status("c", weight=1)]
+    rr = RoundRobin()
+    seq = "".join(rr.choose(cs, random.Random(0)).name for _ in range(7))
+    assert Counter(seq) == {"a": 5, "b": 1, "c": 1}
+    assert "aaa" not in seq
+
+
+def test_empty_candidates_give_none():
+    for name in POLICIES:
+        assert makePolicy(name).choose([], random.Random(0)) is None
+
+
+def test_unknown_policy_names_the_choices():
+    with pytest.raises(UnknownPolicy, match="least-load"):
+        makePolicy("fastest")
+
+
+def test_cluster_set_policy_keeps_old_on_error():
+    c = Cluster()
+    with pytest.raises(UnknownPolicy):
+        c.setPolicy("nope")
+    assert c.policyName == "least-load"
+    c.setPolicy("round-robin")
+    assert c.policyName == "round-robin"
+
+
+def test_pick_excludes_tried_backends():
+    pool = Pool()
+    pool.register("a", "h", 1)
+    pool.register("b", "h", 2)
+    c = Cluster(pool, rng=random.Random(1))
+    assert c.pick(exclude={"a"}).name == "b"
+    assert c.pick(exclude={"a", "b"}) is None
+
+
+# -- properties ---------------------------------------------------------------
+
+backendSpec = st.tuples(
+    st.sampled_from(list(State)),
+    st.integers(min_value=0, max_value=5),  # weight
+    st.integers(min_value=1, max_value=50),  # capacity
+    st.floats(min_value=0, max_value=3, allow_nan=False),  # reported load
+)
+
+
+def buildPool(specs):
+    pool = Pool()
+    for i, (state, weight, capacity, load) in enumerate(specs):
+        name = f"b{i}"
+        pool.register(name, "127.0.0.1", 1000 + i, capacity=capacity, load=load)
+        pool.setWeight(name, weight)
+        if state is State.DOWN:
+            pool.markDown(name)
+        elif state is State.DRAINING:
+            pool.setAdminState(name, AdminState.DRAINING)
+        elif state is State.DISABLED:
+            pool.setAdminState(name, AdminState.DISABLED)
+    return pool
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    specs=st.lists(backendSpec, min_size=0, max_size=8),
+    policy=st.sampled_from(sorted(POLICIES)),
+    n=st.integers(min_value=1, max_value=40),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_never_routes_to_a_backend_that_is_not_up(specs, policy, n, seed):
+    pool = buildPool(specs)
+    routable = {
+        s.name for s in pool.snapshot() if s.state is State.UP and s.weight > 0
+    }
+    cluster = Cluster(pool, policy=policy, rng=random.Random(seed))
+    for _ in range(n):
+        chosen = cluster.pick()
+        if not routable:
+            assert chosen is None
+        else:
+            assert chosen is not None and chosen.name in routable
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    k=st.integers(min_value=2, max_value=8),
+    capacity=st.integers(min_value=1, max_value=1000),
+    n=st.integers(min_value=1, max_value=300),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_least_load_does_not_herd_on_stale_reports(k, capacity, n, seed):
+    # All backends reported idle once; no new report arrives while n
+    # connections come in.  Trusting the report alone would send all n to one
+    # backend; counting what was routed since spreads them evenly.
+    pool = Pool()
+    for i in range(k):
+        pool.register(f"b{i}", "h", 1000 + i, capacity=capacity, load=0.0)
+    cluster = Cluster(pool, rng=random.Random(seed))
+    counts = Counter(cluster.pick().name for _ in range(n))
+    spread = [counts.get(f"b{i}", 0) for i in range(k)]
+    assert max(spread) - min(spread) <= 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    weights=st.lists(st.integers(min_value=1, max_value=6), min_size=2, max_size=6),
+    rounds=st.integers(min_value=1, max_value=20),
+    policy=st.sampled_from(["least-load", "round-robin"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_weights_are_respected(weights, rounds, policy, seed):
+    # Over whole rounds of sum(weights) connections with stale reports, each
+    # backend gets its weight's share (to within one connection).
+    pool = Pool()
+    for i, w in enumerate(weights):
+        pool.register(f"b{i}", "h", 1000 + i, capacity=1000)
+        pool.setWeight(f"b{i}", w)
+    cluster = Cluster(pool, policy=policy, rng=random.Random(seed))
+    total = sum(weights) * rounds
+    counts = Counter(cluster.pick().name for _ in range(total))
+    for i, w in enumerate(weights):
+        assert abs(counts[f"b{i}"] - w * rounds) <= 1

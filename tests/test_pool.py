@@ -1,0 +1,126 @@
+"""
+The pool: states, admin settings that survive reconnects, accounting.
+"""
+
+import pytest
+
+from twistedcluster.pool import (
+    AdminState,
+    InvalidWeight,
+    Pool,
+    State,
+    UnknownBackend,
+    names,
+)
+
+
+def poolOf(*ns):
+    pool = Pool()
+    for i, n in enumerate(ns):
+        pool.register(n, "127.0.0.1", 9000 + i, capacity=10)
+    return pool
+
+
+def test_registered_backend_is_up_and_eligible():
+    pool = poolOf("a", "b")
+    assert [s.state for s in pool.snapshot()] == [State.UP, State.UP]
+    assert names(pool.eligible()) == ("a", "b")
+
+
+def test_down_drained_disabled_and_self_draining_are_not_eligible():
+    pool = poolOf("a", "b", "c", "d", "e")
+    pool.markDown("a")
+    pool.setAdminState("b", AdminState.DRAINING)
+    pool.setAdminState("c", AdminState.DISABLED)
+    pool.setSelfDraining("d")
+    assert names(pool.eligible()) == ("e",)
+    states = {s.name: s.state for s in pool.snapshot()}
+    assert states == {
+        "a": State.DOWN,
+        "b": State.DRAINING,
+        "c": State.DISABLED,
+        "d": State.DRAINING,
+        "e": State.UP,
+    }
+
+
+def test_weight_zero_is_not_eligible_but_still_up():
+    pool = poolOf("a", "b")
+    pool.setWeight("a", 0)
+    assert names(pool.eligible()) == ("b",)
+    assert pool.get("a").state is State.UP
+
+
+def test_admin_state_and_weight_survive_reregistration():
+    pool = poolOf("a")
+    pool.setAdminState("a", AdminState.DRAINING)
+    pool.setWeight("a", 7)
+    pool.markDown("a")
+    pool.register("a", "127.0.0.2", 9100, capacity=5)
+    s = pool.get("a")
+    assert (s.state, s.weight, s.host, s.port, s.capacity) == (
+        State.DRAINING,
+        7,
+        "127.0.0.2",
+        9100,
+        5,
+    )
+
+
+def test_self_draining_is_cleared_by_a_new_registration():
+    pool = poolOf("a")
+    pool.setSelfDraining("a")
+    pool.register("a", "127.0.0.1", 9000)
+    assert pool.get("a").state is State.UP
+
+
+def test_unknown_backend_and_bad_weight_raise_clear_errors():
+    pool = poolOf("a")
+    with pytest.raises(UnknownBackend, match="no backend named 'zz'"):
+        pool.setAdminState("zz", AdminState.DRAINING)
+    with pytest.raises(InvalidWeight, match="out of range"):
+        pool.setWeight("a", 257)
+    with pytest.raises(InvalidWeight):
+        pool.setWeight("a", -1)
+    assert pool.get("a").weight == 1
+
+
+def test_routing_accounting():
+    pool = poolOf("a")
+    pool.acquire("a")
+    pool.acquire("a")
+    s = pool.get("a")
+    assert (s.active, s.routed, s.routedSinceReport) == (2, 2, 2)
+    pool.connected("a")
+    assert pool.connectFailed("a") == 1
+    s = pool.get("a")
+    assert (s.active, s.routed, s.routedSinceReport, s.failures) == (1, 1, 1, 1)
+    pool.report("a", connections=4, load=0.4)
+    s = pool.get("a")
+    assert (s.connections, s.load, s.routedSinceReport) == (4, 0.4, 0)
+    pool.release("a")
+    pool.release("a")  # never below zero
+    assert pool.get("a").active == 0
+
+
+def test_abandoned_connect_is_not_a_failure():
+    pool = poolOf("a")
+    pool.acquire("a")
+    assert pool.connectFailed("a", countFailure=False) == 0
+    assert pool.get("a").routed == 0
+
+
+def test_snapshot_is_cached_until_a_change():
+    pool = poolOf("a")
+    first = pool.snapshot()
+    assert pool.snapshot() is first
+    pool.report("a", 1, 0.1)
+    assert pool.snapshot() is not first
+    assert pool.snapshot()[0].connections == 1
+
+
+def test_as_dict_has_the_status_fields():
+    d = poolOf("a").get("a").asDict()
+    for key in ("name", "host", "port", "state", "connections", "load", "routed"):
+        assert key in d
+    assert d["state"] == "up"

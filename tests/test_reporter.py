@@ -1,0 +1,146 @@
+"""
+The backend's load reporter against in-memory balancers, on a Clock.
+"""
+
+import pytest
+
+from twistedcluster.pool import State
+from twistedcluster.reporter import Identity, Load, LoadReporter, reportStep
+from twistedcluster.testing import MemoryBalancer
+
+
+class Backend:
+    """
+    What the reporter measures: a connection count we set by hand.
+    """
+
+    def __init__(self, name="web1", capacity=100):
+        self.connections = 0
+        self.identity = Identity(name=name, host="127.0.0.1", port=9000, capacity=capacity)
+
+    def measure(self):
+        return Load(self.connections, self.connections / self.identity.capacity)
+
+
+def startReporter(backend, balancers, clock, interval=1.0, step=1):
+    r = LoadReporter(
+        clock,
+        lambda channel: backend.identity,
+        backend.measure,
+        [(f"lb{i}", lb.endpoint()) for i, lb in enumerate(balancers)],
+        interval=interval,
+        step=step,
+    )
+    r.startService()
+    for lb in balancers:
+        lb.flush()
+    return r
+
+
+def test_registers_then_reports_every_interval():
+    lb = MemoryBalancer()
+    b = Backend()
+    b.connections = 2
+    r = startReporter(b, [lb], lb.clock, step=1000)
+    s = lb.pool.get("web1")
+    assert (s.state, s.connections, s.capacity) == (State.UP, 2, 100)
+    b.connections = 30
+    lb.clock.advance(1.0)
+    lb.flush()
+    assert lb.pool.get("web1").connections == 30
+    assert lb.pool.get("web1").load == 0.3
+    r.stopService()
+
+
+def test_reports_at_once_on_a_noticeable_step():
+    lb = MemoryBalancer()
+    b = Backend()
+    r = startReporter(b, [lb], lb.clock, step=5)
+    b.connections = 3
+    r.connectionsChanged(3)
+    lb.clock.advance(0)
+    lb.flush()
+    assert lb.pool.get("web1").connections == 0  # below the step: waits for the tick
+    b.connections = 6
+    r.connectionsChanged(6)
+    lb.clock.advance(0)
+    lb.flush()
+    assert lb.pool.get("web1").connections == 6
+    r.stopService()
+
+
+def test_report_step_is_two_percent_of_capacity():
+    assert reportStep(1000) == 20
+    assert reportStep(10) == 1
+
+
+def test_reconnects_and_reregisters_after_the_balancer_restarts():
+    lb = MemoryBalancer()
+    b = Backend()
+    r = startReporter(b, [lb], lb.clock)
+    assert lb.pool.get("web1").state is State.UP
+    # The balancer goes away: its channel closes and it refuses connections.
+    lb.accepting = False
+    for p in lb.pumps:
+        p.server.transport.loseConnection()
+    lb.flush()
+    assert lb.pool.get("web1").state is State.DOWN
+    assert not r.channels
+    for _ in range(5):
+        lb.clock.advance(1.0)
+    lb.accepting = True
+    for _ in range(20):
+        lb.clock.advance(1.0)
+        lb.flush()
+    assert lb.pool.get("web1").state is State.UP
+    assert len(r.channels) == 1
+    r.stopService()
+
+
+def test_reports_to_every_balancer():
+    lbs = [MemoryBalancer(), MemoryBalancer()]
+    lbs[1].clock = lbs[0].clock
+    lbs[1].control.clock = lbs[0].clock
+    b = Backend()
+    r = startReporter(b, lbs, lbs[0].clock)
+    b.connections = 42
+    lbs[0].clock.advance(1.0)
+    for lb in lbs:
+        lb.flush()
+    assert [lb.pool.get("web1").connections for lb in lbs] == [42, 42]
+    r.stopService()
+
+
+def test_drain_tells_every_balancer():
+    lbs = [MemoryBalancer(), MemoryBalancer()]
+    b = Backend()
+    r = startReporter(b, lbs, lbs[0].clock)
+    r.drain()
+    for lb in lbs:
+        lb.flush()
+    assert [lb.pool.get("web1").state for lb in lbs] == [State.DRAINING, State.DRAINING]
+    r.stopService()
+
+
+@pytest.mark.allow_errors
+def test_refused_registration_is_logged_and_retried(logged):
+    lb = MemoryBalancer()
+    lb.pool.register("web1", "127.0.0.9", 1234)
+    other, _, _ = lb.controlChannel()
+    lb.resultOf(other.callRemote(
+        __import__("twistedcluster.commands").commands.Register,
+        name="web1", host="127.0.0.9", port=1234, capacity=1, connections=0,
+        load=0.0, interval=1.0,
+    ))
+    b = Backend()
+    r = startReporter(b, [lb], lb.clock)
+    assert any("refused registration as web1" in line and "in use" in line for line in logged)
+    assert lb.pool.get("web1").host == "127.0.0.9"
+    # The impostor goes away; the retry with backoff succeeds.
+    other.transport.loseConnection()
+    for _ in range(20):
+        lb.clock.advance(1.0)
+        lb.flush()
+    assert lb.pool.get("web1").host == "127.0.0.1"
+    assert lb.pool.get("web1").state is State.UP
+    r.stopService()

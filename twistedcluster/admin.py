@@ -1,0 +1,122 @@
+"""
+The balancer's side of the admin channel: what ``cluster-admin`` asks for.
+
+Every change is logged with the peer that asked for it, and reported to an
+optional C{onChange} callable (where the balancer persists operator state).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from twistedcluster import commands
+from twistedcluster.cluster import Cluster
+from twistedcluster.guardedamp import GuardedAMP
+from twistedcluster.policies import UnknownPolicy
+from twistedcluster.pool import AdminState, InvalidWeight, UnknownBackend
+
+
+class AdminProtocol(GuardedAMP):
+    """
+    One admin connection.
+    """
+
+    log = Logger()
+    channel = "admin"
+
+    def __init__(self, factory: "AdminFactory") -> None:
+        super().__init__()
+        self.factory = factory
+
+    @property
+    def _cluster(self) -> Cluster:
+        return self.factory.cluster
+
+    @commands.ListBackends.responder
+    def listBackends(self):
+        return {
+            "policy": self._cluster.policyName,
+            "backends": [
+                {
+                    "name": b.name,
+                    "host": b.host,
+                    "port": b.port,
+                    "state": b.state.value,
+                    "weight": b.weight,
+                    "capacity": b.capacity,
+                    "connections": b.connections,
+                    "load": b.load,
+                    "routed": b.routed,
+                    "active": b.active,
+                    "failures": b.failures,
+                    "static": b.static,
+                }
+                for b in self._cluster.pool.snapshot()
+            ],
+        }
+
+    def _setAdmin(self, name: str, state: AdminState):
+        try:
+            status = self._cluster.pool.setAdminState(name, state)
+        except UnknownBackend as e:
+            raise commands.UnknownBackendError(str(e)) from None
+        self._changed(f"set backend {name} to {state.value}")
+        return {"state": status.state.value}
+
+    @commands.DrainBackend.responder
+    def drainBackend(self, name):
+        return self._setAdmin(name, AdminState.DRAINING)
+
+    @commands.EnableBackend.responder
+    def enableBackend(self, name):
+        return self._setAdmin(name, AdminState.ENABLED)
+
+    @commands.DisableBackend.responder
+    def disableBackend(self, name):
+        return self._setAdmin(name, AdminState.DISABLED)
+
+    @commands.SetWeight.responder
+    def setWeight(self, name, weight):
+        try:
+            status = self._cluster.pool.setWeight(name, weight)
+        except UnknownBackend as e:
+            raise commands.UnknownBackendError(str(e)) from None
+        except InvalidWeight as e:
+            raise commands.InvalidWeightError(str(e)) from None
+        self._changed(f"set weight of backend {name} to {weight}")
+        return {"state": status.state.value}
+
+    @commands.SetPolicy.responder
+    def setPolicy(self, policy):
+        previous = self._cluster.policyName
+        try:
+            self._cluster.setPolicy(policy)
+        except UnknownPolicy as e:
+            raise commands.UnknownPolicyError(str(e)) from None
+        self._changed(f"changed policy from {previous} to {policy}")
+        return {"previous": previous}
+
+    def _changed(self, what: str) -> None:
+        self.log.info("admin {peer} {what}", peer=self.peerText(), what=what)
+        if self.factory.onChange is not None:
+            self.factory.onChange()
+
+
+class AdminFactory(Factory):
+    """
+    Serves the admin listener.
+    """
+
+    noisy = False
+
+    def __init__(
+        self, cluster: Cluster, onChange: Optional[Callable[[], None]] = None
+    ) -> None:
+        self.cluster = cluster
+        self.onChange = onChange
+
+    def buildProtocol(self, addr) -> AdminProtocol:
+        return AdminProtocol(self)

@@ -1,0 +1,213 @@
+"""
+``cluster-admin``: the operator's command-line client of the admin channel.
+
+    cluster-admin [--admin ENDPOINT] COMMAND [ARGS] [--json]
+
+Exit status: 0 done; 1 the balancer refused (unknown backend, bad weight…);
+2 bad usage; 3 the balancer could not be reached or did not answer in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Dict, List, Optional, Sequence
+
+from twisted.internet import defer, task
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.protocol import Factory
+from twisted.protocols import amp
+
+from twistedcluster import commands
+from twistedcluster.address import formatHostPort
+
+DEFAULT_ADMIN = "tcp:host=127.0.0.1:port=8101"
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+class CommandFailed(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json", action="store_true", help="print JSON instead of text"
+    )
+    p = argparse.ArgumentParser(
+        prog="cluster-admin",
+        description="Steer a twistedcluster balancer through its admin channel.",
+        parents=[common],
+    )
+    p.add_argument(
+        "--admin",
+        default=DEFAULT_ADMIN,
+        metavar="ENDPOINT",
+        help=f"the balancer's admin endpoint, a Twisted client endpoint "
+        f"string (default {DEFAULT_ADMIN})",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up when the balancer has not answered in this time (default 10)",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("status", parents=[common], help="list backends and their load")
+    for name, text in [
+        ("drain", "stop new connections to a backend; existing ones finish"),
+        ("enable", "put a drained or disabled backend back in rotation"),
+        ("disable", "take a backend out of rotation"),
+    ]:
+        sp = sub.add_parser(name, parents=[common], help=text)
+        sp.add_argument("name", help="the backend's name, as status lists it")
+    sp = sub.add_parser("weight", parents=[common], help="set a backend's weight (0..256)")
+    sp.add_argument("name")
+    sp.add_argument("weight", type=int)
+    sp = sub.add_parser(
+        "policy", parents=[common], help="show, or set, the routing policy"
+    )
+    sp.add_argument("policy", nargs="?", help="least-load, least-conn or round-robin")
+    return p
+
+
+def formatTable(policy: str, backends: Sequence[Dict]) -> str:
+    """
+    ``status`` as a human reads it.
+    """
+    headers = ["NAME", "ADDRESS", "STATE", "WEIGHT", "CONNS", "LOAD", "ROUTED", "ACTIVE"]
+    rows = [
+        [
+            b["name"],
+            formatHostPort(b["host"], b["port"]),
+            b["state"] + (" (static)" if b.get("static") else ""),
+            str(b["weight"]),
+            str(b["connections"]),
+            f"{b['load']:.3f}",
+            str(b["routed"]),
+            str(b["active"]),
+        ]
+        for b in backends
+    ]
+    widths = [max(len(r[i]) for r in [headers] + rows) for i in range(len(headers))]
+    lines = [f"policy: {policy}    backends: {len(backends)} "
+             f"({sum(1 for b in backends if b['state'] == 'up')} up)", ""]
+    for r in [headers] + rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if not backends:
+        lines.append("(no backend has registered)")
+    return "\n".join(lines)
+
+
+async def _call(proto: amp.AMP, command, **kw):
+    try:
+        return await proto.callRemote(command, **kw)
+    except commands.ClusterError as e:
+        raise CommandFailed(str(e), EXIT_REFUSED) from None
+    except amp.UnknownRemoteError as e:
+        raise CommandFailed(f"the balancer failed: {e}", EXIT_REFUSED) from None
+    except amp.RemoteAmpError as e:
+        raise CommandFailed(f"the balancer refused: {e}", EXIT_REFUSED) from None
+
+
+async def execute(proto: amp.AMP, args) -> str:
+    """
+    Run one parsed command on a connected admin channel; return what to print.
+    """
+    cmd = args.command
+    if cmd == "status":
+        result = await _call(proto, commands.ListBackends)
+        backends: List[Dict] = result["backends"]
+        if args.json:
+            return json.dumps(backends, indent=2)
+        return formatTable(result["policy"], backends)
+    if cmd in ("drain", "enable", "disable"):
+        command = {
+            "drain": commands.DrainBackend,
+            "enable": commands.EnableBackend,
+            "disable": commands.DisableBackend,
+        }[cmd]
+        result = await _call(proto, command, name=args.name)
+        out = {"name": args.name, "state": result["state"]}
+        return json.dumps(out) if args.json else f"{args.name}: {result['state']}"
+    if cmd == "weight":
+        result = await _call(proto, commands.SetWeight, name=args.name, weight=args.weight)
+        out = {"name": args.name, "weight": args.weight, "state": result["state"]}
+        return json.dumps(out) if args.json else f"{args.name}: weight {args.weight}"
+    if cmd == "policy":
+        if args.policy is None:
+            result = await _call(proto, commands.ListBackends)
+            policy = result["policy"]
+            return json.dumps({"policy": policy}) if args.json else policy
+        result = await _call(proto, commands.SetPolicy, policy=args.policy)
+        out = {"policy": args.policy, "previous": result["previous"]}
+        if args.json:
+            return json.dumps(out)
+        return f"policy: {args.policy} (was {result['previous']})"
+    raise CommandFailed(f"unknown command {cmd}", EXIT_USAGE)
+
+
+async def run(reactor, args) -> str:
+    try:
+        endpoint = clientFromString(reactor, args.admin)
+    except Exception as e:
+        raise CommandFailed(f"--admin {args.admin}: {e}", EXIT_USAGE) from None
+    connecting = endpoint.connect(Factory.forProtocol(amp.AMP))
+    connecting.addTimeout(args.timeout, reactor)
+    try:
+        proto = await connecting
+    except defer.TimeoutError:
+        raise CommandFailed(
+            f"cannot reach the balancer at {args.admin}: no answer in {args.timeout} s",
+            EXIT_UNREACHABLE,
+        ) from None
+    except Exception as e:
+        raise CommandFailed(
+            f"cannot reach the balancer at {args.admin}: {e}", EXIT_UNREACHABLE
+        ) from None
+    try:
+        work = defer.ensureDeferred(execute(proto, args))
+        work.addTimeout(args.timeout, reactor)
+        try:
+            return await work
+        except defer.TimeoutError:
+            raise CommandFailed(
+                f"the balancer at {args.admin} did not answer in {args.timeout} s",
+                EXIT_UNREACHABLE,
+            ) from None
+        except amp.ProtocolSwitched:
+            raise
+        except CommandFailed:
+            raise
+        except Exception as e:
+            raise CommandFailed(
+                f"lost the balancer at {args.admin}: {e}", EXIT_UNREACHABLE
+            ) from None
+    finally:
+        proto.transport.loseConnection()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parser().parse_args(argv)
+
+    async def react(reactor):
+        try:
+            out = await run(reactor, args)
+        except CommandFailed as e:
+            print(f"cluster-admin: {e}", file=sys.stderr)
+            raise SystemExit(e.code)
+        print(out)
+
+    task.react(lambda reactor: defer.ensureDeferred(react(reactor)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""
+``twistd cluster-balancer``: options and service composition.
+
+The listeners (proxy, optional redirect, control, admin) share one
+L{Cluster}; each is a Twisted server endpoint string.
+"""
+
+from __future__ import annotations
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+from twisted.python import usage
+
+from twistedcluster.policies import DEFAULT_POLICY, POLICIES
+from twistedcluster.proxy import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT
+
+log = Logger()
+
+DEFAULT_LISTEN = "tcp:8000"
+DEFAULT_CONTROL = "tcp:8100:interface=127.0.0.1"
+DEFAULT_ADMIN = "tcp:8101:interface=127.0.0.1"
+
+
+def _positive(kind):
+    def convert(value):
+        v = kind(value)
+        if not v > 0:
+            raise ValueError(f"must be > 0, not {value}")
+        return v
+
+    convert.coerceDoc = "Must be > 0."
+    return convert
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a load balancer: clients connect to the proxy listener (or ask the "
+        "redirect listener) and are sent to the least-loaded backend; backends "
+        "register and report load on the control listener; cluster-admin talks "
+        "to the admin listener. Every listener is a Twisted server endpoint "
+        "string."
+    )
+
+    optParameters = [
+        ["listen", None, DEFAULT_LISTEN, "Proxy listener endpoint."],
+        ["redirect", None, None, "Redirect listener endpoint (off unless given)."],
+        ["control", None, DEFAULT_CONTROL, "Control listener endpoint, for backends."],
+        ["admin", None, DEFAULT_ADMIN, "Admin listener endpoint, for cluster-admin."],
+        [
+            "policy",
+            None,
+            DEFAULT_POLICY,
+            f"Routing policy: {', '.join(sorted(POLICIES))}.",
+        ],
+        [
+            "connect-timeout",
+            None,
+            DEFAULT_CONNECT_TIMEOUT,
+            "Seconds to wait for a backend to accept a proxied connection.",
+            _positive(float),
+        ],
+        [
+            "attempts",
+            None,
+            DEFAULT_ATTEMPTS,
+            "Backends tried for one client connection before giving up.",
+            _positive(int),
+        ],
+        [
+            "heartbeat-timeout",
+            None,
+            None,
+            "Seconds without a load report after which a backend is marked "
+            "down (default: 3 of the backend's report intervals).",
+            _positive(float),
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        if self["policy"] not in POLICIES:
+            raise usage.UsageError(
+                f"unknown policy {self['policy']!r}; choose one of: "
+                f"{', '.join(sorted(POLICIES))}"
+            )
+
+
+def makeService(options: Options, reactor=None):
+    """
+    Compose the balancer's listeners into one service.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    from twistedcluster.admin import AdminFactory
+    from twistedcluster.cluster import Cluster
+    from twistedcluster.control import ControlFactory
+    from twistedcluster.proxy import ProxyFactory
+    from twistedcluster.redirect import RedirectFactory
+
+    cluster = Cluster(policy=options["policy"])
+    top = MultiService()
+    top.cluster = cluster  # for embedding and tests
+
+    listeners = [
+        ("proxy", options["listen"], ProxyFactory(
+            cluster,
+            reactor,
+            connectTimeout=options["connect-timeout"],
+            maxAttempts=options["attempts"],
+        )),
+        ("control", options["control"], ControlFactory(
+            cluster, reactor, heartbeatTimeout=options["heartbeat-timeout"]
+        )),
+        ("admin", options["admin"], AdminFactory(cluster)),
+    ]
+    if options["redirect"]:
+        listeners.append(("redirect", options["redirect"], RedirectFactory(cluster)))
+    for role, description, factory in listeners:
+        svc = strports.service(description, factory, reactor=reactor)
+        svc.setName(role)
+        svc.setServiceParent(top)
+        log.info(
+            "balancer {role} listener on {endpoint}", role=role, endpoint=description
+        )
+    log.info("balancer routing policy: {policy}", policy=cluster.policyName)
+    return top

@@ -1,0 +1,194 @@
+"""
+The AMP contract shared by balancer, backend and cluster-admin.
+
+Control channel (backend -> balancer): L{Register}, L{ReportLoad}, L{Drain}.
+Admin channel (cluster-admin -> balancer): L{ListBackends},
+L{DrainBackend}, L{EnableBackend}, L{DisableBackend}, L{SetWeight},
+L{SetPolicy}.
+
+Every failure a peer can cause is a declared error here, with a message meant
+for a human: an undeclared one would drop the connection.
+"""
+
+from twisted.protocols import amp
+
+
+class ClusterError(Exception):
+    """
+    Base of the errors carried over AMP; C{str()} is the message for humans.
+    """
+
+
+class InvalidArgument(ClusterError):
+    """
+    An argument is out of range or malformed.
+    """
+
+
+class NameTaken(ClusterError):
+    """
+    Another live backend is registered under that name at another address.
+    """
+
+
+class NotRegistered(ClusterError):
+    """
+    A control command came before a successful L{Register}.
+    """
+
+
+class UnknownBackendError(ClusterError):
+    """
+    No backend of that name.
+    """
+
+
+class InvalidWeightError(ClusterError):
+    """
+    A weight out of range.
+    """
+
+
+class UnknownPolicyError(ClusterError):
+    """
+    No policy of that name.
+    """
+
+
+_NOT_REGISTERED = {NotRegistered: b"NOT_REGISTERED"}
+_UNKNOWN_BACKEND = {UnknownBackendError: b"UNKNOWN_BACKEND"}
+
+
+# -- control channel ------------------------------------------------------
+
+
+class Register(amp.Command):
+    """
+    A backend joins the pool (or rejoins it, under the same name).
+
+    @param interval: seconds between the backend's periodic load reports;
+        the balancer marks it down when reports stop for a few intervals.
+    """
+
+    commandName = b"Register"
+    arguments = [
+        (b"name", amp.Unicode()),
+        (b"host", amp.Unicode()),
+        (b"port", amp.Integer()),
+        (b"capacity", amp.Integer()),
+        (b"connections", amp.Integer()),
+        (b"load", amp.Float()),
+        (b"interval", amp.Float()),
+    ]
+    response = [(b"heartbeatTimeout", amp.Float())]
+    errors = {InvalidArgument: b"INVALID_ARGUMENT", NameTaken: b"NAME_TAKEN"}
+
+
+class ReportLoad(amp.Command):
+    """
+    The backend's current connection count and load.
+    """
+
+    commandName = b"ReportLoad"
+    arguments = [
+        (b"connections", amp.Integer()),
+        (b"load", amp.Float()),
+    ]
+    response: list = []
+    errors = {InvalidArgument: b"INVALID_ARGUMENT", **_NOT_REGISTERED}
+
+
+class Drain(amp.Command):
+    """
+    The backend is shutting down: send it no new connections.
+    """
+
+    commandName = b"Drain"
+    arguments: list = []
+    response: list = []
+    errors = dict(_NOT_REGISTERED)
+
+
+# -- admin channel --------------------------------------------------------
+
+#: The fields of one backend in L{ListBackends}; also the JSON keys of
+#: ``cluster-admin status --json``.
+BACKEND_FIELDS = [
+    (b"name", amp.Unicode()),
+    (b"host", amp.Unicode()),
+    (b"port", amp.Integer()),
+    (b"state", amp.Unicode()),
+    (b"weight", amp.Integer()),
+    (b"capacity", amp.Integer()),
+    (b"connections", amp.Integer()),
+    (b"load", amp.Float()),
+    (b"routed", amp.Integer()),
+    (b"active", amp.Integer()),
+    (b"failures", amp.Integer()),
+    (b"static", amp.Boolean()),
+]
+
+
+class ListBackends(amp.Command):
+    """
+    Every backend the balancer knows, in any state, and the policy in force.
+    """
+
+    commandName = b"ListBackends"
+    arguments: list = []
+    response = [
+        (b"policy", amp.Unicode()),
+        (b"backends", amp.AmpList(BACKEND_FIELDS)),
+    ]
+
+
+class _BackendCommand(amp.Command):
+    arguments = [(b"name", amp.Unicode())]
+    response = [(b"state", amp.Unicode())]
+    errors = dict(_UNKNOWN_BACKEND)
+
+
+class DrainBackend(_BackendCommand):
+    """
+    Stop sending new connections to a backend; its existing ones go on.
+    """
+
+    commandName = b"DrainBackend"
+
+
+class EnableBackend(_BackendCommand):
+    """
+    Undo L{DrainBackend} or L{DisableBackend}.
+    """
+
+    commandName = b"EnableBackend"
+
+
+class DisableBackend(_BackendCommand):
+    """
+    Take a backend out of rotation (as for maintenance).
+    """
+
+    commandName = b"DisableBackend"
+
+
+class SetWeight(amp.Command):
+    """
+    Change a backend's weight (0 takes no new connections).
+    """
+
+    commandName = b"SetWeight"
+    arguments = [(b"name", amp.Unicode()), (b"weight", amp.Integer())]
+    response = [(b"state", amp.Unicode())]
+    errors = {InvalidWeightError: b"INVALID_WEIGHT", **_UNKNOWN_BACKEND}
+
+
+class SetPolicy(amp.Command):
+    """
+    Change the routing policy; answers with the one it replaced.
+    """
+
+    commandName = b"SetPolicy"
+    arguments = [(b"policy", amp.Unicode())]
+    response = [(b"previous", amp.Unicode())]
+    errors = {UnknownPolicyError: b"UNKNOWN_POLICY"}

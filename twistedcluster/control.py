@@ -1,0 +1,209 @@
+"""
+The balancer's side of the control channel: backends register and report
+load here.
+
+A backend is up while its channel is registered and its reports keep coming:
+the channel closing marks it down at once, and so does silence for longer than
+the heartbeat timeout (a hung or partitioned backend whose TCP connection
+stays open).  A report after such silence brings it back up.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+from twisted.logger import Logger
+
+from twistedcluster import commands
+from twistedcluster.cluster import Cluster
+from twistedcluster.guardedamp import GuardedAMP
+from twisted.internet.protocol import Factory
+
+#: Reports may come at most this often and at least this rarely.
+MIN_INTERVAL = 0.01
+MAX_INTERVAL = 3600.0
+#: Missed report intervals after which a silent backend is marked down.
+DEFAULT_HEARTBEAT_FACTOR = 3.0
+MAX_NAME_LENGTH = 200
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise commands.InvalidArgument(message)
+
+
+def validName(name: str) -> str:
+    _check(0 < len(name) <= MAX_NAME_LENGTH, f"name must be 1..{MAX_NAME_LENGTH} characters")
+    _check(
+        name.isprintable() and not any(c.isspace() for c in name),
+        "name must be printable with no white space",
+    )
+    return name
+
+
+def _validLoad(connections: int, load: float) -> None:
+    _check(connections >= 0, "connections must be >= 0")
+    _check(math.isfinite(load) and load >= 0, "load must be a finite number >= 0")
+
+
+class ControlProtocol(GuardedAMP):
+    """
+    One backend's control channel.
+
+    @ivar name: the backend registered on this channel, once it has.
+    """
+
+    log = Logger()
+    channel = "control"
+    name: Optional[str] = None
+    _heartbeat = None
+    _silent = False
+
+    def __init__(self, factory: "ControlFactory") -> None:
+        super().__init__()
+        self.factory = factory
+
+    @commands.Register.responder
+    def register(self, name, host, port, capacity, connections, load, interval):
+        validName(name)
+        _check(0 < len(host) <= 255, "host must be 1..255 characters")
+        _check(0 < port < 65536, "port must be 1..65535")
+        _check(capacity > 0, "capacity must be > 0")
+        _check(MIN_INTERVAL <= interval <= MAX_INTERVAL, f"interval must be {MIN_INTERVAL}..{MAX_INTERVAL} s")
+        _validLoad(connections, load)
+        factory = self.factory
+        pool = factory.cluster.pool
+        owner = factory.owners.get(name)
+        if owner is not None and owner is not self:
+            known = pool.get(name)
+            if (known.host, known.port) != (host, port):
+                raise commands.NameTaken(
+                    f"backend name {name!r} is in use by a live backend at "
+                    f"{known.host}:{known.port}"
+                )
+            # The same backend on a new channel (it restarted before its old
+            # channel was seen to close): the new channel takes over.
+            owner._disown(close=True)
+        if self.name is not None and self.name != name:
+            previous = self.name
+            self._disown(close=False)
+            pool.markDown(previous)
+        self.name = name
+        factory.owners[name] = self
+        pool.register(name, host, port, capacity, connections, load)
+        self._timeout = factory.heartbeatTimeout(interval)
+        self._resetHeartbeat()
+        self.log.info(
+            "backend {name} registered from {peer}, serving at {host}:{port}, "
+            "capacity {capacity}",
+            name=name,
+            peer=self.peerText(),
+            host=host,
+            port=port,
+            capacity=capacity,
+        )
+        return {"heartbeatTimeout": self._timeout}
+
+    @commands.ReportLoad.responder
+    def reportLoad(self, connections, load):
+        name = self._registered()
+        _validLoad(connections, load)
+        pool = self.factory.cluster.pool
+        pool.report(name, connections, load)
+        if self._silent:
+            self._silent = False
+            pool.markUp(name)
+            self.log.info("backend {name} is reporting again: up", name=name)
+        self._resetHeartbeat()
+        return {}
+
+    @commands.Drain.responder
+    def drain(self):
+        name = self._registered()
+        self.factory.cluster.pool.setSelfDraining(name)
+        self.log.info("backend {name} is draining (it asked to)", name=name)
+        return {}
+
+    def _registered(self) -> str:
+        if self.name is None:
+            raise commands.NotRegistered("register before sending other commands")
+        return self.name
+
+    def _resetHeartbeat(self) -> None:
+        if self._heartbeat is not None and self._heartbeat.active():
+            self._heartbeat.reset(self._timeout)
+        else:
+            self._heartbeat = self.factory.clock.callLater(self._timeout, self._silence)
+
+    def _silence(self) -> None:
+        self._heartbeat = None
+        if self.name is None:
+            return
+        self._silent = True
+        self.factory.cluster.pool.markDown(self.name)
+        self.log.warn(
+            "backend {name}: no report for {timeout:.2f} s, marked down",
+            name=self.name,
+            timeout=self._timeout,
+        )
+
+    def _disown(self, close: bool) -> None:
+        """
+        Stop speaking for the backend this channel registered: another channel
+        took over its name, or this one registered another.
+        """
+        name, self.name = self.name, None
+        if self._heartbeat is not None and self._heartbeat.active():
+            self._heartbeat.cancel()
+        self._heartbeat = None
+        if name is not None and self.factory.owners.get(name) is self:
+            del self.factory.owners[name]
+        if close and self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        name = self.name
+        if self._heartbeat is not None and self._heartbeat.active():
+            self._heartbeat.cancel()
+        self._heartbeat = None
+        if name is not None and self.factory.owners.get(name) is self:
+            del self.factory.owners[name]
+            self.factory.cluster.pool.markDown(name)
+            self.log.info(
+                "backend {name}: control channel from {peer} closed, marked down",
+                name=name,
+                peer=self.peerText(),
+            )
+        self.name = None
+        super().connectionLost(reason)
+
+
+class ControlFactory(Factory):
+    """
+    Serves the control listener.
+
+    @ivar owners: the channel currently speaking for each backend name.
+    @param heartbeatTimeout: seconds of silence before a backend is marked
+        down; C{None} means L{DEFAULT_HEARTBEAT_FACTOR} of its report interval.
+    """
+
+    noisy = False
+
+    def __init__(
+        self, cluster: Cluster, clock, heartbeatTimeout: Optional[float] = None
+    ) -> None:
+        self.cluster = cluster
+        self.clock = clock
+        self._fixedTimeout = heartbeatTimeout
+        self.owners: Dict[str, ControlProtocol] = {}
+
+    def heartbeatTimeout(self, interval: float) -> float:
+        if self._fixedTimeout is not None:
+            return self._fixedTimeout
+        return DEFAULT_HEARTBEAT_FACTOR * interval
+
+    def buildProtocol(self, addr) -> ControlProtocol:
+        p = ControlProtocol(self)
+        p.factory = self
+        return p

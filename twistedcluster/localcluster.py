@@ -1,0 +1,366 @@
+"""
+``cluster-local``: run a whole cluster on this machine — one balancer and a
+few echo backends as real ``twistd`` processes on loopback — until Ctrl-C.
+
+L{LocalCluster} is also what the end-to-end tests and the benchmark use to
+start, watch and stop those processes: plain subprocesses and sockets, every
+wait bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+def twistdCommand(plugin: str, args: Sequence[str]) -> List[str]:
+    """
+    The command line of a foreground ``twistd`` running C{plugin}, logging to
+    standard output, with no pid file.
+    """
+    return [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=-", plugin, *args]
+
+
+def adminCommand(admin: str, args: Sequence[str]) -> List[str]:
+    return [sys.executable, "-m", "twistedcluster.admincli", "--admin", admin, *args]
+
+
+def freePort(host: str = "127.0.0.1") -> int:
+    """
+    A TCP port that was free a moment ago.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def waitFor(
+    condition: Callable[[], object],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+):
+    """
+    Poll C{condition} until it returns something true, at most C{timeout}
+    seconds; return that value, or raise C{TimeoutError} naming C{what}.
+    """
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            last = condition()
+        except Exception as e:  # a poll that fails is a poll that says no
+            last = e
+        else:
+            if last:
+                return last
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
+class Process:
+    """
+    One ``twistd`` process we started, with its log file.
+    """
+
+    def __init__(self, name: str, argv: List[str], logPath: Path, env=None) -> None:
+        self.name = name
+        self.argv = argv
+        self.logPath = logPath
+        self._log = open(logPath, "ab")
+        self.popen = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> Optional[int]:
+        """
+        SIGTERM, then SIGKILL if it has not exited within C{timeout}.
+        """
+        if self.alive():
+            self.signal(signal.SIGCONT)
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._log.close()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait(5)
+
+    def logText(self) -> str:
+        self._log.flush()
+        return self.logPath.read_text(errors="replace")
+
+
+class LocalCluster:
+    """
+    Starts and stops a balancer and backends on loopback.
+
+    @param workdir: where process logs go.
+    """
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.processes: Dict[str, Process] = {}
+        self.env = dict(os.environ)
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+
+    # -- starting ----------------------------------------------------------
+
+    def startBalancer(
+        self,
+        port: Optional[int] = None,
+        controlPort: Optional[int] = None,
+        adminPort: Optional[int] = None,
+        extra: Sequence[str] = (),
+        name: str = "balancer",
+    ) -> Process:
+        self.port = port or freePort(self.host)
+        self.controlPort = controlPort or freePort(self.host)
+        self.adminPort = adminPort or freePort(self.host)
+        args = [
+            f"--listen=tcp:{self.port}:interface={self.host}",
+            f"--control=tcp:{self.controlPort}:interface={self.host}",
+            f"--admin=tcp:{self.adminPort}:interface={self.host}",
+            *extra,
+        ]
+        proc = self._start(name, twistdCommand("cluster-balancer", args))
+        waitFor(
+            lambda: self._check(proc) and self._connectable(self.adminPort),
+            20,
+            f"{name} to listen",
+        )
+        return proc
+
+    @property
+    def admin(self) -> str:
+        return f"tcp:host={self.host}:port={self.adminPort}"
+
+    def startBackend(
+        self,
+        name: str,
+        port: Optional[int] = None,
+        extra: Sequence[str] = (),
+    ) -> Process:
+        port = port or freePort(self.host)
+        args = [
+            f"--name={name}",
+            f"--listen=tcp:{port}:interface={self.host}",
+            f"--balancer=tcp:host={self.host}:port={self.controlPort}",
+            *extra,
+        ]
+        proc = self._start(name, twistdCommand("cluster-backend", args))
+        proc.port = port  # type: ignore[attr-defined]
+        return proc
+
+    def _start(self, name: str, argv: List[str]) -> Process:
+        if name in self.processes and self.processes[name].alive():
+            raise ValueError(f"{name} is already running")
+        proc = Process(name, argv, self.workdir / f"{name}.log", env=self.env)
+        self.processes[name] = proc
+        return proc
+
+    def _check(self, proc: Process) -> bool:
+        if not proc.alive():
+            raise RuntimeError(
+                f"{proc.name} exited with status {proc.popen.returncode}:\n"
+                + proc.logText()[-3000:]
+            )
+        return True
+
+    def _connectable(self, port: int) -> bool:
+        try:
+            with socket.create_connection((self.host, port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    # -- watching ----------------------------------------------------------
+
+    def adminRun(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            adminCommand(self.admin, args),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=self.env,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(
+                f"cluster-admin {' '.join(args)} failed ({result.returncode}): {result.stderr}"
+            )
+        return result
+
+    def status(self) -> Dict[str, dict]:
+        """
+        ``cluster-admin status --json``, by backend name.
+        """
+        out = self.adminRun("status", "--json").stdout
+        return {b["name"]: b for b in json.loads(out)}
+
+    def waitForStatus(
+        self, predicate: Callable[[Dict[str, dict]], bool], timeout: float, what: str
+    ) -> Dict[str, dict]:
+        def poll():
+            s = self.status()
+            return s if predicate(s) else None
+
+        return waitFor(poll, timeout, what, interval=0.1)
+
+    def waitUp(self, names: Sequence[str], timeout: float = 20) -> Dict[str, dict]:
+        for n in names:
+            if n in self.processes:
+                self._check(self.processes[n])
+        return self.waitForStatus(
+            lambda s: all(n in s and s[n]["state"] == "up" for n in names),
+            timeout,
+            f"backends {', '.join(names)} up",
+        )
+
+    # -- stopping ----------------------------------------------------------
+
+    def stopAll(self, timeout: float = 10.0) -> None:
+        # Backends first, so they drain while the balancer still answers.
+        for name, proc in sorted(
+            self.processes.items(), key=lambda kv: kv[0].startswith("balancer")
+        ):
+            proc.stop(timeout)
+
+
+def echoOnce(host: str, port: int, payload: bytes, timeout: float = 10.0) -> bytes:
+    """
+    Connect, send C{payload}, shut down writing, read until the server closes.
+    """
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="cluster-local",
+        description="Run a balancer and echo backends on 127.0.0.1 until Ctrl-C.",
+    )
+    p.add_argument("--backends", type=int, default=3, help="how many backends (default 3)")
+    p.add_argument("--port", type=int, default=8000, help="proxy port (default 8000)")
+    p.add_argument("--redirect-port", type=int, default=8002, help="redirect port (default 8002)")
+    p.add_argument("--control-port", type=int, default=8100, help="control port (default 8100)")
+    p.add_argument("--admin-port", type=int, default=8101, help="admin port (default 8101)")
+    p.add_argument(
+        "--backend-port", type=int, default=9001, help="first backend port (default 9001)"
+    )
+    p.add_argument("--logs", default="cluster-run", help="log folder (default ./cluster-run)")
+    args = p.parse_args(argv)
+    if not 1 <= args.backends <= 50:
+        p.error("--backends must be 1..50")
+
+    cluster = LocalCluster(Path(args.logs))
+    stopping = []
+
+    def onSignal(signum, frame):
+        stopping.append(signum)
+
+    signal.signal(signal.SIGINT, onSignal)
+    signal.signal(signal.SIGTERM, onSignal)
+    names = [f"backend-{i + 1}" for i in range(args.backends)]
+    try:
+        print(f"starting the balancer (logs in {cluster.workdir}/) ...", flush=True)
+        cluster.startBalancer(
+            args.port,
+            args.control_port,
+            args.admin_port,
+            extra=[f"--redirect=tcp:{args.redirect_port}:interface=127.0.0.1"],
+        )
+        for i, name in enumerate(names):
+            cluster.startBackend(name, args.backend_port + i)
+        cluster.waitUp(names, timeout=30)
+        # Prove it serves: a few echoes through the proxy.
+        for i in range(3 * args.backends):
+            payload = f"hello {i}\n".encode()
+            if echoOnce("127.0.0.1", args.port, payload) != payload:
+                raise RuntimeError("self-check failed: an echo came back wrong")
+    except (RuntimeError, TimeoutError) as e:
+        print(f"cluster-local: {e}", file=sys.stderr)
+        print("(is a port in use? see --help for the port options)", file=sys.stderr)
+        cluster.stopAll()
+        return 1
+    status = cluster.status()
+    admin = "cluster-admin"
+    if args.admin_port != 8101:
+        admin += f" --admin tcp:host=127.0.0.1:port={args.admin_port}"
+    bindir = Path(sys.executable).parent
+    if (bindir / "cluster-admin").exists():
+        admin = str(bindir / admin)
+    print(
+        f"""
+twistedcluster is running: 1 balancer, {args.backends} echo backends, all on 127.0.0.1.
+  {len(status)} backends up; a self-check sent {3 * args.backends} echoes through the proxy.
+
+  proxy   (echo through the balancer):  127.0.0.1:{args.port}
+      try:  nc 127.0.0.1 {args.port}      (type a line, it comes back)
+  redirect (ask which backend to use):  127.0.0.1:{args.redirect_port}
+      try:  nc 127.0.0.1 {args.redirect_port}
+  watch:    {admin} status
+            {admin} drain backend-1    (then: enable backend-1)
+  logs:     {cluster.workdir}/
+
+Ctrl-C stops everything (backends drain first).""",
+        flush=True,
+    )
+    try:
+        while not stopping:
+            for proc in cluster.processes.values():
+                if not proc.alive():
+                    print(f"cluster-local: {proc.name} exited (status {proc.popen.returncode}); see {proc.logPath}", file=sys.stderr)
+                    stopping.append(proc.name)
+                    break
+            time.sleep(0.5)
+    finally:
+        print("\nstopping ...", flush=True)
+        cluster.stopAll()
+        print("stopped.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

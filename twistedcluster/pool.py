@@ -1,0 +1,392 @@
+"""
+The backend pool: who is in the cluster, in what state, how loaded.
+
+Pure core: no sockets, no reactor, no clock.  The control and admin protocols
+and the proxy call into it; the routing policies read its snapshots.
+
+A backend's visible state is derived from three independent facts, so that no
+one of them overwrites another:
+
+  - health: is its control channel registered and reporting (up) or not (down);
+  - the operator's admin state (enabled, draining, disabled), which survives
+    the backend going down and coming back;
+  - whether the backend itself announced it is draining (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Dict, Iterable, Optional, Tuple
+
+import attr
+
+#: Weights follow HAProxy: 0 takes no new connections, 256 is the most.
+MIN_WEIGHT = 0
+MAX_WEIGHT = 256
+DEFAULT_WEIGHT = 1
+
+
+class State(enum.Enum):
+    """
+    What a backend is doing, as the operator sees it.  Only ``UP`` backends
+    get new connections.
+    """
+
+    UP = "up"
+    DRAINING = "draining"
+    DISABLED = "disabled"
+    DOWN = "down"
+
+
+class AdminState(enum.Enum):
+    """
+    What the operator asked for.  Kept across the backend's reconnects.
+    """
+
+    ENABLED = "enabled"
+    DRAINING = "draining"
+    DISABLED = "disabled"
+
+
+class PoolError(Exception):
+    """
+    Base of the errors the pool raises for a request it cannot honour.
+    """
+
+
+class UnknownBackend(PoolError):
+    """
+    No backend of that name is in the pool.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no backend named {name!r}")
+        self.name = name
+
+
+class InvalidWeight(PoolError):
+    """
+    A weight outside ``MIN_WEIGHT``..``MAX_WEIGHT``.
+    """
+
+    def __init__(self, weight: int) -> None:
+        super().__init__(
+            f"weight {weight} is out of range ({MIN_WEIGHT}..{MAX_WEIGHT})"
+        )
+        self.weight = weight
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class BackendStatus:
+    """
+    A backend as the pool knew it at one moment: what policies route on and
+    what ``cluster-admin status`` shows.
+
+    @ivar connections: active connections the backend itself last reported,
+        whoever routed them.
+    @ivar load: the backend's last reported load (connections / capacity
+        unless its service supplies its own figure).
+    @ivar routedSinceReport: connections this balancer sent it since that
+        report; least-load adds them so stale reports do not cause herding.
+    @ivar active: connections this balancer currently relays to it.
+    @ivar routed: connections this balancer has sent it, in total.
+    """
+
+    name: str
+    host: str
+    port: int
+    state: State
+    weight: int = DEFAULT_WEIGHT
+    capacity: int = 1
+    connections: int = 0
+    load: float = 0.0
+    routedSinceReport: int = 0
+    active: int = 0
+    routed: int = 0
+    failures: int = 0
+    static: bool = False
+
+    def asDict(self) -> Dict[str, object]:
+        """
+        The JSON form used by ``cluster-admin status --json``.
+        """
+        d = attr.asdict(self)
+        d["state"] = self.state.value
+        return d
+
+
+@attr.s(slots=True, auto_attribs=True)
+class _Member:
+    """
+    The pool's mutable record of one backend.  Never handed out: callers
+    get L{BackendStatus} snapshots.
+    """
+
+    name: str
+    host: str
+    port: int
+    capacity: int = 1
+    weight: int = DEFAULT_WEIGHT
+    healthy: bool = False
+    admin: AdminState = AdminState.ENABLED
+    selfDraining: bool = False
+    connections: int = 0
+    load: float = 0.0
+    routedSinceReport: int = 0
+    active: int = 0
+    routed: int = 0
+    failures: int = 0
+    static: bool = False
+
+    @property
+    def state(self) -> State:
+        if not self.healthy:
+            return State.DOWN
+        if self.admin is AdminState.DISABLED:
+            return State.DISABLED
+        if self.admin is AdminState.DRAINING or self.selfDraining:
+            return State.DRAINING
+        return State.UP
+
+    def status(self) -> BackendStatus:
+        return BackendStatus(
+            name=self.name,
+            host=self.host,
+            port=self.port,
+            state=self.state,
+            weight=self.weight,
+            capacity=self.capacity,
+            connections=self.connections,
+            load=self.load,
+            routedSinceReport=self.routedSinceReport,
+            active=self.active,
+            routed=self.routed,
+            failures=self.failures,
+            static=self.static,
+        )
+
+
+def validWeight(weight: int) -> int:
+    """
+    Return C{weight} if it is a valid weight, else raise L{InvalidWeight}.
+    """
+    if not (MIN_WEIGHT <= weight <= MAX_WEIGHT):
+        raise InvalidWeight(weight)
+    return weight
+
+
+class Pool:
+    """
+    Membership, states, weights and load of the cluster's backends.
+
+    Every mutation drops the cached snapshots, so reading the pool on each new
+    client connection costs nothing while it is unchanged.
+    """
+
+    def __init__(self) -> None:
+        self._members: Dict[str, _Member] = {}
+        self._snapshot: Optional[Tuple[BackendStatus, ...]] = None
+        self._eligible: Optional[Tuple[BackendStatus, ...]] = None
+
+    # -- reading ---------------------------------------------------------
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._members
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def get(self, name: str) -> BackendStatus:
+        """
+        The status of one backend; L{UnknownBackend} if there is none.
+        """
+        return self._member(name).status()
+
+    def snapshot(self) -> Tuple[BackendStatus, ...]:
+        """
+        Every backend, whatever its state, sorted by name.
+        """
+        if self._snapshot is None:
+            self._snapshot = tuple(
+                m.status() for _, m in sorted(self._members.items())
+            )
+        return self._snapshot
+
+    def eligible(self) -> Tuple[BackendStatus, ...]:
+        """
+        The backends that may take a new connection: up, with a weight.
+        """
+        if self._eligible is None:
+            self._eligible = tuple(
+                s for s in self.snapshot() if s.state is State.UP and s.weight > 0
+            )
+        return self._eligible
+
+    # -- membership ------------------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        capacity: int = 1,
+        connections: int = 0,
+        load: float = 0.0,
+        static: bool = False,
+    ) -> BackendStatus:
+        """
+        Add a backend, or bring a known one back up at (possibly) a new
+        address.  Its admin state and weight are kept.
+        """
+        m = self._members.get(name)
+        if m is None:
+            m = self._members[name] = _Member(name=name, host=host, port=port)
+        m.host = host
+        m.port = port
+        m.capacity = max(1, capacity)
+        m.static = static
+        m.healthy = True
+        m.selfDraining = False
+        m.connections = connections
+        m.load = load
+        m.routedSinceReport = 0
+        m.failures = 0
+        self._changed()
+        return m.status()
+
+    def markDown(self, name: str) -> None:
+        """
+        The backend's control channel closed or its reports stopped: it gets
+        no new connections until it registers or reports again.
+        """
+        m = self._member(name)
+        if m.healthy:
+            m.healthy = False
+            self._changed()
+
+    def markUp(self, name: str) -> None:
+        """
+        A backend that was marked down is healthy again without re-registering
+        (its reports resumed, or a health check passed).
+        """
+        m = self._member(name)
+        if not m.healthy:
+            m.healthy = True
+            m.failures = 0
+            self._changed()
+
+    def remove(self, name: str) -> None:
+        """
+        Forget a backend, admin state included.
+        """
+        del self._members[self._member(name).name]
+        self._changed()
+
+    # -- reports from the backend ---------------------------------------
+
+    def report(self, name: str, connections: int, load: float) -> None:
+        """
+        Record a load report; what this balancer routed before it is now
+        counted in it.
+        """
+        m = self._member(name)
+        m.connections = max(0, connections)
+        m.load = max(0.0, load)
+        m.routedSinceReport = 0
+        self._changed()
+
+    def setSelfDraining(self, name: str, draining: bool = True) -> None:
+        """
+        The backend itself announced it is shutting down.
+        """
+        self._member(name).selfDraining = draining
+        self._changed()
+
+    # -- the operator ----------------------------------------------------
+
+    def setAdminState(self, name: str, state: AdminState) -> BackendStatus:
+        m = self._member(name)
+        m.admin = state
+        self._changed()
+        return m.status()
+
+    def setWeight(self, name: str, weight: int) -> BackendStatus:
+        m = self._member(name)
+        m.weight = validWeight(weight)
+        self._changed()
+        return m.status()
+
+    def adminSettings(self) -> Dict[str, Tuple[AdminState, int]]:
+        """
+        What the operator set on each backend: what must survive restarts.
+        """
+        return {n: (m.admin, m.weight) for n, m in self._members.items()}
+
+    # -- this balancer's own traffic --------------------------------------
+
+    def acquire(self, name: str) -> None:
+        """
+        The balancer chose this backend for a new connection and is
+        connecting to it.
+        """
+        m = self._member(name)
+        m.active += 1
+        m.routed += 1
+        m.routedSinceReport += 1
+        self._changed()
+
+    def connected(self, name: str) -> None:
+        """
+        The connection chosen by L{acquire} was established.
+        """
+        m = self._members.get(name)
+        if m is not None and m.failures:
+            m.failures = 0
+            self._changed()
+
+    def connectFailed(self, name: str, countFailure: bool = True) -> int:
+        """
+        The connection chosen by L{acquire} could not be made: undo it and
+        return how many connects in a row have now failed.
+
+        @param countFailure: C{False} when the attempt was abandoned (the
+            client left) rather than refused by the backend.
+        """
+        m = self._members.get(name)
+        if m is None:
+            return 0
+        m.active = max(0, m.active - 1)
+        m.routed = max(0, m.routed - 1)
+        m.routedSinceReport = max(0, m.routedSinceReport - 1)
+        if countFailure:
+            m.failures += 1
+        self._changed()
+        return m.failures
+
+    def release(self, name: str) -> None:
+        """
+        A connection made after L{acquire} has closed.
+        """
+        m = self._members.get(name)
+        if m is not None and m.active > 0:
+            m.active -= 1
+            self._changed()
+
+    # -- internals ---------------------------------------------------------
+
+    def _member(self, name: str) -> _Member:
+        try:
+            return self._members[name]
+        except KeyError:
+            raise UnknownBackend(name) from None
+
+    def _changed(self) -> None:
+        self._snapshot = None
+        self._eligible = None
+
+
+def names(statuses: Iterable[BackendStatus]) -> Tuple[str, ...]:
+    """
+    The names of some backends, in order: handy in logs and tests.
+    """
+    return tuple(s.name for s in statuses)
