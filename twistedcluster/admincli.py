@@ -37,15 +37,20 @@ class CommandFailed(Exception):
 
 
 def parser() -> argparse.ArgumentParser:
+    # --json may come before or after the command; the subcommands' copy
+    # must not reset what the main parser saw.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--json", action="store_true", help="print JSON instead of text"
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print JSON instead of text",
     )
     p = argparse.ArgumentParser(
         prog="cluster-admin",
         description="Steer a twistedcluster balancer through its admin channel.",
-        parents=[common],
     )
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument(
         "--admin",
         default=DEFAULT_ADMIN,

@@ -54,7 +54,13 @@ def loadServiceFactory(spec: str):
     if IProtocolFactory.providedBy(obj):
         return obj
     if callable(obj):
-        made = obj()
+        try:
+            made = obj()
+        except Exception as e:
+            raise usage.UsageError(
+                f"--service {spec}: not a protocol factory, and calling it "
+                f"failed ({type(e).__name__}: {e})"
+            ) from None
         if IProtocolFactory.providedBy(made):
             return made
     raise usage.UsageError(

@@ -73,7 +73,7 @@ class Options(usage.Options):
             None,
             None,
             "Seconds without a load report after which a backend is marked "
-            "down (default: 3 of the backend's report intervals).",
+            "down (default: 3 of the backend's report intervals)",
             _positive(float),
         ],
     ]

@@ -119,7 +119,8 @@ class Process:
             self.popen.wait(5)
 
     def logText(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.logPath.read_text(errors="replace")
 
 

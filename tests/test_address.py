@@ -1,0 +1,34 @@
+import pytest
+
+from twistedcluster.address import formatHostPort, parseHostPort
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("127.0.0.1:9000", ("127.0.0.1", 9000)),
+        ("backend.example:80", ("backend.example", 80)),
+        ("[::1]:9000", ("::1", 9000)),
+        (" [fe80::1]:1 ", ("fe80::1", 1)),
+    ],
+)
+def test_parse_and_format_round_trip(text, expected):
+    assert parseHostPort(text) == expected
+    assert parseHostPort(formatHostPort(*expected)) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("9000", "not HOST:PORT"),
+        (":9000", "no host"),
+        ("h:http", "not a number"),
+        ("h:0", "1..65535"),
+        ("h:70000", "1..65535"),
+        ("::1:9000", "IPv6"),
+        ("[::1]9000", r"not \[IPV6\]:PORT"),
+    ],
+)
+def test_errors_say_what_is_wrong(text, message):
+    with pytest.raises(ValueError, match=message):
+        parseHostPort(text)

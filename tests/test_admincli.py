@@ -1,0 +1,45 @@
+"""
+cluster-admin's parsing and output; the real round trip is in test_e2e.
+"""
+
+import pytest
+
+from twistedcluster.admincli import formatTable, parser
+
+
+def backend(name, **kw):
+    d = dict(name=name, host="127.0.0.1", port=9000, state="up", weight=1,
+             capacity=10, connections=0, load=0.0, routed=0, active=0,
+             failures=0, static=False)
+    d.update(kw)
+    return d
+
+
+def test_table_has_a_row_per_backend_and_a_summary():
+    text = formatTable("least-load", [
+        backend("web1", connections=3, load=0.3, routed=5),
+        backend("web2", state="down", host="::1"),
+    ])
+    lines = text.splitlines()
+    assert lines[0].startswith("policy: least-load") and "(1 up)" in lines[0]
+    assert lines[2].split()[:3] == ["NAME", "ADDRESS", "STATE"]
+    assert lines[3].split()[:8] == ["web1", "127.0.0.1:9000", "up", "1", "3", "0.300", "5", "0"]
+    assert "[::1]:9000" in lines[4] and "down" in lines[4]
+
+
+def test_empty_cluster_says_so():
+    assert "no backend has registered" in formatTable("least-load", [])
+
+
+def test_json_flag_is_accepted_before_or_after_the_command():
+    assert parser().parse_args(["status", "--json"]).json
+    assert parser().parse_args(["--json", "status"]).json
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        parser().parse_args(["weight", "web1", "heavy"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        parser().parse_args(["frobnicate"])
+    assert e.value.code == 2

@@ -1,0 +1,151 @@
+"""
+The backend service in-process on loopback: connection counting, load
+reports to a real control listener, draining on stop.
+"""
+
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
+
+from twistedcluster import backend
+from twistedcluster.cluster import Cluster
+from twistedcluster.control import ControlFactory
+from twistedcluster.localcluster import echoOnce
+from twistedcluster.pool import State
+
+
+async def until(condition, timeout=10.0, what="condition"):
+    """
+    Poll C{condition} on the reactor, at most C{timeout} seconds.
+    """
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
+class Harness:
+    async def start(self, *args):
+        self.cluster = Cluster()
+        self.control = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            ControlFactory(self.cluster, reactor)
+        )
+        controlPort = self.control.getHost().port
+        o = backend.Options()
+        o.parseOptions([
+            "--listen=tcp:0:interface=127.0.0.1",
+            f"--balancer=tcp:host=127.0.0.1:port={controlPort}",
+            "--name=web1",
+            "--report-interval=0.1",
+            *args,
+        ])
+        self.svc = backend.makeService(o, reactor)
+        self.svc.startService()
+        self.port = self.svc.port.getHost().port
+        await until(lambda: "web1" in self.cluster.pool, what="registration")
+        return self
+
+    async def stop(self):
+        if self.svc.running:
+            await self.svc.stopService()
+        await self.control.stopListening()
+
+
+@pytest.fixture
+def harness():
+    h = Harness()
+    yield h
+    pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+
+
+def openClient(port):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"hi")
+    assert s.recv(10) == b"hi"
+    return s
+
+
+@pytest_twisted.ensureDeferred
+async def test_registers_with_its_listening_address_and_reports_connections(harness):
+    await harness.start("--capacity=4")
+    s = harness.cluster.pool.get("web1")
+    assert (s.host, s.port, s.capacity, s.state) == ("127.0.0.1", harness.port, 4, State.UP)
+    clients = [await deferToThread(openClient, harness.port) for _ in range(2)]
+    await until(lambda: harness.cluster.pool.get("web1").connections == 2, what="report of 2")
+    assert harness.cluster.pool.get("web1").load == 0.5
+    for c in clients:
+        c.close()
+    await until(lambda: harness.cluster.pool.get("web1").connections == 0, what="report of 0")
+
+
+@pytest_twisted.ensureDeferred
+async def test_counting_passes_half_close_through_to_the_service(harness):
+    await harness.start()
+    payload = b"half-close " * 10000
+    assert await deferToThread(echoOnce, "127.0.0.1", harness.port, payload) == payload
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_drains_then_exits_when_idle(harness):
+    await harness.start()
+    held = await deferToThread(openClient, harness.port)
+    stopped = harness.svc.stopService()
+    await until(lambda: harness.cluster.pool.get("web1").state is State.DRAINING, what="draining")
+    await until(lambda: harness.svc.port.disconnected, what="listener closed")
+    with pytest.raises(ConnectionRefusedError):
+        await deferToThread(socket.create_connection, ("127.0.0.1", harness.port), 2)
+    # The held connection is still served.
+    def echo():
+        held.sendall(b"still")
+        return held.recv(10)
+
+    assert await deferToThread(echo) == b"still"
+    assert not stopped.called
+    held.close()
+    await stopped
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_deadline_closes_what_is_left(harness, logged):
+    await harness.start("--drain-timeout=0.3")
+    held = await deferToThread(openClient, harness.port)
+    started = reactor.seconds()
+    await harness.svc.stopService()
+    assert reactor.seconds() - started >= 0.3
+    held.settimeout(5)
+
+    def closedByPeer():
+        try:
+            return held.recv(10) == b""
+        except ConnectionResetError:
+            return True
+
+    assert await deferToThread(closedByPeer)
+    assert any("drain deadline reached: closing 1 connection" in line for line in logged)
+    held.close()
+
+
+class Busy(Factory):
+    """
+    A service that supplies its own load figure.
+    """
+
+    protocol = Protocol
+
+    def currentLoad(self):
+        return 0.75
+
+
+busyFactory = Busy()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_service_may_report_its_own_load(harness):
+    await harness.start(f"--service={__name__}.busyFactory")
+    await until(lambda: harness.cluster.pool.get("web1").load == 0.75, what="custom load")

@@ -1,0 +1,113 @@
+"""
+The twistd plugins: discoverable, options parsed with clear errors, and the
+plugin module imports no reactor.
+"""
+
+import subprocess
+import sys
+
+import pytest
+from twisted.python import usage
+
+from twistedcluster import backend, balancer
+from twistedcluster.localcluster import twistdCommand
+
+
+def test_twistd_help_lists_both_plugins():
+    out = subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--help"],
+        capture_output=True, text=True, timeout=60,
+    ).stdout
+    assert "cluster-balancer" in out
+    assert "cluster-backend" in out
+
+
+def test_plugin_module_does_not_import_the_reactor():
+    code = (
+        "import sys; from twisted.plugin import getPlugins; "
+        "from twisted.application.service import IServiceMaker; "
+        "from twisted import plugins; "
+        "names = [p.tapname for p in getPlugins(IServiceMaker, plugins)]; "
+        "assert 'cluster-balancer' in names and 'cluster-backend' in names, names; "
+        "assert 'twisted.internet.reactor' not in sys.modules, 'reactor imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def parse(options, *args):
+    o = options()
+    o.parseOptions(list(args))
+    return o
+
+
+def test_balancer_defaults_match_the_contract():
+    o = parse(balancer.Options)
+    assert o["listen"] == "tcp:8000"
+    assert o["redirect"] is None
+    assert o["control"] == "tcp:8100:interface=127.0.0.1"
+    assert o["admin"] == "tcp:8101:interface=127.0.0.1"
+    assert o["policy"] == "least-load"
+
+
+def test_backend_defaults_match_the_contract():
+    o = parse(backend.Options)
+    assert o["listen"] == "tcp:9000"
+    assert o["balancers"] == ["tcp:host=127.0.0.1:port=8100"]
+    assert o["service"] == "echo"
+    assert o["advertise"] is None
+
+
+def test_backend_takes_several_balancers_and_an_ipv6_advertise():
+    o = parse(
+        backend.Options,
+        "--balancer=tcp:host=127.0.0.1:port=1",
+        "--balancer=tcp:host=127.0.0.2:port=2",
+        "--advertise=[::1]:9005",
+    )
+    assert o["balancers"] == ["tcp:host=127.0.0.1:port=1", "tcp:host=127.0.0.2:port=2"]
+    assert o["advertise"] == ("::1", 9005)
+
+
+@pytest.mark.parametrize(
+    "options, args, message",
+    [
+        (balancer.Options, ["--policy=fastest"], "unknown policy 'fastest'"),
+        (balancer.Options, ["--connect-timeout=0"], "must be > 0"),
+        (backend.Options, ["--advertise=nonsense"], "is not HOST:PORT"),
+        (backend.Options, ["--service=no.such.module.factory"], "cannot import"),
+        (backend.Options, ["--service=os.path.join"], "not a protocol factory"),
+        (backend.Options, ["--name=has space"], "white space"),
+        (backend.Options, ["--capacity=-3"], "must be > 0"),
+        (backend.Options, ["--listen=unix:/tmp/x.sock"], "give --advertise"),
+    ],
+)
+def test_bad_options_are_clear_errors(options, args, message):
+    with pytest.raises(usage.UsageError, match=message):
+        parse(options, *args)
+
+
+def test_service_may_name_a_factory_callable():
+    o = parse(backend.Options, "--service=twistedcluster.echo.echoFactory")
+    from twistedcluster.echo import Echo
+
+    assert o["factory"].protocol is Echo
+
+
+def test_port_in_use_exits_with_the_reason(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run(
+            twistdCommand("cluster-balancer", [
+                f"--listen=tcp:{port}:interface=127.0.0.1",
+                "--control=tcp:0:interface=127.0.0.1",
+                "--admin=tcp:0:interface=127.0.0.1",
+            ]),
+            capture_output=True, text=True, timeout=60,
+        )
+    assert r.returncode != 0
+    assert "Address already in use" in r.stdout + r.stderr
