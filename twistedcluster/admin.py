@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from twistedcluster import commands
 from twistedcluster.cluster import Cluster
-from twistedcluster.guardedamp import GuardedAMP
+from twistedcluster.guardedamp import DEFAULT_AUTH_TIMEOUT, GuardedAMP, GuardedFactory
 from twistedcluster.policies import UnknownPolicy
 from twistedcluster.pool import AdminState, InvalidWeight, UnknownBackend
 
@@ -105,18 +104,25 @@ class AdminProtocol(GuardedAMP):
             self.factory.onChange()
 
 
-class AdminFactory(Factory):
+class AdminFactory(GuardedFactory):
     """
     Serves the admin listener.
     """
 
-    noisy = False
+    channel = "admin"
 
     def __init__(
-        self, cluster: Cluster, onChange: Optional[Callable[[], None]] = None
+        self,
+        cluster: Cluster,
+        clock,
+        onChange: Optional[Callable[[], None]] = None,
+        secret: Optional[bytes] = None,
+        maxConnections: int = 64,
+        authTimeout: float = DEFAULT_AUTH_TIMEOUT,
     ) -> None:
+        super().__init__(clock, secret, maxConnections, authTimeout)
         self.cluster = cluster
         self.onChange = onChange
 
-    def buildProtocol(self, addr) -> AdminProtocol:
+    def makeProtocol(self) -> AdminProtocol:
         return AdminProtocol(self)

@@ -4,7 +4,8 @@
     cluster-admin [--admin ENDPOINT] COMMAND [ARGS] [--json]
 
 Exit status: 0 done; 1 the balancer refused (unknown backend, bad weight…);
-2 bad usage; 3 the balancer could not be reached or did not answer in time.
+2 bad usage; 3 the balancer could not be reached or did not answer in time;
+4 authentication failed (missing or wrong --secret-file).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from twisted.protocols import amp
 
 from twistedcluster import commands
 from twistedcluster.address import formatHostPort
+from twistedcluster.auth import SecretFileError, authenticate, loadSecret
 
 DEFAULT_ADMIN = "tcp:host=127.0.0.1:port=8101"
 
@@ -28,6 +30,7 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_AUTH = 4
 
 
 class CommandFailed(Exception):
@@ -57,6 +60,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="ENDPOINT",
         help=f"the balancer's admin endpoint, a Twisted client endpoint "
         f"string (default {DEFAULT_ADMIN})",
+    )
+    p.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="file holding the balancer's shared secret, when it has one",
     )
     p.add_argument(
         "--timeout",
@@ -115,6 +123,8 @@ def formatTable(policy: str, backends: Sequence[Dict]) -> str:
 async def _call(proto: amp.AMP, command, **kw):
     try:
         return await proto.callRemote(command, **kw)
+    except commands.NotAuthenticated as e:
+        raise CommandFailed(f"{e}; give --secret-file PATH", EXIT_AUTH) from None
     except commands.ClusterError as e:
         raise CommandFailed(str(e), EXIT_REFUSED) from None
     except amp.UnknownRemoteError as e:
@@ -161,6 +171,12 @@ async def execute(proto: amp.AMP, args) -> str:
 
 
 async def run(reactor, args) -> str:
+    secret = None
+    if args.secret_file is not None:
+        try:
+            secret = loadSecret(args.secret_file)
+        except SecretFileError as e:
+            raise CommandFailed(str(e), EXIT_USAGE) from None
     try:
         endpoint = clientFromString(reactor, args.admin)
     except Exception as e:
@@ -178,8 +194,15 @@ async def run(reactor, args) -> str:
         raise CommandFailed(
             f"cannot reach the balancer at {args.admin}: {e}", EXIT_UNREACHABLE
         ) from None
+    async def authenticated():
+        try:
+            await authenticate(proto, secret, "admin")
+        except commands.AuthenticationFailed as e:
+            raise CommandFailed(str(e), EXIT_AUTH) from None
+        return await execute(proto, args)
+
     try:
-        work = defer.ensureDeferred(execute(proto, args))
+        work = defer.ensureDeferred(authenticated())
         work.addTimeout(args.timeout, reactor)
         try:
             return await work

@@ -118,6 +118,13 @@ class Options(usage.Options):
             _positive(float),
         ],
         [
+            "secret-file",
+            None,
+            None,
+            "File holding the balancers' shared secret (see the balancer's "
+            "--secret-file).",
+        ],
+        [
             "drain-timeout",
             None,
             DEFAULT_DRAIN_TIMEOUT,
@@ -138,6 +145,14 @@ class Options(usage.Options):
         self["balancers"].append(description)
 
     def postOptions(self) -> None:
+        self["secret"] = None
+        if self["secret-file"] is not None:
+            from twistedcluster.auth import SecretFileError, loadSecret
+
+            try:
+                self["secret"] = loadSecret(self["secret-file"])
+            except SecretFileError as e:
+                raise usage.UsageError(str(e)) from None
         if not self["balancers"]:
             self["balancers"] = [DEFAULT_BALANCER]
         if self["advertise"] is not None:
@@ -283,6 +298,7 @@ def makeService(options: Options, reactor=None) -> BackendService:
         balancers,
         interval=options["report-interval"],
         step=reportStep(capacity),
+        secret=options["secret"],
     )
     svc = holder["service"] = BackendService(
         reactor,

@@ -76,14 +76,100 @@ class Options(usage.Options):
             "down (default: 3 of the backend's report intervals)",
             _positive(float),
         ],
+        [
+            "secret-file",
+            None,
+            None,
+            "File holding the shared secret that backends and cluster-admin "
+            "must prove they hold (never sent over the network).",
+        ],
+        [
+            "auth-timeout",
+            None,
+            5.0,
+            "With --secret-file: seconds a control or admin connection has to "
+            "authenticate.",
+            _positive(float),
+        ],
+        [
+            "max-control-connections",
+            None,
+            4096,
+            "Control connections open at once; more are closed at once.",
+            _positive(int),
+        ],
+        [
+            "max-admin-connections",
+            None,
+            64,
+            "Admin connections open at once; more are closed at once.",
+            _positive(int),
+        ],
     ]
 
     def postOptions(self) -> None:
+        self["secret"] = None
+        if self["secret-file"] is not None:
+            from twistedcluster.auth import SecretFileError, loadSecret
+
+            try:
+                self["secret"] = loadSecret(self["secret-file"])
+            except SecretFileError as e:
+                raise usage.UsageError(str(e)) from None
         if self["policy"] not in POLICIES:
             raise usage.UsageError(
                 f"unknown policy {self['policy']!r}; choose one of: "
                 f"{', '.join(sorted(POLICIES))}"
             )
+
+
+def _endpointArgs(description: str):
+    """
+    Split a server endpoint string into its type, positional and keyword
+    arguments, honouring backslash escapes (enough to judge where it listens).
+    """
+    parts, current, escaped = [], "", False
+    for ch in description:
+        if escaped:
+            current += ch
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    kind, rest = parts[0], parts[1:]
+    if kind.isdigit():  # the old "8100" form means tcp:8100
+        kind, rest = "tcp", parts
+    args = [p for p in rest if "=" not in p]
+    kwargs = dict(p.split("=", 1) for p in rest if "=" in p)
+    return kind, args, kwargs
+
+
+def isLocalOnly(description: str) -> bool:
+    """
+    Whether a server endpoint can only be reached from this host: a unix
+    socket, or TCP bound to a loopback interface.
+    """
+    import ipaddress
+
+    kind, args, kwargs = _endpointArgs(description)
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return False
+    # tcp:PORT:INTERFACE may name the interface by position; ssl may not.
+    positional = args[1] if kind != "ssl" and len(args) > 1 else ""
+    interface = kwargs.get("interface", positional)
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
 
 
 def makeService(options: Options, reactor=None):
@@ -102,6 +188,20 @@ def makeService(options: Options, reactor=None):
     top = MultiService()
     top.cluster = cluster  # for embedding and tests
 
+    secret = options["secret"]
+    if secret is None:
+        for role in ("control", "admin"):
+            if not isLocalOnly(options[role]):
+                log.warn(
+                    "the {role} listener {endpoint} is reachable from other hosts "
+                    "and no --secret-file is set: anyone who reaches it can "
+                    "{what}",
+                    role=role,
+                    endpoint=options[role],
+                    what="register a backend and take traffic"
+                    if role == "control"
+                    else "drain or reconfigure the cluster",
+                )
     listeners = [
         ("proxy", options["listen"], ProxyFactory(
             cluster,
@@ -110,9 +210,20 @@ def makeService(options: Options, reactor=None):
             maxAttempts=options["attempts"],
         )),
         ("control", options["control"], ControlFactory(
-            cluster, reactor, heartbeatTimeout=options["heartbeat-timeout"]
+            cluster,
+            reactor,
+            heartbeatTimeout=options["heartbeat-timeout"],
+            secret=secret,
+            maxConnections=options["max-control-connections"],
+            authTimeout=options["auth-timeout"],
         )),
-        ("admin", options["admin"], AdminFactory(cluster)),
+        ("admin", options["admin"], AdminFactory(
+            cluster,
+            reactor,
+            secret=secret,
+            maxConnections=options["max-admin-connections"],
+            authTimeout=options["auth-timeout"],
+        )),
     ]
     if options["redirect"]:
         listeners.append(("redirect", options["redirect"], RedirectFactory(cluster)))

@@ -1,6 +1,7 @@
 """
 The AMP contract shared by balancer, backend and cluster-admin.
 
+Both channels, when the balancer has a secret: L{Challenge}, L{Authenticate}.
 Control channel (backend -> balancer): L{Register}, L{ReportLoad}, L{Drain}.
 Admin channel (cluster-admin -> balancer): L{ListBackends},
 L{DrainBackend}, L{EnableBackend}, L{DisableBackend}, L{SetWeight},
@@ -55,8 +56,47 @@ class UnknownPolicyError(ClusterError):
     """
 
 
-_NOT_REGISTERED = {NotRegistered: b"NOT_REGISTERED"}
-_UNKNOWN_BACKEND = {UnknownBackendError: b"UNKNOWN_BACKEND"}
+class NotAuthenticated(ClusterError):
+    """
+    The balancer requires the shared-secret handshake before any command.
+    """
+
+
+class AuthenticationFailed(ClusterError):
+    """
+    A proof did not match: the peers do not hold the same secret.
+    """
+
+
+#: Any command may meet a balancer that requires authentication first.
+_AUTH = {NotAuthenticated: b"NOT_AUTHENTICATED"}
+_NOT_REGISTERED = {NotRegistered: b"NOT_REGISTERED", **_AUTH}
+_UNKNOWN_BACKEND = {UnknownBackendError: b"UNKNOWN_BACKEND", **_AUTH}
+
+
+# -- authentication (both channels; see twistedcluster.auth) ------------------
+
+
+class Challenge(amp.Command):
+    """
+    Ask for a fresh nonce to prove the secret against.
+    """
+
+    commandName = b"Challenge"
+    arguments: list = []
+    response = [(b"nonce", amp.String())]
+    errors = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
+
+
+class Authenticate(amp.Command):
+    """
+    Prove the secret; the answer proves it back.
+    """
+
+    commandName = b"Authenticate"
+    arguments = [(b"nonce", amp.String()), (b"proof", amp.String())]
+    response = [(b"proof", amp.String())]
+    errors = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
 
 
 # -- control channel ------------------------------------------------------
@@ -81,7 +121,7 @@ class Register(amp.Command):
         (b"interval", amp.Float()),
     ]
     response = [(b"heartbeatTimeout", amp.Float())]
-    errors = {InvalidArgument: b"INVALID_ARGUMENT", NameTaken: b"NAME_TAKEN"}
+    errors = {InvalidArgument: b"INVALID_ARGUMENT", NameTaken: b"NAME_TAKEN", **_AUTH}
 
 
 class ReportLoad(amp.Command):
@@ -140,6 +180,7 @@ class ListBackends(amp.Command):
         (b"policy", amp.Unicode()),
         (b"backends", amp.AmpList(BACKEND_FIELDS)),
     ]
+    errors = dict(_AUTH)
 
 
 class _BackendCommand(amp.Command):
@@ -191,4 +232,4 @@ class SetPolicy(amp.Command):
     commandName = b"SetPolicy"
     arguments = [(b"policy", amp.Unicode())]
     response = [(b"previous", amp.Unicode())]
-    errors = {UnknownPolicyError: b"UNKNOWN_POLICY"}
+    errors = {UnknownPolicyError: b"UNKNOWN_POLICY", **_AUTH}

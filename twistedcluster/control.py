@@ -17,8 +17,7 @@ from twisted.logger import Logger
 
 from twistedcluster import commands
 from twistedcluster.cluster import Cluster
-from twistedcluster.guardedamp import GuardedAMP
-from twisted.internet.protocol import Factory
+from twistedcluster.guardedamp import DEFAULT_AUTH_TIMEOUT, GuardedAMP, GuardedFactory
 
 #: Reports may come at most this often and at least this rarely.
 MIN_INTERVAL = 0.01
@@ -179,7 +178,7 @@ class ControlProtocol(GuardedAMP):
         super().connectionLost(reason)
 
 
-class ControlFactory(Factory):
+class ControlFactory(GuardedFactory):
     """
     Serves the control listener.
 
@@ -188,13 +187,19 @@ class ControlFactory(Factory):
         down; C{None} means L{DEFAULT_HEARTBEAT_FACTOR} of its report interval.
     """
 
-    noisy = False
+    channel = "control"
 
     def __init__(
-        self, cluster: Cluster, clock, heartbeatTimeout: Optional[float] = None
+        self,
+        cluster: Cluster,
+        clock,
+        heartbeatTimeout: Optional[float] = None,
+        secret: Optional[bytes] = None,
+        maxConnections: int = 4096,
+        authTimeout: float = DEFAULT_AUTH_TIMEOUT,
     ) -> None:
+        super().__init__(clock, secret, maxConnections, authTimeout)
         self.cluster = cluster
-        self.clock = clock
         self._fixedTimeout = heartbeatTimeout
         self.owners: Dict[str, ControlProtocol] = {}
 
@@ -203,7 +208,5 @@ class ControlFactory(Factory):
             return self._fixedTimeout
         return DEFAULT_HEARTBEAT_FACTOR * interval
 
-    def buildProtocol(self, addr) -> ControlProtocol:
-        p = ControlProtocol(self)
-        p.factory = self
-        return p
+    def makeProtocol(self) -> ControlProtocol:
+        return ControlProtocol(self)

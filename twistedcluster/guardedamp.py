@@ -1,33 +1,59 @@
 """
 AMP that survives a hostile or broken peer: the base of the balancer's control
-and admin protocols.
+and admin protocols (and of the backend's end of the control channel).
 
 Plain AMP raises out of C{dataReceived} on some malformed boxes (Twisted then
 logs an unhandled error and drops the connection), drops silently on others,
 and lets one box grow without bound.  Here every such case closes that one
 connection, with one log line naming the peer, and nothing else is affected.
+
+On the balancer's listeners L{GuardedFactory} adds what a server exposed to
+strangers needs: a cap on open connections and, with a shared secret, the
+server's side of the L{twistedcluster.auth} handshake — nothing but the
+handshake is answered until it succeeds, and it must succeed in time.
 """
 
+from __future__ import annotations
+
+from typing import Optional, Set
+
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
+
+from twistedcluster import auth, commands
 
 #: A box with more keys than this is refused: no command of ours has half as
 #: many, and an unbounded box is unbounded memory.
 MAX_KEYS_PER_BOX = 64
+
+DEFAULT_AUTH_TIMEOUT = 5.0
+
+_HANDSHAKE = {commands.Challenge.commandName, commands.Authenticate.commandName}
 
 
 class GuardedAMP(amp.AMP):
     """
     An AMP protocol that logs and drops a peer speaking malformed AMP, and
     logs commands it does not know (the peer gets AMP's UNHANDLED error).
+
+    Served by a L{GuardedFactory}, it also enforces the factory's secret.
     """
 
     log = Logger()
 
-    #: Names this protocol in its log lines, e.g. "control" or "admin".
+    #: Names this protocol in its log lines and its authentication proofs:
+    #: "control" or "admin".
     channel = "amp"
 
+    #: The listener's factory, when served by one (not on the client side).
+    guard: Optional["GuardedFactory"] = None
+    authenticated = False
     _keysInBox = 0
+    _authTimer = None
+    _serverNonce: Optional[bytes] = None
+
+    # -- who is on the other end ------------------------------------------
 
     def peerText(self) -> str:
         transport = self.transport
@@ -43,15 +69,35 @@ class GuardedAMP(amp.AMP):
             return f"{host}:{port}"
         return str(getattr(peer, "name", None) or peer)
 
+    @property
+    def _secret(self) -> Optional[bytes]:
+        return self.guard.secret if self.guard is not None else None
+
+    # -- connection ----------------------------------------------------------
+
     def makeConnection(self, transport) -> None:
         # AMP logs every connection at info level; our protocols log what
         # matters (a registration, an admin change) with names instead.
         self._transportPeer = transport.getPeer()
         self._transportHost = transport.getHost()
         amp.BinaryBoxProtocol.makeConnection(self, transport)
+        guard = self.guard
+        if guard is not None:
+            guard.open.add(self)
+            if guard.secret is not None:
+                self._authTimer = guard.clock.callLater(
+                    guard.authTimeout, self._authTimedOut
+                )
 
     def connectionLost(self, reason) -> None:
+        if self._authTimer is not None and self._authTimer.active():
+            self._authTimer.cancel()
+        self._authTimer = None
+        if self.guard is not None:
+            self.guard.open.discard(self)
         amp.BinaryBoxProtocol.connectionLost(self, reason)
+
+    # -- parsing, defensively ---------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -87,6 +133,93 @@ class GuardedAMP(amp.AMP):
             )
         return responder
 
+    # -- authentication (server side) -------------------------------------
+
+    def ampBoxReceived(self, box) -> None:
+        if (
+            self._secret is not None
+            and not self.authenticated
+            and amp.COMMAND in box
+            and box[amp.COMMAND] not in _HANDSHAKE
+        ):
+            return self._refuseUnauthenticated(box)
+        super().ampBoxReceived(box)
+
+    def _refuseUnauthenticated(self, box) -> None:
+        self.log.warn(
+            "{channel} channel: {command!r} from {peer} before authenticating; "
+            "closing",
+            channel=self.channel,
+            command=box[amp.COMMAND],
+            peer=self.peerText(),
+        )
+        if amp.ASK in box:
+            self._safeEmit(
+                amp.AmpBox(
+                    _error=box[amp.ASK],
+                    _error_code=b"NOT_AUTHENTICATED",
+                    _error_description=(
+                        b"this balancer requires authentication with its shared "
+                        b"secret (--secret-file)"
+                    ),
+                )
+            )
+        self.paused = True
+        self.transport.loseConnection()
+
+    @commands.Challenge.responder
+    def _challenge(self):
+        self._serverNonce = auth.newNonce()
+        return {"nonce": self._serverNonce}
+
+    @commands.Authenticate.responder
+    def _authenticate(self, nonce, proof):
+        secret = self._secret
+        serverNonce, self._serverNonce = self._serverNonce, None
+        if secret is None:
+            # Without a secret we cannot prove anything back; a client that
+            # wants proof must not be told it got one.
+            raise commands.AuthenticationFailed(
+                "this balancer has no shared secret configured"
+            )
+        if (
+            serverNonce is None
+            or len(nonce) != auth.NONCE_LENGTH
+            or not auth.verify(auth.clientProof(secret, self.channel, serverNonce, nonce), proof)
+        ):
+            self.log.warn(
+                "{channel} channel: authentication failed from {peer}; closing",
+                channel=self.channel,
+                peer=self.peerText(),
+            )
+            self.paused = True
+            self.guard.clock.callLater(0, self._close)
+            raise commands.AuthenticationFailed("authentication failed: wrong secret")
+        self.authenticated = True
+        if self._authTimer is not None and self._authTimer.active():
+            self._authTimer.cancel()
+        self._authTimer = None
+        return {"proof": auth.serverProof(secret, self.channel, serverNonce, nonce)}
+
+    def _authTimedOut(self) -> None:
+        self._authTimer = None
+        if not self.authenticated:
+            self.log.warn(
+                "{channel} channel: {peer} did not authenticate within {timeout} s; "
+                "closing",
+                channel=self.channel,
+                peer=self.peerText(),
+                timeout=self.guard.authTimeout,
+            )
+            self._close(abort=True)
+
+    def _close(self, abort: bool = False) -> None:
+        if self.transport is not None:
+            if abort:
+                self.transport.abortConnection()
+            else:
+                self.transport.loseConnection()
+
     def _refuse(self, why: str) -> None:
         # Parse nothing more from this peer, even what is already buffered.
         self.paused = True
@@ -99,3 +232,47 @@ class GuardedAMP(amp.AMP):
             why=why,
         )
         self.transport.abortConnection()
+
+
+class GuardedFactory(Factory):
+    """
+    Base factory of the balancer's control and admin listeners.
+
+    @param secret: the shared secret peers must prove, or C{None}.
+    @param maxConnections: connections beyond this many are closed at once.
+    @param authTimeout: seconds a peer has to authenticate.
+    @ivar open: the connections open now.
+    """
+
+    noisy = False
+    channel = "amp"
+    log = Logger()
+
+    def __init__(
+        self,
+        clock,
+        secret: Optional[bytes] = None,
+        maxConnections: int = 1024,
+        authTimeout: float = DEFAULT_AUTH_TIMEOUT,
+    ) -> None:
+        self.clock = clock
+        self.secret = secret
+        self.maxConnections = maxConnections
+        self.authTimeout = authTimeout
+        self.open: Set[GuardedAMP] = set()
+
+    def buildProtocol(self, addr):
+        if len(self.open) >= self.maxConnections:
+            self.log.warn(
+                "{channel} listener: refusing {peer}: {limit} connections open",
+                channel=self.channel,
+                peer=f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}",
+                limit=self.maxConnections,
+            )
+            return None
+        p = self.makeProtocol()
+        p.factory = p.guard = self
+        return p
+
+    def makeProtocol(self) -> GuardedAMP:
+        raise NotImplementedError()

@@ -21,6 +21,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from twistedcluster import commands
+from twistedcluster.auth import authenticate
 from twistedcluster.guardedamp import GuardedAMP
 
 log = Logger()
@@ -101,6 +102,7 @@ class LoadReporter(MultiService):
     @param balancers: (description, client endpoint) pairs.
     @param step: connection-count change that triggers a report at once
         (see L{reportStep}).
+    @param secret: the balancers' shared secret, proved before registering.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class LoadReporter(MultiService):
         interval: float = DEFAULT_INTERVAL,
         retryPolicy: Optional[Callable[[int], float]] = None,
         step: int = 1,
+        secret: Optional[bytes] = None,
     ) -> None:
         super().__init__()
         self.clock = clock
@@ -120,6 +123,7 @@ class LoadReporter(MultiService):
         self.interval = interval
         self.channels: Set[ControlClient] = set()
         self.step = step
+        self.secret = secret
         self._lastReported = 0
         self._pending = None
         self._draining = False
@@ -171,17 +175,22 @@ class LoadReporter(MultiService):
         # (Twisted 26.10).  A refused registration instead closes the channel
         # itself, and _backoff spaces out the retries.
         ident = self.identify(proto)
-        current = self.measure()
-        d = proto.callRemote(
-            commands.Register,
-            name=ident.name,
-            host=ident.host,
-            port=ident.port,
-            capacity=ident.capacity,
-            connections=current.connections,
-            load=current.load,
-            interval=self.interval,
-        )
+
+        async def handshake():
+            await authenticate(proto, self.secret, "control")
+            current = self.measure()
+            return await proto.callRemote(
+                commands.Register,
+                name=ident.name,
+                host=ident.host,
+                port=ident.port,
+                capacity=ident.capacity,
+                connections=current.connections,
+                load=current.load,
+                interval=self.interval,
+            )
+
+        d = defer.ensureDeferred(handshake())
 
         def registered(result):
             self._refusals[balancer] = 0

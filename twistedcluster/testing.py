@@ -53,11 +53,14 @@ class MemoryBalancer:
         clock: Optional[Clock] = None,
         heartbeatTimeout: Optional[float] = None,
         seed: int = 0,
+        secret: Optional[bytes] = None,
     ) -> None:
         self.clock = clock if clock is not None else Clock()
         self.cluster = Cluster(policy=policy, rng=random.Random(seed))
-        self.control = ControlFactory(self.cluster, self.clock, heartbeatTimeout)
-        self.admin = AdminFactory(self.cluster)
+        self.control = ControlFactory(
+            self.cluster, self.clock, heartbeatTimeout, secret=secret
+        )
+        self.admin = AdminFactory(self.cluster, self.clock, secret=secret)
         self.accepting = True
         self.pumps: List[iosim.IOPump] = []
 

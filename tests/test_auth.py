@@ -1,0 +1,197 @@
+"""
+Shared-secret authentication: the secret file, the handshake in memory, and
+the listener limits.
+"""
+
+import os
+
+import pytest
+from twisted.internet import defer
+from twisted.protocols import amp
+
+from twistedcluster import auth, commands
+from twistedcluster.guardedamp import GuardedAMP
+from twistedcluster.pool import State
+from twistedcluster.reporter import Identity, Load, LoadReporter
+from twistedcluster.testing import MemoryBalancer
+
+SECRET = b"correct horse battery staple 42"
+WRONG = b"incorrect horse battery staple 43"
+
+
+def register(lb, client, name="web1"):
+    return lb.resultOf(client.callRemote(
+        commands.Register, name=name, host="127.0.0.1", port=9000, capacity=10,
+        connections=0, load=0.0, interval=1.0,
+    ))
+
+
+def handshake(lb, client, secret, channel="control"):
+    return lb.resultOf(defer.ensureDeferred(auth.authenticate(client, secret, channel)))
+
+
+# -- secret files ----------------------------------------------------------------
+
+
+def test_secret_file_is_read_and_stripped(tmp_path):
+    p = tmp_path / "secret"
+    p.write_bytes(SECRET + b"\n")
+    os.chmod(p, 0o600)
+    assert auth.loadSecret(str(p)) == SECRET
+
+
+def test_missing_or_short_secret_files_are_clear_errors(tmp_path):
+    with pytest.raises(auth.SecretFileError, match="cannot read secret file"):
+        auth.loadSecret(str(tmp_path / "nope"))
+    p = tmp_path / "short"
+    p.write_bytes(b"hunter2\n")
+    with pytest.raises(auth.SecretFileError, match="use at least 16"):
+        auth.loadSecret(str(p))
+
+
+def test_readable_secret_file_is_warned_about(tmp_path, logged):
+    p = tmp_path / "secret"
+    p.write_bytes(SECRET)
+    os.chmod(p, 0o644)
+    auth.loadSecret(str(p))
+    assert any("may be read by other users" in line for line in logged)
+
+
+# -- the handshake -----------------------------------------------------------------
+
+
+def test_right_secret_authenticates_then_commands_work():
+    lb = MemoryBalancer(secret=SECRET)
+    client, server, _ = lb.controlChannel()
+    assert handshake(lb, client, SECRET) is None
+    assert server.authenticated
+    assert register(lb, client) == {"heartbeatTimeout": 3.0}
+    assert lb.pool.get("web1").state is State.UP
+
+
+def test_wrong_secret_is_refused_logged_and_closed(logged):
+    lb = MemoryBalancer(secret=SECRET)
+    client, server, _ = lb.controlChannel()
+    f = handshake(lb, client, WRONG)
+    assert f.check(commands.AuthenticationFailed)
+    assert "wrong secret" in f.getErrorMessage()
+    lb.clock.advance(0)
+    lb.flush()
+    assert server.transport.disconnected
+    assert "web1" not in lb.pool
+    assert any("authentication failed from" in line for line in logged)
+
+
+def test_commands_before_the_handshake_get_nothing_but_a_refusal(logged):
+    lb = MemoryBalancer(secret=SECRET)
+    client, server, _ = lb.controlChannel()
+    f = register(lb, client)
+    assert f.check(commands.NotAuthenticated)
+    assert "requires authentication" in f.getErrorMessage()
+    assert server.transport.disconnected or server.transport.disconnecting
+    assert "web1" not in lb.pool
+    assert any("before authenticating" in line for line in logged)
+
+
+def test_admin_commands_are_refused_too():
+    lb = MemoryBalancer(secret=SECRET)
+    lb.pool.register("web1", "127.0.0.1", 9000)
+    admin, _, _ = lb.adminChannel()
+    f = lb.resultOf(admin.callRemote(commands.DrainBackend, name="web1"))
+    assert f.check(commands.NotAuthenticated)
+    assert lb.pool.get("web1").state is State.UP
+    admin, _, _ = lb.adminChannel()
+    handshake(lb, admin, SECRET, "admin")
+    assert lb.resultOf(admin.callRemote(commands.DrainBackend, name="web1")) == {"state": "draining"}
+
+
+def test_a_control_proof_does_not_open_the_admin_channel():
+    lb = MemoryBalancer(secret=SECRET)
+    admin, _, _ = lb.adminChannel()
+    f = handshake(lb, admin, SECRET, channel="control")
+    assert f.check(commands.AuthenticationFailed)
+
+
+def test_unauthenticated_connection_is_closed_after_the_timeout(logged):
+    lb = MemoryBalancer(secret=SECRET)
+    client, server, _ = lb.controlChannel()
+    lb.clock.advance(4.9)
+    assert not server.transport.disconnecting
+    lb.clock.advance(0.2)
+    assert server.transport.disconnecting
+    assert any("did not authenticate within" in line for line in logged)
+
+
+def test_a_client_with_a_secret_refuses_a_balancer_without_one():
+    lb = MemoryBalancer()
+    client, _, _ = lb.controlChannel()
+    f = handshake(lb, client, SECRET)
+    assert f.check(commands.AuthenticationFailed)
+    assert "no shared secret configured" in f.getErrorMessage()
+
+
+class Impostor(GuardedAMP):
+    """
+    A 'balancer' that accepts any proof and answers with a made-up one.
+    """
+
+    @commands.Authenticate.responder
+    def anyProof(self, nonce, proof):
+        return {"proof": os.urandom(32)}
+
+
+def test_a_client_refuses_a_balancer_that_cannot_prove_the_secret():
+    lb = MemoryBalancer()
+    client = amp.AMP()
+    server = Impostor()
+    lb._connect(server, client)
+    f = handshake(lb, client, SECRET)
+    assert f.check(commands.AuthenticationFailed)
+    assert "could not prove" in f.getErrorMessage()
+
+
+def test_connection_cap(logged):
+    lb = MemoryBalancer()
+    lb.control.maxConnections = 2
+    assert lb.control.buildProtocol(None) is not None
+    lb.controlChannel()
+    lb.controlChannel()
+    assert lb.control.buildProtocol(None) is None
+    assert any("2 connections open" in line for line in logged)
+
+
+# -- the backend's reporter with a secret ------------------------------------------
+
+
+def reporter(lb, secret):
+    r = LoadReporter(
+        lb.clock,
+        lambda channel: Identity("web1", "127.0.0.1", 9000, 10),
+        lambda: Load(0, 0.0),
+        [("lb", lb.endpoint())],
+        secret=secret,
+    )
+    r.startService()
+    for _ in range(5):
+        lb.clock.advance(0)
+        lb.flush()
+    return r
+
+
+def test_reporter_authenticates_before_registering():
+    lb = MemoryBalancer(secret=SECRET)
+    r = reporter(lb, SECRET)
+    assert lb.pool.get("web1").state is State.UP
+    r.stopService()
+
+
+@pytest.mark.allow_errors
+def test_reporter_with_the_wrong_secret_never_registers(logged):
+    lb = MemoryBalancer(secret=SECRET)
+    r = reporter(lb, WRONG)
+    for _ in range(10):
+        lb.clock.advance(1.0)
+        lb.flush()
+    assert "web1" not in lb.pool
+    assert any("refused registration as web1" in line and "wrong secret" in line for line in logged)
+    r.stopService()
