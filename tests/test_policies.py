@@ -82,6 +82,28 @@ def test_cluster_set_policy_keeps_old_on_error():
     assert c.policyName == "round-robin"
 
 
+def test_a_backend_at_capacity_gets_no_more():
+    pool = Pool()
+    pool.register("a", "h", 1, capacity=2, connections=1)
+    pool.register("b", "h", 2, capacity=100)
+    c = Cluster(pool, policy="round-robin", rng=random.Random(1))
+    picks = [c.pick().name for _ in range(6)]
+    assert picks.count("a") == 1  # 1 reported + 1 routed = capacity
+    pool.report("a", connections=0, load=0.0)  # its connections closed
+    assert "a" in [c.pick().name for _ in range(2)]
+
+
+def test_static_backends_are_loaded_by_what_the_balancer_relays():
+    pool = Pool()
+    pool.register("s", "h", 1, capacity=4, static=True)
+    pool.acquire("s")
+    pool.acquire("s")
+    st_ = pool.get("s")
+    assert (st_.connections, st_.load, st_.routedSinceReport) == (2, 0.5, 0)
+    pool.release("s")
+    assert pool.get("s").load == 0.25
+
+
 def test_pick_excludes_tried_backends():
     pool = Pool()
     pool.register("a", "h", 1)
@@ -131,16 +153,18 @@ def test_never_routes_to_a_backend_that_is_not_up(specs, policy, n, seed):
     cluster = Cluster(pool, policy=policy, rng=random.Random(seed))
     for _ in range(n):
         chosen = cluster.pick()
-        if not routable:
-            assert chosen is None
+        if chosen is None:
+            # Only when every routable backend is at capacity.
+            assert all(pool.get(name).full for name in routable)
         else:
-            assert chosen is not None and chosen.name in routable
+            assert chosen.name in routable
+            assert not chosen.full
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     k=st.integers(min_value=2, max_value=8),
-    capacity=st.integers(min_value=1, max_value=1000),
+    capacity=st.integers(min_value=300, max_value=1000),
     n=st.integers(min_value=1, max_value=300),
     seed=st.integers(0, 2**32 - 1),
 )

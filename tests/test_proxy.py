@@ -243,3 +243,101 @@ async def test_a_fast_sender_cannot_fill_the_balancers_memory(loopback):
     # What the sender got rid of sits in kernel socket buffers, not in ours.
     assert sent[0] < 64 * 1024 * 1024, f"sender was never paused ({sent[0]} bytes)"
     stop.set()
+
+
+# -- passive health check, idle timeout, waiting for capacity -----------------
+
+
+def failNext(mr):
+    failConnect(mr, 0)
+    mr.tcpClients.pop(0)
+    mr.connectors.pop(0)
+
+
+def completeNext(mr):
+    result = completeConnect(mr, 0)
+    mr.tcpClients.pop(0)
+    mr.connectors.pop(0)
+    return result
+
+
+def test_repeated_connect_failures_take_a_backend_out_for_a_while(logged):
+    mr = MemoryReactorClock()
+    cluster = clusterOf(9001)
+    factory = ProxyFactory(cluster, mr, maxAttempts=1, ejectAfter=3, ejectFor=10)
+    for i in range(3):
+        startClient(factory)
+        failNext(mr)
+    assert cluster.pool.get("b9001").state.value == "down"
+    assert any("3 connects in a row failed; taken out for 10" in line for line in logged)
+    _, clientT = startClient(factory)
+    assert clientT.disconnecting and mr.tcpClients == []  # not tried while out
+    mr.advance(10)
+    assert cluster.pool.get("b9001").state.value == "up"
+    assert cluster.pool.get("b9001").failures == 0
+
+
+def test_a_success_resets_the_failure_count():
+    mr = MemoryReactorClock()
+    cluster = clusterOf(9001)
+    factory = ProxyFactory(cluster, mr, maxAttempts=1, ejectAfter=3)
+    for _ in range(2):
+        startClient(factory)
+        failNext(mr)
+    startClient(factory)
+    completeNext(mr)
+    startClient(factory)
+    failNext(mr)
+    assert cluster.pool.get("b9001").state.value == "up"
+
+
+def test_idle_connections_are_closed_after_the_timeout():
+    mr = MemoryReactorClock()
+    cluster = clusterOf(9001)
+    proxy, clientT = startClient(ProxyFactory(cluster, mr, idleTimeout=30))
+    backend, backendT = completeConnect(mr)
+    mr.advance(20)
+    backend.dataReceived(b"activity")  # resets the clock
+    mr.advance(20)
+    assert not clientT.disconnecting
+    mr.advance(11)
+    assert clientT.disconnecting
+
+
+def fullCluster():
+    c = Cluster()
+    c.pool.register("b9001", "127.0.0.1", 9001, capacity=1, connections=1)
+    return c
+
+
+def test_clients_wait_for_capacity_then_connect():
+    mr = MemoryReactorClock()
+    cluster = fullCluster()
+    proxy, clientT = startClient(ProxyFactory(cluster, mr))
+    assert not clientT.disconnecting and mr.tcpClients == []
+    cluster.pool.report("b9001", connections=0, load=0.0)  # room again
+    mr.advance(0)
+    assert [c[1] for c in mr.tcpClients] == [9001]
+    completeConnect(mr)
+    assert clientT.producerState == "producing"
+
+
+def test_waiting_clients_are_refused_after_the_queue_timeout(logged):
+    mr = MemoryReactorClock()
+    factory = ProxyFactory(fullCluster(), mr, queueTimeout=5)
+    proxy, clientT = startClient(factory)
+    mr.advance(4.9)
+    assert not clientT.disconnecting
+    mr.advance(0.2)
+    assert clientT.disconnecting
+    assert any("stayed at capacity for 5" in line for line in logged)
+    assert not factory.cluster.pool._watchers
+
+
+def test_a_full_queue_refuses_at_once(logged):
+    mr = MemoryReactorClock()
+    factory = ProxyFactory(fullCluster(), mr, queueSize=1)
+    _, first = startClient(factory)
+    _, second = startClient(factory)
+    assert not first.disconnecting and second.disconnecting
+    assert any("1 clients already wait" in line for line in logged)

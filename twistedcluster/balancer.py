@@ -12,8 +12,17 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from twistedcluster.address import parseHostPort
+from twistedcluster.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
 from twistedcluster.policies import DEFAULT_POLICY, POLICIES
-from twistedcluster.proxy import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT
+from twistedcluster.proxy import (
+    DEFAULT_ATTEMPTS,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_EJECT_AFTER,
+    DEFAULT_EJECT_FOR,
+    DEFAULT_QUEUE_SIZE,
+    DEFAULT_QUEUE_TIMEOUT,
+)
 
 log = Logger()
 
@@ -69,6 +78,72 @@ class Options(usage.Options):
             _positive(int),
         ],
         [
+            "eject-after",
+            None,
+            DEFAULT_EJECT_AFTER,
+            "Connects in a row that may fail before a backend is taken out for "
+            "--eject-for seconds (0: never).",
+            int,
+        ],
+        [
+            "eject-for",
+            None,
+            DEFAULT_EJECT_FOR,
+            "Seconds a backend taken out by failed connects stays out.",
+            _positive(float),
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Seconds without data either way after which a proxied connection "
+            "is closed (default: never).",
+            _positive(float),
+        ],
+        [
+            "queue-size",
+            None,
+            DEFAULT_QUEUE_SIZE,
+            "Clients that may wait when every backend is at capacity; more "
+            "are refused at once (0: refuse at once).",
+            int,
+        ],
+        [
+            "queue-timeout",
+            None,
+            DEFAULT_QUEUE_TIMEOUT,
+            "Seconds a client may wait for a backend with room.",
+            _positive(float),
+        ],
+        [
+            "check-interval",
+            None,
+            DEFAULT_CHECK_INTERVAL,
+            "Seconds between TCP health checks of static backends.",
+            _positive(float),
+        ],
+        [
+            "rise",
+            None,
+            DEFAULT_RISE,
+            "Checks a down static backend must pass in a row to be up.",
+            _positive(int),
+        ],
+        [
+            "fall",
+            None,
+            DEFAULT_FALL,
+            "Checks a static backend may fail in a row before it is down.",
+            _positive(int),
+        ],
+        [
+            "state-file",
+            None,
+            None,
+            "JSON file where the balancer keeps operators' settings (drain, "
+            "disable, weight, policy) across restarts (default: not kept).",
+        ],
+        [
             "heartbeat-timeout",
             None,
             None,
@@ -107,7 +182,31 @@ class Options(usage.Options):
         ],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["backends"] = []
+
+    def opt_backend(self, hostPort: str) -> None:
+        """
+        A static backend, HOST:PORT, that does not speak AMP: kept in the
+        pool by TCP health checks (repeatable).
+        """
+        try:
+            self["backends"].append(parseHostPort(hostPort))
+        except ValueError as e:
+            raise usage.UsageError(f"--backend: {e}") from None
+
     def postOptions(self) -> None:
+        if self["eject-after"] < 0 or self["queue-size"] < 0:
+            raise usage.UsageError("--eject-after and --queue-size must be >= 0")
+        self["state"] = None
+        if self["state-file"]:
+            from twistedcluster.statefile import StateFileError, load
+
+            try:
+                self["state"] = load(self["state-file"])
+            except StateFileError as e:
+                raise usage.UsageError(str(e)) from None
         self["secret"] = None
         if self["secret-file"] is not None:
             from twistedcluster.auth import SecretFileError, loadSecret
@@ -184,9 +283,32 @@ def makeService(options: Options, reactor=None):
     from twistedcluster.proxy import ProxyFactory
     from twistedcluster.redirect import RedirectFactory
 
+    from twistedcluster.healthcheck import TCPHealthChecks
+    from twistedcluster.statefile import StateKeeper, restore
+
     cluster = Cluster(policy=options["policy"])
     top = MultiService()
     top.cluster = cluster  # for embedding and tests
+    onChange = None
+    if options["state-file"]:
+        state = options["state"]
+        restore(cluster, state)
+        onChange = StateKeeper(options["state-file"], cluster)
+        log.info(
+            "balancer state file {path}: {n} backend setting(s) restored",
+            path=options["state-file"],
+            n=len(state["backends"]),
+        )
+    if options["backends"]:
+        TCPHealthChecks(
+            cluster.pool,
+            reactor,
+            options["backends"],
+            interval=options["check-interval"],
+            timeout=min(options["connect-timeout"], options["check-interval"]),
+            rise=options["rise"],
+            fall=options["fall"],
+        ).setServiceParent(top)
 
     secret = options["secret"]
     if secret is None:
@@ -208,6 +330,11 @@ def makeService(options: Options, reactor=None):
             reactor,
             connectTimeout=options["connect-timeout"],
             maxAttempts=options["attempts"],
+            ejectAfter=options["eject-after"],
+            ejectFor=options["eject-for"],
+            idleTimeout=options["idle-timeout"],
+            queueSize=options["queue-size"],
+            queueTimeout=options["queue-timeout"],
         )),
         ("control", options["control"], ControlFactory(
             cluster,
@@ -220,6 +347,7 @@ def makeService(options: Options, reactor=None):
         ("admin", options["admin"], AdminFactory(
             cluster,
             reactor,
+            onChange=onChange,
             secret=secret,
             maxConnections=options["max-admin-connections"],
             authTimeout=options["auth-timeout"],

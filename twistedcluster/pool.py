@@ -16,7 +16,7 @@ one of them overwrites another:
 from __future__ import annotations
 
 import enum
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import attr
 
@@ -106,6 +106,14 @@ class BackendStatus:
     failures: int = 0
     static: bool = False
 
+    @property
+    def full(self) -> bool:
+        """
+        At capacity: its connections (as reported, plus routed since the
+        report) leave no room for another.
+        """
+        return self.connections + self.routedSinceReport >= self.capacity
+
     def asDict(self) -> Dict[str, object]:
         """
         The JSON form used by ``cluster-admin status --json``.
@@ -128,6 +136,7 @@ class _Member:
     capacity: int = 1
     weight: int = DEFAULT_WEIGHT
     healthy: bool = False
+    ejected: bool = False
     admin: AdminState = AdminState.ENABLED
     selfDraining: bool = False
     connections: int = 0
@@ -140,7 +149,7 @@ class _Member:
 
     @property
     def state(self) -> State:
-        if not self.healthy:
+        if not self.healthy or self.ejected:
             return State.DOWN
         if self.admin is AdminState.DISABLED:
             return State.DISABLED
@@ -149,6 +158,11 @@ class _Member:
         return State.UP
 
     def status(self) -> BackendStatus:
+        if self.static:
+            # Nothing reports for a static backend: what this balancer relays
+            # is all it knows.
+            self.connections = self.active
+            self.load = self.active / self.capacity
         return BackendStatus(
             name=self.name,
             host=self.host,
@@ -187,6 +201,20 @@ class Pool:
         self._members: Dict[str, _Member] = {}
         self._snapshot: Optional[Tuple[BackendStatus, ...]] = None
         self._eligible: Optional[Tuple[BackendStatus, ...]] = None
+        self._watchers: List[Callable[[], None]] = []
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """
+        Call C{callback()} after every change until L{unwatch}: for waiters
+        that need to know when capacity may have freed up.  It must not
+        change the pool itself.
+        """
+        if callback not in self._watchers:
+            self._watchers.append(callback)
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        if callback in self._watchers:
+            self._watchers.remove(callback)
 
     # -- reading ---------------------------------------------------------
 
@@ -214,11 +242,14 @@ class Pool:
 
     def eligible(self) -> Tuple[BackendStatus, ...]:
         """
-        The backends that may take a new connection: up, with a weight.
+        The backends that may take a new connection: up, with a weight, and
+        not at capacity.
         """
         if self._eligible is None:
             self._eligible = tuple(
-                s for s in self.snapshot() if s.state is State.UP and s.weight > 0
+                s
+                for s in self.snapshot()
+                if s.state is State.UP and s.weight > 0 and not s.full
             )
         return self._eligible
 
@@ -275,6 +306,38 @@ class Pool:
             m.failures = 0
             self._changed()
 
+    def eject(self, name: str) -> None:
+        """
+        Take a backend out for a while: connects to it keep failing
+        (the passive health check).  L{readmit} brings it back.
+        """
+        m = self._member(name)
+        if not m.ejected:
+            m.ejected = True
+            self._changed()
+
+    def readmit(self, name: str) -> None:
+        m = self._members.get(name)
+        if m is not None and m.ejected:
+            m.ejected = False
+            m.failures = 0
+            self._changed()
+
+    def restore(
+        self, name: str, host: str, port: int, admin: AdminState, weight: int
+    ) -> None:
+        """
+        Recreate what the operator had set on a backend (from the balancer's
+        state file), before the backend registers again: it is listed down
+        until it does.
+        """
+        m = self._members.get(name)
+        if m is None:
+            m = self._members[name] = _Member(name=name, host=host, port=port)
+        m.admin = admin
+        m.weight = validWeight(weight)
+        self._changed()
+
     def remove(self, name: str) -> None:
         """
         Forget a backend, admin state included.
@@ -316,11 +379,15 @@ class Pool:
         self._changed()
         return m.status()
 
-    def adminSettings(self) -> Dict[str, Tuple[AdminState, int]]:
+    def adminSettings(self) -> Dict[str, Dict[str, object]]:
         """
-        What the operator set on each backend: what must survive restarts.
+        What the operator set on each backend, with its last address: what
+        must survive a balancer restart.
         """
-        return {n: (m.admin, m.weight) for n, m in self._members.items()}
+        return {
+            n: {"host": m.host, "port": m.port, "admin": m.admin.value, "weight": m.weight}
+            for n, m in sorted(self._members.items())
+        }
 
     # -- this balancer's own traffic --------------------------------------
 
@@ -332,7 +399,8 @@ class Pool:
         m = self._member(name)
         m.active += 1
         m.routed += 1
-        m.routedSinceReport += 1
+        if not m.static:
+            m.routedSinceReport += 1
         self._changed()
 
     def connected(self, name: str) -> None:
@@ -383,6 +451,9 @@ class Pool:
     def _changed(self) -> None:
         self._snapshot = None
         self._eligible = None
+        if self._watchers:
+            for callback in list(self._watchers):
+                callback()
 
 
 def names(statuses: Iterable[BackendStatus]) -> Tuple[str, ...]:

@@ -12,6 +12,7 @@ fast sender is paused as soon as the slow side's write buffer fills.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Dict, Optional, Set, Tuple
 
 from twisted.internet import defer, endpoints
@@ -22,11 +23,16 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistedcluster.cluster import Cluster
+from twistedcluster.pool import State
 
 log = Logger()
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_ATTEMPTS = 3
+DEFAULT_EJECT_AFTER = 3
+DEFAULT_EJECT_FOR = 10.0
+DEFAULT_QUEUE_SIZE = 1000
+DEFAULT_QUEUE_TIMEOUT = 5.0
 
 
 def backendEndpoint(
@@ -50,9 +56,14 @@ class _Relay(Protocol):
 
     Half-close: end-of-file read here becomes a write shutdown on the peer;
     this side's transport closes once both its directions are done.
+
+    @ivar seconds: the clock's C{seconds}, when the connection has an idle
+        timeout; then C{lastActivity} records when data last came in here.
     """
 
     peer: Optional["_Relay"] = None
+    seconds = None
+    lastActivity = 0.0
     _readDone = False
     _writeDone = False
 
@@ -70,6 +81,8 @@ class _Relay(Protocol):
         peer = self.peer
         if peer is not None:
             peer.transport.write(data)
+            if self.seconds is not None:
+                self.lastActivity = self.seconds()
 
     def readConnectionLost(self) -> None:
         self._readDone = True
@@ -115,6 +128,8 @@ class ProxyServer(_Relay):
 
     factory: "ProxyFactory"
     _connecting: Optional[defer.Deferred] = None
+    _queued = None
+    _idleCall = None
     _gone = False
 
     def connectionMade(self) -> None:
@@ -130,6 +145,8 @@ class ProxyServer(_Relay):
             return self._giveUp("every attempt failed")
         chosen = factory.cluster.pick(exclude=self._tried)
         if chosen is None:
+            if factory.allFull(self._tried):
+                return factory.enqueue(self)
             if self._tried:
                 return self._giveUp("no other backend to try")
             return self._giveUp("no backend available")
@@ -144,7 +161,8 @@ class ProxyServer(_Relay):
 
     def _connected(self, backend: _BackendSide, name: str) -> None:
         self._connecting = None
-        pool = self.factory.cluster.pool
+        factory = self.factory
+        pool = factory.cluster.pool
         pool.connected(name)
         backend.pool = pool
         backend.backendName = name
@@ -152,15 +170,39 @@ class ProxyServer(_Relay):
             backend.transport.loseConnection()
             return
         self.link(backend)
+        if factory.idleTimeout is not None:
+            self.seconds = backend.seconds = factory.reactor.seconds
+            self.lastActivity = backend.lastActivity = self.seconds()
+            self._idleCall = factory.reactor.callLater(factory.idleTimeout, self._checkIdle)
         self.transport.resumeProducing()
+
+    def _checkIdle(self) -> None:
+        self._idleCall = None
+        peer = self.peer
+        if peer is None:
+            return
+        timeout = self.factory.idleTimeout
+        last = max(self.lastActivity, peer.lastActivity)
+        remaining = last + timeout - self.seconds()
+        if remaining > 0:
+            self._idleCall = self.factory.reactor.callLater(remaining, self._checkIdle)
+            return
+        log.info(
+            "proxy: closing idle connection from {client} to backend {backend} "
+            "after {timeout} s without data",
+            client=self._clientText(),
+            backend=getattr(peer, "backendName", "?"),
+            timeout=timeout,
+        )
+        self.transport.loseConnection()
 
     def _connectFailed(self, reason, name: str, host: str, port: int) -> None:
         self._connecting = None
-        pool = self.factory.cluster.pool
+        factory = self.factory
         if self._gone:
-            pool.connectFailed(name, countFailure=False)
+            factory.cluster.pool.connectFailed(name, countFailure=False)
             return
-        failures = pool.connectFailed(name)
+        failures = factory.cluster.pool.connectFailed(name)
         log.warn(
             "proxy: connect to backend {backend} at {host}:{port} failed "
             "({failures} in a row): {error}; trying another",
@@ -170,20 +212,28 @@ class ProxyServer(_Relay):
             failures=failures,
             error=reason.getErrorMessage(),
         )
+        factory.connectFailures(name, failures)
         self._tryNext()
 
-    def _giveUp(self, why: str) -> None:
+    def _clientText(self) -> str:
         peer = self.transport.getPeer()
+        return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+
+    def _giveUp(self, why: str) -> None:
         log.warn(
-            "proxy: closing client {client}: {why}",
-            client=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
-            why=why,
+            "proxy: closing client {client}: {why}", client=self._clientText(), why=why
         )
         self.transport.loseConnection()
 
     def connectionLost(self, reason) -> None:
         self._gone = True
-        self.factory.clients.discard(self)
+        factory = self.factory
+        factory.clients.discard(self)
+        if self._queued is not None:
+            factory.dequeue(self)
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.cancel()
+        self._idleCall = None
         if self._connecting is not None:
             d, self._connecting = self._connecting, None
             d.cancel()
@@ -195,11 +245,18 @@ class ProxyFactory(Factory):
     Builds a L{ProxyServer} for each client connection.
 
     @param maxAttempts: backends tried for one client before giving up.
+    @param ejectAfter: connects in a row that may fail before a backend is
+        taken out (the passive health check); 0 never takes one out.
+    @param ejectFor: seconds a backend stays out before it is tried again.
+    @param idleTimeout: seconds without data either way after which a relayed
+        connection is closed; C{None} for never.
+    @param queueSize: clients that may wait when every backend is at
+        capacity; more are refused at once.
+    @param queueTimeout: seconds a client may wait in that queue.
     @ivar clients: the client connections open now.
     """
 
     noisy = False
-
     protocol = ProxyServer
 
     def __init__(
@@ -208,15 +265,28 @@ class ProxyFactory(Factory):
         reactor,
         connectTimeout: float = DEFAULT_CONNECT_TIMEOUT,
         maxAttempts: int = DEFAULT_ATTEMPTS,
+        ejectAfter: int = DEFAULT_EJECT_AFTER,
+        ejectFor: float = DEFAULT_EJECT_FOR,
+        idleTimeout: Optional[float] = None,
+        queueSize: int = DEFAULT_QUEUE_SIZE,
+        queueTimeout: float = DEFAULT_QUEUE_TIMEOUT,
     ) -> None:
         self.cluster = cluster
         self.reactor = reactor
         self.connectTimeout = connectTimeout
         self.maxAttempts = max(1, maxAttempts)
+        self.ejectAfter = ejectAfter
+        self.ejectFor = ejectFor
+        self.idleTimeout = idleTimeout
+        self.queueSize = queueSize
+        self.queueTimeout = queueTimeout
         self._backendFactory = Factory.forProtocol(_BackendSide)
         self._backendFactory.noisy = False
         self._endpoints: Dict[Tuple[str, int], IStreamClientEndpoint] = {}
         self.clients: Set[ProxyServer] = set()
+        self._readmissions: Dict[str, object] = {}
+        self._queue: "OrderedDict[ProxyServer, object]" = OrderedDict()
+        self._wakeScheduled = None
 
     def connectTo(self, name: str, host: str, port: int) -> defer.Deferred:
         """
@@ -231,3 +301,96 @@ class ProxyFactory(Factory):
                 self.reactor, host, port, self.connectTimeout
             )
         return ep.connect(self._backendFactory)
+
+    # -- passive health check --------------------------------------------
+
+    def connectFailures(self, name: str, failures: int) -> None:
+        """
+        C{failures} connects in a row to C{name} failed: take it out for a
+        while once there are too many.
+        """
+        if not self.ejectAfter or failures < self.ejectAfter:
+            return
+        if name in self._readmissions or name not in self.cluster.pool:
+            return
+        self.cluster.pool.eject(name)
+        log.warn(
+            "proxy: backend {backend}: {failures} connects in a row failed; "
+            "taken out for {seconds} s",
+            backend=name,
+            failures=failures,
+            seconds=self.ejectFor,
+        )
+        self._readmissions[name] = self.reactor.callLater(
+            self.ejectFor, self._readmit, name
+        )
+
+    def _readmit(self, name: str) -> None:
+        del self._readmissions[name]
+        if name in self.cluster.pool:
+            self.cluster.pool.readmit(name)
+            log.info("proxy: backend {backend} is tried again", backend=name)
+
+    # -- waiting for capacity --------------------------------------------
+
+    def allFull(self, exclude) -> bool:
+        """
+        Whether new connections find no room only because every backend that
+        could take them is at capacity (rather than down or absent).
+        """
+        return any(
+            b.full
+            for b in self.cluster.pool.snapshot()
+            if b.state is State.UP and b.weight > 0 and b.name not in exclude
+        )
+
+    def enqueue(self, client: ProxyServer) -> None:
+        if len(self._queue) >= self.queueSize:
+            return client._giveUp(
+                f"every backend is at capacity and {len(self._queue)} clients "
+                "already wait"
+            )
+        timer = self.reactor.callLater(self.queueTimeout, self._queueTimedOut, client)
+        client._queued = timer
+        self._queue[client] = timer
+        if len(self._queue) == 1:
+            self.cluster.pool.watch(self._capacityMayHaveChanged)
+
+    def dequeue(self, client: ProxyServer) -> None:
+        timer = self._queue.pop(client, None)
+        client._queued = None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if not self._queue:
+            self.cluster.pool.unwatch(self._capacityMayHaveChanged)
+
+    def _queueTimedOut(self, client: ProxyServer) -> None:
+        self._queue.pop(client, None)
+        client._queued = None
+        if not self._queue:
+            self.cluster.pool.unwatch(self._capacityMayHaveChanged)
+        client._giveUp(f"every backend stayed at capacity for {self.queueTimeout} s")
+
+    def _capacityMayHaveChanged(self) -> None:
+        # Called from inside the pool: look again once it is done changing.
+        if self._wakeScheduled is None:
+            self._wakeScheduled = self.reactor.callLater(0, self._wake)
+
+    def _wake(self) -> None:
+        self._wakeScheduled = None
+        while self._queue and self.cluster.pool.eligible():
+            client = next(iter(self._queue))
+            self.dequeue(client)
+            client._tryNext()
+
+    def stopFactory(self) -> None:
+        for call in list(self._readmissions.values()):
+            if call.active():
+                call.cancel()
+        self._readmissions.clear()
+        for client in list(self._queue):
+            self.dequeue(client)
+            client.transport.loseConnection()
+        if self._wakeScheduled is not None and self._wakeScheduled.active():
+            self._wakeScheduled.cancel()
+        self._wakeScheduled = None

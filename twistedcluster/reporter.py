@@ -128,7 +128,7 @@ class LoadReporter(MultiService):
         self._pending = None
         self._draining = False
         if retryPolicy is None:
-            retryPolicy = backoffPolicy(initialDelay=0.2, maxDelay=10.0, factor=1.6)
+            retryPolicy = backoffPolicy(initialDelay=0.2, maxDelay=3.0, factor=1.6)
         self._refusals: Dict[str, int] = {}
         for description, endpoint in balancers:
             svc = ClientService(

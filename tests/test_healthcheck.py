@@ -1,0 +1,56 @@
+"""
+Active TCP checks of static backends, on a MemoryReactorClock.
+"""
+
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from twistedcluster.healthcheck import TCPHealthChecks
+from twistedcluster.pool import Pool, State
+
+
+def succeed(mr):
+    host, port, factory, timeout, bind = mr.tcpClients.pop(0)
+    mr.connectors.pop(0)
+    p = factory.buildProtocol(None)
+    t = StringTransport()
+    p.makeConnection(t)
+    assert t.disconnecting  # a check connects and closes
+
+
+def fail(mr):
+    host, port, factory, timeout, bind = mr.tcpClients.pop(0)
+    factory.clientConnectionFailed(mr.connectors.pop(0), Failure(ConnectionRefusedError()))
+
+
+def test_static_backend_falls_and_rises(logged):
+    mr = MemoryReactorClock()
+    pool = Pool()
+    checks = TCPHealthChecks(pool, mr, [("127.0.0.1", 8080)], interval=2, rise=2, fall=3)
+    checks.startService()
+    s = pool.get("127.0.0.1:8080")
+    assert (s.state, s.static) == (State.UP, True)
+    fail(mr)  # the first check runs at once
+    for _ in range(2):
+        mr.advance(2)
+        fail(mr)
+    assert pool.get("127.0.0.1:8080").state is State.DOWN
+    assert any("failed 3 checks in a row" in line for line in logged)
+    mr.advance(2)
+    succeed(mr)
+    assert pool.get("127.0.0.1:8080").state is State.DOWN  # one is not enough
+    mr.advance(2)
+    succeed(mr)
+    assert pool.get("127.0.0.1:8080").state is State.UP
+    checks.stopService()
+
+
+def test_a_slow_check_is_not_stacked():
+    mr = MemoryReactorClock()
+    checks = TCPHealthChecks(Pool(), mr, [("127.0.0.1", 8080)], interval=1)
+    checks.startService()
+    mr.advance(1)
+    mr.advance(1)
+    assert len(mr.tcpClients) == 1
+    checks.stopService()
