@@ -1,0 +1,220 @@
+"""
+Fault injection with real processes: backends killed, stopped, drained and
+restarted under continuous load; the balancer killed and restarted; two
+balancers sharing three backends.
+
+The load is real: a thread that connects through the balancer, sends a
+payload of its own, checks the echo byte for byte and closes, in a loop
+bounded in count and time.  Each test prints its figures.
+"""
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from twistedcluster.localcluster import LocalCluster, echoOnce, freePort, waitFor
+
+pytestmark = pytest.mark.e2e
+
+BACKENDS = ["backend-1", "backend-2", "backend-3"]
+FAST = ["--report-interval=0.2"]
+
+
+class Load:
+    """
+    Continuous clients through the balancer, in a background thread.
+    """
+
+    def __init__(self, port, maxConnections=20000, maxSeconds=60.0):
+        self.port = port
+        self.maxConnections = maxConnections
+        self.maxSeconds = maxSeconds
+        self.ok = 0
+        self.corrupt = 0
+        self.failures = []  # (start time, error)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self):
+        deadline = time.monotonic() + self.maxSeconds
+        n = 0
+        while not self._stop.is_set() and n < self.maxConnections and time.monotonic() < deadline:
+            n += 1
+            payload = os.urandom(16) + b"#%d#" % n + os.urandom(n % 2048)
+            started = time.monotonic()
+            try:
+                got = echoOnce("127.0.0.1", self.port, payload, timeout=10)
+            except OSError as e:
+                self.failures.append((started, repr(e)))
+                continue
+            if got == payload:
+                self.ok += 1
+            else:
+                self.corrupt += 1
+                self.failures.append((started, f"corrupt echo: {len(got)} of {len(payload)} bytes"))
+
+    def failuresSince(self, t):
+        return [f for f in self.failures if f[0] >= t]
+
+    def waitForMore(self, n, timeout=20):
+        target = self.ok + n
+        waitFor(lambda: self.ok >= target, timeout, f"{n} more successful clients")
+
+    def report(self, label):
+        print(f"\n{label}: {self.ok} clients echoed byte-exact, {len(self.failures)} failed, "
+              f"{self.corrupt} corrupted")
+
+
+def startCluster(tmp_path, balancerArgs=(), names=BACKENDS):
+    cluster = LocalCluster(tmp_path)
+    try:
+        cluster.startBalancer(extra=list(balancerArgs))
+        for name in names:
+            cluster.startBackend(name, extra=FAST)
+        cluster.waitUp(names)
+    except BaseException:
+        cluster.stopAll()
+        raise
+    return cluster
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = startCluster(tmp_path)
+    yield c
+    c.stopAll()
+
+
+def test_sigkill_under_load_loses_no_new_client(cluster):
+    with Load(cluster.port) as load:
+        load.waitForMore(100)
+        victim = cluster.processes["backend-2"]
+        killed = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        waitFor(lambda: cluster.quickStatus()["backend-2"]["state"] == "down", 5, "backend-2 down")
+        noticed = time.monotonic() - killed
+        load.waitForMore(200)
+    load.report("SIGKILL under load")
+    print(f"backend-2 shown down {noticed * 1000:.0f} ms after SIGKILL")
+    assert load.failuresSince(killed + 0.001) == []
+    assert load.corrupt == 0
+    assert noticed < 1.0
+    status = cluster.quickStatus()
+    assert status["backend-1"]["state"] == status["backend-3"]["state"] == "up"
+
+
+def test_sigstop_is_noticed_by_the_heartbeat_and_sigcont_recovers(cluster):
+    victim = cluster.processes["backend-3"]
+    victim.signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        waitFor(lambda: cluster.quickStatus()["backend-3"]["state"] == "down", 5, "backend-3 down")
+        noticed = time.monotonic() - stopped
+        # Its TCP channel is still open: only the missing reports told.
+        for i in range(6):
+            assert echoOnce("127.0.0.1", cluster.port, b"while stopped %d" % i) == b"while stopped %d" % i
+    finally:
+        victim.signal(signal.SIGCONT)
+    waitFor(lambda: cluster.quickStatus()["backend-3"]["state"] == "up", 5, "backend-3 up again")
+    print(f"\nSIGSTOP noticed after {noticed * 1000:.0f} ms (heartbeat timeout 600 ms)")
+    # Down once the timeout has passed since the last report: not before.
+    assert 0.3 <= noticed < 3.0
+    assert "no report for" in cluster.processes["balancer"].logText()
+
+
+def test_rolling_restart_under_load(cluster):
+    with Load(cluster.port, maxSeconds=120) as load:
+        load.waitForMore(50)
+        for name in BACKENDS:
+            proc = cluster.processes[name]
+            port = proc.port
+            proc.signal(signal.SIGTERM)
+            waitFor(lambda: not proc.alive(), 20, f"{name} to drain and exit")
+            cluster.startBackend(name, port=port, extra=FAST)
+            cluster.waitUp([name])
+            load.waitForMore(50)
+    load.report("rolling restart of 3 backends")
+    assert load.failures == []
+    assert load.corrupt == 0
+    assert load.ok >= 200
+
+
+def test_balancer_restart_restores_backends_and_admin_state(tmp_path):
+    state = tmp_path / "balancer-state.json"
+    args = [f"--state-file={state}"]
+    cluster = startCluster(tmp_path, balancerArgs=args)
+    try:
+        cluster.adminRun("drain", "backend-1")
+        cluster.adminRun("weight", "backend-2", "5")
+        cluster.adminRun("policy", "least-conn")
+        assert json.loads(state.read_text())["backends"]["backend-1"]["admin"] == "draining"
+        ports = (cluster.port, cluster.controlPort, cluster.adminPort)
+        cluster.processes["balancer"].kill()
+        killed = time.monotonic()
+        cluster.startBalancer(*ports, extra=args, name="balancer")
+        status = cluster.waitForStatus(
+            lambda s: all(s.get(n, {}).get("state") in ("up", "draining") for n in BACKENDS),
+            20,
+            "backends to register again",
+        )
+        back = time.monotonic() - killed
+        print(f"\nall backends registered again {back:.2f} s after the balancer was killed")
+        assert status["backend-1"]["state"] == "draining"
+        assert status["backend-2"]["weight"] == 5
+        assert "least-conn" in cluster.adminRun("policy").stdout
+        assert echoOnce("127.0.0.1", cluster.port, b"served again") == b"served again"
+        assert back < 10
+    finally:
+        cluster.stopAll()
+
+
+def test_two_balancers_see_the_same_backends_and_load(tmp_path):
+    first = LocalCluster(tmp_path / "a")
+    second = LocalCluster(tmp_path / "b")
+    held = []
+    try:
+        first.startBalancer()
+        second.startBalancer()
+        for name in BACKENDS:
+            first.startBackend(
+                name,
+                extra=FAST + [f"--balancer=tcp:host=127.0.0.1:port={second.controlPort}"],
+            )
+        for c in (first, second):
+            c.waitUp(BACKENDS)
+        # Clients through each balancer, and some straight to a backend.
+        for port in (first.port, second.port, first.processes["backend-1"].port):
+            for i in range(4):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                s.sendall(b"x")
+                assert s.recv(1) == b"x"
+                held.append(s)
+
+        def same():
+            a, b = first.quickStatus(), second.quickStatus()
+            loads = lambda s: {n: (s[n]["connections"], s[n]["load"]) for n in BACKENDS}
+            return loads(a) == loads(b) and sum(c for c, _ in loads(a).values()) == 12 and loads(a)
+
+        loads = waitFor(same, 10, "both balancers to see the same 12 connections")
+        print(f"\nboth balancers see (connections, load): {loads}")
+    finally:
+        for s in held:
+            s.close()
+        first.stopAll()
+        second.stopAll()
