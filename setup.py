@@ -11,9 +11,16 @@ setup(
     # Flat layout; twisted/plugins has no __init__.py on purpose (Twisted's
     # plugin convention), so it is listed as a package by name.
     packages=["twistedcluster", "twisted.plugins"],
-    package_data={"twisted.plugins": ["twistedcluster_plugins.py"]},
+    package_data={
+        "twisted.plugins": [
+            "twistedcluster_plugins.py",
+            "twistedcluster_endpoints.py",
+            "twistedcluster_mtls.py",
+        ]
+    },
     install_requires=[
-        "twisted>=24.7",
+        # [tls]: pyOpenSSL, for ssl:/tls:/mtls: endpoints.
+        "twisted[tls]>=24.7",
         "service-identity>=24.1",
         "attrs>=23.1",
     ],
@@ -28,6 +35,7 @@ setup(
         "console_scripts": [
             "cluster-admin = twistedcluster.admincli:main",
             "cluster-local = twistedcluster.localcluster:main",
+            "cluster-connect = twistedcluster.connectcli:main",
         ],
     },
 )

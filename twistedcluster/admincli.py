@@ -23,6 +23,7 @@ from twisted.protocols import amp
 from twistedcluster import commands
 from twistedcluster.address import formatHostPort
 from twistedcluster.auth import SecretFileError, authenticate, loadSecret
+from twistedcluster.mtls import explainConnectError
 
 DEFAULT_ADMIN = "tcp:host=127.0.0.1:port=8101"
 
@@ -192,7 +193,8 @@ async def run(reactor, args) -> str:
         ) from None
     except Exception as e:
         raise CommandFailed(
-            f"cannot reach the balancer at {args.admin}: {e}", EXIT_UNREACHABLE
+            f"cannot reach the balancer at {args.admin}: {explainConnectError(e)}",
+            EXIT_UNREACHABLE,
         ) from None
     async def authenticated():
         try:
@@ -217,7 +219,8 @@ async def run(reactor, args) -> str:
             raise
         except Exception as e:
             raise CommandFailed(
-                f"lost the balancer at {args.admin}: {e}", EXIT_UNREACHABLE
+                f"lost the balancer at {args.admin}: {explainConnectError(e)}",
+                EXIT_UNREACHABLE,
             ) from None
     finally:
         proto.transport.loseConnection()

@@ -258,10 +258,10 @@ def isLocalOnly(description: str) -> bool:
     kind, args, kwargs = _endpointArgs(description)
     if kind == "unix":
         return True
-    if kind not in ("tcp", "tcp6", "ssl"):
+    if kind not in ("tcp", "tcp6", "ssl", "mtls"):
         return False
     # tcp:PORT:INTERFACE may name the interface by position; ssl may not.
-    positional = args[1] if kind != "ssl" and len(args) > 1 else ""
+    positional = args[1] if kind in ("tcp", "tcp6") and len(args) > 1 else ""
     interface = kwargs.get("interface", positional)
     if interface == "localhost":
         return True

@@ -44,6 +44,12 @@ def freePort(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class ProcessExited(RuntimeError):
+    """
+    A process we wait on has exited: no point waiting longer.
+    """
+
+
 def waitFor(
     condition: Callable[[], object],
     timeout: float,
@@ -59,6 +65,8 @@ def waitFor(
     while True:
         try:
             last = condition()
+        except ProcessExited:
+            raise
         except Exception as e:  # a poll that fails is a poll that says no
             last = e
         else:
@@ -175,12 +183,19 @@ class LocalCluster:
         name: str,
         port: Optional[int] = None,
         extra: Sequence[str] = (),
+        balancers: Optional[Sequence[str]] = None,
     ) -> Process:
+        """
+        Start a backend reporting to this cluster's balancer, or to the
+        given C{balancers} (client endpoint strings) instead.
+        """
         port = port or freePort(self.host)
+        if balancers is None:
+            balancers = [f"tcp:host={self.host}:port={self.controlPort}"]
         args = [
             f"--name={name}",
             f"--listen=tcp:{port}:interface={self.host}",
-            f"--balancer=tcp:host={self.host}:port={self.controlPort}",
+            *[f"--balancer={b}" for b in balancers],
             *extra,
         ]
         proc = self._start(name, twistdCommand("cluster-backend", args))
@@ -196,7 +211,7 @@ class LocalCluster:
 
     def _check(self, proc: Process) -> bool:
         if not proc.alive():
-            raise RuntimeError(
+            raise ProcessExited(
                 f"{proc.name} exited with status {proc.popen.returncode}:\n"
                 + proc.logText()[-3000:]
             )

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twistedcluster import commands
 from twistedcluster.auth import authenticate
 from twistedcluster.guardedamp import GuardedAMP
+from twistedcluster.mtls import explainConnectError
 
 log = Logger()
 
@@ -221,7 +222,7 @@ class LoadReporter(MultiService):
                 log.warn(
                     "registration with balancer {balancer} failed: {error}",
                     balancer=balancer,
-                    error=failure.getErrorMessage(),
+                    error=explainConnectError(failure.value),
                 )
             if proto.transport is not None:
                 proto.transport.loseConnection()
