@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Optional, Set
 
 from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -30,6 +31,9 @@ MAX_KEYS_PER_BOX = 64
 DEFAULT_AUTH_TIMEOUT = 5.0
 
 _HANDSHAKE = {commands.Challenge.commandName, commands.Authenticate.commandName}
+
+#: What parsing a peer's malformed arguments raises.
+_MALFORMED = (ValueError, TypeError, KeyError, OverflowError, amp.TooLong)
 
 
 class GuardedAMP(amp.AMP):
@@ -132,6 +136,44 @@ class GuardedAMP(amp.AMP):
                 peer=self.peerText(),
             )
         return responder
+
+    def dispatchCommand(self, box):
+        d = super().dispatchCommand(box)
+        return d.addErrback(self._badRequest, box)
+
+    def _badRequest(self, failure, box):
+        """
+        A command whose arguments do not parse (a peer's fault, not ours):
+        answer with a clear error and close, instead of AMP's logged
+        traceback.  Anything else is a bug and stays loud.
+        """
+        if failure.check(amp.RemoteAmpError) or not failure.check(*_MALFORMED):
+            return failure
+        why = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        self.log.warn(
+            "{channel} channel: malformed {command!r} from {peer} ({why}); closing",
+            channel=self.channel,
+            command=box.get(amp.COMMAND),
+            peer=self.peerText(),
+            why=why,
+        )
+        return Failure(
+            amp.RemoteAmpError(
+                b"BAD_REQUEST", f"malformed arguments: {why}"[:1000], fatal=True
+            )
+        )
+
+    def unhandledError(self, failure) -> None:
+        # The end of the line for an error nobody handled: a box that needs no
+        # answer failed, or an answer matched no question.  Close this peer.
+        if self.transport is not None and not getattr(self.transport, "disconnecting", False):
+            self.log.warn(
+                "{channel} channel: closing connection from {peer}: {why}",
+                channel=self.channel,
+                peer=self.peerText(),
+                why=f"{failure.type.__name__}: {failure.getErrorMessage()}",
+            )
+            self.transport.abortConnection()
 
     # -- authentication (server side) -------------------------------------
 

@@ -23,6 +23,7 @@ from zope.interface import implementer
 from twistedcluster.admin import AdminFactory
 from twistedcluster.cluster import Cluster
 from twistedcluster.control import ControlFactory
+from twistedcluster.guardedamp import GuardedAMP
 
 
 @implementer(IStreamClientEndpoint)
@@ -92,7 +93,7 @@ class MemoryBalancer:
         """
         A connected control channel: (client protocol, server protocol, pump).
         """
-        client = client if client is not None else amp.AMP()
+        client = client if client is not None else GuardedAMP()
         server = self.control.buildProtocol(None)
         return client, server, self._connect(server, client)
 
@@ -100,7 +101,7 @@ class MemoryBalancer:
         """
         A connected admin channel: (client protocol, server protocol, pump).
         """
-        client = amp.AMP()
+        client = GuardedAMP()
         server = self.admin.buildProtocol(None)
         return client, server, self._connect(server, client)
 
