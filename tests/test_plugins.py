@@ -111,3 +111,40 @@ def test_port_in_use_exits_with_the_reason(tmp_path):
         )
     assert r.returncode != 0
     assert "Address already in use" in r.stdout + r.stderr
+
+
+def balancerService(logged, *args):
+    o = balancer.Options()
+    o.parseOptions(["--listen=tcp:0:interface=127.0.0.1", *args])
+    from twisted.internet.testing import MemoryReactorClock
+
+    balancer.makeService(o, MemoryReactorClock())
+    return [line for line in logged if "reachable from other hosts" in line]
+
+
+def test_exposed_control_or_admin_without_a_secret_is_warned_about(logged):
+    warnings = balancerService(logged, "--control=tcp:8100", "--admin=tcp:8101:interface=0.0.0.0")
+    assert len(warnings) == 2
+    assert "register a backend" in warnings[0] and "drain or reconfigure" in warnings[1]
+
+
+def test_loopback_and_unix_listeners_are_not_warned_about(logged, tmp_path):
+    assert balancerService(
+        logged,
+        "--control=tcp:8100:interface=127.0.0.1",
+        f"--admin=unix:{tmp_path}/admin.sock",
+    ) == []
+
+
+def test_a_secret_silences_the_exposure_warning(logged, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"x" * 32)
+    secret.chmod(0o600)
+    assert balancerService(logged, "--control=tcp:8100", f"--secret-file={secret}") == []
+
+
+def test_a_bad_state_file_is_a_clear_usage_error(tmp_path):
+    bad = tmp_path / "state.json"
+    bad.write_text("{")
+    with pytest.raises(usage.UsageError, match="cannot read state file"):
+        parse(balancer.Options, f"--state-file={bad}")
