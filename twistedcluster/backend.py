@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import reflect, usage
 
+from twistedcluster.options import loadSecretOption, positive
 from twistedcluster.address import formatHostPort, parseHostPort
 from twistedcluster.counting import CountingFactory
 from twistedcluster.reporter import (
@@ -68,17 +69,6 @@ def loadServiceFactory(spec: str):
     )
 
 
-def _positive(kind):
-    def convert(value):
-        v = kind(value)
-        if not v > 0:
-            raise ValueError(f"must be > 0, not {value}")
-        return v
-
-    convert.coerceDoc = "Must be > 0."
-    return convert
-
-
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -108,14 +98,14 @@ class Options(usage.Options):
             None,
             DEFAULT_CAPACITY,
             "Connections this backend is sized for; load = connections / capacity.",
-            _positive(int),
+            positive(int),
         ],
         [
             "report-interval",
             None,
             DEFAULT_INTERVAL,
             "Seconds between load reports.",
-            _positive(float),
+            positive(float),
         ],
         [
             "secret-file",
@@ -129,7 +119,7 @@ class Options(usage.Options):
             None,
             DEFAULT_DRAIN_TIMEOUT,
             "Seconds open connections may take to finish on shutdown.",
-            _positive(float),
+            positive(float),
         ],
     ]
 
@@ -145,14 +135,7 @@ class Options(usage.Options):
         self["balancers"].append(description)
 
     def postOptions(self) -> None:
-        self["secret"] = None
-        if self["secret-file"] is not None:
-            from twistedcluster.auth import SecretFileError, loadSecret
-
-            try:
-                self["secret"] = loadSecret(self["secret-file"])
-            except SecretFileError as e:
-                raise usage.UsageError(str(e)) from None
+        self["secret"] = loadSecretOption(self["secret-file"])
         if not self["balancers"]:
             self["balancers"] = [DEFAULT_BALANCER]
         if self["advertise"] is not None:

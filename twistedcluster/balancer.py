@@ -12,6 +12,7 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from twistedcluster.options import loadSecretOption, positive
 from twistedcluster.address import parseHostPort
 from twistedcluster.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
 from twistedcluster.policies import DEFAULT_POLICY, POLICIES
@@ -29,17 +30,6 @@ log = Logger()
 DEFAULT_LISTEN = "tcp:8000"
 DEFAULT_CONTROL = "tcp:8100:interface=127.0.0.1"
 DEFAULT_ADMIN = "tcp:8101:interface=127.0.0.1"
-
-
-def _positive(kind):
-    def convert(value):
-        v = kind(value)
-        if not v > 0:
-            raise ValueError(f"must be > 0, not {value}")
-        return v
-
-    convert.coerceDoc = "Must be > 0."
-    return convert
 
 
 class Options(usage.Options):
@@ -68,14 +58,14 @@ class Options(usage.Options):
             None,
             DEFAULT_CONNECT_TIMEOUT,
             "Seconds to wait for a backend to accept a proxied connection.",
-            _positive(float),
+            positive(float),
         ],
         [
             "attempts",
             None,
             DEFAULT_ATTEMPTS,
             "Backends tried for one client connection before giving up.",
-            _positive(int),
+            positive(int),
         ],
         [
             "eject-after",
@@ -90,7 +80,7 @@ class Options(usage.Options):
             None,
             DEFAULT_EJECT_FOR,
             "Seconds a backend taken out by failed connects stays out.",
-            _positive(float),
+            positive(float),
         ],
         [
             "idle-timeout",
@@ -98,7 +88,7 @@ class Options(usage.Options):
             None,
             "Seconds without data either way after which a proxied connection "
             "is closed (default: never).",
-            _positive(float),
+            positive(float),
         ],
         [
             "queue-size",
@@ -113,28 +103,28 @@ class Options(usage.Options):
             None,
             DEFAULT_QUEUE_TIMEOUT,
             "Seconds a client may wait for a backend with room.",
-            _positive(float),
+            positive(float),
         ],
         [
             "check-interval",
             None,
             DEFAULT_CHECK_INTERVAL,
             "Seconds between TCP health checks of static backends.",
-            _positive(float),
+            positive(float),
         ],
         [
             "rise",
             None,
             DEFAULT_RISE,
             "Checks a down static backend must pass in a row to be up.",
-            _positive(int),
+            positive(int),
         ],
         [
             "fall",
             None,
             DEFAULT_FALL,
             "Checks a static backend may fail in a row before it is down.",
-            _positive(int),
+            positive(int),
         ],
         [
             "state-file",
@@ -149,7 +139,7 @@ class Options(usage.Options):
             None,
             "Seconds without a load report after which a backend is marked "
             "down (default: 3 of the backend's report intervals)",
-            _positive(float),
+            positive(float),
         ],
         [
             "secret-file",
@@ -164,21 +154,21 @@ class Options(usage.Options):
             5.0,
             "With --secret-file: seconds a control or admin connection has to "
             "authenticate.",
-            _positive(float),
+            positive(float),
         ],
         [
             "max-control-connections",
             None,
             4096,
             "Control connections open at once; more are closed at once.",
-            _positive(int),
+            positive(int),
         ],
         [
             "max-admin-connections",
             None,
             64,
             "Admin connections open at once; more are closed at once.",
-            _positive(int),
+            positive(int),
         ],
     ]
 
@@ -207,14 +197,7 @@ class Options(usage.Options):
                 self["state"] = load(self["state-file"])
             except StateFileError as e:
                 raise usage.UsageError(str(e)) from None
-        self["secret"] = None
-        if self["secret-file"] is not None:
-            from twistedcluster.auth import SecretFileError, loadSecret
-
-            try:
-                self["secret"] = loadSecret(self["secret-file"])
-            except SecretFileError as e:
-                raise usage.UsageError(str(e)) from None
+        self["secret"] = loadSecretOption(self["secret-file"])
         if self["policy"] not in POLICIES:
             raise usage.UsageError(
                 f"unknown policy {self['policy']!r}; choose one of: "
