@@ -29,6 +29,11 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",
+            # The deployment files' checks (tests/test_deploy.py).
+            "pyyaml>=6.0",
+            "kubernetes-validate>=1.28",
+            "compose-spec>=0.2.1; python_version >= '3.10'",
+            "dockerfile>=3.3",
         ],
     },
     entry_points={

@@ -54,7 +54,11 @@ def test_readable_secret_file_is_warned_about(tmp_path, logged):
     p.write_bytes(SECRET)
     os.chmod(p, 0o644)
     auth.loadSecret(str(p))
-    assert any("may be read by other users" in line for line in logged)
+    assert any("may be read by any user" in line for line in logged)
+    logged.clear()
+    os.chmod(p, 0o640)  # group-readable, as a Kubernetes Secret with fsGroup
+    auth.loadSecret(str(p))
+    assert not any("may be read" in line for line in logged)
 
 
 # -- the handshake -----------------------------------------------------------------

@@ -197,6 +197,48 @@ async def test_dead_backend_is_skipped_and_the_client_is_served(loopback):
     assert loopback.cluster.pool.get("b1").routed == 6
 
 
+class CutOff(Protocol):
+    """
+    A backend that dies mid-answer: some bytes, then a reset.
+    """
+
+    def dataReceived(self, data):
+        self.transport.write(b"partial answer")
+        self.transport.abortConnection()
+
+
+def readUntilClosed(port, payload):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(payload)
+    got = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return got, "clean end"
+            got += chunk
+    except ConnectionResetError:
+        return got, "reset"
+    finally:
+        s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_reset_reaches_the_client_as_a_reset(loopback):
+    # Were it passed on as a clean end, the client would take the partial
+    # answer for the whole of it.
+    await loopback.start([Factory.forProtocol(CutOff)])
+    got, how = await deferToThread(readUntilClosed, loopback.port, b"question")
+    assert how == "reset"
+    assert got in (b"", b"partial answer")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_clean_backend_close_reaches_the_client_as_a_clean_end(loopback):
+    await loopback.start([echoFactory()])
+    assert await deferToThread(echoOnce, "127.0.0.1", loopback.port, b"whole") == b"whole"
+
+
 class Sink(Protocol):
     """
     A backend that never reads: the worst consumer.

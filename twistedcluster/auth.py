@@ -59,9 +59,11 @@ def loadSecret(path: str) -> bytes:
             f"secret file {path} holds {len(secret)} bytes; use at least "
             f"{MIN_SECRET_LENGTH}, for example: head -c 32 /dev/urandom | base64 > {path}"
         )
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    # Group bits are left alone: a Kubernetes Secret mounted with fsGroup is
+    # 0440 by design, and the group is the service's own.
+    if mode & stat.S_IRWXO:
         log.warn(
-            "secret file {path} may be read by other users; chmod 600 it",
+            "secret file {path} may be read by any user; chmod o-rwx it",
             path=path,
         )
     return secret

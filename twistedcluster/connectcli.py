@@ -17,7 +17,7 @@ Exit status: 0 done; 1 no backend (the balancer has none, or none it named
 accepted the connection); 2 bad usage; 3 the balancer (with C{--direct},
 HOST:PORT) could not be reached, did not answer in time, or answered
 something that is not a redirect; 4 the connection broke (reset) before the
-server had finished.
+server had finished; 130 interrupted (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ EXIT_NO_BACKEND = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_BROKEN = 4
+EXIT_INTERRUPTED = 130
 
 
 class CommandFailed(Exception):
@@ -64,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
         "backend to use and connect standard input and output to it (like nc).",
         epilog="Exit status: 0 done; 1 no backend available or none accepted; "
         "2 bad usage; 3 balancer (or, with --direct, HOST:PORT) unreachable, "
-        "silent or not a redirect listener; 4 connection broke.",
+        "silent or not a redirect listener; 4 connection broke; 130 interrupted.",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
@@ -323,11 +324,27 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     _stderrLog(args.verbose)
 
     async def react(reactor):
+        work = defer.ensureDeferred(run(reactor, args))
+        interrupted = []
+
+        def onShutdown() -> None:
+            # Ctrl-C or SIGTERM: without this the reactor would stop under
+            # the relay (a "broken" connection) or the question (status 0).
+            if not work.called:
+                interrupted.append(True)
+                work.cancel()
+
+        reactor.addSystemEventTrigger("before", "shutdown", onShutdown)
         try:
-            code = await run(reactor, args)
+            code = await work
         except CommandFailed as e:
             print(f"cluster-connect: {e}", file=sys.stderr)
             raise SystemExit(e.code)
+        except (defer.CancelledError, error.ConnectingCancelledError):
+            if not interrupted:
+                raise
+            print("cluster-connect: interrupted", file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED)
         if code:
             raise SystemExit(code)
 

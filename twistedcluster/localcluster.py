@@ -376,17 +376,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.admin_port != 8101:
         admin += f" --admin tcp:host=127.0.0.1:port={args.admin_port}"
     bindir = Path(sys.executable).parent
+    connect = "cluster-connect"
     if (bindir / "cluster-admin").exists():
         admin = str(bindir / admin)
+        connect = str(bindir / connect)
     print(
         f"""
 twistedcluster is running: 1 balancer, {args.backends} echo backends, all on 127.0.0.1.
   {len(status)} backends up; a self-check sent {3 * args.backends} echoes through the proxy.
 
   proxy   (echo through the balancer):  127.0.0.1:{args.port}
-      try:  nc 127.0.0.1 {args.port}      (type a line, it comes back)
+      try:  {connect} --direct 127.0.0.1:{args.port}    (type a line, it comes back)
   redirect (ask which backend to use):  127.0.0.1:{args.redirect_port}
-      try:  nc 127.0.0.1 {args.redirect_port}
+      try:  {connect} --print 127.0.0.1:{args.redirect_port}
+            {connect} 127.0.0.1:{args.redirect_port}    (then talk to that backend)
   watch:    {admin} status
             {admin} drain backend-1    (then: enable backend-1)
   logs:     {cluster.workdir}/

@@ -17,6 +17,7 @@ from typing import Dict, Optional, Set, Tuple
 
 from twisted.internet import defer, endpoints
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -102,8 +103,14 @@ class _Relay(Protocol):
         peer, self.peer = self.peer, None
         if peer is not None:
             peer.peer = None
-            # What was already written to the peer is flushed, then it closes.
-            peer.transport.loseConnection()
+            if reason.check(ConnectionDone):
+                # A clean end: what was written to the peer is flushed, then
+                # it closes.
+                peer.transport.loseConnection()
+            else:
+                # Reset, or lost: pass that on as a reset, so that the peer
+                # cannot mistake a cut-off stream for a complete one.
+                peer.transport.abortConnection()
 
 
 class _BackendSide(_Relay):

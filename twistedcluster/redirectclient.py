@@ -58,6 +58,7 @@ __all__ = [
     "RedirectFailed",
     "askBalancer",
     "parseAnswer",
+    "parseEndpointArguments",
     "redirectEndpoint",
     "tcpEndpoint",
 ]
@@ -362,7 +363,6 @@ class RedirectClientEndpoint:
             raise ValueError(f"attempts must be >= 1, not {attempts}")
         if not answerTimeout > 0 or not connectTimeout > 0:
             raise ValueError("timeouts must be > 0")
-        self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self.balancer = balancer
         self.attempts = attempts

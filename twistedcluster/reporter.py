@@ -231,6 +231,11 @@ class LoadReporter(MultiService):
 
     def _channelLost(self, proto: ControlClient, reason) -> None:
         self.channels.discard(proto)
+        if not self.running:
+            log.info(
+                "control channel to balancer {balancer} closed", balancer=proto.balancer
+            )
+            return
         log.warn(
             "control channel to balancer {balancer} lost: {why}; reconnecting",
             balancer=proto.balancer,
