@@ -35,7 +35,7 @@ def test_least_load_picks_lowest_estimated_load():
 
 def test_least_load_adds_what_was_routed_since_the_report():
     # b reported less, but 40 connections went to it since: a is lighter.
-    cs = [status("a", load=0.3), status("b", load=0.1, routedSinceReport=40)]
+    cs = [status("a", load=0.3), status("b", load=0.1, addedSinceReport=40)]
     assert LeastLoad().choose(cs, random.Random(0)).name == "a"
 
 
@@ -99,7 +99,7 @@ def test_static_backends_are_loaded_by_what_the_balancer_relays():
     pool.acquire("s")
     pool.acquire("s")
     st_ = pool.get("s")
-    assert (st_.connections, st_.load, st_.routedSinceReport) == (2, 0.5, 0)
+    assert (st_.connections, st_.load, st_.addedSinceReport) == (2, 0.5, 0)
     pool.release("s")
     assert pool.get("s").load == 0.25
 

@@ -90,14 +90,14 @@ def test_routing_accounting():
     pool.acquire("a")
     pool.acquire("a")
     s = pool.get("a")
-    assert (s.active, s.routed, s.routedSinceReport) == (2, 2, 2)
+    assert (s.active, s.routed, s.addedSinceReport) == (2, 2, 2)
     pool.connected("a")
     assert pool.connectFailed("a") == 1
     s = pool.get("a")
-    assert (s.active, s.routed, s.routedSinceReport, s.failures) == (1, 1, 1, 1)
+    assert (s.active, s.routed, s.addedSinceReport, s.failures) == (1, 1, 1, 1)
     pool.report("a", connections=4, load=0.4)
     s = pool.get("a")
-    assert (s.connections, s.load, s.routedSinceReport) == (4, 0.4, 0)
+    assert (s.connections, s.load, s.addedSinceReport) == (4, 0.4, 0)
     pool.release("a")
     pool.release("a")  # never below zero
     assert pool.get("a").active == 0
@@ -124,3 +124,34 @@ def test_as_dict_has_the_status_fields():
     for key in ("name", "host", "port", "state", "connections", "load", "routed"):
         assert key in d
     assert d["state"] == "up"
+
+
+def test_connections_closed_since_the_report_are_not_phantom_load():
+    # Many short connections between two reports: none is open, so the
+    # backend is neither full nor loaded in the balancer's eyes.
+    pool = Pool()
+    pool.register("a", "h", 1, capacity=10)
+    for _ in range(50):
+        pool.acquire("a")
+        pool.release("a")
+    s = pool.get("a")
+    assert (s.addedSinceReport, s.full, s.routed) == (0, False, 50)
+    assert [b.name for b in pool.eligible()] == ["a"]
+
+
+def test_a_connection_counted_in_the_report_and_closed_since_lowers_the_estimate():
+    pool = Pool()
+    pool.register("a", "h", 1, capacity=10)
+    pool.acquire("a")
+    pool.report("a", connections=1, load=0.1)  # the report counts it
+    pool.release("a")
+    assert pool.get("a").addedSinceReport == -1
+
+
+def test_a_handed_off_connection_stays_added_until_the_next_report():
+    pool = Pool()
+    pool.register("a", "h", 1, capacity=10)
+    pool.acquire("a")
+    pool.handOff("a")
+    s = pool.get("a")
+    assert (s.active, s.addedSinceReport, s.routed) == (0, 1, 1)

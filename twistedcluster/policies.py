@@ -56,9 +56,10 @@ def _lowest(
 def estimatedLoad(b: BackendStatus) -> float:
     """
     The backend's load as least-load sees it: its last report, plus what this
-    balancer has sent it since (each connection 1/capacity), per unit weight.
+    balancer has added to it since (each connection 1/capacity), per unit
+    weight.
     """
-    return (b.load + b.routedSinceReport / b.capacity) / b.weight
+    return max(0.0, b.load + b.addedSinceReport / b.capacity) / b.weight
 
 
 class LeastLoad:

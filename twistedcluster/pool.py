@@ -86,8 +86,11 @@ class BackendStatus:
         whoever routed them.
     @ivar load: the backend's last reported load (connections / capacity
         unless its service supplies its own figure).
-    @ivar routedSinceReport: connections this balancer sent it since that
-        report; least-load adds them so stale reports do not cause herding.
+    @ivar addedSinceReport: connections this balancer has added to the
+        backend since that report: those it opened, less those it closed
+        (negative when more closed).  Least-load and the capacity limit add
+        it to the report, so stale reports cause neither herding nor
+        phantom load.
     @ivar active: connections this balancer currently relays to it.
     @ivar routed: connections this balancer has sent it, in total.
     """
@@ -100,7 +103,7 @@ class BackendStatus:
     capacity: int = 1
     connections: int = 0
     load: float = 0.0
-    routedSinceReport: int = 0
+    addedSinceReport: int = 0
     active: int = 0
     routed: int = 0
     failures: int = 0
@@ -112,7 +115,7 @@ class BackendStatus:
         At capacity: its connections (as reported, plus routed since the
         report) leave no room for another.
         """
-        return self.connections + self.routedSinceReport >= self.capacity
+        return self.connections + self.addedSinceReport >= self.capacity
 
     def asDict(self) -> Dict[str, object]:
         """
@@ -141,7 +144,7 @@ class _Member:
     selfDraining: bool = False
     connections: int = 0
     load: float = 0.0
-    routedSinceReport: int = 0
+    addedSinceReport: int = 0
     active: int = 0
     routed: int = 0
     failures: int = 0
@@ -172,7 +175,7 @@ class _Member:
             capacity=self.capacity,
             connections=self.connections,
             load=self.load,
-            routedSinceReport=self.routedSinceReport,
+            addedSinceReport=self.addedSinceReport,
             active=self.active,
             routed=self.routed,
             failures=self.failures,
@@ -280,7 +283,7 @@ class Pool:
         m.selfDraining = False
         m.connections = connections
         m.load = load
-        m.routedSinceReport = 0
+        m.addedSinceReport = 0
         m.failures = 0
         self._changed()
         return m.status()
@@ -355,7 +358,7 @@ class Pool:
         m = self._member(name)
         m.connections = max(0, connections)
         m.load = max(0.0, load)
-        m.routedSinceReport = 0
+        m.addedSinceReport = 0
         self._changed()
 
     def setSelfDraining(self, name: str, draining: bool = True) -> None:
@@ -400,8 +403,19 @@ class Pool:
         m.active += 1
         m.routed += 1
         if not m.static:
-            m.routedSinceReport += 1
+            m.addedSinceReport += 1
         self._changed()
+
+    def handOff(self, name: str) -> None:
+        """
+        The connection chosen by L{acquire} is the client's own to make
+        (redirect mode): this balancer will not see it close, so it stays
+        added until the backend's next report, but is not held here.
+        """
+        m = self._members.get(name)
+        if m is not None and m.active > 0:
+            m.active -= 1
+            self._changed()
 
     def connected(self, name: str) -> None:
         """
@@ -425,7 +439,8 @@ class Pool:
             return 0
         m.active = max(0, m.active - 1)
         m.routed = max(0, m.routed - 1)
-        m.routedSinceReport = max(0, m.routedSinceReport - 1)
+        if not m.static:
+            m.addedSinceReport -= 1
         if countFailure:
             m.failures += 1
         self._changed()
@@ -438,6 +453,8 @@ class Pool:
         m = self._members.get(name)
         if m is not None and m.active > 0:
             m.active -= 1
+            if not m.static:
+                m.addedSinceReport -= 1
             self._changed()
 
     # -- internals ---------------------------------------------------------

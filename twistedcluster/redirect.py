@@ -38,9 +38,9 @@ class RedirectProtocol(Protocol):
             log.warn("redirect: no backend available")
             self.transport.write(NO_BACKEND)
         else:
-            # Counted as routed (so least-load sees it) but not as a connection
-            # this balancer holds.
-            cluster.pool.release(chosen.name)
+            # Added to the backend (so least-load sees it until the next
+            # report) but not a connection this balancer holds.
+            cluster.pool.handOff(chosen.name)
             self.transport.write(answerLine(chosen.host, chosen.port))
         self.transport.loseConnection()
 
