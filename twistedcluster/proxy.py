@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Dict, Optional, Set, Tuple
 
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -50,6 +50,42 @@ def backendEndpoint(
     return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 
+def _plainTCP(transport) -> bool:
+    """
+    Whether C{transport} is Twisted's own TCP connection, with no TLS over it:
+    the only kind L{_sendNow} may write to behind its back.
+    """
+    return type(transport) in (tcp.Server, tcp.Client) and not transport.TLS
+
+
+def _sendNow(transport, data: bytes) -> None:
+    """
+    Write C{data} to a plain TCP transport, sending it at once when nothing
+    is queued before it.
+
+    Twisted's C{write} always queues and sends on the next reactor turn
+    (two epoll changes and a turn per chunk); a relay that has just read a
+    chunk can usually hand it to the kernel in one C{send}.  Whatever the
+    kernel does not take, and every error, goes through C{write} as usual,
+    so ordering, back-pressure and error handling stay Twisted's.
+    """
+    if (
+        transport._tempDataLen == 0
+        and transport.offset == len(transport.dataBuffer)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
 @implementer(IHalfCloseableProtocol)
 class _Relay(Protocol):
     """
@@ -67,6 +103,7 @@ class _Relay(Protocol):
     lastActivity = 0.0
     _readDone = False
     _writeDone = False
+    _direct = False
 
     def link(self, peer: "_Relay") -> None:
         """
@@ -77,11 +114,20 @@ class _Relay(Protocol):
         peer.peer = self
         self.transport.registerProducer(peer.transport, True)
         peer.transport.registerProducer(self.transport, True)
+        # What we read, we pass on at once: Nagle would only delay it.
+        for side in (self, peer):
+            if _plainTCP(side.transport):
+                side.transport.setTcpNoDelay(True)
+        self._direct = _plainTCP(peer.transport)
+        peer._direct = _plainTCP(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         peer = self.peer
         if peer is not None:
-            peer.transport.write(data)
+            if self._direct:
+                _sendNow(peer.transport, data)
+            else:
+                peer.transport.write(data)
             if self.seconds is not None:
                 self.lastActivity = self.seconds()
 
@@ -120,12 +166,47 @@ class _BackendSide(_Relay):
 
     pool = None
     backendName: Optional[str] = None
+    whenConnected: Optional[defer.Deferred] = None
+
+    def connectionMade(self) -> None:
+        d, self.whenConnected = self.whenConnected, None
+        if d is not None:
+            d.callback(self)
 
     def connectionLost(self, reason) -> None:
         if self.pool is not None and self.backendName is not None:
             self.pool.release(self.backendName)
             self.backendName = None
         super().connectionLost(reason)
+
+
+class _BackendConnect(ClientFactory):
+    """
+    One connect to a backend at a literal address, straight through
+    C{reactor.connectTCP}: an endpoint would wrap every later read of the
+    connection in one more call.
+    """
+
+    noisy = False
+
+    def __init__(self, reactor, host: str, port: int, timeout: float) -> None:
+        self.deferred = defer.Deferred(self._cancel)
+        self.connector = reactor.connectTCP(host, port, self, timeout=timeout)
+
+    def buildProtocol(self, addr) -> _BackendSide:
+        p = _BackendSide()
+        p.factory = self
+        p.whenConnected, self.deferred = self.deferred, None
+        return p
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        d, self.deferred = self.deferred, None
+        if d is not None:
+            d.errback(reason)
+
+    def _cancel(self, d) -> None:
+        self.deferred = None
+        self.connector.stopConnecting()
 
 
 class ProxyServer(_Relay):
@@ -299,6 +380,8 @@ class ProxyFactory(Factory):
         """
         Connect to a backend; fires with its L{_BackendSide}.
         """
+        if isIPAddress(host) or isIPv6Address(host):
+            return _BackendConnect(self.reactor, host, port, self.connectTimeout).deferred
         key = (host, port)
         ep = self._endpoints.get(key)
         if ep is None:
