@@ -38,6 +38,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import pytest
 from twisted.python import usage
 
+from twistedcluster.address import endpointParts
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 SYSTEMD = DEPLOY / "systemd"
@@ -77,28 +79,6 @@ def relocate(argv: List[str], places: Dict[str, Path]) -> List[str]:
             arg = arg.replace(deployed.rstrip("/") + "/", str(here) + "/")
         out.append(arg)
     return out
-
-
-def endpointParts(description: str) -> Tuple[str, List[str], Dict[str, str]]:
-    """
-    An endpoint string's type, positional and keyword arguments (backslash
-    escapes honoured).
-    """
-    parts, current, escaped = [], "", False
-    for ch in description:
-        if escaped:
-            current, escaped = current + ch, False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ":":
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    parts.append(current)
-    args = [p for p in parts[1:] if "=" not in p]
-    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-    return parts[0], args, kwargs
 
 
 def serverPort(description: str) -> Optional[int]:

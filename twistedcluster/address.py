@@ -1,8 +1,18 @@
 """
-``HOST:PORT`` as users write it on command lines (``[::1]:9000`` for IPv6).
+Addresses as users write them: ``HOST:PORT`` on command lines (``[::1]:9000``
+for IPv6), and Twisted endpoint strings; and the client endpoint for a
+backend's advertised address.
 """
 
-from typing import Tuple
+from typing import Dict, List, Tuple
+
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
+from twisted.internet.interfaces import IStreamClientEndpoint
 
 
 def parseHostPort(text: str) -> Tuple[str, int]:
@@ -40,3 +50,37 @@ def formatHostPort(host: str, port: int) -> str:
     if ":" in host:
         return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+def tcpEndpoint(reactor, host: str, port: int, timeout: float = 5.0) -> IStreamClientEndpoint:
+    """
+    A TCP client endpoint for C{host}: TCP4 or TCP6 for an address literal
+    (no name resolution, no thread), L{HostnameEndpoint} for a name.
+    """
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
+def endpointParts(description: str) -> Tuple[str, List[str], Dict[str, str]]:
+    """
+    An endpoint string's type, positional and keyword arguments, honouring
+    backslash escapes: enough to judge where a listener listens.
+    """
+    parts, current, escaped = [], "", False
+    for ch in description:
+        if escaped:
+            current, escaped = current + ch, False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    args = [p for p in parts[1:] if "=" not in p]
+    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    return parts[0], args, kwargs

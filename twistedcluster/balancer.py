@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from twistedcluster.options import loadSecretOption, positive
-from twistedcluster.address import parseHostPort
+from twistedcluster.address import endpointParts, parseHostPort
 from twistedcluster.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
 from twistedcluster.policies import DEFAULT_POLICY, POLICIES
 from twistedcluster.proxy import (
@@ -205,32 +205,6 @@ class Options(usage.Options):
             )
 
 
-def _endpointArgs(description: str):
-    """
-    Split a server endpoint string into its type, positional and keyword
-    arguments, honouring backslash escapes (enough to judge where it listens).
-    """
-    parts, current, escaped = [], "", False
-    for ch in description:
-        if escaped:
-            current += ch
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ":":
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    parts.append(current)
-    kind, rest = parts[0], parts[1:]
-    if kind.isdigit():  # the old "8100" form means tcp:8100
-        kind, rest = "tcp", parts
-    args = [p for p in rest if "=" not in p]
-    kwargs = dict(p.split("=", 1) for p in rest if "=" in p)
-    return kind, args, kwargs
-
-
 def isLocalOnly(description: str) -> bool:
     """
     Whether a server endpoint can only be reached from this host: a unix
@@ -238,7 +212,9 @@ def isLocalOnly(description: str) -> bool:
     """
     import ipaddress
 
-    kind, args, kwargs = _endpointArgs(description)
+    kind, args, kwargs = endpointParts(description)
+    if kind.isdigit():  # the old "8100" form means tcp:8100
+        kind, args = "tcp", [kind, *args]
     if kind == "unix":
         return True
     if kind not in ("tcp", "tcp6", "ssl", "mtls"):

@@ -17,7 +17,7 @@ from twisted.internet import task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from twistedcluster.address import formatHostPort
+from twistedcluster.address import formatHostPort, tcpEndpoint
 from twistedcluster.pool import Pool, State
 
 log = Logger()
@@ -53,9 +53,7 @@ class _Check:
         if self.inFlight is not None:
             return  # the previous check has not finished: it will count
         checker = self.checker
-        from twistedcluster.proxy import backendEndpoint
-
-        ep = backendEndpoint(checker.reactor, self.host, self.port, checker.timeout)
+        ep = tcpEndpoint(checker.reactor, self.host, self.port, checker.timeout)
         d = self.inFlight = ep.connect(checker.probeFactory)
         d.addCallbacks(self._passed, self._failed)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Dict, Optional, Set, Tuple
 
-from twisted.internet import defer, endpoints, tcp
+from twisted.internet import defer, tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
@@ -23,6 +23,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twistedcluster.address import tcpEndpoint
 from twistedcluster.cluster import Cluster
 from twistedcluster.pool import State
 
@@ -34,20 +35,6 @@ DEFAULT_EJECT_AFTER = 3
 DEFAULT_EJECT_FOR = 10.0
 DEFAULT_QUEUE_SIZE = 1000
 DEFAULT_QUEUE_TIMEOUT = 5.0
-
-
-def backendEndpoint(
-    reactor, host: str, port: int, timeout: float
-) -> IStreamClientEndpoint:
-    """
-    A client endpoint for a backend's advertised address: a literal IPv4 or
-    IPv6 address is connected to directly, a name through HostnameEndpoint.
-    """
-    if isIPAddress(host):
-        return endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-    if isIPv6Address(host):
-        return endpoints.TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 
 def _plainTCP(transport) -> bool:
@@ -387,7 +374,7 @@ class ProxyFactory(Factory):
         if ep is None:
             if len(self._endpoints) > 4096:
                 self._endpoints.clear()
-            ep = self._endpoints[key] = backendEndpoint(
+            ep = self._endpoints[key] = tcpEndpoint(
                 self.reactor, host, port, self.connectTimeout
             )
         return ep.connect(self._backendFactory)

@@ -25,11 +25,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import attr
 from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
@@ -41,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistedcluster.address import formatHostPort
+from twistedcluster.address import formatHostPort, tcpEndpoint
 
 __all__ = [
     "Attempt",
@@ -220,20 +215,6 @@ def parseAnswer(line: bytes) -> BackendAddress:
     if not 0 < port < 65536:
         raise BadAnswer(f"answer's port is out of range 1..65535: {line[:80]!r}")
     return BackendAddress(host, port)
-
-
-def tcpEndpoint(
-    reactor, host: str, port: int, timeout: float = DEFAULT_TIMEOUT
-) -> IStreamClientEndpoint:
-    """
-    A TCP client endpoint for C{host}: TCP4 or TCP6 for an address literal
-    (no name resolution, no thread), L{HostnameEndpoint} for a name.
-    """
-    if isIPv6Address(host):
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    if isIPAddress(host):
-        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-    return HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 
 class _AnswerReader(Protocol):
