@@ -1,0 +1,84 @@
+"""
+Smoke test of the benchmark harness (bench/run.py): its quickest run, direct
+and balancer only, tiny numbers; the table must come out with every row.
+"""
+
+import importlib.util
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "bench" / "run.py"
+
+
+def _loadRun():
+    spec = importlib.util.spec_from_file_location("bench_run_under_test", RUN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _skipUnlessPossible():
+    if not RUN.exists():
+        pytest.skip(f"no benchmark harness at {RUN} (not a checkout)")
+    if not hasattr(select, "epoll"):
+        pytest.skip("the benchmark's load generator needs Linux epoll")
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.2", 0))
+    except OSError as e:
+        pytest.skip(f"cannot bind a client socket to 127.0.0.2 ({e}); the harness needs 127.0.0.0/8 on loopback")
+
+
+def test_quickRunPrintsTheTable(tmp_path):
+    _skipUnlessPossible()
+    run = _loadRun()
+    out = tmp_path / "figures.json"
+    argv = [
+        sys.executable, str(RUN), "--quick",
+        "--targets", "direct,balancer",
+        "--duration", "0.4", "--warmup", "0.1",
+        "--connections", "8", "--inflight", "4", "--bulk", "2", "--held", "100",
+        "--logs", str(tmp_path / "logs"), "--json", str(out),
+    ]
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    lines = result.stdout.splitlines()
+    header = next((l for l in lines if l.startswith("metric")), None)
+    assert header is not None, result.stdout
+    for column in ("direct", "balancer", "portforward", "haproxy", "bal/pf", "bal/direct"):
+        assert column in header.split()
+    labels = {
+        "connections": 8, "inflight": 4, "bulk": 2, "heldText": "100",
+    }
+    for key, label, unit, higher in run.ROWS:
+        text = label.format(**labels)
+        row = next((l for l in lines if l.startswith(text)), None)
+        assert row is not None, f"no row {text!r} in:\n{result.stdout}"
+        values = row[len(text):].split()
+        # direct and balancer measured; portforward and haproxy not asked for.
+        assert values[0] != "-" and values[1] != "-", row
+        assert values[2] == "-" and values[3] == "-", row
+    assert "issue 7 targets" in result.stdout
+    assert "load generator:" in result.stdout
+    # Progress went to standard error while it ran.
+    assert "echo 1/1: balancer" in result.stderr
+    figures = json.loads(out.read_text())
+    assert set(figures["figures"]) == {"direct", "balancer"}
+    for name in ("direct", "balancer"):
+        assert figures["figures"][name]["echo_rps"] > 0
+        assert figures["figures"][name]["bulk_mbps"] > 0
+    # Nothing failed or came back corrupt on the way.
+    assert not [n for n in figures["notes"] if "corrupt" in n or "only" in n], figures["notes"]
