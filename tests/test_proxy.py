@@ -36,10 +36,17 @@ def startClient(factory):
     return proto, transport
 
 
+class HalfClosingTransport(StringTransport):
+    writeClosed = False
+
+    def loseWriteConnection(self):
+        self.writeClosed = True
+
+
 def completeConnect(memreactor, index=0):
     host, port, wrapping, timeout, bind = memreactor.tcpClients[index]
     backend = wrapping.buildProtocol(None)
-    transport = StringTransport()
+    transport = HalfClosingTransport()
     backend.makeConnection(transport)
     return backend, transport
 
@@ -50,22 +57,36 @@ def failConnect(memreactor, index=0):
     return port
 
 
-def test_client_is_paused_until_backend_connects_then_producers_both_ways():
+def test_early_bytes_and_eof_wait_for_the_backend_then_producers_both_ways():
     mr = MemoryReactorClock()
     cluster = clusterOf(9001)
     proxy, clientT = startClient(ProxyFactory(cluster, mr, connectTimeout=1.5))
-    assert clientT.producerState == "paused"
     host, port, _, timeout, _ = mr.tcpClients[0]
     assert (host, port, timeout) == ("127.0.0.1", 9001, 1.5)
+    # The client talks, and even half-closes, before the backend is there.
+    proxy.dataReceived(b"early ")
+    proxy.dataReceived(b"bytes")
+    proxy.readConnectionLost()
+    assert not clientT.disconnecting
     backend, backendT = completeConnect(mr)
-    assert clientT.producerState == "producing"
+    assert backendT.value() == b"early bytes"
+    assert backendT.writeClosed
     # Each side pauses the other when its own write buffer fills.
     assert clientT.producer is backendT and clientT.streaming
     assert backendT.producer is clientT and backendT.streaming
-    proxy.dataReceived(b"from client")
-    assert backendT.value() == b"from client"
     backend.dataReceived(b"from backend")
     assert clientT.value() == b"from backend"
+
+
+def test_a_client_sending_much_before_the_backend_connects_is_paused():
+    mr = MemoryReactorClock()
+    proxy, clientT = startClient(ProxyFactory(clusterOf(9001), mr))
+    for _ in range(3):
+        proxy.dataReceived(b"x" * 30000)
+    assert clientT.producerState == "paused"
+    backend, backendT = completeConnect(mr)
+    assert clientT.producerState == "producing"
+    assert len(backendT.value()) == 90000
 
 
 def test_connect_failure_retries_another_backend(logged):

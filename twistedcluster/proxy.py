@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Dict, Optional, Set, Tuple
 
-from twisted.internet import defer, tcp
+from twisted.internet import tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
@@ -149,16 +149,18 @@ class _Relay(Protocol):
 class _BackendSide(_Relay):
     """
     The balancer's connection to a backend; releases its pool slot on close.
+
+    @ivar attempt: the connect that made it, told when it is made.
     """
 
     pool = None
     backendName: Optional[str] = None
-    whenConnected: Optional[defer.Deferred] = None
+    attempt: Optional["_Attempt"] = None
 
     def connectionMade(self) -> None:
-        d, self.whenConnected = self.whenConnected, None
-        if d is not None:
-            d.callback(self)
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.made(self)
 
     def connectionLost(self, reason) -> None:
         if self.pool is not None and self.backendName is not None:
@@ -167,52 +169,113 @@ class _BackendSide(_Relay):
         super().connectionLost(reason)
 
 
-class _BackendConnect(ClientFactory):
+class _Attempt(ClientFactory):
     """
-    One connect to a backend at a literal address, straight through
-    C{reactor.connectTCP}: an endpoint would wrap every later read of the
-    connection in one more call.
+    One connect to one backend for one client: tells the client how it
+    went, unless cancelled first.
+
+    A literal address is dialled straight through C{reactor.connectTCP} (no
+    Deferred, and no endpoint wrapper calling through on every later read);
+    a host name through an endpoint, which resolves it.
     """
 
     noisy = False
+    _connector = None
+    _deferred = None
 
-    def __init__(self, reactor, host: str, port: int, timeout: float) -> None:
-        self.deferred = defer.Deferred(self._cancel)
-        self.connector = reactor.connectTCP(host, port, self, timeout=timeout)
+    def __init__(self, client: "ProxyServer", name: str, host: str, port: int) -> None:
+        self.client = client
+        self.name = name
+        self.host = host
+        self.port = port
+        factory = client.factory
+        if isIPAddress(host) or isIPv6Address(host):
+            self._connector = factory.reactor.connectTCP(
+                host, port, self, timeout=factory.connectTimeout
+            )
+        else:
+            self._deferred = factory.endpointFor(host, port).connect(
+                Factory.forProtocol(_BackendSide)
+            )
+            self._deferred.addCallbacks(self.made, self._endpointFailed)
 
     def buildProtocol(self, addr) -> _BackendSide:
         p = _BackendSide()
         p.factory = self
-        p.whenConnected, self.deferred = self.deferred, None
+        p.attempt = self
         return p
 
-    def clientConnectionFailed(self, connector, reason) -> None:
-        d, self.deferred = self.deferred, None
-        if d is not None:
-            d.errback(reason)
+    def made(self, backend: _BackendSide) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            client._connected(backend, self.name)
+        else:
+            backend.transport.loseConnection()
 
-    def _cancel(self, d) -> None:
-        self.deferred = None
-        self.connector.stopConnecting()
+    def clientConnectionFailed(self, connector, reason) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            client._connectFailed(reason, self.name, self.host, self.port)
+
+    def _endpointFailed(self, reason) -> None:
+        self.clientConnectionFailed(None, reason)
+
+    def cancel(self) -> None:
+        """
+        The client left: stop connecting, and tell it nothing more.
+        """
+        self.client = None
+        if self._connector is not None:
+            self._connector.stopConnecting()
+        elif self._deferred is not None:
+            self._deferred.cancel()
+
+
+#: Bytes a client may send before its backend is connected; past this it is
+#: paused until then.
+EARLY_DATA_LIMIT = 64 * 1024
 
 
 class ProxyServer(_Relay):
     """
     The client's connection to the proxy listener.
+
+    Until its backend is connected, what the client sends is held here (up
+    to L{EARLY_DATA_LIMIT}, then the client is paused), and so is its
+    end-of-file: cheaper than pausing every client while connecting.
     """
 
     factory: "ProxyFactory"
-    _connecting: Optional[defer.Deferred] = None
+    _attempt: Optional[_Attempt] = None
+    _tried: Tuple[str, ...] = ()
+    _early: Optional[list] = None
+    _earlyBytes = 0
+    _pausedEarly = False
     _queued = None
     _idleCall = None
     _gone = False
 
     def connectionMade(self) -> None:
         self.factory.clients.add(self)
-        # Read nothing until there is somewhere to send it.
-        self.transport.pauseProducing()
-        self._tried: Set[str] = set()
         self._tryNext()
+
+    def dataReceived(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None:
+            if self._early is None:
+                self._early = []
+            self._early.append(data)
+            self._earlyBytes += len(data)
+            if self._earlyBytes >= EARLY_DATA_LIMIT and not self._pausedEarly:
+                self._pausedEarly = True
+                self.transport.pauseProducing()
+            return
+        if self._direct:
+            _sendNow(peer.transport, data)
+        else:
+            peer.transport.write(data)
+        if self.seconds is not None:
+            self.lastActivity = self.seconds()
 
     def _tryNext(self) -> None:
         factory = self.factory
@@ -225,31 +288,38 @@ class ProxyServer(_Relay):
             if self._tried:
                 return self._giveUp("no other backend to try")
             return self._giveUp("no backend available")
-        self._tried.add(chosen.name)
-        d = self._connecting = factory.connectTo(chosen.name, chosen.host, chosen.port)
-        d.addCallbacks(
-            self._connected,
-            self._connectFailed,
-            callbackArgs=(chosen.name,),
-            errbackArgs=(chosen.name, chosen.host, chosen.port),
-        )
+        self._tried += (chosen.name,)
+        self._attempt = _Attempt(self, chosen.name, chosen.host, chosen.port)
 
     def _connected(self, backend: _BackendSide, name: str) -> None:
-        self._connecting = None
+        self._attempt = None
         factory = self.factory
         pool = factory.cluster.pool
         pool.connected(name)
         backend.pool = pool
         backend.backendName = name
-        if self._gone:
-            backend.transport.loseConnection()
-            return
         self.link(backend)
+        early, self._early = self._early, None
+        if early:
+            self._earlyBytes = 0
+            backend.transport.write(b"".join(early))
+        if self._pausedEarly:
+            self._pausedEarly = False
+            self.transport.resumeProducing()
+        if self._readDone:
+            backend.transport.loseWriteConnection()
         if factory.idleTimeout is not None:
             self.seconds = backend.seconds = factory.reactor.seconds
             self.lastActivity = backend.lastActivity = self.seconds()
             self._idleCall = factory.reactor.callLater(factory.idleTimeout, self._checkIdle)
-        self.transport.resumeProducing()
+
+    def readConnectionLost(self) -> None:
+        # Before the backend is connected, the end-of-file waits with the
+        # early data; _connected passes both on.
+        self._readDone = True
+        if self.peer is not None:
+            self.peer.transport.loseWriteConnection()
+            self._closeIfDone()
 
     def _checkIdle(self) -> None:
         self._idleCall = None
@@ -272,11 +342,8 @@ class ProxyServer(_Relay):
         self.transport.loseConnection()
 
     def _connectFailed(self, reason, name: str, host: str, port: int) -> None:
-        self._connecting = None
+        self._attempt = None
         factory = self.factory
-        if self._gone:
-            factory.cluster.pool.connectFailed(name, countFailure=False)
-            return
         failures = factory.cluster.pool.connectFailed(name)
         log.warn(
             "proxy: connect to backend {backend} at {host}:{port} failed "
@@ -302,6 +369,7 @@ class ProxyServer(_Relay):
 
     def connectionLost(self, reason) -> None:
         self._gone = True
+        self._early = None
         factory = self.factory
         factory.clients.discard(self)
         if self._queued is not None:
@@ -309,9 +377,11 @@ class ProxyServer(_Relay):
         if self._idleCall is not None and self._idleCall.active():
             self._idleCall.cancel()
         self._idleCall = None
-        if self._connecting is not None:
-            d, self._connecting = self._connecting, None
-            d.cancel()
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None:
+            attempt.cancel()
+            # Abandoned, not refused: undo the routing without blaming it.
+            factory.cluster.pool.connectFailed(attempt.name, countFailure=False)
         super().connectionLost(reason)
 
 
@@ -355,20 +425,16 @@ class ProxyFactory(Factory):
         self.idleTimeout = idleTimeout
         self.queueSize = queueSize
         self.queueTimeout = queueTimeout
-        self._backendFactory = Factory.forProtocol(_BackendSide)
-        self._backendFactory.noisy = False
         self._endpoints: Dict[Tuple[str, int], IStreamClientEndpoint] = {}
         self.clients: Set[ProxyServer] = set()
         self._readmissions: Dict[str, object] = {}
         self._queue: "OrderedDict[ProxyServer, object]" = OrderedDict()
         self._wakeScheduled = None
 
-    def connectTo(self, name: str, host: str, port: int) -> defer.Deferred:
+    def endpointFor(self, host: str, port: int) -> IStreamClientEndpoint:
         """
-        Connect to a backend; fires with its L{_BackendSide}.
+        The (cached) endpoint for a backend advertised by host name.
         """
-        if isIPAddress(host) or isIPv6Address(host):
-            return _BackendConnect(self.reactor, host, port, self.connectTimeout).deferred
         key = (host, port)
         ep = self._endpoints.get(key)
         if ep is None:
@@ -377,7 +443,7 @@ class ProxyFactory(Factory):
             ep = self._endpoints[key] = tcpEndpoint(
                 self.reactor, host, port, self.connectTimeout
             )
-        return ep.connect(self._backendFactory)
+        return ep
 
     # -- passive health check --------------------------------------------
 
