@@ -91,3 +91,19 @@ def test_control_commands_are_not_admin_commands():
     )
     assert f.check(commands.amp.UnhandledCommand)
     assert "evil" not in lb.pool
+
+
+def test_a_long_list_comes_in_pages_that_fit_in_amp():
+    # 2,000 backends with long names would never fit in one AMP value.
+    lb = MemoryBalancer()
+    for i in range(2000):
+        lb.pool.register(f"backend-{i:05d}-" + "x" * 150, "10.1.2.3", 9000)
+    admin, _, _ = lb.adminChannel()
+    from twistedcluster.admincli import listAll
+    from twisted.internet import defer
+
+    policy, backends = lb.resultOf(defer.ensureDeferred(listAll(admin)))
+    assert policy == "least-load"
+    assert [b["name"] for b in backends] == [s.name for s in lb.pool.snapshot()]
+    first = lb.resultOf(admin.callRemote(commands.ListBackends))
+    assert first["total"] == 2000 and 0 < len(first["backends"]) < 2000

@@ -18,6 +18,40 @@ from twistedcluster.policies import UnknownPolicy
 from twistedcluster.pool import AdminState, InvalidWeight, UnknownBackend
 
 
+#: What one page of ListBackends may take of AMP's 65,535-byte value.
+_PAGE_BYTES = 60000
+
+
+def _item(b) -> dict:
+    """
+    One backend as ListBackends sends it.
+    """
+    return {
+        "name": b.name,
+        "host": b.host,
+        "port": b.port,
+        "state": b.state.value,
+        "weight": b.weight,
+        "capacity": b.capacity,
+        "connections": b.connections,
+        "load": b.load,
+        "routed": b.routed,
+        "active": b.active,
+        "failures": b.failures,
+        "static": b.static,
+    }
+
+
+def _encodedSize(item) -> int:
+    """
+    About what C{item} takes in an AmpList value: each key and value with
+    its two-byte length, and the box's end.
+    """
+    return 2 + sum(
+        4 + len(k) + len(str(v).encode("utf-8")) for k, v in item.items()
+    )
+
+
 class AdminProtocol(GuardedAMP):
     """
     One admin connection.
@@ -35,26 +69,19 @@ class AdminProtocol(GuardedAMP):
         return self.factory.cluster
 
     @commands.ListBackends.responder
-    def listBackends(self):
+    def listBackends(self, offset=None):
+        snapshot = self._cluster.pool.snapshot()
+        page: list = []
+        size = 0
+        for item in map(_item, snapshot[max(0, offset or 0) :]):
+            size += _encodedSize(item)
+            if page and size > _PAGE_BYTES:
+                break
+            page.append(item)
         return {
             "policy": self._cluster.policyName,
-            "backends": [
-                {
-                    "name": b.name,
-                    "host": b.host,
-                    "port": b.port,
-                    "state": b.state.value,
-                    "weight": b.weight,
-                    "capacity": b.capacity,
-                    "connections": b.connections,
-                    "load": b.load,
-                    "routed": b.routed,
-                    "active": b.active,
-                    "failures": b.failures,
-                    "static": b.static,
-                }
-                for b in self._cluster.pool.snapshot()
-            ],
+            "backends": page,
+            "total": len(snapshot),
         }
 
     def _setAdmin(self, name: str, state: AdminState):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import clientFromString
@@ -134,17 +134,29 @@ async def _call(proto: amp.AMP, command, **kw):
         raise CommandFailed(f"the balancer refused: {e}", EXIT_REFUSED) from None
 
 
+async def listAll(proto: amp.AMP) -> Tuple[str, List[Dict]]:
+    """
+    The policy and every backend, page after page.
+    """
+    backends: List[Dict] = []
+    while True:
+        result = await _call(proto, commands.ListBackends, offset=len(backends))
+        page = result["backends"]
+        backends.extend(page)
+        if not page or len(backends) >= result["total"]:
+            return result["policy"], backends
+
+
 async def execute(proto: amp.AMP, args) -> str:
     """
     Run one parsed command on a connected admin channel; return what to print.
     """
     cmd = args.command
     if cmd == "status":
-        result = await _call(proto, commands.ListBackends)
-        backends: List[Dict] = result["backends"]
+        policy, backends = await listAll(proto)
         if args.json:
             return json.dumps(backends, indent=2)
-        return formatTable(result["policy"], backends)
+        return formatTable(policy, backends)
     if cmd in ("drain", "enable", "disable"):
         command = {
             "drain": commands.DrainBackend,

@@ -171,14 +171,19 @@ BACKEND_FIELDS = [
 
 class ListBackends(amp.Command):
     """
-    Every backend the balancer knows, in any state, and the policy in force.
+    The backends the balancer knows, in any state, sorted by name, and the
+    policy in force.
+
+    One AMP value holds at most 64 KiB, so the list comes in pages: ask
+    from C{offset} (default 0) until C{total} backends have come.
     """
 
     commandName = b"ListBackends"
-    arguments: list = []
+    arguments = [(b"offset", amp.Integer(optional=True))]
     response = [
         (b"policy", amp.Unicode()),
         (b"backends", amp.AmpList(BACKEND_FIELDS)),
+        (b"total", amp.Integer()),
     ]
     errors = dict(_AUTH)
 
