@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from twistedcluster.cluster import Cluster
 from twistedcluster.echo import echoFactory
+from twistedcluster import proxy
 from twistedcluster.proxy import ProxyFactory
 from twistedcluster.localcluster import echoOnce
 
@@ -300,6 +301,10 @@ async def test_a_fast_sender_cannot_fill_the_balancers_memory(loopback):
 
     await deferToThread(flood)
     [relay] = loopback.factory.clients
+    if proxy.SPLICE:
+        # The flood moved to splice: at most a pipe's worth waits there.
+        assert relay._splicer is not None
+        assert relay._splicer.pending <= 1024 * 1024
     held = bufferedBytes(relay.peer.transport)
     # Twisted pauses the producer past 64 KiB; one more read may land.
     assert held < 512 * 1024, f"balancer buffered {held} bytes"
@@ -404,3 +409,74 @@ def test_a_full_queue_refuses_at_once(logged):
     _, second = startClient(factory)
     assert not first.disconnecting and second.disconnecting
     assert any("1 clients already wait" in line for line in logged)
+
+
+def bulkExchange(port, payload):
+    """
+    Send a bulk payload and read its echo on one connection, then look at
+    the relay before closing, then close and read the end.
+    """
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    got = bytearray()
+
+    def reader():
+        while len(got) < len(payload):
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            got.extend(chunk)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    s.sendall(payload)
+    t.join(30)
+    return s, bytes(got)
+
+
+@pytest.mark.skipif(not proxy.SPLICE, reason="splice(2) is Linux only")
+@pytest_twisted.ensureDeferred
+async def test_bulk_streams_move_to_splice_byte_exact(loopback):
+    await loopback.start([echoFactory()])
+    payload = pattern(16 * 1024 * 1024 + 123)
+    s, got = await deferToThread(bulkExchange, loopback.port, payload)
+    try:
+        assert len(got) == len(payload) and got == payload
+        [relay] = loopback.factory.clients
+        assert relay._splicer is not None  # client to backend
+        assert relay.peer._splicer is not None  # backend to client
+        # More after the switch, then a half-close: all of it, then the end.
+        tail = b"the end" * 1000
+
+        def finish():
+            s.sendall(tail)
+            s.shutdown(socket.SHUT_WR)
+            rest = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return rest
+                rest += chunk
+
+        assert await deferToThread(finish) == tail
+    finally:
+        s.close()
+
+
+class BulkThenReset(Protocol):
+    """
+    A backend that streams a lot, then dies with a reset.
+    """
+
+    def connectionMade(self):
+        self.transport.write(b"z" * (4 * 1024 * 1024))
+        from twisted.internet import reactor as r
+
+        r.callLater(0.3, self.transport.abortConnection)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reset_during_a_bulk_stream_reaches_the_client_as_a_reset(loopback):
+    await loopback.start([Factory.forProtocol(BulkThenReset)])
+    got, how = await deferToThread(readUntilClosed, loopback.port, b"go")
+    assert how == "reset"
+    assert got == b"z" * len(got)
