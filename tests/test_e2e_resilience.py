@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from twistedcluster.localcluster import LocalCluster, echoOnce, freePort, waitFor
+from twistedcluster.localcluster import LocalCluster, echoOnce, waitFor
 
 pytestmark = pytest.mark.e2e
 

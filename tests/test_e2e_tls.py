@@ -5,7 +5,6 @@ connect with Twisted's ``tls:`` client strings, which verify the balancer's
 certificate and host name.
 """
 
-import json
 
 import pytest
 

@@ -5,9 +5,9 @@ protocol, each connection's memory stays bounded, no backend is registered
 without the secret, and the balancer goes on serving well-behaved peers.
 """
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet import defer
 from twisted.protocols import amp
 
 from twistedcluster import auth, commands
@@ -80,8 +80,7 @@ def assertBounded(server):
 
 def stillServes(lb):
     client, _, _ = lb.controlChannel()
-    assert lb.resultOf(__import__("twisted").internet.defer.ensureDeferred(
-        auth.authenticate(client, SECRET, "control"))) is None
+    assert lb.resultOf(defer.ensureDeferred(auth.authenticate(client, SECRET, "control"))) is None
     answer = lb.resultOf(client.callRemote(
         commands.Register, name="good", host="127.0.0.1", port=9000, capacity=1,
         connections=0, load=0.0, interval=1.0,

@@ -4,6 +4,7 @@ The backend's load reporter against in-memory balancers, on a Clock.
 
 import pytest
 
+from twistedcluster import commands
 from twistedcluster.pool import State
 from twistedcluster.reporter import Identity, Load, LoadReporter, reportStep
 from twistedcluster.testing import MemoryBalancer
@@ -128,7 +129,7 @@ def test_refused_registration_is_logged_and_retried(logged):
     lb.pool.register("web1", "127.0.0.9", 1234)
     other, _, _ = lb.controlChannel()
     lb.resultOf(other.callRemote(
-        __import__("twistedcluster.commands").commands.Register,
+        commands.Register,
         name="web1", host="127.0.0.9", port=1234, capacity=1, connections=0,
         load=0.0, interval=1.0,
     ))
