@@ -50,7 +50,16 @@ def _plainTCP(transport) -> bool:
     Whether C{transport} is Twisted's own TCP connection, with no TLS over it:
     the only kind L{_sendNow} may write to behind its back.
     """
-    return type(transport) in (tcp.Server, tcp.Client) and not transport.TLS
+    return (
+        type(transport) in (tcp.Server, tcp.Client)
+        and not getattr(transport, "TLS", True)
+        # The buffer internals _sendNow and _queued read: should a Twisted
+        # release change them, relaying falls back to plain write().
+        and all(hasattr(transport, a) for a in _BUFFER_INTERNALS)
+    )
+
+
+_BUFFER_INTERNALS = ("_tempDataLen", "dataBuffer", "offset", "_writeDisconnecting")
 
 
 def _sendNow(transport, data: bytes) -> None:
