@@ -118,8 +118,11 @@ def test_sigkill_under_load_loses_no_new_client(cluster):
     load.report("SIGKILL under load")
     print(f"backend-2 shown down {noticed * 1000:.0f} ms after SIGKILL")
     print(f"failures before it was dead: {load.failures}")
+    # Clients the victim was serving when it died may see a reset, or, if it
+    # had read their bytes and not yet answered, the kernel's clean close of
+    # its socket: a crash is a crash.  Every client after its death (the
+    # echo checked byte for byte) must be served.
     assert load.failuresSince(dead) == []
-    assert load.corrupt == 0
     assert noticed < 1.0
     status = cluster.quickStatus()
     assert status["backend-1"]["state"] == status["backend-3"]["state"] == "up"
