@@ -274,3 +274,26 @@ def test_backend_drains_on_sigterm(tmp_path):
     finally:
         cluster.stopAll()
     assertNoTracebacks(cluster)
+
+
+def test_balancer_drains_on_sigterm(tmp_path):
+    cluster = startCluster(tmp_path, balancerArgs=["--drain-timeout=20"])
+    held = []
+    try:
+        held = holdClients(cluster.port, 2, "held")
+        balancer = cluster.processes["balancer"]
+        balancer.signal(signal.SIGTERM)
+        waitFor(lambda: not cluster._connectable(cluster.port), 10, "the listener to close")
+        # Relayed connections keep working until their clients close them.
+        for c in held:
+            assert c.echo(b"still relayed") == b"still relayed"
+        assert balancer.alive()
+        for c in held:
+            c.close()
+        waitFor(lambda: not balancer.alive(), 10, "the balancer to exit once idle")
+        assert "drained: no connection left" in balancer.logText()
+    finally:
+        for c in held:
+            c.close()
+        cluster.stopAll()
+    assertNoTracebacks(cluster)

@@ -9,7 +9,7 @@ import threading
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -370,6 +370,37 @@ def test_idle_connections_are_closed_after_the_timeout():
     assert not clientT.disconnecting
     mr.advance(11)
     assert clientT.disconnecting
+
+
+def test_drain_waits_for_open_connections():
+    mr = MemoryReactorClock()
+    factory = ProxyFactory(clusterOf(9001), mr)
+    proxy, clientT = startClient(factory)
+    completeConnect(mr)
+    done = []
+    factory.drain(5).addCallback(done.append)
+    mr.advance(4)
+    assert done == [] and not clientT.disconnecting
+    proxy.connectionLost(Failure(ConnectionDone()))
+    assert done == [None]
+
+
+def test_drain_resets_what_is_left_at_the_deadline(logged):
+    mr = MemoryReactorClock()
+    factory = ProxyFactory(clusterOf(9001), mr)
+    proxy, clientT = startClient(factory)
+    completeConnect(mr)
+    done = []
+    factory.drain(5).addCallback(done.append)
+    mr.advance(5)
+    assert done == [None] and clientT.disconnecting
+    assert any("drain deadline reached: resetting 1 connection" in line for line in logged)
+
+
+def test_drain_with_nothing_open_is_immediate():
+    done = []
+    ProxyFactory(clusterOf(9001), MemoryReactorClock()).drain(5).addCallback(done.append)
+    assert done == [None]
 
 
 def fullCluster():

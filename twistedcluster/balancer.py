@@ -8,7 +8,7 @@ L{Cluster}; each is a Twisted server endpoint string.
 from __future__ import annotations
 
 from twisted.application import strports
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -30,6 +30,7 @@ log = Logger()
 DEFAULT_LISTEN = "tcp:8000"
 DEFAULT_CONTROL = "tcp:8100:interface=127.0.0.1"
 DEFAULT_ADMIN = "tcp:8101:interface=127.0.0.1"
+DEFAULT_BALANCER_DRAIN = 5.0
 
 
 class Options(usage.Options):
@@ -134,6 +135,14 @@ class Options(usage.Options):
             "disable, weight, policy) across restarts (default: not kept).",
         ],
         [
+            "drain-timeout",
+            None,
+            DEFAULT_BALANCER_DRAIN,
+            "On SIGTERM, seconds proxied connections may take to finish (the "
+            "listeners close at once) before they are reset.",
+            positive(float),
+        ],
+        [
             "heartbeat-timeout",
             None,
             None,
@@ -230,6 +239,21 @@ def isLocalOnly(description: str) -> bool:
         return False
 
 
+class _DrainOnStop(Service):
+    """
+    Stops after the proxied connections have finished (or the deadline):
+    twistd waits for it before stopping the reactor.
+    """
+
+    def __init__(self, factory, timeout: float) -> None:
+        self.factory = factory
+        self.timeout = timeout
+
+    def stopService(self):
+        super().stopService()
+        return self.factory.drain(self.timeout)
+
+
 def makeService(options: Options, reactor=None):
     """
     Compose the balancer's listeners into one service.
@@ -283,18 +307,20 @@ def makeService(options: Options, reactor=None):
                     if role == "control"
                     else "drain or reconfigure the cluster",
                 )
+    proxyFactory = ProxyFactory(
+        cluster,
+        reactor,
+        connectTimeout=options["connect-timeout"],
+        maxAttempts=options["attempts"],
+        ejectAfter=options["eject-after"],
+        ejectFor=options["eject-for"],
+        idleTimeout=options["idle-timeout"],
+        queueSize=options["queue-size"],
+        queueTimeout=options["queue-timeout"],
+    )
+    _DrainOnStop(proxyFactory, options["drain-timeout"]).setServiceParent(top)
     listeners = [
-        ("proxy", options["listen"], ProxyFactory(
-            cluster,
-            reactor,
-            connectTimeout=options["connect-timeout"],
-            maxAttempts=options["attempts"],
-            ejectAfter=options["eject-after"],
-            ejectFor=options["eject-for"],
-            idleTimeout=options["idle-timeout"],
-            queueSize=options["queue-size"],
-            queueTimeout=options["queue-timeout"],
-        )),
+        ("proxy", options["listen"], proxyFactory),
         ("control", options["control"], ControlFactory(
             cluster,
             reactor,

@@ -23,7 +23,7 @@ import sys
 from collections import OrderedDict
 from typing import Dict, Optional, Set, Tuple
 
-from twisted.internet import main, tcp
+from twisted.internet import defer, main, tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
@@ -548,6 +548,9 @@ class ProxyServer(_Relay):
         self._early = None
         factory = self.factory
         factory.clients.discard(self)
+        if not factory.clients and factory._idle is not None:
+            idle, factory._idle = factory._idle, None
+            idle.callback(None)
         if self._queued is not None:
             factory.dequeue(self)
         if self._idleCall is not None and self._idleCall.active():
@@ -603,6 +606,7 @@ class ProxyFactory(Factory):
         self.queueTimeout = queueTimeout
         self._endpoints: Dict[Tuple[str, int], IStreamClientEndpoint] = {}
         self.clients: Set[ProxyServer] = set()
+        self._idle: Optional[defer.Deferred] = None
         self._readmissions: Dict[str, object] = {}
         self._queue: "OrderedDict[ProxyServer, object]" = OrderedDict()
         self._wakeScheduled = None
@@ -701,6 +705,37 @@ class ProxyFactory(Factory):
             client = next(iter(self._queue))
             self.dequeue(client)
             client._tryNext()
+
+    def drain(self, timeout: float) -> defer.Deferred:
+        """
+        Let the connections open now finish, for at most C{timeout} seconds,
+        then reset what is left; fires when none is left.  (The listener is
+        stopped separately, so no new one comes.)
+        """
+        if not self.clients:
+            return defer.succeed(None)
+        log.info(
+            "proxy: stopping: waiting up to {timeout} s for {count} connection(s)",
+            timeout=timeout,
+            count=len(self.clients),
+        )
+        self._idle = defer.Deferred()
+        self._idle.addTimeout(timeout, self.reactor)
+
+        def deadline(failure):
+            failure.trap(defer.TimeoutError)
+            self._idle = None
+            log.warn(
+                "proxy: drain deadline reached: resetting {count} connection(s)",
+                count=len(self.clients),
+            )
+            for client in list(self.clients):
+                client.transport.abortConnection()
+
+        def drained(result):
+            log.info("proxy: drained: no connection left")
+
+        return self._idle.addCallbacks(drained, deadline)
 
     def stopFactory(self) -> None:
         for call in list(self._readmissions.values()):
