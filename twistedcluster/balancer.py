@@ -49,6 +49,13 @@ class Options(usage.Options):
         ["control", None, DEFAULT_CONTROL, "Control listener endpoint, for backends."],
         ["admin", None, DEFAULT_ADMIN, "Admin listener endpoint, for cluster-admin."],
         [
+            "metrics",
+            None,
+            None,
+            "Metrics and status web listener (off unless given): /metrics in "
+            "Prometheus' format, /status.json.",
+        ],
+        [
             "policy",
             None,
             DEFAULT_POLICY,
@@ -340,6 +347,15 @@ def makeService(options: Options, reactor=None):
     ]
     if options["redirect"]:
         listeners.append(("redirect", options["redirect"], RedirectFactory(cluster)))
+    if options["metrics"]:
+        from twisted.web.server import Site
+
+        from twistedcluster.metrics import MetricsRoot
+
+        site = Site(MetricsRoot(cluster, proxyFactory))
+        site.noisy = False
+        site.log = lambda request: None  # scrapes every few seconds: no access log
+        listeners.append(("metrics", options["metrics"], site))
     for role, description, factory in listeners:
         svc = strports.service(description, factory, reactor=reactor)
         svc.setName(role)

@@ -667,6 +667,13 @@ class ProxyFactory(Factory):
             if b.state is State.UP and b.weight > 0 and b.name not in exclude
         )
 
+    @property
+    def waiting(self) -> int:
+        """
+        Clients waiting for a backend with room.
+        """
+        return len(self._queue)
+
     def enqueue(self, client: ProxyServer) -> None:
         if len(self._queue) >= self.queueSize:
             return client._giveUp(
