@@ -199,3 +199,11 @@ def test_reporter_with_the_wrong_secret_never_registers(logged):
     assert "web1" not in lb.pool
     assert any("refused registration as web1" in line and "wrong secret" in line for line in logged)
     r.stopService()
+
+
+def test_strangers_cannot_send_long_values_before_authenticating(logged):
+    lb = MemoryBalancer(secret=SECRET)
+    _, server, _ = lb.controlChannel()
+    server.dataReceived(b"\x00\x04name\x08\x00" + b"v" * 100)  # a 2,048-byte value
+    assert server.transport.disconnecting
+    assert any("too long" in line for line in logged)

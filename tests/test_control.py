@@ -152,3 +152,16 @@ def test_malformed_boxes_close_only_that_connection(data, logged):
     lb.flush()
     result(good.callRemote(commands.ReportLoad, connections=2, load=0.2), lb)
     assert lb.pool.get("good").connections == 2
+
+
+def test_a_silent_owner_gives_up_its_name_to_a_new_address():
+    # The old host is partitioned: its channel stays open, its reports stop.
+    lb = MemoryBalancer()
+    c1, s1, _ = lb.controlChannel()
+    c2, _, _ = lb.controlChannel()
+    result(register(c1, port=9000), lb)
+    lb.clock.advance(10)
+    assert lb.pool.get("a").state is State.DOWN
+    assert result(register(c2, port=9001), lb) == {"heartbeatTimeout": 3.0}
+    assert lb.pool.get("a").port == 9001
+    assert s1.transport.disconnecting or s1.transport.disconnected

@@ -3,6 +3,7 @@ Proxy mode.  First the wiring, with a MemoryReactor and string transports
 (as Twisted's own portforward test does); then real relays on loopback.
 """
 
+import os
 import socket
 import threading
 
@@ -13,6 +14,7 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
@@ -511,3 +513,60 @@ async def test_a_reset_during_a_bulk_stream_reaches_the_client_as_a_reset(loopba
     got, how = await deferToThread(readUntilClosed, loopback.port, b"go")
     assert how == "reset"
     assert got == b"z" * len(got)
+
+
+def test_a_client_that_ruled_out_a_backend_does_not_wait_for_a_full_one(logged):
+    # b9001 refused once (still up, eligible); b9002 is full.  The client
+    # has nowhere left to go: it is refused, not queued to be woken and
+    # queued again for ever.
+    mr = MemoryReactorClock()
+    cluster = Cluster()
+    cluster.pool.register("b9001", "127.0.0.1", 9001, capacity=10)
+    cluster.pool.register("b9002", "127.0.0.1", 9002, capacity=1, connections=1)
+    factory = ProxyFactory(cluster, mr)
+    proxy, clientT = startClient(factory)
+    assert mr.tcpClients[0][1] == 9001
+    failNext(mr)
+    assert factory.waiting == 0 and clientT.disconnecting
+    cluster.pool.report("b9002", connections=1, load=0.1)  # any change: no spin
+    mr.advance(0)
+    assert any("no other backend to try" in line for line in logged)
+
+
+def pipeCount():
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+        except FileNotFoundError:  # the listing's own descriptor
+            pass
+    return count
+
+
+@pytest.mark.skipif(not proxy.SPLICE, reason="splice(2) is Linux only")
+@pytest_twisted.ensureDeferred
+async def test_splice_pipes_are_given_back_when_an_idle_upload_is_cut(loopback):
+    # A bulk upload to a backend that never reads: spliced, the pipe full,
+    # then the idle timeout cuts it.  Both pipes' descriptors come back.
+    await loopback.start([Factory.forProtocol(Sink)], idleTimeout=0.5)
+    before = pipeCount()
+
+    def upload():
+        s = socket.create_connection(("127.0.0.1", loopback.port), timeout=5)
+        s.settimeout(0.3)
+        try:
+            while True:
+                s.send(b"u" * 65536)
+        except OSError:
+            pass
+        return s
+
+    s = await deferToThread(upload)
+    [relay] = loopback.factory.clients
+    assert relay._splicer is not None and relay._splicer.pending
+    deadline = reactor.seconds() + 5
+    while loopback.factory.clients and reactor.seconds() < deadline:
+        await deferLater(reactor, 0.05, lambda: None)
+    s.close()
+    assert not loopback.factory.clients
+    assert pipeCount() == before

@@ -198,7 +198,9 @@ class BackendService(Service):
 
     def _listening(self, port) -> None:
         self.port = port
-        log.info("backend service listening on {address}", address=port.getHost())
+        # Kept: once the port stops listening (draining) it can no longer say.
+        self.address = port.getHost()
+        log.info("backend service listening on {address}", address=self.address)
 
     def startService(self) -> None:
         super().startService()
@@ -266,7 +268,7 @@ def makeService(options: Options, reactor=None) -> BackendService:
         if options["advertise"] is not None:
             host, port = options["advertise"]
         else:
-            listening = holder["service"].port.getHost()
+            listening = holder["service"].address
             host, port = listening.host, listening.port
             if host in _WILDCARDS:
                 host = channel.transport.getHost().host

@@ -76,7 +76,9 @@ class ControlProtocol(GuardedAMP):
         owner = factory.owners.get(name)
         if owner is not None and owner is not self:
             known = pool.get(name)
-            if (known.host, known.port) != (host, port):
+            # A live backend keeps its name; one whose reports stopped (its
+            # channel may stay open for ever on a dead host) gives it up.
+            if (known.host, known.port) != (host, port) and not owner._silent:
                 raise commands.NameTaken(
                     f"backend name {name!r} is in use by a live backend at "
                     f"{known.host}:{known.port}"

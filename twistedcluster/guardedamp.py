@@ -27,6 +27,12 @@ from twistedcluster import auth, commands
 #: A box with more keys than this is refused: no command of ours has half as
 #: many, and an unbounded box is unbounded memory.
 MAX_KEYS_PER_BOX = 64
+#: Before a peer has authenticated, a value may be this long at most (the
+#: handshake's are 32 bytes), so strangers cannot make us hold megabytes.
+MAX_VALUE_BEFORE_AUTH = 1024
+#: A peer that leaves this much of our answers unread is closed: it could
+#: otherwise grow our write buffer without end by asking and never reading.
+MAX_UNREAD_ANSWERS = 1024 * 1024
 
 DEFAULT_AUTH_TIMEOUT = 5.0
 
@@ -34,6 +40,16 @@ _HANDSHAKE = {commands.Challenge.commandName, commands.Authenticate.commandName}
 
 #: What parsing a peer's malformed arguments raises.
 _MALFORMED = (ValueError, TypeError, KeyError, OverflowError, amp.TooLong)
+
+
+def _unsent(transport) -> int:
+    """
+    Bytes a transport holds that it has not sent yet (0 where it cannot say).
+    """
+    try:
+        return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+    except AttributeError:
+        return 0
 
 
 class GuardedAMP(amp.AMP):
@@ -120,7 +136,10 @@ class GuardedAMP(amp.AMP):
     def proto_key(self, string):
         if not string:
             self._keysInBox = 0
-        return super().proto_key(string)
+        state = super().proto_key(string)
+        if state == "value" and self._secret is not None and not self.authenticated:
+            self.MAX_LENGTH = MAX_VALUE_BEFORE_AUTH
+        return state
 
     def lengthLimitExceeded(self, length: int) -> None:
         self._refuse(f"AMP key or value of {length} bytes, too long")
@@ -178,6 +197,10 @@ class GuardedAMP(amp.AMP):
     # -- authentication (server side) -------------------------------------
 
     def ampBoxReceived(self, box) -> None:
+        if self.guard is not None and _unsent(self.transport) > MAX_UNREAD_ANSWERS:
+            return self._refuse(
+                f"more than {MAX_UNREAD_ANSWERS} bytes of answers left unread"
+            )
         if (
             self._secret is not None
             and not self.authenticated

@@ -132,6 +132,7 @@ class _Splicer:
         self.eofWaiting = False
         self.closeWaiting = False
         self.src.doRead = self.doRead
+        sink._inbound = self
 
     def doRead(self):
         if self.pending:
@@ -177,8 +178,12 @@ class _Splicer:
     def _sinkWritable(self):
         self._drain()
         if not self.pending:
-            del self.dst.doWrite  # Twisted's own again
-            self.dst.stopWriting()
+            dst = self.dst
+            del dst.doWrite  # Twisted's own again
+            if dst.disconnecting or dst._writeDisconnecting:
+                # A close asked for meanwhile: let Twisted finish it.
+                return dst.doWrite()
+            dst.stopWriting()
             src = self.src
             if src.connected and not src.disconnecting and not self.eofWaiting:
                 src.startReading()
@@ -229,6 +234,7 @@ class _Relay(Protocol):
     _direct = False
     _largeReads = 0
     _splicer: Optional[_Splicer] = None
+    _inbound: Optional[_Splicer] = None
 
     def link(self, peer: "_Relay") -> None:
         """
@@ -268,6 +274,7 @@ class _Relay(Protocol):
             SPLICE
             and self._largeReads >= SPLICE_AFTER
             and self._splicer is None
+            and peer._direct  # this side is plain TCP too
             and not _queued(peer.transport)
         ):
             try:
@@ -296,14 +303,15 @@ class _Relay(Protocol):
             self.transport.loseConnection()
 
     def connectionLost(self, reason) -> None:
+        inbound, self._inbound = self._inbound, None
+        if inbound is not None:
+            # Nothing more can reach this side, whoever feeds it.
+            inbound.stop()
         peer, self.peer = self.peer, None
         splicer = self._splicer
         if peer is not None:
             peer.peer = None
-            if peer._splicer is not None:
-                # Nothing more can reach this side.
-                peer._splicer.stop()
-                peer._splicer = None
+            peer._splicer = None
             if reason.check(ConnectionDone):
                 # A clean end: what was written to the peer is flushed, then
                 # it closes (after the pipe, when splicing).
@@ -459,7 +467,10 @@ class ProxyServer(_Relay):
             return self._giveUp("every attempt failed")
         chosen = factory.cluster.pick(exclude=self._tried)
         if chosen is None:
-            if factory.allFull(self._tried):
+            # Wait only when every backend is full: a client that has ruled
+            # some out while others are eligible would otherwise be woken
+            # and queued again for ever.
+            if not factory.cluster.pool.eligible() and factory.allFull(()):
                 return factory.enqueue(self)
             if self._tried:
                 return self._giveUp("no other backend to try")
@@ -515,7 +526,8 @@ class ProxyServer(_Relay):
             backend=getattr(peer, "backendName", "?"),
             timeout=timeout,
         )
-        self.transport.loseConnection()
+        # Abort: a peer that stopped reading would hold a graceful close open.
+        self.transport.abortConnection()
 
     def _connectFailed(self, reason, name: str, host: str, port: int) -> None:
         self._attempt = None
@@ -708,10 +720,13 @@ class ProxyFactory(Factory):
 
     def _wake(self) -> None:
         self._wakeScheduled = None
-        while self._queue and self.cluster.pool.eligible():
-            client = next(iter(self._queue))
-            self.dequeue(client)
-            client._tryNext()
+        # Each waiting client once, oldest first, while there is room.
+        for client in list(self._queue):
+            if not self.cluster.pool.eligible():
+                break
+            if client in self._queue:
+                self.dequeue(client)
+                client._tryNext()
 
     def drain(self, timeout: float) -> defer.Deferred:
         """

@@ -175,9 +175,13 @@ class LoadReporter(MultiService):
         # prepareConnection failed open, and then errors when it closes
         # (Twisted 26.10).  A refused registration instead closes the channel
         # itself, and _backoff spaces out the retries.
-        ident = self.identify(proto)
+        ident = None
 
         async def handshake():
+            nonlocal ident
+            # Inside the Deferred: whatever goes wrong here must fail the
+            # registration, never prepareConnection itself.
+            ident = self.identify(proto)
             await authenticate(proto, self.secret, "control")
             current = self.measure()
             return await proto.callRemote(
@@ -215,7 +219,7 @@ class LoadReporter(MultiService):
                 log.error(
                     "balancer {balancer} refused registration as {name}: {error}",
                     balancer=balancer,
-                    name=ident.name,
+                    name=ident.name if ident is not None else "?",
                     error=failure.getErrorMessage(),
                 )
             else:
