@@ -107,3 +107,30 @@ def test_a_long_list_comes_in_pages_that_fit_in_amp():
     assert [b["name"] for b in backends] == [s.name for s in lb.pool.snapshot()]
     first = lb.resultOf(admin.callRemote(commands.ListBackends))
     assert first["total"] == 2000 and 0 < len(first["backends"]) < 2000
+
+
+def test_forget_removes_a_down_backend_only():
+    lb = balancerWith("a", "b")
+    lb.pool.markDown("b")
+    admin, _, _ = lb.adminChannel()
+    f = lb.resultOf(admin.callRemote(commands.ForgetBackend, name="a"))
+    assert f.check(commands.BackendInUse) and "is up" in f.getErrorMessage()
+    assert lb.resultOf(admin.callRemote(commands.ForgetBackend, name="b")) == {}
+    assert "b" not in lb.pool and "a" in lb.pool
+    f = lb.resultOf(admin.callRemote(commands.ForgetBackend, name="b"))
+    assert f.check(commands.UnknownBackendError)
+
+
+def test_a_forgotten_backend_that_reports_again_is_told_to_register():
+    from tests.test_control import register
+
+    lb = MemoryBalancer()
+    backend, _, _ = lb.controlChannel()
+    lb.resultOf(register(backend, name="gone"))
+    lb.clock.advance(10)  # silent: down
+    admin, _, _ = lb.adminChannel()
+    lb.resultOf(admin.callRemote(commands.ForgetBackend, name="gone"))
+    f = lb.resultOf(backend.callRemote(commands.ReportLoad, connections=0, load=0.0))
+    assert f.check(commands.NotRegistered) and "forgot you" in f.getErrorMessage()
+    lb.resultOf(register(backend, name="gone"))
+    assert lb.pool.get("gone").state is State.UP

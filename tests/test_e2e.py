@@ -213,6 +213,8 @@ def test_admin_commands_end_to_end(cluster):
     assert r.returncode == 1 and "out of range" in r.stderr
     r = cluster.adminRun("policy", "fastest", check=False)
     assert r.returncode == 1 and "unknown policy" in r.stderr
+    r = cluster.adminRun("forget", "backend-1", check=False)
+    assert r.returncode == 1 and "only a backend that is down" in r.stderr
 
 
 def test_sigkill_backend_stops_routing_there(tmp_path):

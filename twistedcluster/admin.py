@@ -15,7 +15,7 @@ from twistedcluster import commands
 from twistedcluster.cluster import Cluster
 from twistedcluster.guardedamp import DEFAULT_AUTH_TIMEOUT, GuardedAMP, GuardedFactory
 from twistedcluster.policies import UnknownPolicy
-from twistedcluster.pool import AdminState, InvalidWeight, UnknownBackend
+from twistedcluster.pool import AdminState, InvalidWeight, State, UnknownBackend
 
 
 #: What one page of ListBackends may take of AMP's 65,535-byte value.
@@ -114,6 +114,26 @@ class AdminProtocol(GuardedAMP):
             raise commands.InvalidWeightError(str(e)) from None
         self._changed(f"set weight of backend {name} to {weight}")
         return {"state": status.state.value}
+
+    @commands.ForgetBackend.responder
+    def forgetBackend(self, name):
+        pool = self._cluster.pool
+        try:
+            status = pool.get(name)
+        except UnknownBackend as e:
+            raise commands.UnknownBackendError(str(e)) from None
+        if status.static:
+            raise commands.BackendInUse(
+                f"{name} is a static backend: remove its --backend option instead"
+            )
+        if status.state is not State.DOWN:
+            raise commands.BackendInUse(
+                f"{name} is {status.state.value}: only a backend that is down "
+                "can be forgotten"
+            )
+        pool.remove(name)
+        self._changed(f"forgot backend {name}")
+        return {}
 
     @commands.SetPolicy.responder
     def setPolicy(self, policy):

@@ -83,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
     ]:
         sp = sub.add_parser(name, parents=[common], help=text)
         sp.add_argument("name", help="the backend's name, as status lists it")
+    sp = sub.add_parser(
+        "forget", parents=[common], help="remove a backend that is down from the list"
+    )
+    sp.add_argument("name", help="the backend's name, as status lists it")
     sp = sub.add_parser("weight", parents=[common], help="set a backend's weight (0..256)")
     sp.add_argument("name")
     sp.add_argument("weight", type=int)
@@ -166,6 +170,10 @@ async def execute(proto: amp.AMP, args) -> str:
         result = await _call(proto, command, name=args.name)
         out = {"name": args.name, "state": result["state"]}
         return json.dumps(out) if args.json else f"{args.name}: {result['state']}"
+    if cmd == "forget":
+        await _call(proto, commands.ForgetBackend, name=args.name)
+        out = {"name": args.name, "forgotten": True}
+        return json.dumps(out) if args.json else f"{args.name}: forgotten"
     if cmd == "weight":
         result = await _call(proto, commands.SetWeight, name=args.name, weight=args.weight)
         out = {"name": args.name, "weight": args.weight, "state": result["state"]}

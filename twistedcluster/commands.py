@@ -5,7 +5,7 @@ Both channels, when the balancer has a secret: L{Challenge}, L{Authenticate}.
 Control channel (backend -> balancer): L{Register}, L{ReportLoad}, L{Drain}.
 Admin channel (cluster-admin -> balancer): L{ListBackends},
 L{DrainBackend}, L{EnableBackend}, L{DisableBackend}, L{SetWeight},
-L{SetPolicy}.
+L{SetPolicy}, L{ForgetBackend}.
 
 Every failure a peer can cause is a declared error here, with a message meant
 for a human: an undeclared one would drop the connection.
@@ -216,6 +216,24 @@ class DisableBackend(_BackendCommand):
     """
 
     commandName = b"DisableBackend"
+
+
+class BackendInUse(ClusterError):
+    """
+    The backend cannot be forgotten while it is registered or configured.
+    """
+
+
+class ForgetBackend(amp.Command):
+    """
+    Remove a backend that is down from the balancer's list (and state file).
+    If it registers again later, it comes back as new.
+    """
+
+    commandName = b"ForgetBackend"
+    arguments = [(b"name", amp.Unicode())]
+    response: list = []
+    errors = {BackendInUse: b"BACKEND_IN_USE", **_UNKNOWN_BACKEND}
 
 
 class SetWeight(amp.Command):

@@ -129,6 +129,11 @@ class ControlProtocol(GuardedAMP):
     def _registered(self) -> str:
         if self.name is None:
             raise commands.NotRegistered("register before sending other commands")
+        if self.name not in self.factory.cluster.pool:
+            # An operator forgot it while it was silent: it must register
+            # again (its reporter does so when told this).
+            self._disown(close=False)
+            raise commands.NotRegistered("this balancer forgot you: register again")
         return self.name
 
     def _resetHeartbeat(self) -> None:
