@@ -155,3 +155,17 @@ def test_a_handed_off_connection_stays_added_until_the_next_report():
     pool.handOff("a")
     s = pool.get("a")
     assert (s.active, s.addedSinceReport, s.routed) == (0, 1, 1)
+
+
+def test_a_failed_connect_after_a_report_does_not_lower_the_estimate():
+    pool = Pool()
+    pool.register("a", "h", 1, capacity=10)
+    reports = pool.get("a").reports
+    pool.acquire("a")
+    pool.report("a", connections=0, load=0.0)  # it never reached the backend
+    pool.connectFailed("a", reports=reports)
+    assert pool.get("a").addedSinceReport == 0
+    # Without a report in between, the failed connect is taken back.
+    pool.acquire("a")
+    pool.connectFailed("a", reports=pool.get("a").reports)
+    assert pool.get("a").addedSinceReport == 0

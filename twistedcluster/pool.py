@@ -108,6 +108,7 @@ class BackendStatus:
     routed: int = 0
     failures: int = 0
     static: bool = False
+    reports: int = 0
 
     @property
     def full(self) -> bool:
@@ -149,6 +150,7 @@ class _Member:
     routed: int = 0
     failures: int = 0
     static: bool = False
+    reports: int = 0
 
     @property
     def state(self) -> State:
@@ -180,6 +182,7 @@ class _Member:
             routed=self.routed,
             failures=self.failures,
             static=self.static,
+            reports=self.reports,
         )
 
 
@@ -359,6 +362,7 @@ class Pool:
         m.connections = max(0, connections)
         m.load = max(0.0, load)
         m.addedSinceReport = 0
+        m.reports += 1
         self._changed()
 
     def setSelfDraining(self, name: str, draining: bool = True) -> None:
@@ -426,20 +430,25 @@ class Pool:
             m.failures = 0
             self._changed()
 
-    def connectFailed(self, name: str, countFailure: bool = True) -> int:
+    def connectFailed(
+        self, name: str, countFailure: bool = True, reports: Optional[int] = None
+    ) -> int:
         """
         The connection chosen by L{acquire} could not be made: undo it and
         return how many connects in a row have now failed.
 
         @param countFailure: C{False} when the attempt was abandoned (the
             client left) rather than refused by the backend.
+        @param reports: the backend's report count when the connection was
+            chosen (L{BackendStatus.reports}): a report since then already
+            left this never-made connection out.
         """
         m = self._members.get(name)
         if m is None:
             return 0
         m.active = max(0, m.active - 1)
         m.routed = max(0, m.routed - 1)
-        if not m.static:
+        if not m.static and (reports is None or reports == m.reports):
             m.addedSinceReport -= 1
         if countFailure:
             m.failures += 1

@@ -364,6 +364,8 @@ class _Attempt(ClientFactory):
     noisy = False
     _connector = None
     _deferred = None
+    #: The backend's report count when it was chosen.
+    reports: Optional[int] = None
 
     def __init__(self, client: "ProxyServer", name: str, host: str, port: int) -> None:
         self.client = client
@@ -397,7 +399,7 @@ class _Attempt(ClientFactory):
     def clientConnectionFailed(self, connector, reason) -> None:
         client, self.client = self.client, None
         if client is not None:
-            client._connectFailed(reason, self.name, self.host, self.port)
+            client._connectFailed(reason, self)
 
     def _endpointFailed(self, reason) -> None:
         self.clientConnectionFailed(None, reason)
@@ -477,6 +479,7 @@ class ProxyServer(_Relay):
             return self._giveUp("no backend available")
         self._tried += (chosen.name,)
         self._attempt = _Attempt(self, chosen.name, chosen.host, chosen.port)
+        self._attempt.reports = chosen.reports
 
     def _connected(self, backend: _BackendSide, name: str) -> None:
         self._attempt = None
@@ -529,10 +532,11 @@ class ProxyServer(_Relay):
         # Abort: a peer that stopped reading would hold a graceful close open.
         self.transport.abortConnection()
 
-    def _connectFailed(self, reason, name: str, host: str, port: int) -> None:
+    def _connectFailed(self, reason, attempt: _Attempt) -> None:
         self._attempt = None
         factory = self.factory
-        failures = factory.cluster.pool.connectFailed(name)
+        name, host, port = attempt.name, attempt.host, attempt.port
+        failures = factory.cluster.pool.connectFailed(name, reports=attempt.reports)
         log.warn(
             "proxy: connect to backend {backend} at {host}:{port} failed "
             "({failures} in a row): {error}; trying another",
@@ -572,7 +576,9 @@ class ProxyServer(_Relay):
         if attempt is not None:
             attempt.cancel()
             # Abandoned, not refused: undo the routing without blaming it.
-            factory.cluster.pool.connectFailed(attempt.name, countFailure=False)
+            factory.cluster.pool.connectFailed(
+                attempt.name, countFailure=False, reports=attempt.reports
+            )
         super().connectionLost(reason)
 
 
