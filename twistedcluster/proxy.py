@@ -454,14 +454,7 @@ class ProxyServer(_Relay):
                 self._pausedEarly = True
                 self.transport.pauseProducing()
             return
-        if self._direct:
-            _sendNow(peer.transport, data)
-            if len(data) >= LARGE_READ:
-                self._bulk(peer)
-        else:
-            peer.transport.write(data)
-        if self.seconds is not None:
-            self.lastActivity = self.seconds()
+        _Relay.dataReceived(self, data)
 
     def _tryNext(self) -> None:
         factory = self.factory
