@@ -548,12 +548,14 @@ def pipeCount():
 async def test_splice_pipes_are_given_back_when_an_idle_upload_is_cut(loopback):
     # A bulk upload to a backend that never reads: spliced, the pipe full,
     # then the idle timeout cuts it.  Both pipes' descriptors come back.
-    await loopback.start([Factory.forProtocol(Sink)], idleTimeout=0.5)
+    # The idle timeout is long enough to look at the relay first, even on a
+    # busy machine: the upload stops as soon as sending blocks.
+    await loopback.start([Factory.forProtocol(Sink)], idleTimeout=3.0)
     before = pipeCount()
 
     def upload():
         s = socket.create_connection(("127.0.0.1", loopback.port), timeout=5)
-        s.settimeout(0.3)
+        s.settimeout(0.2)
         try:
             while True:
                 s.send(b"u" * 65536)
@@ -564,7 +566,7 @@ async def test_splice_pipes_are_given_back_when_an_idle_upload_is_cut(loopback):
     s = await deferToThread(upload)
     [relay] = loopback.factory.clients
     assert relay._splicer is not None and relay._splicer.pending
-    deadline = reactor.seconds() + 5
+    deadline = reactor.seconds() + 10
     while loopback.factory.clients and reactor.seconds() < deadline:
         await deferLater(reactor, 0.05, lambda: None)
     s.close()
