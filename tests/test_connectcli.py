@@ -261,6 +261,9 @@ async def test_interrupted_is_exit_130():
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # A test run started in the background inherits SIGINT ignored, and
+        # so would the child: give it the default, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         await f.connected.addTimeout(20, reactor)  # it is waiting for the answer
