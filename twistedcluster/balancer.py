@@ -15,7 +15,7 @@ from twisted.python import usage
 from twistedcluster.options import loadSecretOption, positive
 from twistedcluster.address import endpointParts, parseHostPort
 from twistedcluster.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
-from twistedcluster.policies import DEFAULT_POLICY, POLICIES
+from twistedcluster.policies import DEFAULT_POLICY, POLICIES, UnknownPolicy, makePolicy
 from twistedcluster.proxy import (
     DEFAULT_ATTEMPTS,
     DEFAULT_CONNECT_TIMEOUT,
@@ -214,11 +214,10 @@ class Options(usage.Options):
             except StateFileError as e:
                 raise usage.UsageError(str(e)) from None
         self["secret"] = loadSecretOption(self["secret-file"])
-        if self["policy"] not in POLICIES:
-            raise usage.UsageError(
-                f"unknown policy {self['policy']!r}; choose one of: "
-                f"{', '.join(sorted(POLICIES))}"
-            )
+        try:
+            makePolicy(self["policy"])
+        except UnknownPolicy as e:
+            raise usage.UsageError(str(e)) from None
 
 
 def isLocalOnly(description: str) -> bool:

@@ -170,18 +170,15 @@ class ControlProtocol(GuardedAMP):
 
     def connectionLost(self, reason) -> None:
         name = self.name
-        if self._heartbeat is not None and self._heartbeat.active():
-            self._heartbeat.cancel()
-        self._heartbeat = None
-        if name is not None and self.factory.owners.get(name) is self:
-            del self.factory.owners[name]
+        owned = name is not None and self.factory.owners.get(name) is self
+        self._disown(close=False)
+        if owned:
             self.factory.cluster.pool.markDown(name)
             self.log.info(
                 "backend {name}: control channel from {peer} closed, marked down",
                 name=name,
                 peer=self.peerText(),
             )
-        self.name = None
         super().connectionLost(reason)
 
 

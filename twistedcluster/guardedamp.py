@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from twistedcluster import auth, commands
+from twistedcluster.transports import peerText, unsentBytes
 
 #: A box with more keys than this is refused: no command of ours has half as
 #: many, and an unbounded box is unbounded memory.
@@ -40,16 +41,6 @@ _HANDSHAKE = {commands.Challenge.commandName, commands.Authenticate.commandName}
 
 #: What parsing a peer's malformed arguments raises.
 _MALFORMED = (ValueError, TypeError, KeyError, OverflowError, amp.TooLong)
-
-
-def _unsent(transport) -> int:
-    """
-    Bytes a transport holds that it has not sent yet (0 where it cannot say).
-    """
-    try:
-        return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
-    except AttributeError:
-        return 0
 
 
 class GuardedAMP(amp.AMP):
@@ -76,18 +67,7 @@ class GuardedAMP(amp.AMP):
     # -- who is on the other end ------------------------------------------
 
     def peerText(self) -> str:
-        transport = self.transport
-        if transport is None:
-            return "?"
-        try:
-            peer = transport.getPeer()
-        except Exception:
-            return "?"
-        host = getattr(peer, "host", None)
-        port = getattr(peer, "port", None)
-        if host is not None and port is not None:
-            return f"{host}:{port}"
-        return str(getattr(peer, "name", None) or peer)
+        return peerText(self.transport)
 
     @property
     def _secret(self) -> Optional[bytes]:
@@ -197,7 +177,7 @@ class GuardedAMP(amp.AMP):
     # -- authentication (server side) -------------------------------------
 
     def ampBoxReceived(self, box) -> None:
-        if self.guard is not None and _unsent(self.transport) > MAX_UNREAD_ANSWERS:
+        if self.guard is not None and unsentBytes(self.transport) > MAX_UNREAD_ANSWERS:
             return self._refuse(
                 f"more than {MAX_UNREAD_ANSWERS} bytes of answers left unread"
             )

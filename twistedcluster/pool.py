@@ -163,11 +163,10 @@ class _Member:
         return State.UP
 
     def status(self) -> BackendStatus:
-        if self.static:
-            # Nothing reports for a static backend: what this balancer relays
-            # is all it knows.
-            self.connections = self.active
-            self.load = self.active / self.capacity
+        # Nothing reports for a static backend: what this balancer relays is
+        # all it knows.
+        connections = self.active if self.static else self.connections
+        load = self.active / self.capacity if self.static else self.load
         return BackendStatus(
             name=self.name,
             host=self.host,
@@ -175,8 +174,8 @@ class _Member:
             state=self.state,
             weight=self.weight,
             capacity=self.capacity,
-            connections=self.connections,
-            load=self.load,
+            connections=connections,
+            load=load,
             addedSinceReport=self.addedSinceReport,
             active=self.active,
             routed=self.routed,

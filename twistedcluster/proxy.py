@@ -33,7 +33,8 @@ from zope.interface import implementer
 
 from twistedcluster.address import tcpEndpoint
 from twistedcluster.cluster import Cluster
-from twistedcluster.pool import State
+from twistedcluster.pool import BackendStatus, State
+from twistedcluster.transports import peerText, unsentBytes
 
 log = Logger()
 
@@ -53,7 +54,7 @@ def _plainTCP(transport) -> bool:
     return (
         type(transport) in (tcp.Server, tcp.Client)
         and not getattr(transport, "TLS", True)
-        # The buffer internals _sendNow and _queued read: should a Twisted
+        # The buffer internals _sendNow and unsentBytes read: should a Twisted
         # release change them, relaying falls back to plain write().
         and all(hasattr(transport, a) for a in _BUFFER_INTERNALS)
     )
@@ -88,13 +89,6 @@ def _sendNow(transport, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
-
-
-def _queued(transport) -> int:
-    """
-    Bytes a Twisted transport holds that it has not sent yet.
-    """
-    return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
 
 
 #: Zero-copy relaying needs Linux's splice(2).
@@ -245,12 +239,15 @@ class _Relay(Protocol):
         peer.peer = self
         self.transport.registerProducer(peer.transport, True)
         peer.transport.registerProducer(self.transport, True)
+        selfPlain = _plainTCP(self.transport)
+        peerPlain = _plainTCP(peer.transport)
         # What we read, we pass on at once: Nagle would only delay it.
-        for side in (self, peer):
-            if _plainTCP(side.transport):
-                side.transport.setTcpNoDelay(True)
-        self._direct = _plainTCP(peer.transport)
-        peer._direct = _plainTCP(self.transport)
+        if selfPlain:
+            self.transport.setTcpNoDelay(True)
+        if peerPlain:
+            peer.transport.setTcpNoDelay(True)
+        self._direct = peerPlain
+        peer._direct = selfPlain
 
     def dataReceived(self, data: bytes) -> None:
         peer = self.peer
@@ -275,7 +272,7 @@ class _Relay(Protocol):
             and self._largeReads >= SPLICE_AFTER
             and self._splicer is None
             and peer._direct  # this side is plain TCP too
-            and not _queued(peer.transport)
+            and not unsentBytes(peer.transport)
         ):
             try:
                 self._splicer = _Splicer(self, peer)
@@ -364,14 +361,14 @@ class _Attempt(ClientFactory):
     noisy = False
     _connector = None
     _deferred = None
-    #: The backend's report count when it was chosen.
-    reports: Optional[int] = None
 
-    def __init__(self, client: "ProxyServer", name: str, host: str, port: int) -> None:
+    def __init__(self, client: "ProxyServer", chosen: BackendStatus) -> None:
         self.client = client
-        self.name = name
-        self.host = host
-        self.port = port
+        self.name = chosen.name
+        self.host = host = chosen.host
+        self.port = port = chosen.port
+        #: The backend's report count when it was chosen.
+        self.reports = chosen.reports
         factory = client.factory
         if isIPAddress(host) or isIPv6Address(host):
             self._connector = factory.reactor.connectTCP(
@@ -435,7 +432,6 @@ class ProxyServer(_Relay):
     _early: Optional[list] = None
     _earlyBytes = 0
     _pausedEarly = False
-    _queued = None
     _idleCall = None
     _gone = False
 
@@ -465,14 +461,13 @@ class ProxyServer(_Relay):
             # Wait only when every backend is full: a client that has ruled
             # some out while others are eligible would otherwise be woken
             # and queued again for ever.
-            if not factory.cluster.pool.eligible() and factory.allFull(()):
+            if not factory.cluster.pool.eligible() and factory.allFull():
                 return factory.enqueue(self)
             if self._tried:
                 return self._giveUp("no other backend to try")
             return self._giveUp("no backend available")
         self._tried += (chosen.name,)
-        self._attempt = _Attempt(self, chosen.name, chosen.host, chosen.port)
-        self._attempt.reports = chosen.reports
+        self._attempt = _Attempt(self, chosen)
 
     def _connected(self, backend: _BackendSide, name: str) -> None:
         self._attempt = None
@@ -497,12 +492,12 @@ class ProxyServer(_Relay):
             self._idleCall = factory.reactor.callLater(factory.idleTimeout, self._checkIdle)
 
     def readConnectionLost(self) -> None:
-        # Before the backend is connected, the end-of-file waits with the
-        # early data; _connected passes both on.
-        self._readDone = True
-        if self.peer is not None:
-            self.peer.transport.loseWriteConnection()
-            self._closeIfDone()
+        if self.peer is None:
+            # Before the backend is connected, the end-of-file waits with
+            # the early data; _connected passes both on.
+            self._readDone = True
+            return
+        _Relay.readConnectionLost(self)
 
     def _checkIdle(self) -> None:
         self._idleCall = None
@@ -518,7 +513,7 @@ class ProxyServer(_Relay):
         log.info(
             "proxy: closing idle connection from {client} to backend {backend} "
             "after {timeout} s without data",
-            client=self._clientText(),
+            client=peerText(self.transport),
             backend=getattr(peer, "backendName", "?"),
             timeout=timeout,
         )
@@ -542,13 +537,9 @@ class ProxyServer(_Relay):
         factory.connectFailures(name, failures)
         self._tryNext()
 
-    def _clientText(self) -> str:
-        peer = self.transport.getPeer()
-        return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
-
     def _giveUp(self, why: str) -> None:
         log.warn(
-            "proxy: closing client {client}: {why}", client=self._clientText(), why=why
+            "proxy: closing client {client}: {why}", client=peerText(self.transport), why=why
         )
         self.transport.loseConnection()
 
@@ -560,8 +551,7 @@ class ProxyServer(_Relay):
         if not factory.clients and factory._idle is not None:
             idle, factory._idle = factory._idle, None
             idle.callback(None)
-        if self._queued is not None:
-            factory.dequeue(self)
+        factory.dequeue(self)
         if self._idleCall is not None and self._idleCall.active():
             self._idleCall.cancel()
         self._idleCall = None
@@ -667,7 +657,7 @@ class ProxyFactory(Factory):
 
     # -- waiting for capacity --------------------------------------------
 
-    def allFull(self, exclude) -> bool:
+    def allFull(self) -> bool:
         """
         Whether new connections find no room only because every backend that
         could take them is at capacity (rather than down or absent).
@@ -675,7 +665,7 @@ class ProxyFactory(Factory):
         return any(
             b.full
             for b in self.cluster.pool.snapshot()
-            if b.state is State.UP and b.weight > 0 and b.name not in exclude
+            if b.state is State.UP and b.weight > 0
         )
 
     @property
@@ -692,24 +682,24 @@ class ProxyFactory(Factory):
                 "already wait"
             )
         timer = self.reactor.callLater(self.queueTimeout, self._queueTimedOut, client)
-        client._queued = timer
         self._queue[client] = timer
         if len(self._queue) == 1:
             self.cluster.pool.watch(self._capacityMayHaveChanged)
 
     def dequeue(self, client: ProxyServer) -> None:
+        """
+        Take C{client} out of the queue, if it is there.
+        """
         timer = self._queue.pop(client, None)
-        client._queued = None
-        if timer is not None and timer.active():
+        if timer is None:
+            return
+        if timer.active():
             timer.cancel()
         if not self._queue:
             self.cluster.pool.unwatch(self._capacityMayHaveChanged)
 
     def _queueTimedOut(self, client: ProxyServer) -> None:
-        self._queue.pop(client, None)
-        client._queued = None
-        if not self._queue:
-            self.cluster.pool.unwatch(self._capacityMayHaveChanged)
+        self.dequeue(client)
         client._giveUp(f"every backend stayed at capacity for {self.queueTimeout} s")
 
     def _capacityMayHaveChanged(self) -> None:

@@ -1,0 +1,33 @@
+"""
+What the balancer reads off a Twisted transport: who is on the other end,
+and how much it still holds unsent.
+"""
+
+
+def peerText(transport) -> str:
+    """
+    The peer of C{transport} for log lines: ``host:port``, a unix socket's
+    name, or ``?`` when there is no telling.
+    """
+    if transport is None:
+        return "?"
+    try:
+        peer = transport.getPeer()
+    except Exception:
+        return "?"
+    host = getattr(peer, "host", None)
+    port = getattr(peer, "port", None)
+    if host is not None and port is not None:
+        return f"{host}:{port}"
+    return str(getattr(peer, "name", None) or peer)
+
+
+def unsentBytes(transport) -> int:
+    """
+    Bytes a Twisted file-descriptor transport holds that it has not sent
+    yet; 0 for a transport that cannot say (a TLS wrapper, a test fake).
+    """
+    try:
+        return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+    except AttributeError:
+        return 0
