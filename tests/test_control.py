@@ -165,3 +165,15 @@ def test_a_silent_owner_gives_up_its_name_to_a_new_address():
     assert result(register(c2, port=9001), lb) == {"heartbeatTimeout": 3.0}
     assert lb.pool.get("a").port == 9001
     assert s1.transport.disconnecting or s1.transport.disconnected
+
+
+def test_a_backend_that_registers_again_after_silence_keeps_its_name():
+    lb = MemoryBalancer()
+    c1, _, _ = lb.controlChannel()
+    c2, _, _ = lb.controlChannel()
+    result(register(c1, port=9000), lb)
+    lb.clock.advance(10)  # silent, marked down
+    result(register(c1, port=9000), lb)  # back, on the same channel
+    assert lb.pool.get("a").state is State.UP
+    f = result(register(c2, port=9001), lb)
+    assert f.check(commands.NameTaken)

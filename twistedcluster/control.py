@@ -91,6 +91,7 @@ class ControlProtocol(GuardedAMP):
             self._disown(close=False)
             pool.markDown(previous)
         self.name = name
+        self._silent = False  # registering is the surest sign of life
         factory.owners[name] = self
         pool.register(name, host, port, capacity, connections, load)
         self._timeout = factory.heartbeatTimeout(interval)
