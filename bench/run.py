@@ -34,7 +34,8 @@ from typing import Dict, List, Optional
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-TARGETS = ["direct", "balancer", "portforward", "haproxy"]
+TARGETS = ["direct", "balancer", "portforward", "haproxy", "baseline"]
+LOADS = ["held", "echo", "ping", "connect", "bulk"]
 
 # name, label (formatted with the run's settings), unit, higher is better
 ROWS = [
@@ -57,6 +58,7 @@ RATIOS = [
     ("bal/direct", "balancer", "direct"),
     ("pf/direct", "portforward", "direct"),
     ("hap/direct", "haproxy", "direct"),
+    ("bal/base", "balancer", "baseline"),
 ]
 
 SATURATED = 0.90  # a worker busy this much of its window is saturated
@@ -368,7 +370,9 @@ class Bench:
         # first on sys.path: run it where no twistedcluster package lies, so
         # that the code measured is the one chosen (PYTHONPATH, or installed).
         os.chdir(workdir)
-        self.servers = Servers(workdir, names, self.pythonPath, self.maxHeld, haproxy, self.say)
+        self.servers = Servers(
+            workdir, names, self.pythonPath, self.maxHeld, haproxy, self.say, baseline=args.baseline
+        )
         try:
             self.targets = self.servers.start()
             self.say(f"logs in {workdir}/; load generator: {args.workers} worker processes (pids {self.lg.pids})")
@@ -400,24 +404,25 @@ class Bench:
         args = self.args
         rounds = args.rounds
         # Memory first, in processes that have served nothing else.
-        if args.held:
+        loads = args.loads
+        if args.held and "held" in loads:
             for name in self.names:
                 self._record("held", self.held(name, self.heldCount))
         # Is the load generator the limit?  The direct echo with one worker
         # against all of them.
-        if args.workers > 1 and "direct" in self.names:
+        if args.workers > 1 and "direct" in self.names and "echo" in loads:
             fig = self.echo("direct", "loadgen check, 1 worker", args.connections, args.duration, workers=1)
             self._record("echo1", fig)
-        for r in range(rounds):
+        for r in range(rounds if "echo" in loads else 0):
             for name in self._order(r):
                 self._record("echo", self.echo(name, f"echo {r + 1}/{rounds}", args.connections, args.duration))
-        for r in range(rounds):
+        for r in range(rounds if "ping" in loads else 0):
             for name in self._order(r):
                 self._record("ping", self.echo(name, f"1-conn latency {r + 1}/{rounds}", 1, max(1.0, args.duration / 2), workers=1))
-        for r in range(rounds):
+        for r in range(rounds if "connect" in loads else 0):
             for name in self._order(r):
                 self._record("connect", self.connect(name, f"new conns {r + 1}/{rounds}"))
-        for r in range(rounds):
+        for r in range(rounds if "bulk" in loads else 0):
             for name in self._order(r):
                 self._record("bulk", self.bulk(name, f"bulk {r + 1}/{rounds}"))
 
@@ -487,8 +492,8 @@ class Bench:
         print(f"code measured: {self.codeText}", file=out)
         print(f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}", file=out)
         print(file=out)
-        cols = TARGETS
-        ratioCols = RATIOS
+        cols = [c for c in TARGETS if c != "baseline" or c in self.names]
+        ratioCols = [r for r in RATIOS if r[2] != "baseline" or "baseline" in self.names]
         w0 = max(len(r[1].format(**labels)) for r in ROWS) + 2
         header = f"{'metric':<{w0}}" + "".join(f"{c:>13}" for c in cols) + "".join(f"{r[0]:>11}" for r in ratioCols)
         print(header, file=out)
@@ -780,6 +785,8 @@ def parseArgs(argv=None):
     p.add_argument("--workers", type=int, default=2, help="load generator processes (default 2)")
     p.add_argument("--sources", type=int, default=8, help="client source addresses 127.0.0.2 ... (default 8)")
     p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, from {','.join(TARGETS)} (default all)")
+    p.add_argument("--loads", default=",".join(LOADS), help=f"comma-separated measurements, from {','.join(LOADS)} (default all)")
+    p.add_argument("--baseline", default=None, metavar="DIR", help="also measure, as the target `baseline`, a second balancer running the twistedcluster package in DIR (e.g. `git archive HEAD twistedcluster twisted | tar -x -C DIR`), in front of the same backend: a before/after comparison in one run (column bal/base)")
     p.add_argument("--install-haproxy", action="store_true", help="apt-get install haproxy when it is missing (needs root)")
     p.add_argument("--installed", action="store_true", help="measure the installed twistedcluster, not the checkout this script sits in")
     p.add_argument("--code", default=None, metavar="DIR", help="measure the twistedcluster package in DIR (a checkout, or e.g. `git archive HEAD | tar -x -C DIR`), not the checkout this script sits in")
@@ -806,7 +813,19 @@ def parseArgs(argv=None):
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
         p.error(f"--targets: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(TARGETS)}")
+    if args.baseline:
+        args.baseline = str(Path(args.baseline).resolve())
+        if not (Path(args.baseline) / "twistedcluster" / "__init__.py").exists():
+            p.error(f"--baseline {args.baseline}: no twistedcluster package there")
+        targets.append("baseline")
+    elif "baseline" in targets:
+        p.error("--targets baseline needs --baseline DIR")
     args.targets = [t for t in TARGETS if t in targets]
+    loads = [t.strip() for t in args.loads.split(",") if t.strip()]
+    bad = [t for t in loads if t not in LOADS]
+    if bad or not loads:
+        p.error(f"--loads: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(LOADS)}")
+    args.loads = loads
     checks = [
         (args.duration > 0 and args.duration <= 120, "--duration must be in (0, 120]"),
         (0 <= args.warmup <= 30, "--warmup must be in [0, 30]"),

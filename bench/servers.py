@@ -146,6 +146,7 @@ class Servers:
         maxHeld: int,
         haproxy: Optional[str],
         say,
+        baseline: Optional[str] = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.wanted = targets
@@ -156,6 +157,13 @@ class Servers:
         self.maxHeld = maxHeld
         self.haproxy = haproxy
         self.say = say
+        self.baselineCluster: Optional[LocalCluster] = None
+        if baseline and "baseline" in targets:
+            # A second balancer from another copy of the code, registered by
+            # the same backend: before and after, measured in one run.
+            self.baselineCluster = LocalCluster(self.workdir / "baseline", HOST)
+            old = os.environ.get("PYTHONPATH")
+            self.baselineCluster.env["PYTHONPATH"] = baseline + (os.pathsep + old if old else "")
         self.targets: Dict[str, Target] = {}
         self.backend: Optional[Process] = None
         self.balancer: Optional[Process] = None
@@ -165,11 +173,23 @@ class Servers:
         c = self.cluster
         self.say("starting the echo backend and the balancer ...")
         self.balancer = c.startBalancer()
+        balancers = [f"tcp:host={HOST}:port={c.controlPort}"]
+        base = self.baselineCluster
+        if base is not None:
+            self.extra.append(base.startBalancer(name="baseline"))
+            balancers.append(f"tcp:host={HOST}:port={base.controlPort}")
         self.backend = c.startBackend(
-            BACKEND, extra=[f"--capacity={BACKEND_CAPACITY}"]
+            BACKEND, extra=[f"--capacity={BACKEND_CAPACITY}"], balancers=balancers
         )
         backendPort = self.backend.port  # type: ignore[attr-defined]
         c.waitUp([BACKEND], timeout=30)
+        if base is not None:
+            base.waitUp([BACKEND], timeout=30)
+            waitFor(lambda: _echoes(base.port), 20, "the baseline balancer to relay an echo")
+            self.targets["baseline"] = Target(
+                "baseline", base.port, self.extra[-1],
+                f"twistd cluster-balancer from {base.env['PYTHONPATH'].split(os.pathsep)[0]}",
+            )
         waitFor(lambda: _echoes(backendPort), 20, "the backend to echo")
         waitFor(lambda: _echoes(c.port), 20, "the balancer to relay an echo")
         self.targets["direct"] = Target("direct", backendPort, self.backend)
