@@ -58,14 +58,16 @@ def shortFrame(frame: str) -> str:
 # charges a C call to the Python frame that made it).
 SYSCALL_HINTS = {
     "untilConcludes (python/util.py)": "send() (called from Connection.writeSomeData)",
-    "_sendNow (twistedcluster/proxy.py)": "send() (the relay writing at once)",
+    "sendNow (twistedcluster/fasttcp.py)": "send() (the relay writing at once)",
+    "Dialled.__init__ (twistedcluster/fasttcp.py)": "socket() and connect()",
+    "Dialled._connectDone (twistedcluster/fasttcp.py)": "getsockopt(SO_ERROR)",
     "Connection.doRead (internet/tcp.py)": "recv()",
     "EPollReactor.doPoll (internet/epollreactor.py)": "epoll_wait() and the loop around it",
     "EPollReactor._add (internet/epollreactor.py)": "epoll_ctl() when a transport starts writing or reading",
     "EPollReactor._remove (internet/epollreactor.py)": "epoll_ctl() when a transport stops writing or reading",
     "BaseClient.doConnect (internet/tcp.py)": "connect() and getsockopt()",
     "socket.accept (socket.py)": "accept()",
-    "_SocketCloser._closeSocket (internet/tcp.py)": "shutdown() before close",
+    "_SocketCloser._closeSocket (internet/tcp.py)": "close(), and shutdown() before it unless the relay turned that off",
     "socket._real_close (socket.py)": "close()",
     "Connection._closeWriteConnection (internet/tcp.py)": "shutdown(SHUT_WR)",
     "socket.__init__ (socket.py)": "socket()",

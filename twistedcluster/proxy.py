@@ -11,9 +11,11 @@ held up to L{EARLY_DATA_LIMIT}, then the client is paused; after that each
 transport is the other's streaming producer, so a fast sender is paused as
 soon as the slow side's write buffer fills.
 
-Speed, measured with bench/run.py: what is read is sent at once when nothing
-is queued (L{_sendNow}), and a bulk stream moves to splice(2), the kernel
-relaying it through a pipe (L{_Splicer}).
+Speed, measured with bench/run.py: between plain TCP sockets, backends are
+dialled, chunks sent and connections closed by L{twistedcluster.fasttcp},
+with fewer system calls and reactor turns than Twisted's generic paths; a
+bulk stream moves to splice(2), the kernel relaying it through a pipe
+(L{_Splicer}).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import sys
 from collections import OrderedDict
 from typing import Dict, Optional, Set, Tuple
 
-from twisted.internet import defer, main, tcp
+from twisted.internet import defer, main
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
@@ -34,6 +37,14 @@ from zope.interface import implementer
 
 from twistedcluster.address import tcpEndpoint
 from twistedcluster.cluster import Cluster
+from twistedcluster.fasttcp import (
+    Dialled,
+    loseConnectionNow,
+    loseWriteConnectionNow,
+    plainTCP,
+    prepare,
+    sendNow,
+)
 from twistedcluster.pool import BackendStatus, State
 from twistedcluster.transports import peerText, unsentBytes
 
@@ -45,51 +56,6 @@ DEFAULT_EJECT_AFTER = 3
 DEFAULT_EJECT_FOR = 10.0
 DEFAULT_QUEUE_SIZE = 1000
 DEFAULT_QUEUE_TIMEOUT = 5.0
-
-
-def _plainTCP(transport) -> bool:
-    """
-    Whether C{transport} is Twisted's own TCP connection, with no TLS over it:
-    the only kind L{_sendNow} may write to behind its back.
-    """
-    return (
-        type(transport) in (tcp.Server, tcp.Client)
-        and not getattr(transport, "TLS", True)
-        # The buffer internals _sendNow and unsentBytes read: should a Twisted
-        # release change them, relaying falls back to plain write().
-        and all(hasattr(transport, a) for a in _BUFFER_INTERNALS)
-    )
-
-
-_BUFFER_INTERNALS = ("_tempDataLen", "dataBuffer", "offset", "_writeDisconnecting")
-
-
-def _sendNow(transport, data: bytes) -> None:
-    """
-    Write C{data} to a plain TCP transport, sending it at once when nothing
-    is queued before it.
-
-    Twisted's C{write} always queues and sends on the next reactor turn
-    (two epoll changes and a turn per chunk); a relay that has just read a
-    chunk can usually hand it to the kernel in one C{send}.  Whatever the
-    kernel does not take, and every error, goes through C{write} as usual,
-    so ordering, back-pressure and error handling stay Twisted's.
-    """
-    if (
-        transport._tempDataLen == 0
-        and transport.offset == len(transport.dataBuffer)
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-    ):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
 
 
 #: Zero-copy relaying needs Linux's splice(2).
@@ -236,6 +202,8 @@ class _Relay(Protocol):
     lastActivity = 0.0
     _readDone = False
     _writeDone = False
+    #: This side's transport, and the peer's, are plain TCP (fasttcp).
+    _plain = False
     _direct = False
     _largeReads = 0
     _splicer: Optional[_Splicer] = None
@@ -250,21 +218,20 @@ class _Relay(Protocol):
         peer.peer = self
         self.transport.registerProducer(peer.transport, True)
         peer.transport.registerProducer(self.transport, True)
-        selfPlain = _plainTCP(self.transport)
-        peerPlain = _plainTCP(peer.transport)
-        # What we read, we pass on at once: Nagle would only delay it.
+        selfPlain = plainTCP(self.transport)
+        peerPlain = plainTCP(peer.transport)
         if selfPlain:
-            self.transport.setTcpNoDelay(True)
+            prepare(self.transport)
         if peerPlain:
-            peer.transport.setTcpNoDelay(True)
-        self._direct = peerPlain
-        peer._direct = selfPlain
+            prepare(peer.transport)
+        self._plain = peer._direct = selfPlain
+        peer._plain = self._direct = peerPlain
 
     def dataReceived(self, data: bytes) -> None:
         peer = self.peer
         if peer is not None:
             if self._direct:
-                _sendNow(peer.transport, data)
+                sendNow(peer.transport, data)
                 if len(data) >= LARGE_READ:
                     self._bulk(peer)
             else:
@@ -298,6 +265,8 @@ class _Relay(Protocol):
             splicer = self._splicer
             if splicer is not None and splicer.pending:
                 splicer.eofWaiting = True
+            elif self._direct:
+                loseWriteConnectionNow(peer.transport)
             else:
                 peer.transport.loseWriteConnection()
         self._closeIfDone()
@@ -308,7 +277,10 @@ class _Relay(Protocol):
 
     def _closeIfDone(self) -> None:
         if self._readDone and self._writeDone:
-            self.transport.loseConnection()
+            if self._plain:
+                loseConnectionNow(self.transport)
+            else:
+                self.transport.loseConnection()
 
     def connectionLost(self, reason) -> None:
         inbound, self._inbound = self._inbound, None
@@ -326,7 +298,10 @@ class _Relay(Protocol):
                 if splicer is not None and splicer.pending:
                     splicer.closeWaiting = True
                     return
-                peer.transport.loseConnection()
+                if self._direct:
+                    loseConnectionNow(peer.transport)
+                else:
+                    peer.transport.loseConnection()
             else:
                 # Reset, or lost: pass that on as a reset, so that the peer
                 # cannot mistake a cut-off stream for a complete one.
@@ -359,17 +334,17 @@ class _BackendSide(_Relay):
         super().connectionLost(reason)
 
 
-class _Attempt(ClientFactory):
+class _Attempt:
     """
     One connect to one backend for one client: tells the client how it
     went, unless cancelled first.
 
-    A literal address is dialled straight through C{reactor.connectTCP} (no
-    Deferred, and no endpoint wrapper calling through on every later read);
-    a host name through an endpoint, which resolves it.
+    A literal address is dialled by L{Dialled} on a reactor that polls file
+    descriptors (through C{connectTCP} on any other, such as a test's memory
+    reactor); a host name through an endpoint, which resolves it.
     """
 
-    noisy = False
+    _connection: Optional[Dialled] = None
     _connector = None
     _deferred = None
 
@@ -381,21 +356,24 @@ class _Attempt(ClientFactory):
         #: The backend's report count when it was chosen.
         self.reports = chosen.reports
         factory = client.factory
+        reactor = factory.reactor
         if isIPAddress(host) or isIPv6Address(host):
-            self._connector = factory.reactor.connectTCP(
-                host, port, self, timeout=factory.connectTimeout
-            )
+            backend = _BackendSide()
+            backend.attempt = self
+            if isinstance(reactor, PosixReactorBase):
+                self._connection = Dialled(
+                    reactor, host, port, backend, factory.connectTimeout, self.failed
+                )
+            else:
+                self._connector = reactor.connectTCP(
+                    host, port, _OneProtocol(backend, self.failed),
+                    timeout=factory.connectTimeout,
+                )
         else:
             self._deferred = factory.endpointFor(host, port).connect(
                 Factory.forProtocol(_BackendSide)
             )
-            self._deferred.addCallbacks(self.made, self._endpointFailed)
-
-    def buildProtocol(self, addr) -> _BackendSide:
-        p = _BackendSide()
-        p.factory = self
-        p.attempt = self
-        return p
+            self._deferred.addCallbacks(self.made, self.failed)
 
     def made(self, backend: _BackendSide) -> None:
         client, self.client = self.client, None
@@ -404,23 +382,40 @@ class _Attempt(ClientFactory):
         else:
             backend.transport.loseConnection()
 
-    def clientConnectionFailed(self, connector, reason) -> None:
+    def failed(self, reason) -> None:
         client, self.client = self.client, None
         if client is not None:
             client._connectFailed(reason, self)
-
-    def _endpointFailed(self, reason) -> None:
-        self.clientConnectionFailed(None, reason)
 
     def cancel(self) -> None:
         """
         The client left: stop connecting, and tell it nothing more.
         """
         self.client = None
-        if self._connector is not None:
+        if self._connection is not None:
+            self._connection.abandon()
+        elif self._connector is not None:
             self._connector.stopConnecting()
         elif self._deferred is not None:
             self._deferred.cancel()
+
+
+class _OneProtocol(ClientFactory):
+    """
+    The client factory C{connectTCP} needs, for one ready-made protocol.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol, failed) -> None:
+        self.protocol = protocol
+        self.failed = failed
+
+    def buildProtocol(self, addr) -> Protocol:
+        return self.protocol
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        self.failed(reason)
 
 
 #: Bytes a client may send before its backend is connected; past this it is
@@ -491,12 +486,19 @@ class ProxyServer(_Relay):
         early, self._early = self._early, None
         if early:
             self._earlyBytes = 0
-            backend.transport.write(b"".join(early))
+            data = b"".join(early)
+            if self._direct:
+                sendNow(backend.transport, data)
+            else:
+                backend.transport.write(data)
         if self._pausedEarly:
             self._pausedEarly = False
             self.transport.resumeProducing()
         if self._readDone:
-            backend.transport.loseWriteConnection()
+            if self._direct:
+                loseWriteConnectionNow(backend.transport)
+            else:
+                backend.transport.loseWriteConnection()
         if factory.idleTimeout is not None:
             self.seconds = backend.seconds = factory.reactor.seconds
             self.lastActivity = backend.lastActivity = self.seconds()

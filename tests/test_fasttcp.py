@@ -1,0 +1,300 @@
+"""
+twistedcluster.fasttcp on real loopback sockets and the real reactor: the
+outgoing connection (connect, refusal, timeout, abandon, IPv6) and the
+at-once send, half-close and close, each against what Twisted itself would
+have done.
+"""
+
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError, TimeoutError
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from zope.interface import implementer
+
+from twistedcluster.transports import unsentBytes
+from twistedcluster.fasttcp import (
+    Dialled,
+    loseConnectionNow,
+    loseWriteConnectionNow,
+    plainTCP,
+    prepare,
+    sendNow,
+)
+
+
+@implementer(IHalfCloseableProtocol)
+class Recorder(Protocol):
+    """
+    Records what happens to it; C{made} and C{lost} fire.
+    """
+
+    def __init__(self):
+        self.data = b""
+        self.made = defer.Deferred()
+        self.lost = defer.Deferred()
+        self.readDone = defer.Deferred()
+        self.writeDone = False
+
+    def connectionMade(self):
+        self.made.callback(self)
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def readConnectionLost(self):
+        self.readDone.callback(self.data)
+
+    def writeConnectionLost(self):
+        self.writeDone = True
+
+    def connectionLost(self, reason):
+        self.reason = reason
+        self.lost.callback(reason.value)
+
+
+class Echo(Protocol):
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+async def until(predicate, timeout=5.0):
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        assert reactor.seconds() < deadline, "condition not met in time"
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+def dial(port, protocol, host="127.0.0.1", timeout=5.0):
+    failures = []
+    conn = Dialled(reactor, host, port, protocol, timeout, failures.append)
+    return conn, failures
+
+
+@pytest.fixture
+def servers():
+    ports = []
+    yield ports
+    for p in ports:
+        p.stopListening()
+
+
+async def listen(servers, factory, endpoint=None):
+    port = await (endpoint or TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")).listen(factory)
+    servers.append(port)
+    return port.getHost().port
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dialled_connection_is_a_plain_tcp_transport(servers):
+    port = await listen(servers, Factory.forProtocol(Echo))
+    proto = Recorder()
+    conn, failures = dial(port, proto)
+    assert not conn.connected
+    await proto.made
+    assert plainTCP(conn) and conn.connected and not failures
+    assert conn.getPeer().port == port and conn.getPeer().host == "127.0.0.1"
+    assert conn.getHost().host == "127.0.0.1" and conn.getHost().port > 0
+    conn.write(b"hello")
+    await until(lambda: proto.data == b"hello")
+    conn.loseConnection()
+    await proto.lost
+    assert proto.reason.check(ConnectionDone)
+    # The connect timeout was cancelled: nothing fires later.
+    assert conn._timeoutCall is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dialled_connection_over_ipv6(servers):
+    try:
+        port = await listen(servers, Factory.forProtocol(Echo), TCP6ServerEndpoint(reactor, 0, interface="::1"))
+    except Exception as e:  # pragma: no cover - a machine without ::1
+        pytest.skip(f"no IPv6 loopback: {e}")
+    proto = Recorder()
+    conn, failures = dial(port, proto, host="::1")
+    await proto.made
+    assert conn.getPeer().host == "::1"
+    sendNow(conn, b"six")
+    await until(lambda: proto.data == b"six")
+    conn.loseConnection()
+    await proto.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_connect_is_reported_and_never_connects():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    proto = Recorder()
+    conn, failures = dial(port, proto)
+    await until(lambda: failures)
+    [reason] = failures
+    assert reason.check(ConnectionRefusedError), reason
+    assert not proto.made.called and not proto.lost.called
+    assert conn.disconnected and conn.socket.fileno() == -1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connect_that_hangs_times_out():
+    # A listener whose accept queue is full drops further SYNs: the connect
+    # neither succeeds nor fails until the timeout.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", port))
+            fillers.append(f)
+        proto = Recorder()
+        started = reactor.seconds()
+        conn, failures = dial(port, proto, timeout=0.3)
+        await until(lambda: failures, timeout=10)
+        [reason] = failures
+        if not reason.check(TimeoutError):
+            pytest.skip(f"this kernel did not leave the connect hanging: {reason.value}")
+        assert reactor.seconds() - started >= 0.25
+        assert not proto.made.called
+        assert conn.disconnected
+    finally:
+        for f in fillers:
+            f.close()
+        listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_abandoned_connect_reports_nothing(servers):
+    accepted = []
+
+    class Count(Protocol):
+        def connectionMade(self):
+            accepted.append(self)
+
+    port = await listen(servers, Factory.forProtocol(Count))
+    proto = Recorder()
+    conn, failures = dial(port, proto)
+    conn.abandon()
+    assert conn.disconnected and conn.socket.fileno() == -1
+    # A second abandon, or the reactor, does nothing more.
+    conn.abandon()
+    await deferLater(reactor, 0.1, lambda: None)
+    assert not failures and not proto.made.called and not proto.lost.called
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_now_runs_connection_lost_before_returning(servers):
+    port = await listen(servers, Factory.forProtocol(Recorder))
+    proto = Recorder()
+    conn, _ = dial(port, proto)
+    await proto.made
+    prepare(conn)
+    loseConnectionNow(conn)
+    assert proto.lost.called
+    await proto.lost
+    assert proto.reason.check(ConnectionDone)
+    assert not conn.connected
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_now_with_bytes_queued_sends_them_first(servers):
+    received = []
+
+    class Collect(Recorder):
+        def connectionMade(self):
+            received.append(self)
+
+    port = await listen(servers, Factory.forProtocol(Collect))
+    proto = Recorder()
+    conn, _ = dial(port, proto)
+    await proto.made
+    await until(lambda: received)
+    [far] = received
+    far.transport.pauseProducing()  # the far end stops reading
+    payload = b"q" * (8 * 1024 * 1024)
+    conn.write(payload)  # queued in Twisted: more than the kernel takes
+    assert unsentBytes(conn) > 0
+    loseConnectionNow(conn)
+    assert not proto.lost.called  # it waits for the queue, like loseConnection
+    far.transport.resumeProducing()
+    await proto.lost
+    assert await far.readDone == payload
+    far.transport.loseConnection()
+    await far.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_half_close_now_shuts_the_write_side_at_once(servers):
+    received = []
+
+    class Collect(Recorder):
+        def connectionMade(self):
+            received.append(self)
+
+    port = await listen(servers, Factory.forProtocol(Collect))
+    proto = Recorder()
+    conn, _ = dial(port, proto)
+    await proto.made
+    await until(lambda: received)
+    [far] = received
+    sendNow(conn, b"all of it")
+    loseWriteConnectionNow(conn)
+    assert proto.writeDone  # before returning
+    assert await far.readDone == b"all of it"
+    # The other direction still works.
+    far.transport.write(b"reply")
+    await until(lambda: proto.data == b"reply")
+    far.transport.loseConnection()
+    await proto.readDone
+    conn.loseConnection()
+    await proto.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_half_close_now_with_bytes_queued_sends_them_first(servers):
+    received = []
+
+    class Collect(Recorder):
+        def connectionMade(self):
+            received.append(self)
+
+    port = await listen(servers, Factory.forProtocol(Collect))
+    proto = Recorder()
+    conn, _ = dial(port, proto)
+    await proto.made
+    await until(lambda: received)
+    [far] = received
+    payload = b"z" * (8 * 1024 * 1024)
+    conn.write(payload)
+    loseWriteConnectionNow(conn)
+    assert not proto.writeDone  # Twisted's own half-close, after the queue
+    assert await far.readDone == payload
+    await until(lambda: proto.writeDone)
+    conn.loseConnection()
+    await proto.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_prepare_sets_no_delay_and_plain_tcp_excludes_other_transports(servers):
+    port = await listen(servers, Factory.forProtocol(Recorder))
+    proto = Recorder()
+    conn, _ = dial(port, proto)
+    await proto.made
+    assert not conn.getTcpNoDelay()
+    prepare(conn)
+    assert conn.getTcpNoDelay()
+    assert conn._shouldShutdown is False
+    conn.loseConnection()
+    await proto.lost
+
+    from twisted.internet.testing import StringTransport
+
+    assert not plainTCP(StringTransport())
