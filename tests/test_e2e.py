@@ -84,6 +84,11 @@ def connectionsBy(status):
     return {n: status[n]["connections"] for n in BACKENDS}
 
 
+def test_the_balancer_runs_on_the_lean_reactor_by_default(cluster):
+    # twistd was given no --reactor: makeService installed its own.
+    assert "balancer reactor: LeanEPollReactor" in cluster.processes["balancer"].logText()
+
+
 def test_sixty_clients_spread_over_three_backends(cluster):
     before = {n: b["routed"] for n, b in cluster.status().items()}
     clients = holdClients(cluster.port, 60, "spread")

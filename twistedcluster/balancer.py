@@ -263,8 +263,14 @@ class _DrainOnStop(Service):
 def makeService(options: Options, reactor=None):
     """
     Compose the balancer's listeners into one service.
+
+    Under twistd with no --reactor, the balancer runs on
+    L{twistedcluster.reactor.LeanEPollReactor}.
     """
     if reactor is None:
+        from twistedcluster.reactor import installIfNone
+
+        installIfNone()
         from twisted.internet import reactor
     from twistedcluster.admin import AdminFactory
     from twistedcluster.cluster import Cluster
@@ -363,4 +369,5 @@ def makeService(options: Options, reactor=None):
             "balancer {role} listener on {endpoint}", role=role, endpoint=description
         )
     log.info("balancer routing policy: {policy}", policy=cluster.policyName)
+    log.info("balancer reactor: {reactor}", reactor=type(reactor).__qualname__)
     return top

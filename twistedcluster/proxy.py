@@ -266,7 +266,12 @@ class _Relay(Protocol):
             if splicer is not None and splicer.pending:
                 splicer.eofWaiting = True
             elif self._direct:
-                loseWriteConnectionNow(peer.transport)
+                if peer._readDone:
+                    # Both ways are over: close the peer outright (the close
+                    # is its end-of-file), one shutdown() fewer.
+                    loseConnectionNow(peer.transport)
+                else:
+                    loseWriteConnectionNow(peer.transport)
             else:
                 peer.transport.loseWriteConnection()
         self._closeIfDone()
@@ -292,7 +297,7 @@ class _Relay(Protocol):
         if peer is not None:
             peer.peer = None
             peer._splicer = None
-            if reason.check(ConnectionDone):
+            if isinstance(reason.value, ConnectionDone):
                 # A clean end: what was written to the peer is flushed, then
                 # it closes (after the pipe, when splicing).
                 if splicer is not None and splicer.pending:
