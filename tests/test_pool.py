@@ -3,6 +3,8 @@ The pool: states, admin settings that survive reconnects, accounting.
 """
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from twistedcluster.pool import (
     AdminState,
@@ -169,3 +171,54 @@ def test_a_failed_connect_after_a_report_does_not_lower_the_estimate():
     pool.acquire("a")
     pool.connectFailed("a", reports=pool.get("a").reports)
     assert pool.get("a").addedSinceReport == 0
+
+
+# -- the caches never go stale ---------------------------------------------
+
+NAMES = ("a", "b", "c", "d")
+
+_OPS = st.one_of(
+    st.tuples(st.just("register"), st.sampled_from(NAMES), st.integers(1, 5), st.booleans()),
+    st.tuples(st.just("acquire"), st.sampled_from(NAMES)),
+    st.tuples(st.just("connected"), st.sampled_from(NAMES)),
+    st.tuples(st.just("release"), st.sampled_from(NAMES)),
+    st.tuples(st.just("handOff"), st.sampled_from(NAMES)),
+    st.tuples(st.just("connectFailed"), st.sampled_from(NAMES)),
+    st.tuples(st.just("report"), st.sampled_from(NAMES), st.integers(0, 6), st.floats(0, 2)),
+    st.tuples(st.just("markDown"), st.sampled_from(NAMES)),
+    st.tuples(st.just("markUp"), st.sampled_from(NAMES)),
+    st.tuples(st.just("eject"), st.sampled_from(NAMES)),
+    st.tuples(st.just("readmit"), st.sampled_from(NAMES)),
+    st.tuples(st.just("setWeight"), st.sampled_from(NAMES), st.integers(0, 3)),
+    st.tuples(st.just("setAdminState"), st.sampled_from(NAMES), st.sampled_from(list(AdminState))),
+    st.tuples(st.just("setSelfDraining"), st.sampled_from(NAMES), st.booleans()),
+    st.tuples(st.just("remove"), st.sampled_from(NAMES)),
+)
+
+
+def _apply(pool, op):
+    kind, name, *args = op
+    if kind == "register":
+        capacity, static = args
+        pool.register(name, "127.0.0.1", 9000, capacity=capacity, static=static)
+        return
+    if name not in pool and kind not in ("readmit", "connected", "release", "handOff", "connectFailed"):
+        return
+    getattr(pool, kind)(name, *args)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_OPS, max_size=40))
+def test_snapshots_always_match_the_members(ops):
+    pool = Pool()
+    for op in ops:
+        _apply(pool, op)
+        # Read the caches between changes, as routing does.
+        snapshot = pool.snapshot()
+        fresh = tuple(m.status() for _, m in sorted(pool._members.items()))
+        assert snapshot == fresh
+        assert pool.eligible() == tuple(
+            s for s in fresh if s.state is State.UP and s.weight > 0 and not s.full
+        )
+        for s in fresh:
+            assert pool.get(s.name) == s

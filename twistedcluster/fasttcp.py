@@ -168,11 +168,19 @@ def plainTCP(transport) -> bool:
     Whether C{transport} is one of Twisted's own TCP connections, with no TLS
     over it and the internals this module reads.
     """
-    return (
-        type(transport) in _PLAIN_TYPES
-        and not getattr(transport, "TLS", True)
-        and all(hasattr(transport, a) for a in _INTERNALS)
-    )
+    kind = type(transport)
+    if kind not in _PLAIN_TYPES or getattr(transport, "TLS", True):
+        return False
+    if kind in _CHECKED:
+        return True
+    # Every instance of these types has what its __init__ set: look once.
+    if all(hasattr(transport, a) for a in _INTERNALS):
+        _CHECKED.add(kind)
+        return True
+    return False
+
+
+_CHECKED: set = set()
 
 
 def prepare(transport) -> None:

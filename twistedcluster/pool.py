@@ -15,6 +15,7 @@ one of them overwrites another:
 
 from __future__ import annotations
 
+import bisect
 import enum
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -198,12 +199,15 @@ class Pool:
     """
     Membership, states, weights and load of the cluster's backends.
 
-    Every mutation drops the cached snapshots, so reading the pool on each new
-    client connection costs nothing while it is unchanged.
+    Each backend's status is cached until that backend changes, and the
+    snapshots until any does: a new client connection changes one backend,
+    so routing the next one rebuilds one status, not one per backend.
     """
 
     def __init__(self) -> None:
         self._members: Dict[str, _Member] = {}
+        self._names: List[str] = []  # sorted
+        self._statuses: Dict[str, BackendStatus] = {}
         self._snapshot: Optional[Tuple[BackendStatus, ...]] = None
         self._eligible: Optional[Tuple[BackendStatus, ...]] = None
         self._watchers: List[Callable[[], None]] = []
@@ -233,16 +237,15 @@ class Pool:
         """
         The status of one backend; L{UnknownBackend} if there is none.
         """
-        return self._member(name).status()
+        return self._status(self._member(name))
 
     def snapshot(self) -> Tuple[BackendStatus, ...]:
         """
         Every backend, whatever its state, sorted by name.
         """
         if self._snapshot is None:
-            self._snapshot = tuple(
-                m.status() for _, m in sorted(self._members.items())
-            )
+            members = self._members
+            self._snapshot = tuple(self._status(members[n]) for n in self._names)
         return self._snapshot
 
     def eligible(self) -> Tuple[BackendStatus, ...]:
@@ -276,7 +279,7 @@ class Pool:
         """
         m = self._members.get(name)
         if m is None:
-            m = self._members[name] = _Member(name=name, host=host, port=port)
+            m = self._add(name, host, port)
         m.host = host
         m.port = port
         m.capacity = max(1, capacity)
@@ -287,8 +290,8 @@ class Pool:
         m.load = load
         m.addedSinceReport = 0
         m.failures = 0
-        self._changed()
-        return m.status()
+        self._changed(m)
+        return self._status(m)
 
     def markDown(self, name: str) -> None:
         """
@@ -298,7 +301,7 @@ class Pool:
         m = self._member(name)
         if m.healthy:
             m.healthy = False
-            self._changed()
+            self._changed(m)
 
     def markUp(self, name: str) -> None:
         """
@@ -309,7 +312,7 @@ class Pool:
         if not m.healthy:
             m.healthy = True
             m.failures = 0
-            self._changed()
+            self._changed(m)
 
     def eject(self, name: str) -> None:
         """
@@ -319,14 +322,14 @@ class Pool:
         m = self._member(name)
         if not m.ejected:
             m.ejected = True
-            self._changed()
+            self._changed(m)
 
     def readmit(self, name: str) -> None:
         m = self._members.get(name)
         if m is not None and m.ejected:
             m.ejected = False
             m.failures = 0
-            self._changed()
+            self._changed(m)
 
     def restore(
         self, name: str, host: str, port: int, admin: AdminState, weight: int
@@ -338,17 +341,18 @@ class Pool:
         """
         m = self._members.get(name)
         if m is None:
-            m = self._members[name] = _Member(name=name, host=host, port=port)
+            m = self._add(name, host, port)
         m.admin = admin
         m.weight = validWeight(weight)
-        self._changed()
+        self._changed(m)
 
     def remove(self, name: str) -> None:
         """
         Forget a backend, admin state included.
         """
-        del self._members[self._member(name).name]
-        self._changed()
+        m = self._members.pop(self._member(name).name)
+        self._names.remove(m.name)
+        self._changed(m)
 
     # -- reports from the backend ---------------------------------------
 
@@ -362,28 +366,29 @@ class Pool:
         m.load = max(0.0, load)
         m.addedSinceReport = 0
         m.reports += 1
-        self._changed()
+        self._changed(m)
 
     def setSelfDraining(self, name: str, draining: bool = True) -> None:
         """
         The backend itself announced it is shutting down.
         """
-        self._member(name).selfDraining = draining
-        self._changed()
+        m = self._member(name)
+        m.selfDraining = draining
+        self._changed(m)
 
     # -- the operator ----------------------------------------------------
 
     def setAdminState(self, name: str, state: AdminState) -> BackendStatus:
         m = self._member(name)
         m.admin = state
-        self._changed()
-        return m.status()
+        self._changed(m)
+        return self._status(m)
 
     def setWeight(self, name: str, weight: int) -> BackendStatus:
         m = self._member(name)
         m.weight = validWeight(weight)
-        self._changed()
-        return m.status()
+        self._changed(m)
+        return self._status(m)
 
     def adminSettings(self) -> Dict[str, Dict[str, object]]:
         """
@@ -407,7 +412,7 @@ class Pool:
         m.routed += 1
         if not m.static:
             m.addedSinceReport += 1
-        self._changed()
+        self._changed(m)
 
     def handOff(self, name: str) -> None:
         """
@@ -418,7 +423,7 @@ class Pool:
         m = self._members.get(name)
         if m is not None and m.active > 0:
             m.active -= 1
-            self._changed()
+            self._changed(m)
 
     def connected(self, name: str) -> None:
         """
@@ -427,7 +432,7 @@ class Pool:
         m = self._members.get(name)
         if m is not None and m.failures:
             m.failures = 0
-            self._changed()
+            self._changed(m)
 
     def connectFailed(
         self, name: str, countFailure: bool = True, reports: Optional[int] = None
@@ -451,7 +456,7 @@ class Pool:
             m.addedSinceReport -= 1
         if countFailure:
             m.failures += 1
-        self._changed()
+        self._changed(m)
         return m.failures
 
     def release(self, name: str) -> None:
@@ -463,7 +468,7 @@ class Pool:
             m.active -= 1
             if not m.static:
                 m.addedSinceReport -= 1
-            self._changed()
+            self._changed(m)
 
     # -- internals ---------------------------------------------------------
 
@@ -473,7 +478,19 @@ class Pool:
         except KeyError:
             raise UnknownBackend(name) from None
 
-    def _changed(self) -> None:
+    def _add(self, name: str, host: str, port: int) -> _Member:
+        m = self._members[name] = _Member(name=name, host=host, port=port)
+        bisect.insort(self._names, name)
+        return m
+
+    def _status(self, m: _Member) -> BackendStatus:
+        status = self._statuses.get(m.name)
+        if status is None:
+            status = self._statuses[m.name] = m.status()
+        return status
+
+    def _changed(self, m: _Member) -> None:
+        self._statuses.pop(m.name, None)
         self._snapshot = None
         self._eligible = None
         if self._watchers:
