@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 TARGETS = ["direct", "balancer", "portforward", "haproxy", "baseline"]
+DEFAULT_TARGETS = [t for t in TARGETS if t != "baseline"]
 LOADS = ["held", "echo", "ping", "connect", "bulk"]
 
 # name, label (formatted with the run's settings), unit, higher is better
@@ -784,7 +785,7 @@ def parseArgs(argv=None):
     p.add_argument("--held", type=int, default=None, help="idle connections held through each target for the RSS figure (default 9000; --quick: 1000; 0: skip)")
     p.add_argument("--workers", type=int, default=2, help="load generator processes (default 2)")
     p.add_argument("--sources", type=int, default=8, help="client source addresses 127.0.0.2 ... (default 8)")
-    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, from {','.join(TARGETS)} (default all)")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help=f"comma-separated, from {','.join(DEFAULT_TARGETS)} (default all; --baseline adds baseline)")
     p.add_argument("--loads", default=",".join(LOADS), help=f"comma-separated measurements, from {','.join(LOADS)} (default all)")
     p.add_argument("--baseline", default=None, metavar="DIR", help="also measure, as the target `baseline`, a second balancer running the twistedcluster package in DIR (e.g. `git archive HEAD twistedcluster twisted | tar -x -C DIR`), in front of the same backend: a before/after comparison in one run (column bal/base)")
     p.add_argument("--install-haproxy", action="store_true", help="apt-get install haproxy when it is missing (needs root)")

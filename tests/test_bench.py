@@ -82,3 +82,53 @@ def test_quickRunPrintsTheTable(tmp_path):
         assert figures["figures"][name]["bulk_mbps"] > 0
     # Nothing failed or came back corrupt on the way.
     assert not [n for n in figures["notes"] if "corrupt" in n or "only" in n], figures["notes"]
+
+
+def test_baselineAndLoadsMeasureTwoCopiesSideBySide(tmp_path):
+    # --baseline runs a second balancer from another copy of the code in
+    # front of the same backend; --loads runs only the measurements named.
+    _skipUnlessPossible()
+    base = tmp_path / "base"
+    base.mkdir()
+    subprocess.run(
+        ["cp", "-r", str(ROOT / "twistedcluster"), str(base / "twistedcluster")], check=True
+    )
+    out = tmp_path / "figures.json"
+    argv = [
+        sys.executable, str(RUN), "--quick",
+        "--targets", "balancer", "--baseline", str(base), "--loads", "echo,connect",
+        "--duration", "0.4", "--warmup", "0.1", "--connections", "8", "--inflight", "4",
+        "--logs", str(tmp_path / "logs"), "--json", str(out),
+    ]
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    header = next(l for l in result.stdout.splitlines() if l.startswith("metric")).split()
+    assert "baseline" in header and "bal/base" in header
+    figures = json.loads(out.read_text())
+    assert set(figures["figures"]) == {"balancer", "baseline"}
+    for name in ("balancer", "baseline"):
+        f = figures["figures"][name]
+        assert f["echo_rps"] > 0 and f["conn_rate"] > 0
+        assert f["bulk_mbps"] is None and f["rss_per_conn"] is None  # not asked for
+    assert figures["ratios"]["bal/base"]["echo_rps"] > 0
+    # The baseline balancer ran the copy's code, the other one this checkout's.
+    assert f"twistd cluster-balancer from {base}" in result.stderr
+
+
+def test_routingCostIsPrinted():
+    routing = ROOT / "bench" / "routing.py"
+    if not routing.exists():
+        pytest.skip("not a checkout")
+    result = subprocess.run(
+        [sys.executable, str(routing), "--backends", "1,20"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [l.split() for l in result.stdout.splitlines() if l.startswith(("least-", "round-"))]
+    assert [(r[0], r[1]) for r in rows] == [
+        (p, n) for p in ("least-load", "least-conn", "round-robin") for n in ("1", "20")
+    ]
+    assert all(float(r[2]) > 0 for r in rows)

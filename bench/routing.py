@@ -1,0 +1,101 @@
+"""
+What routing one connection costs the balancer's pure core, as the number of
+backends grows: Cluster.pick, then pool.connected and pool.release, per
+policy, in microseconds (no sockets: the CPU the accept path spends choosing).
+
+    python bench/routing.py [--backends 1,10,100,1000] [--baseline DIR]
+
+--baseline DIR measures the twistedcluster package in DIR the same way, in a
+separate process, and prints the ratio (e.g. DIR made with
+`git archive HEAD twistedcluster | tar -x -C DIR`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ("least-load", "least-conn", "round-robin")
+# Every loop is bounded: this many routed connections at most per figure,
+# and at most this many seconds.
+MAX_PICKS = 20_000
+MAX_SECONDS = 2.0
+
+
+def measure(counts) -> dict:
+    """
+    Microseconds per routed connection, by policy and backend count, for
+    the twistedcluster importable here.
+    """
+    from twistedcluster.cluster import Cluster
+
+    out = {}
+    for policy in POLICIES:
+        for n in counts:
+            cluster = Cluster(policy=policy)
+            pool = cluster.pool
+            for i in range(n):
+                pool.register(f"backend-{i:05d}", "127.0.0.1", 9000 + i % 50000, capacity=10**9)
+                pool.report(f"backend-{i:05d}", i % 7, (i % 7) / 100)
+            picks = 0
+            start = time.perf_counter()
+            deadline = start + MAX_SECONDS
+            while picks < MAX_PICKS and (picks % 64 or time.perf_counter() < deadline):
+                chosen = cluster.pick()
+                pool.connected(chosen.name)
+                pool.release(chosen.name)
+                picks += 1
+            out[f"{policy}/{n}"] = (time.perf_counter() - start) / picks * 1e6
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench/routing.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backends", default="1,10,100,1000", help="comma-separated backend counts")
+    p.add_argument("--baseline", metavar="DIR", help="also measure the twistedcluster package in DIR")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    counts = [int(x) for x in args.backends.split(",") if x.strip()]
+    if not counts or min(counts) < 1 or max(counts) > 100_000:
+        p.error("--backends: counts from 1 to 100000")
+    if args.child:
+        sys.path.insert(0, args.child)
+        print(json.dumps(measure(counts)))
+        return 0
+
+    def run(code: Path) -> dict:
+        env = dict(os.environ, PYTHONPATH=str(code))
+        r = subprocess.run(
+            [sys.executable, __file__, "--backends", args.backends, "--child", str(code)],
+            capture_output=True, text=True, env=env, timeout=600,
+        )
+        if r.returncode:
+            raise SystemExit(f"measuring {code} failed:\n{r.stderr}")
+        return json.loads(r.stdout)
+
+    ours = run(ROOT)
+    base = run(Path(args.baseline).resolve()) if args.baseline else None
+    print(f"us per routed connection (pick + connected + release), code: {ROOT}")
+    header = f"{'policy':<12}{'backends':>9}{'this code':>12}"
+    if base:
+        header += f"{'baseline':>12}{'this/base':>11}"
+    print(header)
+    print("-" * len(header))
+    for policy in POLICIES:
+        for n in counts:
+            key = f"{policy}/{n}"
+            line = f"{policy:<12}{n:>9,}{ours[key]:>12.1f}"
+            if base:
+                line += f"{base[key]:>12.1f}{ours[key] / base[key]:>10.2f}x"
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
