@@ -6,6 +6,7 @@ have done.
 """
 
 import socket
+from contextlib import contextmanager
 
 import pytest
 import pytest_twisted
@@ -73,7 +74,33 @@ async def until(predicate, timeout=5.0):
 def dial(port, protocol, host="127.0.0.1", timeout=5.0):
     failures = []
     conn = Dialled(reactor, host, port, protocol, timeout, failures.append)
+    conn.dial()
     return conn, failures
+
+
+@contextmanager
+def fullListener(fillers=1):
+    """
+    A listener whose accept queue is full: it drops further SYNs, so a
+    connect to it neither succeeds nor fails until something is accepted
+    (then the SYN the kernel sends again, about a second later, gets in).
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = []
+    try:
+        for _ in range(fillers):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", port))
+            queued.append(f)
+        yield listener, port
+    finally:
+        for f in queued:
+            f.close()
+        listener.close()
 
 
 @pytest.fixture
@@ -95,9 +122,11 @@ async def test_a_dialled_connection_is_a_plain_tcp_transport(servers):
     port = await listen(servers, Factory.forProtocol(Echo))
     proto = Recorder()
     conn, failures = dial(port, proto)
-    assert not conn.connected
-    await proto.made
-    assert plainTCP(conn) and conn.connected and not failures
+    # Over loopback the handshake is over inside connect(): the protocol is
+    # connected before dial() returns, with no connect timeout armed.
+    assert proto.made.called and conn.connected
+    assert conn._timeoutCall is None
+    assert plainTCP(conn) and not failures
     assert conn.getPeer().port == port and conn.getPeer().host == "127.0.0.1"
     assert conn.getHost().host == "127.0.0.1" and conn.getHost().port > 0
     conn.write(b"hello")
@@ -105,8 +134,48 @@ async def test_a_dialled_connection_is_a_plain_tcp_transport(servers):
     conn.loseConnection()
     await proto.lost
     assert proto.reason.check(ConnectionDone)
-    # The connect timeout was cancelled: nothing fires later.
-    assert conn._timeoutCall is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connect_still_under_way_completes_on_a_later_turn():
+    with fullListener() as (listener, port):
+        proto = Recorder()
+        conn, failures = dial(port, proto, timeout=30)
+        # The SYN was dropped: dial() returned with the connect under way.
+        assert not proto.made.called and not conn.connected
+        assert conn._timeoutCall is not None and conn._timeoutCall.active()
+        listener.setblocking(False)
+        accepted = []
+
+        def acceptAll():
+            try:
+                while True:
+                    accepted.append(listener.accept()[0])
+            except BlockingIOError:
+                pass
+            return proto.made.called
+
+        await until(acceptAll, timeout=15)
+        assert conn.connected and not failures
+        # The timeout is cancelled once connected.
+        assert conn._timeoutCall is None
+        conn.write(b"late")
+        [server] = [a for a in accepted if a.getpeername() == conn.socket.getsockname()]
+        server.setblocking(False)
+        got = []
+
+        def received():
+            try:
+                got.append(server.recv(10))
+            except BlockingIOError:
+                pass
+            return b"".join(got) == b"late"
+
+        await until(received)
+        conn.loseConnection()
+        await proto.lost
+        for a in accepted:
+            a.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -142,19 +211,7 @@ async def test_a_refused_connect_is_reported_and_never_connects():
 
 @pytest_twisted.ensureDeferred
 async def test_a_connect_that_hangs_times_out():
-    # A listener whose accept queue is full drops further SYNs: the connect
-    # neither succeeds nor fails until the timeout.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(4):
-            f = socket.socket()
-            f.setblocking(False)
-            f.connect_ex(("127.0.0.1", port))
-            fillers.append(f)
+    with fullListener(fillers=4) as (listener, port):
         proto = Recorder()
         started = reactor.seconds()
         conn, failures = dial(port, proto, timeout=0.3)
@@ -165,29 +222,33 @@ async def test_a_connect_that_hangs_times_out():
         assert reactor.seconds() - started >= 0.25
         assert not proto.made.called
         assert conn.disconnected
-    finally:
-        for f in fillers:
-            f.close()
-        listener.close()
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_abandoned_connect_reports_nothing(servers):
-    accepted = []
+async def test_an_abandoned_connect_reports_nothing():
+    with fullListener() as (listener, port):
+        proto = Recorder()
+        conn, failures = dial(port, proto)
+        assert not conn.connected
+        conn.abandon()
+        assert conn.disconnected and conn.socket.fileno() == -1
+        assert conn._timeoutCall is None
+        # A second abandon, or the reactor, does nothing more.
+        conn.abandon()
+        await deferLater(reactor, 0.1, lambda: None)
+        assert not failures and not proto.made.called and not proto.lost.called
 
-    class Count(Protocol):
-        def connectionMade(self):
-            accepted.append(self)
 
-    port = await listen(servers, Factory.forProtocol(Count))
+@pytest_twisted.ensureDeferred
+async def test_abandoning_a_connected_connection_does_nothing(servers):
+    port = await listen(servers, Factory.forProtocol(Echo))
     proto = Recorder()
     conn, failures = dial(port, proto)
+    assert conn.connected
     conn.abandon()
-    assert conn.disconnected and conn.socket.fileno() == -1
-    # A second abandon, or the reactor, does nothing more.
-    conn.abandon()
-    await deferLater(reactor, 0.1, lambda: None)
-    assert not failures and not proto.made.called and not proto.lost.called
+    assert conn.connected and not proto.lost.called
+    conn.loseConnection()
+    await proto.lost
 
 
 @pytest_twisted.ensureDeferred

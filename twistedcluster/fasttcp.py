@@ -53,7 +53,8 @@ _IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR)
 
 class Dialled(tcp.Connection):
     """
-    An outgoing TCP connection to a literal IPv4 or IPv6 address.
+    An outgoing TCP connection to a literal IPv4 or IPv6 address, started by
+    L{dial}.
 
     Once connected it is an ordinary Twisted TCP transport (C{tcp.Connection}:
     reads, writes, producers, half-close, abort); C{protocol.makeConnection}
@@ -81,17 +82,37 @@ class Dialled(tcp.Connection):
         self.realAddress = (host, port)
         self.logstr = f"{protocol.__class__.__name__},client"
         self._failed: Optional[Callable[[Failure], None]] = failed
+        self._timeout = timeout
+
+    def dial(self) -> None:
+        """
+        Start connecting.
+
+        A connect the kernel completes at once (to a listener on this host:
+        over loopback the handshake runs inside the connect() call) connects
+        the protocol before this returns, with no turn of the reactor in
+        between; any other waits for the socket to become writable, as
+        Twisted's connectors do.  A failure is always reported on a later
+        turn, so the caller never hears of it before this returns.
+        """
+        connect = self.socket.connect_ex
+        err = connect(self.realAddress)
+        if err in _IN_PROGRESS:
+            # A second connect() says whether the handshake is over: 0 (or
+            # EISCONN) when it is, EALREADY while it is under way.
+            err = connect(self.realAddress)
+            if err == 0 or err == errno.EISCONN:
+                self._connected()
+                return
+        if err not in _IN_PROGRESS and err != errno.EALREADY:
+            self._timeoutCall = self.reactor.callLater(0, self._fail, _connectError(err))
+            return
         # Until the connect completes, either readiness means "look".
         self.doRead = self.doWrite = self._connectDone
-        err = self.socket.connect_ex(self.realAddress)
-        if err and err not in _IN_PROGRESS:
-            # Reported on the next turn, as Twisted's connectors do, so that
-            # the caller never hears of it before this returns.
-            self._timeoutCall = reactor.callLater(0, self._fail, _connectError(err))
-            return
         self.startWriting()
+        timeout = self._timeout
         if timeout:
-            self._timeoutCall = reactor.callLater(
+            self._timeoutCall = self.reactor.callLater(
                 timeout, self._fail, error.TimeoutError(string=f"connect took over {timeout} s")
             )
 
@@ -111,12 +132,15 @@ class Dialled(tcp.Connection):
             return None
         del self.doRead, self.doWrite  # the class's own again
         self._cancelTimeout()
+        self.stopWriting()
+        self._connected()
+        return None
+
+    def _connected(self) -> None:
         self._failed = None
         self.connected = 1
         self.startReading()
-        self.stopWriting()
         self.protocol.makeConnection(self)
-        return None
 
     def _cancelTimeout(self) -> None:
         call, self._timeoutCall = self._timeoutCall, None

@@ -356,11 +356,19 @@ class _Attempt:
     def __init__(self, client: "ProxyServer", chosen: BackendStatus) -> None:
         self.client = client
         self.name = chosen.name
-        self.host = host = chosen.host
-        self.port = port = chosen.port
+        self.host = chosen.host
+        self.port = chosen.port
         #: The backend's report count when it was chosen.
         self.reports = chosen.reports
-        factory = client.factory
+
+    def start(self) -> None:
+        """
+        Connect.  A connect that completes at once (a backend on this host)
+        tells the client before this returns; so the client records this
+        attempt before starting it.
+        """
+        host, port = self.host, self.port
+        factory = self.client.factory
         reactor = factory.reactor
         if isIPAddress(host) or isIPv6Address(host):
             backend = _BackendSide()
@@ -369,6 +377,7 @@ class _Attempt:
                 self._connection = Dialled(
                     reactor, host, port, backend, factory.connectTimeout, self.failed
                 )
+                self._connection.dial()
             else:
                 self._connector = reactor.connectTCP(
                     host, port, _OneProtocol(backend, self.failed),
@@ -478,7 +487,8 @@ class ProxyServer(_Relay):
                 return self._giveUp("no other backend to try")
             return self._giveUp("no backend available")
         self._tried += (chosen.name,)
-        self._attempt = _Attempt(self, chosen)
+        attempt = self._attempt = _Attempt(self, chosen)
+        attempt.start()
 
     def _connected(self, backend: _BackendSide, name: str) -> None:
         self._attempt = None
