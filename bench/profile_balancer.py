@@ -59,7 +59,9 @@ def shortFrame(frame: str) -> str:
 SYSCALL_HINTS = {
     "untilConcludes (python/util.py)": "send() (called from Connection.writeSomeData)",
     "sendNow (twistedcluster/fasttcp.py)": "send() (the relay writing at once)",
-    "Dialled.__init__ (twistedcluster/fasttcp.py)": "socket() and connect()",
+    "Dialled.__init__ (twistedcluster/fasttcp.py)": "socket()",
+    "Dialled.dial (twistedcluster/fasttcp.py)": "connect(), twice when the kernel completes it at once",
+    "LeanEPollReactor.doPoll (twistedcluster/reactor.py)": "epoll_wait() and the loop around it",
     "Dialled._connectDone (twistedcluster/fasttcp.py)": "getsockopt(SO_ERROR)",
     "Connection.doRead (internet/tcp.py)": "recv()",
     "EPollReactor.doPoll (internet/epollreactor.py)": "epoll_wait() and the loop around it",

@@ -13,13 +13,14 @@ Twisted's:
   of a transport with nothing left to send happens at once, not on a later
   reactor turn after an empty send.
 - L{Dialled}: an outgoing connection to a literal address with none of the
-  Connector, resolver turn, Deferred, second connect() and getsockopt() of
-  C{reactor.connectTCP}.
+  Connector, resolver turn and Deferred of C{reactor.connectTCP}; a connect
+  the kernel completes at once (loopback) is used in the same turn.
 
 The few transport internals this reads are checked once per connection
 (L{plainTCP}); should a Twisted release change them, the relay falls back to
-the public methods.  Measured per proxied connection (bench/profile_balancer.py):
-39 system calls and 14 epoll changes before this module, ... after.
+the public methods.  Measured per proxied connection with
+bench/profile_balancer.py: 39 system calls, 14 of them epoll changes, before
+this module; 22, 4 of them epoll changes, with it.
 """
 
 from __future__ import annotations
