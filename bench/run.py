@@ -51,6 +51,7 @@ ROWS = [
     ("rss_per_conn", "RSS KiB per held conn, {heldText}", "KiB", False),
     ("cpu_per_echo", "server CPU us per echo", "us", False),
     ("cpu_per_conn", "server CPU us per new conn", "us", False),
+    ("cpu_per_mb", "server CPU us per MB echoed", "us", False),
 ]
 
 RATIOS = [
@@ -449,6 +450,7 @@ class Bench:
             m = lambda kind, key: self._aggregate(kind, name, key, stat)
             ms_ = lambda v: None if v is None else v * 1000
             us_ = lambda v: None if v is None else v * 1e6
+            mb = lambda v: None if v is None else v * 1e6
             out[name] = {
                 "echo_rps": m("echo", "rate"),
                 "echo_p50": ms_(m("echo", "p50")),
@@ -461,6 +463,8 @@ class Bench:
                 "rss_per_conn": m("held", "perConn"),
                 "cpu_per_echo": us_(m("echo", "serverCpuPerOp")),
                 "cpu_per_conn": us_(m("connect", "serverCpuPerOp")),
+                # seconds per byte echoed, as us per MB
+                "cpu_per_mb": us_(mb(m("bulk", "serverCpuPerOp"))),
             }
         return out
 
@@ -588,10 +592,10 @@ class Bench:
                 if mb is not None and mp:
                     spread = f"; medians {mb / mp:.2f}x"
                 spread += f"; per round {', '.join(f'{x:.2f}' for x in rounds)}"
-            cpuKey = {"echo_rps": "cpu_per_echo", "conn_rate": "cpu_per_conn"}.get(key)
+            cpuKey = {"echo_rps": "cpu_per_echo", "conn_rate": "cpu_per_conn", "bulk_mbps": "cpu_per_mb"}[key]
             if cpuKey and figs["balancer"][cpuKey] and figs["portforward"][cpuKey]:
                 spread += (
-                    f"; by server CPU per operation "
+                    f"; by server CPU per {'MB' if key == 'bulk_mbps' else 'operation'} "
                     f"{figs['portforward'][cpuKey] / figs['balancer'][cpuKey]:.2f}x"
                 )
             out.append({
