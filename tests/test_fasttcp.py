@@ -117,6 +117,25 @@ async def listen(servers, factory, endpoint=None):
     return port.getHost().port
 
 
+async def dialledPair(servers):
+    """
+    A dialled connection, its protocol and the Recorder at the far end.
+    """
+    received = []
+
+    class Collect(Recorder):
+        def connectionMade(self):
+            received.append(self)
+
+    port = await listen(servers, Factory.forProtocol(Collect))
+    proto = Recorder()
+    conn, _ = dial(port, proto)
+    await proto.made
+    await until(lambda: received)
+    [far] = received
+    return conn, proto, far
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_dialled_connection_is_a_plain_tcp_transport(servers):
     port = await listen(servers, Factory.forProtocol(Echo))
@@ -267,18 +286,7 @@ async def test_close_now_runs_connection_lost_before_returning(servers):
 
 @pytest_twisted.ensureDeferred
 async def test_close_now_with_bytes_queued_sends_them_first(servers):
-    received = []
-
-    class Collect(Recorder):
-        def connectionMade(self):
-            received.append(self)
-
-    port = await listen(servers, Factory.forProtocol(Collect))
-    proto = Recorder()
-    conn, _ = dial(port, proto)
-    await proto.made
-    await until(lambda: received)
-    [far] = received
+    conn, proto, far = await dialledPair(servers)
     far.transport.pauseProducing()  # the far end stops reading
     payload = b"q" * (8 * 1024 * 1024)
     conn.write(payload)  # queued in Twisted: more than the kernel takes
@@ -294,18 +302,7 @@ async def test_close_now_with_bytes_queued_sends_them_first(servers):
 
 @pytest_twisted.ensureDeferred
 async def test_half_close_now_shuts_the_write_side_at_once(servers):
-    received = []
-
-    class Collect(Recorder):
-        def connectionMade(self):
-            received.append(self)
-
-    port = await listen(servers, Factory.forProtocol(Collect))
-    proto = Recorder()
-    conn, _ = dial(port, proto)
-    await proto.made
-    await until(lambda: received)
-    [far] = received
+    conn, proto, far = await dialledPair(servers)
     sendNow(conn, b"all of it")
     loseWriteConnectionNow(conn)
     assert proto.writeDone  # before returning
@@ -321,18 +318,7 @@ async def test_half_close_now_shuts_the_write_side_at_once(servers):
 
 @pytest_twisted.ensureDeferred
 async def test_half_close_now_with_bytes_queued_sends_them_first(servers):
-    received = []
-
-    class Collect(Recorder):
-        def connectionMade(self):
-            received.append(self)
-
-    port = await listen(servers, Factory.forProtocol(Collect))
-    proto = Recorder()
-    conn, _ = dial(port, proto)
-    await proto.made
-    await until(lambda: received)
-    [far] = received
+    conn, proto, far = await dialledPair(servers)
     payload = b"z" * (8 * 1024 * 1024)
     conn.write(payload)
     loseWriteConnectionNow(conn)
