@@ -102,9 +102,9 @@ class Dialled(tcp.Connection):
             # A second connect() says whether the handshake is over: 0 (or
             # EISCONN) when it is, EALREADY while it is under way.
             err = connect(self.realAddress)
-            if err == 0 or err == errno.EISCONN:
-                self._connected()
-                return
+        if err == 0 or err == errno.EISCONN:
+            self._connected()
+            return
         if err not in _IN_PROGRESS and err != errno.EALREADY:
             self._timeoutCall = self.reactor.callLater(0, self._fail, _connectError(err))
             return
