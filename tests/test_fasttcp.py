@@ -12,7 +12,13 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError, TimeoutError
+from twisted.internet.error import (
+    ConnectionAborted,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -345,3 +351,58 @@ async def test_prepare_sets_no_delay_and_plain_tcp_excludes_other_transports(ser
     from twisted.internet.testing import StringTransport
 
     assert not plainTCP(StringTransport())
+
+
+def linkLocalAddress():
+    """
+    A link-local IPv6 address of this machine, with its scope
+    (fe80::...%eth0), or None.
+    """
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                hexAddr, _, _, scope, _, name = line.split()
+                if scope == "20":  # link scope
+                    groups = [hexAddr[i : i + 4] for i in range(0, 32, 4)]
+                    packed = socket.inet_pton(socket.AF_INET6, ":".join(groups))
+                    return f"{socket.inet_ntop(socket.AF_INET6, packed)}%{name}"
+    except OSError:
+        pass
+    return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_scoped_ipv6_address_is_dialled_with_its_scope(servers):
+    # fe80::...%eth0: without the scope id the kernel cannot tell which
+    # link is meant, and the connect fails with EINVAL.
+    address = linkLocalAddress()
+    if address is None:
+        pytest.skip("no link-local IPv6 address here")
+    try:
+        port = await listen(servers, Factory.forProtocol(Echo), TCP6ServerEndpoint(reactor, 0, interface=address))
+    except Exception as e:  # pragma: no cover - IPv6 disabled on the link
+        pytest.skip(f"cannot listen on {address}: {e}")
+    proto = Recorder()
+    conn, failures = dial(port, proto, host=address)
+    await until(lambda: proto.made.called or failures)
+    assert not failures, failures[0].getErrorMessage()
+    sendNow(conn, b"scoped")
+    await until(lambda: proto.data == b"scoped")
+    conn.loseConnection()
+    await proto.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_aborted_connection_is_not_half_closed_or_written_afterwards(servers):
+    # abortConnection() resets on the next turn; a half-close or a send in
+    # between must not turn that reset into a clean end, or add bytes.
+    conn, proto, far = await dialledPair(servers)
+    conn.abortConnection()
+    sendNow(conn, b"after the abort")
+    loseWriteConnectionNow(conn)
+    loseConnectionNow(conn)
+    reason = await far.lost
+    assert isinstance(reason, ConnectionLost), reason
+    assert far.data == b"" and not far.readDone.called
+    await proto.lost
+    assert proto.reason.check(ConnectionAborted)

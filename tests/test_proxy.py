@@ -583,3 +583,48 @@ async def test_splice_pipes_are_given_back_when_an_idle_upload_is_cut(loopback):
     s.close()
     assert not loopback.factory.clients
     assert pipeCount() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_descriptor_for_the_backend_socket_closes_the_client_without_blaming_the_backend(
+    loopback, logged
+):
+    # The accept takes the last free descriptor; the socket to the backend
+    # then fails with EMFILE.  The client is closed (not left hanging), the
+    # pool's accounting is undone, and the backend is not counted as failing.
+    await loopback.start([echoFactory()], ejectAfter=1)
+    client = socket.socket()
+    client.setblocking(False)
+    fillers = []
+    try:
+        try:
+            while True:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        os.close(fillers.pop())  # exactly one free: the accept takes it
+        client.connect_ex(("127.0.0.1", loopback.port))
+
+        def closed():
+            try:
+                return client.recv(100) == b""
+            except BlockingIOError:
+                return False
+            except ConnectionResetError:
+                return True
+
+        deadline = reactor.seconds() + 10
+        while not closed():
+            assert reactor.seconds() < deadline, "the client was left hanging"
+            await deferLater(reactor, 0.01, lambda: None)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        client.close()
+    status = loopback.cluster.pool.get("b0")
+    assert status.active == 0 and status.routed == 0
+    # ejectAfter=1: one counted failure would have taken it out (DOWN).
+    assert status.failures == 0 and status.state.value == "up"
+    assert any("no socket for a connect to backend b0" in line for line in logged)
+    # With descriptors back, the same backend serves the next client.
+    assert await deferToThread(echoOnce, "127.0.0.1", loopback.port, b"again", 10) == b"again"

@@ -44,6 +44,7 @@ _INTERNALS = (
     "_writeDisconnected",
     "_closeWriteConnection",
     "_shouldShutdown",
+    "_aborting",
 )
 
 #: One shared reason for clean closes, as Twisted's reactor keeps one.
@@ -64,6 +65,8 @@ class Dialled(tcp.Connection):
 
     @param failed: called with a L{Failure} (C{ConnectError} and its
         subclasses, or C{TimeoutError}) when no connection is made.
+    @raise OSError: when no socket can be made (out of file descriptors) or
+        C{host} names a scope that does not exist.
     """
 
     _timeoutCall = None
@@ -78,9 +81,16 @@ class Dialled(tcp.Connection):
         failed: Callable[[Failure], None],
     ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        if "%" in host:
+            # A scoped address (fe80::1%eth0): its scope id travels only in
+            # the 4-tuple form of the address.
+            self.realAddress = socket.getaddrinfo(
+                host, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST
+            )[0][4]
+        else:
+            self.realAddress = (host, port)
         tcp.Connection.__init__(self, socket.socket(family, socket.SOCK_STREAM), protocol, reactor)
         self._addressType = IPv6Address if family == socket.AF_INET6 else IPv4Address
-        self.realAddress = (host, port)
         self.logstr = f"{protocol.__class__.__name__},client"
         self._failed: Optional[Callable[[Failure], None]] = failed
         self._timeout = timeout
@@ -127,8 +137,13 @@ class Dialled(tcp.Connection):
         return self._addressType("TCP", *self.socket.getsockname()[:2])
 
     def _connectDone(self) -> None:
-        err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
+        # As Twisted's connectors do: connect() again says connected (0,
+        # EISCONN), still connecting (a wake-up that was not for this
+        # connect), or why it failed.
+        err = self.socket.connect_ex(self.realAddress)
+        if err in _IN_PROGRESS or err == errno.EALREADY:
+            return None
+        if err and err != errno.EISCONN:
             self._fail(_connectError(err))
             return None
         del self.doRead, self.doWrite  # the class's own again
@@ -226,6 +241,7 @@ def _idle(transport) -> bool:
     return (
         transport.connected
         and not transport.disconnecting
+        and not transport._aborting
         and not transport._writeDisconnecting
         and not transport.producerPaused
         and transport._tempDataLen == 0
@@ -248,6 +264,7 @@ def sendNow(transport, data: bytes) -> None:
         and transport.offset == len(transport.dataBuffer)
         and transport.connected
         and not transport.disconnecting
+        and not transport._aborting
         and not transport._writeDisconnecting
     ):
         try:

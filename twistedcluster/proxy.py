@@ -29,10 +29,11 @@ from typing import Dict, Optional, Set, Tuple
 from twisted.internet import defer, main
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectBindError, ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistedcluster.address import tcpEndpoint
@@ -374,9 +375,16 @@ class _Attempt:
             backend = _BackendSide()
             backend.attempt = self
             if isinstance(reactor, PosixReactorBase):
-                self._connection = Dialled(
-                    reactor, host, port, backend, factory.connectTimeout, self.failed
-                )
+                try:
+                    self._connection = Dialled(
+                        reactor, host, port, backend, factory.connectTimeout, self.failed
+                    )
+                except OSError as e:
+                    # No socket (out of descriptors, or an unknown scope):
+                    # a failed connect, reported on a later turn as
+                    # Twisted's connectors do.
+                    reactor.callLater(0, self.failed, Failure(ConnectBindError(e.errno, e.strerror)))
+                    return
                 self._connection.dial()
             else:
                 self._connector = reactor.connectTCP(
@@ -552,6 +560,20 @@ class ProxyServer(_Relay):
         self._attempt = None
         factory = self.factory
         name, host, port = attempt.name, attempt.host, attempt.port
+        if reason.check(ConnectBindError):
+            # No socket here (out of file descriptors, say): the balancer's
+            # trouble, not the backend's, so it does not count towards
+            # taking the backend out.
+            factory.cluster.pool.connectFailed(name, countFailure=False, reports=attempt.reports)
+            log.warn(
+                "proxy: no socket for a connect to backend {backend} at {host}:{port}: "
+                "{error}; not counted against the backend; trying another",
+                backend=name,
+                host=host,
+                port=port,
+                error=reason.getErrorMessage(),
+            )
+            return self._tryNext()
         failures = factory.cluster.pool.connectFailed(name, reports=attempt.reports)
         log.warn(
             "proxy: connect to backend {backend} at {host}:{port} failed "
