@@ -628,3 +628,17 @@ async def test_no_descriptor_for_the_backend_socket_closes_the_client_without_bl
     assert any("no socket for a connect to backend b0" in line for line in logged)
     # With descriptors back, the same backend serves the next client.
     assert await deferToThread(echoOnce, "127.0.0.1", loopback.port, b"again", 10) == b"again"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_at_an_unusable_scoped_address_is_counted_as_failing(loopback, logged):
+    # fe80::1%nosuchif0 parses as IPv6 but names no interface: each connect
+    # to it fails, counts against it, and takes it out; clients are served
+    # by the other backend meanwhile.
+    await loopback.start([echoFactory()], ejectAfter=1)
+    loopback.cluster.pool.register("bad", "fe80::1%nosuchif0", 9, capacity=100)
+    for i in range(4):
+        assert await deferToThread(echoOnce, "127.0.0.1", loopback.port, b"hi %d" % i, 10) == b"hi %d" % i
+    bad = loopback.cluster.pool.get("bad")
+    assert bad.failures >= 1 and bad.state.value == "down" and bad.active == 0
+    assert any("unusable address fe80::1%nosuchif0" in line for line in logged)

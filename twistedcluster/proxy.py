@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import sys
 from collections import OrderedDict
 from typing import Dict, Optional, Set, Tuple
@@ -29,7 +30,7 @@ from typing import Dict, Optional, Set, Tuple
 from twisted.internet import defer, main
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.error import ConnectBindError, ConnectionDone
+from twisted.internet.error import ConnectBindError, ConnectError, ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
@@ -380,10 +381,15 @@ class _Attempt:
                         reactor, host, port, backend, factory.connectTimeout, self.failed
                     )
                 except OSError as e:
-                    # No socket (out of descriptors, or an unknown scope):
-                    # a failed connect, reported on a later turn as
-                    # Twisted's connectors do.
-                    reactor.callLater(0, self.failed, Failure(ConnectBindError(e.errno, e.strerror)))
+                    # A failed connect, reported on a later turn as
+                    # Twisted's connectors do: the backend's address is
+                    # unusable (an unknown scope), or there is no socket
+                    # here (out of descriptors).
+                    if isinstance(e, socket.gaierror):
+                        why = ConnectError(string=f"unusable address {host}: {e}")
+                    else:
+                        why = ConnectBindError(e.errno, e.strerror)
+                    reactor.callLater(0, self.failed, Failure(why))
                     return
                 self._connection.dial()
             else:
