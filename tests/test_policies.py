@@ -68,6 +68,16 @@ def test_empty_candidates_give_none():
         assert makePolicy(name).choose([], random.Random(0)) is None
 
 
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_a_backend_with_weight_zero_is_never_chosen(policy):
+    # Alone, or beside others: the one-candidate shortcut keeps the rule.
+    alone = [status("z", weight=0)]
+    assert makePolicy(policy).choose(alone, random.Random(0)) is None
+    cs = [status("z", weight=0), status("a", load=0.9, active=9)]
+    chooser = makePolicy(policy)
+    assert {chooser.choose(cs, random.Random(i)).name for i in range(20)} == {"a"}
+
+
 def test_unknown_policy_names_the_choices():
     with pytest.raises(UnknownPolicy, match="least-load"):
         makePolicy("fastest")

@@ -35,19 +35,15 @@ def _lowest(
     The candidate with the lowest score, ties broken at random so that
     balancers that see the same reports do not all pick the same backend.
     """
-    best: list[BackendStatus] = []
-    bestScore = 0.0
-    for c in candidates:
-        if c.weight <= 0:
-            continue
-        s = score(c)
-        if not best or s < bestScore - 1e-12:
-            best = [c]
-            bestScore = s
-        elif abs(s - bestScore) <= 1e-12:
-            best.append(c)
-    if not best:
+    if len(candidates) == 1:  # the common small case, without the lists
+        only = candidates[0]
+        return only if only.weight > 0 else None
+    usable = [c for c in candidates if c.weight > 0]
+    if not usable:
         return None
+    scores = list(map(score, usable))
+    low = min(scores) + 1e-12
+    best = [c for c, s in zip(usable, scores) if s <= low]
     if len(best) == 1:
         return best[0]
     return best[rng.randrange(len(best))]

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import bisect
 import enum
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from itertools import compress
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import attr
 
@@ -201,13 +202,21 @@ class Pool:
 
     Each backend's status is cached until that backend changes, and the
     snapshots until any does: a new client connection changes one backend,
-    so routing the next one rebuilds one status, not one per backend.
+    so routing the next one rebuilds one status, not one per backend, and
+    the snapshots are copied from lists kept in order (no Python work per
+    backend).
     """
 
     def __init__(self) -> None:
         self._members: Dict[str, _Member] = {}
-        self._names: List[str] = []  # sorted
-        self._statuses: Dict[str, BackendStatus] = {}
+        # In step, sorted by name: the names, each one's cached status (None
+        # until rebuilt) and whether it is eligible; _index finds a name.
+        self._names: List[str] = []
+        self._statuses: List[Optional[BackendStatus]] = []
+        self._eligibleFlags: List[bool] = []
+        self._index: Dict[str, int] = {}
+        #: Names whose status is None, rebuilt before the next snapshot.
+        self._stale: Set[str] = set()
         self._snapshot: Optional[Tuple[BackendStatus, ...]] = None
         self._eligible: Optional[Tuple[BackendStatus, ...]] = None
         self._watchers: List[Callable[[], None]] = []
@@ -244,8 +253,11 @@ class Pool:
         Every backend, whatever its state, sorted by name.
         """
         if self._snapshot is None:
-            members = self._members
-            self._snapshot = tuple(self._status(members[n]) for n in self._names)
+            members, status = self._members, self._status
+            for name in self._stale:
+                status(members[name])
+            self._stale.clear()
+            self._snapshot = tuple(self._statuses)
         return self._snapshot
 
     def eligible(self) -> Tuple[BackendStatus, ...]:
@@ -254,11 +266,7 @@ class Pool:
         not at capacity.
         """
         if self._eligible is None:
-            self._eligible = tuple(
-                s
-                for s in self.snapshot()
-                if s.state is State.UP and s.weight > 0 and not s.full
-            )
+            self._eligible = tuple(compress(self.snapshot(), self._eligibleFlags))
         return self._eligible
 
     # -- membership ------------------------------------------------------
@@ -351,7 +359,10 @@ class Pool:
         Forget a backend, admin state included.
         """
         m = self._members.pop(self._member(name).name)
-        self._names.remove(m.name)
+        i = self._index[m.name]
+        del self._names[i], self._statuses[i], self._eligibleFlags[i]
+        self._stale.discard(m.name)
+        self._reindex()
         self._changed(m)
 
     # -- reports from the backend ---------------------------------------
@@ -480,17 +491,33 @@ class Pool:
 
     def _add(self, name: str, host: str, port: int) -> _Member:
         m = self._members[name] = _Member(name=name, host=host, port=port)
-        bisect.insort(self._names, name)
+        i = bisect.bisect_left(self._names, name)
+        self._names.insert(i, name)
+        self._statuses.insert(i, None)
+        self._eligibleFlags.insert(i, False)
+        self._stale.add(name)
+        self._reindex()
         return m
 
+    def _reindex(self) -> None:
+        # Only when a backend joins or leaves: rare beside routing.
+        self._index = {n: i for i, n in enumerate(self._names)}
+
     def _status(self, m: _Member) -> BackendStatus:
-        status = self._statuses.get(m.name)
+        i = self._index[m.name]
+        status = self._statuses[i]
         if status is None:
-            status = self._statuses[m.name] = m.status()
+            status = self._statuses[i] = m.status()
+            self._eligibleFlags[i] = (
+                status.state is State.UP and status.weight > 0 and not status.full
+            )
         return status
 
     def _changed(self, m: _Member) -> None:
-        self._statuses.pop(m.name, None)
+        i = self._index.get(m.name)
+        if i is not None:  # not removed
+            self._statuses[i] = None
+            self._stale.add(m.name)
         self._snapshot = None
         self._eligible = None
         if self._watchers:
