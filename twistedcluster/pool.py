@@ -203,19 +203,23 @@ class Pool:
     Each backend's status is cached until that backend changes, and the
     snapshots until any does: a new client connection changes one backend,
     so routing the next one rebuilds one status, not one per backend, and
-    the snapshots are copied from lists kept in order (no Python work per
-    backend).
+    the snapshots are copied from lists kept in order, in which only that
+    status is replaced (no Python work per backend).
     """
 
     def __init__(self) -> None:
         self._members: Dict[str, _Member] = {}
-        # In step, sorted by name: the names, each one's cached status (None
-        # until rebuilt) and whether it is eligible; _index finds a name.
-        self._names: List[str] = []
-        self._statuses: List[Optional[BackendStatus]] = []
+        self._names: List[str] = []  # sorted
+        #: Each backend's status, until it changes.
+        self._statuses: Dict[str, BackendStatus] = {}
+        # The snapshot's parts, in the order of _names: statuses, whether
+        # each is eligible, and where each name is.  Rebuilt whole after a
+        # backend joins or leaves (_layoutStale); otherwise only the entries
+        # of the backends that changed (_stale) are replaced.
+        self._ordered: List[BackendStatus] = []
         self._eligibleFlags: List[bool] = []
         self._index: Dict[str, int] = {}
-        #: Names whose status is None, rebuilt before the next snapshot.
+        self._layoutStale = False
         self._stale: Set[str] = set()
         self._snapshot: Optional[Tuple[BackendStatus, ...]] = None
         self._eligible: Optional[Tuple[BackendStatus, ...]] = None
@@ -254,10 +258,19 @@ class Pool:
         """
         if self._snapshot is None:
             members, status = self._members, self._status
-            for name in self._stale:
-                status(members[name])
+            if self._layoutStale:
+                self._ordered = [status(members[n]) for n in self._names]
+                self._eligibleFlags = [_isEligible(s) for s in self._ordered]
+                self._index = {n: i for i, n in enumerate(self._names)}
+                self._layoutStale = False
+            else:
+                ordered, flags, index = self._ordered, self._eligibleFlags, self._index
+                for name in self._stale:
+                    i = index[name]
+                    ordered[i] = s = status(members[name])
+                    flags[i] = _isEligible(s)
             self._stale.clear()
-            self._snapshot = tuple(self._statuses)
+            self._snapshot = tuple(self._ordered)
         return self._snapshot
 
     def eligible(self) -> Tuple[BackendStatus, ...]:
@@ -359,11 +372,10 @@ class Pool:
         Forget a backend, admin state included.
         """
         m = self._members.pop(self._member(name).name)
-        i = self._index[m.name]
-        del self._names[i], self._statuses[i], self._eligibleFlags[i]
-        self._stale.discard(m.name)
-        self._reindex()
+        self._names.remove(m.name)
         self._changed(m)
+        self._stale.discard(m.name)
+        self._layoutStale = True
 
     # -- reports from the backend ---------------------------------------
 
@@ -491,38 +503,32 @@ class Pool:
 
     def _add(self, name: str, host: str, port: int) -> _Member:
         m = self._members[name] = _Member(name=name, host=host, port=port)
-        i = bisect.bisect_left(self._names, name)
-        self._names.insert(i, name)
-        self._statuses.insert(i, None)
-        self._eligibleFlags.insert(i, False)
-        self._stale.add(name)
-        self._reindex()
+        bisect.insort(self._names, name)
+        self._layoutStale = True
         return m
 
-    def _reindex(self) -> None:
-        # Only when a backend joins or leaves: rare beside routing.
-        self._index = {n: i for i, n in enumerate(self._names)}
-
     def _status(self, m: _Member) -> BackendStatus:
-        i = self._index[m.name]
-        status = self._statuses[i]
+        status = self._statuses.get(m.name)
         if status is None:
-            status = self._statuses[i] = m.status()
-            self._eligibleFlags[i] = (
-                status.state is State.UP and status.weight > 0 and not status.full
-            )
+            status = self._statuses[m.name] = m.status()
         return status
 
     def _changed(self, m: _Member) -> None:
-        i = self._index.get(m.name)
-        if i is not None:  # not removed
-            self._statuses[i] = None
-            self._stale.add(m.name)
+        self._statuses.pop(m.name, None)
+        self._stale.add(m.name)
         self._snapshot = None
         self._eligible = None
         if self._watchers:
             for callback in list(self._watchers):
                 callback()
+
+
+def _isEligible(s: BackendStatus) -> bool:
+    """
+    Whether a backend may take a new connection: up, with a weight, and not
+    at capacity.
+    """
+    return s.state is State.UP and s.weight > 0 and not s.full
 
 
 def names(statuses: Iterable[BackendStatus]) -> Tuple[str, ...]:
