@@ -62,7 +62,7 @@ SYSCALL_HINTS = {
     "Dialled.__init__ (twistedcluster/fasttcp.py)": "socket()",
     "Dialled.dial (twistedcluster/fasttcp.py)": "connect(), twice when the kernel completes it at once",
     "LeanEPollReactor.doPoll (twistedcluster/reactor.py)": "epoll_wait() and the loop around it",
-    "Dialled._connectDone (twistedcluster/fasttcp.py)": "getsockopt(SO_ERROR)",
+    "Dialled._connectDone (twistedcluster/fasttcp.py)": "connect() again, when the connect was not over at once",
     "Connection.doRead (internet/tcp.py)": "recv()",
     "EPollReactor.doPoll (internet/epollreactor.py)": "epoll_wait() and the loop around it",
     "EPollReactor._add (internet/epollreactor.py)": "epoll_ctl() when a transport starts writing or reading",

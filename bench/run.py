@@ -450,7 +450,8 @@ class Bench:
             m = lambda kind, key: self._aggregate(kind, name, key, stat)
             ms_ = lambda v: None if v is None else v * 1000
             us_ = lambda v: None if v is None else v * 1e6
-            mb = lambda v: None if v is None else v * 1e6
+            # seconds per byte echoed, as us per MB (1e6 us, 1e6 bytes)
+            usPerMB = lambda v: None if v is None else v * 1e12
             out[name] = {
                 "echo_rps": m("echo", "rate"),
                 "echo_p50": ms_(m("echo", "p50")),
@@ -463,8 +464,7 @@ class Bench:
                 "rss_per_conn": m("held", "perConn"),
                 "cpu_per_echo": us_(m("echo", "serverCpuPerOp")),
                 "cpu_per_conn": us_(m("connect", "serverCpuPerOp")),
-                # seconds per byte echoed, as us per MB
-                "cpu_per_mb": us_(mb(m("bulk", "serverCpuPerOp"))),
+                "cpu_per_mb": usPerMB(m("bulk", "serverCpuPerOp")),
             }
         return out
 
@@ -593,7 +593,7 @@ class Bench:
                     spread = f"; medians {mb / mp:.2f}x"
                 spread += f"; per round {', '.join(f'{x:.2f}' for x in rounds)}"
             cpuKey = {"echo_rps": "cpu_per_echo", "conn_rate": "cpu_per_conn", "bulk_mbps": "cpu_per_mb"}[key]
-            if cpuKey and figs["balancer"][cpuKey] and figs["portforward"][cpuKey]:
+            if figs["balancer"][cpuKey] and figs["portforward"][cpuKey]:
                 spread += (
                     f"; by server CPU per {'MB' if key == 'bulk_mbps' else 'operation'} "
                     f"{figs['portforward'][cpuKey] / figs['balancer'][cpuKey]:.2f}x"

@@ -51,6 +51,9 @@ _INTERNALS = (
 _DONE = Failure(error.ConnectionDone())
 
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR)
+#: What connect() says of a connect already started: still under way, or done.
+_UNDER_WAY = _IN_PROGRESS + (errno.EALREADY,)
+_CONNECTED = (0, errno.EISCONN)
 
 
 class Dialled(tcp.Connection):
@@ -109,13 +112,12 @@ class Dialled(tcp.Connection):
         connect = self.socket.connect_ex
         err = connect(self.realAddress)
         if err in _IN_PROGRESS:
-            # A second connect() says whether the handshake is over: 0 (or
-            # EISCONN) when it is, EALREADY while it is under way.
+            # A second connect() says whether the handshake is over.
             err = connect(self.realAddress)
-        if err == 0 or err == errno.EISCONN:
+        if err in _CONNECTED:
             self._connected()
             return
-        if err not in _IN_PROGRESS and err != errno.EALREADY:
+        if err not in _UNDER_WAY:
             self._timeoutCall = self.reactor.callLater(0, self._fail, _connectError(err))
             return
         # Until the connect completes, either readiness means "look".
@@ -141,9 +143,9 @@ class Dialled(tcp.Connection):
         # EISCONN), still connecting (a wake-up that was not for this
         # connect), or why it failed.
         err = self.socket.connect_ex(self.realAddress)
-        if err in _IN_PROGRESS or err == errno.EALREADY:
+        if err in _UNDER_WAY:
             return None
-        if err and err != errno.EISCONN:
+        if err not in _CONNECTED:
             self._fail(_connectError(err))
             return None
         del self.doRead, self.doWrite  # the class's own again

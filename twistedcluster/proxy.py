@@ -565,32 +565,28 @@ class ProxyServer(_Relay):
     def _connectFailed(self, reason, attempt: _Attempt) -> None:
         self._attempt = None
         factory = self.factory
-        name, host, port = attempt.name, attempt.host, attempt.port
-        if reason.check(ConnectBindError):
-            # No socket here (out of file descriptors, say): the balancer's
-            # trouble, not the backend's, so it does not count towards
-            # taking the backend out.
-            factory.cluster.pool.connectFailed(name, countFailure=False, reports=attempt.reports)
-            log.warn(
-                "proxy: no socket for a connect to backend {backend} at {host}:{port}: "
-                "{error}; not counted against the backend; trying another",
-                backend=name,
-                host=host,
-                port=port,
-                error=reason.getErrorMessage(),
-            )
-            return self._tryNext()
-        failures = factory.cluster.pool.connectFailed(name, reports=attempt.reports)
+        name = attempt.name
+        # No socket here (out of file descriptors, say) is the balancer's
+        # trouble, not the backend's: it does not count towards taking the
+        # backend out.
+        local = reason.check(ConnectBindError) is not None
+        failures = factory.cluster.pool.connectFailed(
+            name, countFailure=not local, reports=attempt.reports
+        )
         log.warn(
-            "proxy: connect to backend {backend} at {host}:{port} failed "
+            "proxy: no socket for a connect to backend {backend} at {host}:{port}: "
+            "{error}; not counted against the backend; trying another"
+            if local
+            else "proxy: connect to backend {backend} at {host}:{port} failed "
             "({failures} in a row): {error}; trying another",
             backend=name,
-            host=host,
-            port=port,
+            host=attempt.host,
+            port=attempt.port,
             failures=failures,
             error=reason.getErrorMessage(),
         )
-        factory.connectFailures(name, failures)
+        if not local:
+            factory.connectFailures(name, failures)
         self._tryNext()
 
     def _giveUp(self, why: str) -> None:
