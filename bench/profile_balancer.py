@@ -11,7 +11,8 @@ does), drives each load for --duration seconds while ``py-spy record``
 samples the balancer, writes the collapsed stacks of each load to --out
 (flamegraph.pl and speedscope read them), and prints the functions with the most samples: by
 self time (the innermost Python frame) and by total time (anywhere on the
-stack).
+stack).  ``--process backend`` drives the load straight to the echo backend
+and profiles that instead.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ SYSCALL_HINTS = {
 }
 
 
-def summarise(collapsed: Path, top: int, seconds: float, rate: int) -> str:
+def summarise(collapsed: Path, top: int, seconds: float, rate: int, who: str = "balancer") -> str:
     selfCounts: collections.Counter = collections.Counter()
     totalCounts: collections.Counter = collections.Counter()
     samples = 0
@@ -96,7 +97,7 @@ def summarise(collapsed: Path, top: int, seconds: float, rate: int) -> str:
             totalCounts[f] += n
     expected = seconds * rate
     lines = [
-        f"  {samples:,} samples of the balancer's main thread at {rate}/s over "
+        f"  {samples:,} samples of the {who}'s main thread at {rate}/s over "
         f"{seconds:g} s: busy (not waiting in epoll) about {samples / expected:.0%} of the time"
         if expected
         else f"  {samples:,} samples",
@@ -146,9 +147,10 @@ SYSCALL_EVENTS = [
 
 
 def _params(load, bench, benchRun, args):
-    addr = bench.targets["balancer"].addr
+    target = bench.targets[_TARGET[args.process]]
+    addr = target.addr
     if load == "echo":
-        return "echo", "req/s", bench.echoParams(bench.targets["balancer"], args.connections)
+        return "echo", "req/s", bench.echoParams(target, args.connections)
     if load == "connect":
         shares = benchRun.split(args.inflight, args.workers)
         return "connect", "conn/s", [
@@ -162,6 +164,10 @@ def _params(load, bench, benchRun, args):
          "sources": bench.sources} if n else None
         for i, n in enumerate(shares)
     ]
+
+
+# The load goes through the balancer, or straight to the backend to profile it.
+_TARGET = {"balancer": "balancer", "backend": "direct"}
 
 
 def _cpuSplit(pid: int):
@@ -227,6 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--kernel", action="store_true", help="also perf record the balancer and list its hottest C and kernel symbols")
     p.add_argument("--native", action="store_true", help="also sample C frames (py-spy --native: pauses the balancer for each sample, so slower)")
     p.add_argument("--out", default=None, help="folder for the collapsed stacks (default: a temporary folder)")
+    p.add_argument("--process", choices=sorted(_TARGET), default="balancer", help="the process profiled: the balancer (load through it; default) or the echo backend (load straight to it)")
     p.add_argument("--installed", action="store_true", help="profile the installed twistedcluster, not this checkout")
     p.add_argument("--code", default=None, metavar="DIR", help="profile the twistedcluster package in DIR instead of this checkout")
     args = p.parse_args(argv)
@@ -268,13 +275,14 @@ def main(argv=None) -> int:
     reports = []
     try:
         bench.targets = bench.servers.start()
-        pid = bench.targets["balancer"].pid
-        say(f"balancer pid {pid}; profiles go to {out}/")
+        who = args.process
+        pid = bench.targets[_TARGET[who]].pid
+        say(f"{who} pid {pid}; profiles go to {out}/")
         for load in [l.strip() for l in args.loads.split(",") if l.strip()]:
             if load not in LOADS:
                 p.error(f"unknown load {load!r}: choose from {', '.join(LOADS)}")
             kind, unit, params = _params(load, bench, benchRun, args)
-            collapsed = out / f"balancer-{load}.txt"
+            collapsed = out / f"{who}-{load}.txt"
             seen: dict = {}
 
             def window(start, end, collapsed=collapsed, seen=seen):
@@ -306,7 +314,7 @@ def main(argv=None) -> int:
                 seen["cpu1"] = _cpuSplit(pid)
                 seen["t1"] = time.monotonic()
 
-            say(f"{load}: {args.duration:g} s of load on the balancer, py-spy sampling at {args.rate}/s"
+            say(f"{load}: {args.duration:g} s of load on the {who}, py-spy sampling at {args.rate}/s"
                 + (", perf counting its system calls" if perf else "") + " ...")
             results = bench.lg.run(kind, params, 1.0, args.duration, onWindow=window)
             spyErr = _finish(seen["spy"])
@@ -324,9 +332,9 @@ def main(argv=None) -> int:
             perOp = "per MB" if kind == "bulk" else ("per connection" if kind == "connect" else "per echo")
             opsPerSecond = rate / 1e6 if kind == "bulk" else rate
             text = [
-                f"balancer under the {load} load: {shown:,.{1 if kind == 'bulk' else 0}f} {unit} while sampled; "
+                f"{who} under the {load} load: {shown:,.{1 if kind == 'bulk' else 0}f} {unit} while sampled; "
                 f"collapsed stacks in {collapsed}",
-                f"  balancer CPU: {user:.0%} user (Python) + {system:.0%} system (kernel: system calls, "
+                f"  {who} CPU: {user:.0%} user (Python) + {system:.0%} system (kernel: system calls, "
                 f"loopback TCP) of one core = {(user + system) / opsPerSecond * 1e6:.1f} us {perOp} "
                 f"({user / opsPerSecond * 1e6:.1f} user + {system / opsPerSecond * 1e6:.1f} system)",
             ]
@@ -335,7 +343,7 @@ def main(argv=None) -> int:
             if "record" in seen:
                 _finish(seen["record"])
                 text.append(_perfReport(perf, out / f"perf-{load}.data", args.top))
-            text.append(summarise(collapsed, args.top, seen["seconds"], args.rate))
+            text.append(summarise(collapsed, args.top, seen["seconds"], args.rate, who))
             reports.append("\n".join(text))
     finally:
         bench.lg.close()

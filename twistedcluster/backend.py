@@ -249,7 +249,20 @@ class BackendService(Service):
 
 
 def makeService(options: Options, reactor=None) -> BackendService:
+    """
+    Compose the backend: the counted service, its listener and the load
+    reporter.
+
+    Under twistd with no --reactor, the built-in echo service runs on
+    L{twistedcluster.reactor.LeanEPollReactor} (it logs nothing with the
+    legacy log context that reactor leaves out); a --service of your own
+    keeps Twisted's default reactor, since its protocols may.
+    """
     if reactor is None:
+        if options["service"] == "echo":
+            from twistedcluster.reactor import installIfNone
+
+            installIfNone()
         from twisted.internet import reactor
 
     capacity = options["capacity"]
@@ -293,4 +306,5 @@ def makeService(options: Options, reactor=None) -> BackendService:
         drainTimeout=options["drain-timeout"],
     )
     counting.onChange = svc.connectionsChanged
+    log.info("backend reactor: {reactor}", reactor=type(reactor).__qualname__)
     return svc

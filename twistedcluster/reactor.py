@@ -1,6 +1,7 @@
 """
-The reactor the balancer runs on unless twistd is told another: Twisted's
-epoll reactor without the legacy log context it sets around every I/O event.
+The reactor the balancer, and a backend serving the built-in echo, run on
+unless twistd is told another: Twisted's epoll reactor without the legacy
+log context it sets around every I/O event.
 
 C{EPollReactor.doPoll} calls each ready descriptor through
 C{twisted.python.log.callWithLogger}, which asks the transport for its log
@@ -12,8 +13,9 @@ proxy pays for it twice per relayed message and six times per connection
 echo, 6% per new connection).  Errors are still caught and logged, with the
 descriptor named in the event.
 
-Anything that needs the legacy context runs the balancer under Twisted's
-own reactor: C{twistd --reactor=epoll cluster-balancer ...}.
+Anything that needs the legacy context runs under Twisted's own reactor:
+C{twistd --reactor=epoll cluster-balancer ...}.  A backend serving its own
+--service keeps Twisted's default reactor.
 """
 
 from __future__ import annotations

@@ -1,0 +1,170 @@
+"""
+CountingFactory over real loopback sockets: the count, and that the service's
+protocol sees its transport and events as if it were not wrapped (plain TCP
+and TLS).
+"""
+
+import socket
+import ssl
+
+import pytest_twisted
+from cryptography.hazmat.primitives.serialization import Encoding
+from twisted.internet import reactor, task
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
+from zope.interface import implementer
+
+from tests.certificates import Authority, writePair
+from twistedcluster.counting import CountingFactory
+
+
+async def until(condition, timeout=10.0, what="condition"):
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
+class Recorder(Protocol):
+    """
+    Writes back what it gets; records what it was told.
+    """
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def connectionMade(self):
+        self.seen.append(("made", ITCPTransport.providedBy(self.transport)))
+
+    def dataReceived(self, data):
+        self.seen.append(("data", data))
+        self.transport.write(data)
+
+    def connectionLost(self, reason):
+        self.seen.append(("lost", type(reason.value).__name__))
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloser(Recorder):
+    def readConnectionLost(self):
+        self.seen.append(("readLost",))
+        self.transport.write(b"bye")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        self.seen.append(("writeLost",))
+
+
+@implementer(IHandshakeListener)
+class Handshaker(Recorder):
+    def handshakeCompleted(self):
+        self.seen.append(("handshake",))
+
+
+def counted(protocolClass):
+    seen, changes = [], []
+    factory = CountingFactory(Factory.forProtocol(lambda: protocolClass(seen)), changes.append)
+    return factory, seen, changes
+
+
+def exchange(port, half):
+    """
+    Send, read the echo, end the input; what the server sends after that.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"ping")
+        assert s.recv(10) == b"ping"
+        s.shutdown(socket.SHUT_WR if half else socket.SHUT_RDWR)
+        rest = b""
+        while half:
+            chunk = s.recv(100)
+            if not chunk:
+                break
+            rest += chunk
+        return rest
+
+
+@pytest_twisted.ensureDeferred
+async def test_counts_connections_and_the_service_gets_its_real_transport():
+    factory, seen, changes = counted(Recorder)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    try:
+        assert await deferToThread(exchange, port.getHost().port, False) == b""
+        await until(lambda: factory.count == 0 and changes == [1, 0], what="count back to 0")
+        assert seen[:2] == [("made", True), ("data", b"ping")]
+        assert seen[-1][0] == "lost"
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_end_of_input_closes_a_service_that_is_not_half_closeable():
+    # Wrapped as if half-closeable, the end of input would go nowhere and the
+    # connection would stay open.
+    factory, seen, _ = counted(Recorder)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    try:
+        assert await deferToThread(exchange, port.getHost().port, True) == b""
+        await until(lambda: factory.count == 0, what="closed")
+        assert ("readLost",) not in seen
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_half_closeable_service_is_told_of_the_end_of_input():
+    factory, seen, _ = counted(HalfCloser)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    try:
+        assert await deferToThread(exchange, port.getHost().port, True) == b"bye"
+        await until(lambda: factory.count == 0, what="closed")
+        assert ("readLost",) in seen
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_service_is_told_of_the_handshake(tmp_path):
+    ca = Authority()
+    key, cert = writePair(tmp_path, "server", *ca.issue("localhost", ips=["127.0.0.1"]))
+    factory, seen, changes = counted(Handshaker)
+    port = await serverFromString(
+        reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    ).listen(factory)
+
+    def client():
+        context = ssl.create_default_context(cadata=ca.cert.public_bytes(Encoding.PEM).decode())
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(b"ping")
+                return s.recv(10)
+
+    try:
+        assert await deferToThread(client) == b"ping"
+        await until(lambda: ("handshake",) in seen, what="handshake")
+        await until(lambda: factory.count == 0, what="closed")
+        assert changes[0] == 1
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_all_aborts_what_is_open():
+    factory, seen, _ = counted(Recorder)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    s = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        await until(lambda: factory.count == 1, what="connected")
+        factory.closeAll()
+        await until(lambda: factory.count == 0, what="aborted")
+        assert seen[-1] == ("lost", "ConnectionAborted")
+    finally:
+        s.close()
+        await port.stopListening()
