@@ -160,7 +160,7 @@ def _params(load, bench, benchRun, args):
         ]
     shares = benchRun.split(4, args.workers)
     return "bulk", "MB/s", [
-        {"addr": addr, "connections": n, "chunk": 65536, "window": 1 << 20, "cidBase": i,
+        {"addr": addr, "connections": n, "chunk": benchRun.BULK_CHUNK, "window": benchRun.BULK_WINDOW, "cidBase": i,
          "sources": bench.sources} if n else None
         for i, n in enumerate(shares)
     ]

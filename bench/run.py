@@ -64,6 +64,11 @@ RATIOS = [
 ]
 
 SATURATED = 0.90  # a worker busy this much of its window is saturated
+# Bulk: each connection keeps at most BULK_WINDOW bytes sent and not yet
+# echoed, and writes up to BULK_CHUNK at a time (larger writes cost the load
+# generator less CPU per MB, and it shares the cores with what it measures).
+BULK_CHUNK = 256 * 1024
+BULK_WINDOW = 1 << 20
 NOISY = 0.25  # CPU (in cores) used by processes other than ours: a noisy measurement
 
 
@@ -274,8 +279,8 @@ class Bench:
             {
                 "addr": self.targets[name].addr,
                 "connections": n,
-                "chunk": 65536,
-                "window": 1 << 20,
+                "chunk": BULK_CHUNK,
+                "window": BULK_WINDOW,
                 "cidBase": i,
                 "sources": self.sources,
             }
