@@ -132,3 +132,26 @@ def test_routingCostIsPrinted():
         (p, n) for p in ("least-load", "least-conn", "round-robin") for n in ("1", "20")
     ]
     assert all(float(r[2]) > 0 for r in rows)
+
+
+def test_reusePortRunsSeveralBalancersOnOnePort(tmp_path):
+    # Two balancer processes share one port (each its own SO_REUSEPORT
+    # socket, handed over as a systemd socket); both relay without errors.
+    _skipUnlessPossible()
+    script = ROOT / "bench" / "reuseport.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--processes", "1,2", "--rounds", "1",
+         "--duration", "0.4", "--warmup", "0.1", "--inflight", "4", "--connections", "8"],
+        capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = line.split()
+        if cells and cells[0] in ("1", "2"):
+            rows[cells[0]] = cells
+    assert set(rows) == {"1", "2"}, result.stdout
+    for cells in rows.values():
+        assert float(cells[1].replace(",", "")) > 0 and float(cells[4].replace(",", "")) > 0
+    assert "errors" not in result.stderr
