@@ -113,6 +113,40 @@ def test_port_in_use_exits_with_the_reason(tmp_path):
     assert "Address already in use" in r.stdout + r.stderr
 
 
+@pytest.mark.parametrize(
+    "service, expected",
+    [("echo", "LeanEPollReactor"), ("twistedcluster.echo.echoFactory", "EPollReactor")],
+)
+def test_backend_runs_the_lean_reactor_only_for_the_built_in_echo(tmp_path, service, expected):
+    # A service of one's own may log with the legacy context that the lean
+    # reactor leaves out: it keeps Twisted's default reactor.
+    import re
+
+    from twistedcluster.localcluster import Process, freePort, waitFor
+
+    proc = Process(
+        "backend",
+        twistdCommand("cluster-backend", [
+            f"--listen=tcp:{freePort()}:interface=127.0.0.1",
+            f"--service={service}",
+            # Nothing listens there: the backend keeps retrying, and serves.
+            f"--balancer=tcp:host=127.0.0.1:port={freePort()}",
+        ]),
+        tmp_path / "backend.log",
+    )
+    try:
+        found = []
+
+        def logged():
+            found[:] = re.findall(r"backend reactor: (\w+)", proc.logText())
+            return found or not proc.alive()
+
+        waitFor(logged, 30, "the backend to say which reactor it runs on")
+        assert found == [expected], proc.logText()[-2000:]
+    finally:
+        proc.stop()
+
+
 def balancerService(logged, *args):
     o = balancer.Options()
     o.parseOptions(["--listen=tcp:0:interface=127.0.0.1", *args])
