@@ -680,16 +680,26 @@ class Bench:
             machine = statistics.median(f["machineBusy"] or 0 for f in many)
             if c1 >= SATURATED:
                 lines.append("one worker alone saturates: the figures use all the workers")
+            # The backend at its busiest: in the rounds, or alone with 1 worker.
+            backendMax = max(backend, one[0]["serverCpu"] or 0)
             if rn < 1.1 * r1:
-                if backend >= SATURATED:
-                    lines.append("adding workers does not raise the direct figure: the single-threaded echo backend is the limit there, not the load generator")
+                if backendMax >= SATURATED:
+                    lines.append(
+                        f"adding workers does not raise the direct figure: the single-threaded echo backend "
+                        f"(up to {backendMax:.0%} of a core) is the limit there, not the load generator"
+                    )
                 elif machine >= SATURATED:
                     lines.append(
                         f"adding workers does not raise the direct figure: the machine's cores were {machine:.0%} busy "
                         "(load generator, backend, kernel and whatever else runs here share them), no worker was saturated"
                     )
-                else:
+                elif lg >= SATURATED:
                     lines.append("adding workers does not raise the direct figure and neither the backend nor the machine is busy: the load generator saturates")
+                else:
+                    lines.append(
+                        "adding workers does not raise the direct figure, and no worker, nor the backend, nor the "
+                        "machine was saturated: the closed loop's round trips (process wake-ups) set it"
+                    )
             elif c1 < SATURATED:
                 lines.append(
                     "adding workers raised the direct figure although one worker was not saturated: in a "
