@@ -63,6 +63,13 @@ class SetUp:
         self.controlPorts: List[int] = []
         self.procs: List[subprocess.Popen] = []
         self._sockets: List[socket.socket] = []
+        try:
+            self._start(n, logs, env, twistdCommand, freePort)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, n, logs, env, twistdCommand, freePort) -> None:
         for i in range(n):
             listener = _reusePortListener(self.port)
             self._sockets.append(listener)
@@ -85,7 +92,7 @@ class SetUp:
                 self.procs.append(subprocess.Popen(
                     ["sh", "-c", shell, "sh", *argv],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                    pass_fds=tuple(sorted({fd, SD_LISTEN_FDS_START})), preexec_fn=handOver,
+                    pass_fds=(SD_LISTEN_FDS_START,), preexec_fn=handOver,
                 ))
 
     def cpu(self) -> float:
@@ -119,8 +126,8 @@ def main(argv=None) -> int:
         counts = [int(c) for c in args.processes.split(",") if c.strip()]
     except ValueError:
         p.error("--processes: comma-separated whole numbers")
-    if not counts or not all(1 <= c <= 32 for c in counts):
-        p.error("--processes: counts from 1 to 32")
+    if not counts or not all(1 <= c <= 32 for c in counts) or len(set(counts)) != len(counts):
+        p.error("--processes: different counts from 1 to 32")
     if not (1 <= args.rounds <= 10 and 0 < args.duration <= 60 and 0 <= args.warmup <= 10):
         p.error("--rounds 1..10, --duration (0, 60], --warmup [0, 10]")
     if not hasattr(socket, "SO_REUSEPORT"):
@@ -198,7 +205,7 @@ def main(argv=None) -> int:
                     if bad:
                         raise RuntimeError(f"{bad} failed or corrupt exchanges through {n} balancer(s)")
                     key = (kind, n)
-                    if rate > best.get(key, {}).get("rate", 0):
+                    if key not in best or rate > best[key]["rate"]:
                         # The CPU is sampled around the whole task (warm-up
                         # included), at about the measured rate.
                         best[key] = {"rate": rate, "cpuPerOp": cores / max(rate, 1e-9) * 1e6}
@@ -219,10 +226,15 @@ def main(argv=None) -> int:
     print(f"{'processes':>9}  {'new conn/s':>11} {'ratio':>6} {'us CPU/conn':>11}  "
           f"{'echo req/s':>11} {'ratio':>6} {'us CPU/echo':>11}")
     first = counts[0]
+
+    def ratio(kind, n):
+        base = best[(kind, first)]["rate"]
+        return best[(kind, n)]["rate"] / base if base else float("nan")
+
     for n in counts:
         c, e = best[("connect", n)], best[("echo", n)]
-        print(f"{n:>9}  {c['rate']:>11,.0f} {c['rate'] / best[('connect', first)]['rate']:>5.2f}x "
-              f"{c['cpuPerOp']:>11.1f}  {e['rate']:>11,.0f} {e['rate'] / best[('echo', first)]['rate']:>5.2f}x "
+        print(f"{n:>9}  {c['rate']:>11,.0f} {ratio('connect', n):>5.2f}x "
+              f"{c['cpuPerOp']:>11.1f}  {e['rate']:>11,.0f} {ratio('echo', n):>5.2f}x "
               f"{e['cpuPerOp']:>11.1f}")
     print("us CPU: all the balancer processes' CPU over the measurement, per operation")
     return 0

@@ -64,9 +64,10 @@ RATIOS = [
 ]
 
 SATURATED = 0.90  # a worker busy this much of its window is saturated
-# Bulk: each connection keeps at most BULK_WINDOW bytes sent and not yet
-# echoed, and writes up to BULK_CHUNK at a time (larger writes cost the load
-# generator less CPU per MB, and it shares the cores with what it measures).
+# Bulk: each connection writes up to BULK_CHUNK at a time (larger writes cost
+# the load generator less CPU per MB, and it shares the cores with what it
+# measures) and stops writing once BULK_WINDOW bytes are sent and not yet
+# echoed (the last write may pass it, by less than BULK_CHUNK).
 BULK_CHUNK = 256 * 1024
 BULK_WINDOW = 1 << 20
 NOISY = 0.25  # CPU (in cores) used by processes other than ours: a noisy measurement

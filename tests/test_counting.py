@@ -14,11 +14,13 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
+    IProtocolFactory,
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
-from zope.interface import implementer
+from twisted.python import log as legacyLog
+from zope.interface import alsoProvides, implementer
 
 from tests.certificates import Authority, writePair
 from twistedcluster.counting import CountingFactory
@@ -167,4 +169,78 @@ async def test_close_all_aborts_what_is_open():
         assert seen[-1] == ("lost", "ConnectionAborted")
     finally:
         s.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_service_factory_with_only_IProtocolFactory_can_listen():
+    # --service accepts any IProtocolFactory provider: no logPrefix needed.
+    @implementer(IProtocolFactory)
+    class Bare:
+        def buildProtocol(self, addr):
+            return Recorder([])
+
+        def doStart(self):
+            pass
+
+        def doStop(self):
+            pass
+
+    factory = CountingFactory(Bare())
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    try:
+        assert await deferToThread(exchange, port.getHost().port, False) == b""
+        await until(lambda: factory.count == 0, what="closed")
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_legacy_log_context_names_the_service_protocol():
+    # A service of one's own that logs with twisted.python.log gets its own
+    # protocol's name as the event's system, as if it were not wrapped.
+    systems = []
+
+    def observer(event):
+        if event.get("message") == ("service says hi",):
+            systems.append(event["system"])
+
+    class Named(Recorder):
+        def dataReceived(self, data):
+            legacyLog.msg("service says hi")
+            super().dataReceived(data)
+
+    legacyLog.addObserver(observer)
+    factory, _, _ = counted(Named)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    try:
+        await deferToThread(exchange, port.getHost().port, False)
+        assert systems and systems[0].startswith("Named,"), systems
+    finally:
+        legacyLog.removeObserver(observer)
+        await port.stopListening()
+
+
+class LateHalfCloser(Recorder):
+    """
+    Declares half-close only once connected.
+    """
+
+    def connectionMade(self):
+        super().connectionMade()
+        alsoProvides(self, IHalfCloseableProtocol)
+
+    readConnectionLost = HalfCloser.readConnectionLost
+    writeConnectionLost = HalfCloser.writeConnectionLost
+
+
+@pytest_twisted.ensureDeferred
+async def test_half_close_declared_in_connectionMade_is_passed_on():
+    factory, seen, _ = counted(LateHalfCloser)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    try:
+        assert await deferToThread(exchange, port.getHost().port, True) == b"bye"
+        await until(lambda: factory.count == 0, what="closed")
+        assert ("readLost",) in seen
+    finally:
         await port.stopListening()

@@ -12,7 +12,8 @@ connection: a third of the echo backend's CPU per new connection
 Here the service's protocol gets the real transport; the wrapper only
 passes the transport's events on, and declares the optional event
 interfaces the service's protocol has (half-close, TLS handshake) on one
-class per combination, built once.
+class per combination, built once, which it takes on once the service's
+protocol is connected.
 """
 
 from __future__ import annotations
@@ -22,20 +23,21 @@ from typing import Callable, Dict, Optional, Set, Tuple
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
+    ILoggingContext,
     IProtocol,
 )
 from twisted.internet.protocol import Factory
 from zope.interface import classImplements, implementer
 
 
-@implementer(IProtocol)
+@implementer(IProtocol, ILoggingContext)
 class _Counted:
     """
     Between a transport and the service's protocol: counts the connection
     while it is open.
     """
 
-    __slots__ = ("factory", "wrapped", "transport")
+    __slots__ = ("factory", "wrapped", "transport", "__weakref__")
 
     def __init__(self, factory: "CountingFactory", wrapped) -> None:
         self.factory = factory
@@ -43,14 +45,22 @@ class _Counted:
         self.transport = None
 
     def logPrefix(self) -> str:
-        # The transport names itself (and logs) after its protocol.
-        prefix = getattr(self.wrapped, "logPrefix", None)
-        return prefix() if prefix is not None else self.wrapped.__class__.__name__
+        # The transport names itself, and the legacy log context, after its
+        # protocol: the service's.
+        if ILoggingContext.providedBy(self.wrapped):
+            return self.wrapped.logPrefix()
+        return self.wrapped.__class__.__name__
 
     def makeConnection(self, transport) -> None:
         self.transport = transport
         self.factory._opened(self)
         self.wrapped.makeConnection(transport)
+        # Transports look for the optional event interfaces later (at end of
+        # input, at the TLS handshake); a protocol may declare them as late
+        # as its connectionMade.
+        cls = _wrapperClass(self.wrapped)
+        if cls is not _Counted:
+            self.__class__ = cls
 
     def connectionMade(self) -> None:
         # makeConnection does the service's; nothing calls this one.
@@ -122,7 +132,10 @@ class CountingFactory(Factory):
         return len(self._open)
 
     def logPrefix(self) -> str:
-        return self.wrappedFactory.logPrefix()
+        # A service factory need only provide IProtocolFactory.
+        if ILoggingContext.providedBy(self.wrappedFactory):
+            return self.wrappedFactory.logPrefix()
+        return self.wrappedFactory.__class__.__name__
 
     def doStart(self) -> None:
         self.wrappedFactory.doStart()
@@ -136,15 +149,16 @@ class CountingFactory(Factory):
         protocol = self.wrappedFactory.buildProtocol(addr)
         if protocol is None:
             return None
-        return _wrapperClass(protocol)(self, protocol)
+        return _Counted(self, protocol)
 
     def _opened(self, p: _Counted) -> None:
         self._open.add(p)
         self._changed()
 
     def _closed(self, p: _Counted) -> None:
-        self._open.discard(p)
-        self._changed()
+        if p in self._open:
+            self._open.remove(p)
+            self._changed()
 
     def _changed(self) -> None:
         if self.onChange is not None:
