@@ -622,8 +622,8 @@ class Bench:
             ok = (b - d) <= (p - d)
             out.append({
                 "mark": "PASS" if ok else "FAIL",
-                "text": f"p50 latency added over direct, {what}: balancer +{b - d:.3f} ms, "
-                f"portforward +{p - d:.3f} ms (need balancer <= portforward)",
+                "text": f"p50 latency added over direct, {what}: balancer {b - d:+.3f} ms, "
+                f"portforward {p - d:+.3f} ms (need balancer <= portforward)",
                 "ok": ok,
             })
         per = figs["balancer"]["rss_per_conn"]
