@@ -2,7 +2,8 @@
 The default backend service: echo every byte back.
 
 Half-closeable, so a client that shuts down its sending side still gets the
-rest of its echo before the connection closes.
+rest of its echo before the connection closes.  Bounded: it stops reading
+while the echo waits to be sent.
 
 Over plain TCP it writes and closes through L{twistedcluster.fasttcp}: an
 echo is sent in the turn it was read, and the close happens when the
@@ -27,6 +28,10 @@ class Echo(Protocol):
         if plainTCP(self.transport):
             self._direct = True
             skipShutdown(self.transport)
+        # Read no faster than the client takes its echo: the transport is its
+        # own producer, so it stops reading while its write buffer is full
+        # (a client that sends and never reads holds a bounded amount here).
+        self.transport.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
         if self._direct:
