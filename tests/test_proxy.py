@@ -637,8 +637,15 @@ async def test_a_backend_at_an_unusable_scoped_address_is_counted_as_failing(loo
     # by the other backend meanwhile.
     await loopback.start([echoFactory()], ejectAfter=1)
     loopback.cluster.pool.register("bad", "fe80::1%nosuchif0", 9, capacity=100)
-    for i in range(4):
+    # Both are idle between clients, so each client goes to either one at
+    # random: keep connecting until "bad" has been tried (bounded; not
+    # trying it in 40 would be a 1 in 2**40 chance), then a few more.
+    for i in range(40):
         assert await deferToThread(echoOnce, "127.0.0.1", loopback.port, b"hi %d" % i, 10) == b"hi %d" % i
+        if loopback.cluster.pool.get("bad").failures:
+            break
+    for i in range(3):
+        assert await deferToThread(echoOnce, "127.0.0.1", loopback.port, b"after %d" % i, 10) == b"after %d" % i
     bad = loopback.cluster.pool.get("bad")
     assert bad.failures >= 1 and bad.state.value == "down" and bad.active == 0
     assert any("unusable address fe80::1%nosuchif0" in line for line in logged)
