@@ -7,6 +7,7 @@ and TLS).
 import socket
 import ssl
 
+import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import reactor, task
@@ -237,6 +238,30 @@ class LateHalfCloser(Recorder):
 @pytest_twisted.ensureDeferred
 async def test_half_close_declared_in_connectionMade_is_passed_on():
     factory, seen, _ = counted(LateHalfCloser)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    try:
+        assert await deferToThread(exchange, port.getHost().port, True) == b"bye"
+        await until(lambda: factory.count == 0, what="closed")
+        assert ("readLost",) in seen
+    finally:
+        await port.stopListening()
+
+
+@implementer(IHalfCloseableProtocol)
+class FailsToStart(Recorder):
+    def connectionMade(self):
+        raise RuntimeError("connectionMade failed after setting things up")
+
+    readConnectionLost = HalfCloser.readConnectionLost
+    writeConnectionLost = HalfCloser.writeConnectionLost
+
+
+@pytest.mark.allow_errors
+@pytest_twisted.ensureDeferred
+async def test_a_service_whose_connectionMade_raised_still_gets_half_close():
+    # Twisted logs the error and the connection carries on, as it would
+    # unwrapped: the end of input still goes to readConnectionLost.
+    factory, seen, _ = counted(FailsToStart)
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     try:
         assert await deferToThread(exchange, port.getHost().port, True) == b"bye"

@@ -54,13 +54,16 @@ class _Counted:
     def makeConnection(self, transport) -> None:
         self.transport = transport
         self.factory._opened(self)
-        self.wrapped.makeConnection(transport)
-        # Transports look for the optional event interfaces later (at end of
-        # input, at the TLS handshake); a protocol may declare them as late
-        # as its connectionMade.
-        cls = _wrapperClass(self.wrapped)
-        if cls is not _Counted:
-            self.__class__ = cls
+        try:
+            self.wrapped.makeConnection(transport)
+        finally:
+            # Transports look for the optional event interfaces later (at end
+            # of input, at the TLS handshake); a protocol may declare them as
+            # late as its connectionMade, and keeps them if that raised (the
+            # connection carries on, as it would unwrapped).
+            cls = _wrapperClass(self.wrapped)
+            if cls is not _Counted:
+                self.__class__ = cls
 
     def connectionMade(self) -> None:
         # makeConnection does the service's; nothing calls this one.

@@ -2,8 +2,8 @@
 The default backend service: echo every byte back.
 
 Half-closeable, so a client that shuts down its sending side still gets the
-rest of its echo before the connection closes.  Bounded: it stops reading
-while the echo waits to be sent.
+rest of its echo before the connection closes.  Over plain TCP it is
+bounded: it stops reading while the echo waits to be sent.
 
 Over plain TCP it writes and closes through L{twistedcluster.fasttcp}: an
 echo is sent in the turn it was read, and the close happens when the
@@ -28,10 +28,13 @@ class Echo(Protocol):
         if plainTCP(self.transport):
             self._direct = True
             skipShutdown(self.transport)
-        # Read no faster than the client takes its echo: the transport is its
-        # own producer, so it stops reading while its write buffer is full
-        # (a client that sends and never reads holds a bounded amount here).
-        self.transport.registerProducer(self.transport, True)
+            # Read no faster than the client takes its echo: the transport is
+            # its own producer, so it stops reading while its write buffer is
+            # full (a client that sends and never reads holds a bounded
+            # amount here).  Not over TLS: there a close_notify or a TLS
+            # error read while paused would leave the transport neither
+            # reading nor closing.
+            self.transport.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
         if self._direct:
