@@ -30,6 +30,17 @@ from twisted.internet.protocol import Factory
 from zope.interface import classImplements, implementer
 
 
+def _logPrefix(wrapped) -> str:
+    """
+    What C{wrapped} (the service's protocol or factory) is called in logs:
+    its own log prefix, or its class name when it has none (a service's
+    factory need only provide IProtocolFactory).
+    """
+    if ILoggingContext.providedBy(wrapped):
+        return wrapped.logPrefix()
+    return wrapped.__class__.__name__
+
+
 @implementer(IProtocol, ILoggingContext)
 class _Counted:
     """
@@ -47,9 +58,7 @@ class _Counted:
     def logPrefix(self) -> str:
         # The transport names itself, and the legacy log context, after its
         # protocol: the service's.
-        if ILoggingContext.providedBy(self.wrapped):
-            return self.wrapped.logPrefix()
-        return self.wrapped.__class__.__name__
+        return _logPrefix(self.wrapped)
 
     def makeConnection(self, transport) -> None:
         self.transport = transport
@@ -135,10 +144,7 @@ class CountingFactory(Factory):
         return len(self._open)
 
     def logPrefix(self) -> str:
-        # A service factory need only provide IProtocolFactory.
-        if ILoggingContext.providedBy(self.wrappedFactory):
-            return self.wrappedFactory.logPrefix()
-        return self.wrappedFactory.__class__.__name__
+        return _logPrefix(self.wrappedFactory)
 
     def doStart(self) -> None:
         self.wrappedFactory.doStart()
