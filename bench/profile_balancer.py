@@ -170,13 +170,6 @@ def _params(load, bench, benchRun, args):
 _TARGET = {"balancer": "balancer", "backend": "direct"}
 
 
-def _cpuSplit(pid: int):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
 def _finish(proc) -> str:
     try:
         _, err = proc.communicate(timeout=60)
@@ -250,7 +243,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
     import run as benchRun
     from loadgen import LoadGenerator
-    from servers import Servers
+    from servers import Servers, cpuTimes
 
     say = benchRun.Progress()
     benchRun.raiseFileLimit()
@@ -289,7 +282,7 @@ def main(argv=None) -> int:
                 # Sample only the measured window, after the warm-up.
                 time.sleep(max(0.0, start - time.monotonic()))
                 seconds = max(1, int(round(end - start)))
-                seen["cpu0"] = _cpuSplit(pid)
+                seen["cpu0"] = cpuTimes(pid)
                 seen["t0"] = time.monotonic()
                 cmd = [spy, "record", "--pid", str(pid), "--rate", str(args.rate),
                        "--duration", str(seconds), "--format", "raw",
@@ -311,7 +304,7 @@ def main(argv=None) -> int:
                     )
                 seen["seconds"] = seconds
                 time.sleep(max(0.0, end - time.monotonic()))
-                seen["cpu1"] = _cpuSplit(pid)
+                seen["cpu1"] = cpuTimes(pid)
                 seen["t1"] = time.monotonic()
 
             say(f"{load}: {args.duration:g} s of load on the {who}, py-spy sampling at {args.rate}/s"

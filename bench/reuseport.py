@@ -37,12 +37,6 @@ HOST = "127.0.0.1"
 SD_LISTEN_FDS_START = 3
 
 
-def _cpuSeconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _reusePortListener(port: int) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -96,7 +90,9 @@ class SetUp:
                 ))
 
     def cpu(self) -> float:
-        return sum(_cpuSeconds(p.pid) for p in self.procs)
+        from servers import cpuSeconds
+
+        return sum(cpuSeconds(p.pid) for p in self.procs)
 
     def stop(self) -> None:
         for p in self.procs:

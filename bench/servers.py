@@ -269,14 +269,21 @@ class Servers:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpuSeconds(pid: int) -> float:
+def cpuTimes(pid: int) -> tuple:
     """
-    User + system CPU seconds of a process (and its threads).
+    (user, system) CPU seconds of a process (and its threads).
     """
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # fields[0] is the state (field 3): utime, stime are fields 14, 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpuSeconds(pid: int) -> float:
+    """
+    User + system CPU seconds of a process (and its threads).
+    """
+    return sum(cpuTimes(pid))
 
 
 def rssKiB(pid: int) -> int:
