@@ -93,3 +93,19 @@ def writePair(directory: Path, name: str, key, cert):
     )
     certPath.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return keyPath, certPath
+
+
+def loopbackTLS(directory: Path):
+    """
+    A server certificate for 127.0.0.1 from a new CA: the C{ssl:} server
+    endpoint description on a free loopback port that serves it, and a
+    client C{ssl.SSLContext} that trusts it.
+    """
+    import ssl
+
+    ca = Authority()
+    key, cert = writePair(directory, "server", *ca.issue("localhost", ips=["127.0.0.1"]))
+    context = ssl.create_default_context(
+        cadata=ca.cert.public_bytes(serialization.Encoding.PEM).decode()
+    )
+    return f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}", context

@@ -7,27 +7,17 @@ import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 
+from tests.loopback import until
 from twistedcluster import backend
 from twistedcluster.cluster import Cluster
 from twistedcluster.control import ControlFactory
 from twistedcluster.localcluster import echoOnce
 from twistedcluster.pool import State
-
-
-async def until(condition, timeout=10.0, what="condition"):
-    """
-    Poll C{condition} on the reactor, at most C{timeout} seconds.
-    """
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.02, lambda: None)
 
 
 class Harness:

@@ -5,13 +5,9 @@ and TLS).
 """
 
 import socket
-import ssl
 
 import pytest
 import pytest_twisted
-from cryptography.hazmat.primitives.serialization import Encoding
-from twisted.internet import reactor, task
-from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
@@ -23,16 +19,9 @@ from twisted.internet.threads import deferToThread
 from twisted.python import log as legacyLog
 from zope.interface import alsoProvides, implementer
 
-from tests.certificates import Authority, writePair
+from tests.certificates import loopbackTLS
+from tests.loopback import listening, until
 from twistedcluster.counting import CountingFactory
-
-
-async def until(condition, timeout=10.0, what="condition"):
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.02, lambda: None)
 
 
 class Recorder(Protocol):
@@ -97,14 +86,11 @@ def exchange(port, half):
 @pytest_twisted.ensureDeferred
 async def test_counts_connections_and_the_service_gets_its_real_transport():
     factory, seen, changes = counted(Recorder)
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-    try:
-        assert await deferToThread(exchange, port.getHost().port, False) == b""
+    async with listening(factory) as port:
+        assert await deferToThread(exchange, port, False) == b""
         await until(lambda: factory.count == 0 and changes == [1, 0], what="count back to 0")
         assert seen[:2] == [("made", True), ("data", b"ping")]
         assert seen[-1][0] == "lost"
-    finally:
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -112,65 +98,48 @@ async def test_end_of_input_closes_a_service_that_is_not_half_closeable():
     # Wrapped as if half-closeable, the end of input would go nowhere and the
     # connection would stay open.
     factory, seen, _ = counted(Recorder)
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-    try:
-        assert await deferToThread(exchange, port.getHost().port, True) == b""
+    async with listening(factory) as port:
+        assert await deferToThread(exchange, port, True) == b""
         await until(lambda: factory.count == 0, what="closed")
         assert ("readLost",) not in seen
-    finally:
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_half_closeable_service_is_told_of_the_end_of_input():
     factory, seen, _ = counted(HalfCloser)
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-    try:
-        assert await deferToThread(exchange, port.getHost().port, True) == b"bye"
+    async with listening(factory) as port:
+        assert await deferToThread(exchange, port, True) == b"bye"
         await until(lambda: factory.count == 0, what="closed")
         assert ("readLost",) in seen
-    finally:
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_tls_service_is_told_of_the_handshake(tmp_path):
-    ca = Authority()
-    key, cert = writePair(tmp_path, "server", *ca.issue("localhost", ips=["127.0.0.1"]))
+    description, context = loopbackTLS(tmp_path)
     factory, seen, changes = counted(Handshaker)
-    port = await serverFromString(
-        reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-    ).listen(factory)
 
-    def client():
-        context = ssl.create_default_context(cadata=ca.cert.public_bytes(Encoding.PEM).decode())
-        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as raw:
+    def client(port):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
             with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
                 s.sendall(b"ping")
                 return s.recv(10)
 
-    try:
-        assert await deferToThread(client) == b"ping"
+    async with listening(factory, description) as port:
+        assert await deferToThread(client, port) == b"ping"
         await until(lambda: ("handshake",) in seen, what="handshake")
         await until(lambda: factory.count == 0, what="closed")
         assert changes[0] == 1
-    finally:
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
 async def test_close_all_aborts_what_is_open():
     factory, seen, _ = counted(Recorder)
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-    s = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
-    try:
-        await until(lambda: factory.count == 1, what="connected")
-        factory.closeAll()
-        await until(lambda: factory.count == 0, what="aborted")
-        assert seen[-1] == ("lost", "ConnectionAborted")
-    finally:
-        s.close()
-        await port.stopListening()
+    async with listening(factory) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            await until(lambda: factory.count == 1, what="connected")
+            factory.closeAll()
+            await until(lambda: factory.count == 0, what="aborted")
+            assert seen[-1] == ("lost", "ConnectionAborted")
 
 
 @pytest_twisted.ensureDeferred
@@ -188,12 +157,9 @@ async def test_a_service_factory_with_only_IProtocolFactory_can_listen():
             pass
 
     factory = CountingFactory(Bare())
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-    try:
-        assert await deferToThread(exchange, port.getHost().port, False) == b""
+    async with listening(factory) as port:
+        assert await deferToThread(exchange, port, False) == b""
         await until(lambda: factory.count == 0, what="closed")
-    finally:
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -211,15 +177,14 @@ async def test_the_legacy_log_context_names_the_service_protocol():
             legacyLog.msg("service says hi")
             super().dataReceived(data)
 
-    legacyLog.addObserver(observer)
     factory, _, _ = counted(Named)
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    legacyLog.addObserver(observer)
     try:
-        await deferToThread(exchange, port.getHost().port, False)
-        assert systems and systems[0].startswith("Named,"), systems
+        async with listening(factory) as port:
+            await deferToThread(exchange, port, False)
+            assert systems and systems[0].startswith("Named,"), systems
     finally:
         legacyLog.removeObserver(observer)
-        await port.stopListening()
 
 
 class LateHalfCloser(Recorder):
@@ -238,13 +203,10 @@ class LateHalfCloser(Recorder):
 @pytest_twisted.ensureDeferred
 async def test_half_close_declared_in_connectionMade_is_passed_on():
     factory, seen, _ = counted(LateHalfCloser)
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-    try:
-        assert await deferToThread(exchange, port.getHost().port, True) == b"bye"
+    async with listening(factory) as port:
+        assert await deferToThread(exchange, port, True) == b"bye"
         await until(lambda: factory.count == 0, what="closed")
         assert ("readLost",) in seen
-    finally:
-        await port.stopListening()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -262,10 +224,7 @@ async def test_a_service_whose_connectionMade_raised_still_gets_half_close():
     # Twisted logs the error and the connection carries on, as it would
     # unwrapped: the end of input still goes to readConnectionLost.
     factory, seen, _ = counted(FailsToStart)
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-    try:
-        assert await deferToThread(exchange, port.getHost().port, True) == b"bye"
+    async with listening(factory) as port:
+        assert await deferToThread(exchange, port, True) == b"bye"
         await until(lambda: factory.count == 0, what="closed")
         assert ("readLost",) in seen
-    finally:
-        await port.stopListening()

@@ -10,12 +10,10 @@ import ssl
 import time
 
 import pytest_twisted
-from cryptography.hazmat.primitives.serialization import Encoding
-from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.threads import deferToThread
 
-from tests.certificates import Authority, writePair
+from tests.certificates import loopbackTLS
+from tests.loopback import listening
 from twistedcluster.echo import echoFactory
 
 
@@ -60,41 +58,31 @@ def echoAll(s, payload, halfClose=True):
 async def test_echoes_megabytes_then_closes_after_the_end_of_input():
     # More than the kernel takes at once: part of the echo is queued, and the
     # close waits for it.
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(echoFactory())
     payload = os.urandom(8 << 20)
 
-    def run():
-        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=30) as s:
+    def run(port):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             return echoAll(s, payload)
 
-    try:
-        got, closed = await deferToThread(run)
+    async with listening(echoFactory()) as port:
+        got, closed = await deferToThread(run, port)
         assert closed
         assert got == payload
-    finally:
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
 async def test_echoes_over_tls(tmp_path):
-    ca = Authority()
-    key, cert = writePair(tmp_path, "server", *ca.issue("localhost", ips=["127.0.0.1"]))
-    port = await serverFromString(
-        reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
-    ).listen(echoFactory())
+    description, context = loopbackTLS(tmp_path)
     payload = os.urandom(1 << 20)
 
-    def run():
-        context = ssl.create_default_context(cadata=ca.cert.public_bytes(Encoding.PEM).decode())
-        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=30) as raw:
+    def run(port):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
             with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
                 return echoAll(s, payload, halfClose=False)
 
-    try:
-        got, _ = await deferToThread(run)
+    async with listening(echoFactory(), description) as port:
+        got, _ = await deferToThread(run, port)
         assert got == payload
-    finally:
-        await port.stopListening()
 
 
 def sendWithoutReading(port, limit):
@@ -130,10 +118,7 @@ async def test_a_client_that_does_not_read_is_held_to_a_bounded_amount():
     # Without back-pressure the echo would read (and queue in memory) all of
     # the 256 MiB the client sends; with it, reading stops once the kernel's
     # buffers both ways and one transport buffer are full.
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(echoFactory())
-    try:
-        sent, got = await deferToThread(sendWithoutReading, port.getHost().port, 256 << 20)
+    async with listening(echoFactory()) as port:
+        sent, got = await deferToThread(sendWithoutReading, port, 256 << 20)
         assert sent < 64 << 20, sent
         assert got == sent
-    finally:
-        await port.stopListening()
