@@ -48,8 +48,8 @@ def measure(counts) -> dict:
             deadline = start + MAX_SECONDS
             while picks < MAX_PICKS and (picks % 64 or time.perf_counter() < deadline):
                 chosen = cluster.pick()
-                pool.connected(chosen.name)
-                pool.release(chosen.name)
+                pool.connected(chosen.name, chosen.ticket)
+                pool.release(chosen.name, chosen.ticket)
                 picks += 1
             out[f"{policy}/{n}"] = (time.perf_counter() - start) / picks * 1e6
     return out

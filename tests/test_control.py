@@ -25,7 +25,7 @@ def test_register_and_report_reach_the_pool():
     lb = MemoryBalancer()
     client, server, pump = lb.controlChannel()
     answer = result(register(client, capacity=20, connections=3, load=0.15), lb)
-    assert answer == {"heartbeatTimeout": 3.0}
+    assert answer == {"heartbeatTimeout": 3.0, "mark": 0}
     s = lb.pool.get("a")
     assert (s.state, s.host, s.port, s.capacity, s.connections) == (State.UP, "127.0.0.1", 9000, 20, 3)
     result(client.callRemote(commands.ReportLoad, connections=7, load=0.35), lb)
@@ -60,7 +60,7 @@ def test_silence_marks_down_and_a_report_brings_it_back():
 def test_fixed_heartbeat_timeout_option():
     lb = MemoryBalancer(heartbeatTimeout=0.25)
     client, server, pump = lb.controlChannel()
-    assert result(register(client, interval=5.0), lb) == {"heartbeatTimeout": 0.25}
+    assert result(register(client, interval=5.0), lb) == {"heartbeatTimeout": 0.25, "mark": 0}
 
 
 def test_report_before_register_is_a_clear_error():
@@ -162,7 +162,7 @@ def test_a_silent_owner_gives_up_its_name_to_a_new_address():
     result(register(c1, port=9000), lb)
     lb.clock.advance(10)
     assert lb.pool.get("a").state is State.DOWN
-    assert result(register(c2, port=9001), lb) == {"heartbeatTimeout": 3.0}
+    assert result(register(c2, port=9001), lb) == {"heartbeatTimeout": 3.0, "mark": 0}
     assert lb.pool.get("a").port == 9001
     assert s1.transport.disconnecting or s1.transport.disconnected
 
@@ -177,3 +177,36 @@ def test_a_backend_that_registers_again_after_silence_keeps_its_name():
     assert lb.pool.get("a").state is State.UP
     f = result(register(c2, port=9001), lb)
     assert f.check(commands.NameTaken)
+
+
+def test_reports_are_answered_with_a_mark_and_cancel_only_what_they_saw():
+    lb = MemoryBalancer()
+    client, server, pump = lb.controlChannel()
+    result(register(client, capacity=20), lb)
+    pool = lb.pool
+    first = pool.acquire("a")
+    pool.connected("a", first)
+    answer = result(client.callRemote(commands.ReportLoad, connections=0, load=0.0, seen=0), lb)
+    assert answer == {"mark": first}
+    assert pool.get("a").addedSinceReport == 1  # measured before the mark
+    second = pool.acquire("a")
+    pool.connected("a", second)
+    result(client.callRemote(commands.ReportLoad, connections=1, load=0.05, seen=first), lb)
+    s = pool.get("a")
+    assert (s.connections, s.addedSinceReport) == (1, 1)
+    # A backend that echoes nothing has everything taken as seen.
+    result(client.callRemote(commands.ReportLoad, connections=2, load=0.1), lb)
+    assert pool.get("a").addedSinceReport == 0
+
+
+def test_the_mark_never_covers_a_connection_still_connecting():
+    lb = MemoryBalancer()
+    client, server, pump = lb.controlChannel()
+    result(register(client, capacity=20), lb)
+    pool = lb.pool
+    slow = pool.acquire("a")
+    fast = pool.acquire("a")
+    pool.connected("a", fast)
+    assert pool.mark("a") == slow - 1
+    pool.connected("a", slow)
+    assert pool.mark("a") == fast

@@ -89,26 +89,27 @@ def test_unknown_backend_and_bad_weight_raise_clear_errors():
 
 def test_routing_accounting():
     pool = poolOf("a")
-    pool.acquire("a")
-    pool.acquire("a")
+    first = pool.acquire("a")
+    second = pool.acquire("a")
+    assert second == first + 1
     s = pool.get("a")
     assert (s.active, s.routed, s.addedSinceReport) == (2, 2, 2)
-    pool.connected("a")
-    assert pool.connectFailed("a") == 1
+    pool.connected("a", first)
+    assert pool.connectFailed("a", second) == 1
     s = pool.get("a")
     assert (s.active, s.routed, s.addedSinceReport, s.failures) == (1, 1, 1, 1)
     pool.report("a", connections=4, load=0.4)
     s = pool.get("a")
     assert (s.connections, s.load, s.addedSinceReport) == (4, 0.4, 0)
-    pool.release("a")
-    pool.release("a")  # never below zero
+    pool.release("a", first)
+    pool.release("a", first)  # never below zero
     assert pool.get("a").active == 0
 
 
 def test_abandoned_connect_is_not_a_failure():
     pool = poolOf("a")
-    pool.acquire("a")
-    assert pool.connectFailed("a", countFailure=False) == 0
+    ticket = pool.acquire("a")
+    assert pool.connectFailed("a", ticket, countFailure=False) == 0
     assert pool.get("a").routed == 0
 
 
@@ -134,8 +135,7 @@ def test_connections_closed_since_the_report_are_not_phantom_load():
     pool = Pool()
     pool.register("a", "h", 1, capacity=10)
     for _ in range(50):
-        pool.acquire("a")
-        pool.release("a")
+        pool.release("a", pool.acquire("a"))
     s = pool.get("a")
     assert (s.addedSinceReport, s.full, s.routed) == (0, False, 50)
     assert [b.name for b in pool.eligible()] == ["a"]
@@ -144,32 +144,47 @@ def test_connections_closed_since_the_report_are_not_phantom_load():
 def test_a_connection_counted_in_the_report_and_closed_since_lowers_the_estimate():
     pool = Pool()
     pool.register("a", "h", 1, capacity=10)
-    pool.acquire("a")
+    ticket = pool.acquire("a")
+    pool.connected("a", ticket)
     pool.report("a", connections=1, load=0.1)  # the report counts it
-    pool.release("a")
+    pool.release("a", ticket)
     assert pool.get("a").addedSinceReport == -1
 
 
-def test_a_handed_off_connection_stays_added_until_the_next_report():
+def test_a_handed_off_connection_stays_added_until_a_report_sees_it():
     pool = Pool()
     pool.register("a", "h", 1, capacity=10)
-    pool.acquire("a")
-    pool.handOff("a")
+    ticket = pool.acquire("a")
+    pool.handOff("a", ticket)
     s = pool.get("a")
     assert (s.active, s.addedSinceReport, s.routed) == (0, 1, 1)
+    pool.report("a", connections=0, load=0.0, seen=ticket - 1)
+    assert pool.get("a").addedSinceReport == 1
+    pool.report("a", connections=1, load=0.1, seen=ticket)
+    assert pool.get("a").addedSinceReport == 0
+
+
+def test_a_forgotten_hand_off_stops_counting():
+    pool = Pool()
+    pool.register("a", "h", 1, capacity=10)
+    ticket = pool.acquire("a")
+    pool.handOff("a", ticket)
+    pool.forgetHandOff("a", ticket)
+    assert pool.get("a").addedSinceReport == 0
+    pool.forgetHandOff("a", ticket)  # twice is harmless
+    assert pool.get("a").addedSinceReport == 0
 
 
 def test_a_failed_connect_after_a_report_does_not_lower_the_estimate():
     pool = Pool()
     pool.register("a", "h", 1, capacity=10)
-    reports = pool.get("a").reports
-    pool.acquire("a")
+    ticket = pool.acquire("a")
     pool.report("a", connections=0, load=0.0)  # it never reached the backend
-    pool.connectFailed("a", reports=reports)
+    pool.connectFailed("a", ticket)
     assert pool.get("a").addedSinceReport == 0
     # Without a report in between, the failed connect is taken back.
-    pool.acquire("a")
-    pool.connectFailed("a", reports=pool.get("a").reports)
+    ticket = pool.acquire("a")
+    pool.connectFailed("a", ticket)
     assert pool.get("a").addedSinceReport == 0
 
 
@@ -180,11 +195,18 @@ NAMES = ("a", "b", "c", "d")
 _OPS = st.one_of(
     st.tuples(st.just("register"), st.sampled_from(NAMES), st.integers(1, 5), st.booleans()),
     st.tuples(st.just("acquire"), st.sampled_from(NAMES)),
-    st.tuples(st.just("connected"), st.sampled_from(NAMES)),
-    st.tuples(st.just("release"), st.sampled_from(NAMES)),
-    st.tuples(st.just("handOff"), st.sampled_from(NAMES)),
-    st.tuples(st.just("connectFailed"), st.sampled_from(NAMES)),
-    st.tuples(st.just("report"), st.sampled_from(NAMES), st.integers(0, 6), st.floats(0, 2)),
+    st.tuples(st.just("connected"), st.sampled_from(NAMES), st.integers(0, 8)),
+    st.tuples(st.just("release"), st.sampled_from(NAMES), st.integers(0, 8)),
+    st.tuples(st.just("handOff"), st.sampled_from(NAMES), st.integers(0, 8)),
+    st.tuples(st.just("forgetHandOff"), st.sampled_from(NAMES), st.integers(0, 8)),
+    st.tuples(st.just("connectFailed"), st.sampled_from(NAMES), st.integers(0, 8)),
+    st.tuples(
+        st.just("report"),
+        st.sampled_from(NAMES),
+        st.integers(0, 6),
+        st.floats(0, 2),
+        st.none() | st.integers(0, 8),
+    ),
     st.tuples(st.just("markDown"), st.sampled_from(NAMES)),
     st.tuples(st.just("markUp"), st.sampled_from(NAMES)),
     st.tuples(st.just("eject"), st.sampled_from(NAMES)),
@@ -202,7 +224,8 @@ def _apply(pool, op):
         capacity, static = args
         pool.register(name, "127.0.0.1", 9000, capacity=capacity, static=static)
         return
-    if name not in pool and kind not in ("readmit", "connected", "release", "handOff", "connectFailed"):
+    tolerant = ("readmit", "connected", "release", "handOff", "forgetHandOff", "connectFailed")
+    if name not in pool and kind not in tolerant:
         return
     getattr(pool, kind)(name, *args)
 

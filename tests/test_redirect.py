@@ -2,14 +2,17 @@
 The redirect listener, in memory.
 """
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from twistedcluster.cluster import Cluster
 from twistedcluster.redirect import RedirectFactory
 
 
-def ask(cluster):
-    proto = RedirectFactory(cluster).buildProtocol(None)
+def ask(cluster, factory=None):
+    if factory is None:
+        factory = RedirectFactory(cluster, Clock())
+    proto = factory.buildProtocol(None)
     t = StringTransport()
     proto.makeConnection(t)
     proto.dataReceived(b"garbage that is ignored\r\n\x00\xff")
@@ -48,3 +51,75 @@ def test_redirects_count_as_routed_so_least_load_spreads_them():
     }
     assert [s.routed for s in c.pool.snapshot()] == [10, 10, 10]
     assert [s.active for s in c.pool.snapshot()] == [0, 0, 0]
+
+
+class Peer:
+    def __init__(self, host):
+        self.host = host
+        self.port = 1234
+
+
+def askFrom(factory, host):
+    proto = factory.buildProtocol(None)
+    t = StringTransport(peerAddress=Peer(host))
+    proto.makeConnection(t)
+    return t.value()
+
+
+def test_an_asker_that_never_connects_cannot_use_up_the_cluster():
+    # One source asks far more often than it could use: only its share of
+    # answers counts as load, so the others still get backends.
+    from twistedcluster.redirect import HandOffs
+
+    c = Cluster()
+    for i in range(3):
+        c.pool.register(f"b{i}", "127.0.0.1", 9000 + i, capacity=10)
+    clock = Clock()
+    factory = RedirectFactory(c, clock, HandOffs(window=2.0, perSource=4))
+    answers = [askFrom(factory, "127.0.0.9") for _ in range(1000)]
+    assert b"ERROR no-backend\r\n" not in answers
+    assert sum(s.addedSinceReport for s in c.pool.snapshot()) == 4
+    honest = [askFrom(factory, "127.0.0.1") for _ in range(4)]
+    assert b"ERROR no-backend\r\n" not in honest
+    assert sum(s.addedSinceReport for s in c.pool.snapshot()) == 8
+    # After the window, those never seen by a report stop counting, and the
+    # source has its share again.
+    clock.advance(2.0)
+    askFrom(factory, "127.0.0.9")
+    assert sum(s.addedSinceReport for s in c.pool.snapshot()) == 1
+
+
+def test_without_a_share_limit_one_asker_would_fill_the_cluster():
+    # The same flood with a share as large as the cluster: the honest ask
+    # finds no room (what the share prevents).
+    from twistedcluster.redirect import HandOffs
+
+    c = Cluster()
+    for i in range(3):
+        c.pool.register(f"b{i}", "127.0.0.1", 9000 + i, capacity=10)
+    factory = RedirectFactory(c, Clock(), HandOffs(window=2.0, perSource=10**6))
+    for _ in range(100):
+        askFrom(factory, "127.0.0.9")
+    assert askFrom(factory, "127.0.0.1") == b"ERROR no-backend\r\n"
+
+
+def test_ipv6_clients_share_by_slash_64():
+    from twistedcluster.redirect import sourceOf
+
+    assert sourceOf(Peer("2001:db8::1")) == sourceOf(Peer("2001:db8::ffff:1"))
+    assert sourceOf(Peer("2001:db8:0:1::1")) != sourceOf(Peer("2001:db8::1"))
+    assert sourceOf(Peer("127.0.0.1")) != sourceOf(Peer("127.0.0.2"))
+    assert sourceOf(object()) == "local"
+
+
+def test_refusals_are_logged_at_most_once_a_second(logged):
+    clock = Clock()
+    factory = RedirectFactory(Cluster(), clock)
+    for _ in range(50):
+        askFrom(factory, "127.0.0.1")
+    clock.advance(1.0)
+    askFrom(factory, "127.0.0.1")
+    lines = [line for line in logged if "no backend available" in line]
+    assert len(lines) == 2
+    assert "(1 client(s)" in lines[0] and "(50 client(s)" in lines[1]
+    assert factory.refused == 51

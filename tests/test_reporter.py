@@ -145,3 +145,30 @@ def test_refused_registration_is_logged_and_retried(logged):
     assert lb.pool.get("web1").host == "127.0.0.1"
     assert lb.pool.get("web1").state is State.UP
     r.stopService()
+
+
+def test_reports_echo_the_balancers_last_mark():
+    # A connection routed before the balancer's answer is in the next report,
+    # so that report cancels it; one routed after stays added to it.
+    lb = MemoryBalancer()
+    b = Backend()
+    r = startReporter(b, [lb], lb.clock, step=1000)
+    pool = lb.pool
+    before = pool.acquire("web1")
+    pool.connected("web1", before)
+    lb.clock.advance(1.0)  # a report (measured before the backend knew of it)
+    lb.flush()
+    assert pool.get("web1").addedSinceReport == 1  # not seen yet
+    b.connections = 1  # the backend accepted it
+    after = pool.acquire("web1")  # routed after that answer's mark
+    pool.connected("web1", after)
+    lb.clock.advance(1.0)
+    lb.flush()
+    s = pool.get("web1")
+    assert (s.connections, s.addedSinceReport, s.estimatedConnections) == (1, 1, 2)
+    b.connections = 2
+    lb.clock.advance(1.0)
+    lb.flush()
+    s = pool.get("web1")
+    assert (s.connections, s.addedSinceReport, s.estimatedConnections) == (2, 0, 2)
+    r.stopService()

@@ -16,6 +16,7 @@ from twistedcluster.options import loadSecretOption, positive
 from twistedcluster.address import endpointParts, parseHostPort
 from twistedcluster.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
 from twistedcluster.policies import DEFAULT_POLICY, POLICIES, UnknownPolicy, makePolicy
+from twistedcluster.redirect import DEFAULT_HANDOFF_WINDOW, DEFAULT_HANDOFFS_PER_SOURCE
 from twistedcluster.proxy import (
     DEFAULT_ATTEMPTS,
     DEFAULT_CONNECT_TIMEOUT,
@@ -54,6 +55,23 @@ class Options(usage.Options):
             None,
             "Metrics and status web listener (off unless given): /metrics in "
             "Prometheus' format, /status.json.",
+        ],
+        [
+            "redirect-window",
+            None,
+            DEFAULT_HANDOFF_WINDOW,
+            "Seconds a redirect answer counts as load on the backend it names "
+            "until a report has seen the client's connection (at most).",
+            positive(float),
+        ],
+        [
+            "redirect-per-source",
+            None,
+            DEFAULT_HANDOFFS_PER_SOURCE,
+            "Redirect answers counted as load per client address (IPv6: per "
+            "/64) within one --redirect-window; past that a client still gets "
+            "a backend with room, chosen at random, counting nothing.",
+            positive(int),
         ],
         [
             "policy",
@@ -276,7 +294,7 @@ def makeService(options: Options, reactor=None):
     from twistedcluster.cluster import Cluster
     from twistedcluster.control import ControlFactory
     from twistedcluster.proxy import ProxyFactory
-    from twistedcluster.redirect import RedirectFactory
+    from twistedcluster.redirect import HandOffs, RedirectFactory
 
     from twistedcluster.healthcheck import TCPHealthChecks
     from twistedcluster.statefile import StateKeeper, restore
@@ -351,7 +369,15 @@ def makeService(options: Options, reactor=None):
         )),
     ]
     if options["redirect"]:
-        listeners.append(("redirect", options["redirect"], RedirectFactory(cluster)))
+        listeners.append((
+            "redirect",
+            options["redirect"],
+            RedirectFactory(
+                cluster,
+                reactor,
+                HandOffs(options["redirect-window"], options["redirect-per-source"]),
+            ),
+        ))
     if options["metrics"]:
         from twisted.web.server import Site
 

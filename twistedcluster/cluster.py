@@ -10,8 +10,36 @@ from __future__ import annotations
 import random
 from typing import AbstractSet, Optional
 
+import attr
+
 from twistedcluster.policies import DEFAULT_POLICY, makePolicy
-from twistedcluster.pool import BackendStatus, Pool
+from twistedcluster.pool import BackendStatus, Pool, State
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Route:
+    """
+    A new connection routed to a backend.
+
+    @ivar backend: the backend's status when it was chosen.
+    @ivar ticket: the connection's ticket in the pool, to hand back to
+        C{pool.connectFailed}, C{release} or C{handOff}.
+    """
+
+    backend: BackendStatus
+    ticket: int
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def host(self) -> str:
+        return self.backend.host
+
+    @property
+    def port(self) -> int:
+        return self.backend.port
 
 
 class Cluster:
@@ -40,11 +68,12 @@ class Cluster:
         self._policy = makePolicy(name)
         self.policyName = name
 
-    def pick(self, exclude: AbstractSet[str] = frozenset()) -> Optional[BackendStatus]:
+    def pick(self, exclude: AbstractSet[str] = frozenset()) -> Optional[Route]:
         """
         Choose a backend for a new connection and count it as routed there
-        (the caller reports back with C{pool.connected}, C{connectFailed} and
-        C{release}).  C{None} when no backend may take it.
+        (the caller reports back with C{pool.connected}, C{connectFailed},
+        C{release} or C{handOff}, with the route's ticket).  C{None} when no
+        backend may take it.
 
         @param exclude: backends already tried for this connection.
         """
@@ -52,6 +81,27 @@ class Cluster:
         if exclude:
             candidates = tuple(c for c in candidates if c.name not in exclude)
         chosen = self._policy.choose(candidates, self.rng)
-        if chosen is not None:
-            self.pool.acquire(chosen.name)
-        return chosen
+        if chosen is None:
+            return None
+        return Route(chosen, self.pool.acquire(chosen.name))
+
+    def pickUncounted(self) -> Optional[BackendStatus]:
+        """
+        Choose a backend at random among those that may take a new
+        connection, counting nothing: for an answer that must not use up
+        capacity (a redirect client past its share, which may never come).
+        """
+        candidates = [c for c in self.pool.eligible() if c.weight > 0]
+        if not candidates:
+            return None
+        return candidates[self.rng.randrange(len(candidates))]
+
+    def noRoomOnly(self) -> bool:
+        """
+        Whether no backend may take a new connection only because every one
+        that could is at capacity (rather than down, drained or absent):
+        then a client may wait for room.
+        """
+        return not self.pool.eligible() and any(
+            b.full for b in self.pool.snapshot() if b.state is State.UP and b.weight > 0
+        )

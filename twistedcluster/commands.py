@@ -108,6 +108,9 @@ class Register(amp.Command):
 
     @param interval: seconds between the backend's periodic load reports;
         the balancer marks it down when reports stop for a few intervals.
+
+    The answer's C{mark} is what the backend echoes as C{seen} in its next
+    L{ReportLoad} (see there).
     """
 
     commandName = b"Register"
@@ -120,21 +123,29 @@ class Register(amp.Command):
         (b"load", amp.Float()),
         (b"interval", amp.Float()),
     ]
-    response = [(b"heartbeatTimeout", amp.Float())]
+    response = [(b"heartbeatTimeout", amp.Float()), (b"mark", amp.Integer(optional=True))]
     errors = {InvalidArgument: b"INVALID_ARGUMENT", NameTaken: b"NAME_TAKEN", **_AUTH}
 
 
 class ReportLoad(amp.Command):
     """
     The backend's current connection count and load.
+
+    @param seen: the last C{mark} this balancer's answers gave the backend
+        before it measured.  Every connection the balancer had routed up to
+        that mark had reached the backend before the mark was sent, so the
+        report counts them; those routed after it the balancer keeps adding
+        to the report itself.  A backend that leaves it out has every
+        connection routed so far taken as counted.
     """
 
     commandName = b"ReportLoad"
     arguments = [
         (b"connections", amp.Integer()),
         (b"load", amp.Float()),
+        (b"seen", amp.Integer(optional=True)),
     ]
-    response: list = []
+    response = [(b"mark", amp.Integer(optional=True))]
     errors = {InvalidArgument: b"INVALID_ARGUMENT", **_NOT_REGISTERED}
 
 

@@ -105,20 +105,20 @@ class ControlProtocol(GuardedAMP):
             port=port,
             capacity=capacity,
         )
-        return {"heartbeatTimeout": self._timeout}
+        return {"heartbeatTimeout": self._timeout, "mark": pool.mark(name)}
 
     @commands.ReportLoad.responder
-    def reportLoad(self, connections, load):
+    def reportLoad(self, connections, load, seen=None):
         name = self._registered()
         _validLoad(connections, load)
         pool = self.factory.cluster.pool
-        pool.report(name, connections, load)
+        pool.report(name, connections, load, seen)
         if self._silent:
             self._silent = False
             pool.markUp(name)
             self.log.info("backend {name} is reporting again: up", name=name)
         self._resetHeartbeat()
-        return {}
+        return {"mark": pool.mark(name)}
 
     @commands.Drain.responder
     def drain(self):

@@ -52,10 +52,12 @@ def _lowest(
 def estimatedLoad(b: BackendStatus) -> float:
     """
     The backend's load as least-load sees it: its last report, plus what this
-    balancer has added to it since (each connection 1/capacity), per unit
-    weight.
+    balancer has added to it that the report had not seen (each connection
+    1/capacity), never less than what this balancer relays to it now; per
+    unit weight.
     """
-    return max(0.0, b.load + b.addedSinceReport / b.capacity) / b.weight
+    capacity = b.capacity
+    return max(b.load + b.addedSinceReport / capacity, b.active / capacity, 0.0) / b.weight
 
 
 class LeastLoad:

@@ -89,10 +89,11 @@ class BackendStatus:
     @ivar load: the backend's last reported load (connections / capacity
         unless its service supplies its own figure).
     @ivar addedSinceReport: connections this balancer has added to the
-        backend since that report: those it opened, less those it closed
-        (negative when more closed).  Least-load and the capacity limit add
-        it to the report, so stale reports cause neither herding nor
-        phantom load.
+        backend that its last report had not seen (routed after the mark the
+        report echoed, still open or still to come), less those the report
+        had seen that closed since (negative when more closed).  Least-load
+        and the capacity limit add it to the report, so stale reports cause
+        neither herding nor phantom load.
     @ivar active: connections this balancer currently relays to it.
     @ivar routed: connections this balancer has sent it, in total.
     """
@@ -113,12 +114,20 @@ class BackendStatus:
     reports: int = 0
 
     @property
+    def estimatedConnections(self) -> int:
+        """
+        Its connections as this balancer can best tell: the report, plus what
+        this balancer added that the report had not seen; never fewer than
+        this balancer itself relays to it now.
+        """
+        return max(self.connections + self.addedSinceReport, self.active)
+
+    @property
     def full(self) -> bool:
         """
-        At capacity: its connections (as reported, plus routed since the
-        report) leave no room for another.
+        At capacity: its estimated connections leave no room for another.
         """
-        return self.connections + self.addedSinceReport >= self.capacity
+        return self.estimatedConnections >= self.capacity
 
     def asDict(self) -> Dict[str, object]:
         """
@@ -147,12 +156,26 @@ class _Member:
     selfDraining: bool = False
     connections: int = 0
     load: float = 0.0
-    addedSinceReport: int = 0
     active: int = 0
     routed: int = 0
     failures: int = 0
     static: bool = False
     reports: int = 0
+    #: The ticket of the last connection routed here: tickets grow by one
+    #: with each, for the life of the member.
+    lastTicket: int = 0
+    #: Tickets of connections routed here that no report has seen yet (in
+    #: routing order), still open or still to come.
+    unseen: Dict[int, None] = attr.ib(factory=dict)
+    #: Connections the last report had seen that have closed since.
+    closedSinceReport: int = 0
+    #: Tickets of connections routed here that are still connecting (in
+    #: routing order): no mark may cover them yet.
+    connecting: Dict[int, None] = attr.ib(factory=dict)
+
+    @property
+    def addedSinceReport(self) -> int:
+        return len(self.unseen) - self.closedSinceReport
 
     @property
     def state(self) -> State:
@@ -309,7 +332,9 @@ class Pool:
         m.selfDraining = False
         m.connections = connections
         m.load = load
-        m.addedSinceReport = 0
+        m.unseen.clear()
+        m.closedSinceReport = 0
+        m.connecting.clear()
         m.failures = 0
         self._changed(m)
         return self._status(m)
@@ -379,17 +404,46 @@ class Pool:
 
     # -- reports from the backend ---------------------------------------
 
-    def report(self, name: str, connections: int, load: float) -> None:
+    def report(
+        self, name: str, connections: int, load: float, seen: Optional[int] = None
+    ) -> int:
         """
-        Record a load report; what this balancer routed before it is now
-        counted in it.
+        Record a load report and return the mark to answer it with.
+
+        @param seen: the mark of the answer the backend had received when it
+            measured (see L{mark}): the connections routed up to that mark
+            are in the report, those routed after it are not.  C{None} (a
+            backend that does not echo marks) counts every connection routed
+            so far as seen.
         """
         m = self._member(name)
         m.connections = max(0, connections)
         m.load = max(0.0, load)
-        m.addedSinceReport = 0
+        unseen = m.unseen
+        if seen is None or seen >= m.lastTicket:
+            unseen.clear()
+        else:
+            for ticket in list(unseen):  # in routing order
+                if ticket > seen:
+                    break
+                del unseen[ticket]
+        m.closedSinceReport = 0
         m.reports += 1
         self._changed(m)
+        return m.lastTicket
+
+    def mark(self, name: str) -> int:
+        """
+        The mark to send a backend (in the answers to its registration and
+        reports): the ticket of the last connection routed to it before the
+        first that is still connecting.  A report measured after the backend
+        received the mark has seen every connection routed up to it, since
+        each had reached the backend before the mark left.
+        """
+        m = self._member(name)
+        for ticket in m.connecting:
+            return ticket - 1
+        return m.lastTicket
 
     def setSelfDraining(self, name: str, draining: bool = True) -> None:
         """
@@ -425,72 +479,90 @@ class Pool:
 
     # -- this balancer's own traffic --------------------------------------
 
-    def acquire(self, name: str) -> None:
+    def acquire(self, name: str) -> int:
         """
         The balancer chose this backend for a new connection and is
-        connecting to it.
+        connecting to it; return the connection's ticket, to hand back to
+        L{connectFailed}, L{release} or L{handOff}.
         """
         m = self._member(name)
         m.active += 1
         m.routed += 1
+        m.lastTicket = ticket = m.lastTicket + 1
         if not m.static:
-            m.addedSinceReport += 1
+            m.unseen[ticket] = None
+            m.connecting[ticket] = None
         self._changed(m)
+        return ticket
 
-    def handOff(self, name: str) -> None:
+    def handOff(self, name: str, ticket: int) -> None:
         """
         The connection chosen by L{acquire} is the client's own to make
         (redirect mode): this balancer will not see it close, so it stays
-        added until the backend's next report, but is not held here.
+        added until a report has seen it (or L{forgetHandOff}), but is not
+        held here.
         """
         m = self._members.get(name)
         if m is not None and m.active > 0:
             m.active -= 1
+            m.connecting.pop(ticket, None)
             self._changed(m)
 
-    def connected(self, name: str) -> None:
+    def forgetHandOff(self, name: str, ticket: int) -> None:
+        """
+        A handed-off connection that no report has seen yet stops counting:
+        its client has had long enough to connect.
+        """
+        m = self._members.get(name)
+        if m is not None and ticket in m.unseen:
+            del m.unseen[ticket]
+            self._changed(m)
+
+    def connected(self, name: str, ticket: int) -> None:
         """
         The connection chosen by L{acquire} was established.
         """
         m = self._members.get(name)
-        if m is not None and m.failures:
+        if m is None:
+            return
+        # Not a change any snapshot shows: only the next mark moves.
+        m.connecting.pop(ticket, None)
+        if m.failures:
             m.failures = 0
             self._changed(m)
 
-    def connectFailed(
-        self, name: str, countFailure: bool = True, reports: Optional[int] = None
-    ) -> int:
+    def connectFailed(self, name: str, ticket: int, countFailure: bool = True) -> int:
         """
         The connection chosen by L{acquire} could not be made: undo it and
         return how many connects in a row have now failed.
 
         @param countFailure: C{False} when the attempt was abandoned (the
             client left) rather than refused by the backend.
-        @param reports: the backend's report count when the connection was
-            chosen (L{BackendStatus.reports}): a report since then already
-            left this never-made connection out.
         """
         m = self._members.get(name)
         if m is None:
             return 0
         m.active = max(0, m.active - 1)
         m.routed = max(0, m.routed - 1)
-        if not m.static and (reports is None or reports == m.reports):
-            m.addedSinceReport -= 1
+        m.connecting.pop(ticket, None)
+        # A report that saw its ticket could not have counted it.
+        m.unseen.pop(ticket, None)
         if countFailure:
             m.failures += 1
         self._changed(m)
         return m.failures
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, ticket: int) -> None:
         """
         A connection made after L{acquire} has closed.
         """
         m = self._members.get(name)
         if m is not None and m.active > 0:
             m.active -= 1
-            if not m.static:
-                m.addedSinceReport -= 1
+            if ticket in m.unseen:
+                del m.unseen[ticket]  # no report counted it
+            elif not m.static:
+                m.closedSinceReport += 1
             self._changed(m)
 
     # -- internals ---------------------------------------------------------

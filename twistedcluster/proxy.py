@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistedcluster.address import tcpEndpoint
-from twistedcluster.cluster import Cluster
+from twistedcluster.cluster import Cluster, Route
 from twistedcluster.fasttcp import (
     Dialled,
     loseConnectionNow,
@@ -47,7 +47,6 @@ from twistedcluster.fasttcp import (
     prepare,
     sendNow,
 )
-from twistedcluster.pool import BackendStatus, State
 from twistedcluster.transports import peerText, unsentBytes
 
 log = Logger()
@@ -327,6 +326,7 @@ class _BackendSide(_Relay):
 
     pool = None
     backendName: Optional[str] = None
+    ticket = 0
     attempt: Optional["_Attempt"] = None
 
     def connectionMade(self) -> None:
@@ -336,7 +336,7 @@ class _BackendSide(_Relay):
 
     def connectionLost(self, reason) -> None:
         if self.pool is not None and self.backendName is not None:
-            self.pool.release(self.backendName)
+            self.pool.release(self.backendName, self.ticket)
             self.backendName = None
         super().connectionLost(reason)
 
@@ -355,13 +355,13 @@ class _Attempt:
     _connector = None
     _deferred = None
 
-    def __init__(self, client: "ProxyServer", chosen: BackendStatus) -> None:
+    def __init__(self, client: "ProxyServer", chosen: Route) -> None:
         self.client = client
         self.name = chosen.name
         self.host = chosen.host
         self.port = chosen.port
-        #: The backend's report count when it was chosen.
-        self.reports = chosen.reports
+        #: The connection's ticket in the pool.
+        self.ticket = chosen.ticket
 
     def start(self) -> None:
         """
@@ -406,7 +406,7 @@ class _Attempt:
     def made(self, backend: _BackendSide) -> None:
         client, self.client = self.client, None
         if client is not None:
-            client._connected(backend, self.name)
+            client._connected(backend, self)
         else:
             backend.transport.loseConnection()
 
@@ -495,7 +495,7 @@ class ProxyServer(_Relay):
             # Wait only when every backend is full: a client that has ruled
             # some out while others are eligible would otherwise be woken
             # and queued again for ever.
-            if not factory.cluster.pool.eligible() and factory.allFull():
+            if factory.cluster.noRoomOnly():
                 return factory.enqueue(self)
             if self._tried:
                 return self._giveUp("no other backend to try")
@@ -504,13 +504,14 @@ class ProxyServer(_Relay):
         attempt = self._attempt = _Attempt(self, chosen)
         attempt.start()
 
-    def _connected(self, backend: _BackendSide, name: str) -> None:
+    def _connected(self, backend: _BackendSide, attempt: _Attempt) -> None:
         self._attempt = None
         factory = self.factory
         pool = factory.cluster.pool
-        pool.connected(name)
+        pool.connected(attempt.name, attempt.ticket)
         backend.pool = pool
-        backend.backendName = name
+        backend.backendName = attempt.name
+        backend.ticket = attempt.ticket
         self.link(backend)
         early, self._early = self._early, None
         if early:
@@ -571,7 +572,7 @@ class ProxyServer(_Relay):
         # backend out.
         local = reason.check(ConnectBindError) is not None
         failures = factory.cluster.pool.connectFailed(
-            name, countFailure=not local, reports=attempt.reports
+            name, attempt.ticket, countFailure=not local
         )
         log.warn(
             "proxy: no socket for a connect to backend {backend} at {host}:{port}: "
@@ -612,7 +613,7 @@ class ProxyServer(_Relay):
             attempt.cancel()
             # Abandoned, not refused: undo the routing without blaming it.
             factory.cluster.pool.connectFailed(
-                attempt.name, countFailure=False, reports=attempt.reports
+                attempt.name, attempt.ticket, countFailure=False
             )
         super().connectionLost(reason)
 
@@ -708,17 +709,6 @@ class ProxyFactory(Factory):
             log.info("proxy: backend {backend} is tried again", backend=name)
 
     # -- waiting for capacity --------------------------------------------
-
-    def allFull(self) -> bool:
-        """
-        Whether new connections find no room only because every backend that
-        could take them is at capacity (rather than down or absent).
-        """
-        return any(
-            b.full
-            for b in self.cluster.pool.snapshot()
-            if b.state is State.UP and b.weight > 0
-        )
 
     @property
     def waiting(self) -> int:

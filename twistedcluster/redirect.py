@@ -5,7 +5,20 @@ path.
 On connect the balancer writes one line, ``HOST PORT\\r\\n``, naming the
 backend the policy chose, and closes; with no backend available it writes
 ``ERROR no-backend\\r\\n``.  Anything the client sends is ignored.
+
+An answer is a connection the balancer will never see: it counts as load on
+the backend named (so least-load does not herd) until a report has seen it,
+or for at most the hand-off window.  A client that asks and never connects
+would use up the cluster that way, so each source address has only so many
+answers counted in a window; past that it is still answered, with a backend
+chosen at random among those with room, counting nothing.
 """
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from typing import Deque, Dict, Iterator, Tuple
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -13,6 +26,78 @@ from twisted.logger import Logger
 from twistedcluster.cluster import Cluster
 
 log = Logger()
+
+#: Seconds a redirect answer counts as load on its backend when no report
+#: has seen it, and counts against its source address's share.
+DEFAULT_HANDOFF_WINDOW = 2.0
+#: Answers counted as load per source address within one window.
+DEFAULT_HANDOFFS_PER_SOURCE = 64
+
+
+def sourceOf(address) -> str:
+    """
+    The source a client's share is kept by: its IPv4 address, or the /64 of
+    its IPv6 address (one host's usual allotment); one source for anything
+    else (unix sockets).
+    """
+    host = getattr(address, "host", None)
+    if not isinstance(host, str):
+        return "local"
+    if ":" in host:
+        try:
+            return str(ipaddress.IPv6Network((host.split("%", 1)[0], 64), strict=False))
+        except ValueError:
+            return host
+    return host
+
+
+class HandOffs:
+    """
+    Which redirect answers count as load, and until when.  Pure: times are
+    passed in.
+
+    @param window: seconds an answer counts (against its source's share, and
+        as load until a report sees it).
+    @param perSource: answers counted per source within a window.
+    """
+
+    def __init__(
+        self,
+        window: float = DEFAULT_HANDOFF_WINDOW,
+        perSource: int = DEFAULT_HANDOFFS_PER_SOURCE,
+    ) -> None:
+        self.window = window
+        self.perSource = perSource
+        self._queue: Deque[Tuple[float, str, str, int]] = deque()
+        self._bySource: Dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def admits(self, source: str) -> bool:
+        """
+        Whether another answer to C{source} may count as load.
+        """
+        return self._bySource.get(source, 0) < self.perSource
+
+    def add(self, now: float, source: str, name: str, ticket: int) -> None:
+        self._queue.append((now + self.window, source, name, ticket))
+        self._bySource[source] = self._bySource.get(source, 0) + 1
+
+    def expire(self, now: float) -> Iterator[Tuple[str, int]]:
+        """
+        Drop the answers whose window is over; yield each one's backend name
+        and ticket.
+        """
+        queue, bySource = self._queue, self._bySource
+        while queue and queue[0][0] <= now:
+            _, source, name, ticket = queue.popleft()
+            left = bySource[source] - 1
+            if left:
+                bySource[source] = left
+            else:
+                del bySource[source]
+            yield name, ticket
 
 NO_BACKEND = b"ERROR no-backend\r\n"
 
@@ -32,15 +117,28 @@ class RedirectProtocol(Protocol):
     factory: "RedirectFactory"
 
     def connectionMade(self) -> None:
-        cluster = self.factory.cluster
-        chosen = cluster.pick()
+        factory = self.factory
+        cluster = factory.cluster
+        pool = cluster.pool
+        handOffs = factory.handOffs
+        now = factory.clock.seconds()
+        for name, ticket in handOffs.expire(now):
+            pool.forgetHandOff(name, ticket)
+        source = sourceOf(self.transport.getPeer())
+        if handOffs.admits(source):
+            route = cluster.pick()
+            if route is not None:
+                # Added to the backend (so least-load sees it until a report
+                # does) but not a connection this balancer holds.
+                pool.handOff(route.name, route.ticket)
+                handOffs.add(now, source, route.name, route.ticket)
+            chosen = route
+        else:
+            chosen = cluster.pickUncounted()
         if chosen is None:
-            log.warn("redirect: no backend available")
+            factory.noBackend()
             self.transport.write(NO_BACKEND)
         else:
-            # Added to the backend (so least-load sees it until the next
-            # report) but not a connection this balancer holds.
-            cluster.pool.handOff(chosen.name)
             self.transport.write(answerLine(chosen.host, chosen.port))
         self.transport.loseConnection()
 
@@ -49,9 +147,35 @@ class RedirectProtocol(Protocol):
 
 
 class RedirectFactory(Factory):
+    """
+    Serves the redirect listener.
+
+    @param handOffs: the answers counted as load (L{HandOffs}).
+    @ivar refused: clients answered C{ERROR no-backend}, in total.
+    """
 
     noisy = False
     protocol = RedirectProtocol
+    refused = 0
+    _warnedAt = None
+    _warnedCount = 0
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, clock, handOffs: HandOffs = None) -> None:
         self.cluster = cluster
+        self.clock = clock
+        self.handOffs = handOffs if handOffs is not None else HandOffs()
+
+    def noBackend(self) -> None:
+        """
+        A client gets no backend: say so in the log, at most once a second
+        (a burst must not become a burst of log lines).
+        """
+        self.refused += 1
+        now = self.clock.seconds()
+        if self._warnedAt is None or now - self._warnedAt >= 1.0:
+            log.warn(
+                "redirect: no backend available ({count} client(s) answered "
+                "ERROR no-backend since the last such line)",
+                count=self.refused - self._warnedCount,
+            )
+            self._warnedAt, self._warnedCount = now, self.refused

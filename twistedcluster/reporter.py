@@ -63,6 +63,9 @@ class ControlClient(GuardedAMP):
 
     channel = "control"
     registered = False
+    #: The balancer's last mark (see L{commands.ReportLoad}), echoed in the
+    #: next report; C{None} until one comes (or from a balancer without).
+    mark: Optional[int] = None
 
     def __init__(self, reporter: "LoadReporter", balancer: str) -> None:
         super().__init__()
@@ -73,11 +76,25 @@ class ControlClient(GuardedAMP):
         self.registered = True
         self.reporter.channels.add(self)
 
+    def answered(self, result: dict) -> dict:
+        """
+        Keep the mark of a registration's or report's answer.
+        """
+        mark = result.get("mark")
+        if mark is not None and (self.mark is None or mark > self.mark):
+            self.mark = mark
+        return result
+
     def connectionLost(self, reason) -> None:
         if self.registered:
             self.registered = False
             self.reporter._channelLost(self, reason)
         super().connectionLost(reason)
+
+
+def _answered(result: Optional[dict], proto: ControlClient) -> None:
+    if result is not None:
+        proto.answered(result)
 
 
 class _ControlClientFactory(Factory):
@@ -199,6 +216,7 @@ class LoadReporter(MultiService):
 
         def registered(result):
             self._refusals[balancer] = 0
+            proto.answered(result)
             proto.markRegistered()
             log.info(
                 "registered as {name} ({host}:{port}) with balancer {balancer}; "
@@ -267,7 +285,8 @@ class LoadReporter(MultiService):
                 commands.ReportLoad,
                 connections=current.connections,
                 load=current.load,
-            )
+                seen=proto.mark,
+            ).addCallback(_answered, proto)
 
     def drain(self) -> defer.Deferred:
         """
@@ -279,6 +298,10 @@ class LoadReporter(MultiService):
         return defer.DeferredList(ds, consumeErrors=True)
 
     def _send(self, proto: ControlClient, command, **kw) -> defer.Deferred:
+        """
+        Send C{command}; fires with its answer, or C{None} after an error
+        (which closes the channel to reconnect).
+        """
         d = proto.callRemote(command, **kw)
 
         def failed(failure):

@@ -1,0 +1,175 @@
+"""
+What one balancer knows of a backend's connections, over any interleaving of
+routing, accepting, closing and reporting: a model backend and a model
+control channel around the real pool and cluster.
+
+The backend accepts connections whenever it likes (a busy backend leaves them
+in its accept queue), measures and reports whenever it likes, and reports
+travel and are answered with delays; other clients may connect to it
+directly.  Whatever the order, the balancer never routes it past its
+capacity, never counts fewer than its own live connections to it, and once
+everything has settled counts exactly what the backend holds.
+"""
+
+import random
+from typing import List, Optional
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twistedcluster.cluster import Cluster
+from twistedcluster.pool import Pool
+
+CAPACITY = 5
+
+
+class Model:
+    def __init__(self, handOffs: bool) -> None:
+        self.pool = Pool()
+        self.pool.register("b", "127.0.0.1", 9000, capacity=CAPACITY)
+        self.cluster = Cluster(self.pool, rng=random.Random(0))
+        self.handOffs = handOffs
+        # The balancer's connections: ticket -> accepted by the backend yet?
+        self.routed = {}
+        self.connecting: List[int] = []  # tickets not yet connected
+        self.others = 0  # the backend's connections from other clients
+        self.backendMark: Optional[int] = None
+        self.reports: List[tuple] = []  # in flight to the balancer
+        self.answers: List[int] = []  # marks in flight to the backend
+        self.lastSeen: Optional[int] = None  # echoed by the last report delivered
+
+    @property
+    def backendCount(self) -> int:
+        return self.others + sum(self.routed.values())
+
+    # -- events ------------------------------------------------------------
+
+    def route(self) -> None:
+        chosen = self.cluster.pick()
+        if chosen is None:
+            assert self.pool.get("b").full
+            return
+        self.connecting.append(chosen.ticket)
+        if self.handOffs:
+            self.pool.handOff("b", chosen.ticket)
+
+    def connect(self) -> None:
+        # A connect completes: the connection is in the backend's accept
+        # queue (handed-off clients connect by themselves).
+        if self.connecting:
+            ticket = self.connecting.pop(0)
+            if not self.handOffs:
+                self.pool.connected("b", ticket)
+            self.routed[ticket] = False
+
+    def failConnect(self) -> None:
+        if self.connecting and not self.handOffs:
+            self.pool.connectFailed("b", self.connecting.pop(0))
+
+    def accept(self) -> None:
+        for ticket, accepted in self.routed.items():
+            if not accepted:
+                self.routed[ticket] = True
+                return
+
+    def close(self, i: int) -> None:
+        if self.routed:
+            ticket = sorted(self.routed)[i % len(self.routed)]
+            del self.routed[ticket]
+            if not self.handOffs:
+                self.pool.release("b", ticket)
+
+    def otherConnects(self) -> None:
+        self.others += 1
+
+    def otherCloses(self) -> None:
+        self.others = max(0, self.others - 1)
+
+    def measure(self) -> None:
+        self.reports.append((self.backendCount, self.backendMark))
+
+    def deliverReport(self) -> None:
+        if self.reports:
+            count, seen = self.reports.pop(0)
+            self.lastSeen = seen
+            self.pool.report("b", count, count / CAPACITY, seen)
+            self.answers.append(self.pool.mark("b"))
+
+    def deliverAnswer(self) -> None:
+        if self.answers:
+            mark = self.answers.pop(0)
+            # Every connection routed up to the mark had reached the backend
+            # before the mark left: by the time the backend reads the mark,
+            # it is in the accept queue, and it is accepted before the
+            # backend next measures.
+            for ticket in self.routed:
+                if ticket <= mark:
+                    self.routed[ticket] = True
+            self.backendMark = mark
+
+    def settle(self) -> None:
+        """
+        Everything in flight arrives, every connection is accepted, and two
+        report rounds go by.
+        """
+        while self.connecting:
+            self.connect()
+        for ticket in self.routed:
+            self.routed[ticket] = True
+        while self.reports or self.answers:
+            self.deliverReport()
+            self.deliverAnswer()
+        for _ in range(2):
+            self.measure()
+            self.deliverReport()
+            self.deliverAnswer()
+
+
+EVENTS = st.one_of(
+    st.just(("route",)),
+    st.just(("connect",)),
+    st.just(("failConnect",)),
+    st.just(("accept",)),
+    st.tuples(st.just("close"), st.integers(0, 20)),
+    st.just(("otherConnects",)),
+    st.just(("otherCloses",)),
+    st.just(("measure",)),
+    st.just(("deliverReport",)),
+    st.just(("deliverAnswer",)),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(EVENTS, max_size=80), st.booleans())
+def test_capacity_holds_and_the_estimate_is_exact_once_settled(events, handOffs):
+    model = Model(handOffs)
+    for kind, *args in events:
+        getattr(model, kind)(*args)
+        ours = len(model.routed) + len(model.connecting)
+        status = model.pool.get("b")
+        if not handOffs:
+            # Never fewer than its own live connections...
+            assert status.estimatedConnections >= ours
+            # ...so what it routes never takes the backend past capacity,
+            # whatever the reports say.
+            assert ours <= CAPACITY
+    model.settle()
+    status = model.pool.get("b")
+    assert status.estimatedConnections == model.backendCount
+    assert status.addedSinceReport == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(EVENTS, max_size=60))
+def test_a_report_cancels_only_what_the_backend_had_seen(events):
+    # Right after a report, what the balancer adds to it is exactly its own
+    # open connections routed after the mark that report echoed.
+    model = Model(handOffs=False)
+    for kind, *args in events:
+        reports = model.pool.get("b").reports
+        getattr(model, kind)(*args)
+        if model.pool.get("b").reports > reports:
+            seen = model.lastSeen
+            open_ = list(model.routed) + model.connecting
+            unseen = [t for t in open_ if seen is not None and t > seen]
+            assert model.pool.get("b").addedSinceReport == len(unseen)
