@@ -153,7 +153,7 @@ def newcomer(workdir, balancers=1):
         # balancers (so that reports arrive while it goes on).
         per = 200 // len(ports)
         for p in ports:
-            socks, _ = _connectAll(p, per, timeout=10.0, pace=0.5 / 200)
+            socks, _ = _connectAll(p, per, timeout=10.0, pace=float(os.environ.get("BURST_SECONDS", "0.5")) / 200)
             held += socks
         waitFor(
             lambda: sum(c for c, _, _ in _reported(cluster).values()) >= 500,
