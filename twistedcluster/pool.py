@@ -482,6 +482,31 @@ class Pool:
         self._changed(m)
         return m.failures
 
+    def backendFailed(self, name: str) -> int:
+        """
+        A connection made after L{acquire} was closed or reset by the backend
+        before it sent anything: count it with the failed connects, and
+        return how many failures in a row there are now.  Its accounting is
+        L{release}'s, as for any connection that closes.
+        """
+        m = self._members.get(name)
+        if m is None:
+            return 0
+        m.failures += 1
+        self._changed(m)
+        return m.failures
+
+    def backendServed(self, name: str) -> None:
+        """
+        The backend proved itself on a connection (it sent a byte, or kept
+        the connection past the proxy's early-close window): the failures in
+        a row are over.
+        """
+        m = self._members.get(name)
+        if m is not None and m.failures:
+            m.failures = 0
+            self._changed(m)
+
     def release(self, name: str) -> None:
         """
         A connection made after L{acquire} has closed.
