@@ -349,11 +349,11 @@ class _BackendSide(_Relay):
 
     def watchEarlyClose(self, factory: "ProxyFactory") -> None:
         """
-        Count it against the backend if the backend closes or resets this
-        connection before sending anything, within
-        C{factory.earlyCloseWindow} seconds, while the client still has its
-        side open (L{_endedEarly}); a byte from the backend clears its
-        failures instead.
+        Count it against the backend if, within C{factory.earlyCloseWindow}
+        seconds, the backend resets this connection before sending anything,
+        or closes it before that and before the client's end-of-file
+        (L{_endedEarly}); a byte from the backend clears its failures
+        instead.
 
         The first byte is caught by a C{dataReceived} set on this instance
         and removed by it: the relay pays nothing per chunk.
