@@ -113,6 +113,25 @@ def test_abandoned_connect_is_not_a_failure():
     assert pool.get("a").routed == 0
 
 
+def test_a_connection_the_backend_failed_counts_without_touching_accounting():
+    pool = poolOf("a")
+    assert pool.connectFailed("a", pool.acquire("a")) == 1
+    ticket = pool.acquire("a")
+    pool.connected("a", ticket, served=False)
+    assert pool.backendFailed("a") == 2  # made, then closed before a byte
+    s = pool.get("a")
+    assert (s.active, s.routed, s.addedSinceReport, s.failures) == (1, 1, 1, 2)
+    pool.release("a", ticket)
+    first = pool.snapshot()
+    pool.backendServed("a")
+    assert pool.get("a").failures == 0
+    cleared = pool.snapshot()
+    pool.backendServed("a")  # nothing to clear: no change, snapshot kept
+    assert pool.snapshot() is cleared
+    assert pool.backendFailed("gone") == 0 and pool.backendServed("gone") is None
+    assert first[0].failures == 2
+
+
 def test_snapshot_is_cached_until_a_change():
     pool = poolOf("a")
     first = pool.snapshot()

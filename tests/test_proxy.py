@@ -11,13 +11,15 @@ import threading
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twistedcluster.cluster import Cluster
 from twistedcluster.echo import echoFactory
@@ -366,10 +368,125 @@ def test_a_success_resets_the_failure_count():
         startClient(factory)
         failNext(mr)
     startClient(factory)
-    completeNext(mr)
+    backend, _ = completeNext(mr)
+    backend.dataReceived(b"hello")  # a byte from the backend is a success
     startClient(factory)
     failNext(mr)
     assert cluster.pool.get("b9001").state.value == "up"
+
+
+# A backend that accepts and then closes or resets before sending anything
+# (issue 13, item 5).
+
+
+def earlyCloser(**kw):
+    mr = MemoryReactorClock()
+    cluster = clusterOf(9001)
+    kw.setdefault("maxAttempts", 1)
+    factory = ProxyFactory(cluster, mr, **kw)
+    return mr, cluster, factory
+
+
+def relayed(factory, mr, request=b"request"):
+    proxy = factory.buildProtocol(("127.0.0.1", 5555))
+    clientT = HalfClosingTransport()
+    proxy.makeConnection(clientT)
+    backend, backendT = completeNext(mr)
+    if request:
+        proxy.dataReceived(request)
+    return proxy, clientT, backend, backendT
+
+
+def test_a_backend_that_resets_or_closes_before_sending_anything_is_taken_out(logged):
+    mr, cluster, factory = earlyCloser(ejectAfter=3, ejectFor=10)
+    # Reset right after accept, reset on the request, clean close on it.
+    proxy, clientT, backend, _ = relayed(factory, mr, request=b"")
+    backend.connectionLost(Failure(ConnectionLost()))
+    assert clientT.disconnecting
+    proxy, _, backend, _ = relayed(factory, mr)
+    backend.connectionLost(Failure(ConnectionLost()))
+    assert cluster.pool.get("b9001").failures == 2
+    proxy, _, backend, backendT = relayed(factory, mr)
+    backend.readConnectionLost()
+    backend.writeConnectionLost()
+    assert backendT.disconnecting
+    backend.connectionLost(Failure(ConnectionDone()))
+    s = cluster.pool.get("b9001")
+    assert (s.state.value, s.failures, s.active) == ("down", 3, 0)
+    assert any(
+        "backend b9001 reset a connection before sending anything (2 in a row)" in line
+        for line in logged
+    )
+    assert any("3 connects in a row failed; taken out for 10" in line for line in logged)
+    mr.advance(10)
+    assert cluster.pool.get("b9001").state.value == "up"
+
+
+def test_connects_alone_do_not_reset_the_count_a_byte_does():
+    mr, cluster, factory = earlyCloser(ejectAfter=3)
+    for _ in range(2):
+        startClient(factory)
+        failNext(mr)
+    # Connected, then reset before a byte: the third failure in a row.
+    proxy, _, backend, _ = relayed(factory, mr)
+    backend.connectionLost(Failure(ConnectionLost()))
+    assert cluster.pool.get("b9001").state.value == "down"
+
+
+def test_a_byte_from_the_backend_clears_the_count_and_costs_nothing_per_chunk():
+    mr, cluster, factory = earlyCloser(ejectAfter=3)
+    for _ in range(2):
+        startClient(factory)
+        failNext(mr)
+    proxy, clientT, backend, _ = relayed(factory, mr)
+    backend.dataReceived(b"a")
+    assert cluster.pool.get("b9001").failures == 0
+    # The first byte is noticed once; after it the class's dataReceived is
+    # the relay's own again.
+    assert "dataReceived" not in backend.__dict__
+    backend.dataReceived(b"bc")
+    assert clientT.value() == b"abc"
+    # A reset after the backend spoke is a cut-off answer, not this rule.
+    backend.connectionLost(Failure(ConnectionLost()))
+    assert cluster.pool.get("b9001").failures == 0
+
+
+def test_closes_that_are_not_the_backends_fault_are_not_counted():
+    # ejectAfter=1: any counted failure would take it out.
+    mr, cluster, factory = earlyCloser(ejectAfter=1, earlyCloseWindow=3)
+
+    def assertNotBlamed():
+        s = cluster.pool.get("b9001")
+        assert (s.state.value, s.failures) == ("up", 0)
+
+    # A service that only reads: the client half-closes, then it closes.
+    proxy, _, backend, backendT = relayed(factory, mr)
+    proxy.readConnectionLost()
+    assert backendT.writeClosed
+    backend.readConnectionLost()
+    backend.connectionLost(Failure(ConnectionDone()))
+    assertNotBlamed()
+    # The client closes, or resets, first.
+    for why in (ConnectionDone(), ConnectionLost()):
+        proxy, _, backend, _ = relayed(factory, mr)
+        proxy.connectionLost(Failure(why))
+        backend.connectionLost(Failure(ConnectionLost()))
+        assertNotBlamed()
+    # The backend closes, silent, after the window: it served a while.
+    proxy, _, backend, _ = relayed(factory, mr)
+    mr.advance(3)
+    backend.connectionLost(Failure(ConnectionLost()))
+    assertNotBlamed()
+    assert cluster.pool.get("b9001").active == 0
+
+
+def test_an_early_close_window_of_zero_turns_the_rule_off():
+    mr, cluster, factory = earlyCloser(ejectAfter=1, earlyCloseWindow=0)
+    proxy, _, backend, _ = relayed(factory, mr)
+    assert "dataReceived" not in backend.__dict__
+    backend.connectionLost(Failure(ConnectionLost()))
+    s = cluster.pool.get("b9001")
+    assert (s.state.value, s.failures) == ("up", 0)
 
 
 def test_idle_connections_are_closed_after_the_timeout():
@@ -649,3 +766,24 @@ async def test_a_backend_at_an_unusable_scoped_address_is_counted_as_failing(loo
     bad = loopback.cluster.pool.get("bad")
     assert bad.failures >= 1 and bad.state.value == "down" and bad.active == 0
     assert any("unusable address fe80::1%nosuchif0" in line for line in logged)
+
+
+@implementer(IHalfCloseableProtocol)
+class ReadUntilEnd(Protocol):
+    """
+    A healthy service that answers nothing: it reads until the client's
+    end-of-file, then closes.
+    """
+
+    def readConnectionLost(self):
+        self.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_service_that_closes_after_the_clients_end_is_not_blamed(loopback):
+    # ejectAfter=1: one counted failure would take it out.
+    await loopback.start([Factory.forProtocol(ReadUntilEnd)], ejectAfter=1)
+    for i in range(20):
+        assert await deferToThread(echoOnce, "127.0.0.1", loopback.port, b"log %d" % i, 10) == b""
+    s = loopback.cluster.pool.get("b0")
+    assert (s.state.value, s.failures, s.routed, s.active) == ("up", 0, 20, 0)

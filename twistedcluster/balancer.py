@@ -20,6 +20,7 @@ from twistedcluster.redirect import DEFAULT_HANDOFF_WINDOW, DEFAULT_HANDOFFS_PER
 from twistedcluster.proxy import (
     DEFAULT_ATTEMPTS,
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_EARLY_CLOSE_WINDOW,
     DEFAULT_EJECT_AFTER,
     DEFAULT_EJECT_FOR,
     DEFAULT_QUEUE_SIZE,
@@ -107,6 +108,16 @@ class Options(usage.Options):
             DEFAULT_EJECT_FOR,
             "Seconds a backend taken out by failed connects stays out.",
             positive(float),
+        ],
+        [
+            "early-close-window",
+            None,
+            DEFAULT_EARLY_CLOSE_WINDOW,
+            "A backend that closes or resets a proxied connection before "
+            "sending anything, within this many seconds of the connect and "
+            "while the client's side is open, counts as a failed connect "
+            "(0: only failed connects count).",
+            float,
         ],
         [
             "idle-timeout",
@@ -223,6 +234,8 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["eject-after"] < 0 or self["queue-size"] < 0:
             raise usage.UsageError("--eject-after and --queue-size must be >= 0")
+        if not self["early-close-window"] >= 0:
+            raise usage.UsageError("--early-close-window must be >= 0")
         self["state"] = None
         if self["state-file"]:
             from twistedcluster.statefile import StateFileError, load
@@ -344,6 +357,7 @@ def makeService(options: Options, reactor=None):
         maxAttempts=options["attempts"],
         ejectAfter=options["eject-after"],
         ejectFor=options["eject-for"],
+        earlyCloseWindow=options["early-close-window"],
         idleTimeout=options["idle-timeout"],
         queueSize=options["queue-size"],
         queueTimeout=options["queue-timeout"],

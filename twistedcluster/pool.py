@@ -518,16 +518,20 @@ class Pool:
             del m.unseen[ticket]
             self._changed(m)
 
-    def connected(self, name: str, ticket: int) -> None:
+    def connected(self, name: str, ticket: int, served: bool = True) -> None:
         """
         The connection chosen by L{acquire} was established.
+
+        @param served: whether that is proof enough that the backend works
+            (ending its failures in a row); C{False} when it must prove
+            itself later (L{backendServed}).
         """
         m = self._members.get(name)
         if m is None:
             return
         # Not a change any snapshot shows: only the next mark moves.
         m.connecting.pop(ticket, None)
-        if m.failures:
+        if served and m.failures:
             m.failures = 0
             self._changed(m)
 
@@ -551,6 +555,31 @@ class Pool:
             m.failures += 1
         self._changed(m)
         return m.failures
+
+    def backendFailed(self, name: str) -> int:
+        """
+        A connection made after L{acquire} was closed or reset by the backend
+        before it sent anything: count it with the failed connects, and
+        return how many failures in a row there are now.  Its accounting is
+        L{release}'s, as for any connection that closes.
+        """
+        m = self._members.get(name)
+        if m is None:
+            return 0
+        m.failures += 1
+        self._changed(m)
+        return m.failures
+
+    def backendServed(self, name: str) -> None:
+        """
+        The backend proved itself on a connection (it sent a byte, or kept
+        the connection past the proxy's early-close window): the failures in
+        a row are over.
+        """
+        m = self._members.get(name)
+        if m is not None and m.failures:
+            m.failures = 0
+            self._changed(m)
 
     def release(self, name: str, ticket: int) -> None:
         """

@@ -57,6 +57,10 @@ DEFAULT_EJECT_AFTER = 3
 DEFAULT_EJECT_FOR = 10.0
 DEFAULT_QUEUE_SIZE = 1000
 DEFAULT_QUEUE_TIMEOUT = 5.0
+#: Seconds after its connect within which a backend that closes or resets
+#: the connection before sending a byte is counted as failing (as long as
+#: the connect timeout, by default, to prove itself).
+DEFAULT_EARLY_CLOSE_WINDOW = 3.0
 
 
 #: Zero-copy relaying needs Linux's splice(2).
@@ -321,6 +325,11 @@ class _BackendSide(_Relay):
     """
     The balancer's connection to a backend; releases its pool slot on close.
 
+    Until the backend sends its first byte, it is on probation
+    (L{watchEarlyClose}): a backend that accepts and then closes or resets
+    at once looks idle to least-load, so without this it would keep taking
+    clients and failing them.
+
     @ivar attempt: the connect that made it, told when it is made.
     """
 
@@ -328,13 +337,75 @@ class _BackendSide(_Relay):
     backendName: Optional[str] = None
     ticket = 0
     attempt: Optional["_Attempt"] = None
+    #: Set while on probation: the factory that counts failures, and when
+    #: the connection was made.
+    _probation: Optional["ProxyFactory"] = None
+    _madeAt = 0.0
 
     def connectionMade(self) -> None:
         attempt, self.attempt = self.attempt, None
         if attempt is not None:
             attempt.made(self)
 
+    def watchEarlyClose(self, factory: "ProxyFactory") -> None:
+        """
+        Count it against the backend if, within C{factory.earlyCloseWindow}
+        seconds, the backend resets this connection before sending anything,
+        or closes it before that and before the client's end-of-file
+        (L{_endedEarly}); a byte from the backend clears its failures
+        instead.
+
+        The first byte is caught by a C{dataReceived} set on this instance
+        and removed by it: the relay pays nothing per chunk.
+        """
+        self._probation = factory
+        self._madeAt = factory.reactor.seconds()
+        self.dataReceived = self._firstData  # type: ignore[method-assign]
+
+    def _firstData(self, data: bytes) -> None:
+        del self.dataReceived
+        factory, self._probation = self._probation, None
+        if factory is not None and self.backendName is not None:
+            factory.cluster.pool.backendServed(self.backendName)
+        self.dataReceived(data)
+
+    def _endedEarly(self, clean: bool) -> None:
+        """
+        The backend ended the connection while on probation.  It is to blame
+        for a reset, and for a clean close that came before the client's
+        end-of-file: a service that only reads may close once the client
+        has sent everything.  Nothing is told when the client (or this
+        balancer, on its behalf) ended the connection first: the peer link
+        is gone by then.
+        """
+        factory, self._probation = self._probation, None
+        self.__dict__.pop("dataReceived", None)
+        client, name = self.peer, self.backendName
+        if factory is None or client is None or name is None:
+            return
+        pool = factory.cluster.pool
+        early = factory.reactor.seconds() - self._madeAt < factory.earlyCloseWindow
+        if not early or (clean and client._readDone):
+            pool.backendServed(name)
+            return
+        failures = pool.backendFailed(name)
+        log.warn(
+            "proxy: backend {backend} {how} a connection before sending anything "
+            "({failures} in a row)",
+            backend=name,
+            how="closed" if clean else "reset",
+            failures=failures,
+        )
+        factory.connectFailures(name, failures)
+
+    def readConnectionLost(self) -> None:
+        if self._probation is not None:
+            self._endedEarly(clean=True)
+        _Relay.readConnectionLost(self)
+
     def connectionLost(self, reason) -> None:
+        if self._probation is not None:
+            self._endedEarly(clean=isinstance(reason.value, ConnectionDone))
         if self.pool is not None and self.backendName is not None:
             self.pool.release(self.backendName, self.ticket)
             self.backendName = None
@@ -508,10 +579,14 @@ class ProxyServer(_Relay):
         self._attempt = None
         factory = self.factory
         pool = factory.cluster.pool
-        pool.connected(attempt.name, attempt.ticket)
+        # Connected is not yet served when the backend must prove itself
+        # first (the early-close window).
+        pool.connected(attempt.name, attempt.ticket, served=not factory.earlyCloseWindow)
         backend.pool = pool
         backend.backendName = attempt.name
         backend.ticket = attempt.ticket
+        if factory.earlyCloseWindow:
+            backend.watchEarlyClose(factory)
         self.link(backend)
         early, self._early = self._early, None
         if early:
@@ -626,6 +701,10 @@ class ProxyFactory(Factory):
     @param ejectAfter: connects in a row that may fail before a backend is
         taken out (the passive health check); 0 never takes one out.
     @param ejectFor: seconds a backend stays out before it is tried again.
+    @param earlyCloseWindow: seconds after its connect within which a
+        backend that closes or resets the connection before sending a byte
+        counts as failing, as a failed connect does; 0 counts only failed
+        connects.
     @param idleTimeout: seconds without data either way after which a relayed
         connection is closed; C{None} for never.
     @param queueSize: clients that may wait when every backend is at
@@ -645,6 +724,7 @@ class ProxyFactory(Factory):
         maxAttempts: int = DEFAULT_ATTEMPTS,
         ejectAfter: int = DEFAULT_EJECT_AFTER,
         ejectFor: float = DEFAULT_EJECT_FOR,
+        earlyCloseWindow: float = DEFAULT_EARLY_CLOSE_WINDOW,
         idleTimeout: Optional[float] = None,
         queueSize: int = DEFAULT_QUEUE_SIZE,
         queueTimeout: float = DEFAULT_QUEUE_TIMEOUT,
@@ -655,6 +735,7 @@ class ProxyFactory(Factory):
         self.maxAttempts = max(1, maxAttempts)
         self.ejectAfter = ejectAfter
         self.ejectFor = ejectFor
+        self.earlyCloseWindow = earlyCloseWindow
         self.idleTimeout = idleTimeout
         self.queueSize = queueSize
         self.queueTimeout = queueTimeout
@@ -683,7 +764,8 @@ class ProxyFactory(Factory):
 
     def connectFailures(self, name: str, failures: int) -> None:
         """
-        C{failures} connects in a row to C{name} failed: take it out for a
+        C{failures} connections in a row to C{name} failed (connects, and
+        connections it ended before sending anything): take it out for a
         while once there are too many.
         """
         if not self.ejectAfter or failures < self.ejectAfter:
