@@ -7,13 +7,13 @@ L{Cluster}; each is a Twisted server endpoint string.
 
 from __future__ import annotations
 
-from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
 from twistedcluster.options import loadSecretOption, positive
 from twistedcluster.address import endpointParts, parseHostPort
+from twistedcluster.listeners import listenerService, withBacklog
 from twistedcluster.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
 from twistedcluster.policies import DEFAULT_POLICY, POLICIES, UnknownPolicy, makePolicy
 from twistedcluster.proxy import (
@@ -362,11 +362,13 @@ def makeService(options: Options, reactor=None):
         site.log = lambda request: None  # scrapes every few seconds: no access log
         listeners.append(("metrics", options["metrics"], site))
     for role, description, factory in listeners:
-        svc = strports.service(description, factory, reactor=reactor)
+        svc = listenerService(description, factory, reactor)
         svc.setName(role)
         svc.setServiceParent(top)
         log.info(
-            "balancer {role} listener on {endpoint}", role=role, endpoint=description
+            "balancer {role} listener on {endpoint}",
+            role=role,
+            endpoint=withBacklog(description),
         )
     log.info("balancer routing policy: {policy}", policy=cluster.policyName)
     log.info("balancer reactor: {reactor}", reactor=type(reactor).__qualname__)
