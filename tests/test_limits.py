@@ -99,7 +99,8 @@ def test_at_the_limit_the_listeners_stop_accepting_until_one_closes(logged):
     assert not late.reading
     lines = [line for line in logged if "client connection limit" in line]
     assert len(lines) == 1
-    assert "3" in lines[0] and "listen backlog" in lines[0]
+    assert "limit 3 " in lines[0] and "reached 1 time(s) just now" in lines[0]
+    assert "listen backlog" in lines[0]
 
 
 def test_a_port_that_stopped_listening_is_not_resumed():
@@ -139,7 +140,7 @@ def test_the_limit_is_logged_at_most_once_a_second_with_a_count(logged):
     lines = [line for line in logged if "client connection limit" in line]
     assert len(lines) == 2
     # The first line told of the first time; this one of the rest.
-    assert "reached 49 time(s)" in lines[1] and "50 closed at once" in lines[1], lines[1]
+    assert "reached 49 time(s) in the last 1.0 s" in lines[1] and "50 closed at once" in lines[1], lines[1]
     clock.advance(10)
     assert len([line for line in logged if "client connection limit" in line]) == 2
 
@@ -257,6 +258,14 @@ async def test_out_of_descriptors_is_one_line_a_second_with_a_count(logged):
         for s in clients:
             s.close()
         await port.stopListening()
+
+
+def test_an_emfile_recovery_that_closed_nothing_is_a_failed_accept(logged):
+    observe = AcceptErrors(task.Clock()).observerFor("proxy")
+    observe({"log_format": "EMFILE encountered; releasing reserved file descriptor."})
+    observe({"log_format": "Re-reserving EMFILE recovery file descriptor."})
+    [line] = [line for line in logged if "accept" in line]
+    assert "0 connection(s) closed unaccepted, 1 accept(s) failed" in line
 
 
 def test_other_accept_errors_are_summed_and_other_events_pass(logged):

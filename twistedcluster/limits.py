@@ -82,6 +82,13 @@ class _Summary:
         counts, self.counts = self.counts, {}
         self.emit(counts, since)
 
+
+def _window(seconds: float) -> str:
+    """
+    The time a summary covers, for humans.
+    """
+    return f"in the last {seconds:.1f} s" if seconds else "just now"
+
     def stop(self) -> None:
         if self._call is not None and self._call.active():
             self._call.cancel()
@@ -172,13 +179,13 @@ class ClientLimit:
     def _report(self, counts: Dict[str, int], seconds: float) -> None:
         log.warn(
             "client connection limit {limit} (--max-connections) reached {full} "
-            "time(s) in {seconds:.1f} s: the proxy and redirect listeners stop "
+            "time(s) {window}: the proxy and redirect listeners stop "
             "accepting while at it, new clients wait in the listen backlog "
             "({refused} closed at once)",
             limit=self.maxConnections,
             full=counts.get("full", 0),
             refused=counts.get("refused", 0),
-            seconds=seconds,
+            window=_window(seconds),
         )
 
     def stop(self) -> None:
@@ -228,7 +235,9 @@ class AcceptErrors:
                 self._closing += 1
             elif fmt == _EMFILE_END:
                 closed, self._closing = self._closing, 0
-                self._note(name, "EMFILE", closed=closed)
+                # None closed: the accept that the spare descriptor was
+                # freed for failed again.
+                self._note(name, "EMFILE", **({"closed": closed} if closed else {"failed": 1}))
             elif fmt == _ACCEPT_FAILED:
                 self._note(name, str(event.get("acceptError")), failed=1)
             elif fmt != _EMFILE_START:
@@ -247,7 +256,7 @@ class AcceptErrors:
         listeners, self._listeners = self._listeners, []
         errors, self._errors = self._errors, []
         log.warn(
-            "accept failed ({errors}) on the {listeners} listener(s) in {seconds:.1f} s: "
+            "accept failed ({errors}) on the {listeners} listener(s) {window}: "
             "{closed} connection(s) closed unaccepted, {failed} accept(s) failed; "
             "out of file descriptors? (raise the open-file limit or lower "
             "--max-connections)",
@@ -255,7 +264,7 @@ class AcceptErrors:
             listeners=", ".join(listeners),
             closed=counts.get("closed", 0),
             failed=counts.get("failed", 0),
-            seconds=seconds,
+            window=_window(seconds),
         )
 
     def stop(self) -> None:
