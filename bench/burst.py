@@ -120,6 +120,47 @@ def burst(port: int, count: int, deadline: float) -> dict:
     }
 
 
+def redirectBurst(port: int, count: int, deadline: float) -> dict:
+    """
+    C{count} connects at once to the redirect listener; counts the clients
+    that got their answer line within C{deadline} seconds (the C{cluster:}
+    endpoint's default timeout is 5 s).
+    """
+    sel = selectors.DefaultSelector()
+    socks = []
+    start = time.monotonic()
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        socks.append(s)
+        sel.register(s, selectors.EVENT_READ, [b""])
+    answered = closed = 0
+    try:
+        while answered + closed < count:
+            left = start + deadline - time.monotonic()
+            if left <= 0:
+                break
+            for key, _ in sel.select(min(left, 0.5)):
+                try:
+                    chunk = key.fileobj.recv(100)
+                except OSError:
+                    chunk = b""
+                key.data[0] += chunk
+                if key.data[0].endswith(b"\r\n") or not chunk:
+                    if key.data[0].endswith(b"\r\n") and not key.data[0].startswith(b"ERROR"):
+                        answered += 1
+                    else:
+                        closed += 1
+                    sel.unregister(key.fileobj)
+    finally:
+        for s in socks:
+            s.close()
+        sel.close()
+    return {"count": count, "answered": answered, "closed or ERROR": closed,
+            "no answer in time": count - answered - closed}
+
+
 def sequential(port: int, count: int) -> dict:
     slow = []
     for i in range(count):
@@ -194,19 +235,27 @@ def flood(cluster: LocalCluster, count: int, deadline: float) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["burst", "sequential", "flood"])
+    p.add_argument("what", choices=["burst", "redirect", "sequential", "flood"])
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--deadline", type=float, default=10.0)
     p.add_argument("--nofile", type=int, default=1024)
     p.add_argument("--balancer-arg", action="append", default=[])
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
+        balancerArgs = list(args.balancer_arg)
+        if args.what == "redirect":
+            from twistedcluster.localcluster import freePort
+
+            redirectPort = freePort()
+            balancerArgs.append(f"--redirect=tcp:{redirectPort}:interface=127.0.0.1")
         cluster = startCluster(
-            Path(d), args.balancer_arg, args.nofile if args.what == "flood" else None
+            Path(d), balancerArgs, args.nofile if args.what == "flood" else None
         )
         try:
             if args.what == "burst":
                 print(burst(cluster.port, args.count, args.deadline))
+            elif args.what == "redirect":
+                print(redirectBurst(redirectPort, args.count, args.deadline))
             elif args.what == "sequential":
                 print(sequential(cluster.port, args.count))
             else:
