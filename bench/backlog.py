@@ -14,9 +14,9 @@ and time, every process stopped at the end.
 
 Usage::
 
-    PYTHONPATH=. python bench/burst.py burst --count 2000
-    PYTHONPATH=. python bench/burst.py sequential --count 500
-    PYTHONPATH=. python bench/burst.py flood --count 1500 --nofile 1024
+    PYTHONPATH=. python bench/backlog.py burst --count 2000
+    PYTHONPATH=. python bench/backlog.py sequential --count 500
+    PYTHONPATH=. python bench/backlog.py flood --count 1500 --nofile 1024
 """
 
 from __future__ import annotations
