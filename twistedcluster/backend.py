@@ -22,6 +22,7 @@ from twisted.python import reflect, usage
 from twistedcluster.options import loadSecretOption, positive
 from twistedcluster.address import formatHostPort, parseHostPort
 from twistedcluster.counting import CountingFactory
+from twistedcluster.listeners import withBacklog
 from twistedcluster.reporter import (
     DEFAULT_INTERVAL,
     Identity,
@@ -190,7 +191,7 @@ class BackendService(Service):
         if self.port is not None:
             return
         failures = []
-        d = serverFromString(self.reactor, self.listen).listen(self.factory)
+        d = serverFromString(self.reactor, withBacklog(self.listen)).listen(self.factory)
         d.addCallbacks(self._listening, failures.append)
         if failures:
             # Raised here, twistd reports it and exits non-zero.

@@ -7,13 +7,14 @@ L{Cluster}; each is a Twisted server endpoint string.
 
 from __future__ import annotations
 
-from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
 from twistedcluster.options import loadSecretOption, positive
 from twistedcluster.address import endpointParts, parseHostPort
+from twistedcluster.limits import AcceptErrors, ClientLimit, defaultMaxConnections
+from twistedcluster.listeners import listenerService, withBacklog
 from twistedcluster.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
 from twistedcluster.policies import DEFAULT_POLICY, POLICIES, UnknownPolicy, makePolicy
 from twistedcluster.redirect import DEFAULT_HANDOFF_WINDOW, DEFAULT_HANDOFFS_PER_SOURCE
@@ -202,6 +203,17 @@ class Options(usage.Options):
             positive(float),
         ],
         [
+            "max-connections",
+            None,
+            None,
+            "Client connections (proxy and redirect together) open at once; at "
+            "the limit those listeners stop accepting and new clients wait in "
+            "the listen backlog (default: from the open-file limit N, "
+            "(N - min(N/4, 1024)) / 2, which keeps descriptors for the control "
+            "and admin channels).",
+            positive(int),
+        ],
+        [
             "max-control-connections",
             None,
             4096,
@@ -245,6 +257,8 @@ class Options(usage.Options):
             except StateFileError as e:
                 raise usage.UsageError(str(e)) from None
         self["secret"] = loadSecretOption(self["secret-file"])
+        if self["max-connections"] is None:
+            self["max-connections"] = defaultMaxConnections()
         try:
             makePolicy(self["policy"])
         except UnknownPolicy as e:
@@ -363,8 +377,12 @@ def makeService(options: Options, reactor=None):
         queueTimeout=options["queue-timeout"],
     )
     _DrainOnStop(proxyFactory, options["drain-timeout"]).setServiceParent(top)
+    # Proxy and redirect clients share one limit; control and admin have
+    # their own, and the descriptors the limit leaves.
+    clientLimit = ClientLimit(options["max-connections"], reactor)
+    acceptErrors = AcceptErrors(reactor)
     listeners = [
-        ("proxy", options["listen"], proxyFactory),
+        ("proxy", options["listen"], clientLimit.wrap(proxyFactory)),
         ("control", options["control"], ControlFactory(
             cluster,
             reactor,
@@ -383,15 +401,12 @@ def makeService(options: Options, reactor=None):
         )),
     ]
     if options["redirect"]:
-        listeners.append((
-            "redirect",
-            options["redirect"],
-            RedirectFactory(
-                cluster,
-                reactor,
-                HandOffs(options["redirect-window"], options["redirect-per-source"]),
-            ),
-        ))
+        redirectFactory = RedirectFactory(
+            cluster,
+            reactor,
+            HandOffs(options["redirect-window"], options["redirect-per-source"]),
+        )
+        listeners.append(("redirect", options["redirect"], clientLimit.wrap(redirectFactory)))
     if options["metrics"]:
         from twisted.web.server import Site
 
@@ -401,13 +416,27 @@ def makeService(options: Options, reactor=None):
         site.noisy = False
         site.log = lambda request: None  # scrapes every few seconds: no access log
         listeners.append(("metrics", options["metrics"], site))
+    def onPort(role):
+        def listening(port):
+            acceptErrors.watch(port, role)
+            if role in ("proxy", "redirect"):
+                clientLimit.listening(port)
+
+        return listening
+
     for role, description, factory in listeners:
-        svc = strports.service(description, factory, reactor=reactor)
+        svc = listenerService(description, factory, reactor, onPort(role))
         svc.setName(role)
         svc.setServiceParent(top)
         log.info(
-            "balancer {role} listener on {endpoint}", role=role, endpoint=description
+            "balancer {role} listener on {endpoint}",
+            role=role,
+            endpoint=withBacklog(description),
         )
+    log.info(
+        "balancer client connection limit: {limit} (proxy and redirect together)",
+        limit=options["max-connections"],
+    )
     log.info("balancer routing policy: {policy}", policy=cluster.policyName)
     log.info("balancer reactor: {reactor}", reactor=type(reactor).__qualname__)
     return top

@@ -1,0 +1,134 @@
+"""
+Listen backlogs: every listener the balancer and the backend open holds a
+burst (issue 13, item 2) unless its endpoint string names a backlog.
+"""
+
+import socket
+import struct
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+
+from twistedcluster import backend, balancer
+from twistedcluster.listeners import defaultBacklog, withBacklog
+
+B = 4321
+
+
+@pytest.mark.parametrize(
+    "description, expected",
+    [
+        ("tcp:8000", "tcp:8000:backlog=4321"),
+        ("tcp:8100:interface=127.0.0.1", "tcp:8100:interface=127.0.0.1:backlog=4321"),
+        (r"tcp6:8000:interface=\:\:1", r"tcp6:8000:interface=\:\:1:backlog=4321"),
+        ("ssl:443:privateKey=k.pem", "ssl:443:privateKey=k.pem:backlog=4321"),
+        ("unix:/run/lb.sock", "unix:/run/lb.sock:backlog=4321"),
+        ("mtls:8100:privateKey=k:caCerts=ca", "mtls:8100:privateKey=k:caCerts=ca:backlog=4321"),
+        ("tls:/etc/certs:port=443", "tls:/etc/certs:port=443:backlog=4321"),
+        ("TCP:8000", "TCP:8000:backlog=4321"),
+        # Wrapping endpoints: the wrapped one gets it.
+        ("haproxy:tcp:8000", "haproxy:tcp:8000:backlog=4321"),
+        # Named already, by keyword or by position: kept.
+        ("tcp:8000:backlog=7", "tcp:8000:backlog=7"),
+        ("tcp:8000:127.0.0.1:7", "tcp:8000:127.0.0.1:7"),
+        ("tcp6:8000:7", "tcp6:8000:7"),
+        ("unix:/s:600:7", "unix:/s:600:7"),
+        ("haproxy:tcp:8000:backlog=7", "haproxy:tcp:8000:backlog=7"),
+        # Kinds that take no backlog: the socket is made elsewhere (systemd's
+        # Backlog=), or the kind is unknown.
+        ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+        ("haproxy:systemd:domain=INET:index=0", "haproxy:systemd:domain=INET:index=0"),
+        ("stdio:", "stdio:"),
+        ("someplugin:8000", "someplugin:8000"),
+        # A trailing escape would swallow the added colon: left alone.
+        ("unix:/odd\\", "unix:/odd\\"),
+    ],
+)
+def test_withBacklog(description, expected):
+    assert withBacklog(description, B) == expected
+
+
+def test_the_default_is_the_systems_somaxconn(tmp_path):
+    f = tmp_path / "somaxconn"
+    f.write_text("8192\n")
+    assert defaultBacklog(str(f)) == 8192
+    assert withBacklog("tcp:1") == f"tcp:1:backlog={defaultBacklog()}"
+
+
+def test_without_somaxconn_the_default_is_4096(tmp_path):
+    assert defaultBacklog(str(tmp_path / "missing")) == 4096
+    bad = tmp_path / "bad"
+    bad.write_text("lots")
+    assert defaultBacklog(str(bad)) == 4096
+
+
+def startBalancer(tmp_path, *args):
+    o = balancer.Options()
+    o.parseOptions([
+        "--listen=tcp:8000:interface=127.0.0.1",
+        "--redirect=tcp:8002:interface=127.0.0.1",
+        "--metrics=tcp:8003:interface=127.0.0.1",
+        f"--admin=unix:{tmp_path}/admin.sock",
+        *args,
+    ])
+    memory = MemoryReactorClock()
+    svc = balancer.makeService(o, memory)
+    svc.privilegedStartService()
+    svc.startService()
+    tcp = {port: backlog for port, _, backlog, _ in memory.tcpServers}
+    unix = {path: backlog for path, _, backlog, _, _ in memory.unixServers}
+    svc.stopService()
+    return tcp, unix
+
+
+def test_every_balancer_listener_defaults_to_the_burst_backlog(tmp_path):
+    tcp, unix = startBalancer(tmp_path)
+    # proxy, redirect, metrics, control
+    assert tcp == {8000: defaultBacklog(), 8002: defaultBacklog(), 8003: defaultBacklog(),
+                   8100: defaultBacklog()}
+    assert unix == {f"{tmp_path}/admin.sock": defaultBacklog()}
+
+
+def test_a_backlog_the_endpoint_names_is_kept(tmp_path):
+    tcp, _ = startBalancer(tmp_path, "--listen=tcp:8000:interface=127.0.0.1:backlog=7")
+    assert tcp[8000] == 7
+    assert tcp[8002] == defaultBacklog()
+
+
+def test_the_backends_service_listener_defaults_to_the_burst_backlog():
+    memory = MemoryReactorClock()
+    o = backend.Options()
+    o.parseOptions(["--listen=tcp:9000:interface=127.0.0.1"])
+    svc = backend.makeService(o, memory)
+    svc.privilegedStartService()
+    [(port, _, backlog, _)] = memory.tcpServers
+    assert (port, backlog) == (9000, defaultBacklog())
+
+
+def listenQueueLimit(port) -> int:
+    """
+    The listening socket's backlog as the kernel holds it: Linux's TCP_INFO
+    reports it as tcpi_sacked for a listening socket (what ss -ltn shows as
+    Send-Q).
+    """
+    s = socket.socket(fileno=socket.dup(port.fileno()))
+    try:
+        info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    finally:
+        s.close()
+    return struct.unpack_from("I", info, 28)[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_backlog_reaches_the_kernel():
+    port = await serverFromString(reactor, withBacklog("tcp:0:interface=127.0.0.1")).listen(
+        Factory.forProtocol(Protocol)
+    )
+    try:
+        assert listenQueueLimit(port) == defaultBacklog()
+    finally:
+        await port.stopListening()

@@ -1,0 +1,271 @@
+"""
+Keep file descriptors for the control and admin channels when clients
+flood the balancer.
+
+L{ClientLimit} is C{--max-connections}: a count shared by the proxy and
+redirect listeners.  At the limit those listeners stop accepting, as
+HAProxy's C{maxconn} does: new clients wait in the kernel's listen backlog
+(deep, see L{twistedcluster.listeners}) and are accepted, in order, as
+connections close; past the backlog the kernel drops their handshakes and
+they retry.  Accepting them only to close them would cost a descriptor, a
+system call and a log line each, and fail clients that a moment's wait would
+serve.
+
+L{AcceptErrors} sums what Twisted's listening ports log when accepting fails
+(out of file descriptors: three lines for the first refused connection and
+one for each other) into one line a second with counts.
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Callable, Dict, List, Optional
+
+from twisted.logger import Logger, globalLogPublisher
+
+from twistedcluster.counting import CountingFactory
+
+log = Logger()
+
+#: Descriptors kept for everything but client connections: at most this
+#: many, at most a quarter of the limit.
+RESERVE = 1024
+#: A proxied client holds two descriptors: its own and its backend's.
+DESCRIPTORS_PER_CLIENT = 2
+
+
+def defaultMaxConnections(nofile: Optional[int] = None) -> int:
+    """
+    The client connections the open-file limit (C{RLIMIT_NOFILE}'s soft
+    limit, unless C{nofile}) leaves room for, keeping
+    C{min(limit / 4, 1024)} descriptors for the listeners, the control and
+    admin channels, health checks and logs.
+    """
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if nofile == resource.RLIM_INFINITY:
+            nofile = 1 << 20
+    reserve = min(nofile // 4, RESERVE)
+    return max(1, (nofile - reserve) // DESCRIPTORS_PER_CLIENT)
+
+
+class _Summary:
+    """
+    Counts told to a log at most once per C{interval}: the first at once,
+    what comes later summed and told when the interval is over.
+    """
+
+    def __init__(self, clock, interval: float, emit: Callable[[Dict[str, int], float], None]):
+        self.clock = clock
+        self.interval = interval
+        self.emit = emit
+        self.counts: Dict[str, int] = {}
+        self._last: Optional[float] = None
+        self._call = None
+
+    def add(self, **counts: int) -> None:
+        for key, n in counts.items():
+            self.counts[key] = self.counts.get(key, 0) + n
+        if self._call is not None:
+            return
+        now = self.clock.seconds()
+        if self._last is None or now - self._last >= self.interval:
+            self._flush()
+        else:
+            self._call = self.clock.callLater(self._last + self.interval - now, self._flush)
+
+    def _flush(self) -> None:
+        self._call = None
+        now = self.clock.seconds()
+        since = 0.0 if self._last is None else now - self._last
+        self._last = now
+        counts, self.counts = self.counts, {}
+        self.emit(counts, since)
+
+
+def _window(seconds: float) -> str:
+    """
+    The time a summary covers, for humans.
+    """
+    return f"in the last {seconds:.1f} s" if seconds else "just now"
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
+class _LimitedFactory(CountingFactory):
+    """
+    Counts its connections in a L{ClientLimit}; past the limit, builds no
+    protocol (the port closes the connection at once).
+    """
+
+    def __init__(self, limit: "ClientLimit", wrappedFactory) -> None:
+        super().__init__(wrappedFactory, limit._changed)
+        self.limit = limit
+
+    def buildProtocol(self, addr):
+        limit = self.limit
+        if limit.count >= limit.maxConnections:
+            limit._summary.add(refused=1)
+            return None
+        return super().buildProtocol(addr)
+
+
+class ClientLimit:
+    """
+    At most C{maxConnections} client connections, proxy and redirect
+    together: at the limit their listening ports stop accepting until one
+    closes.
+
+    Connections the port had already accepted in the turn that reached the
+    limit are closed at once; to keep those few, a port never accepts more in
+    one turn than there is room for.
+
+    @param clock: for the log: at most one line a second.
+    """
+
+    def __init__(self, maxConnections: int, clock, interval: float = 1.0) -> None:
+        self.maxConnections = maxConnections
+        self.count = 0
+        self.paused = False
+        self._factories: List[_LimitedFactory] = []
+        self._ports: list = []
+        self._summary = _Summary(clock, interval, self._report)
+
+    def wrap(self, factory) -> CountingFactory:
+        """
+        C{factory}, its connections counted against this limit.
+        """
+        limited = _LimitedFactory(self, factory)
+        self._factories.append(limited)
+        return limited
+
+    def listening(self, port) -> None:
+        """
+        C{port} accepts connections for a factory from L{wrap}: pause it
+        while at the limit.
+        """
+        self._ports.append(port)
+        if self.paused:
+            port.stopReading()
+        self._clamp(port)
+
+    def _changed(self, _count: int) -> None:
+        count = self.count = sum(f.count for f in self._factories)
+        if count >= self.maxConnections:
+            if not self.paused:
+                self.paused = True
+                for port in self._ports:
+                    port.stopReading()
+                self._summary.add(full=1)
+        elif self.paused:
+            self.paused = False
+            for port in self._ports:
+                # Not one that has stopped listening (draining).
+                if port.connected:
+                    port.startReading()
+        for port in self._ports:
+            self._clamp(port)
+
+    def _clamp(self, port) -> None:
+        # A port accepts up to numberAccepts connections per turn, then
+        # builds their protocols: keep that within the room left.
+        room = max(1, self.maxConnections - self.count)
+        if getattr(port, "numberAccepts", 0) > room:
+            port.numberAccepts = room
+
+    def _report(self, counts: Dict[str, int], seconds: float) -> None:
+        log.warn(
+            "client connection limit {limit} (--max-connections) reached {full} "
+            "time(s) {window}: the proxy and redirect listeners stop "
+            "accepting while at it, new clients wait in the listen backlog "
+            "({refused} closed at once)",
+            limit=self.maxConnections,
+            full=counts.get("full", 0),
+            refused=counts.get("refused", 0),
+            window=_window(seconds),
+        )
+
+    def stop(self) -> None:
+        self._summary.stop()
+
+
+# What Twisted's tcp.Port logs (twisted.internet.tcp._accept) when accept()
+# fails.  Should a release word them otherwise, they pass through unchanged.
+_EMFILE_START = "EMFILE encountered; releasing reserved file descriptor."
+_EMFILE_CLOSED = "EMFILE recovery: Closed socket from {address}"
+_EMFILE_END = "Re-reserving EMFILE recovery file descriptor."
+_ACCEPT_FAILED = "Could not accept new connection ({acceptError})"
+
+
+class AcceptErrors:
+    """
+    One log line a second, with counts, for what listening ports log when
+    accept() fails.
+
+    Twisted's port logs through its C{_logger}; L{watch} gives a port one
+    whose events come here.  (A filter on the global log would have to
+    wrap twistd's own observers; copying the port's accept loop to log
+    differently would copy Twisted's EMFILE recovery with it.)
+
+    @param observer: where every other event from the port goes.
+    """
+
+    def __init__(self, clock, interval: float = 1.0, observer=None) -> None:
+        self.observer = globalLogPublisher if observer is None else observer
+        self._summary = _Summary(clock, interval, self._report)
+        self._closing = 0
+        self._listeners: List[str] = []
+        self._errors: List[str] = []
+
+    def watch(self, port, name: str) -> None:
+        """
+        Sum C{port}'s accept errors, naming it C{name} (proxy, admin...).
+        """
+        logger = getattr(port, "_logger", None)
+        if isinstance(logger, Logger):
+            port._logger = Logger(namespace=logger.namespace, observer=self.observerFor(name))
+
+    def observerFor(self, name: str):
+        def observe(event) -> None:
+            fmt = event.get("log_format")
+            if fmt == _EMFILE_CLOSED:
+                self._closing += 1
+            elif fmt == _EMFILE_END:
+                closed, self._closing = self._closing, 0
+                # None closed: the accept that the spare descriptor was
+                # freed for failed again.
+                self._note(name, "EMFILE", **({"closed": closed} if closed else {"failed": 1}))
+            elif fmt == _ACCEPT_FAILED:
+                self._note(name, str(event.get("acceptError")), failed=1)
+            elif fmt != _EMFILE_START:
+                self.observer(event)
+
+        return observe
+
+    def _note(self, name: str, error: str, **counts: int) -> None:
+        if name not in self._listeners:
+            self._listeners.append(name)
+        if error not in self._errors:
+            self._errors.append(error)
+        self._summary.add(**counts)
+
+    def _report(self, counts: Dict[str, int], seconds: float) -> None:
+        listeners, self._listeners = self._listeners, []
+        errors, self._errors = self._errors, []
+        log.warn(
+            "accept failed ({errors}) on the {listeners} listener(s) {window}: "
+            "{closed} connection(s) closed unaccepted, {failed} accept(s) failed; "
+            "out of file descriptors? (raise the open-file limit or lower "
+            "--max-connections)",
+            errors=", ".join(errors),
+            listeners=", ".join(listeners),
+            closed=counts.get("closed", 0),
+            failed=counts.get("failed", 0),
+            window=_window(seconds),
+        )
+
+    def stop(self) -> None:
+        self._summary.stop()
