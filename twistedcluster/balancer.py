@@ -279,7 +279,7 @@ def makeService(options: Options, reactor=None):
     from twistedcluster.redirect import RedirectFactory
 
     from twistedcluster.healthcheck import TCPHealthChecks
-    from twistedcluster.statefile import StateKeeper, restore
+    from twistedcluster.statefile import StateKeeper, removeTemporaries, restore
 
     cluster = Cluster(policy=options["policy"])
     top = MultiService()
@@ -288,7 +288,12 @@ def makeService(options: Options, reactor=None):
     if options["state-file"]:
         state = options["state"]
         restore(cluster, state)
-        onChange = StateKeeper(options["state-file"], cluster)
+        for leftover in removeTemporaries(options["state-file"]):
+            log.info(
+                "removed {name}, a temporary state file left by an earlier crash",
+                name=leftover,
+            )
+        onChange = StateKeeper(options["state-file"], cluster, reactor)
         log.info(
             "balancer state file {path}: {n} backend setting(s) restored",
             path=options["state-file"],
