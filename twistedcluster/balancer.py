@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from twistedcluster.options import loadSecretOption, positive
 from twistedcluster.address import endpointParts, parseHostPort
+from twistedcluster.control import DEFAULT_FORGET_AFTER
 from twistedcluster.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
 from twistedcluster.policies import DEFAULT_POLICY, POLICIES, UnknownPolicy, makePolicy
 from twistedcluster.proxy import (
@@ -158,6 +159,15 @@ class Options(usage.Options):
             positive(float),
         ],
         [
+            "forget-after",
+            None,
+            DEFAULT_FORGET_AFTER,
+            "Seconds a backend that registered itself may stay down before it "
+            "is forgotten, unless an operator drained, disabled or weighted "
+            "it (0: never).",
+            float,
+        ],
+        [
             "secret-file",
             None,
             None,
@@ -205,6 +215,8 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["eject-after"] < 0 or self["queue-size"] < 0:
             raise usage.UsageError("--eject-after and --queue-size must be >= 0")
+        if not self["forget-after"] >= 0:
+            raise usage.UsageError("--forget-after must be >= 0 (0: never)")
         self["state"] = None
         if self["state-file"]:
             from twistedcluster.statefile import StateFileError, load
@@ -345,6 +357,7 @@ def makeService(options: Options, reactor=None):
             secret=secret,
             maxConnections=options["max-control-connections"],
             authTimeout=options["auth-timeout"],
+            forgetAfter=options["forget-after"],
         )),
         ("admin", options["admin"], AdminFactory(
             cluster,
