@@ -198,7 +198,7 @@ def test_a_backend_down_for_forget_after_is_forgotten(logged):
     assert lb.pool.get("pod").state is State.DOWN
     lb.clock.advance(1)
     assert "pod" not in lb.pool
-    assert any("pod" in line and "forgotten" in line for line in logged)
+    assert any("forgot 1 backend(s) down for 60 s" in line and "pod" in line for line in logged)
 
 
 def test_a_silent_backend_is_forgotten_and_told_to_register_again():
@@ -272,3 +272,15 @@ def test_churned_names_do_not_accumulate():
     assert len(lb.pool) <= 61
     lb.clock.advance(60)
     assert len(lb.pool) == 0
+
+
+def test_backends_due_in_the_same_second_are_forgotten_together(logged):
+    lb = MemoryBalancer(forgetAfter=60)
+    for i in range(50):
+        downAfterRegistering(lb, f"pod-{i:02d}")
+        lb.clock.advance(0.01)
+    assert len(lb.control._batches) == 1  # one timer for the burst
+    lb.clock.advance(61 - lb.clock.seconds())
+    assert len(lb.pool) == 0
+    [line] = [line for line in logged if "forgot " in line]
+    assert "forgot 50 backend(s)" in line and "pod-00" in line and "and 40 more" in line

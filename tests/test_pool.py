@@ -257,3 +257,17 @@ def test_forgettable_means_down_self_registered_and_unset():
     assert [n for n in ("up", "down", "drained", "weighted", "static")
             if pool.forgettable(n)] == ["down"]
     assert not pool.forgettable("never-heard-of")
+
+
+def test_remove_many_at_once():
+    pool = poolOf("a", "b", "c", "d")
+    pool.setWeight("b", 5)
+    seen = []
+    pool.watch(lambda: seen.append(1))
+    pool.snapshot()
+    pool.removeMany(["b", "d", "not-there"])
+    assert names(pool.snapshot()) == ("a", "c") and len(pool) == 2
+    assert names(pool.eligible()) == ("a", "c")
+    assert pool.adminSettings() == {} and seen == [1]
+    pool.register("b", "127.0.0.1", 9009)  # comes back as new
+    assert pool.get("b").weight == DEFAULT_WEIGHT

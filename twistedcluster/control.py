@@ -16,7 +16,7 @@ comes back as new.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Set, Tuple
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -226,38 +226,58 @@ class ControlFactory(GuardedFactory):
         self._fixedTimeout = heartbeatTimeout
         self.owners: Dict[str, ControlProtocol] = {}
         self.forgetAfter = forgetAfter
-        self._forgetting: Dict[str, IDelayedCall] = {}
+        #: When each down backend is due to be forgotten (whole seconds),
+        #: and the timer and backends of each such second.
+        self._due: Dict[str, int] = {}
+        self._batches: Dict[int, Tuple[IDelayedCall, Set[str]]] = {}
 
     def wentDown(self, name: str) -> None:
         """
-        A backend went down: forget it in L{forgetAfter} seconds unless it
-        comes back.
+        A backend went down: forget it in L{forgetAfter} seconds (rounded up
+        to a whole second) unless it comes back.  The backends due in the
+        same second are forgotten together, in one pass over the pool: pods
+        that went away in a burst do not stall the reactor one by one.
         """
-        if self.forgetAfter > 0 and name not in self._forgetting:
-            self._forgetting[name] = self.clock.callLater(
-                self.forgetAfter, self._forget, name
-            )
+        if self.forgetAfter <= 0 or name in self._due:
+            return
+        due = math.ceil(self.clock.seconds() + self.forgetAfter)
+        self._due[name] = due
+        batch = self._batches.get(due)
+        if batch is None:
+            call = self.clock.callLater(due - self.clock.seconds(), self._forget, due)
+            batch = self._batches[due] = (call, set())
+        batch[1].add(name)
 
     def cameUp(self, name: str) -> None:
-        call = self._forgetting.pop(name, None)
-        if call is not None and call.active():
+        due = self._due.pop(name, None)
+        if due is None:
+            return
+        call, names = self._batches[due]
+        names.discard(name)
+        if not names:
+            del self._batches[due]
             call.cancel()
 
-    def _forget(self, name: str) -> None:
-        del self._forgetting[name]
+    def _forget(self, due: int) -> None:
+        _, names = self._batches.pop(due)
+        for name in names:
+            del self._due[name]
         pool = self.cluster.pool
-        if pool.forgettable(name):
-            pool.remove(name)
+        gone = sorted(n for n in names if pool.forgettable(n))
+        pool.removeMany(gone)
+        if gone:
             self.log.info(
-                "backend {name}: down for {after:g} s with no operator setting, "
-                "forgotten",
-                name=name,
+                "forgot {count} backend(s) down for {after:g} s with no operator "
+                "setting: {names}",
+                count=len(gone),
                 after=self.forgetAfter,
+                names=" ".join(gone[:10]) + (f" and {len(gone) - 10} more" if len(gone) > 10 else ""),
             )
-        elif name in pool and pool.get(name).state is State.DOWN:
-            # Held by an operator setting: look again later, in case the
-            # operator undoes it while the backend is still away.
-            self.wentDown(name)
+        for name in names.difference(gone):
+            if name in pool and pool.get(name).state is State.DOWN:
+                # Held by an operator setting: look again later, in case
+                # the operator undoes it while the backend is still away.
+                self.wentDown(name)
 
     def heartbeatTimeout(self, interval: float) -> float:
         if self._fixedTimeout is not None:

@@ -389,6 +389,26 @@ class Pool:
         self._stale.discard(m.name)
         self._layoutStale = True
 
+    def removeMany(self, names: Iterable[str]) -> None:
+        """
+        Forget several backends at once (those of them in the pool): one
+        pass over the pool however many go, where L{remove} takes one each.
+        """
+        gone = {n for n in names if n in self._members}
+        if not gone:
+            return
+        for n in gone:
+            del self._members[n]
+            self._statuses.pop(n, None)
+            self._stale.discard(n)
+            self._configured.discard(n)
+        self._names = [n for n in self._names if n not in gone]
+        self._layoutStale = True
+        self._snapshot = None
+        self._eligible = None
+        for callback in list(self._watchers):
+            callback()
+
     # -- reports from the backend ---------------------------------------
 
     def report(self, name: str, connections: int, load: float) -> None:
