@@ -33,7 +33,8 @@ class Model:
         self.routed = {}
         self.connecting: List[int] = []  # tickets not yet connected
         self.others = 0  # the backend's connections from other clients
-        self.backendMark: Optional[int] = None
+        # The registration's answer gave the backend its first mark.
+        self.backendMark: Optional[int] = self.pool.mark("b")
         self.reports: List[tuple] = []  # in flight to the balancer
         self.answers: List[int] = []  # marks in flight to the backend
         self.lastSeen: Optional[int] = None  # echoed by the last report delivered

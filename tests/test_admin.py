@@ -2,6 +2,8 @@
 The balancer's admin channel, in memory.
 """
 
+import pytest
+
 from twistedcluster import commands
 from twistedcluster.pool import State
 from twistedcluster.testing import MemoryBalancer
@@ -33,11 +35,11 @@ def test_list_backends_shows_every_state_and_the_policy():
 def test_drain_enable_disable():
     lb = balancerWith("a", "b")
     admin, _, _ = lb.adminChannel()
-    assert lb.resultOf(admin.callRemote(commands.DrainBackend, name="a")) == {"state": "draining"}
+    assert lb.resultOf(admin.callRemote(commands.DrainBackend, name="a")) == {"state": "draining", "notSaved": None}
     assert lb.pool.get("a").state is State.DRAINING
     assert [c.name for c in lb.pool.eligible()] == ["b"]
-    assert lb.resultOf(admin.callRemote(commands.DisableBackend, name="a")) == {"state": "disabled"}
-    assert lb.resultOf(admin.callRemote(commands.EnableBackend, name="a")) == {"state": "up"}
+    assert lb.resultOf(admin.callRemote(commands.DisableBackend, name="a")) == {"state": "disabled", "notSaved": None}
+    assert lb.resultOf(admin.callRemote(commands.EnableBackend, name="a")) == {"state": "up", "notSaved": None}
     assert lb.pool.get("a").state is State.UP
 
 
@@ -65,7 +67,7 @@ def test_policy():
     lb = balancerWith("a")
     admin, _, _ = lb.adminChannel()
     answer = lb.resultOf(admin.callRemote(commands.SetPolicy, policy="round-robin"))
-    assert answer == {"previous": "least-load"}
+    assert answer == {"previous": "least-load", "notSaved": None}
     assert lb.cluster.policyName == "round-robin"
     f = lb.resultOf(admin.callRemote(commands.SetPolicy, policy="fastest"))
     assert f.check(commands.UnknownPolicyError)
@@ -115,7 +117,7 @@ def test_forget_removes_a_down_backend_only():
     admin, _, _ = lb.adminChannel()
     f = lb.resultOf(admin.callRemote(commands.ForgetBackend, name="a"))
     assert f.check(commands.BackendInUse) and "is up" in f.getErrorMessage()
-    assert lb.resultOf(admin.callRemote(commands.ForgetBackend, name="b")) == {}
+    assert lb.resultOf(admin.callRemote(commands.ForgetBackend, name="b")) == {"notSaved": None}
     assert "b" not in lb.pool and "a" in lb.pool
     f = lb.resultOf(admin.callRemote(commands.ForgetBackend, name="b"))
     assert f.check(commands.UnknownBackendError)
@@ -134,3 +136,89 @@ def test_a_forgotten_backend_that_reports_again_is_told_to_register():
     assert f.check(commands.NotRegistered) and "forgot you" in f.getErrorMessage()
     lb.resultOf(register(backend, name="gone"))
     assert lb.pool.get("gone").state is State.UP
+
+
+def keptBalancer(path, *names):
+    """
+    A balancer whose admin changes go to a state file at C{path}, written
+    when the test runs the fake thread pool.
+    """
+    from tests.test_statefile import Threads
+    from twistedcluster.statefile import StateKeeper
+
+    lb = balancerWith(*names)
+    threads = Threads()
+    lb.admin.onChange = StateKeeper(str(path), lb.cluster, lb.clock, threads)
+    return lb, threads
+
+
+CHANGES = [
+    (commands.DrainBackend, dict(name="a"), {"state": "draining"}),
+    (commands.SetWeight, dict(name="a", weight=3), {"state": "up"}),
+    (commands.SetPolicy, dict(policy="round-robin"), {"previous": "least-load"}),
+    (commands.ForgetBackend, dict(name="b"), {}),
+]
+
+
+@pytest.mark.parametrize("command, args, answer", CHANGES)
+def test_a_change_is_answered_once_it_is_saved(tmp_path, command, args, answer):
+    lb, threads = keptBalancer(tmp_path / "state.json", "a", "b")
+    lb.pool.markDown("b")
+    admin, _, _ = lb.adminChannel()
+    got = []
+    admin.callRemote(command, **args).addBoth(got.append)
+    lb.flush()
+    lb.clock.advance(0)
+    assert got == [] and len(threads.calls) == 1
+    threads.runAll()
+    lb.flush()
+    assert got == [{**answer, "notSaved": None}]
+
+
+@pytest.mark.allow_errors
+@pytest.mark.parametrize("command, args, answer", CHANGES)
+def test_a_change_that_cannot_be_saved_is_applied_and_says_so(tmp_path, command, args, answer):
+    (tmp_path / "folder").write_text("a file where the state file's folder was")
+    lb, threads = keptBalancer(tmp_path / "folder" / "state.json", "a", "b")
+    lb.pool.markDown("b")
+    admin, server, _ = lb.adminChannel()
+    got = []
+    admin.callRemote(command, **args).addBoth(got.append)
+    lb.flush()
+    lb.clock.advance(0)
+    threads.runAll()
+    lb.flush()
+    [result] = got
+    result = dict(result)
+    why = result.pop("notSaved")
+    assert result == answer
+    assert "cannot write state file" in why and "Not a directory" in why
+    assert not server.transport.disconnecting
+
+
+@pytest.mark.allow_errors
+def test_a_client_that_does_not_know_the_not_saved_field_still_works(tmp_path):
+    from twisted.protocols import amp
+
+    class OldDrainBackend(amp.Command):
+        commandName = b"DrainBackend"
+        arguments = [(b"name", amp.Unicode())]
+        response = [(b"state", amp.Unicode())]
+
+    (tmp_path / "folder").write_text("")
+    lb, threads = keptBalancer(tmp_path / "folder" / "state.json", "a")
+    admin, _, _ = lb.adminChannel()
+    got = []
+    admin.callRemote(OldDrainBackend, name="a").addBoth(got.append)
+    lb.flush()
+    lb.clock.advance(0)
+    threads.runAll()
+    lb.flush()
+    assert got == [{"state": "draining"}]
+
+
+def test_without_a_state_file_changes_are_answered_at_once():
+    lb = balancerWith("a")
+    admin, _, _ = lb.adminChannel()
+    answer = lb.resultOf(admin.callRemote(commands.DrainBackend, name="a"))
+    assert answer == {"state": "draining", "notSaved": None}

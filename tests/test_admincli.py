@@ -43,3 +43,35 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         parser().parse_args(["frobnicate"])
     assert e.value.code == 2
+
+
+@pytest.mark.allow_errors
+@pytest.mark.parametrize(
+    "argv, printed",
+    [
+        (["drain", "a"], "a: draining"),
+        (["--json", "weight", "a", "4"], '"weight": 4'),
+        (["policy", "round-robin"], "policy: round-robin"),
+    ],
+)
+def test_a_change_applied_but_not_saved_has_its_own_exit_status(tmp_path, argv, printed):
+    from twisted.internet import defer
+
+    from tests.test_admin import keptBalancer
+    from twistedcluster.admincli import EXIT_NOT_SAVED, CommandFailed, execute
+
+    (tmp_path / "folder").write_text("")
+    lb, threads = keptBalancer(tmp_path / "folder" / "state.json", "a")
+    admin, _, _ = lb.adminChannel()
+    got = []
+    defer.ensureDeferred(execute(admin, parser().parse_args(argv))).addBoth(got.append)
+    lb.flush()
+    lb.clock.advance(0)
+    threads.runAll()
+    lb.flush()
+    [failure] = got
+    assert failure.check(CommandFailed)
+    e = failure.value
+    assert e.code == EXIT_NOT_SAVED == 5
+    assert printed in e.output  # what was done is still printed
+    assert "applied but not saved" in str(e) and "Not a directory" in str(e)

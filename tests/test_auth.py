@@ -106,7 +106,7 @@ def test_admin_commands_are_refused_too():
     assert lb.pool.get("web1").state is State.UP
     admin, _, _ = lb.adminChannel()
     handshake(lb, admin, SECRET, "admin")
-    assert lb.resultOf(admin.callRemote(commands.DrainBackend, name="web1")) == {"state": "draining"}
+    assert lb.resultOf(admin.callRemote(commands.DrainBackend, name="web1")) == {"state": "draining", "notSaved": None}
 
 
 def test_a_control_proof_does_not_open_the_admin_channel():

@@ -210,3 +210,111 @@ def test_the_mark_never_covers_a_connection_still_connecting():
     assert pool.mark("a") == slow - 1
     pool.connected("a", slow)
     assert pool.mark("a") == fast
+
+
+# -- forgetting backends that went away (--forget-after) ----------------------
+
+
+def downAfterRegistering(lb, name="pod", close=True, interval=1.0):
+    client, _, _ = lb.controlChannel()
+    result(register(client, name=name, interval=interval), lb)
+    if close:
+        client.transport.loseConnection()
+        lb.flush()
+    return client
+
+
+def test_a_backend_down_for_forget_after_is_forgotten(logged):
+    lb = MemoryBalancer(forgetAfter=60)
+    downAfterRegistering(lb)
+    lb.clock.advance(59)
+    assert lb.pool.get("pod").state is State.DOWN
+    lb.clock.advance(1)
+    assert "pod" not in lb.pool
+    assert any("forgot 1 backend(s) down for 60 s" in line and "pod" in line for line in logged)
+
+
+def test_a_silent_backend_is_forgotten_and_told_to_register_again():
+    lb = MemoryBalancer(forgetAfter=60)
+    client = downAfterRegistering(lb, close=False)
+    lb.clock.advance(3)  # the heartbeat timeout: down, channel still open
+    assert lb.pool.get("pod").state is State.DOWN
+    lb.clock.advance(60)
+    assert "pod" not in lb.pool
+    f = result(client.callRemote(commands.ReportLoad, connections=0, load=0.0), lb)
+    assert f.check(commands.NotRegistered)
+    result(register(client, name="pod"), lb)
+    assert lb.pool.get("pod").state is State.UP
+
+
+def test_a_backend_back_in_time_is_kept_and_its_next_absence_counts_afresh():
+    lb = MemoryBalancer(forgetAfter=60)
+    downAfterRegistering(lb)
+    lb.clock.advance(50)
+    client = downAfterRegistering(lb, close=False, interval=100.0)  # back up
+    lb.clock.advance(100)  # under its heartbeat timeout (300 s)
+    assert lb.pool.get("pod").state is State.UP
+    client.transport.loseConnection()
+    lb.flush()
+    lb.clock.advance(59)
+    assert "pod" in lb.pool
+    lb.clock.advance(1)
+    assert "pod" not in lb.pool
+
+
+def test_a_backend_that_came_back_by_reporting_is_kept():
+    lb = MemoryBalancer(forgetAfter=60)
+    client = downAfterRegistering(lb, close=False)
+    lb.clock.advance(3)  # silent: down
+    result(client.callRemote(commands.ReportLoad, connections=0, load=0.0), lb)
+    for _ in range(40):  # reports keep it up while time passes
+        lb.clock.advance(2)
+        result(client.callRemote(commands.ReportLoad, connections=0, load=0.0), lb)
+    assert lb.pool.get("pod").state is State.UP
+
+
+def test_operator_settings_keep_a_down_backend_until_they_are_undone():
+    from twistedcluster.pool import AdminState
+
+    lb = MemoryBalancer(forgetAfter=60)
+    downAfterRegistering(lb, "drained")
+    downAfterRegistering(lb, "weighted")
+    lb.pool.setAdminState("drained", AdminState.DRAINING)
+    lb.pool.setWeight("weighted", 5)
+    lb.clock.advance(600)
+    assert "drained" in lb.pool and "weighted" in lb.pool
+    lb.pool.setAdminState("drained", AdminState.ENABLED)
+    lb.clock.advance(120)
+    assert "drained" not in lb.pool and "weighted" in lb.pool
+
+
+def test_forget_after_zero_never_forgets():
+    lb = MemoryBalancer(forgetAfter=0)
+    downAfterRegistering(lb)
+    lb.clock.advance(10 ** 6)
+    assert lb.pool.get("pod").state is State.DOWN
+    assert lb.clock.getDelayedCalls() == []
+
+
+def test_churned_names_do_not_accumulate():
+    # Pods come and go, each under a new name, on one channel each.
+    lb = MemoryBalancer(forgetAfter=60)
+    for i in range(200):
+        downAfterRegistering(lb, f"pod-{i}")
+        lb.clock.advance(1)
+    assert len(lb.pool) <= 61
+    lb.clock.advance(60)
+    assert len(lb.pool) == 0
+
+
+def test_backends_due_in_the_same_second_are_forgotten_together(logged):
+    lb = MemoryBalancer(forgetAfter=60)
+    lb.clock.advance(0.5)
+    for i in range(50):
+        downAfterRegistering(lb, f"pod-{i:02d}")
+        lb.clock.advance(0.01)
+    assert len(lb.control._batches) == 1  # one timer for the burst
+    lb.clock.advance(61 - lb.clock.seconds())
+    assert len(lb.pool) == 0
+    [line] = [line for line in logged if "forgot " in line]
+    assert "forgot 50 backend(s)" in line and "pod-00" in line and "and 40 more" in line

@@ -193,6 +193,31 @@ def test_balancer_restart_restores_backends_and_admin_state(tmp_path):
         cluster.stopAll()
 
 
+def test_a_change_the_balancer_cannot_save_exits_5_and_stays_in_force(tmp_path):
+    # Tests run as root, which writes in read-only folders: the state file's
+    # folder replaced by a file is an OS failure for everyone.
+    folder = tmp_path / "state"
+    folder.mkdir()
+    leftover = folder / ".state-k2j4_x9q"  # from a crash of an older balancer
+    leftover.write_text("partial")
+    state = folder / "balancer.json"
+    cluster = startCluster(tmp_path / "run", [f"--state-file={state}"], ["backend-1"])
+    try:
+        assert not leftover.exists()
+        saved = cluster.adminRun("weight", "backend-1", "3")
+        assert json.loads(state.read_text())["backends"]["backend-1"]["weight"] == 3
+        folder.rename(tmp_path / "moved")
+        folder.write_text("not a folder any more")
+        r = cluster.adminRun("drain", "backend-1", check=False)
+        assert (saved.returncode, r.returncode) == (0, 5)
+        assert r.stdout.strip() == "backend-1: draining"
+        assert "applied but not saved" in r.stderr and "Not a directory" in r.stderr
+        assert cluster.quickStatus()["backend-1"]["state"] == "draining"
+        assert "cannot write state file" in cluster.processes["balancer"].logText()
+    finally:
+        cluster.stopAll()
+
+
 def test_two_balancers_see_the_same_backends_and_load(tmp_path):
     first = LocalCluster(tmp_path / "a")
     second = LocalCluster(tmp_path / "b")

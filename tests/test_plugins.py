@@ -182,3 +182,14 @@ def test_a_bad_state_file_is_a_clear_usage_error(tmp_path):
     bad.write_text("{")
     with pytest.raises(usage.UsageError, match="cannot read state file"):
         parse(balancer.Options, f"--state-file={bad}")
+
+
+def test_forget_after_defaults_to_five_minutes_and_reaches_the_control_listener():
+    from twisted.internet.testing import MemoryReactorClock
+
+    assert parse(balancer.Options)["forget-after"] == 300.0
+    o = parse(balancer.Options, "--forget-after=0")  # 0: never
+    top = balancer.makeService(o, MemoryReactorClock())
+    assert top.getServiceNamed("control").factory.forgetAfter == 0
+    with pytest.raises(usage.UsageError, match="must be >= 0"):
+        parse(balancer.Options, "--forget-after=-1")

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twistedcluster.pool import (
+    DEFAULT_WEIGHT,
     AdminState,
     InvalidWeight,
     Pool,
@@ -266,3 +267,49 @@ def test_snapshots_always_match_the_members(steps):
         )
         for s in fresh:
             assert pool.get(s.name) == s
+
+
+def test_only_backends_with_an_operator_setting_are_admin_settings():
+    # What a state file must keep: not every name that ever registered.
+    pool = Pool()
+    for n in ("plain", "drained", "weighted", "reset"):
+        pool.register(n, "127.0.0.1", 9000)
+    pool.setAdminState("drained", AdminState.DRAINING)
+    pool.setWeight("weighted", 7)
+    pool.setWeight("reset", 3)
+    pool.setWeight("reset", DEFAULT_WEIGHT)
+    pool.restore("restored", "10.0.0.1", 9001, AdminState.DISABLED, 1)
+    assert sorted(pool.adminSettings()) == ["drained", "restored", "weighted"]
+    assert pool.adminSettings()["weighted"] == {
+        "host": "127.0.0.1", "port": 9000, "admin": "enabled", "weight": 7,
+    }
+    pool.remove("drained")
+    assert sorted(pool.adminSettings()) == ["restored", "weighted"]
+
+
+def test_forgettable_means_down_self_registered_and_unset():
+    pool = Pool()
+    for n in ("up", "down", "drained", "weighted"):
+        pool.register(n, "127.0.0.1", 9000)
+    pool.register("static", "127.0.0.1", 9001, static=True)
+    for n in ("down", "drained", "weighted", "static"):
+        pool.markDown(n)
+    pool.setAdminState("drained", AdminState.DRAINING)
+    pool.setWeight("weighted", 0)
+    assert [n for n in ("up", "down", "drained", "weighted", "static")
+            if pool.forgettable(n)] == ["down"]
+    assert not pool.forgettable("never-heard-of")
+
+
+def test_remove_many_at_once():
+    pool = poolOf("a", "b", "c", "d")
+    pool.setWeight("b", 5)
+    seen = []
+    pool.watch(lambda: seen.append(1))
+    pool.snapshot()
+    pool.removeMany(["b", "d", "not-there"])
+    assert names(pool.snapshot()) == ("a", "c") and len(pool) == 2
+    assert names(pool.eligible()) == ("a", "c")
+    assert pool.adminSettings() == {} and seen == [1]
+    pool.register("b", "127.0.0.1", 9009)  # comes back as new
+    assert pool.get("b").weight == DEFAULT_WEIGHT

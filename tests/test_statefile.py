@@ -6,6 +6,8 @@ import json
 import os
 
 import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
 
 from twistedcluster import statefile
 from twistedcluster.cluster import Cluster
@@ -53,12 +55,136 @@ def test_bad_state_files_are_clear_errors(tmp_path, content, message):
         statefile.load(str(path))
 
 
-@pytest.mark.allow_errors
-def test_a_failed_write_is_logged_not_fatal(tmp_path, logged):
+class Threads:
+    """
+    Stands in for the reactor's thread pool: records each call and runs it
+    when the test says so.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def runAll(self):
+        calls, self.calls = self.calls, []
+        for f, args, d in calls:
+            try:
+                d.callback(f(*args))
+            except Exception:
+                d.errback()
+
+
+def keeperFor(path, cluster):
+    clock, threads = Clock(), Threads()
+    return statefile.StateKeeper(str(path), cluster, clock, threads), clock, threads
+
+
+def outcome(d):
+    out = []
+    d.addBoth(out.append)
+    return out
+
+
+def test_the_file_holds_only_operator_settings(tmp_path):
+    path = str(tmp_path / "state.json")
     c = Cluster()
-    keeper = statefile.StateKeeper(str(tmp_path / "missing-dir" / "state.json"), c)
-    keeper()
+    for i in range(100):
+        c.pool.register(f"pod-{i}", "10.0.0.1", 9000 + i)
+        c.pool.markDown(f"pod-{i}")
+    c.pool.setAdminState("pod-7", AdminState.DRAINING)
+    statefile.save(path, c)
+    assert list(statefile.load(path)["backends"]) == ["pod-7"]
+
+
+def test_changes_in_one_turn_are_one_write_done_off_the_reactor(tmp_path):
+    path = tmp_path / "state.json"
+    c = Cluster()
+    c.pool.register("a", "127.0.0.1", 9001)
+    keeper, clock, threads = keeperFor(path, c)
+    answers = []
+    for w in (2, 3, 4):
+        c.pool.setWeight("a", w)
+        answers.append(outcome(keeper()))
+    clock.advance(0)
+    assert len(threads.calls) == 1  # one write, not yet run
+    assert not path.exists() and answers == [[], [], []]
+    threads.runAll()
+    assert answers == [[None], [None], [None]]
+    assert statefile.load(str(path))["backends"]["a"]["weight"] == 4
+
+
+def test_a_change_during_a_write_waits_for_the_next_one(tmp_path):
+    path = tmp_path / "state.json"
+    c = Cluster()
+    c.pool.register("a", "127.0.0.1", 9001)
+    keeper, clock, threads = keeperFor(path, c)
+    c.pool.setWeight("a", 2)
+    first = outcome(keeper())
+    clock.advance(0)
+    c.pool.setWeight("a", 3)
+    second = outcome(keeper())
+    clock.advance(0)
+    assert len(threads.calls) == 1  # one write at a time
+    threads.runAll()
+    assert first == [None] and second == []  # the write it saw held weight 2
+    assert statefile.load(str(path))["backends"]["a"]["weight"] == 2
+    clock.advance(0)
+    threads.runAll()
+    assert second == [None]
+    assert statefile.load(str(path))["backends"]["a"]["weight"] == 3
+
+
+@pytest.mark.allow_errors
+def test_a_failed_write_is_logged_and_reported_to_the_caller(tmp_path, logged):
+    # Tests run as root, which writes in read-only folders: a parent that is
+    # a file fails for real, for everyone.
+    (tmp_path / "not-a-dir").write_text("")
+    c = Cluster()
+    keeper, clock, threads = keeperFor(tmp_path / "not-a-dir" / "state.json", c)
+    answer = outcome(keeper())
+    clock.advance(0)
+    threads.runAll()
+    [failure] = answer
+    assert failure.check(statefile.StateNotSaved)
+    assert "Not a directory" in failure.getErrorMessage()
     assert any("cannot write state file" in line for line in logged)
+
+
+def test_the_folder_is_fsynced_after_the_rename(tmp_path, monkeypatch):
+    import stat
+
+    events = []
+    realFsync, realReplace = os.fsync, os.replace
+
+    def fsync(fd):
+        kind = "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        events.append(f"fsync {kind}")
+        realFsync(fd)
+
+    def replace(a, b):
+        events.append("rename")
+        realReplace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    statefile.save(str(tmp_path / "state.json"), Cluster())
+    assert events == ["fsync file", "rename", "fsync folder"]
+
+
+def test_temporaries_left_by_a_crash_are_removed(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text("{}")
+    leftovers = [".state-k2j4_x9q", ".state-state.json-0a1b2c3d"]
+    kept = [".state-other.json-0a1b2c3d", "notes.txt", ".state-not-mkstemp"]
+    for name in leftovers + kept:
+        (tmp_path / name).write_text("partial")
+    removed = statefile.removeTemporaries(str(path))
+    assert sorted(removed) == sorted(leftovers)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["state.json"])
 
 
 def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):

@@ -3,12 +3,15 @@ The balancer's side of the admin channel: what ``cluster-admin`` asks for.
 
 Every change is logged with the peer that asked for it, and reported to an
 optional C{onChange} callable (where the balancer persists operator state).
+When C{onChange} returns a Deferred, the change is answered once it fires;
+if it fails, the answer says the change is in force but not saved.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedcluster import commands
@@ -89,8 +92,9 @@ class AdminProtocol(GuardedAMP):
             status = self._cluster.pool.setAdminState(name, state)
         except UnknownBackend as e:
             raise commands.UnknownBackendError(str(e)) from None
-        self._changed(f"set backend {name} to {state.value}")
-        return {"state": status.state.value}
+        return self._changed(
+            f"set backend {name} to {state.value}", {"state": status.state.value}
+        )
 
     @commands.DrainBackend.responder
     def drainBackend(self, name):
@@ -112,8 +116,9 @@ class AdminProtocol(GuardedAMP):
             raise commands.UnknownBackendError(str(e)) from None
         except InvalidWeight as e:
             raise commands.InvalidWeightError(str(e)) from None
-        self._changed(f"set weight of backend {name} to {weight}")
-        return {"state": status.state.value}
+        return self._changed(
+            f"set weight of backend {name} to {weight}", {"state": status.state.value}
+        )
 
     @commands.ForgetBackend.responder
     def forgetBackend(self, name):
@@ -132,8 +137,7 @@ class AdminProtocol(GuardedAMP):
                 "can be forgotten"
             )
         pool.remove(name)
-        self._changed(f"forgot backend {name}")
-        return {}
+        return self._changed(f"forgot backend {name}", {})
 
     @commands.SetPolicy.responder
     def setPolicy(self, policy):
@@ -142,13 +146,25 @@ class AdminProtocol(GuardedAMP):
             self._cluster.setPolicy(policy)
         except UnknownPolicy as e:
             raise commands.UnknownPolicyError(str(e)) from None
-        self._changed(f"changed policy from {previous} to {policy}")
-        return {"previous": previous}
+        return self._changed(
+            f"changed policy from {previous} to {policy}", {"previous": previous}
+        )
 
-    def _changed(self, what: str) -> None:
+    def _changed(self, what: str, answer: Dict[str, Any]):
+        """
+        Log a change and answer it once C{onChange} has saved it, or with
+        why it could not (the change is in force either way).
+        """
         self.log.info("admin {peer} {what}", peer=self.peerText(), what=what)
-        if self.factory.onChange is not None:
-            self.factory.onChange()
+        if self.factory.onChange is None:
+            return answer
+
+        def notSaved(failure):
+            return {**answer, "notSaved": failure.getErrorMessage()}
+
+        d = defer.maybeDeferred(self.factory.onChange)
+        d.addCallbacks(lambda _: answer, notSaved)
+        return d
 
 
 class AdminFactory(GuardedFactory):
@@ -162,7 +178,7 @@ class AdminFactory(GuardedFactory):
         self,
         cluster: Cluster,
         clock,
-        onChange: Optional[Callable[[], None]] = None,
+        onChange: Optional[Callable[[], Optional[defer.Deferred]]] = None,
         secret: Optional[bytes] = None,
         maxConnections: int = 64,
         authTimeout: float = DEFAULT_AUTH_TIMEOUT,

@@ -5,7 +5,8 @@
 
 Exit status: 0 done; 1 the balancer refused (unknown backend, bad weight…);
 2 bad usage; 3 the balancer could not be reached or did not answer in time;
-4 authentication failed (missing or wrong --secret-file).
+4 authentication failed (missing or wrong --secret-file); 5 the change was
+applied but not saved to the balancer's state file (a restart would lose it).
 """
 
 from __future__ import annotations
@@ -32,12 +33,37 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_AUTH = 4
+EXIT_NOT_SAVED = 5
 
 
 class CommandFailed(Exception):
-    def __init__(self, message: str, code: int) -> None:
+    """
+    Exit with C{code} after printing C{message} as an error, and C{output}
+    (what was done, if anything) as usual.
+    """
+
+    def __init__(self, message: str, code: int, output: Optional[str] = None) -> None:
         super().__init__(message)
         self.code = code
+        self.output = output
+
+
+def _done(result: Dict, out: Dict, text: str, asJSON: bool) -> str:
+    """
+    What to print for a change; L{CommandFailed} with L{EXIT_NOT_SAVED} when
+    the balancer applied it but could not save it.
+    """
+    why = result.get("notSaved")
+    if why:
+        out = {**out, "notSaved": why}
+    output = json.dumps(out) if asJSON else text
+    if why:
+        raise CommandFailed(
+            f"applied but not saved, a balancer restart would undo it: {why}",
+            EXIT_NOT_SAVED,
+            output,
+        )
+    return output
 
 
 def parser() -> argparse.ArgumentParser:
@@ -169,15 +195,15 @@ async def execute(proto: amp.AMP, args) -> str:
         }[cmd]
         result = await _call(proto, command, name=args.name)
         out = {"name": args.name, "state": result["state"]}
-        return json.dumps(out) if args.json else f"{args.name}: {result['state']}"
+        return _done(result, out, f"{args.name}: {result['state']}", args.json)
     if cmd == "forget":
-        await _call(proto, commands.ForgetBackend, name=args.name)
+        result = await _call(proto, commands.ForgetBackend, name=args.name)
         out = {"name": args.name, "forgotten": True}
-        return json.dumps(out) if args.json else f"{args.name}: forgotten"
+        return _done(result, out, f"{args.name}: forgotten", args.json)
     if cmd == "weight":
         result = await _call(proto, commands.SetWeight, name=args.name, weight=args.weight)
         out = {"name": args.name, "weight": args.weight, "state": result["state"]}
-        return json.dumps(out) if args.json else f"{args.name}: weight {args.weight}"
+        return _done(result, out, f"{args.name}: weight {args.weight}", args.json)
     if cmd == "policy":
         if args.policy is None:
             result = await _call(proto, commands.ListBackends)
@@ -185,9 +211,8 @@ async def execute(proto: amp.AMP, args) -> str:
             return json.dumps({"policy": policy}) if args.json else policy
         result = await _call(proto, commands.SetPolicy, policy=args.policy)
         out = {"policy": args.policy, "previous": result["previous"]}
-        if args.json:
-            return json.dumps(out)
-        return f"policy: {args.policy} (was {result['previous']})"
+        text = f"policy: {args.policy} (was {result['previous']})"
+        return _done(result, out, text, args.json)
     raise CommandFailed(f"unknown command {cmd}", EXIT_USAGE)
 
 
@@ -253,6 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         try:
             out = await run(reactor, args)
         except CommandFailed as e:
+            if e.output is not None:
+                print(e.output)
             print(f"cluster-admin: {e}", file=sys.stderr)
             raise SystemExit(e.code)
         print(out)

@@ -15,6 +15,7 @@ from twistedcluster.options import loadSecretOption, positive
 from twistedcluster.address import endpointParts, parseHostPort
 from twistedcluster.limits import AcceptErrors, ClientLimit, defaultMaxConnections
 from twistedcluster.listeners import listenerService, withBacklog
+from twistedcluster.control import DEFAULT_FORGET_AFTER
 from twistedcluster.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
 from twistedcluster.policies import DEFAULT_POLICY, POLICIES, UnknownPolicy, makePolicy
 from twistedcluster.redirect import DEFAULT_HANDOFF_WINDOW, DEFAULT_HANDOFFS_PER_SOURCE
@@ -188,6 +189,15 @@ class Options(usage.Options):
             positive(float),
         ],
         [
+            "forget-after",
+            None,
+            DEFAULT_FORGET_AFTER,
+            "Seconds a backend that registered itself may stay down before it "
+            "is forgotten, unless an operator drained, disabled or weighted "
+            "it (0: never).",
+            float,
+        ],
+        [
             "secret-file",
             None,
             None,
@@ -248,6 +258,8 @@ class Options(usage.Options):
             raise usage.UsageError("--eject-after and --queue-size must be >= 0")
         if not self["early-close-window"] >= 0:
             raise usage.UsageError("--early-close-window must be >= 0")
+        if not self["forget-after"] >= 0:
+            raise usage.UsageError("--forget-after must be >= 0 (0: never)")
         self["state"] = None
         if self["state-file"]:
             from twistedcluster.statefile import StateFileError, load
@@ -324,7 +336,7 @@ def makeService(options: Options, reactor=None):
     from twistedcluster.redirect import HandOffs, RedirectFactory
 
     from twistedcluster.healthcheck import TCPHealthChecks
-    from twistedcluster.statefile import StateKeeper, restore
+    from twistedcluster.statefile import StateKeeper, removeTemporaries, restore
 
     cluster = Cluster(policy=options["policy"])
     top = MultiService()
@@ -333,7 +345,12 @@ def makeService(options: Options, reactor=None):
     if options["state-file"]:
         state = options["state"]
         restore(cluster, state)
-        onChange = StateKeeper(options["state-file"], cluster)
+        for leftover in removeTemporaries(options["state-file"]):
+            log.info(
+                "removed {name}, a temporary state file left by an earlier crash",
+                name=leftover,
+            )
+        onChange = StateKeeper(options["state-file"], cluster, reactor)
         log.info(
             "balancer state file {path}: {n} backend setting(s) restored",
             path=options["state-file"],
@@ -390,6 +407,7 @@ def makeService(options: Options, reactor=None):
             secret=secret,
             maxConnections=options["max-control-connections"],
             authTimeout=options["auth-timeout"],
+            forgetAfter=options["forget-after"],
         )),
         ("admin", options["admin"], AdminFactory(
             cluster,

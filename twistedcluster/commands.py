@@ -9,6 +9,11 @@ L{SetPolicy}, L{ForgetBackend}.
 
 Every failure a peer can cause is a declared error here, with a message meant
 for a human: an undeclared one would drop the connection.
+
+An admin change is answered once it is in the balancer's state file (when it
+has one).  A change in force that could not be written there is not an
+error: its answer carries L{NOT_SAVED}, saying why, and clients that predate
+that field simply do not see it.
 """
 
 from twisted.protocols import amp
@@ -72,6 +77,10 @@ class AuthenticationFailed(ClusterError):
 _AUTH = {NotAuthenticated: b"NOT_AUTHENTICATED"}
 _NOT_REGISTERED = {NotRegistered: b"NOT_REGISTERED", **_AUTH}
 _UNKNOWN_BACKEND = {UnknownBackendError: b"UNKNOWN_BACKEND", **_AUTH}
+
+#: In the answer to an admin change that is in force but could not be
+#: written to the state file: why (a restart would lose it).
+NOT_SAVED = (b"notSaved", amp.Unicode(optional=True))
 
 
 # -- authentication (both channels; see twistedcluster.auth) ------------------
@@ -201,7 +210,7 @@ class ListBackends(amp.Command):
 
 class _BackendCommand(amp.Command):
     arguments = [(b"name", amp.Unicode())]
-    response = [(b"state", amp.Unicode())]
+    response = [(b"state", amp.Unicode()), NOT_SAVED]
     errors = dict(_UNKNOWN_BACKEND)
 
 
@@ -243,7 +252,7 @@ class ForgetBackend(amp.Command):
 
     commandName = b"ForgetBackend"
     arguments = [(b"name", amp.Unicode())]
-    response: list = []
+    response = [NOT_SAVED]
     errors = {BackendInUse: b"BACKEND_IN_USE", **_UNKNOWN_BACKEND}
 
 
@@ -254,7 +263,7 @@ class SetWeight(amp.Command):
 
     commandName = b"SetWeight"
     arguments = [(b"name", amp.Unicode()), (b"weight", amp.Integer())]
-    response = [(b"state", amp.Unicode())]
+    response = [(b"state", amp.Unicode()), NOT_SAVED]
     errors = {InvalidWeightError: b"INVALID_WEIGHT", **_UNKNOWN_BACKEND}
 
 
@@ -265,5 +274,5 @@ class SetPolicy(amp.Command):
 
     commandName = b"SetPolicy"
     arguments = [(b"policy", amp.Unicode())]
-    response = [(b"previous", amp.Unicode())]
+    response = [(b"previous", amp.Unicode()), NOT_SAVED]
     errors = {UnknownPolicyError: b"UNKNOWN_POLICY", **_AUTH}

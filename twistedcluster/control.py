@@ -6,24 +6,34 @@ A backend is up while its channel is registered and its reports keep coming:
 the channel closing marks it down at once, and so does silence for longer than
 the heartbeat timeout (a hung or partitioned backend whose TCP connection
 stays open).  A report after such silence brings it back up.
+
+A backend that stays down for C{forgetAfter} seconds is forgotten, unless
+the operator set something on it (pods come and go under new names: a list
+of every name ever seen would grow for ever).  If it registers again, it
+comes back as new.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Set, Tuple
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from twistedcluster import commands
 from twistedcluster.cluster import Cluster
 from twistedcluster.guardedamp import DEFAULT_AUTH_TIMEOUT, GuardedAMP, GuardedFactory
+from twistedcluster.pool import State
 
 #: Reports may come at most this often and at least this rarely.
 MIN_INTERVAL = 0.01
 MAX_INTERVAL = 3600.0
 #: Missed report intervals after which a silent backend is marked down.
 DEFAULT_HEARTBEAT_FACTOR = 3.0
+#: Seconds a backend that registered itself may stay down before it is
+#: forgotten (Kubernetes waits as long before it evicts a lost node's pods).
+DEFAULT_FORGET_AFTER = 300.0
 MAX_NAME_LENGTH = 200
 
 
@@ -90,10 +100,12 @@ class ControlProtocol(GuardedAMP):
             previous = self.name
             self._disown(close=False)
             pool.markDown(previous)
+            factory.wentDown(previous)
         self.name = name
         self._silent = False  # registering is the surest sign of life
         factory.owners[name] = self
         pool.register(name, host, port, capacity, connections, load)
+        factory.cameUp(name)
         self._timeout = factory.heartbeatTimeout(interval)
         self._resetHeartbeat()
         self.log.info(
@@ -116,6 +128,7 @@ class ControlProtocol(GuardedAMP):
         if self._silent:
             self._silent = False
             pool.markUp(name)
+            self.factory.cameUp(name)
             self.log.info("backend {name} is reporting again: up", name=name)
         self._resetHeartbeat()
         return {"mark": pool.mark(name)}
@@ -149,6 +162,7 @@ class ControlProtocol(GuardedAMP):
             return
         self._silent = True
         self.factory.cluster.pool.markDown(self.name)
+        self.factory.wentDown(self.name)
         self.log.warn(
             "backend {name}: no report for {timeout:.2f} s, marked down",
             name=self.name,
@@ -175,6 +189,7 @@ class ControlProtocol(GuardedAMP):
         self._disown(close=False)
         if owned:
             self.factory.cluster.pool.markDown(name)
+            self.factory.wentDown(name)
             self.log.info(
                 "backend {name}: control channel from {peer} closed, marked down",
                 name=name,
@@ -190,6 +205,8 @@ class ControlFactory(GuardedFactory):
     @ivar owners: the channel currently speaking for each backend name.
     @param heartbeatTimeout: seconds of silence before a backend is marked
         down; C{None} means L{DEFAULT_HEARTBEAT_FACTOR} of its report interval.
+    @param forgetAfter: seconds a backend may stay down before it is
+        forgotten when it has no operator setting; 0 never forgets.
     """
 
     channel = "control"
@@ -202,11 +219,65 @@ class ControlFactory(GuardedFactory):
         secret: Optional[bytes] = None,
         maxConnections: int = 4096,
         authTimeout: float = DEFAULT_AUTH_TIMEOUT,
+        forgetAfter: float = DEFAULT_FORGET_AFTER,
     ) -> None:
         super().__init__(clock, secret, maxConnections, authTimeout)
         self.cluster = cluster
         self._fixedTimeout = heartbeatTimeout
         self.owners: Dict[str, ControlProtocol] = {}
+        self.forgetAfter = forgetAfter
+        #: When each down backend is due to be forgotten (whole seconds),
+        #: and the timer and backends of each such second.
+        self._due: Dict[str, int] = {}
+        self._batches: Dict[int, Tuple[IDelayedCall, Set[str]]] = {}
+
+    def wentDown(self, name: str) -> None:
+        """
+        A backend went down: forget it in L{forgetAfter} seconds (rounded up
+        to a whole second) unless it comes back.  The backends due in the
+        same second are forgotten together, in one pass over the pool: pods
+        that went away in a burst do not stall the reactor one by one.
+        """
+        if self.forgetAfter <= 0 or name in self._due:
+            return
+        due = math.ceil(self.clock.seconds() + self.forgetAfter)
+        self._due[name] = due
+        batch = self._batches.get(due)
+        if batch is None:
+            call = self.clock.callLater(due - self.clock.seconds(), self._forget, due)
+            batch = self._batches[due] = (call, set())
+        batch[1].add(name)
+
+    def cameUp(self, name: str) -> None:
+        due = self._due.pop(name, None)
+        if due is None:
+            return
+        call, names = self._batches[due]
+        names.discard(name)
+        if not names:
+            del self._batches[due]
+            call.cancel()
+
+    def _forget(self, due: int) -> None:
+        _, names = self._batches.pop(due)
+        for name in names:
+            del self._due[name]
+        pool = self.cluster.pool
+        gone = sorted(n for n in names if pool.forgettable(n))
+        pool.removeMany(gone)
+        if gone:
+            self.log.info(
+                "forgot {count} backend(s) down for {after:g} s with no operator "
+                "setting: {names}",
+                count=len(gone),
+                after=self.forgetAfter,
+                names=" ".join(gone[:10]) + (f" and {len(gone) - 10} more" if len(gone) > 10 else ""),
+            )
+        for name in names.difference(gone):
+            if name in pool and pool.get(name).state is State.DOWN:
+                # Held by an operator setting: look again later, in case
+                # the operator undoes it while the backend is still away.
+                self.wentDown(name)
 
     def heartbeatTimeout(self, interval: float) -> float:
         if self._fixedTimeout is not None:

@@ -178,6 +178,13 @@ class _Member:
         return len(self.unseen) - self.closedSinceReport
 
     @property
+    def configured(self) -> bool:
+        """
+        Whether the operator set something on it: drain, disable or weight.
+        """
+        return self.admin is not AdminState.ENABLED or self.weight != DEFAULT_WEIGHT
+
+    @property
     def state(self) -> State:
         if not self.healthy or self.ejected:
             return State.DOWN
@@ -247,6 +254,9 @@ class Pool:
         self._snapshot: Optional[Tuple[BackendStatus, ...]] = None
         self._eligible: Optional[Tuple[BackendStatus, ...]] = None
         self._watchers: List[Callable[[], None]] = []
+        #: The backends with an operator setting (L{_Member.configured}),
+        #: kept as they change so that saving them costs nothing per backend.
+        self._configured: Set[str] = set()
 
     def watch(self, callback: Callable[[], None]) -> None:
         """
@@ -390,6 +400,7 @@ class Pool:
             m = self._add(name, host, port)
         m.admin = admin
         m.weight = validWeight(weight)
+        self._noteSettings(m)
         self._changed(m)
 
     def remove(self, name: str) -> None:
@@ -398,9 +409,30 @@ class Pool:
         """
         m = self._members.pop(self._member(name).name)
         self._names.remove(m.name)
+        self._configured.discard(m.name)
         self._changed(m)
         self._stale.discard(m.name)
         self._layoutStale = True
+
+    def removeMany(self, names: Iterable[str]) -> None:
+        """
+        Forget several backends at once (those of them in the pool): one
+        pass over the pool however many go, where L{remove} takes one each.
+        """
+        gone = {n for n in names if n in self._members}
+        if not gone:
+            return
+        for n in gone:
+            del self._members[n]
+            self._statuses.pop(n, None)
+            self._stale.discard(n)
+            self._configured.discard(n)
+        self._names = [n for n in self._names if n not in gone]
+        self._layoutStale = True
+        self._snapshot = None
+        self._eligible = None
+        for callback in list(self._watchers):
+            callback()
 
     # -- reports from the backend ---------------------------------------
 
@@ -458,24 +490,42 @@ class Pool:
     def setAdminState(self, name: str, state: AdminState) -> BackendStatus:
         m = self._member(name)
         m.admin = state
+        self._noteSettings(m)
         self._changed(m)
         return self._status(m)
 
     def setWeight(self, name: str, weight: int) -> BackendStatus:
         m = self._member(name)
         m.weight = validWeight(weight)
+        self._noteSettings(m)
         self._changed(m)
         return self._status(m)
 
     def adminSettings(self) -> Dict[str, Dict[str, object]]:
         """
-        What the operator set on each backend, with its last address: what
-        must survive a balancer restart.
+        What the operator set, with its last address, for each backend that
+        has an operator setting: what must survive a balancer restart.  The
+        others would only come back as names that never register.
         """
+        members = self._members
         return {
             n: {"host": m.host, "port": m.port, "admin": m.admin.value, "weight": m.weight}
-            for n, m in sorted(self._members.items())
+            for n, m in ((n, members[n]) for n in sorted(self._configured))
         }
+
+    def forgettable(self, name: str) -> bool:
+        """
+        Whether forgetting a backend loses nothing: it is down, it
+        registered itself (not static), and has no operator setting.  Such
+        a backend comes back as new if it registers again.
+        """
+        m = self._members.get(name)
+        return (
+            m is not None
+            and m.state is State.DOWN
+            and not m.static
+            and not m.configured
+        )
 
     # -- this balancer's own traffic --------------------------------------
 
@@ -613,6 +663,12 @@ class Pool:
         if status is None:
             status = self._statuses[m.name] = m.status()
         return status
+
+    def _noteSettings(self, m: _Member) -> None:
+        if m.configured:
+            self._configured.add(m.name)
+        else:
+            self._configured.discard(m.name)
 
     def _changed(self, m: _Member) -> None:
         self._statuses.pop(m.name, None)

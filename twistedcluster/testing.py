@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from twistedcluster.admin import AdminFactory
 from twistedcluster.cluster import Cluster
-from twistedcluster.control import ControlFactory
+from twistedcluster.control import DEFAULT_FORGET_AFTER, ControlFactory
 from twistedcluster.guardedamp import GuardedAMP
 
 
@@ -55,11 +55,13 @@ class MemoryBalancer:
         heartbeatTimeout: Optional[float] = None,
         seed: int = 0,
         secret: Optional[bytes] = None,
+        forgetAfter: float = DEFAULT_FORGET_AFTER,
     ) -> None:
         self.clock = clock if clock is not None else Clock()
         self.cluster = Cluster(policy=policy, rng=random.Random(seed))
         self.control = ControlFactory(
-            self.cluster, self.clock, heartbeatTimeout, secret=secret
+            self.cluster, self.clock, heartbeatTimeout, secret=secret,
+            forgetAfter=forgetAfter,
         )
         self.admin = AdminFactory(self.cluster, self.clock, secret=secret)
         self.accepting = True
