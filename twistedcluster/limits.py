@@ -82,17 +82,17 @@ class _Summary:
         counts, self.counts = self.counts, {}
         self.emit(counts, since)
 
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
 
 def _window(seconds: float) -> str:
     """
     The time a summary covers, for humans.
     """
     return f"in the last {seconds:.1f} s" if seconds else "just now"
-
-    def stop(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
 
 
 class _LimitedFactory(CountingFactory):
