@@ -43,3 +43,23 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         parser().parse_args(["frobnicate"])
     assert e.value.code == 2
+
+
+def test_a_name_longer_than_amp_carries_is_a_usage_error():
+    # AMP raises TooLong before anything is sent; that is not a lost balancer.
+    from twisted.internet import defer
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols import amp
+
+    from twistedcluster.admincli import EXIT_USAGE, CommandFailed, execute
+
+    proto = amp.AMP()
+    proto.makeConnection(StringTransport())
+    args = parser().parse_args(["drain", "x" * 70000])
+    d = defer.ensureDeferred(execute(proto, args))
+    failure = []
+    d.addErrback(failure.append)
+    [f] = failure
+    assert f.check(CommandFailed)
+    assert f.value.code == EXIT_USAGE
+    assert "too long" in str(f.value) and "65,535" in str(f.value)

@@ -2,10 +2,11 @@
 The redirect listener, in memory.
 """
 
+import pytest
 from twisted.internet.testing import StringTransport
 
 from twistedcluster.cluster import Cluster
-from twistedcluster.redirect import RedirectFactory
+from twistedcluster.redirect import RedirectFactory, answerLine
 
 
 def ask(cluster):
@@ -48,3 +49,18 @@ def test_redirects_count_as_routed_so_least_load_spreads_them():
     }
     assert [s.routed for s in c.pool.snapshot()] == [10, 10, 10]
     assert [s.active for s in c.pool.snapshot()] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1 1\r\nEVIL", "a b", "", "h\x00"])
+def test_an_answer_never_carries_a_host_that_is_not_one(host):
+    with pytest.raises(ValueError):
+        answerLine(host, 1)
+
+
+def test_a_backend_with_a_bad_host_is_not_named(logged):
+    # Hosts are validated where they come in; this is the last line.
+    c = Cluster()
+    c.pool.register("a", "127.0.0.1 1\r\nEVIL", 9001)
+    t = ask(c)
+    assert t.value() == b"ERROR no-backend\r\n"
+    assert any("not a valid host" in line for line in logged)

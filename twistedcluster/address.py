@@ -52,6 +52,8 @@ def parseHostPort(text: str) -> Tuple[str, int]:
             raise ValueError(f"{text!r}: write an IPv6 address as [ADDRESS]:PORT")
     if not host:
         raise ValueError(f"{text!r} has no host")
+    if not validHost(host):
+        raise ValueError(f"{text!r}: {host!r} is not an IP address or a host name")
     try:
         port = int(portText)
     except ValueError:

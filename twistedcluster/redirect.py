@@ -10,6 +10,7 @@ backend the policy chose, and closes; with no backend available it writes
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from twistedcluster.address import validHost
 from twistedcluster.cluster import Cluster
 
 log = Logger()
@@ -19,9 +20,12 @@ NO_BACKEND = b"ERROR no-backend\r\n"
 
 def answerLine(host: str, port: int) -> bytes:
     """
-    The redirect answer naming a backend.
+    The redirect answer naming a backend; C{ValueError} for a host that is
+    not an IP address or a host name (it could end the line early).
     """
-    return f"{host} {port}\r\n".encode("ascii", "backslashreplace")
+    if not validHost(host):
+        raise ValueError(f"{host!r} is not a valid host")
+    return f"{host} {port}\r\n".encode("ascii")
 
 
 class RedirectProtocol(Protocol):
@@ -34,14 +38,19 @@ class RedirectProtocol(Protocol):
     def connectionMade(self) -> None:
         cluster = self.factory.cluster
         chosen = cluster.pick()
+        line = NO_BACKEND
         if chosen is None:
             log.warn("redirect: no backend available")
-            self.transport.write(NO_BACKEND)
         else:
-            # Added to the backend (so least-load sees it until the next
-            # report) but not a connection this balancer holds.
-            cluster.pool.handOff(chosen.name)
-            self.transport.write(answerLine(chosen.host, chosen.port))
+            try:
+                line = answerLine(chosen.host, chosen.port)
+            except ValueError as e:
+                log.warn("redirect: backend {name}: {why}", name=chosen.name, why=e)
+            else:
+                # Added to the backend (so least-load sees it until the next
+                # report) but not a connection this balancer holds.
+                cluster.pool.handOff(chosen.name)
+        self.transport.write(line)
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
