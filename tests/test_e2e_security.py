@@ -68,3 +68,72 @@ def test_only_holders_of_the_secret_join_or_steer(tmp_path):
         assert "before authenticating" in log
     finally:
         cluster.stopAll()
+
+
+def test_cluster_local_runs_with_a_secret_and_says_how_to_use_it(tmp_path):
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from twistedcluster.localcluster import adminCommand, freePort
+
+    ports = {name: freePort() for name in ("port", "redirect-port", "control-port", "admin-port")}
+    first = freePort()
+    logs = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twistedcluster.localcluster", "--backends=1",
+         f"--backend-port={first}", f"--logs={logs}",
+         *[f"--{name}={port}" for name, port in ports.items()]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+    )
+    out = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("Ctrl-C stops" in line for line in out):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out.append(line)
+        text = "".join(out)
+        assert "Ctrl-C stops" in text, text
+        secret = logs / "secret"
+        assert secret.stat().st_mode & 0o077 == 0
+        for name in ("balancer", "backend-1"):
+            assert f"--secret-file={secret}" in " ".join(
+                open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+                for pid in _children(proc.pid)
+                if name in open(f"/proc/{pid}/cmdline").read()
+            ), name
+        [watch] = [line for line in out if line.strip().startswith("watch:")]
+        command = shlex.split(watch.split("watch:", 1)[1])
+        assert "--secret-file" in command and command[-1] == "status"
+        admin = f"tcp:host=127.0.0.1:port={ports['admin-port']}"
+        r = subprocess.run(
+            adminCommand(admin, command[command.index("--secret-file"):command.index("--secret-file") + 2] + ["status", "--json"]),
+            capture_output=True, text=True, timeout=30,
+        )
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run(adminCommand(admin, ["status"]), capture_output=True, text=True, timeout=30)
+        assert r.returncode == 4 and "requires authentication" in r.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
