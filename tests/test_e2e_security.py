@@ -137,3 +137,46 @@ def _children(pid):
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry))
     return found
+
+
+def test_strangers_without_a_secret_neither_block_nor_displace_a_backend(tmp_path):
+    import socket
+    import time
+
+    from twisted.protocols import amp
+
+    cluster = LocalCluster(tmp_path)
+    idle = []
+    try:
+        cluster.startBalancer(extra=["--max-control-connections=10", "--auth-timeout=1"])
+        web1 = cluster.startBackend("web1", extra=["--report-interval=0.2"])
+        status = cluster.waitUp(["web1"])
+        host, port = status["web1"]["host"], status["web1"]["port"]
+
+        def connect():
+            return socket.create_connection(("127.0.0.1", cluster.controlPort), timeout=5)
+
+        # A stranger copying web1's name and address is refused; web1 keeps its channel.
+        with connect() as s:
+            s.sendall(amp.AmpBox(
+                _ask=b"1", _command=b"Register", name=b"web1", host=host.encode(),
+                port=b"%d" % port, capacity=b"10", connections=b"0", load=b"0.0",
+                interval=b"1.0",
+            ).serialize())
+            s.settimeout(5)
+            assert b"NAME_TAKEN" in s.recv(65536)
+        # Idle strangers fill the listener; web1 restarts and still gets in.
+        idle.extend(connect() for _ in range(12))
+        web1.kill()
+        web1 = cluster.startBackend("web1", port=port, extra=["--report-interval=0.2"])
+        started = time.monotonic()
+        cluster.waitUp(["web1"], timeout=10)
+        assert time.monotonic() - started < 5
+        # The first web1 never lost its channel to the stranger.
+        assert "control channel to balancer" not in web1.logText()
+        log = cluster.processes["balancer"].logText()
+        assert "did not register within 1" in log or "oldest connection yet to register" in log
+    finally:
+        for s in idle:
+            s.close()
+        cluster.stopAll()
