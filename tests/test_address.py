@@ -27,6 +27,8 @@ def test_parse_and_format_round_trip(text, expected):
         ("h:70000", "1..65535"),
         ("::1:9000", "IPv6"),
         ("[::1]9000", r"not \[IPV6\]:PORT"),
+        ("bad host:9000", "not an IP address or a host name"),
+        ("evil\r\nEVIL:9000", "not an IP address or a host name"),
     ],
 )
 def test_errors_say_what_is_wrong(text, message):

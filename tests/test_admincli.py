@@ -75,3 +75,22 @@ def test_a_change_applied_but_not_saved_has_its_own_exit_status(tmp_path, argv, 
     assert e.code == EXIT_NOT_SAVED == 5
     assert printed in e.output  # what was done is still printed
     assert "applied but not saved" in str(e) and "Not a directory" in str(e)
+
+def test_a_name_longer_than_amp_carries_is_a_usage_error():
+    # AMP raises TooLong before anything is sent; that is not a lost balancer.
+    from twisted.internet import defer
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols import amp
+
+    from twistedcluster.admincli import EXIT_USAGE, CommandFailed, execute
+
+    proto = amp.AMP()
+    proto.makeConnection(StringTransport())
+    args = parser().parse_args(["drain", "x" * 70000])
+    d = defer.ensureDeferred(execute(proto, args))
+    failure = []
+    d.addErrback(failure.append)
+    [f] = failure
+    assert f.check(CommandFailed)
+    assert f.value.code == EXIT_USAGE
+    assert "too long" in str(f.value) and "65,535" in str(f.value)

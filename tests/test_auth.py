@@ -155,13 +155,48 @@ def test_a_client_refuses_a_balancer_that_cannot_prove_the_secret():
 
 
 def test_connection_cap(logged):
+    # Admin connections without a secret are admitted at once: none makes room.
     lb = MemoryBalancer()
-    lb.control.maxConnections = 2
-    assert lb.control.buildProtocol(None) is not None
-    lb.controlChannel()
-    lb.controlChannel()
-    assert lb.control.buildProtocol(None) is None
+    lb.admin.maxConnections = 2
+    assert lb.admin.buildProtocol(None) is not None
+    lb.adminChannel()
+    lb.adminChannel()
+    assert lb.admin.buildProtocol(None) is None
     assert any("2 connections open" in line for line in logged)
+
+
+def test_a_full_listener_makes_room_by_closing_the_oldest_stranger(logged):
+    lb = MemoryBalancer(secret=SECRET)
+    lb.admin.maxConnections = 2
+    admin, adminServer, _ = lb.adminChannel()
+    handshake(lb, admin, SECRET, "admin")
+    _, stranger, _ = lb.adminChannel()
+    _, newcomer, _ = lb.adminChannel()
+    assert stranger.transport.disconnecting
+    assert not adminServer.transport.disconnecting and not newcomer.transport.disconnecting
+    assert any("oldest connection yet to authenticate" in line for line in logged)
+
+
+def test_authenticated_but_unregistered_is_closed_after_the_timeout(logged):
+    lb = MemoryBalancer(secret=SECRET)
+    client, server, _ = lb.controlChannel()
+    handshake(lb, client, SECRET)
+    lb.clock.advance(5.1)
+    assert server.transport.disconnecting
+    assert any("did not register within" in line for line in logged)
+
+
+def test_with_a_secret_a_stranger_cannot_take_even_a_silent_name():
+    lb = MemoryBalancer(secret=SECRET)
+    real, realServer, _ = lb.controlChannel()
+    handshake(lb, real, SECRET)
+    register(lb, real)
+    lb.clock.advance(10)  # silent: marked down, its name free to a holder of the secret
+    stranger, _, _ = lb.controlChannel()
+    f = register(lb, stranger)
+    assert f.check(commands.NotAuthenticated)
+    assert lb.control.owners["web1"] is realServer
+    assert not realServer.transport.disconnecting
 
 
 # -- the backend's reporter with a secret ------------------------------------------

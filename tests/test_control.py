@@ -82,6 +82,14 @@ def test_report_before_register_is_a_clear_error():
         (dict(load=float("nan")), "load must be"),
         (dict(connections=-1), "connections must be"),
         (dict(interval=0.0), "interval must be"),
+        (dict(host="127.0.0.1 1\r\nEVIL 2 PORT"), "host must be"),
+        (dict(host="exa mple.com"), "host must be"),
+        (dict(host="-bad.example"), "host must be"),
+        (dict(host="[::1]"), "host must be"),
+        (dict(capacity=10**9 + 1), "capacity must be"),
+        (dict(connections=10**12), "connections must be"),
+        (dict(load=1e308), "load must be"),
+        (dict(load=float("inf")), "load must be"),
     ],
 )
 def test_invalid_registration_is_refused(kw, message):
@@ -104,16 +112,66 @@ def test_name_taken_by_another_live_backend():
     assert lb.pool.get("a").port == 9000
 
 
-def test_same_backend_on_a_new_channel_takes_over():
-    # A backend restarted before its old channel was seen to close.
+def test_a_live_name_is_not_taken_even_from_the_same_address():
+    # A stranger copying a live backend's name and address must not close
+    # its channel (and then drain it, or report load 0 in its name).
     lb = MemoryBalancer()
     c1, s1, _ = lb.controlChannel()
     c2, s2, _ = lb.controlChannel()
     result(register(c1), lb)
-    result(register(c2), lb)
+    f = result(register(c2), lb)
+    assert f.check(commands.NameTaken)
+    assert "still open" in f.getErrorMessage()
+    assert not s1.transport.disconnecting
+    assert lb.control.owners["a"] is s1
+    assert result(c2.callRemote(commands.Drain), lb).check(commands.NotRegistered)
+    assert lb.pool.get("a").state is State.UP
+
+
+def test_a_restarted_backend_registers_once_its_old_channel_closes():
+    # The restart case: the new process may ask before the old channel is
+    # seen to close; it is refused, and its retry succeeds.
+    lb = MemoryBalancer()
+    c1, s1, _ = lb.controlChannel()
+    c2, s2, _ = lb.controlChannel()
+    result(register(c1), lb)
+    assert result(register(c2), lb).check(commands.NameTaken)
+    c1.transport.loseConnection()
+    lb.flush()
+    assert result(register(c2), lb) == {"heartbeatTimeout": 3.0, "mark": 0}
+    assert lb.control.owners["a"] is s2
+    assert lb.pool.get("a").state is State.UP
+
+
+def test_a_restarted_backend_takes_over_a_silent_channel():
+    # The old process hung (or its host vanished) with its channel open.
+    lb = MemoryBalancer()
+    c1, s1, _ = lb.controlChannel()
+    result(register(c1), lb)
+    lb.clock.advance(3.1)
+    c2, s2, _ = lb.controlChannel()
+    assert result(register(c2), lb) == {"heartbeatTimeout": 3.0, "mark": 0}
     assert s1.transport.disconnecting
     lb.flush()
     assert lb.pool.get("a").state is State.UP  # the old channel's close is not the backend's
+
+
+def test_a_name_taken_while_silent_goes_back_when_the_taker_is_silent(logged):
+    lb = MemoryBalancer()
+    real, realServer, _ = lb.controlChannel()
+    result(register(real, port=9000), lb)
+    lb.clock.advance(3.1)  # the real backend is silent
+    stranger, _, _ = lb.controlChannel()
+    result(register(stranger, port=6666), lb)
+    assert lb.pool.get("a").port == 6666
+    assert any("taken over" in line and "6666" in line for line in logged)
+    # The real one is back: refused while the stranger reports...
+    back, _, _ = lb.controlChannel()
+    assert result(register(back, port=9000), lb).check(commands.NameTaken)
+    # ... and has its name again as soon as the stranger is silent.
+    lb.clock.advance(3.1)
+    assert result(register(back, port=9000), lb) == {"heartbeatTimeout": 3.0, "mark": 0}
+    assert lb.pool.get("a").port == 9000
 
 
 def test_unknown_command_gets_an_error_and_is_logged(logged):
@@ -158,10 +216,10 @@ def test_a_silent_owner_gives_up_its_name_to_a_new_address():
     # The old host is partitioned: its channel stays open, its reports stop.
     lb = MemoryBalancer()
     c1, s1, _ = lb.controlChannel()
-    c2, _, _ = lb.controlChannel()
     result(register(c1, port=9000), lb)
     lb.clock.advance(10)
     assert lb.pool.get("a").state is State.DOWN
+    c2, _, _ = lb.controlChannel()
     assert result(register(c2, port=9001), lb) == {"heartbeatTimeout": 3.0, "mark": 0}
     assert lb.pool.get("a").port == 9001
     assert s1.transport.disconnecting or s1.transport.disconnected
@@ -170,10 +228,10 @@ def test_a_silent_owner_gives_up_its_name_to_a_new_address():
 def test_a_backend_that_registers_again_after_silence_keeps_its_name():
     lb = MemoryBalancer()
     c1, _, _ = lb.controlChannel()
-    c2, _, _ = lb.controlChannel()
     result(register(c1, port=9000), lb)
     lb.clock.advance(10)  # silent, marked down
     result(register(c1, port=9000), lb)  # back, on the same channel
+    c2, _, _ = lb.controlChannel()
     assert lb.pool.get("a").state is State.UP
     f = result(register(c2, port=9001), lb)
     assert f.check(commands.NameTaken)
@@ -318,3 +376,127 @@ def test_backends_due_in_the_same_second_are_forgotten_together(logged):
     assert len(lb.pool) == 0
     [line] = [line for line in logged if "forgot " in line]
     assert "forgot 50 backend(s)" in line and "pod-00" in line and "and 40 more" in line
+
+@pytest.mark.parametrize("host", ["10.0.0.5", "::1", "fe80::1", "web-1.example.com", "web_1", "localhost", "xn--bcher-kva.example"])
+def test_addresses_and_host_names_are_accepted(host):
+    lb = MemoryBalancer()
+    client, _, _ = lb.controlChannel()
+    assert result(register(client, host=host), lb) == {"heartbeatTimeout": 3.0, "mark": 0}
+    assert lb.pool.get("a").host == host
+
+
+def test_bounds_are_generous():
+    lb = MemoryBalancer()
+    client, _, _ = lb.controlChannel()
+    big = dict(capacity=10**9, connections=10**9, load=1e6)
+    assert result(register(client, **big), lb) == {"heartbeatTimeout": 3.0, "mark": 0}
+    assert result(client.callRemote(commands.ReportLoad, connections=10**9, load=1e6), lb) == {"mark": 0}
+
+
+def test_a_registration_with_thousands_of_digits_is_refused():
+    lb = MemoryBalancer()
+    client, server, _ = lb.controlChannel()
+    f = result(register(client, capacity=int("9" * 4000)), lb)
+    assert f.check(commands.InvalidArgument) or server.transport.disconnected
+    assert "a" not in lb.pool
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(connections=10**9 + 1, load=0.0),
+        dict(connections=int("9" * 4000), load=0.0),
+        dict(connections=0, load=1e308),
+    ],
+)
+def test_reports_out_of_bounds_are_refused(kw):
+    lb = MemoryBalancer()
+    client, _, _ = lb.controlChannel()
+    result(register(client), lb)
+    f = result(client.callRemote(commands.ReportLoad, **kw), lb)
+    assert f.check(commands.InvalidArgument)
+    assert lb.pool.get("a").connections == 0
+
+
+# -- strangers who never register ----------------------------------------------
+
+
+def test_a_connection_that_does_not_register_in_time_is_closed(logged):
+    lb = MemoryBalancer()
+    _, server, _ = lb.controlChannel()
+    lb.clock.advance(4.9)
+    assert not server.transport.disconnecting
+    lb.clock.advance(0.2)
+    assert server.transport.disconnecting
+    assert any("did not register within 5" in line for line in logged)
+
+
+def test_a_registered_connection_is_not_closed_by_the_deadline():
+    lb = MemoryBalancer()
+    client, server, _ = lb.controlChannel()
+    result(register(client), lb)
+    for _ in range(10):
+        lb.clock.advance(1.0)
+        result(client.callRemote(commands.ReportLoad, connections=0, load=0.0), lb)
+    assert not server.transport.disconnecting
+
+
+def test_a_full_listener_closes_the_oldest_unregistered_connection(logged):
+    lb = MemoryBalancer()
+    lb.control.maxConnections = 3
+    good, goodServer, _ = lb.controlChannel()
+    result(register(good), lb)
+    _, idle1, _ = lb.controlChannel()
+    lb.clock.advance(1)
+    _, idle2, _ = lb.controlChannel()
+    # A restarted backend still gets in: the oldest stranger makes room.
+    newcomer, newServer, _ = lb.controlChannel()
+    assert idle1.transport.disconnecting
+    assert not idle2.transport.disconnecting and not goodServer.transport.disconnecting
+    assert any("oldest connection yet to register" in line for line in logged)
+    result(register(newcomer, name="b", port=9001), lb)
+    assert lb.pool.get("b").state is State.UP
+
+
+def test_a_listener_full_of_registered_backends_refuses():
+    lb = MemoryBalancer()
+    lb.control.maxConnections = 2
+    for name in ("a", "b"):
+        client, _, _ = lb.controlChannel()
+        result(register(client, name=name), lb)
+    assert lb.control.buildProtocol(None) is None
+
+
+def test_an_unregistered_connection_may_not_send_long_values(logged):
+    lb = MemoryBalancer()
+    _, server, _ = lb.controlChannel()
+    server.dataReceived(b"\x00\x04name\x08\x00" + b"v" * 100)  # a 2,048-byte value
+    assert server.transport.disconnecting
+    assert any("too long" in line for line in logged)
+
+
+def test_an_unregistered_connection_may_send_only_so_much(logged):
+    # Many small boxes, each harmless, add up: before registering, a
+    # connection has a budget of bytes.
+    lb = MemoryBalancer()
+    _, server, _ = lb.controlChannel()
+    for i in range(100):
+        server.dataReceived(amp.AmpBox(_ask=b"%d" % i, _command=b"Drain", pad=b"x" * 1000).serialize())
+        if server.transport.disconnecting:
+            break
+    assert server.transport.disconnecting
+    assert any("before it registers" in line for line in logged)
+
+
+def test_a_registered_connection_may_not_send_a_huge_box(logged):
+    lb = MemoryBalancer()
+    client, server, _ = lb.controlChannel()
+    result(register(client), lb)
+    # Keys of ~60 KiB values, never finished: 4 MiB in plain AMP.
+    for k in range(64):
+        server.dataReceived(b"\x00\x03k%02d" % k + b"\xff\xff" + b"x" * 65535)
+        if server.transport.disconnecting:
+            break
+    assert server.transport.disconnecting
+    assert k < 2
+    assert any("closing connection from" in line for line in logged)

@@ -68,3 +68,115 @@ def test_only_holders_of_the_secret_join_or_steer(tmp_path):
         assert "before authenticating" in log
     finally:
         cluster.stopAll()
+
+
+def test_cluster_local_runs_with_a_secret_and_says_how_to_use_it(tmp_path):
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from twistedcluster.localcluster import adminCommand, freePort
+
+    ports = {name: freePort() for name in ("port", "redirect-port", "control-port", "admin-port")}
+    first = freePort()
+    logs = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twistedcluster.localcluster", "--backends=1",
+         f"--backend-port={first}", f"--logs={logs}",
+         *[f"--{name}={port}" for name, port in ports.items()]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+    )
+    out = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("Ctrl-C stops" in line for line in out):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out.append(line)
+        text = "".join(out)
+        assert "Ctrl-C stops" in text, text
+        secret = logs / "secret"
+        assert secret.stat().st_mode & 0o077 == 0
+        for name in ("balancer", "backend-1"):
+            assert f"--secret-file={secret}" in " ".join(
+                open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+                for pid in _children(proc.pid)
+                if name in open(f"/proc/{pid}/cmdline").read()
+            ), name
+        [watch] = [line for line in out if line.strip().startswith("watch:")]
+        command = shlex.split(watch.split("watch:", 1)[1])
+        assert "--secret-file" in command and command[-1] == "status"
+        admin = f"tcp:host=127.0.0.1:port={ports['admin-port']}"
+        r = subprocess.run(
+            adminCommand(admin, command[command.index("--secret-file"):command.index("--secret-file") + 2] + ["status", "--json"]),
+            capture_output=True, text=True, timeout=30,
+        )
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run(adminCommand(admin, ["status"]), capture_output=True, text=True, timeout=30)
+        assert r.returncode == 4 and "requires authentication" in r.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def test_strangers_without_a_secret_neither_block_nor_displace_a_backend(tmp_path):
+    import socket
+    import time
+
+    from twisted.protocols import amp
+
+    cluster = LocalCluster(tmp_path)
+    idle = []
+    try:
+        cluster.startBalancer(extra=["--max-control-connections=10", "--auth-timeout=1"])
+        web1 = cluster.startBackend("web1", extra=["--report-interval=0.2"])
+        status = cluster.waitUp(["web1"])
+        host, port = status["web1"]["host"], status["web1"]["port"]
+
+        def connect():
+            return socket.create_connection(("127.0.0.1", cluster.controlPort), timeout=5)
+
+        # A stranger copying web1's name and address is refused; web1 keeps its channel.
+        with connect() as s:
+            s.sendall(amp.AmpBox(
+                _ask=b"1", _command=b"Register", name=b"web1", host=host.encode(),
+                port=b"%d" % port, capacity=b"10", connections=b"0", load=b"0.0",
+                interval=b"1.0",
+            ).serialize())
+            s.settimeout(5)
+            assert b"NAME_TAKEN" in s.recv(65536)
+        # Idle strangers fill the listener; web1 restarts and still gets in.
+        idle.extend(connect() for _ in range(12))
+        web1.kill()
+        web1 = cluster.startBackend("web1", port=port, extra=["--report-interval=0.2"])
+        started = time.monotonic()
+        cluster.waitUp(["web1"], timeout=10)
+        assert time.monotonic() - started < 5
+        # The first web1 never lost its channel to the stranger.
+        assert "control channel to balancer" not in web1.logText()
+        log = cluster.processes["balancer"].logText()
+        assert "did not register within 1" in log or "oldest connection yet to register" in log
+    finally:
+        for s in idle:
+            s.close()
+        cluster.stopAll()

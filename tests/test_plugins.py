@@ -177,6 +177,35 @@ def test_a_secret_silences_the_exposure_warning(logged, tmp_path):
     assert balancerService(logged, "--control=tcp:8100", f"--secret-file={secret}") == []
 
 
+def exposure(logged, *args):
+    balancerService(logged, *args)
+    return [line for line in logged if "any local user" in line or "the metrics listener" in line]
+
+
+def test_a_unix_admin_socket_others_can_write_is_warned_about(logged, tmp_path):
+    # Twisted's unix: endpoints are mode 666 unless told otherwise.
+    [warning] = exposure(logged, f"--admin=unix:{tmp_path}/admin.sock")
+    assert "admin listener" in warning and "mode=660" in warning
+    logged.clear()
+    [warning] = exposure(logged, f"--control=unix:{tmp_path}/control.sock:mode=662")
+    assert "control listener" in warning
+
+
+def test_a_private_unix_socket_is_not_warned_about(logged, tmp_path):
+    assert exposure(
+        logged,
+        f"--admin=unix:{tmp_path}/admin.sock:mode=660",
+        f"--control=unix:{tmp_path}/control.sock:mode=600",
+    ) == []
+
+
+def test_metrics_on_another_interface_is_warned_about(logged):
+    [warning] = exposure(logged, "--metrics=tcp:9102")
+    assert "reachable from other hosts" in warning and "no authentication" in warning
+    logged.clear()
+    assert exposure(logged, "--metrics=tcp:9102:interface=127.0.0.1") == []
+
+
 def test_a_bad_state_file_is_a_clear_usage_error(tmp_path):
     bad = tmp_path / "state.json"
     bad.write_text("{")

@@ -2,11 +2,12 @@
 The redirect listener, in memory.
 """
 
+import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from twistedcluster.cluster import Cluster
-from twistedcluster.redirect import RedirectFactory
+from twistedcluster.redirect import RedirectFactory, answerLine
 
 
 def ask(cluster, factory=None):
@@ -123,3 +124,17 @@ def test_refusals_are_logged_at_most_once_a_second(logged):
     assert len(lines) == 2
     assert "(1 client(s)" in lines[0] and "(50 client(s)" in lines[1]
     assert factory.refused == 51
+
+@pytest.mark.parametrize("host", ["127.0.0.1 1\r\nEVIL", "a b", "", "h\x00"])
+def test_an_answer_never_carries_a_host_that_is_not_one(host):
+    with pytest.raises(ValueError):
+        answerLine(host, 1)
+
+
+def test_a_backend_with_a_bad_host_is_not_named(logged):
+    # Hosts are validated where they come in; this is the last line.
+    c = Cluster()
+    c.pool.register("a", "127.0.0.1 1\r\nEVIL", 9001)
+    t = ask(c)
+    assert t.value() == b"ERROR no-backend\r\n"
+    assert any("not a valid host" in line for line in logged)

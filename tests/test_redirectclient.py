@@ -35,6 +35,7 @@ from twistedcluster.redirectclient import (
     BackendAddress,
     BackendsUnreachable,
     BadAnswer,
+    BalancerClosed,
     BalancerError,
     BalancerUnreachable,
     NoBackendAvailable,
@@ -379,6 +380,18 @@ def test_balancer_closing_without_a_line():
     lb.protocols[0].connectionLost(error.ConnectionDone())
     e = failure(d, BadAnswer)
     assert "closed the connection without a full answer line after b'127.0.0.1 90'" in str(e)
+
+
+def test_balancer_closing_before_answering_is_named_so():
+    # Not a bad answer: no answer at all (a balancer at its connection
+    # limit, or stopping).
+    lb = ScriptedBalancer(None)
+    d = endpointFor(lb, Backends()).connect(Factory())
+    lb.protocols[0].connectionLost(error.ConnectionDone())
+    e = failure(d, BalancerClosed)
+    assert not isinstance(e, BadAnswer)
+    assert isinstance(e, BalancerUnreachable)
+    assert str(e) == "the balancer at lb closed the connection without answering"
 
 
 def test_silent_balancer_times_out():

@@ -4,6 +4,7 @@ for IPv6), and Twisted endpoint strings; and the client endpoint for a
 backend's advertised address.
 """
 
+import re
 from typing import Dict, List, Tuple
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -13,6 +14,23 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
+
+_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+
+
+def validHost(host: str) -> bool:
+    """
+    Whether C{host} is an IPv4 or IPv6 address (no brackets) or a DNS host
+    name: dot-separated labels of letters, digits, hyphens and underscores
+    (an internationalised name in its ASCII C{xn--} form), 253 characters
+    at most.  Nothing else may reach a redirect answer or a log line.
+    """
+    if isIPAddress(host) or isIPv6Address(host):
+        return True
+    if not host or ":" in host or len(host) > 253:
+        return False
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    return all(_HOSTNAME_LABEL.match(label) for label in labels)
 
 
 def parseHostPort(text: str) -> Tuple[str, int]:
@@ -34,6 +52,8 @@ def parseHostPort(text: str) -> Tuple[str, int]:
             raise ValueError(f"{text!r}: write an IPv6 address as [ADDRESS]:PORT")
     if not host:
         raise ValueError(f"{text!r} has no host")
+    if not validHost(host):
+        raise ValueError(f"{text!r}: {host!r} is not an IP address or a host name")
     try:
         port = int(portText)
     except ValueError:

@@ -154,6 +154,13 @@ def formatTable(policy: str, backends: Sequence[Dict]) -> str:
 async def _call(proto: amp.AMP, command, **kw):
     try:
         return await proto.callRemote(command, **kw)
+    except amp.TooLong as e:
+        # Raised before anything is sent: the command cannot be carried.
+        what = e.keyName.decode("ascii", "replace") if e.keyName else "a key"
+        raise CommandFailed(
+            f"{what} is too long: AMP carries at most 65,535 bytes in one value",
+            EXIT_USAGE,
+        ) from None
     except commands.NotAuthenticated as e:
         raise CommandFailed(f"{e}; give --secret-file PATH", EXIT_AUTH) from None
     except commands.ClusterError as e:

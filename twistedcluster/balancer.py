@@ -302,6 +302,59 @@ def isLocalOnly(description: str) -> bool:
         return False
 
 
+def writableByOthers(description: str) -> bool:
+    """
+    Whether a server endpoint is a unix socket that every local user may
+    connect to: Twisted makes them mode 666 unless C{mode=} says otherwise.
+    """
+    kind, args, kwargs = endpointParts(description)
+    if kind != "unix":
+        return False
+    try:
+        return bool(int(kwargs.get("mode", "666"), 8) & 0o002)
+    except ValueError:
+        return False  # the endpoint parser will say what is wrong
+
+
+def warnAboutExposure(options: Options) -> None:
+    """
+    Warn about listeners that let strangers act or look: control and admin
+    reachable by others without a secret, metrics beyond loopback.
+    """
+    what = {
+        "control": "register a backend and take traffic",
+        "admin": "drain or reconfigure the cluster",
+    }
+    if options["secret"] is None:
+        for role in ("control", "admin"):
+            if not isLocalOnly(options[role]):
+                log.warn(
+                    "the {role} listener {endpoint} is reachable from other hosts "
+                    "and no --secret-file is set: anyone who reaches it can "
+                    "{what}",
+                    role=role,
+                    endpoint=options[role],
+                    what=what[role],
+                )
+            elif writableByOthers(options[role]):
+                log.warn(
+                    "the {role} listener {endpoint} is a unix socket any local "
+                    "user may write to, and no --secret-file is set: any local "
+                    "user can {what}; add :mode=660 (or 600) to it",
+                    role=role,
+                    endpoint=options[role],
+                    what=what[role],
+                )
+    if options["metrics"] and not isLocalOnly(options["metrics"]):
+        log.warn(
+            "the metrics listener {endpoint} is reachable from other hosts, and "
+            "it has no authentication: anyone who reaches it can read every "
+            "backend's name, address and load; bind it to 127.0.0.1 or a "
+            "private network",
+            endpoint=options["metrics"],
+        )
+
+
 class _DrainOnStop(Service):
     """
     Stops after the proxied connections have finished (or the deadline):
@@ -368,19 +421,7 @@ def makeService(options: Options, reactor=None):
         ).setServiceParent(top)
 
     secret = options["secret"]
-    if secret is None:
-        for role in ("control", "admin"):
-            if not isLocalOnly(options[role]):
-                log.warn(
-                    "the {role} listener {endpoint} is reachable from other hosts "
-                    "and no --secret-file is set: anyone who reaches it can "
-                    "{what}",
-                    role=role,
-                    endpoint=options[role],
-                    what="register a backend and take traffic"
-                    if role == "control"
-                    else "drain or reconfigure the cluster",
-                )
+    warnAboutExposure(options)
     proxyFactory = ProxyFactory(
         cluster,
         reactor,

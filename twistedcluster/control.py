@@ -11,6 +11,9 @@ A backend that stays down for C{forgetAfter} seconds is forgotten, unless
 the operator set something on it (pods come and go under new names: a list
 of every name ever seen would grow for ever).  If it registers again, it
 comes back as new.
+
+A connection must register within the listener's C{authTimeout}; see
+L{ControlProtocol._claimName} for who may register a name already held.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from twistedcluster import commands
+from twistedcluster.address import formatHostPort, validHost
 from twistedcluster.cluster import Cluster
 from twistedcluster.guardedamp import DEFAULT_AUTH_TIMEOUT, GuardedAMP, GuardedFactory
 from twistedcluster.pool import State
@@ -35,6 +39,11 @@ DEFAULT_HEARTBEAT_FACTOR = 3.0
 #: forgotten (Kubernetes waits as long before it evicts a lost node's pods).
 DEFAULT_FORGET_AFTER = 300.0
 MAX_NAME_LENGTH = 200
+#: Bounds of what a backend may claim: far beyond any real backend, and small
+#: enough that sums and products of them stay ordinary numbers.
+MAX_CAPACITY = 10**9
+MAX_CONNECTIONS = 10**9
+MAX_LOAD = 1e6
 
 
 def _check(condition: bool, message: str) -> None:
@@ -51,9 +60,23 @@ def validName(name: str) -> str:
     return name
 
 
+def _validAddress(host: str, port: int, capacity: int) -> None:
+    # The host goes into redirect answers and log lines as it is.
+    _check(
+        validHost(host),
+        "host must be an IP address or a DNS host name (letters, digits, "
+        "hyphens and dots)",
+    )
+    _check(0 < port < 65536, "port must be 1..65535")
+    _check(0 < capacity <= MAX_CAPACITY, f"capacity must be 1..{MAX_CAPACITY}")
+
+
 def _validLoad(connections: int, load: float) -> None:
-    _check(connections >= 0, "connections must be >= 0")
-    _check(math.isfinite(load) and load >= 0, "load must be a finite number >= 0")
+    _check(0 <= connections <= MAX_CONNECTIONS, f"connections must be 0..{MAX_CONNECTIONS}")
+    _check(
+        math.isfinite(load) and 0 <= load <= MAX_LOAD,
+        f"load must be a number in 0..{MAX_LOAD:g}",
+    )
 
 
 class ControlProtocol(GuardedAMP):
@@ -65,6 +88,7 @@ class ControlProtocol(GuardedAMP):
 
     log = Logger()
     channel = "control"
+    admissionStep = "register"
     name: Optional[str] = None
     _heartbeat = None
     _silent = False
@@ -76,26 +100,12 @@ class ControlProtocol(GuardedAMP):
     @commands.Register.responder
     def register(self, name, host, port, capacity, connections, load, interval):
         validName(name)
-        _check(0 < len(host) <= 255, "host must be 1..255 characters")
-        _check(0 < port < 65536, "port must be 1..65535")
-        _check(capacity > 0, "capacity must be > 0")
+        _validAddress(host, port, capacity)
         _check(MIN_INTERVAL <= interval <= MAX_INTERVAL, f"interval must be {MIN_INTERVAL}..{MAX_INTERVAL} s")
         _validLoad(connections, load)
         factory = self.factory
         pool = factory.cluster.pool
-        owner = factory.owners.get(name)
-        if owner is not None and owner is not self:
-            known = pool.get(name)
-            # A live backend keeps its name; one whose reports stopped (its
-            # channel may stay open for ever on a dead host) gives it up.
-            if (known.host, known.port) != (host, port) and not owner._silent:
-                raise commands.NameTaken(
-                    f"backend name {name!r} is in use by a live backend at "
-                    f"{known.host}:{known.port}"
-                )
-            # The same backend on a new channel (it restarted before its old
-            # channel was seen to close): the new channel takes over.
-            owner._disown(close=True)
+        self._claimName(name, host, port)
         if self.name is not None and self.name != name:
             previous = self.name
             self._disown(close=False)
@@ -108,6 +118,7 @@ class ControlProtocol(GuardedAMP):
         factory.cameUp(name)
         self._timeout = factory.heartbeatTimeout(interval)
         self._resetHeartbeat()
+        self._admit()
         self.log.info(
             "backend {name} registered from {peer}, serving at {host}:{port}, "
             "capacity {capacity}",
@@ -147,8 +158,54 @@ class ControlProtocol(GuardedAMP):
             # An operator forgot it while it was silent: it must register
             # again (its reporter does so when told this).
             self._disown(close=False)
+            self._awaitAdmission()
             raise commands.NotRegistered("this balancer forgot you: register again")
         return self.name
+
+    def admitted(self) -> bool:
+        # Registering needs the secret first, when there is one.
+        return self.name is not None
+
+    def _claimName(self, name: str, host: str, port: int) -> None:
+        """
+        Make C{name} free for this channel to take, or raise
+        L{commands.NameTaken}.
+
+        Without a secret nothing tells a backend from a stranger who copies
+        its name and address, so a name belongs to whoever holds it while
+        alive: an open channel whose reports keep coming is never displaced,
+        not even from the same address.  A restarted backend waits until its
+        old channel closes (at once, when the old process died) and its
+        reporter retries.  A holder silent past the heartbeat timeout (a hung
+        process, a vanished host) gives the name to the next to register,
+        who keeps it only as long as it reports in turn.  With a secret, only
+        peers that proved it get this far.
+        """
+        factory = self.factory
+        owner = factory.owners.get(name)
+        if owner is None or owner is self:
+            return
+        pool = factory.cluster.pool
+        known = pool.get(name) if name in pool else None
+        where = formatHostPort(known.host, known.port) if known is not None else "?"
+        if not owner._silent:
+            raise commands.NameTaken(
+                f"backend name {name!r} is in use by a live backend at {where} "
+                f"(its control channel is still open and reporting; a restarted "
+                f"backend gets the name once that channel closes or has been "
+                f"silent for {owner._timeout:g} s)"
+            )
+        self.log.warn(
+            "backend {name}: taken over by {peer}, serving at {new}, from the "
+            "channel of {old} (serving at {where}), silent for {timeout:g} s",
+            name=name,
+            peer=self.peerText(),
+            new=formatHostPort(host, port),
+            old=owner.peerText(),
+            where=where,
+            timeout=owner._timeout,
+        )
+        owner._disown(close=True)
 
     def _resetHeartbeat(self) -> None:
         if self._heartbeat is not None and self._heartbeat.active():

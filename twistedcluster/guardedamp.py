@@ -10,12 +10,20 @@ connection, with one log line naming the peer, and nothing else is affected.
 On the balancer's listeners L{GuardedFactory} adds what a server exposed to
 strangers needs: a cap on open connections and, with a shared secret, the
 server's side of the L{twistedcluster.auth} handshake — nothing but the
-handshake is answered until it succeeds, and it must succeed in time.
+handshake is answered until it succeeds.
+
+A connection is I{admitted} once it has done what a stranger must do first:
+prove the secret when there is one and, on the control listener, register.
+Until then it must hurry (it is closed after the factory's C{authTimeout})
+and be brief (short values, few bytes in all), and when the listener is full
+the oldest connection not yet admitted makes room for a new one.  So idle or
+half-sent connections can neither hold the listener for ever nor hold much
+memory, with or without a secret.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Set
+from typing import Dict, Optional, Set
 
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -28,9 +36,17 @@ from twistedcluster.transports import peerText, unsentBytes
 #: A box with more keys than this is refused: no command of ours has half as
 #: many, and an unbounded box is unbounded memory.
 MAX_KEYS_PER_BOX = 64
-#: Before a peer has authenticated, a value may be this long at most (the
-#: handshake's are 32 bytes), so strangers cannot make us hold megabytes.
+#: Before a peer is admitted, a value may be this long at most (the
+#: handshake's are 32 bytes, a registration's under 1 KiB), so strangers
+#: cannot make us hold megabytes.
 MAX_VALUE_BEFORE_AUTH = 1024
+#: ... and everything it sends, together, this long: a handshake and a
+#: registration with room to spare.
+MAX_BYTES_BEFORE_ADMISSION = 16 * 1024
+#: One box received on a listener may be this large at most, keys, values
+#: and length prefixes counted (no command of ours comes near 1 KiB):
+#: without it, 64 keys of 64 KiB make a 4 MiB box.
+MAX_BOX_BYTES = 16 * 1024
 #: A peer that leaves this much of our answers unread is closed: it could
 #: otherwise grow our write buffer without end by asking and never reading.
 MAX_UNREAD_ANSWERS = 1024 * 1024
@@ -60,8 +76,12 @@ class GuardedAMP(amp.AMP):
     #: The listener's factory, when served by one (not on the client side).
     guard: Optional["GuardedFactory"] = None
     authenticated = False
+    #: What a peer that is not admitted in time failed to do, for the log.
+    admissionStep = "authenticate"
     _keysInBox = 0
-    _authTimer = None
+    _boxBytes = 0
+    _bytesBeforeAdmission = 0
+    _admissionTimer = None
     _serverNonce: Optional[bytes] = None
 
     # -- who is on the other end ------------------------------------------
@@ -84,22 +104,60 @@ class GuardedAMP(amp.AMP):
         guard = self.guard
         if guard is not None:
             guard.open.add(self)
-            if guard.secret is not None:
-                self._authTimer = guard.clock.callLater(
-                    guard.authTimeout, self._authTimedOut
-                )
+            if not self.admitted():
+                self._awaitAdmission()
 
     def connectionLost(self, reason) -> None:
-        if self._authTimer is not None and self._authTimer.active():
-            self._authTimer.cancel()
-        self._authTimer = None
+        self._cancelAdmissionTimer()
         if self.guard is not None:
             self.guard.open.discard(self)
+            self.guard.waiting.pop(self, None)
         amp.BinaryBoxProtocol.connectionLost(self, reason)
+
+    # -- admission -------------------------------------------------------
+
+    def admitted(self) -> bool:
+        """
+        Whether this peer has done what strangers must do first: here,
+        prove the secret if there is one.  Subclasses may ask for more.
+        """
+        return self._secret is None or self.authenticated
+
+    def _awaitAdmission(self) -> None:
+        """
+        (Re)start the clock for a peer that is not admitted.
+        """
+        guard = self.guard
+        self._cancelAdmissionTimer()
+        self._bytesBeforeAdmission = 0
+        guard.waiting[self] = None
+        self._admissionTimer = guard.clock.callLater(
+            guard.authTimeout, self._admissionTimedOut
+        )
+
+    def _admit(self) -> None:
+        """
+        Call when this peer may have become admitted.
+        """
+        if self.guard is not None and self.admitted():
+            self._cancelAdmissionTimer()
+            self.guard.waiting.pop(self, None)
+
+    def _cancelAdmissionTimer(self) -> None:
+        if self._admissionTimer is not None and self._admissionTimer.active():
+            self._admissionTimer.cancel()
+        self._admissionTimer = None
 
     # -- parsing, defensively ---------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self.guard is not None and self in self.guard.waiting:
+            self._bytesBeforeAdmission += len(data)
+            if self._bytesBeforeAdmission > MAX_BYTES_BEFORE_ADMISSION:
+                return self._refuse(
+                    f"more than {MAX_BYTES_BEFORE_ADMISSION} bytes before it "
+                    f"{self._missingStep()}s"
+                )
         try:
             super().dataReceived(data)
         except Exception as e:
@@ -107,6 +165,7 @@ class GuardedAMP(amp.AMP):
 
     def proto_value(self, string):
         self._keysInBox += 1
+        self._boxBytes += 2 + len(string)
         if self._keysInBox > MAX_KEYS_PER_BOX:
             self._refuse(f"AMP box with more than {MAX_KEYS_PER_BOX} keys")
             # Stay in a harmless state until the transport closes.
@@ -114,15 +173,25 @@ class GuardedAMP(amp.AMP):
         return super().proto_value(string)
 
     def proto_key(self, string):
-        if not string:
-            self._keysInBox = 0
+        if string:
+            self._boxBytes += 2 + len(string)
+        else:
+            self._keysInBox = self._boxBytes = 0
         state = super().proto_key(string)
-        if state == "value" and self._secret is not None and not self.authenticated:
-            self.MAX_LENGTH = MAX_VALUE_BEFORE_AUTH
+        if state == "value" and self.guard is not None:
+            # The value being read counts against the box before it is
+            # buffered: its length prefix alone can be refused.
+            room = max(0, MAX_BOX_BYTES - self._boxBytes - 2)
+            if not self.admitted():
+                room = min(room, MAX_VALUE_BEFORE_AUTH)
+            self.MAX_LENGTH = min(self.MAX_LENGTH, room)
         return state
 
     def lengthLimitExceeded(self, length: int) -> None:
-        self._refuse(f"AMP key or value of {length} bytes, too long")
+        self._refuse(
+            f"AMP key or value of {length} bytes, too long (at most "
+            f"{self.MAX_LENGTH} here; a box at most {MAX_BOX_BYTES})"
+        )
         super().lengthLimitExceeded(length)
 
     def locateResponder(self, name: bytes):
@@ -241,19 +310,26 @@ class GuardedAMP(amp.AMP):
             self.guard.clock.callLater(0, self._close)
             raise commands.AuthenticationFailed("authentication failed: wrong secret")
         self.authenticated = True
-        if self._authTimer is not None and self._authTimer.active():
-            self._authTimer.cancel()
-        self._authTimer = None
+        self._admit()
         return {"proof": auth.serverProof(secret, self.channel, serverNonce, nonce)}
 
-    def _authTimedOut(self) -> None:
-        self._authTimer = None
-        if not self.authenticated:
+    def _missingStep(self) -> str:
+        """
+        What this peer has yet to do to be admitted: a verb.
+        """
+        if self._secret is not None and not self.authenticated:
+            return "authenticate"
+        return self.admissionStep
+
+    def _admissionTimedOut(self) -> None:
+        self._admissionTimer = None
+        if not self.admitted():
             self.log.warn(
-                "{channel} channel: {peer} did not authenticate within {timeout} s; "
+                "{channel} channel: {peer} did not {step} within {timeout} s; "
                 "closing",
                 channel=self.channel,
                 peer=self.peerText(),
+                step=self._missingStep(),
                 timeout=self.guard.authTimeout,
             )
             self._close(abort=True)
@@ -284,9 +360,12 @@ class GuardedFactory(Factory):
     Base factory of the balancer's control and admin listeners.
 
     @param secret: the shared secret peers must prove, or C{None}.
-    @param maxConnections: connections beyond this many are closed at once.
-    @param authTimeout: seconds a peer has to authenticate.
+    @param maxConnections: connections beyond this many are closed at once,
+        unless one that is not admitted yet can make room.
+    @param authTimeout: seconds a peer has to be admitted (authenticate, and
+        on the control listener register).
     @ivar open: the connections open now.
+    @ivar waiting: the open connections not admitted yet, oldest first.
     """
 
     noisy = False
@@ -305,8 +384,11 @@ class GuardedFactory(Factory):
         self.maxConnections = maxConnections
         self.authTimeout = authTimeout
         self.open: Set[GuardedAMP] = set()
+        self.waiting: Dict[GuardedAMP, None] = {}
 
     def buildProtocol(self, addr):
+        if len(self.open) >= self.maxConnections and self.waiting:
+            self._evictOldestWaiting(addr)
         if len(self.open) >= self.maxConnections:
             self.log.warn(
                 "{channel} listener: refusing {peer}: {limit} connections open",
@@ -318,6 +400,26 @@ class GuardedFactory(Factory):
         p = self.makeProtocol()
         p.factory = p.guard = self
         return p
+
+    def _evictOldestWaiting(self, addr) -> None:
+        """
+        Make room for a new peer: strangers that never introduce themselves
+        must not keep a restarted backend out.
+        """
+        oldest = next(iter(self.waiting))
+        del self.waiting[oldest]
+        self.open.discard(oldest)
+        self.log.warn(
+            "{channel} listener full ({limit} connections): closing {old}, the "
+            "oldest connection yet to {step}, to let {peer} in",
+            channel=self.channel,
+            limit=self.maxConnections,
+            old=oldest.peerText(),
+            step=oldest._missingStep(),
+            peer=f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}",
+        )
+        oldest._cancelAdmissionTimer()
+        oldest._close(abort=True)
 
     def makeProtocol(self) -> GuardedAMP:
         raise NotImplementedError()

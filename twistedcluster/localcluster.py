@@ -5,6 +5,10 @@ few echo backends as real ``twistd`` processes on loopback — until Ctrl-C.
 L{LocalCluster} is also what the end-to-end tests and the benchmark use to
 start, watch and stop those processes: plain subprocesses and sockets, every
 wait bounded.
+
+``cluster-local`` gives its cluster a shared secret, a fresh one in its run
+folder each time: even on loopback, any local user could otherwise register
+a backend or drain one.
 """
 
 from __future__ import annotations
@@ -137,7 +141,11 @@ class LocalCluster:
     Starts and stops a balancer and backends on loopback.
 
     @param workdir: where process logs go.
+    @ivar secretFile: the shared secret every process started from now on
+        is given, after L{useSecret}; C{None} for none.
     """
+
+    secretFile: Optional[Path] = None
 
     def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
         self.workdir = Path(workdir)
@@ -146,6 +154,27 @@ class LocalCluster:
         self.processes: Dict[str, Process] = {}
         self.env = dict(os.environ)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+
+    def useSecret(self) -> Path:
+        """
+        Write a fresh random secret to C{secret} in the work folder, readable
+        by this user only, and give it to the balancer, the backends and
+        cluster-admin started from now on.
+        """
+        import base64
+
+        path = self.workdir / "secret"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # it may have existed with another mode
+            os.write(fd, base64.b64encode(os.urandom(32)) + b"\n")
+        finally:
+            os.close(fd)
+        self.secretFile = path
+        return path
+
+    def _secretArgs(self) -> List[str]:
+        return [] if self.secretFile is None else [f"--secret-file={self.secretFile}"]
 
     # -- starting ----------------------------------------------------------
 
@@ -164,6 +193,7 @@ class LocalCluster:
             f"--listen=tcp:{self.port}:interface={self.host}",
             f"--control=tcp:{self.controlPort}:interface={self.host}",
             f"--admin=tcp:{self.adminPort}:interface={self.host}",
+            *self._secretArgs(),
             *extra,
         ]
         proc = self._start(name, twistdCommand("cluster-balancer", args))
@@ -196,6 +226,7 @@ class LocalCluster:
             f"--name={name}",
             f"--listen=tcp:{port}:interface={self.host}",
             *[f"--balancer={b}" for b in balancers],
+            *self._secretArgs(),
             *extra,
         ]
         proc = self._start(name, twistdCommand("cluster-backend", args))
@@ -228,7 +259,7 @@ class LocalCluster:
 
     def adminRun(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            adminCommand(self.admin, args),
+            adminCommand(self.admin, [*self._secretArgs(), *args]),
             capture_output=True,
             text=True,
             timeout=30,
@@ -251,7 +282,7 @@ class LocalCluster:
         """
         The same as L{status}, asked in-process over a plain socket (no new
         process): for measuring how fast the balancer notices something.
-        Only for a balancer without a secret.
+        Only for a balancer without a secret (no L{useSecret}).
         """
         from twisted.protocols import amp
 
@@ -342,6 +373,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--backends must be 1..50")
 
     cluster = LocalCluster(Path(args.logs))
+    secret = cluster.useSecret()
     stopping = []
 
     def onSignal(signum, frame):
@@ -373,13 +405,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     status = cluster.status()
     admin = "cluster-admin"
-    if args.admin_port != 8101:
-        admin += f" --admin tcp:host=127.0.0.1:port={args.admin_port}"
     bindir = Path(sys.executable).parent
     connect = "cluster-connect"
     if (bindir / "cluster-admin").exists():
         admin = str(bindir / admin)
         connect = str(bindir / connect)
+    admin += f" --secret-file {secret}"
+    if args.admin_port != 8101:
+        admin += f" --admin tcp:host=127.0.0.1:port={args.admin_port}"
     print(
         f"""
 twistedcluster is running: 1 balancer, {args.backends} echo backends, all on 127.0.0.1.
@@ -393,6 +426,8 @@ twistedcluster is running: 1 balancer, {args.backends} echo backends, all on 127
   watch:    {admin} status
             {admin} drain backend-1    (then: enable backend-1)
   logs:     {cluster.workdir}/
+  secret:   {secret}  (a new one each run; balancer, backends and
+            cluster-admin need it: --secret-file)
 
 Ctrl-C stops everything (backends drain first).""",
         flush=True,

@@ -23,6 +23,7 @@ from typing import Deque, Dict, Iterator, Tuple
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from twistedcluster.address import validHost
 from twistedcluster.cluster import Cluster
 
 log = Logger()
@@ -104,9 +105,12 @@ NO_BACKEND = b"ERROR no-backend\r\n"
 
 def answerLine(host: str, port: int) -> bytes:
     """
-    The redirect answer naming a backend.
+    The redirect answer naming a backend; C{ValueError} for a host that is
+    not an IP address or a host name (it could end the line early).
     """
-    return f"{host} {port}\r\n".encode("ascii", "backslashreplace")
+    if not validHost(host):
+        raise ValueError(f"{host!r} is not a valid host")
+    return f"{host} {port}\r\n".encode("ascii")
 
 
 class RedirectProtocol(Protocol):
@@ -125,21 +129,25 @@ class RedirectProtocol(Protocol):
         for name, ticket in handOffs.expire(now):
             pool.forgetHandOff(name, ticket)
         source = sourceOf(self.transport.getPeer())
-        if handOffs.admits(source):
-            route = cluster.pick()
-            if route is not None:
-                # Added to the backend (so least-load sees it until a report
-                # does) but not a connection this balancer holds.
-                pool.handOff(route.name, route.ticket)
-                handOffs.add(now, source, route.name, route.ticket)
-            chosen = route
-        else:
-            chosen = cluster.pickUncounted()
+        counted = handOffs.admits(source)
+        chosen = cluster.pick() if counted else cluster.pickUncounted()
+        line = NO_BACKEND
         if chosen is None:
             factory.noBackend()
-            self.transport.write(NO_BACKEND)
         else:
-            self.transport.write(answerLine(chosen.host, chosen.port))
+            try:
+                line = answerLine(chosen.host, chosen.port)
+            except ValueError as e:
+                log.warn("redirect: backend {name}: {why}", name=chosen.name, why=e)
+                if counted:
+                    pool.connectFailed(chosen.name, chosen.ticket, countFailure=False)
+            else:
+                if counted:
+                    # Added to the backend (so least-load sees it until a
+                    # report does) but not a connection this balancer holds.
+                    pool.handOff(chosen.name, chosen.ticket)
+                    handOffs.add(now, source, chosen.name, chosen.ticket)
+        self.transport.write(line)
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:

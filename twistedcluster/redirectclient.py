@@ -19,12 +19,10 @@ I/O around it.
 
 from __future__ import annotations
 
-import re
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import attr
 from twisted.internet import defer, error
-from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
@@ -36,13 +34,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistedcluster.address import formatHostPort, tcpEndpoint
+from twistedcluster.address import formatHostPort, tcpEndpoint, validHost
 
 __all__ = [
     "Attempt",
     "BackendAddress",
     "BackendsUnreachable",
     "BadAnswer",
+    "BalancerClosed",
     "BalancerError",
     "BalancerUnreachable",
     "DEFAULT_ATTEMPTS",
@@ -67,8 +66,6 @@ DEFAULT_TIMEOUT = 5.0
 #: The longest answer line accepted, terminator included.  A real answer is
 #: under 300 bytes (a 253-byte host name, a space, 5 digits, CRLF).
 MAX_ANSWER_LENGTH = 1024
-
-_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -123,6 +120,13 @@ class BalancerUnreachable(RedirectFailed):
     """
 
 
+class BalancerClosed(BalancerUnreachable):
+    """
+    The balancer accepted the connection and closed it without a word (at
+    its connection limit, say, or stopping).
+    """
+
+
 class BadAnswer(RedirectFailed):
     """
     The balancer answered something that is not a redirect line: the address
@@ -157,15 +161,6 @@ class BackendsUnreachable(RedirectFailed):
     Every backend the balancer named, for as many questions as allowed,
     refused or did not accept in time.
     """
-
-
-def _validHost(host: str) -> bool:
-    if isIPAddress(host) or isIPv6Address(host):
-        return True
-    if ":" in host or len(host) > 253:
-        return False
-    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
-    return all(_HOSTNAME_LABEL.match(label) for label in labels)
 
 
 def parseAnswer(line: bytes) -> BackendAddress:
@@ -207,7 +202,7 @@ def parseAnswer(line: bytes) -> BackendAddress:
     if len(parts) != 2 or not all(parts):
         raise BadAnswer(f"answer is not 'HOST PORT': {line[:80]!r}")
     host, portText = parts
-    if not _validHost(host):
+    if not validHost(host):
         raise BadAnswer(f"answer names no valid host: {line[:80]!r}")
     if not (portText.isdigit() and len(portText) <= 5):
         raise BadAnswer(f"answer's port is not a number: {line[:80]!r}")
@@ -259,14 +254,22 @@ class _AnswerReader(Protocol):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:
-        if not self.answer.called:
-            got = f" after {self._buffer[:80]!r}" if self._buffer else ""
+        if self.answer.called:
+            return
+        if not self._buffer:
             self.answer.errback(
-                BadAnswer(
+                BalancerClosed(
                     f"the balancer at {self._description} closed the connection "
-                    f"without a full answer line{got}"
+                    f"without answering"
                 )
             )
+            return
+        self.answer.errback(
+            BadAnswer(
+                f"the balancer at {self._description} closed the connection "
+                f"without a full answer line after {self._buffer[:80]!r}"
+            )
+        )
 
 
 def askBalancer(
@@ -281,7 +284,8 @@ def askBalancer(
     @param timeout: seconds for connecting and getting the line, together.
     @param description: how to name the balancer in errors.
     @return: fires with the L{BackendAddress}, or fails with
-        L{BalancerUnreachable}, L{BadAnswer} or L{BalancerError}.
+        L{BalancerUnreachable} (L{BalancerClosed} when it closed without a
+        word), L{BadAnswer} or L{BalancerError}.
     """
     what = description if description is not None else repr(balancer)
     reader = _AnswerReader(what)
