@@ -431,6 +431,7 @@ def makeService(options: Options, reactor=None):
             authTimeout=options["auth-timeout"],
         )),
     ]
+    redirectFactory = None
     if options["redirect"]:
         redirectFactory = RedirectFactory(
             cluster,
@@ -443,7 +444,7 @@ def makeService(options: Options, reactor=None):
 
         from twistedcluster.metrics import MetricsRoot
 
-        site = Site(MetricsRoot(cluster, proxyFactory))
+        site = Site(MetricsRoot(cluster, proxyFactory, clientLimit, redirectFactory))
         site.noisy = False
         site.log = lambda request: None  # scrapes every few seconds: no access log
         listeners.append(("metrics", options["metrics"], site))
