@@ -139,3 +139,40 @@ busyFactory = Busy()
 async def test_a_service_may_report_its_own_load(harness):
     await harness.start(f"--service={__name__}.busyFactory")
     await until(lambda: harness.cluster.pool.get("web1").load == 0.75, what="custom load")
+
+
+@pytest_twisted.ensureDeferred
+async def test_out_of_descriptors_on_the_service_listener_is_one_line_a_second(harness, logged):
+    # Twisted's port logs three lines for the first connection it closes
+    # unaccepted and one for each other; the balancer's listeners sum them
+    # (twistedcluster.limits.AcceptErrors), and so does the backend's.
+    import resource
+
+    from tests.test_limits import acceptQueue, lowestFreeDescriptor
+
+    await harness.start()
+    port = harness.svc.port
+    port.stopReading()  # this test calls doRead itself, as the reactor would
+    clients = []
+    try:
+        for _ in range(5):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", harness.port))
+            clients.append(s)
+        await until(lambda: acceptQueue(port) == 5, what="5 waiting")
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowestFreeDescriptor(), hard))
+        try:
+            port.doRead()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert acceptQueue(port) == 0
+    finally:
+        for s in clients:
+            s.close()
+        port.startReading()
+    lines = [line for line in logged if "EMFILE" in line or "descriptor" in line]
+    assert len(lines) == 1, lines
+    assert "5 connection(s) closed unaccepted" in lines[0]
+    assert "service listener" in lines[0]

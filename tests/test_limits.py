@@ -284,3 +284,22 @@ def test_other_accept_errors_are_summed_and_other_events_pass(logged):
     assert len(lines) == 2
     assert "1 accept(s) failed" in lines[0] and "EMFILE" in lines[0]
     assert "2 accept(s) failed" in lines[1] and "admin" in lines[1]
+
+
+def test_stopping_the_limit_and_the_accept_errors_drops_their_pending_lines(logged):
+    # Both had a stop() that raised: their summary's stop was unreachable
+    # code, after a return.
+    clock = task.Clock()
+    limit = ClientLimit(1, clock)
+    f = limit.wrap(Factory.forProtocol(Counted))
+    limit.listening(FakePort())
+    for _ in range(3):
+        connect(f).connectionLost(None)
+    errors = AcceptErrors(clock)
+    observe = errors.observerFor("proxy")
+    for _ in range(2):
+        observe({"log_format": "Could not accept new connection ({acceptError})",
+                 "acceptError": "EMFILE"})
+    limit.stop()
+    errors.stop()
+    assert not clock.getDelayedCalls()

@@ -34,6 +34,60 @@ def test_prometheus_text_has_every_backend_and_state():
     assert "# TYPE twistedcluster_backend_routed_total counter" in text
 
 
+#: Every series name /metrics had before the client limit's: kept.
+SERIES = [
+    "twistedcluster_backend_state",
+    "twistedcluster_backend_weight",
+    "twistedcluster_backend_connections",
+    "twistedcluster_backend_load",
+    "twistedcluster_backend_active",
+    "twistedcluster_backend_routed_total",
+    "twistedcluster_backend_connect_failures",
+    "twistedcluster_clients",
+    "twistedcluster_clients_waiting",
+]
+
+
+def test_the_client_limit_redirect_refusals_and_ejections_are_shown():
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from twistedcluster.limits import ClientLimit
+    from twistedcluster.proxy import ProxyFactory
+    from twistedcluster.redirect import RedirectFactory
+
+    c = cluster()
+    limit = ClientLimit(2, Clock())
+    wrapped = limit.wrap(Factory.forProtocol(Protocol))
+    redirect = RedirectFactory(Cluster(), Clock())
+    for _ in range(3):
+        redirect.noBackend()
+    proxy = ProxyFactory(c, MemoryReactorClock())
+    proxy.ejectionsSkipped = 4
+    root = MetricsRoot(c, proxy, clientLimit=limit, redirectFactory=redirect)
+
+    def scrape():
+        body, _ = render(root, "/metrics")
+        return body.decode()
+
+    text = scrape()
+    for name in SERIES:
+        assert f"# TYPE {name} " in text
+    assert "twistedcluster_client_limit 2" in text
+    assert "twistedcluster_client_connections 0" in text
+    assert "twistedcluster_accepting_paused 0" in text
+    assert "# TYPE twistedcluster_redirect_refused_total counter" in text
+    assert "twistedcluster_redirect_refused_total 3" in text
+    assert "twistedcluster_backends_ejected 0" in text
+    assert "twistedcluster_ejections_skipped_total 4" in text
+    for _ in range(2):
+        wrapped.buildProtocol(None).makeConnection(StringTransport())
+    text = scrape()
+    assert "twistedcluster_client_connections 2" in text
+    assert "twistedcluster_accepting_paused 1" in text
+
+
 def render(root, path):
     request = DummyRequest([p.encode() for p in path.strip("/").split("/")])
     resource = getChildForRequest(root, request)
@@ -61,6 +115,10 @@ def test_metrics_listener_end_to_end(tmp_path):
 
         text = waitFor(scrape, 10, "the metrics listener")
         assert 'twistedcluster_backend_state{backend="web1",state="up"} 1' in text
+        # The balancer wires its client limit in (no redirect listener here).
+        assert "twistedcluster_client_limit " in text
+        assert "twistedcluster_accepting_paused 0" in text
+        assert "twistedcluster_redirect_refused_total" not in text
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=5) as r:
             assert json.load(r)[0]["name"] == "web1"
     finally:

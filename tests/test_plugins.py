@@ -222,3 +222,16 @@ def test_forget_after_defaults_to_five_minutes_and_reaches_the_control_listener(
     assert top.getServiceNamed("control").factory.forgetAfter == 0
     with pytest.raises(usage.UsageError, match="must be >= 0"):
         parse(balancer.Options, "--forget-after=-1")
+
+
+def test_max_ejected_percent_defaults_to_half_and_reaches_the_pool():
+    from twisted.internet.testing import MemoryReactorClock
+
+    assert parse(balancer.Options)["max-ejected-percent"] == 50
+    top = balancer.makeService(parse(balancer.Options), MemoryReactorClock())
+    assert top.cluster.pool.maxEjectedPercent == 50
+    o = parse(balancer.Options, "--max-ejected-percent=100")
+    assert balancer.makeService(o, MemoryReactorClock()).cluster.pool.maxEjectedPercent == 100
+    for bad in ("-1", "101"):
+        with pytest.raises(usage.UsageError, match="from 0 to 100"):
+            parse(balancer.Options, f"--max-ejected-percent={bad}")

@@ -13,6 +13,7 @@ from twistedcluster.pool import (
     Pool,
     State,
     UnknownBackend,
+    allowedEjections,
     names,
 )
 
@@ -238,6 +239,13 @@ _OPS = st.one_of(
 )
 
 
+def _inService(pool):
+    # Recounted from the members: what the pool keeps as it goes must match.
+    base = [m for m in pool._members.values()
+            if m.healthy and m.admin is AdminState.ENABLED and not m.selfDraining]
+    return len(base), sum(m.ejected for m in base)
+
+
 def _apply(pool, op):
     kind, name, *args = op
     if kind == "register":
@@ -267,6 +275,7 @@ def test_snapshots_always_match_the_members(steps):
         )
         for s in fresh:
             assert pool.get(s.name) == s
+        assert (pool.inService, pool.ejected) == _inService(pool)
 
 
 def test_only_backends_with_an_operator_setting_are_admin_settings():
@@ -313,3 +322,143 @@ def test_remove_many_at_once():
     assert pool.adminSettings() == {} and seen == [1]
     pool.register("b", "127.0.0.1", 9009)  # comes back as new
     assert pool.get("b").weight == DEFAULT_WEIGHT
+
+
+# -- the share of backends the passive health check may take out ---------------
+
+
+@pytest.mark.parametrize(
+    "base, percent, allowed",
+    [
+        (0, 50, 0),
+        (1, 50, 0),  # never the last one in service
+        (2, 50, 1),
+        (3, 50, 1),  # 2 would leave 1 in, fewer than half of 3
+        (4, 50, 2),
+        (5, 50, 2),
+        (10, 10, 1),
+        (20, 10, 2),
+        (3, 0, 1),  # as Envoy: one may always go, when another stays
+        (2, 99, 1),
+        (1, 100, 1),  # 100: no guard, the last one too
+        (4, 100, 4),
+    ],
+)
+def test_allowed_ejections(base, percent, allowed):
+    assert allowedEjections(base, percent) == allowed
+
+
+def guarded(*ns, percent=50):
+    pool = poolOf(*ns)
+    pool.maxEjectedPercent = percent
+    return pool
+
+
+def test_an_ejection_that_would_leave_too_few_in_is_refused():
+    pool = guarded("a", "b", "c", "d")
+    assert pool.eject("a") and pool.eject("b")
+    assert not pool.eject("c")
+    assert pool.get("c").state is State.UP
+    assert (pool.ejected, pool.inService) == (2, 4)
+    # Ejecting one already out changes nothing and is no refusal.
+    assert pool.eject("a")
+    pool.readmit("a")
+    assert pool.eject("c")
+    assert names(s for s in pool.snapshot() if s.state is State.UP) == ("a", "d")
+
+
+def test_the_last_backend_in_service_is_never_ejected_unless_the_guard_is_off():
+    pool = guarded("a")
+    assert not pool.eject("a")
+    assert pool.get("a").state is State.UP
+    pool.maxEjectedPercent = 100
+    assert pool.eject("a")
+    assert pool.get("a").state is State.DOWN
+
+
+def test_only_backends_taking_new_connections_count_for_the_share():
+    # Drained, disabled, self-draining or down: the operator or the backend
+    # took them out already, so they cannot make room for ejections.
+    pool = guarded("a", "b", "c", "d", "e")
+    pool.setAdminState("a", AdminState.DRAINING)
+    pool.setAdminState("b", AdminState.DISABLED)
+    pool.setSelfDraining("c")
+    assert pool.inService == 2
+    assert pool.eject("d")
+    assert not pool.eject("e")
+    pool.markDown("d")  # an ejected backend whose channel closed: not in
+    assert (pool.ejected, pool.inService) == (0, 1)
+    assert not pool.eject("e")
+
+
+def test_when_backends_leave_service_the_longest_ejected_come_back_first():
+    # Two of four out (the share), then the two left in go down: without
+    # this the cluster would be down until the ejections time out, however
+    # sound the ejected are (a hostile client may have taken them out).
+    pool = guarded("a", "b", "c", "d")
+    assert pool.eject("b") and pool.eject("a")
+    pool.markDown("c")
+    assert names(s for s in pool.snapshot() if s.state is State.UP) == ("b", "d")
+    # Two in service: one may stay out.
+    pool.setAdminState("d", AdminState.DRAINING)
+    assert names(s for s in pool.snapshot() if s.state is State.UP) == ("b",)
+    pool.markDown("b")
+    assert names(s for s in pool.snapshot() if s.state is State.UP) == ("a",)
+    assert (pool.ejected, pool.inService) == (0, 1)
+
+
+def test_a_registration_does_not_readmit_an_ejected_backend():
+    # A registration proves the control channel, not the service: a backend
+    # whose service resets every connection re-registers as readily as a
+    # healthy one.  It is tried again when its time out is over.
+    pool = guarded("a", "b")
+    pool.backendFailed("a")
+    assert pool.eject("a")
+    pool.register("a", "127.0.0.1", 9000, capacity=10)
+    s = pool.get("a")
+    assert (s.state, s.failures) == (State.DOWN, 0)
+    pool.readmit("a")
+    assert pool.get("a").state is State.UP
+
+
+_HEALTH = st.one_of(
+    st.tuples(st.just("fail"), st.sampled_from(NAMES)),
+    st.tuples(st.just("readmit"), st.sampled_from(NAMES)),
+    st.tuples(st.just("register"), st.sampled_from(NAMES)),
+    st.tuples(st.just("remove"), st.sampled_from(NAMES)),
+    st.tuples(st.just("markDown"), st.sampled_from(NAMES)),
+    st.tuples(st.just("markUp"), st.sampled_from(NAMES)),
+    st.tuples(st.just("drain"), st.sampled_from(NAMES)),
+    st.tuples(st.just("enable"), st.sampled_from(NAMES)),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 100), st.lists(_HEALTH, max_size=60))
+def test_never_more_than_the_allowed_share_is_ejected(percent, steps):
+    """
+    Whatever the order of failures (each asking to eject), readmissions,
+    backends joining, leaving, going down and being drained, the ejected
+    stay within the share, and with the guard on (under 100) one backend in
+    service is always left.
+    """
+    pool = Pool()
+    pool.maxEjectedPercent = percent
+    for kind, name in steps:
+        if kind == "register":
+            pool.register(name, "127.0.0.1", 9000, capacity=10)
+        elif name not in pool:
+            continue
+        elif kind == "fail":
+            allowed = pool.eject(name)
+            assert allowed == pool._members[name].ejected
+        elif kind in ("drain", "enable"):
+            state = AdminState.DRAINING if kind == "drain" else AdminState.ENABLED
+            pool.setAdminState(name, state)
+        else:
+            getattr(pool, kind)(name)
+        base, ejected = _inService(pool)
+        assert (pool.inService, pool.ejected) == (base, ejected)
+        assert ejected <= allowedEjections(base, percent)
+        if percent < 100 and base:
+            assert ejected < base

@@ -347,7 +347,10 @@ def completeNext(mr):
 def test_repeated_connect_failures_take_a_backend_out_for_a_while(logged):
     mr = MemoryReactorClock()
     cluster = clusterOf(9001)
-    factory = ProxyFactory(cluster, mr, maxAttempts=1, ejectAfter=3, ejectFor=10)
+    # One backend: only without the share guard can it be taken out.
+    factory = ProxyFactory(
+        cluster, mr, maxAttempts=1, ejectAfter=3, ejectFor=10, maxEjectedPercent=100
+    )
     for i in range(3):
         startClient(factory)
         failNext(mr)
@@ -398,7 +401,7 @@ def relayed(factory, mr, request=b"request"):
 
 
 def test_a_backend_that_resets_or_closes_before_sending_anything_is_taken_out(logged):
-    mr, cluster, factory = earlyCloser(ejectAfter=3, ejectFor=10)
+    mr, cluster, factory = earlyCloser(ejectAfter=3, ejectFor=10, maxEjectedPercent=100)
     # Reset right after accept, reset on the request, clean close on it.
     proxy, clientT, backend, _ = relayed(factory, mr, request=b"")
     backend.connectionLost(Failure(ConnectionLost()))
@@ -423,7 +426,7 @@ def test_a_backend_that_resets_or_closes_before_sending_anything_is_taken_out(lo
 
 
 def test_connects_alone_do_not_reset_the_count_a_byte_does():
-    mr, cluster, factory = earlyCloser(ejectAfter=3)
+    mr, cluster, factory = earlyCloser(ejectAfter=3, maxEjectedPercent=100)
     for _ in range(2):
         startClient(factory)
         failNext(mr)
@@ -487,6 +490,80 @@ def test_an_early_close_window_of_zero_turns_the_rule_off():
     backend.connectionLost(Failure(ConnectionLost()))
     s = cluster.pool.get("b9001")
     assert (s.state.value, s.failures) == ("up", 0)
+
+
+def resetBeforeAnyByte(factory, mr):
+    """
+    A hostile client's connection: its bytes make the backend reset it.
+    """
+    proxy, _, backend, _ = relayed(factory, mr, request=b"poison")
+    name = backend.backendName
+    backend.connectionLost(Failure(ConnectionLost()))
+    return name
+
+
+def test_a_client_that_makes_backends_reset_cannot_take_them_all_out(logged):
+    mr = MemoryReactorClock()
+    cluster = clusterOf(9001, 9002, 9003, 9004)
+    factory = ProxyFactory(cluster, mr, maxAttempts=1, ejectAfter=1, ejectFor=10)
+    for _ in range(40):
+        resetBeforeAnyByte(factory, mr)
+    pool = cluster.pool
+    up = [s.name for s in pool.snapshot() if s.state.value == "up"]
+    # Half of four may be out (--max-ejected-percent 50): two stay in.
+    assert len(up) == 2 and (pool.ejected, pool.inService) == (2, 4)
+    assert factory.ejectionsSkipped == 40 - 2
+    lines = [line for line in logged if "kept in" in line]
+    assert len(lines) == 1, lines
+    assert "2 of 4 backends in service are out" in lines[0]
+    assert "--max-ejected-percent 50" in lines[0]
+    mr.advance(1)
+    lines = [line for line in logged if "kept in" in line]
+    assert len(lines) == 2 and "37 time(s) in the last 1.0 s" in lines[1], lines
+    # Readmitted after --eject-for; the hostile client can again take out
+    # two, never more.
+    mr.advance(9)
+    assert pool.ejected == 0
+    for _ in range(10):
+        resetBeforeAnyByte(factory, mr)
+    assert pool.ejected == 2
+
+
+def test_a_lone_backend_is_not_taken_out_by_default(logged):
+    mr, cluster, factory = earlyCloser(ejectAfter=1)
+    for _ in range(3):
+        startClient(factory)
+        failNext(mr)
+    s = cluster.pool.get("b9001")
+    assert (s.state.value, s.failures) == ("up", 3)
+    assert any("kept in" in line and "0 of 1 backends" in line for line in logged)
+
+
+def test_no_socket_and_closed_clients_are_a_line_a_second_each(logged):
+    # Out of file descriptors, every client's connect fails here and the
+    # client is closed: two lines each, a flood; now one of each a second.
+    from twisted.internet.error import ConnectBindError
+
+    mr, cluster, factory = earlyCloser(ejectAfter=1)
+    for _ in range(100):
+        startClient(factory)
+        host, port, wrapping, timeout, bind = mr.tcpClients.pop(0)
+        wrapping.clientConnectionFailed(
+            mr.connectors.pop(0), Failure(ConnectBindError(24, "Too many open files"))
+        )
+
+    def lines(text):
+        return [line for line in logged if text in line]
+
+    assert len(lines("no socket for a connect")) == 1
+    assert len(lines("closing client")) == 1
+    assert "no socket for a connect to backend b9001" in lines("no socket")[0]
+    mr.advance(1)
+    [_, noSocket] = lines("no socket for a connect")
+    [_, closing] = lines("closing client")
+    assert "99 such in the last 1.0 s" in noSocket, noSocket
+    assert "99 client(s) closed in the last 1.0 s (every attempt failed: 99)" in closing, closing
+    assert cluster.pool.get("b9001").failures == 0
 
 
 def test_idle_connections_are_closed_after_the_timeout():

@@ -22,6 +22,7 @@ from twisted.python import reflect, usage
 from twistedcluster.options import loadSecretOption, positive
 from twistedcluster.address import formatHostPort, parseHostPort
 from twistedcluster.counting import CountingFactory
+from twistedcluster.limits import AcceptErrors
 from twistedcluster.listeners import withBacklog
 from twistedcluster.reporter import (
     DEFAULT_INTERVAL,
@@ -182,6 +183,9 @@ class BackendService(Service):
         self.reporter = reporter
         self.drainTimeout = drainTimeout
         self._idle: Optional[defer.Deferred] = None
+        # Out of descriptors, Twisted's port logs a line or three per
+        # connection it cannot accept: summed into one a second.
+        self.acceptErrors = AcceptErrors(reactor)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -199,6 +203,7 @@ class BackendService(Service):
 
     def _listening(self, port) -> None:
         self.port = port
+        self.acceptErrors.watch(port, "service")
         # Kept: once the port stops listening (draining) it can no longer say.
         self.address = port.getHost()
         log.info("backend service listening on {address}", address=self.address)
@@ -242,6 +247,7 @@ class BackendService(Service):
                 self.factory.closeAll()
             self._idle = None
         await self.reporter.stopService()
+        self.acceptErrors.stop()
 
     def connectionsChanged(self, count: int) -> None:
         self.reporter.connectionsChanged(count)

@@ -17,6 +17,7 @@ from twistedcluster.limits import AcceptErrors, ClientLimit, defaultMaxConnectio
 from twistedcluster.listeners import listenerService, withBacklog
 from twistedcluster.control import DEFAULT_FORGET_AFTER
 from twistedcluster.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
+from twistedcluster.pool import DEFAULT_MAX_EJECTED_PERCENT
 from twistedcluster.policies import DEFAULT_POLICY, POLICIES, UnknownPolicy, makePolicy
 from twistedcluster.redirect import DEFAULT_HANDOFF_WINDOW, DEFAULT_HANDOFFS_PER_SOURCE
 from twistedcluster.proxy import (
@@ -110,6 +111,15 @@ class Options(usage.Options):
             DEFAULT_EJECT_FOR,
             "Seconds a backend taken out by failed connects stays out.",
             positive(float),
+        ],
+        [
+            "max-ejected-percent",
+            None,
+            DEFAULT_MAX_EJECTED_PERCENT,
+            "The most of the backends in service (up were they not taken "
+            "out) that failures may take out at once, in percent, rounded "
+            "down; one may always go, never the last one (100: no limit).",
+            int,
         ],
         [
             "early-close-window",
@@ -256,6 +266,8 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["eject-after"] < 0 or self["queue-size"] < 0:
             raise usage.UsageError("--eject-after and --queue-size must be >= 0")
+        if not 0 <= self["max-ejected-percent"] <= 100:
+            raise usage.UsageError("--max-ejected-percent must be from 0 to 100")
         if not self["early-close-window"] >= 0:
             raise usage.UsageError("--early-close-window must be >= 0")
         if not self["forget-after"] >= 0:
@@ -429,6 +441,7 @@ def makeService(options: Options, reactor=None):
         maxAttempts=options["attempts"],
         ejectAfter=options["eject-after"],
         ejectFor=options["eject-for"],
+        maxEjectedPercent=options["max-ejected-percent"],
         earlyCloseWindow=options["early-close-window"],
         idleTimeout=options["idle-timeout"],
         queueSize=options["queue-size"],
@@ -459,6 +472,7 @@ def makeService(options: Options, reactor=None):
             authTimeout=options["auth-timeout"],
         )),
     ]
+    redirectFactory = None
     if options["redirect"]:
         redirectFactory = RedirectFactory(
             cluster,
@@ -471,7 +485,7 @@ def makeService(options: Options, reactor=None):
 
         from twistedcluster.metrics import MetricsRoot
 
-        site = Site(MetricsRoot(cluster, proxyFactory))
+        site = Site(MetricsRoot(cluster, proxyFactory, clientLimit, redirectFactory))
         site.noisy = False
         site.log = lambda request: None  # scrapes every few seconds: no access log
         listeners.append(("metrics", options["metrics"], site))

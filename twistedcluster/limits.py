@@ -19,11 +19,12 @@ one for each other) into one line a second with counts.
 from __future__ import annotations
 
 import resource
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from twisted.logger import Logger, globalLogPublisher
 
 from twistedcluster.counting import CountingFactory
+from twistedcluster.summary import Summary, window as _window
 
 log = Logger()
 
@@ -47,52 +48,6 @@ def defaultMaxConnections(nofile: Optional[int] = None) -> int:
             nofile = 1 << 20
     reserve = min(nofile // 4, RESERVE)
     return max(1, (nofile - reserve) // DESCRIPTORS_PER_CLIENT)
-
-
-class _Summary:
-    """
-    Counts told to a log at most once per C{interval}: the first at once,
-    what comes later summed and told when the interval is over.
-    """
-
-    def __init__(self, clock, interval: float, emit: Callable[[Dict[str, int], float], None]):
-        self.clock = clock
-        self.interval = interval
-        self.emit = emit
-        self.counts: Dict[str, int] = {}
-        self._last: Optional[float] = None
-        self._call = None
-
-    def add(self, **counts: int) -> None:
-        for key, n in counts.items():
-            self.counts[key] = self.counts.get(key, 0) + n
-        if self._call is not None:
-            return
-        now = self.clock.seconds()
-        if self._last is None or now - self._last >= self.interval:
-            self._flush()
-        else:
-            self._call = self.clock.callLater(self._last + self.interval - now, self._flush)
-
-    def _flush(self) -> None:
-        self._call = None
-        now = self.clock.seconds()
-        since = 0.0 if self._last is None else now - self._last
-        self._last = now
-        counts, self.counts = self.counts, {}
-        self.emit(counts, since)
-
-    def stop(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-
-
-def _window(seconds: float) -> str:
-    """
-    The time a summary covers, for humans.
-    """
-    return f"in the last {seconds:.1f} s" if seconds else "just now"
 
 
 class _LimitedFactory(CountingFactory):
@@ -132,7 +87,7 @@ class ClientLimit:
         self.paused = False
         self._factories: List[_LimitedFactory] = []
         self._ports: list = []
-        self._summary = _Summary(clock, interval, self._report)
+        self._summary = Summary(clock, self._report, interval)
 
     def wrap(self, factory) -> CountingFactory:
         """
@@ -215,7 +170,7 @@ class AcceptErrors:
 
     def __init__(self, clock, interval: float = 1.0, observer=None) -> None:
         self.observer = globalLogPublisher if observer is None else observer
-        self._summary = _Summary(clock, interval, self._report)
+        self._summary = Summary(clock, self._report, interval)
         self._closing = 0
         self._listeners: List[str] = []
         self._errors: List[str] = []

@@ -10,7 +10,7 @@ on loopback or a private network.
 from __future__ import annotations
 
 import json
-from typing import Callable, Iterable, List
+from typing import Callable, Iterable, List, Optional
 
 from twisted.web.resource import Resource
 
@@ -24,9 +24,23 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def prometheusText(cluster: Cluster, clients: int, waiting: int) -> str:
+def prometheusText(
+    cluster: Cluster,
+    clients: int,
+    waiting: int,
+    clientLimit=None,
+    redirectRefused: Optional[int] = None,
+    ejectionsSkipped: int = 0,
+) -> str:
     """
     The cluster's figures in Prometheus' text exposition format.
+
+    @param clientLimit: the L{twistedcluster.limits.ClientLimit}
+        (C{--max-connections}), if any.
+    @param redirectRefused: clients the redirect listener answered C{ERROR
+        no-backend}, in total; C{None} without a redirect listener.
+    @param ejectionsSkipped: backends kept in though they failed enough to be
+        taken out (C{--max-ejected-percent}), in total.
     """
     snapshot = cluster.pool.snapshot()
     lines: List[str] = []
@@ -93,6 +107,48 @@ def prometheusText(cluster: Cluster, clients: int, waiting: int) -> str:
         "Clients waiting for a backend with room.",
         [f"twistedcluster_clients_waiting {waiting}"],
     )
+    if clientLimit is not None:
+        family(
+            "twistedcluster_client_limit",
+            "gauge",
+            "Client connections allowed open at once, proxy and redirect "
+            "together (--max-connections).",
+            [f"twistedcluster_client_limit {clientLimit.maxConnections}"],
+        )
+        family(
+            "twistedcluster_client_connections",
+            "gauge",
+            "Client connections open now, proxy and redirect together.",
+            [f"twistedcluster_client_connections {clientLimit.count}"],
+        )
+        family(
+            "twistedcluster_accepting_paused",
+            "gauge",
+            "1 while the proxy and redirect listeners stop accepting (at the "
+            "client limit).",
+            [f"twistedcluster_accepting_paused {int(clientLimit.paused)}"],
+        )
+    if redirectRefused is not None:
+        family(
+            "twistedcluster_redirect_refused_total",
+            "counter",
+            "Redirect clients answered ERROR no-backend.",
+            [f"twistedcluster_redirect_refused_total {redirectRefused}"],
+        )
+    pool = cluster.pool
+    family(
+        "twistedcluster_backends_ejected",
+        "gauge",
+        "Backends in service taken out by failures (the passive health check).",
+        [f"twistedcluster_backends_ejected {pool.ejected}"],
+    )
+    family(
+        "twistedcluster_ejections_skipped_total",
+        "counter",
+        "Backends kept in that failed enough to be taken out, because "
+        "--max-ejected-percent were out already.",
+        [f"twistedcluster_ejections_skipped_total {ejectionsSkipped}"],
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -105,11 +161,15 @@ class _Metrics(Resource):
 
     def render_GET(self, request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-        proxy = self.root.proxyFactory
+        root = self.root
+        proxy, redirect = root.proxyFactory, root.redirectFactory
         text = prometheusText(
-            self.root.cluster,
+            root.cluster,
             len(proxy.clients) if proxy is not None else 0,
             proxy.waiting if proxy is not None else 0,
+            clientLimit=root.clientLimit,
+            redirectRefused=redirect.refused if redirect is not None else None,
+            ejectionsSkipped=proxy.ejectionsSkipped if proxy is not None else 0,
         )
         return text.encode("utf-8")
 
@@ -134,9 +194,13 @@ class MetricsRoot(Resource):
     ``/metrics`` and ``/status.json``; anything else is a 404.
     """
 
-    def __init__(self, cluster: Cluster, proxyFactory=None) -> None:
+    def __init__(
+        self, cluster: Cluster, proxyFactory=None, clientLimit=None, redirectFactory=None
+    ) -> None:
         super().__init__()
         self.cluster = cluster
         self.proxyFactory = proxyFactory
+        self.clientLimit = clientLimit
+        self.redirectFactory = redirectFactory
         self.putChild(b"metrics", _Metrics(self))
         self.putChild(b"status.json", _Status(self))

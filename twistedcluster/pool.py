@@ -26,6 +26,25 @@ import attr
 MIN_WEIGHT = 0
 MAX_WEIGHT = 256
 DEFAULT_WEIGHT = 1
+#: The most of the backends in service the passive health check may take
+#: out, in percent; 100 is no limit.
+DEFAULT_MAX_EJECTED_PERCENT = 50
+
+
+def allowedEjections(inService: int, maxPercent: int) -> int:
+    """
+    How many of C{inService} backends may be ejected at once: C{maxPercent}
+    of them, rounded down.  As Envoy's C{max_ejection_percent}, one may
+    always go whatever the percent; unlike Envoy (whose panic mode then
+    routes to ejected hosts anyway), never the last one, unless
+    C{maxPercent} is 100 (no limit): a client that makes backends fail must
+    not be able to take the whole cluster down.
+    """
+    if maxPercent >= 100:
+        return inService
+    if inService < 2:
+        return 0
+    return min(inService - 1, max(1, inService * maxPercent // 100))
 
 
 class State(enum.Enum):
@@ -172,6 +191,18 @@ class _Member:
     #: Tickets of connections routed here that are still connecting (in
     #: routing order): no mark may cover them yet.
     connecting: Dict[int, None] = attr.ib(factory=dict)
+    #: Whether the pool counts it in service (L{inService}), and ejected
+    #: among those: kept by L{Pool._changed}.
+    countedIn: bool = False
+    countedEjected: bool = False
+
+    @property
+    def inService(self) -> bool:
+        """
+        Whether it would take new connections were it not ejected: what the
+        share of ejections is a share of.
+        """
+        return self.healthy and self.admin is AdminState.ENABLED and not self.selfDraining
 
     @property
     def addedSinceReport(self) -> int:
@@ -235,10 +266,23 @@ class Pool:
     so routing the next one rebuilds one status, not one per backend, and
     the snapshots are copied from lists kept in order, in which only that
     status is replaced (no Python work per backend).
+
+    @ivar maxEjectedPercent: the most of the backends in service that
+        L{eject} takes out at once (L{allowedEjections}); 100 for no limit.
+    @ivar inService: backends that would take new connections were they not
+        ejected (L{_Member.inService}).
+    @ivar ejected: those of them ejected.
     """
+
+    maxEjectedPercent = 100
 
     def __init__(self) -> None:
         self._members: Dict[str, _Member] = {}
+        self.inService = 0
+        self.ejected = 0
+        #: The ejected backends, longest ejected first.
+        self._ejectedOrder: Dict[str, None] = {}
+        self._rebalancing = False
         self._names: List[str] = []  # sorted
         #: Each backend's status, until it changes.
         self._statuses: Dict[str, BackendStatus] = {}
@@ -370,21 +414,37 @@ class Pool:
             m.failures = 0
             self._changed(m)
 
-    def eject(self, name: str) -> None:
+    def eject(self, name: str) -> bool:
         """
-        Take a backend out for a while: connects to it keep failing
-        (the passive health check).  L{readmit} brings it back.
+        Take a backend out for a while: connections to it keep failing (the
+        passive health check).  L{readmit} brings it back.
+
+        Return whether it is out: not when that would take more than
+        L{maxEjectedPercent} of the backends in service out.  A registration
+        does not bring it back: it proves the control channel, not the
+        service.
+
+        Should backends leave service later (down, drained), the longest
+        ejected are readmitted at once as far as needed to keep to the share.
         """
         m = self._member(name)
-        if not m.ejected:
-            m.ejected = True
-            self._changed(m)
+        if m.ejected:
+            return True
+        if m.inService and self.ejected >= allowedEjections(
+            self.inService, self.maxEjectedPercent
+        ):
+            return False
+        m.ejected = True
+        self._ejectedOrder[name] = None
+        self._changed(m)
+        return True
 
     def readmit(self, name: str) -> None:
         m = self._members.get(name)
         if m is not None and m.ejected:
             m.ejected = False
             m.failures = 0
+            del self._ejectedOrder[name]
             self._changed(m)
 
     def restore(
@@ -410,6 +470,8 @@ class Pool:
         m = self._members.pop(self._member(name).name)
         self._names.remove(m.name)
         self._configured.discard(m.name)
+        self._uncount(m)
+        self._keepShare()
         self._changed(m)
         self._stale.discard(m.name)
         self._layoutStale = True
@@ -423,7 +485,7 @@ class Pool:
         if not gone:
             return
         for n in gone:
-            del self._members[n]
+            self._uncount(self._members.pop(n))
             self._statuses.pop(n, None)
             self._stale.discard(n)
             self._configured.discard(n)
@@ -431,6 +493,7 @@ class Pool:
         self._layoutStale = True
         self._snapshot = None
         self._eligible = None
+        self._keepShare()
         for callback in list(self._watchers):
             callback()
 
@@ -670,7 +733,46 @@ class Pool:
         else:
             self._configured.discard(m.name)
 
+    def _uncount(self, m: _Member) -> None:
+        """
+        C{m} leaves the pool: out of the counts.
+        """
+        self.inService -= m.countedIn
+        self.ejected -= m.countedEjected
+        m.countedIn = m.countedEjected = False
+        self._ejectedOrder.pop(m.name, None)
+
+    def _keepShare(self) -> None:
+        """
+        Readmit the longest ejected while more are ejected than the backends
+        in service allow (some left service after the ejections).
+        """
+        if self._rebalancing:
+            return
+        self._rebalancing = True
+        try:
+            for name in list(self._ejectedOrder):
+                if self.ejected <= allowedEjections(self.inService, self.maxEjectedPercent):
+                    break
+                if self._members[name].countedEjected:
+                    self.readmit(name)
+        finally:
+            self._rebalancing = False
+
     def _changed(self, m: _Member) -> None:
+        if m.name in self._members:
+            counted = m.inService
+            if counted is not m.countedIn:
+                self.inService += 1 if counted else -1
+                m.countedIn = counted
+            ejected = counted and m.ejected
+            if ejected is not m.countedEjected:
+                self.ejected += 1 if ejected else -1
+                m.countedEjected = ejected
+            if self.ejected and self.ejected > allowedEjections(
+                self.inService, self.maxEjectedPercent
+            ):
+                self._keepShare()
         self._statuses.pop(m.name, None)
         self._stale.add(m.name)
         self._snapshot = None

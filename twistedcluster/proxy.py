@@ -39,6 +39,8 @@ from zope.interface import implementer
 
 from twistedcluster.address import tcpEndpoint
 from twistedcluster.cluster import Cluster, Route
+from twistedcluster.pool import DEFAULT_MAX_EJECTED_PERCENT
+from twistedcluster.summary import Summary, window
 from twistedcluster.fasttcp import (
     Dialled,
     loseConnectionNow,
@@ -649,26 +651,27 @@ class ProxyServer(_Relay):
         failures = factory.cluster.pool.connectFailed(
             name, attempt.ticket, countFailure=not local
         )
-        log.warn(
-            "proxy: no socket for a connect to backend {backend} at {host}:{port}: "
-            "{error}; not counted against the backend; trying another"
-            if local
-            else "proxy: connect to backend {backend} at {host}:{port} failed "
-            "({failures} in a row): {error}; trying another",
-            backend=name,
-            host=attempt.host,
-            port=attempt.port,
-            failures=failures,
-            error=reason.getErrorMessage(),
-        )
-        if not local:
+        if local:
+            # As many as clients come, under a flood: summed.
+            factory._lastNoSocket = (name, attempt.host, attempt.port, reason.getErrorMessage())
+            factory._noSocket.count("no socket")
+        else:
+            log.warn(
+                "proxy: connect to backend {backend} at {host}:{port} failed "
+                "({failures} in a row): {error}; trying another",
+                backend=name,
+                host=attempt.host,
+                port=attempt.port,
+                failures=failures,
+                error=reason.getErrorMessage(),
+            )
             factory.connectFailures(name, failures)
         self._tryNext()
 
     def _giveUp(self, why: str) -> None:
-        log.warn(
-            "proxy: closing client {client}: {why}", client=peerText(self.transport), why=why
-        )
+        factory = self.factory
+        factory._lastClosed = (peerText(self.transport), why)
+        factory._closed.count(why)
         self.transport.loseConnection()
 
     def connectionLost(self, reason) -> None:
@@ -701,6 +704,9 @@ class ProxyFactory(Factory):
     @param ejectAfter: connects in a row that may fail before a backend is
         taken out (the passive health check); 0 never takes one out.
     @param ejectFor: seconds a backend stays out before it is tried again.
+    @param maxEjectedPercent: the most of the backends in service that may
+        be out at once, in percent (L{twistedcluster.pool.allowedEjections});
+        100 for no limit.
     @param earlyCloseWindow: seconds after its connect within which a
         backend that closes or resets the connection before sending a byte
         counts as failing, as a failed connect does; 0 counts only failed
@@ -711,6 +717,8 @@ class ProxyFactory(Factory):
         capacity; more are refused at once.
     @param queueTimeout: seconds a client may wait in that queue.
     @ivar clients: the client connections open now.
+    @ivar ejectionsSkipped: backends kept in, in total, that failed enough
+        to be taken out, because too many were out already.
     """
 
     noisy = False
@@ -724,6 +732,7 @@ class ProxyFactory(Factory):
         maxAttempts: int = DEFAULT_ATTEMPTS,
         ejectAfter: int = DEFAULT_EJECT_AFTER,
         ejectFor: float = DEFAULT_EJECT_FOR,
+        maxEjectedPercent: int = DEFAULT_MAX_EJECTED_PERCENT,
         earlyCloseWindow: float = DEFAULT_EARLY_CLOSE_WINDOW,
         idleTimeout: Optional[float] = None,
         queueSize: int = DEFAULT_QUEUE_SIZE,
@@ -735,6 +744,8 @@ class ProxyFactory(Factory):
         self.maxAttempts = max(1, maxAttempts)
         self.ejectAfter = ejectAfter
         self.ejectFor = ejectFor
+        self.maxEjectedPercent = cluster.pool.maxEjectedPercent = maxEjectedPercent
+        self.ejectionsSkipped = 0
         self.earlyCloseWindow = earlyCloseWindow
         self.idleTimeout = idleTimeout
         self.queueSize = queueSize
@@ -745,6 +756,12 @@ class ProxyFactory(Factory):
         self._readmissions: Dict[str, object] = {}
         self._queue: "OrderedDict[ProxyServer, object]" = OrderedDict()
         self._wakeScheduled = None
+        # What a flood would log once per client, summed once a second.
+        self._skipped = Summary(reactor, self._reportSkipped)
+        self._noSocket = Summary(reactor, self._reportNoSocket)
+        self._lastNoSocket: Tuple[str, str, int, str] = ("?", "?", 0, "")
+        self._closed = Summary(reactor, self._reportClosed)
+        self._lastClosed: Tuple[str, str] = ("?", "")
 
     def endpointFor(self, host: str, port: int) -> IStreamClientEndpoint:
         """
@@ -770,9 +787,13 @@ class ProxyFactory(Factory):
         """
         if not self.ejectAfter or failures < self.ejectAfter:
             return
-        if name in self._readmissions or name not in self.cluster.pool:
+        pool = self.cluster.pool
+        if name in self._readmissions or name not in pool:
             return
-        self.cluster.pool.eject(name)
+        if not pool.eject(name):
+            self.ejectionsSkipped += 1
+            self._skipped.count(name)
+            return
         log.warn(
             "proxy: backend {backend}: {failures} connects in a row failed; "
             "taken out for {seconds} s",
@@ -782,6 +803,48 @@ class ProxyFactory(Factory):
         )
         self._readmissions[name] = self.reactor.callLater(
             self.ejectFor, self._readmit, name
+        )
+
+    def _reportSkipped(self, counts: Dict[str, int], seconds: float) -> None:
+        pool = self.cluster.pool
+        log.warn(
+            "proxy: backend(s) {backends} failed enough to be taken out but "
+            "kept in, {count} time(s) {window}: {ejected} of {inService} "
+            "backends in service are out already, the most "
+            "--max-ejected-percent {percent} allows (a client that makes "
+            "backends fail must not take them all out)",
+            backends=", ".join(sorted(counts)),
+            count=sum(counts.values()),
+            window=window(seconds),
+            ejected=pool.ejected,
+            inService=pool.inService,
+            percent=self.maxEjectedPercent,
+        )
+
+    def _reportNoSocket(self, counts: Dict[str, int], seconds: float) -> None:
+        name, host, port, error = self._lastNoSocket
+        log.warn(
+            "proxy: no socket for a connect to backend {backend} at "
+            "{host}:{port}: {error}; not counted against the backends, trying "
+            "others ({count} such {window})",
+            backend=name,
+            host=host,
+            port=port,
+            error=error,
+            count=sum(counts.values()),
+            window=window(seconds),
+        )
+
+    def _reportClosed(self, counts: Dict[str, int], seconds: float) -> None:
+        client, why = self._lastClosed
+        log.warn(
+            "proxy: closing client {client}: {why}; {count} client(s) closed "
+            "{window} ({reasons})",
+            client=client,
+            why=why,
+            count=sum(counts.values()),
+            window=window(seconds),
+            reasons=", ".join(f"{w}: {n}" for w, n in counts.items()),
         )
 
     def _readmit(self, name: str) -> None:
@@ -873,6 +936,8 @@ class ProxyFactory(Factory):
         return self._idle.addCallbacks(drained, deadline)
 
     def stopFactory(self) -> None:
+        for summary in (self._skipped, self._noSocket, self._closed):
+            summary.stop()
         for call in list(self._readmissions.values()):
             if call.active():
                 call.cancel()

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from twistedcluster.address import validHost
 from twistedcluster.cluster import Cluster
+from twistedcluster.summary import Summary, window
 
 log = Logger()
 
@@ -165,13 +166,12 @@ class RedirectFactory(Factory):
     noisy = False
     protocol = RedirectProtocol
     refused = 0
-    _warnedAt = None
-    _warnedCount = 0
 
     def __init__(self, cluster: Cluster, clock, handOffs: HandOffs = None) -> None:
         self.cluster = cluster
         self.clock = clock
         self.handOffs = handOffs if handOffs is not None else HandOffs()
+        self._refusals = Summary(clock, self._report)
 
     def noBackend(self) -> None:
         """
@@ -179,11 +179,15 @@ class RedirectFactory(Factory):
         (a burst must not become a burst of log lines).
         """
         self.refused += 1
-        now = self.clock.seconds()
-        if self._warnedAt is None or now - self._warnedAt >= 1.0:
-            log.warn(
-                "redirect: no backend available ({count} client(s) answered "
-                "ERROR no-backend since the last such line)",
-                count=self.refused - self._warnedCount,
-            )
-            self._warnedAt, self._warnedCount = now, self.refused
+        self._refusals.count("refused")
+
+    def _report(self, counts, seconds: float) -> None:
+        log.warn(
+            "redirect: no backend available ({count} client(s) answered "
+            "ERROR no-backend {window})",
+            count=counts["refused"],
+            window=window(seconds),
+        )
+
+    def stopFactory(self) -> None:
+        self._refusals.stop()

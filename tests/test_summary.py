@@ -1,0 +1,44 @@
+"""
+The once-an-interval log summary shared by the limits, the proxy and the
+redirect listener.
+"""
+
+from twisted.internet.task import Clock
+
+from twistedcluster.summary import Summary, window
+
+
+def test_the_first_is_told_at_once_the_rest_summed_once_an_interval():
+    clock = Clock()
+    told = []
+    summary = Summary(clock, lambda counts, seconds: told.append((counts, seconds)))
+    for _ in range(100):
+        summary.count("no backend available")
+    summary.add(other=2)
+    assert told == [({"no backend available": 1}, 0.0)]
+    clock.advance(0.5)
+    assert len(told) == 1
+    clock.advance(0.5)
+    assert told[1] == ({"no backend available": 99, "other": 2}, 1.0)
+    # Quiet for a while: the next is told at once again.
+    clock.advance(5)
+    summary.count("x")
+    assert told[2] == ({"x": 1}, 5.0)
+    assert len(told) == 3
+
+
+def test_stopping_drops_what_is_pending():
+    clock = Clock()
+    told = []
+    summary = Summary(clock, lambda counts, seconds: told.append(counts))
+    summary.count("a")
+    summary.count("a")
+    summary.stop()
+    clock.advance(10)
+    assert told == [{"a": 1}]
+    assert not clock.getDelayedCalls()
+
+
+def test_window_text():
+    assert window(0.0) == "just now"
+    assert window(1.25) == "in the last 1.2 s"
