@@ -60,7 +60,7 @@ def test_silence_marks_down_and_a_report_brings_it_back():
 def test_fixed_heartbeat_timeout_option():
     lb = MemoryBalancer(heartbeatTimeout=0.25)
     client, server, pump = lb.controlChannel()
-    assert result(register(client, interval=5.0), lb) == {"heartbeatTimeout": 0.25, "mark": 0}
+    assert result(register(client, interval=5.0), lb)["heartbeatTimeout"] == 0.25
 
 
 def test_report_before_register_is_a_clear_error():
@@ -138,7 +138,7 @@ def test_a_restarted_backend_registers_once_its_old_channel_closes():
     assert result(register(c2), lb).check(commands.NameTaken)
     c1.transport.loseConnection()
     lb.flush()
-    assert result(register(c2), lb) == {"heartbeatTimeout": 3.0, "mark": 0}
+    assert result(register(c2), lb)["heartbeatTimeout"] == 3.0
     assert lb.control.owners["a"] is s2
     assert lb.pool.get("a").state is State.UP
 
@@ -150,7 +150,7 @@ def test_a_restarted_backend_takes_over_a_silent_channel():
     result(register(c1), lb)
     lb.clock.advance(3.1)
     c2, s2, _ = lb.controlChannel()
-    assert result(register(c2), lb) == {"heartbeatTimeout": 3.0, "mark": 0}
+    assert result(register(c2), lb)["heartbeatTimeout"] == 3.0
     assert s1.transport.disconnecting
     lb.flush()
     assert lb.pool.get("a").state is State.UP  # the old channel's close is not the backend's
@@ -170,7 +170,7 @@ def test_a_name_taken_while_silent_goes_back_when_the_taker_is_silent(logged):
     assert result(register(back, port=9000), lb).check(commands.NameTaken)
     # ... and has its name again as soon as the stranger is silent.
     lb.clock.advance(3.1)
-    assert result(register(back, port=9000), lb) == {"heartbeatTimeout": 3.0, "mark": 0}
+    assert result(register(back, port=9000), lb)["heartbeatTimeout"] == 3.0
     assert lb.pool.get("a").port == 9000
 
 
@@ -220,7 +220,7 @@ def test_a_silent_owner_gives_up_its_name_to_a_new_address():
     lb.clock.advance(10)
     assert lb.pool.get("a").state is State.DOWN
     c2, _, _ = lb.controlChannel()
-    assert result(register(c2, port=9001), lb) == {"heartbeatTimeout": 3.0, "mark": 0}
+    assert result(register(c2, port=9001), lb)["heartbeatTimeout"] == 3.0
     assert lb.pool.get("a").port == 9001
     assert s1.transport.disconnecting or s1.transport.disconnected
 
@@ -240,16 +240,22 @@ def test_a_backend_that_registers_again_after_silence_keeps_its_name():
 def test_reports_are_answered_with_a_mark_and_cancel_only_what_they_saw():
     lb = MemoryBalancer()
     client, server, pump = lb.controlChannel()
-    result(register(client, capacity=20), lb)
+    registered = result(register(client, capacity=20), lb)
     pool = lb.pool
     first = pool.acquire("a")
     pool.connected("a", first)
-    answer = result(client.callRemote(commands.ReportLoad, connections=0, load=0.0, seen=0), lb)
-    assert answer == {"mark": first}
-    assert pool.get("a").addedSinceReport == 1  # measured before the mark
+    # Measured with the registration's mark, from before the connection.
+    answer = result(
+        client.callRemote(commands.ReportLoad, connections=0, load=0.0, seen=registered["mark"]), lb
+    )
+    assert answer["mark"] > registered["mark"]
+    assert pool.get("a").addedSinceReport == 1
     second = pool.acquire("a")
     pool.connected("a", second)
-    result(client.callRemote(commands.ReportLoad, connections=1, load=0.05, seen=first), lb)
+    # Measured after the mark that followed the first connection.
+    result(
+        client.callRemote(commands.ReportLoad, connections=1, load=0.05, seen=answer["mark"]), lb
+    )
     s = pool.get("a")
     assert (s.connections, s.addedSinceReport) == (1, 1)
     # A backend that echoes nothing has everything taken as seen.
@@ -265,9 +271,14 @@ def test_the_mark_never_covers_a_connection_still_connecting():
     slow = pool.acquire("a")
     fast = pool.acquire("a")
     pool.connected("a", fast)
-    assert pool.mark("a") == slow - 1
+    mark = pool.mark("a")
+    pool.report("a", 1, 0.05, seen=mark)
+    assert pool.get("a").addedSinceReport == 1  # the slow one
     pool.connected("a", slow)
-    assert pool.mark("a") == fast
+    pool.report("a", 1, 0.05, seen=mark)  # measured before it connected
+    assert pool.get("a").addedSinceReport == 1
+    pool.report("a", 2, 0.1, seen=pool.mark("a"))
+    assert pool.get("a").addedSinceReport == 0
 
 
 # -- forgetting backends that went away (--forget-after) ----------------------
@@ -381,7 +392,7 @@ def test_backends_due_in_the_same_second_are_forgotten_together(logged):
 def test_addresses_and_host_names_are_accepted(host):
     lb = MemoryBalancer()
     client, _, _ = lb.controlChannel()
-    assert result(register(client, host=host), lb) == {"heartbeatTimeout": 3.0, "mark": 0}
+    assert result(register(client, host=host), lb)["heartbeatTimeout"] == 3.0
     assert lb.pool.get("a").host == host
 
 
@@ -389,8 +400,8 @@ def test_bounds_are_generous():
     lb = MemoryBalancer()
     client, _, _ = lb.controlChannel()
     big = dict(capacity=10**9, connections=10**9, load=1e6)
-    assert result(register(client, **big), lb) == {"heartbeatTimeout": 3.0, "mark": 0}
-    assert result(client.callRemote(commands.ReportLoad, connections=10**9, load=1e6), lb) == {"mark": 0}
+    assert result(register(client, **big), lb)["heartbeatTimeout"] == 3.0
+    assert "mark" in result(client.callRemote(commands.ReportLoad, connections=10**9, load=1e6), lb)
 
 
 def test_a_registration_with_thousands_of_digits_is_refused():
@@ -500,3 +511,19 @@ def test_a_registered_connection_may_not_send_a_huge_box(logged):
     assert server.transport.disconnecting
     assert k < 2
     assert any("closing connection from" in line for line in logged)
+
+
+def test_backends_restored_from_the_state_file_are_forgotten_too():
+    # An older state file lists backends with no setting; and a restored
+    # drained one whose drain is undone while it is away.
+    from twistedcluster.pool import AdminState
+
+    lb = MemoryBalancer(forgetAfter=60)
+    lb.pool.restore("plain", "127.0.0.1", 9000, AdminState.ENABLED, 1)
+    lb.pool.restore("drained", "127.0.0.1", 9001, AdminState.DRAINING, 1)
+    lb.control.doStart()
+    lb.clock.advance(60)
+    assert "plain" not in lb.pool and "drained" in lb.pool
+    lb.pool.setAdminState("drained", AdminState.ENABLED)
+    lb.clock.advance(61)
+    assert "drained" not in lb.pool

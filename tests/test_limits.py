@@ -195,6 +195,52 @@ async def test_a_client_past_the_limit_waits_in_the_backlog_and_is_served_later(
         await port.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_burst_past_the_limit_waits_in_the_backlog_none_is_closed():
+    # After a warm-up Twisted's port accepts 100+ connections a turn: the
+    # turn that reaches the limit must not accept more than there is room
+    # for (those would be closed at once instead of waiting).
+    limit = ClientLimit(150, reactor)
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1:backlog=4096").listen(
+        limit.wrap(Factory.forProtocol(Protocol))
+    )
+    limit.listening(port)
+    address = ("127.0.0.1", port.getHost().port)
+    clients = []
+
+    def connect(n):
+        for _ in range(n):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(address)
+            clients.append(s)
+
+    def closedByServer():
+        closed = 0
+        for s in clients:
+            try:
+                if s.recv(1) == b"":
+                    closed += 1
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+        return closed
+
+    try:
+        connect(100)
+        await until(lambda: limit.count == 100, what="the warm-up accepted")
+        connect(300)
+        await until(lambda: acceptQueue(port) == 250, what="the rest in the backlog")
+        assert limit.count == 150
+        assert closedByServer() == 0
+    finally:
+        for s in clients:
+            s.close()
+        await port.stopListening()
+        limit.stop()
+
+
 # -- accept errors ---------------------------------------------------------
 
 

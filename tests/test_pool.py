@@ -179,10 +179,33 @@ def test_a_handed_off_connection_stays_added_until_a_report_sees_it():
     pool.handOff("a", ticket)
     s = pool.get("a")
     assert (s.active, s.addedSinceReport, s.routed) == (0, 1, 1)
-    pool.report("a", connections=0, load=0.0, seen=ticket - 1)
+    # Its client may not have connected yet: no mark covers it.
+    early = pool.mark("a")
+    pool.report("a", connections=0, load=0.0, seen=early)
     assert pool.get("a").addedSinceReport == 1
-    pool.report("a", connections=1, load=0.1, seen=ticket)
+    pool.connected("a", ticket, served=False)  # it has had time to connect
+    pool.report("a", connections=0, load=0.0, seen=early)  # measured before
+    assert pool.get("a").addedSinceReport == 1
+    pool.report("a", connections=1, load=0.1, seen=pool.mark("a"))
     assert pool.get("a").addedSinceReport == 0
+
+
+def test_a_ticket_of_a_forgotten_backend_does_not_touch_its_successor():
+    # A backend is forgotten while a connection to it is open; one of the
+    # same name joins; the old connection's close must not count against
+    # the new one.
+    pool = Pool()
+    pool.register("a", "h", 1, capacity=10)
+    old = pool.acquire("a")
+    pool.connected("a", old)
+    pool.markDown("a")
+    pool.remove("a")
+    pool.register("a", "h", 1, capacity=10)
+    new = pool.acquire("a")
+    assert new != old
+    pool.release("a", old)
+    s = pool.get("a")
+    assert (s.active, s.addedSinceReport, s.estimatedConnections) == (1, 1, 1)
 
 
 def test_a_forgotten_hand_off_stops_counting():

@@ -483,6 +483,18 @@ def test_closes_that_are_not_the_backends_fault_are_not_counted():
     assert cluster.pool.get("b9001").active == 0
 
 
+def test_a_connection_the_client_ended_first_ends_the_failures_in_a_row():
+    # Sporadic failures must not add up across many good connections of a
+    # service that seldom speaks first.
+    mr, cluster, factory = earlyCloser(ejectAfter=3, earlyCloseWindow=3)
+    cluster.pool.backendFailed("b9001")
+    cluster.pool.backendFailed("b9001")
+    proxy, _, backend, _ = relayed(factory, mr)
+    proxy.connectionLost(Failure(ConnectionDone()))
+    backend.connectionLost(Failure(ConnectionDone()))
+    assert cluster.pool.get("b9001").failures == 0
+
+
 def test_an_early_close_window_of_zero_turns_the_rule_off():
     mr, cluster, factory = earlyCloser(ejectAfter=1, earlyCloseWindow=0)
     proxy, _, backend, _ = relayed(factory, mr)

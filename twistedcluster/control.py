@@ -336,6 +336,13 @@ class ControlFactory(GuardedFactory):
                 # the operator undoes it while the backend is still away.
                 self.wentDown(name)
 
+    def startFactory(self) -> None:
+        # Backends restored from the state file are down until they register:
+        # they are forgotten like any other, once their settings allow.
+        for status in self.cluster.pool.snapshot():
+            if status.state is State.DOWN and not status.static:
+                self.wentDown(status.name)
+
     def heartbeatTimeout(self, interval: float) -> float:
         if self._fixedTimeout is not None:
             return self._fixedTimeout

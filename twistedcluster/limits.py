@@ -75,16 +75,20 @@ class ClientLimit:
     closes.
 
     Connections the port had already accepted in the turn that reached the
-    limit are closed at once; to keep those few, a port never accepts more in
-    one turn than there is room for.
+    limit would be closed at once; so near the limit a port never accepts
+    more in one turn than its share of the room left.  (Twisted's port sets
+    how many it accepts per turn after each turn, from that turn's count:
+    the share is set again after the turn, before the next.)
 
     @param clock: for the log: at most one line a second.
     """
 
     def __init__(self, maxConnections: int, clock, interval: float = 1.0) -> None:
         self.maxConnections = maxConnections
+        self.clock = clock
         self.count = 0
         self.paused = False
+        self._clampCall = None
         self._factories: List[_LimitedFactory] = []
         self._ports: list = []
         self._summary = Summary(clock, self._report, interval)
@@ -121,13 +125,30 @@ class ClientLimit:
                 # Not one that has stopped listening (draining).
                 if port.connected:
                     port.startReading()
+        self._clampAll()
+        if self._clampCall is None and self._near():
+            # Again once this turn's accepting is over.
+            self._clampCall = self.clock.callLater(0, self._clampLater)
+
+    def _near(self) -> bool:
+        """
+        Whether one turn of accepting on every port could pass the limit.
+        """
+        perTurn = sum(getattr(port, "numberAccepts", 1) for port in self._ports)
+        return self.maxConnections - self.count <= perTurn
+
+    def _clampLater(self) -> None:
+        self._clampCall = None
+        self._clampAll()
+
+    def _clampAll(self) -> None:
         for port in self._ports:
             self._clamp(port)
 
     def _clamp(self, port) -> None:
         # A port accepts up to numberAccepts connections per turn, then
-        # builds their protocols: keep that within the room left.
-        room = max(1, self.maxConnections - self.count)
+        # builds their protocols: keep that within its share of the room.
+        room = max(1, (self.maxConnections - self.count) // max(1, len(self._ports)))
         if getattr(port, "numberAccepts", 0) > room:
             port.numberAccepts = room
 
@@ -145,6 +166,9 @@ class ClientLimit:
 
     def stop(self) -> None:
         self._summary.stop()
+        if self._clampCall is not None and self._clampCall.active():
+            self._clampCall.cancel()
+        self._clampCall = None
 
 
 # What Twisted's tcp.Port logs (twisted.internet.tcp._accept) when accept()

@@ -180,17 +180,15 @@ class _Member:
     failures: int = 0
     static: bool = False
     reports: int = 0
-    #: The ticket of the last connection routed here: tickets grow by one
-    #: with each, for the life of the member.
-    lastTicket: int = 0
-    #: Tickets of connections routed here that no report has seen yet (in
-    #: routing order), still open or still to come.
-    unseen: Dict[int, None] = attr.ib(factory=dict)
+    #: The pool's last ticket when this member was added: tickets at or
+    #: below it belong to a backend of the same name that was forgotten.
+    bornAfter: int = 0
+    #: Connections routed here that no report has seen yet, still open or
+    #: still to come: each one's ticket, and the pool's epoch when it
+    #: reached the backend (C{None} while it is still on its way).
+    unseen: Dict[int, Optional[int]] = attr.ib(factory=dict)
     #: Connections the last report had seen that have closed since.
     closedSinceReport: int = 0
-    #: Tickets of connections routed here that are still connecting (in
-    #: routing order): no mark may cover them yet.
-    connecting: Dict[int, None] = attr.ib(factory=dict)
     #: Whether the pool counts it in service (L{inService}), and ejected
     #: among those: kept by L{Pool._changed}.
     countedIn: bool = False
@@ -298,6 +296,10 @@ class Pool:
         self._snapshot: Optional[Tuple[BackendStatus, ...]] = None
         self._eligible: Optional[Tuple[BackendStatus, ...]] = None
         self._watchers: List[Callable[[], None]] = []
+        #: The last ticket given to a routed connection, and the epoch that
+        #: every mark moves on (see L{mark}).
+        self._ticket = 0
+        self._epoch = 0
         #: The backends with an operator setting (L{_Member.configured}),
         #: kept as they change so that saving them costs nothing per backend.
         self._configured: Set[str] = set()
@@ -386,9 +388,11 @@ class Pool:
         m.selfDraining = False
         m.connections = connections
         m.load = load
-        m.unseen.clear()
+        # The registration counts what had reached the backend; connects
+        # still on their way stay added.
+        for ticket in [t for t, reached in m.unseen.items() if reached is not None]:
+            del m.unseen[ticket]
         m.closedSinceReport = 0
-        m.connecting.clear()
         m.failures = 0
         self._changed(m)
         return self._status(m)
@@ -503,42 +507,40 @@ class Pool:
         self, name: str, connections: int, load: float, seen: Optional[int] = None
     ) -> int:
         """
-        Record a load report and return the mark to answer it with.
+        Record a load report.
 
-        @param seen: the mark of the answer the backend had received when it
-            measured (see L{mark}): the connections routed up to that mark
-            are in the report, those routed after it are not.  C{None} (a
-            backend that does not echo marks) counts every connection routed
-            so far as seen.
+        @param seen: the mark of the last answer the backend had received
+            when it measured (see L{mark}): the connections that had
+            reached it before that mark left are in the report, the others
+            are not.  C{None} (a backend that does not echo marks) counts
+            every connection routed so far as seen.
         """
         m = self._member(name)
         m.connections = max(0, connections)
         m.load = max(0.0, load)
         unseen = m.unseen
-        if seen is None or seen >= m.lastTicket:
+        if seen is None:
             unseen.clear()
-        else:
-            for ticket in list(unseen):  # in routing order
-                if ticket > seen:
-                    break
+        elif unseen:
+            for ticket in [t for t, reached in unseen.items() if reached is not None and reached <= seen]:
                 del unseen[ticket]
         m.closedSinceReport = 0
         m.reports += 1
         self._changed(m)
-        return m.lastTicket
 
     def mark(self, name: str) -> int:
         """
-        The mark to send a backend (in the answers to its registration and
-        reports): the ticket of the last connection routed to it before the
-        first that is still connecting.  A report measured after the backend
-        received the mark has seen every connection routed up to it, since
-        each had reached the backend before the mark left.
+        A mark to send a backend in the answer to its registration or
+        report, for it to echo in its next report (C{seen}): the pool's
+        epoch, which every mark moves on.  A connection that had reached the
+        backend before the mark left reached it at an epoch at or below the
+        mark, so a report measured after the backend read the mark counts
+        it; one still on its way, or that arrives later, is above it.
         """
-        m = self._member(name)
-        for ticket in m.connecting:
-            return ticket - 1
-        return m.lastTicket
+        self._member(name)
+        epoch = self._epoch
+        self._epoch = epoch + 1
+        return epoch
 
     def setSelfDraining(self, name: str, draining: bool = True) -> None:
         """
@@ -601,24 +603,23 @@ class Pool:
         m = self._member(name)
         m.active += 1
         m.routed += 1
-        m.lastTicket = ticket = m.lastTicket + 1
+        self._ticket = ticket = self._ticket + 1
         if not m.static:
             m.unseen[ticket] = None
-            m.connecting[ticket] = None
         self._changed(m)
         return ticket
 
     def handOff(self, name: str, ticket: int) -> None:
         """
         The connection chosen by L{acquire} is the client's own to make
-        (redirect mode): this balancer will not see it close, so it stays
-        added until a report has seen it (or L{forgetHandOff}), but is not
-        held here.
+        (redirect mode): this balancer will not see it, so it stays added
+        until a report has seen it (or L{forgetHandOff}), but is not held
+        here.  Until L{connected} says the client has had time to connect,
+        no report is taken to have seen it.
         """
-        m = self._members.get(name)
+        m = self._mine(name, ticket)
         if m is not None and m.active > 0:
             m.active -= 1
-            m.connecting.pop(ticket, None)
             self._changed(m)
 
     def forgetHandOff(self, name: str, ticket: int) -> None:
@@ -626,24 +627,27 @@ class Pool:
         A handed-off connection that no report has seen yet stops counting:
         its client has had long enough to connect.
         """
-        m = self._members.get(name)
+        m = self._mine(name, ticket)
         if m is not None and ticket in m.unseen:
             del m.unseen[ticket]
             self._changed(m)
 
     def connected(self, name: str, ticket: int, served: bool = True) -> None:
         """
-        The connection chosen by L{acquire} was established.
+        The connection chosen by L{acquire} was established (for a hand-off:
+        its client has had time to connect): from the next mark on, a
+        report counts it.
 
         @param served: whether that is proof enough that the backend works
             (ending its failures in a row); C{False} when it must prove
-            itself later (L{backendServed}).
+            itself later (L{backendServed}), or for a hand-off.
         """
-        m = self._members.get(name)
+        m = self._mine(name, ticket)
         if m is None:
             return
-        # Not a change any snapshot shows: only the next mark moves.
-        m.connecting.pop(ticket, None)
+        # Not a change any snapshot shows: only what the next report cancels.
+        if ticket in m.unseen:
+            m.unseen[ticket] = self._epoch
         if served and m.failures:
             m.failures = 0
             self._changed(m)
@@ -656,13 +660,11 @@ class Pool:
         @param countFailure: C{False} when the attempt was abandoned (the
             client left) rather than refused by the backend.
         """
-        m = self._members.get(name)
+        m = self._mine(name, ticket)
         if m is None:
             return 0
         m.active = max(0, m.active - 1)
         m.routed = max(0, m.routed - 1)
-        m.connecting.pop(ticket, None)
-        # A report that saw its ticket could not have counted it.
         m.unseen.pop(ticket, None)
         if countFailure:
             m.failures += 1
@@ -698,7 +700,7 @@ class Pool:
         """
         A connection made after L{acquire} has closed.
         """
-        m = self._members.get(name)
+        m = self._mine(name, ticket)
         if m is not None and m.active > 0:
             m.active -= 1
             if ticket in m.unseen:
@@ -715,8 +717,20 @@ class Pool:
         except KeyError:
             raise UnknownBackend(name) from None
 
+    def _mine(self, name: str, ticket: int) -> Optional[_Member]:
+        """
+        The member a ticket was given for; C{None} if it has been forgotten
+        since, even if a backend of the same name has joined again.
+        """
+        m = self._members.get(name)
+        if m is None or ticket <= m.bornAfter:
+            return None
+        return m
+
     def _add(self, name: str, host: str, port: int) -> _Member:
-        m = self._members[name] = _Member(name=name, host=host, port=port)
+        m = self._members[name] = _Member(
+            name=name, host=host, port=port, bornAfter=self._ticket
+        )
         bisect.insort(self._names, name)
         self._layoutStale = True
         return m

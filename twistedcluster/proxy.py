@@ -376,16 +376,20 @@ class _BackendSide(_Relay):
         The backend ended the connection while on probation.  It is to blame
         for a reset, and for a clean close that came before the client's
         end-of-file: a service that only reads may close once the client
-        has sent everything.  Nothing is told when the client (or this
-        balancer, on its behalf) ended the connection first: the peer link
-        is gone by then.
+        has sent everything.  When the client (or this balancer, on its
+        behalf) ended the connection first (the peer link is gone by then),
+        the backend kept it as long as it was wanted: that ends its failures
+        in a row, as a byte would.
         """
         factory, self._probation = self._probation, None
         self.__dict__.pop("dataReceived", None)
         client, name = self.peer, self.backendName
-        if factory is None or client is None or name is None:
+        if factory is None or name is None:
             return
         pool = factory.cluster.pool
+        if client is None:
+            pool.backendServed(name)
+            return
         early = factory.reactor.seconds() - self._madeAt < factory.earlyCloseWindow
         if not early or (clean and client._readDone):
             pool.backendServed(name)

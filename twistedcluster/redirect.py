@@ -8,17 +8,19 @@ backend the policy chose, and closes; with no backend available it writes
 
 An answer is a connection the balancer will never see: it counts as load on
 the backend named (so least-load does not herd) until a report has seen it,
-or for at most the hand-off window.  A client that asks and never connects
-would use up the cluster that way, so each source address has only so many
-answers counted in a window; past that it is still answered, with a backend
-chosen at random among those with room, counting nothing.
+or for at most the hand-off window.  A report is taken to have seen it only
+if it was measured after the client had had L{HANDOFF_SETTLE} seconds to
+connect.  A client that asks and never connects would use up the cluster
+that way, so each source address has only so many answers counted in a
+window; past that it is still answered, with a backend chosen at random
+among those with room, counting nothing.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from typing import Deque, Dict, Iterator, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -34,6 +36,9 @@ log = Logger()
 DEFAULT_HANDOFF_WINDOW = 2.0
 #: Answers counted as load per source address within one window.
 DEFAULT_HANDOFFS_PER_SOURCE = 64
+#: Seconds a client is given to connect to the backend it was named before
+#: a report may count its connection (and cancel the answer's load).
+HANDOFF_SETTLE = 0.25
 
 
 def sourceOf(address) -> str:
@@ -61,16 +66,21 @@ class HandOffs:
     @param window: seconds an answer counts (against its source's share, and
         as load until a report sees it).
     @param perSource: answers counted per source within a window.
+    @param settle: seconds after which the client has had time to connect
+        (at most C{window}).
     """
 
     def __init__(
         self,
         window: float = DEFAULT_HANDOFF_WINDOW,
         perSource: int = DEFAULT_HANDOFFS_PER_SOURCE,
+        settle: float = HANDOFF_SETTLE,
     ) -> None:
         self.window = window
         self.perSource = perSource
+        self.settle = min(settle, window)
         self._queue: Deque[Tuple[float, str, str, int]] = deque()
+        self._settling: Deque[Tuple[float, str, int]] = deque()
         self._bySource: Dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -84,13 +94,20 @@ class HandOffs:
 
     def add(self, now: float, source: str, name: str, ticket: int) -> None:
         self._queue.append((now + self.window, source, name, ticket))
+        self._settling.append((now + self.settle, name, ticket))
         self._bySource[source] = self._bySource.get(source, 0) + 1
 
-    def expire(self, now: float) -> Iterator[Tuple[str, int]]:
+    def due(self, now: float) -> Tuple[List[Tuple[str, int]], List[Tuple[str, int]]]:
         """
-        Drop the answers whose window is over; yield each one's backend name
-        and ticket.
+        The answers whose client has now had time to connect, and those whose
+        window is over (dropped here): each one's backend name and ticket.
         """
+        settled = []
+        settling = self._settling
+        while settling and settling[0][0] <= now:
+            _, name, ticket = settling.popleft()
+            settled.append((name, ticket))
+        expired = []
         queue, bySource = self._queue, self._bySource
         while queue and queue[0][0] <= now:
             _, source, name, ticket = queue.popleft()
@@ -99,7 +116,15 @@ class HandOffs:
                 bySource[source] = left
             else:
                 del bySource[source]
-            yield name, ticket
+            expired.append((name, ticket))
+        return settled, expired
+
+    def nextDue(self) -> Optional[float]:
+        """
+        When L{due} next has something to say; C{None} when nothing waits.
+        """
+        heads = [q[0][0] for q in (self._settling, self._queue) if q]
+        return min(heads) if heads else None
 
 NO_BACKEND = b"ERROR no-backend\r\n"
 
@@ -127,8 +152,6 @@ class RedirectProtocol(Protocol):
         pool = cluster.pool
         handOffs = factory.handOffs
         now = factory.clock.seconds()
-        for name, ticket in handOffs.expire(now):
-            pool.forgetHandOff(name, ticket)
         source = sourceOf(self.transport.getPeer())
         counted = handOffs.admits(source)
         chosen = cluster.pick() if counted else cluster.pickUncounted()
@@ -148,6 +171,7 @@ class RedirectProtocol(Protocol):
                     # report does) but not a connection this balancer holds.
                     pool.handOff(chosen.name, chosen.ticket)
                     handOffs.add(now, source, chosen.name, chosen.ticket)
+                    factory.scheduleHandOffs()
         self.transport.write(line)
         self.transport.loseConnection()
 
@@ -166,6 +190,7 @@ class RedirectFactory(Factory):
     noisy = False
     protocol = RedirectProtocol
     refused = 0
+    _handOffCall = None
 
     def __init__(self, cluster: Cluster, clock, handOffs: HandOffs = None) -> None:
         self.cluster = cluster
@@ -189,5 +214,28 @@ class RedirectFactory(Factory):
             window=window(seconds),
         )
 
+    def scheduleHandOffs(self) -> None:
+        """
+        Make sure the next hand-off to settle or expire is seen to in time.
+        """
+        if self._handOffCall is None:
+            when = self.handOffs.nextDue()
+            if when is not None:
+                delay = max(0.0, when - self.clock.seconds())
+                self._handOffCall = self.clock.callLater(delay, self._handOffsDue)
+
+    def _handOffsDue(self) -> None:
+        self._handOffCall = None
+        pool = self.cluster.pool
+        settled, expired = self.handOffs.due(self.clock.seconds())
+        for name, ticket in settled:
+            pool.connected(name, ticket, served=False)
+        for name, ticket in expired:
+            pool.forgetHandOff(name, ticket)
+        self.scheduleHandOffs()
+
     def stopFactory(self) -> None:
         self._refusals.stop()
+        if self._handOffCall is not None and self._handOffCall.active():
+            self._handOffCall.cancel()
+        self._handOffCall = None
