@@ -349,3 +349,28 @@ def test_stopping_the_limit_and_the_accept_errors_drops_their_pending_lines(logg
     limit.stop()
     errors.stop()
     assert not clock.getDelayedCalls()
+
+
+def test_the_proxy_and_redirect_factories_count_themselves_without_a_wrapper():
+    # No wrapper protocol per client (it cost CPU per connection): the
+    # factories tell the limit of each connection themselves.
+    from twistedcluster.cluster import Cluster
+    from twistedcluster.proxy import ProxyFactory, ProxyServer
+    from twistedcluster.redirect import RedirectFactory
+
+    clock = task.Clock()
+    limit = ClientLimit(2, clock)
+    cluster = Cluster()
+    proxy = ProxyFactory(cluster, clock)
+    redirect = RedirectFactory(cluster, clock)
+    assert limit.wrap(proxy) is proxy and limit.wrap(redirect) is redirect
+    client = proxy.buildProtocol(None)
+    assert type(client) is ProxyServer
+    client.makeConnection(StringTransport())  # no backend: closed at once
+    asked = redirect.buildProtocol(None)
+    asked.makeConnection(StringTransport())
+    assert limit.count == 2
+    assert proxy.buildProtocol(None) is None and redirect.buildProtocol(None) is None
+    asked.connectionLost(None)
+    assert limit.count == 1
+    assert redirect.buildProtocol(None) is not None

@@ -50,20 +50,32 @@ def defaultMaxConnections(nofile: Optional[int] = None) -> int:
     return max(1, (nofile - reserve) // DESCRIPTORS_PER_CLIENT)
 
 
+#: Room beyond which no port's turn of accepting can reach the limit (a
+#: port accepts 100 a turn at first, 20 more after each full turn).
+_FAR = 4096
+
+
 class _LimitedFactory(CountingFactory):
     """
-    Counts its connections in a L{ClientLimit}; past the limit, builds no
-    protocol (the port closes the connection at once).
+    Counts a factory's connections in a L{ClientLimit}, for a factory that
+    does not tell the limit itself; past the limit, builds no protocol (the
+    port closes the connection at once).
     """
 
     def __init__(self, limit: "ClientLimit", wrappedFactory) -> None:
-        super().__init__(wrappedFactory, limit._changed)
+        super().__init__(wrappedFactory, self._counted)
         self.limit = limit
+        self._last = 0
+
+    def _counted(self, count: int) -> None:
+        last, self._last = self._last, count
+        for _ in range(count - last):
+            self.limit.opened()
+        for _ in range(last - count):
+            self.limit.closed()
 
     def buildProtocol(self, addr):
-        limit = self.limit
-        if limit.count >= limit.maxConnections:
-            limit._summary.add(refused=1)
+        if not self.limit.admits():
             return None
         return super().buildProtocol(addr)
 
@@ -80,6 +92,11 @@ class ClientLimit:
     how many it accepts per turn after each turn, from that turn's count:
     the share is set again after the turn, before the next.)
 
+    A factory that has a C{limit} attribute (the proxy's and the redirect
+    listener's) is given this limit and tells it of each connection itself,
+    asking L{admits} in C{buildProtocol}, calling L{opened} and L{closed};
+    any other is wrapped to be counted.
+
     @param clock: for the log: at most one line a second.
     """
 
@@ -89,17 +106,45 @@ class ClientLimit:
         self.count = 0
         self.paused = False
         self._clampCall = None
-        self._factories: List[_LimitedFactory] = []
         self._ports: list = []
         self._summary = Summary(clock, self._report, interval)
 
-    def wrap(self, factory) -> CountingFactory:
+    def wrap(self, factory):
         """
-        C{factory}, its connections counted against this limit.
+        C{factory}, its connections counted against this limit: the same
+        factory when it tells the limit itself (it has a C{limit}
+        attribute), else a counting wrapper around it.
         """
-        limited = _LimitedFactory(self, factory)
-        self._factories.append(limited)
-        return limited
+        if hasattr(factory, "limit"):
+            factory.limit = self
+            return factory
+        return _LimitedFactory(self, factory)
+
+    def admits(self) -> bool:
+        """
+        Whether a connection just accepted may be served: below the limit.
+        One that may not is closed at once by the caller, and counted here.
+        """
+        if self.count < self.maxConnections:
+            return True
+        self._summary.add(refused=1)
+        return False
+
+    def opened(self) -> None:
+        """
+        A client connection counted against the limit has been made.
+        """
+        self.count += 1
+        if self.count >= self.maxConnections or self.paused or self._ports and self._near():
+            self._changed()
+
+    def closed(self) -> None:
+        """
+        A client connection counted against the limit has ended.
+        """
+        self.count -= 1
+        if self.paused or self._ports and self._near():
+            self._changed()
 
     def listening(self, port) -> None:
         """
@@ -111,8 +156,8 @@ class ClientLimit:
             port.stopReading()
         self._clamp(port)
 
-    def _changed(self, _count: int) -> None:
-        count = self.count = sum(f.count for f in self._factories)
+    def _changed(self) -> None:
+        count = self.count
         if count >= self.maxConnections:
             if not self.paused:
                 self.paused = True
@@ -133,9 +178,12 @@ class ClientLimit:
     def _near(self) -> bool:
         """
         Whether one turn of accepting on every port could pass the limit.
+        (Far from it, as nearly always, this costs one subtraction.)
         """
-        perTurn = sum(getattr(port, "numberAccepts", 1) for port in self._ports)
-        return self.maxConnections - self.count <= perTurn
+        room = self.maxConnections - self.count
+        if room > _FAR:
+            return False
+        return room <= sum(getattr(port, "numberAccepts", 1) for port in self._ports)
 
     def _clampLater(self) -> None:
         self._clampCall = None

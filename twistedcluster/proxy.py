@@ -547,7 +547,10 @@ class ProxyServer(_Relay):
     _gone = False
 
     def connectionMade(self) -> None:
-        self.factory.clients.add(self)
+        factory = self.factory
+        factory.clients.add(self)
+        if factory.limit is not None:
+            factory.limit.opened()
         self._tryNext()
 
     def dataReceived(self, data: bytes) -> None:
@@ -683,6 +686,8 @@ class ProxyServer(_Relay):
         self._early = None
         factory = self.factory
         factory.clients.discard(self)
+        if factory.limit is not None:
+            factory.limit.closed()
         if not factory.clients and factory._idle is not None:
             idle, factory._idle = factory._idle, None
             idle.callback(None)
@@ -723,10 +728,21 @@ class ProxyFactory(Factory):
     @ivar clients: the client connections open now.
     @ivar ejectionsSkipped: backends kept in, in total, that failed enough
         to be taken out, because too many were out already.
+    @ivar limit: the client connection limit (L{limits.ClientLimit}) its
+        connections count against, if any.
     """
 
     noisy = False
     protocol = ProxyServer
+    limit = None
+
+    def buildProtocol(self, addr):
+        limit = self.limit
+        if limit is not None and not limit.admits():
+            return None
+        p = self.protocol()
+        p.factory = self
+        return p
 
     def __init__(
         self,

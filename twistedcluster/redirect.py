@@ -148,6 +148,8 @@ class RedirectProtocol(Protocol):
 
     def connectionMade(self) -> None:
         factory = self.factory
+        if factory.limit is not None:
+            factory.limit.opened()
         cluster = factory.cluster
         pool = cluster.pool
         handOffs = factory.handOffs
@@ -178,6 +180,10 @@ class RedirectProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         pass
 
+    def connectionLost(self, reason) -> None:
+        if self.factory.limit is not None:
+            self.factory.limit.closed()
+
 
 class RedirectFactory(Factory):
     """
@@ -190,7 +196,15 @@ class RedirectFactory(Factory):
     noisy = False
     protocol = RedirectProtocol
     refused = 0
+    #: The client connection limit its connections count against, if any.
+    limit = None
     _handOffCall = None
+
+    def buildProtocol(self, addr):
+        limit = self.limit
+        if limit is not None and not limit.admits():
+            return None
+        return Factory.buildProtocol(self, addr)
 
     def __init__(self, cluster: Cluster, clock, handOffs: HandOffs = None) -> None:
         self.cluster = cluster
