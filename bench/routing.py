@@ -33,7 +33,12 @@ def measure(counts) -> dict:
     Microseconds per routed connection, by policy and backend count, for
     the twistedcluster importable here.
     """
+    import inspect
+
     from twistedcluster.cluster import Cluster
+    from twistedcluster.pool import Pool
+
+    ticketed = "ticket" in inspect.signature(Pool.release).parameters
 
     out = {}
     for policy in POLICIES:
@@ -48,8 +53,12 @@ def measure(counts) -> dict:
             deadline = start + MAX_SECONDS
             while picks < MAX_PICKS and (picks % 64 or time.perf_counter() < deadline):
                 chosen = cluster.pick()
-                pool.connected(chosen.name, chosen.ticket)
-                pool.release(chosen.name, chosen.ticket)
+                if ticketed:
+                    pool.connected(chosen.name, chosen.ticket)
+                    pool.release(chosen.name, chosen.ticket)
+                else:  # a baseline from before connections had tickets
+                    pool.connected(chosen.name)
+                    pool.release(chosen.name)
                 picks += 1
             out[f"{policy}/{n}"] = (time.perf_counter() - start) / picks * 1e6
     return out

@@ -526,7 +526,7 @@ class Pool:
                 del unseen[ticket]
         m.closedSinceReport = 0
         m.reports += 1
-        self._changed(m)
+        self._loadChanged(m)
 
     def mark(self, name: str) -> int:
         """
@@ -606,7 +606,7 @@ class Pool:
         self._ticket = ticket = self._ticket + 1
         if not m.static:
             m.unseen[ticket] = None
-        self._changed(m)
+        self._loadChanged(m)
         return ticket
 
     def handOff(self, name: str, ticket: int) -> None:
@@ -620,7 +620,7 @@ class Pool:
         m = self._mine(name, ticket)
         if m is not None and m.active > 0:
             m.active -= 1
-            self._changed(m)
+            self._loadChanged(m)
 
     def forgetHandOff(self, name: str, ticket: int) -> None:
         """
@@ -630,7 +630,7 @@ class Pool:
         m = self._mine(name, ticket)
         if m is not None and ticket in m.unseen:
             del m.unseen[ticket]
-            self._changed(m)
+            self._loadChanged(m)
 
     def connected(self, name: str, ticket: int, served: bool = True) -> None:
         """
@@ -650,7 +650,7 @@ class Pool:
             m.unseen[ticket] = self._epoch
         if served and m.failures:
             m.failures = 0
-            self._changed(m)
+            self._loadChanged(m)
 
     def connectFailed(self, name: str, ticket: int, countFailure: bool = True) -> int:
         """
@@ -668,7 +668,7 @@ class Pool:
         m.unseen.pop(ticket, None)
         if countFailure:
             m.failures += 1
-        self._changed(m)
+        self._loadChanged(m)
         return m.failures
 
     def backendFailed(self, name: str) -> int:
@@ -682,7 +682,7 @@ class Pool:
         if m is None:
             return 0
         m.failures += 1
-        self._changed(m)
+        self._loadChanged(m)
         return m.failures
 
     def backendServed(self, name: str) -> None:
@@ -694,7 +694,7 @@ class Pool:
         m = self._members.get(name)
         if m is not None and m.failures:
             m.failures = 0
-            self._changed(m)
+            self._loadChanged(m)
 
     def release(self, name: str, ticket: int) -> None:
         """
@@ -707,7 +707,7 @@ class Pool:
                 del m.unseen[ticket]  # no report counted it
             elif not m.static:
                 m.closedSinceReport += 1
-            self._changed(m)
+            self._loadChanged(m)
 
     # -- internals ---------------------------------------------------------
 
@@ -787,6 +787,13 @@ class Pool:
                 self.inService, self.maxEjectedPercent
             ):
                 self._keepShare()
+        self._loadChanged(m)
+
+    def _loadChanged(self, m: _Member) -> None:
+        """
+        What L{_changed} does for a change of load or counts only (one that
+        leaves health, admin state and ejection alone): the routing path's.
+        """
         self._statuses.pop(m.name, None)
         self._stale.add(m.name)
         self._snapshot = None
