@@ -64,7 +64,7 @@ def test_the_client_limit_redirect_refusals_and_ejections_are_shown():
     for _ in range(3):
         redirect.noBackend()
     proxy = ProxyFactory(c, MemoryReactorClock())
-    proxy.ejectionsSkipped = 4
+    proxy.health.ejectionsSkipped = 4
     root = MetricsRoot(c, proxy, clientLimit=limit, redirectFactory=redirect)
 
     def scrape():

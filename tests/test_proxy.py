@@ -24,6 +24,7 @@ from zope.interface import implementer
 from twistedcluster.cluster import Cluster
 from twistedcluster.echo import echoFactory
 from twistedcluster import proxy
+from twistedcluster import relay as relaying
 from twistedcluster.proxy import ProxyFactory
 from twistedcluster.localcluster import echoOnce
 
@@ -311,15 +312,15 @@ async def test_a_fast_sender_cannot_fill_the_balancers_memory(loopback):
 
     await deferToThread(flood)
     [relay] = loopback.factory.clients
-    if proxy.SPLICE:
+    if relaying.SPLICE:
         # The flood moved to splice: at most a pipe's worth waits there.
         splicer = relay._splicer
         assert splicer is not None
-        assert splicer.pending <= splicer.capacity <= proxy.PIPE_SIZE
+        assert splicer.pending <= splicer.capacity <= relaying.PIPE_SIZE
         # The pipe was enlarged where Linux lets this process do so.
         assert fcntl.fcntl(splicer.w, fcntl.F_GETPIPE_SZ) == splicer.capacity
-        if os.geteuid() == 0 and pipeMaxSize() >= proxy.PIPE_SIZE:
-            assert splicer.capacity == proxy.PIPE_SIZE
+        if os.geteuid() == 0 and pipeMaxSize() >= relaying.PIPE_SIZE:
+            assert splicer.capacity == relaying.PIPE_SIZE
     held = bufferedBytes(relay.peer.transport)
     # Twisted pauses the producer past 64 KiB; one more read may land.
     assert held < 512 * 1024, f"balancer buffered {held} bytes"
@@ -683,7 +684,7 @@ def bulkExchange(port, payload):
     return s, bytes(got)
 
 
-@pytest.mark.skipif(not proxy.SPLICE, reason="splice(2) is Linux only")
+@pytest.mark.skipif(not relaying.SPLICE, reason="splice(2) is Linux only")
 @pytest_twisted.ensureDeferred
 async def test_bulk_streams_move_to_splice_byte_exact(loopback):
     await loopback.start([echoFactory()])
@@ -760,7 +761,7 @@ def pipeCount():
     return count
 
 
-@pytest.mark.skipif(not proxy.SPLICE, reason="splice(2) is Linux only")
+@pytest.mark.skipif(not relaying.SPLICE, reason="splice(2) is Linux only")
 @pytest_twisted.ensureDeferred
 async def test_splice_pipes_are_given_back_when_an_idle_upload_is_cut(loopback):
     # A bulk upload to a backend that never reads: spliced, the pipe full,

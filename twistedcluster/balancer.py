@@ -20,15 +20,13 @@ from twistedcluster.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEF
 from twistedcluster.pool import DEFAULT_MAX_EJECTED_PERCENT
 from twistedcluster.policies import DEFAULT_POLICY, POLICIES, UnknownPolicy, makePolicy
 from twistedcluster.redirect import DEFAULT_HANDOFF_WINDOW, DEFAULT_HANDOFFS_PER_SOURCE
-from twistedcluster.proxy import (
-    DEFAULT_ATTEMPTS,
-    DEFAULT_CONNECT_TIMEOUT,
+from twistedcluster.admission import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT
+from twistedcluster.passivehealth import (
     DEFAULT_EARLY_CLOSE_WINDOW,
     DEFAULT_EJECT_AFTER,
     DEFAULT_EJECT_FOR,
-    DEFAULT_QUEUE_SIZE,
-    DEFAULT_QUEUE_TIMEOUT,
 )
+from twistedcluster.proxy import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT
 
 log = Logger()
 

@@ -1,0 +1,73 @@
+"""
+The wait queue for clients that find every backend at capacity, on a Clock.
+"""
+
+from twisted.internet.task import Clock
+
+from twistedcluster.admission import WaitQueue
+from twistedcluster.pool import Pool
+
+
+class Client:
+    def __init__(self, log, name):
+        self.log = log
+        self.name = name
+
+    def retry(self):
+        self.log.append((self.name, "retry"))
+
+    def refuse(self, why):
+        self.log.append((self.name, "refuse", why))
+
+
+def fullPool():
+    pool = Pool()
+    pool.register("a", "h", 1, capacity=1, connections=1)
+    return pool
+
+
+def test_waiters_are_retried_oldest_first_when_room_frees_up():
+    pool, clock, log = fullPool(), Clock(), []
+    queue = WaitQueue(pool, clock, size=10, timeout=5)
+    for name in ("first", "second"):
+        c = Client(log, name)
+        queue.enqueue(c, c.retry, c.refuse)
+    assert len(queue) == 2
+    pool.report("a", connections=0, load=0.0)  # room
+    assert log == []  # not from inside the pool's change
+    clock.advance(0)
+    assert log == [("first", "retry"), ("second", "retry")]
+    assert len(queue) == 0
+
+
+def test_a_waiter_is_refused_after_the_timeout_and_a_full_queue_at_once():
+    pool, clock, log = fullPool(), Clock(), []
+    queue = WaitQueue(pool, clock, size=1, timeout=5)
+    a, b = Client(log, "a"), Client(log, "b")
+    queue.enqueue(a, a.retry, a.refuse)
+    queue.enqueue(b, b.retry, b.refuse)
+    assert log == [("b", "refuse", "every backend is at capacity and 1 clients already wait")]
+    clock.advance(5)
+    assert log[-1] == ("a", "refuse", "every backend stayed at capacity for 5 s")
+    assert len(queue) == 0 and not clock.getDelayedCalls()
+
+
+def test_a_client_that_leaves_is_neither_retried_nor_refused():
+    pool, clock, log = fullPool(), Clock(), []
+    queue = WaitQueue(pool, clock, size=10, timeout=5)
+    c = Client(log, "c")
+    queue.enqueue(c, c.retry, c.refuse)
+    queue.dequeue(c)
+    pool.report("a", connections=0, load=0.0)
+    clock.advance(10)
+    assert log == [] and c not in queue
+
+
+def test_closing_refuses_everyone_waiting():
+    pool, clock, log = fullPool(), Clock(), []
+    queue = WaitQueue(pool, clock, size=10, timeout=5)
+    c = Client(log, "c")
+    queue.enqueue(c, c.retry, c.refuse)
+    queue.close("stopping")
+    assert log == [("c", "refuse", "stopping")]
+    assert not clock.getDelayedCalls()
