@@ -148,14 +148,6 @@ class BackendStatus:
         """
         return self.estimatedConnections >= self.capacity
 
-    def asDict(self) -> Dict[str, object]:
-        """
-        The JSON form used by ``cluster-admin status --json``.
-        """
-        d = attr.asdict(self)
-        d["state"] = self.state.value
-        return d
-
 
 @attr.s(slots=True, auto_attribs=True)
 class _Member:
