@@ -7,7 +7,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from twistedcluster.cluster import Cluster
-from twistedcluster.redirect import RedirectFactory, answerLine
+from twistedcluster.redirect import RedirectFactory
+from twistedcluster.redirectline import answerLine
 
 
 def ask(cluster, factory=None):
