@@ -22,6 +22,23 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import attr
 
+__all__ = [
+    "AdminState",
+    "BackendStatus",
+    "DEFAULT_MAX_EJECTED_PERCENT",
+    "DEFAULT_WEIGHT",
+    "InvalidWeight",
+    "MAX_WEIGHT",
+    "MIN_WEIGHT",
+    "Pool",
+    "PoolError",
+    "State",
+    "UnknownBackend",
+    "allowedEjections",
+    "names",
+    "validWeight",
+]
+
 #: Weights follow HAProxy: 0 takes no new connections, 256 is the most.
 MIN_WEIGHT = 0
 MAX_WEIGHT = 256
