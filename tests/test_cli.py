@@ -29,39 +29,25 @@ def test_the_shared_statuses():
     assert (str(e), e.code, e.output) == ("no", 4, None)
 
 
-def test_a_status_returned_is_the_exit_status():
-    r = runScript(
-        """
-        async def work(reactor):
-            print("out")
-            return 7
-        react("prog", work)
-        """
-    )
-    assert (r.returncode, r.stdout, r.stderr) == (7, b"out\n", b"")
-
-
-@pytest.mark.parametrize("status", [None, 0])
-def test_nothing_returned_is_success(status):
-    r = runScript(
-        f"""
-        async def work(reactor):
-            return {status}
-        react("prog", work)
-        """
-    )
-    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
-
-
-def test_a_failed_command_prints_what_was_done_and_why():
-    r = runScript(
-        """
-        async def work(reactor):
-            raise CommandFailed("not saved", 5, output="a: draining")
-        react("prog", work)
-        """
-    )
-    assert (r.returncode, r.stdout, r.stderr) == (5, b"a: draining\n", b"prog: not saved\n")
+@pytest.mark.parametrize(
+    "body, status, out, err",
+    [
+        ('print("out")\n    return 7', 7, b"out\n", b""),
+        ("return None", 0, b"", b""),
+        ("return 0", 0, b"", b""),
+        (
+            'raise CommandFailed("not saved", 5, output="a: draining")',
+            5,
+            b"a: draining\n",
+            b"prog: not saved\n",
+        ),
+    ],
+)
+def test_the_status_and_what_is_printed(body, status, out, err):
+    # What work returns is the status; a failed command prints what was done
+    # (if anything) and why.
+    r = runScript(f"async def work(reactor):\n    {body}\nreact('prog', work)\n")
+    assert (r.returncode, r.stdout, r.stderr) == (status, out, err)
 
 
 def test_an_interrupted_command_says_so():

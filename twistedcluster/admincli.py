@@ -23,13 +23,7 @@ from twisted.protocols import amp
 from twistedcluster import commands
 from twistedcluster.address import formatHostPort
 from twistedcluster.auth import SecretFileError, authenticate, loadSecret
-from twistedcluster.cli import (
-    EXIT_OK,
-    EXIT_UNREACHABLE,
-    EXIT_USAGE,
-    CommandFailed,
-    react,
-)
+from twistedcluster.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CommandFailed, react
 from twistedcluster.mtls import explainConnectError
 
 DEFAULT_ADMIN = "tcp:host=127.0.0.1:port=8101"

@@ -33,13 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistedcluster.address import parseHostPort
-from twistedcluster.cli import (
-    EXIT_OK,
-    EXIT_UNREACHABLE,
-    EXIT_USAGE,
-    CommandFailed,
-    react,
-)
+from twistedcluster.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CommandFailed, react
 from twistedcluster.redirectclient import (
     DEFAULT_ATTEMPTS,
     DEFAULT_TIMEOUT,
