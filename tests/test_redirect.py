@@ -2,7 +2,6 @@
 The redirect listener, in memory.
 """
 
-import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 

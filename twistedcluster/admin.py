@@ -19,7 +19,13 @@ from twistedcluster import commands
 from twistedcluster.cluster import Cluster
 from twistedcluster.guardedamp import DEFAULT_AUTH_TIMEOUT, GuardedAMP, GuardedFactory
 from twistedcluster.policies import UnknownPolicy
-from twistedcluster.pool import AdminState, InvalidWeight, State, UnknownBackend
+from twistedcluster.pool import (
+    AdminState,
+    BackendStatus,
+    InvalidWeight,
+    State,
+    UnknownBackend,
+)
 
 
 __all__ = ["AdminFactory", "AdminProtocol"]
@@ -90,11 +96,19 @@ class AdminProtocol(GuardedAMP):
             "total": len(snapshot),
         }
 
-    def _setAdmin(self, name: str, state: AdminState):
+    def _backendChanged(self, what: str, change: Callable[[], BackendStatus]):
+        """
+        Make a change to one backend and answer with the state it leaves
+        the backend in.
+        """
         with _asWireErrors():
-            status = self._cluster.pool.setAdminState(name, state)
-        return self._changed(
-            f"set backend {name} to {state.value}", {"state": status.state.value}
+            status = change()
+        return self._changed(what, {"state": status.state.value})
+
+    def _setAdmin(self, name: str, state: AdminState):
+        return self._backendChanged(
+            f"set backend {name} to {state.value}",
+            lambda: self._cluster.pool.setAdminState(name, state),
         )
 
     @commands.DrainBackend.responder
@@ -111,10 +125,9 @@ class AdminProtocol(GuardedAMP):
 
     @commands.SetWeight.responder
     def setWeight(self, name, weight):
-        with _asWireErrors():
-            status = self._cluster.pool.setWeight(name, weight)
-        return self._changed(
-            f"set weight of backend {name} to {weight}", {"state": status.state.value}
+        return self._backendChanged(
+            f"set weight of backend {name} to {weight}",
+            lambda: self._cluster.pool.setWeight(name, weight),
         )
 
     @commands.ForgetBackend.responder
