@@ -222,3 +222,22 @@ def test_without_a_state_file_changes_are_answered_at_once():
     admin, _, _ = lb.adminChannel()
     answer = lb.resultOf(admin.callRemote(commands.DrainBackend, name="a"))
     assert answer == {"state": "draining", "notSaved": None}
+
+
+@pytest.mark.parametrize(
+    "command, kw",
+    [
+        (commands.DrainBackend, {}),
+        (commands.EnableBackend, {}),
+        (commands.DisableBackend, {}),
+        (commands.SetWeight, {"weight": 2}),
+        (commands.ForgetBackend, {}),
+    ],
+)
+def test_every_backend_command_names_an_unknown_backend_and_keeps_the_channel(command, kw):
+    lb = balancerWith("a")
+    admin, server, _ = lb.adminChannel()
+    f = lb.resultOf(admin.callRemote(command, name="nope", **kw))
+    assert f.check(commands.UnknownBackendError)
+    assert "no backend named 'nope'" in f.getErrorMessage()
+    assert not server.transport.disconnecting

@@ -26,7 +26,7 @@ from twistedcluster.connectcli import (
     StdioRelay,
 )
 from twistedcluster.echo import echoFactory
-from twistedcluster.redirect import NO_BACKEND, answerLine
+from twistedcluster.redirectline import NO_BACKEND, answerLine
 
 # -- the relay, in memory ----------------------------------------------------
 

@@ -143,13 +143,6 @@ def test_snapshot_is_cached_until_a_change():
     assert pool.snapshot()[0].connections == 1
 
 
-def test_as_dict_has_the_status_fields():
-    d = poolOf("a").get("a").asDict()
-    for key in ("name", "host", "port", "state", "connections", "load", "routed"):
-        assert key in d
-    assert d["state"] == "up"
-
-
 def test_connections_closed_since_the_report_are_not_phantom_load():
     # Many short connections between two reports: none is open, so the
     # backend is neither full nor loaded in the balancer's eyes.

@@ -29,7 +29,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from twistedcluster.echo import echoFactory
-from twistedcluster.redirect import NO_BACKEND, answerLine
+from twistedcluster.redirectline import NO_BACKEND, answerLine
 from twistedcluster.redirectclient import (
     MAX_ANSWER_LENGTH,
     BackendAddress,

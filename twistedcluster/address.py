@@ -15,6 +15,14 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 
+__all__ = [
+    "endpointParts",
+    "formatHostPort",
+    "parseHostPort",
+    "tcpEndpoint",
+    "validHost",
+]
+
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 
 

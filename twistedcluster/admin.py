@@ -9,7 +9,8 @@ if it fails, the answer says the change is in force but not saved.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -18,31 +19,39 @@ from twistedcluster import commands
 from twistedcluster.cluster import Cluster
 from twistedcluster.guardedamp import DEFAULT_AUTH_TIMEOUT, GuardedAMP, GuardedFactory
 from twistedcluster.policies import UnknownPolicy
-from twistedcluster.pool import AdminState, InvalidWeight, State, UnknownBackend
+from twistedcluster.pool import (
+    AdminState,
+    BackendStatus,
+    InvalidWeight,
+    State,
+    UnknownBackend,
+)
 
+
+__all__ = ["AdminFactory", "AdminProtocol"]
 
 #: What one page of ListBackends may take of AMP's 65,535-byte value.
 _PAGE_BYTES = 60000
 
+#: The pool's and the cluster's errors as the admin channel declares them.
+_WIRE_ERRORS = {
+    UnknownBackend: commands.UnknownBackendError,
+    InvalidWeight: commands.InvalidWeightError,
+    UnknownPolicy: commands.UnknownPolicyError,
+}
 
-def _item(b) -> dict:
+
+@contextmanager
+def _asWireErrors() -> Iterator[None]:
     """
-    One backend as ListBackends sends it.
+    Raise a pool or cluster error met inside as the AMP error the admin
+    commands declare for it, with the same message.
     """
-    return {
-        "name": b.name,
-        "host": b.host,
-        "port": b.port,
-        "state": b.state.value,
-        "weight": b.weight,
-        "capacity": b.capacity,
-        "connections": b.connections,
-        "load": b.load,
-        "routed": b.routed,
-        "active": b.active,
-        "failures": b.failures,
-        "static": b.static,
-    }
+    try:
+        yield
+    except tuple(_WIRE_ERRORS) as e:
+        wire = next(w for cls, w in _WIRE_ERRORS.items() if isinstance(e, cls))
+        raise wire(str(e)) from None
 
 
 def _encodedSize(item) -> int:
@@ -76,7 +85,7 @@ class AdminProtocol(GuardedAMP):
         snapshot = self._cluster.pool.snapshot()
         page: list = []
         size = 0
-        for item in map(_item, snapshot[max(0, offset or 0) :]):
+        for item in map(commands.backendItem, snapshot[max(0, offset or 0) :]):
             size += _encodedSize(item)
             if page and size > _PAGE_BYTES:
                 break
@@ -87,13 +96,19 @@ class AdminProtocol(GuardedAMP):
             "total": len(snapshot),
         }
 
+    def _backendChanged(self, what: str, change: Callable[[], BackendStatus]):
+        """
+        Make a change to one backend and answer with the state it leaves
+        the backend in.
+        """
+        with _asWireErrors():
+            status = change()
+        return self._changed(what, {"state": status.state.value})
+
     def _setAdmin(self, name: str, state: AdminState):
-        try:
-            status = self._cluster.pool.setAdminState(name, state)
-        except UnknownBackend as e:
-            raise commands.UnknownBackendError(str(e)) from None
-        return self._changed(
-            f"set backend {name} to {state.value}", {"state": status.state.value}
+        return self._backendChanged(
+            f"set backend {name} to {state.value}",
+            lambda: self._cluster.pool.setAdminState(name, state),
         )
 
     @commands.DrainBackend.responder
@@ -110,23 +125,16 @@ class AdminProtocol(GuardedAMP):
 
     @commands.SetWeight.responder
     def setWeight(self, name, weight):
-        try:
-            status = self._cluster.pool.setWeight(name, weight)
-        except UnknownBackend as e:
-            raise commands.UnknownBackendError(str(e)) from None
-        except InvalidWeight as e:
-            raise commands.InvalidWeightError(str(e)) from None
-        return self._changed(
-            f"set weight of backend {name} to {weight}", {"state": status.state.value}
+        return self._backendChanged(
+            f"set weight of backend {name} to {weight}",
+            lambda: self._cluster.pool.setWeight(name, weight),
         )
 
     @commands.ForgetBackend.responder
     def forgetBackend(self, name):
         pool = self._cluster.pool
-        try:
+        with _asWireErrors():
             status = pool.get(name)
-        except UnknownBackend as e:
-            raise commands.UnknownBackendError(str(e)) from None
         if status.static:
             raise commands.BackendInUse(
                 f"{name} is a static backend: remove its --backend option instead"
@@ -142,10 +150,8 @@ class AdminProtocol(GuardedAMP):
     @commands.SetPolicy.responder
     def setPolicy(self, policy):
         previous = self._cluster.policyName
-        try:
+        with _asWireErrors():
             self._cluster.setPolicy(policy)
-        except UnknownPolicy as e:
-            raise commands.UnknownPolicyError(str(e)) from None
         return self._changed(
             f"changed policy from {previous} to {policy}", {"previous": previous}
         )

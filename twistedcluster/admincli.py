@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
@@ -24,28 +23,34 @@ from twisted.protocols import amp
 from twistedcluster import commands
 from twistedcluster.address import formatHostPort
 from twistedcluster.auth import SecretFileError, authenticate, loadSecret
+from twistedcluster.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CommandFailed, react
 from twistedcluster.mtls import explainConnectError
 
 DEFAULT_ADMIN = "tcp:host=127.0.0.1:port=8101"
 
-EXIT_OK = 0
+__all__ = [
+    "CommandFailed",
+    "DEFAULT_ADMIN",
+    "EXIT_AUTH",
+    "EXIT_NOT_SAVED",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "execute",
+    "formatTable",
+    "listAll",
+    "main",
+    "parser",
+    "run",
+]
+
+#: The balancer refused (unknown backend, bad weight...).
 EXIT_REFUSED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
+#: Authentication failed (missing or wrong --secret-file).
 EXIT_AUTH = 4
+#: The change was applied but not saved to the balancer's state file.
 EXIT_NOT_SAVED = 5
-
-
-class CommandFailed(Exception):
-    """
-    Exit with C{code} after printing C{message} as an error, and C{output}
-    (what was done, if anything) as usual.
-    """
-
-    def __init__(self, message: str, code: int, output: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.output = output
 
 
 def _done(result: Dict, out: Dict, text: str, asJSON: bool) -> str:
@@ -281,17 +286,11 @@ async def run(reactor, args) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser().parse_args(argv)
 
-    async def react(reactor):
-        try:
-            out = await run(reactor, args)
-        except CommandFailed as e:
-            if e.output is not None:
-                print(e.output)
-            print(f"cluster-admin: {e}", file=sys.stderr)
-            raise SystemExit(e.code)
-        print(out)
+    async def work(reactor) -> int:
+        print(await run(reactor, args))
+        return EXIT_OK
 
-    task.react(lambda reactor: defer.ensureDeferred(react(reactor)))
+    react("cluster-admin", work)
 
 
 if __name__ == "__main__":

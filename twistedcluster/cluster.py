@@ -13,6 +13,11 @@ from typing import AbstractSet, Optional
 from twistedcluster.policies import DEFAULT_POLICY, makePolicy
 from twistedcluster.pool import BackendStatus, Pool, State
 
+__all__ = [
+    "Cluster",
+    "Route",
+]
+
 
 class Route:
     """

@@ -14,9 +14,44 @@ An admin change is answered once it is in the balancer's state file (when it
 has one).  A change in force that could not be written there is not an
 error: its answer carries L{NOT_SAVED}, saying why, and clients that predate
 that field simply do not see it.
+
+L{BACKEND_FIELDS} is the one list of a backend's fields as the admin channel,
+``cluster-admin status --json`` and the metrics listener's ``/status.json``
+show them; L{backendItem} turns a L{twistedcluster.pool.BackendStatus} into
+that form.
 """
 
+from typing import Any, Dict
+
 from twisted.protocols import amp
+
+__all__ = [
+    "AuthenticationFailed",
+    "Authenticate",
+    "BACKEND_FIELDS",
+    "BackendInUse",
+    "Challenge",
+    "ClusterError",
+    "DisableBackend",
+    "Drain",
+    "DrainBackend",
+    "EnableBackend",
+    "ForgetBackend",
+    "InvalidArgument",
+    "InvalidWeightError",
+    "ListBackends",
+    "NOT_SAVED",
+    "NameTaken",
+    "NotAuthenticated",
+    "NotRegistered",
+    "Register",
+    "ReportLoad",
+    "SetPolicy",
+    "SetWeight",
+    "UnknownBackendError",
+    "UnknownPolicyError",
+    "backendItem",
+]
 
 
 class ClusterError(Exception):
@@ -187,6 +222,20 @@ BACKEND_FIELDS = [
     (b"failures", amp.Integer()),
     (b"static", amp.Boolean()),
 ]
+
+#: The names of L{BACKEND_FIELDS}, in order, as C{str}.
+_FIELD_NAMES = tuple(name.decode("ascii") for name, _ in BACKEND_FIELDS)
+
+
+def backendItem(status) -> Dict[str, Any]:
+    """
+    One backend as L{ListBackends} carries it and ``status --json`` prints
+    it: the L{BACKEND_FIELDS} of a L{twistedcluster.pool.BackendStatus}, in
+    that order, its state as text.
+    """
+    item = {name: getattr(status, name) for name in _FIELD_NAMES}
+    item["state"] = status.state.value
+    return item
 
 
 class ListBackends(amp.Command):

@@ -26,13 +26,14 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from twisted.internet import defer, error, task
+from twisted.internet import defer, error
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistedcluster.address import parseHostPort
+from twistedcluster.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CommandFailed, react
 from twistedcluster.redirectclient import (
     DEFAULT_ATTEMPTS,
     DEFAULT_TIMEOUT,
@@ -43,19 +44,28 @@ from twistedcluster.redirectclient import (
     redirectEndpoint,
     tcpEndpoint,
 )
+from twistedcluster.redirectline import hostPortText
 
-EXIT_OK = 0
+__all__ = [
+    "CommandFailed",
+    "EXIT_BROKEN",
+    "EXIT_INTERRUPTED",
+    "EXIT_NO_BACKEND",
+    "EXIT_OK",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "StdioRelay",
+    "main",
+    "parser",
+    "run",
+]
+
+#: No backend: the balancer has none, or none it named accepted.
 EXIT_NO_BACKEND = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
+#: The connection broke (reset) before the server had finished.
 EXIT_BROKEN = 4
+#: Interrupted (Ctrl-C, SIGTERM).
 EXIT_INTERRUPTED = 130
-
-
-class CommandFailed(Exception):
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def parser() -> argparse.ArgumentParser:
@@ -288,7 +298,7 @@ async def run(reactor, args, makeStdio=None) -> int:
     try:
         if args.print:
             backend = await endpoint.ask()
-            sys.stdout.write(f"{backend.host} {backend.port}\n")
+            sys.stdout.write(hostPortText(backend.host, backend.port) + "\n")
             sys.stdout.flush()
             return EXIT_OK
         relay = StdioRelay()
@@ -322,33 +332,7 @@ async def run(reactor, args, makeStdio=None) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser().parse_args(argv)
     _stderrLog(args.verbose)
-
-    async def react(reactor):
-        work = defer.ensureDeferred(run(reactor, args))
-        interrupted = []
-
-        def onShutdown() -> None:
-            # Ctrl-C or SIGTERM: without this the reactor would stop under
-            # the relay (a "broken" connection) or the question (status 0).
-            if not work.called:
-                interrupted.append(True)
-                work.cancel()
-
-        reactor.addSystemEventTrigger("before", "shutdown", onShutdown)
-        try:
-            code = await work
-        except CommandFailed as e:
-            print(f"cluster-connect: {e}", file=sys.stderr)
-            raise SystemExit(e.code)
-        except (defer.CancelledError, error.ConnectingCancelledError):
-            if not interrupted:
-                raise
-            print("cluster-connect: interrupted", file=sys.stderr)
-            raise SystemExit(EXIT_INTERRUPTED)
-        if code:
-            raise SystemExit(code)
-
-    task.react(lambda reactor: defer.ensureDeferred(react(reactor)))
+    react("cluster-connect", lambda reactor: run(reactor, args), EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

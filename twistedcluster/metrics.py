@@ -15,7 +15,10 @@ from typing import Callable, Iterable, List, Optional
 from twisted.web.resource import Resource
 
 from twistedcluster.cluster import Cluster
+from twistedcluster.commands import backendItem
 from twistedcluster.pool import State
+
+__all__ = ["MetricsRoot", "prometheusText"]
 
 _STATES = [s.value for s in State]
 
@@ -152,13 +155,19 @@ def prometheusText(
     return "\n".join(lines) + "\n"
 
 
-class _Metrics(Resource):
+class _Page(Resource):
+    """
+    One page of the listener; answers from its L{MetricsRoot}'s figures.
+    """
+
     isLeaf = True
 
     def __init__(self, root: "MetricsRoot") -> None:
         super().__init__()
         self.root = root
 
+
+class _Metrics(_Page):
     def render_GET(self, request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
         root = self.root
@@ -174,18 +183,10 @@ class _Metrics(Resource):
         return text.encode("utf-8")
 
 
-class _Status(Resource):
-    isLeaf = True
-
-    def __init__(self, root: "MetricsRoot") -> None:
-        super().__init__()
-        self.root = root
-
+class _Status(_Page):
     def render_GET(self, request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
-        from twistedcluster.admin import _item
-
-        body = [_item(b) for b in self.root.cluster.pool.snapshot()]
+        body = [backendItem(b) for b in self.root.cluster.pool.snapshot()]
         return json.dumps(body, indent=2).encode("utf-8")
 
 

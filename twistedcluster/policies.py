@@ -13,6 +13,17 @@ from typing import Callable, Dict, Optional, Sequence
 
 from twistedcluster.pool import BackendStatus
 
+__all__ = [
+    "DEFAULT_POLICY",
+    "LeastConn",
+    "LeastLoad",
+    "POLICIES",
+    "RoundRobin",
+    "UnknownPolicy",
+    "estimatedLoad",
+    "makePolicy",
+]
+
 
 class UnknownPolicy(ValueError):
     """

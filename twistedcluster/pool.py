@@ -22,6 +22,23 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import attr
 
+__all__ = [
+    "AdminState",
+    "BackendStatus",
+    "DEFAULT_MAX_EJECTED_PERCENT",
+    "DEFAULT_WEIGHT",
+    "InvalidWeight",
+    "MAX_WEIGHT",
+    "MIN_WEIGHT",
+    "Pool",
+    "PoolError",
+    "State",
+    "UnknownBackend",
+    "allowedEjections",
+    "names",
+    "validWeight",
+]
+
 #: Weights follow HAProxy: 0 takes no new connections, 256 is the most.
 MIN_WEIGHT = 0
 MAX_WEIGHT = 256
@@ -147,14 +164,6 @@ class BackendStatus:
         At capacity: its estimated connections leave no room for another.
         """
         return self.estimatedConnections >= self.capacity
-
-    def asDict(self) -> Dict[str, object]:
-        """
-        The JSON form used by ``cluster-admin status --json``.
-        """
-        d = attr.asdict(self)
-        d["state"] = self.state.value
-        return d
 
 
 @attr.s(slots=True, auto_attribs=True)

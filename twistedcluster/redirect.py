@@ -4,7 +4,8 @@ path.
 
 On connect the balancer writes one line, ``HOST PORT\\r\\n``, naming the
 backend the policy chose, and closes; with no backend available it writes
-``ERROR no-backend\\r\\n``.  Anything the client sends is ignored.
+``ERROR no-backend\\r\\n`` (L{twistedcluster.redirectline}).  Anything the
+client sends is ignored.
 
 An answer is a connection the balancer will never see: it counts as load on
 the backend named (so least-load does not herd) until a report has seen it,
@@ -25,9 +26,19 @@ from typing import Deque, Dict, List, Optional, Tuple
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from twistedcluster.address import validHost
 from twistedcluster.cluster import Cluster
+from twistedcluster.redirectline import NO_BACKEND, answerLine
 from twistedcluster.summary import Summary, window
+
+__all__ = [
+    "DEFAULT_HANDOFFS_PER_SOURCE",
+    "DEFAULT_HANDOFF_WINDOW",
+    "HANDOFF_SETTLE",
+    "HandOffs",
+    "RedirectFactory",
+    "RedirectProtocol",
+    "sourceOf",
+]
 
 log = Logger()
 
@@ -125,18 +136,6 @@ class HandOffs:
         """
         heads = [q[0][0] for q in (self._settling, self._queue) if q]
         return min(heads) if heads else None
-
-NO_BACKEND = b"ERROR no-backend\r\n"
-
-
-def answerLine(host: str, port: int) -> bytes:
-    """
-    The redirect answer naming a backend; C{ValueError} for a host that is
-    not an IP address or a host name (it could end the line early).
-    """
-    if not validHost(host):
-        raise ValueError(f"{host!r} is not a valid host")
-    return f"{host} {port}\r\n".encode("ascii")
 
 
 class RedirectProtocol(Protocol):

@@ -10,7 +10,7 @@ or, from any Twisted program, C{clientFromString(reactor,
 C{twisted/plugins/twistedcluster_endpoints.py}).
 
 The balancer answers one line, ``HOST PORT\\r\\n`` or ``ERROR no-backend\\r\\n``
-(see L{twistedcluster.redirect}), and is then out of the data path.  A backend
+(see L{twistedcluster.redirectline}), and is then out of the data path.  A backend
 the balancer names may still refuse or not answer (it died a moment ago, its
 advertised address is wrong): then the endpoint asks the balancer again, a
 bounded number of times.  L{parseAnswer} is a pure function; the rest is the
@@ -34,7 +34,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistedcluster.address import formatHostPort, tcpEndpoint, validHost
+from twistedcluster.address import formatHostPort, tcpEndpoint
+from twistedcluster.redirectline import (
+    MAX_ANSWER_LENGTH,
+    NO_BACKEND_CODE,
+    ErrorAnswer,
+    errorText,
+    parseLine,
+)
 
 __all__ = [
     "Attempt",
@@ -63,9 +70,6 @@ log = Logger()
 DEFAULT_ATTEMPTS = 3
 #: Seconds allowed for the balancer to answer, and for a backend to accept.
 DEFAULT_TIMEOUT = 5.0
-#: The longest answer line accepted, terminator included.  A real answer is
-#: under 300 bytes (a 253-byte host name, a space, 5 digits, CRLF).
-MAX_ANSWER_LENGTH = 1024
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -142,7 +146,7 @@ class BalancerError(RedirectFailed):
     """
 
     def __init__(self, code: str, tried: Sequence[Attempt] = ()) -> None:
-        super().__init__(f"the balancer answered ERROR {code}", tried)
+        super().__init__(f"the balancer answered {errorText(code)}", tried)
         self.code = code
 
 
@@ -151,9 +155,13 @@ class NoBackendAvailable(BalancerError):
     The balancer has no backend to offer (``ERROR no-backend``).
     """
 
-    def __init__(self, code: str = "no-backend", tried: Sequence[Attempt] = ()) -> None:
+    def __init__(
+        self, code: str = NO_BACKEND_CODE, tried: Sequence[Attempt] = ()
+    ) -> None:
         super().__init__(code, tried)
-        self.reason = "no backend available (the balancer answered ERROR no-backend)"
+        self.reason = (
+            f"no backend available (the balancer answered {errorText(code)})"
+        )
 
 
 class BackendsUnreachable(RedirectFailed):
@@ -165,50 +173,21 @@ class BackendsUnreachable(RedirectFailed):
 
 def parseAnswer(line: bytes) -> BackendAddress:
     """
-    Parse one answer of a redirect listener, with or without its line end.
-
-    Strict, since anything else means we are not talking to a redirect
-    listener: exactly ``HOST PORT``, one space, HOST an IPv4 or IPv6 literal
-    (no brackets) or a DNS name, PORT decimal digits in 1..65535.
+    Parse one answer of a redirect listener, with or without its line end
+    (L{twistedcluster.redirectline.parseLine} says what it accepts).
 
     @raise NoBackendAvailable: for ``ERROR no-backend``.
     @raise BalancerError: for any other ``ERROR CODE``.
     @raise BadAnswer: for anything else.
     """
-    if len(line) > MAX_ANSWER_LENGTH:
-        raise BadAnswer(
-            f"answer of {len(line)} bytes is longer than {MAX_ANSWER_LENGTH}: "
-            f"{line[:40]!r}..."
-        )
-    if line.endswith(b"\r\n"):
-        line = line[:-2]
-    elif line.endswith(b"\n"):
-        line = line[:-1]
     try:
-        text = line.decode("ascii")
-    except UnicodeDecodeError:
-        raise BadAnswer(f"answer is not ASCII: {line[:80]!r}") from None
-    if not text.isprintable():
-        raise BadAnswer(f"answer has control characters: {line[:80]!r}")
-    if text.startswith("ERROR"):
-        code = text[len("ERROR"):]
-        if not code.startswith(" ") or not code.strip() or " " in code.strip():
-            raise BadAnswer(f"malformed error answer: {line[:80]!r}")
-        code = code.strip()
-        if code == "no-backend":
-            raise NoBackendAvailable()
-        raise BalancerError(code)
-    parts = text.split(" ")
-    if len(parts) != 2 or not all(parts):
-        raise BadAnswer(f"answer is not 'HOST PORT': {line[:80]!r}")
-    host, portText = parts
-    if not validHost(host):
-        raise BadAnswer(f"answer names no valid host: {line[:80]!r}")
-    if not (portText.isdigit() and len(portText) <= 5):
-        raise BadAnswer(f"answer's port is not a number: {line[:80]!r}")
-    port = int(portText)
-    if not 0 < port < 65536:
-        raise BadAnswer(f"answer's port is out of range 1..65535: {line[:80]!r}")
+        host, port = parseLine(line)
+    except ErrorAnswer as e:
+        if e.code == NO_BACKEND_CODE:
+            raise NoBackendAvailable() from None
+        raise BalancerError(e.code) from None
+    except ValueError as e:
+        raise BadAnswer(str(e)) from None
     return BackendAddress(host, port)
 
 

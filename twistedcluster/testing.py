@@ -25,6 +25,10 @@ from twistedcluster.cluster import Cluster
 from twistedcluster.control import DEFAULT_FORGET_AFTER, ControlFactory
 from twistedcluster.guardedamp import GuardedAMP
 
+__all__ = [
+    "MemoryBalancer",
+]
+
 
 @implementer(IStreamClientEndpoint)
 class _MemoryEndpoint:
