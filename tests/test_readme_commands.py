@@ -315,6 +315,35 @@ def runLine(line: str, ports: Dict[int, int], adminPort: int, cwd: Path) -> subp
                           cwd=cwd, env=_env())
 
 
+def freeRun(count: int, avoid: set) -> int:
+    """
+    The first of C{count} consecutive ports on 127.0.0.1 that were all free
+    a moment ago and are not in C{avoid}.
+    """
+    import socket
+
+    for _ in range(50):
+        sockets = []
+        try:
+            first = socket.socket()
+            sockets.append(first)
+            first.bind(("127.0.0.1", 0))
+            base = first.getsockname()[1]
+            if base + count > 65536 or avoid & set(range(base, base + count)):
+                continue
+            for port in range(base + 1, base + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 @pytest.mark.e2e
 def test_readme_local_cluster_commands_run(tmp_path):
     """
@@ -328,7 +357,9 @@ def test_readme_local_cluster_commands_run(tmp_path):
     [first] = blockUnder("Try it: a local cluster", "cluster-local")
     local = [a for a in simpleCommands(first) if program(a) == "cluster-local"]
     assert local == [[".venv/bin/cluster-local"]]
-    ports = {n: freePort() for n in (8000, 8002, 8100, 8101, 9001)}
+    ports = {n: freePort() for n in (8000, 8002, 8100, 8101)}
+    # cluster-local puts its three backends on consecutive ports.
+    ports[9001] = freeRun(3, avoid=set(ports.values()))
     proc = subprocess.Popen(
         asLocal(local[0]) + [f"--port={ports[8000]}", f"--redirect-port={ports[8002]}",
                              f"--control-port={ports[8100]}", f"--admin-port={ports[8101]}",
