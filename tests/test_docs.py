@@ -41,3 +41,33 @@ def test_ci_runs_the_readme_test_command():
         line.strip() for line in ci.splitlines() if line.strip().startswith("python3 -m venv")
     )
     assert f"```sh\n{command}\n```" in README
+
+
+def slug(heading: str) -> str:
+    """
+    GitHub's anchor for a Markdown heading.
+    """
+    import re
+
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_links_to_docs_resolve():
+    """
+    Every relative link in the README and in docs/ names a file that exists
+    and, with an anchor, one of its headings.
+    """
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) > 1, "the README links to docs/"
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#:]*)(?:#([^)]*))?\)", page.read_text()):
+            path, anchor = target
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.name}: no {path}"
+            if anchor:
+                headings = [slug(line.lstrip("#")) for line in linked.read_text().splitlines()
+                            if line.startswith("#")]
+                assert anchor in headings, f"{page.name}: no #{anchor} in {linked.name}"

@@ -6,8 +6,9 @@ C{WrappingFactory} would do, but its wrapper stands in for the transport too
 (every write goes through it), hides half-close from the wrapped protocol,
 and declares the transport's interfaces on each wrapper instance, which
 makes zope.interface build and resolve a new specification for every
-connection: a third of the echo backend's CPU per new connection
-(bench/profile_balancer.py --process backend --loads connect).
+connection, work that grows the backend's CPU per new connection (measured
+with bench/profile_balancer.py --process backend --loads connect; see
+docs/benchmarks.md).
 
 Here the service's protocol gets the real transport; the wrapper only
 passes the transport's events on, and declares the optional event

@@ -6,9 +6,8 @@ connections larger than that overflows the kernel's accept queue before the
 reactor's next turn: Linux then drops the handshake's last packet, the
 client believes it is connected, and its data waits for a retransmit (1 s,
 then 2, 4...) or is never accepted at all; the balancer sees nothing and
-logs nothing.  Measured with bench/backlog.py: of 2,000 concurrent connects
-to the proxy listener, 436 got no answer within 10 s, 1,240 more only after
-a retransmit.
+logs nothing.  bench/backlog.py shows it with a burst of concurrent
+connects to the proxy listener (its figures are in docs/benchmarks.md).
 
 So every listener the project opens gets C{backlog=N}, with N the system's
 own ceiling (C{net.core.somaxconn}: Linux caps any larger backlog at it),
