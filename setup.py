@@ -10,7 +10,17 @@ setup(
     python_requires=">=3.9",
     # Flat layout; twisted/plugins has no __init__.py on purpose (Twisted's
     # plugin convention), so it is listed as a package by name.
-    packages=["twistedcluster", "twisted.plugins"],
+    packages=[
+        "twistedcluster",
+        "twistedcluster.backend",
+        "twistedcluster.balancer",
+        "twistedcluster.cli",
+        "twistedcluster.client",
+        "twistedcluster.core",
+        "twistedcluster.fast",
+        "twistedcluster.wire",
+        "twisted.plugins",
+    ],
     package_data={
         "twisted.plugins": [
             "twistedcluster_plugins.py",
@@ -38,9 +48,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "cluster-admin = twistedcluster.admincli:main",
-            "cluster-local = twistedcluster.localcluster:main",
-            "cluster-connect = twistedcluster.connectcli:main",
+            "cluster-admin = twistedcluster.cli.admin:main",
+            "cluster-local = twistedcluster.cli.local:main",
+            "cluster-connect = twistedcluster.cli.connect:main",
         ],
     },
 )

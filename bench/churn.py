@@ -38,7 +38,7 @@ from pathlib import Path
 
 from twisted.protocols import amp
 
-from twistedcluster import commands
+from twistedcluster.wire import commands
 from twistedcluster.localcluster import LocalCluster, adminCommand, waitFor
 
 HOST = "127.0.0.1"
@@ -265,7 +265,7 @@ def inProcessStall(args) -> None:
     from twisted.internet import defer, task
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-    from twistedcluster import balancer
+    from twistedcluster.balancer import service as balancer
     from twistedcluster.localcluster import freePort
 
     work = Path(tempfile.mkdtemp(prefix="stall-"))

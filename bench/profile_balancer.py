@@ -59,11 +59,11 @@ def shortFrame(frame: str) -> str:
 # charges a C call to the Python frame that made it).
 SYSCALL_HINTS = {
     "untilConcludes (python/util.py)": "send() (called from Connection.writeSomeData)",
-    "sendNow (twistedcluster/fasttcp.py)": "send() (the relay writing at once)",
-    "Dialled.__init__ (twistedcluster/fasttcp.py)": "socket()",
-    "Dialled.dial (twistedcluster/fasttcp.py)": "connect(), twice when the kernel completes it at once",
-    "LeanEPollReactor.doPoll (twistedcluster/reactor.py)": "epoll_wait() and the loop around it",
-    "Dialled._connectDone (twistedcluster/fasttcp.py)": "connect() again, when the connect was not over at once",
+    "sendNow (twistedcluster/fast/fasttcp.py)": "send() (the relay writing at once)",
+    "Dialled.__init__ (twistedcluster/fast/fasttcp.py)": "socket()",
+    "Dialled.dial (twistedcluster/fast/fasttcp.py)": "connect(), twice when the kernel completes it at once",
+    "LeanEPollReactor.doPoll (twistedcluster/fast/reactor.py)": "epoll_wait() and the loop around it",
+    "Dialled._connectDone (twistedcluster/fast/fasttcp.py)": "connect() again, when the connect was not over at once",
     "Connection.doRead (internet/tcp.py)": "recv()",
     "EPollReactor.doPoll (internet/epollreactor.py)": "epoll_wait() and the loop around it",
     "EPollReactor._add (internet/epollreactor.py)": "epoll_ctl() when a transport starts writing or reading",

@@ -35,8 +35,8 @@ def measure(counts) -> dict:
     """
     import inspect
 
-    from twistedcluster.cluster import Cluster
-    from twistedcluster.pool import Pool
+    from twistedcluster.core.cluster import Cluster
+    from twistedcluster.core.pool import Pool
 
     ticketed = "ticket" in inspect.signature(Pool.release).parameters
 

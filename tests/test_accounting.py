@@ -17,8 +17,8 @@ from typing import List, Optional
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from twistedcluster.cluster import Cluster
-from twistedcluster.pool import Pool
+from twistedcluster.core.cluster import Cluster
+from twistedcluster.core.pool import Pool
 
 CAPACITY = 5
 

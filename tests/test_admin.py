@@ -4,8 +4,8 @@ The balancer's admin channel, in memory.
 
 import pytest
 
-from twistedcluster import commands
-from twistedcluster.pool import State
+from twistedcluster.wire import commands
+from twistedcluster.core.pool import State
 from twistedcluster.testing import MemoryBalancer
 
 
@@ -101,7 +101,7 @@ def test_a_long_list_comes_in_pages_that_fit_in_amp():
     for i in range(2000):
         lb.pool.register(f"backend-{i:05d}-" + "x" * 150, "10.1.2.3", 9000)
     admin, _, _ = lb.adminChannel()
-    from twistedcluster.admincli import listAll
+    from twistedcluster.cli.admin import listAll
     from twisted.internet import defer
 
     policy, backends = lb.resultOf(defer.ensureDeferred(listAll(admin)))
@@ -144,7 +144,7 @@ def keptBalancer(path, *names):
     when the test runs the fake thread pool.
     """
     from tests.test_statefile import Threads
-    from twistedcluster.statefile import StateKeeper
+    from twistedcluster.balancer.statefile import StateKeeper
 
     lb = balancerWith(*names)
     threads = Threads()

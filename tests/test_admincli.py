@@ -4,7 +4,7 @@ cluster-admin's parsing and output; the real round trip is in test_e2e.
 
 import pytest
 
-from twistedcluster.admincli import formatTable, parser
+from twistedcluster.cli.admin import formatTable, parser
 
 
 def backend(name, **kw):
@@ -58,7 +58,7 @@ def test_a_change_applied_but_not_saved_has_its_own_exit_status(tmp_path, argv, 
     from twisted.internet import defer
 
     from tests.test_admin import keptBalancer
-    from twistedcluster.admincli import EXIT_NOT_SAVED, CommandFailed, execute
+    from twistedcluster.cli.admin import EXIT_NOT_SAVED, CommandFailed, execute
 
     (tmp_path / "folder").write_text("")
     lb, threads = keptBalancer(tmp_path / "folder" / "state.json", "a")
@@ -82,7 +82,7 @@ def test_a_name_longer_than_amp_carries_is_a_usage_error():
     from twisted.internet.testing import StringTransport
     from twisted.protocols import amp
 
-    from twistedcluster.admincli import EXIT_USAGE, CommandFailed, execute
+    from twistedcluster.cli.admin import EXIT_USAGE, CommandFailed, execute
 
     proto = amp.AMP()
     proto.makeConnection(StringTransport())

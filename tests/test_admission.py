@@ -4,8 +4,8 @@ The wait queue for clients that find every backend at capacity, on a Clock.
 
 from twisted.internet.task import Clock
 
-from twistedcluster.admission import WaitQueue
-from twistedcluster.pool import Pool
+from twistedcluster.balancer.admission import WaitQueue
+from twistedcluster.core.pool import Pool
 
 
 class Client:

@@ -9,10 +9,12 @@ import pytest
 from twisted.internet import defer
 from twisted.protocols import amp
 
-from twistedcluster import auth, commands
-from twistedcluster.guardedamp import GuardedAMP
-from twistedcluster.pool import State
-from twistedcluster.reporter import Identity, Load, LoadReporter
+from twistedcluster.wire import auth
+
+from twistedcluster.wire import commands
+from twistedcluster.wire.guardedamp import GuardedAMP
+from twistedcluster.core.pool import State
+from twistedcluster.backend.reporter import Identity, Load, LoadReporter
 from twistedcluster.testing import MemoryBalancer
 
 SECRET = b"correct horse battery staple 42"

@@ -13,11 +13,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 
 from tests.loopback import until
-from twistedcluster import backend
-from twistedcluster.cluster import Cluster
-from twistedcluster.control import ControlFactory
+from twistedcluster.backend import service as backend
+from twistedcluster.core.cluster import Cluster
+from twistedcluster.balancer.control import ControlFactory
 from twistedcluster.localcluster import echoOnce
-from twistedcluster.pool import State
+from twistedcluster.core.pool import State
 
 
 class Harness:
@@ -145,7 +145,7 @@ async def test_a_service_may_report_its_own_load(harness):
 async def test_out_of_descriptors_on_the_service_listener_is_one_line_a_second(harness, logged):
     # Twisted's port logs three lines for the first connection it closes
     # unaccepted and one for each other; the balancer's listeners sum them
-    # (twistedcluster.limits.AcceptErrors), and so does the backend's.
+    # (twistedcluster.balancer.limits.AcceptErrors), and so does the backend's.
     import resource
 
     from tests.test_limits import acceptQueue, lowestFreeDescriptor

@@ -1,5 +1,5 @@
 """
-What the command-line programs share: L{twistedcluster.cli.react} prints and
+What the command-line programs share: L{twistedcluster.cli.common.react} prints and
 exits the same way for each.
 """
 
@@ -10,13 +10,13 @@ import textwrap
 
 import pytest
 
-from twistedcluster.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CommandFailed
+from twistedcluster.cli.common import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CommandFailed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def runScript(body):
-    script = "from twistedcluster.cli import CommandFailed, react\n" + textwrap.dedent(body)
+    script = "from twistedcluster.cli.common import CommandFailed, react\n" + textwrap.dedent(body)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
         [sys.executable, "-c", script], capture_output=True, env=env, timeout=60

@@ -4,8 +4,8 @@ The AMP contract's own helpers: one backend's item.
 
 from twisted.protocols import amp
 
-from twistedcluster import commands
-from twistedcluster.pool import BackendStatus, Pool, State
+from twistedcluster.wire import commands
+from twistedcluster.core.pool import BackendStatus, Pool, State
 
 
 def statusOf():

@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
-from twistedcluster.connectcli import (
+from twistedcluster.cli.connect import (
     EXIT_BROKEN,
     EXIT_NO_BACKEND,
     EXIT_OK,
@@ -25,8 +25,8 @@ from twistedcluster.connectcli import (
     EXIT_USAGE,
     StdioRelay,
 )
-from twistedcluster.echo import echoFactory
-from twistedcluster.redirectline import NO_BACKEND, answerLine
+from twistedcluster.backend.echo import echoFactory
+from twistedcluster.wire.redirectline import NO_BACKEND, answerLine
 
 # -- the relay, in memory ----------------------------------------------------
 
@@ -146,7 +146,7 @@ async def connect(*args, stdin=b""):
     """
     return await deferToThread(
         subprocess.run,
-        [sys.executable, "-m", "twistedcluster.connectcli", *args],
+        [sys.executable, "-m", "twistedcluster.cli.connect", *args],
         input=stdin,
         capture_output=True,
         timeout=30,
@@ -257,7 +257,7 @@ async def test_interrupted_is_exit_130():
     f.connected = defer.Deferred()
     lb = await listen(f)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "twistedcluster.connectcli", f"127.0.0.1:{lb.getHost().port}"],
+        [sys.executable, "-m", "twistedcluster.cli.connect", f"127.0.0.1:{lb.getHost().port}"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

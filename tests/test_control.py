@@ -6,8 +6,8 @@ and what a broken or hostile peer gets.
 import pytest
 from twisted.protocols import amp
 
-from twistedcluster import commands
-from twistedcluster.pool import State
+from twistedcluster.wire import commands
+from twistedcluster.core.pool import State
 from twistedcluster.testing import MemoryBalancer
 
 
@@ -343,7 +343,7 @@ def test_a_backend_that_came_back_by_reporting_is_kept():
 
 
 def test_operator_settings_keep_a_down_backend_until_they_are_undone():
-    from twistedcluster.pool import AdminState
+    from twistedcluster.core.pool import AdminState
 
     lb = MemoryBalancer(forgetAfter=60)
     downAfterRegistering(lb, "drained")
@@ -516,7 +516,7 @@ def test_a_registered_connection_may_not_send_a_huge_box(logged):
 def test_backends_restored_from_the_state_file_are_forgotten_too():
     # An older state file lists backends with no setting; and a restored
     # drained one whose drain is undone while it is away.
-    from twistedcluster.pool import AdminState
+    from twistedcluster.core.pool import AdminState
 
     lb = MemoryBalancer(forgetAfter=60)
     lb.pool.restore("plain", "127.0.0.1", 9000, AdminState.ENABLED, 1)

@@ -21,7 +21,7 @@ from zope.interface import alsoProvides, implementer
 
 from tests.certificates import loopbackTLS
 from tests.loopback import listening, until
-from twistedcluster.counting import CountingFactory
+from twistedcluster.backend.counting import CountingFactory
 
 
 class Recorder(Protocol):

@@ -4,8 +4,8 @@ and compose file, the Kubernetes manifests.
 
 Every command line in them -- twistd with a plugin, cluster-admin -- goes
 through the real option parsers (twistd's, which hands the plugin's part to
-twistedcluster.balancer.Options or twistedcluster.backend.Options, and
-twistedcluster.admincli.parser()), and every endpoint string through
+twistedcluster.balancer.service.Options or twistedcluster.backend.service.Options, and
+twistedcluster.cli.admin.parser()), and every endpoint string through
 Twisted's endpoint parsers.  The secret files those commands name must be
 the ones the deployment provides (a systemd credential, a compose secret, a
 Kubernetes Secret volume): each check puts a real secret where the
@@ -50,7 +50,7 @@ SECRET = b"deploy-test-secret-0123456789abcdef"
 FOREGROUND = ["--nodaemon", "--pidfile=", "--logfile=-"]
 PLUGINS = ("cluster-balancer", "cluster-backend")
 # What a backend may spend telling the balancers it drains, before its
-# drain timeout starts (twistedcluster.backend.BackendService._drain).
+# drain timeout starts (twistedcluster.backend.service.BackendService._drain).
 DRAIN_ACK = 2.0
 
 
@@ -157,7 +157,7 @@ def parseTwistd(argv: List[str]):
     options = config.subOptions
     checkEndpoints(config.subCommand, options)
     if config.subCommand == "cluster-balancer":
-        from twistedcluster.balancer import isLocalOnly
+        from twistedcluster.balancer.service import isLocalOnly
 
         for role in ("control", "admin"):
             assert isLocalOnly(options[role]) or options["secret"] is not None, (
@@ -175,8 +175,8 @@ def parseAdmin(argv: List[str]):
     from twisted.internet.endpoints import clientFromString
     from twisted.internet.testing import MemoryReactor
 
-    from twistedcluster.admincli import parser
-    from twistedcluster.auth import loadSecret
+    from twistedcluster.cli.admin import parser
+    from twistedcluster.wire.auth import loadSecret
 
     assert Path(argv[0]).name == "cluster-admin", argv
     err = io.StringIO()
@@ -739,7 +739,7 @@ def test_compose_command_lines_are_accepted(tmp_path):
 
     (balancer,) = [n for n, (p, _) in parsed.items() if p == "cluster-balancer"]
     bOptions = parsed[balancer][1]
-    from twistedcluster.balancer import isLocalOnly
+    from twistedcluster.balancer.service import isLocalOnly
 
     assert not isLocalOnly(bOptions["control"]), "backends in other containers must reach it"
     assert isLocalOnly(bOptions["admin"]), "keep the admin listener inside the container"
@@ -897,7 +897,7 @@ def test_kubernetes_command_lines_are_accepted(tmp_path):
         ports = {p["containerPort"] for p in c["ports"]}
         assert ports == {serverPort(l) for l in listeners}, where
         if plugin == "cluster-balancer":
-            from twistedcluster.balancer import isLocalOnly
+            from twistedcluster.balancer.service import isLocalOnly
 
             assert isLocalOnly(options["admin"]), f"{where}: admin listener outside the pod"
             state = Path(options["state-file"]).parent

@@ -10,7 +10,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 
 from tests.loopback import listening, until
-from twistedcluster.dialer import FastDialer, ReactorDialer, dialerFor
+from twistedcluster.balancer.dialer import FastDialer, ReactorDialer, dialerFor
 
 
 def test_each_reactor_gets_its_dialer():

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from twistedcluster import admincli, backend, balancer
+from twistedcluster.cli import admin as admincli
+
+from twistedcluster.backend import service as backend
+
+from twistedcluster.balancer import service as balancer
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

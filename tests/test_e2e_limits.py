@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from twistedcluster.limits import defaultMaxConnections
-from twistedcluster.listeners import defaultBacklog
+from twistedcluster.balancer.limits import defaultMaxConnections
+from twistedcluster.balancer.listeners import defaultBacklog
 from twistedcluster.localcluster import LocalCluster, freePort, waitFor
 
 pytestmark = pytest.mark.e2e

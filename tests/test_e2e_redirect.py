@@ -17,7 +17,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThread
 
 from twistedcluster.localcluster import LocalCluster, echoOnce, freePort
-from twistedcluster.redirectclient import NoBackendAvailable, parseAnswer
+from twistedcluster.client.redirectclient import NoBackendAvailable, parseAnswer
 
 pytestmark = pytest.mark.e2e
 
@@ -129,7 +129,7 @@ async def test_cluster_endpoint_string_reaches_a_backend(cluster):
 
 
 def connectCommand(*args):
-    return [sys.executable, "-m", "twistedcluster.connectcli", *args]
+    return [sys.executable, "-m", "twistedcluster.cli.connect", *args]
 
 
 def test_cluster_connect_prints_relays_and_replaces_nc(cluster):

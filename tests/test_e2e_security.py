@@ -83,7 +83,7 @@ def test_cluster_local_runs_with_a_secret_and_says_how_to_use_it(tmp_path):
     first = freePort()
     logs = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "twistedcluster.localcluster", "--backends=1",
+        [sys.executable, "-m", "twistedcluster.cli.local", "--backends=1",
          f"--backend-port={first}", f"--logs={logs}",
          *[f"--{name}={port}" for name, port in ports.items()]],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,

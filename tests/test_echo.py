@@ -14,7 +14,7 @@ from twisted.internet.threads import deferToThread
 
 from tests.certificates import loopbackTLS
 from tests.loopback import listening
-from twistedcluster.echo import echoFactory
+from twistedcluster.backend.echo import echoFactory
 
 
 def echoAll(s, payload, halfClose=True):

@@ -1,5 +1,5 @@
 """
-twistedcluster.fasttcp on real loopback sockets and the real reactor: the
+twistedcluster.fast.fasttcp on real loopback sockets and the real reactor: the
 outgoing connection (connect, refusal, timeout, abandon, IPv6) and the
 at-once send, half-close and close, each against what Twisted itself would
 have done.
@@ -24,8 +24,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from twistedcluster.transports import unsentBytes
-from twistedcluster.fasttcp import (
+from twistedcluster.fast.transports import unsentBytes
+from twistedcluster.fast.fasttcp import (
     Dialled,
     loseConnectionNow,
     loseWriteConnectionNow,

@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.protocols import amp
 
-from twistedcluster import auth, commands
-from twistedcluster.guardedamp import MAX_KEYS_PER_BOX
-from twistedcluster.pool import State
+from twistedcluster.wire import auth
+
+from twistedcluster.wire import commands
+from twistedcluster.wire.guardedamp import MAX_KEYS_PER_BOX
+from twistedcluster.core.pool import State
 from twistedcluster.testing import MemoryBalancer
 
 SECRET = b"fuzzing-secret-0123456789"

@@ -6,8 +6,8 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from twistedcluster.healthcheck import TCPHealthChecks
-from twistedcluster.pool import Pool, State
+from twistedcluster.balancer.healthcheck import TCPHealthChecks
+from twistedcluster.core.pool import Pool, State
 
 
 def succeed(mr):

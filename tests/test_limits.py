@@ -18,9 +18,9 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent
 
 from tests.loopback import until
-from twistedcluster import balancer
-from twistedcluster.echo import echoFactory
-from twistedcluster.limits import AcceptErrors, ClientLimit, defaultMaxConnections
+from twistedcluster.balancer import service as balancer
+from twistedcluster.backend.echo import echoFactory
+from twistedcluster.balancer.limits import AcceptErrors, ClientLimit, defaultMaxConnections
 
 
 @pytest.mark.parametrize(
@@ -354,9 +354,9 @@ def test_stopping_the_limit_and_the_accept_errors_drops_their_pending_lines(logg
 def test_the_proxy_and_redirect_factories_count_themselves_without_a_wrapper():
     # No wrapper protocol per client (it cost CPU per connection): the
     # factories tell the limit of each connection themselves.
-    from twistedcluster.cluster import Cluster
-    from twistedcluster.proxy import ProxyFactory, ProxyServer
-    from twistedcluster.redirect import RedirectFactory
+    from twistedcluster.core.cluster import Cluster
+    from twistedcluster.balancer.proxy import ProxyFactory, ProxyServer
+    from twistedcluster.balancer.redirect import RedirectFactory
 
     clock = task.Clock()
     limit = ClientLimit(2, clock)

@@ -13,8 +13,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 
-from twistedcluster import backend, balancer
-from twistedcluster.listeners import defaultBacklog, withBacklog
+from twistedcluster.backend import service as backend
+
+from twistedcluster.balancer import service as balancer
+from twistedcluster.balancer.listeners import defaultBacklog, withBacklog
 
 B = 4321
 

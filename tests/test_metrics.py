@@ -8,9 +8,9 @@ import urllib.request
 from twisted.web.test.requesthelper import DummyRequest
 from twisted.web.resource import getChildForRequest
 
-from twistedcluster.cluster import Cluster
+from twistedcluster.core.cluster import Cluster
 from twistedcluster.localcluster import LocalCluster, freePort, waitFor
-from twistedcluster.metrics import MetricsRoot, prometheusText
+from twistedcluster.balancer.metrics import MetricsRoot, prometheusText
 
 
 def cluster():
@@ -53,9 +53,9 @@ def test_the_client_limit_redirect_refusals_and_ejections_are_shown():
     from twisted.internet.task import Clock
     from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-    from twistedcluster.limits import ClientLimit
-    from twistedcluster.proxy import ProxyFactory
-    from twistedcluster.redirect import RedirectFactory
+    from twistedcluster.balancer.limits import ClientLimit
+    from twistedcluster.balancer.proxy import ProxyFactory
+    from twistedcluster.balancer.redirect import RedirectFactory
 
     c = cluster()
     limit = ClientLimit(2, Clock())

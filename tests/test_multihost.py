@@ -170,7 +170,7 @@ while i < count or time.monotonic() < end:
 WATCHER = r"""
 import json, sys, time
 from twisted.internet import defer, task
-from twistedcluster import admincli
+from twistedcluster.cli import admin as admincli
 
 async def main(reactor, admin, secret, seconds):
     args = admincli.parser().parse_args(

@@ -16,7 +16,11 @@ import pytest
 import twistedcluster
 
 PACKAGE = pathlib.Path(twistedcluster.__file__).parent
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+MODULES = sorted(
+    ".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+    for p in PACKAGE.rglob("*.py")
+    if p.name != "__init__.py" or p.parent != PACKAGE
+)
 
 
 def test_the_package_exports_what_its_docstring_documents():
@@ -44,7 +48,7 @@ def test_importing_the_package_does_not_install_a_reactor():
 
 def test_no_module_imports_another_modules_private_names():
     offences = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if (
                 isinstance(node, ast.ImportFrom)

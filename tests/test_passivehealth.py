@@ -6,8 +6,8 @@ Clock.
 import pytest
 from twisted.internet.task import Clock
 
-from twistedcluster.passivehealth import PassiveHealth, blames
-from twistedcluster.pool import Pool, State
+from twistedcluster.balancer.passivehealth import PassiveHealth, blames
+from twistedcluster.core.pool import Pool, State
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,9 @@ import sys
 import pytest
 from twisted.python import usage
 
-from twistedcluster import backend, balancer
+from twistedcluster.backend import service as backend
+
+from twistedcluster.balancer import service as balancer
 from twistedcluster.localcluster import twistdCommand
 
 
@@ -88,8 +90,8 @@ def test_bad_options_are_clear_errors(options, args, message):
 
 
 def test_service_may_name_a_factory_callable():
-    o = parse(backend.Options, "--service=twistedcluster.echo.echoFactory")
-    from twistedcluster.echo import Echo
+    o = parse(backend.Options, "--service=twistedcluster.backend.echo.echoFactory")
+    from twistedcluster.backend.echo import Echo
 
     assert o["factory"].protocol is Echo
 
@@ -115,7 +117,7 @@ def test_port_in_use_exits_with_the_reason(tmp_path):
 
 @pytest.mark.parametrize(
     "service, expected",
-    [("echo", "LeanEPollReactor"), ("twistedcluster.echo.echoFactory", "EPollReactor")],
+    [("echo", "LeanEPollReactor"), ("twistedcluster.backend.echo.echoFactory", "EPollReactor")],
 )
 def test_backend_runs_the_lean_reactor_only_for_the_built_in_echo(tmp_path, service, expected):
     # A service of one's own may log with the legacy context that the lean

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twistedcluster.cluster import Cluster
-from twistedcluster.policies import (
+from twistedcluster.core.cluster import Cluster
+from twistedcluster.core.policies import (
     POLICIES,
     LeastConn,
     LeastLoad,
@@ -19,7 +19,7 @@ from twistedcluster.policies import (
     UnknownPolicy,
     makePolicy,
 )
-from twistedcluster.pool import AdminState, BackendStatus, Pool, State
+from twistedcluster.core.pool import AdminState, BackendStatus, Pool, State
 
 
 def status(name, **kw):

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twistedcluster.pool import (
+from twistedcluster.core.pool import (
     DEFAULT_WEIGHT,
     AdminState,
     InvalidWeight,

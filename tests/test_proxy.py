@@ -21,11 +21,11 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistedcluster.cluster import Cluster
-from twistedcluster.echo import echoFactory
-from twistedcluster import proxy
-from twistedcluster import relay as relaying
-from twistedcluster.proxy import ProxyFactory
+from twistedcluster.core.cluster import Cluster
+from twistedcluster.backend.echo import echoFactory
+from twistedcluster.balancer import proxy
+from twistedcluster.balancer import relay as relaying
+from twistedcluster.balancer.proxy import ProxyFactory
 from twistedcluster.localcluster import echoOnce
 
 

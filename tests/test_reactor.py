@@ -1,5 +1,5 @@
 """
-twistedcluster.reactor: the lean epoll reactor dispatches ready descriptors
+twistedcluster.fast.reactor: the lean epoll reactor dispatches ready descriptors
 like Twisted's, and an error from one descriptor is logged without stopping
 the others.  Driven one poll at a time, never run, beside the test reactor.
 """
@@ -10,7 +10,7 @@ import pytest
 from twisted.internet import main
 from twisted.internet.epollreactor import EPollReactor
 
-from twistedcluster.reactor import LeanEPollReactor, installIfNone
+from twistedcluster.fast.reactor import LeanEPollReactor, installIfNone
 
 
 class Reader:

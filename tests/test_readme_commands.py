@@ -205,7 +205,8 @@ def _env() -> Dict[str, str]:
 
 
 def test_every_readme_command_is_known_and_parses():
-    from twistedcluster import admincli, connectcli
+    from twistedcluster.cli import admin as admincli
+    from twistedcluster.cli import connect as connectcli
 
     seen = set()
     cwd, current = ROOT, None
@@ -256,7 +257,8 @@ def _checkOnly():
     """
     The parse checks alone (without the coverage assertion at the end).
     """
-    from twistedcluster import admincli, connectcli
+    from twistedcluster.cli import admin as admincli
+    from twistedcluster.cli import connect as connectcli
 
     for _, heading, line, argv in allCommands():
         name = program(argv)
@@ -287,9 +289,9 @@ def asLocal(argv: List[str]) -> List[str]:
     A README command line for this checkout's interpreter: console scripts
     run as their modules.
     """
-    modules = {"cluster-admin": "twistedcluster.admincli",
-               "cluster-connect": "twistedcluster.connectcli",
-               "cluster-local": "twistedcluster.localcluster"}
+    modules = {"cluster-admin": "twistedcluster.cli.admin",
+               "cluster-connect": "twistedcluster.cli.connect",
+               "cluster-local": "twistedcluster.cli.local"}
     return [sys.executable, "-m", modules[program(argv)], *argv[1:]]
 
 

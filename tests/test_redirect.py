@@ -5,8 +5,8 @@ The redirect listener, in memory.
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from twistedcluster.cluster import Cluster
-from twistedcluster.redirect import RedirectFactory
+from twistedcluster.core.cluster import Cluster
+from twistedcluster.balancer.redirect import RedirectFactory
 
 
 def ask(cluster, factory=None):
@@ -69,7 +69,7 @@ def askFrom(factory, host):
 def test_an_asker_that_never_connects_cannot_use_up_the_cluster():
     # One source asks far more often than it could use: only its share of
     # answers counts as load, so the others still get backends.
-    from twistedcluster.redirect import HandOffs
+    from twistedcluster.balancer.redirect import HandOffs
 
     c = Cluster()
     for i in range(3):
@@ -92,7 +92,7 @@ def test_an_asker_that_never_connects_cannot_use_up_the_cluster():
 def test_without_a_share_limit_one_asker_would_fill_the_cluster():
     # The same flood with a share as large as the cluster: the honest ask
     # finds no room (what the share prevents).
-    from twistedcluster.redirect import HandOffs
+    from twistedcluster.balancer.redirect import HandOffs
 
     c = Cluster()
     for i in range(3):
@@ -104,7 +104,7 @@ def test_without_a_share_limit_one_asker_would_fill_the_cluster():
 
 
 def test_ipv6_clients_share_by_slash_64():
-    from twistedcluster.redirect import sourceOf
+    from twistedcluster.balancer.redirect import sourceOf
 
     assert sourceOf(Peer("2001:db8::1")) == sourceOf(Peer("2001:db8::ffff:1"))
     assert sourceOf(Peer("2001:db8:0:1::1")) != sourceOf(Peer("2001:db8::1"))

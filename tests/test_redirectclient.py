@@ -28,9 +28,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from twistedcluster.echo import echoFactory
-from twistedcluster.redirectline import NO_BACKEND, answerLine
-from twistedcluster.redirectclient import (
+from twistedcluster.backend.echo import echoFactory
+from twistedcluster.wire.redirectline import NO_BACKEND, answerLine
+from twistedcluster.client.redirectclient import (
     MAX_ANSWER_LENGTH,
     BackendAddress,
     BackendsUnreachable,
@@ -154,7 +154,7 @@ def test_any_bytes_give_an_address_or_a_redirect_error(data):
 def test_errors_say_what_was_tried():
     e = BackendsUnreachable("gave up", [])
     assert str(e) == "gave up"
-    from twistedcluster.redirectclient import Attempt
+    from twistedcluster.client.redirectclient import Attempt
 
     e.tried = (
         Attempt(BackendAddress("::1", 9001), "connection refused"),
@@ -510,7 +510,7 @@ def test_plugin_module_does_not_import_the_reactor():
         "import sys\n"
         "import twisted.plugins.twistedcluster_endpoints as m\n"
         "assert 'twisted.internet.reactor' not in sys.modules, 'reactor imported'\n"
-        "assert 'twistedcluster.redirectclient' not in sys.modules\n"
+        "assert 'twistedcluster.client.redirectclient' not in sys.modules\n"
         "print(m.clusterEndpointParser.prefix)\n"
     )
     out = subprocess.run(

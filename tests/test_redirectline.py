@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from twistedcluster.redirectline import (
+from twistedcluster.wire.redirectline import (
     MAX_ANSWER_LENGTH,
     NO_BACKEND,
     NO_BACKEND_CODE,

@@ -4,9 +4,9 @@ The backend's load reporter against in-memory balancers, on a Clock.
 
 import pytest
 
-from twistedcluster import commands
-from twistedcluster.pool import State
-from twistedcluster.reporter import Identity, Load, LoadReporter, reportStep
+from twistedcluster.wire import commands
+from twistedcluster.core.pool import State
+from twistedcluster.backend.reporter import Identity, Load, LoadReporter, reportStep
 from twistedcluster.testing import MemoryBalancer
 
 

@@ -9,9 +9,9 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from twistedcluster import statefile
-from twistedcluster.cluster import Cluster
-from twistedcluster.pool import AdminState, State
+from twistedcluster.balancer import statefile
+from twistedcluster.core.cluster import Cluster
+from twistedcluster.core.pool import AdminState, State
 
 
 def test_round_trip_restores_admin_state_weight_and_policy(tmp_path):

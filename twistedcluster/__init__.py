@@ -15,16 +15,16 @@ embed the balancer's core or dial through it:
     asks a balancer's redirect listener which backend to use (also
     C{clientFromString(reactor, "cluster:host=H:port=P")}).
 
-Public modules, each with its own C{__all__}: L{twistedcluster.commands}
-(the AMP contract), L{twistedcluster.redirectline} (the redirect answer),
+Public modules, each with its own C{__all__}: L{twistedcluster.wire.commands}
+(the AMP contract), L{twistedcluster.wire.redirectline} (the redirect answer),
 L{twistedcluster.testing} (an in-memory balancer for tests).  Other modules
 are the programs' internals: importable, but not promised to stay.
 """
 
-from twistedcluster.cluster import Cluster
-from twistedcluster.policies import POLICIES, makePolicy
-from twistedcluster.pool import BackendStatus, Pool, State
-from twistedcluster.redirectclient import RedirectClientEndpoint, redirectEndpoint
+from twistedcluster.core.cluster import Cluster
+from twistedcluster.core.policies import POLICIES, makePolicy
+from twistedcluster.core.pool import BackendStatus, Pool, State
+from twistedcluster.client.redirectclient import RedirectClientEndpoint, redirectEndpoint
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,9 @@
 """
-``cluster-local``: run a whole cluster on this machine — one balancer and a
-few echo backends as real ``twistd`` processes on loopback — until Ctrl-C.
-
-L{LocalCluster} is also what the end-to-end tests and the benchmark use to
-start, watch and stop those processes: plain subprocesses and sockets, every
-wait bounded.
+A whole cluster on this machine — one balancer and backends as real
+``twistd`` processes on loopback: L{LocalCluster} starts, watches and stops
+them (plain subprocesses and sockets, every wait bounded).  It serves
+``cluster-local`` (L{twistedcluster.cli.local}), the end-to-end tests and
+the benchmarks.
 
 ``cluster-local`` gives its cluster a shared secret, a fresh one in its run
 folder each time: even on loopback, any local user could otherwise register
@@ -13,7 +12,6 @@ a backend or drain one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -36,7 +34,7 @@ def twistdCommand(plugin: str, args: Sequence[str]) -> List[str]:
 
 
 def adminCommand(admin: str, args: Sequence[str]) -> List[str]:
-    return [sys.executable, "-m", "twistedcluster.admincli", "--admin", admin, *args]
+    return [sys.executable, "-m", "twistedcluster.cli.admin", "--admin", admin, *args]
 
 
 def freePort(host: str = "127.0.0.1") -> int:
@@ -286,7 +284,7 @@ class LocalCluster:
         """
         from twisted.protocols import amp
 
-        from twistedcluster import commands
+        from twistedcluster.wire import commands
 
         with socket.create_connection((self.host, self.adminPort), timeout=timeout) as s:
             s.sendall(amp.AmpBox(_ask=b"1", _command=b"ListBackends").serialize())
@@ -352,100 +350,3 @@ def echoOnce(host: str, port: int, payload: bytes, timeout: float = 10.0) -> byt
                 break
             chunks.append(data)
     return b"".join(chunks)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="cluster-local",
-        description="Run a balancer and echo backends on 127.0.0.1 until Ctrl-C.",
-    )
-    p.add_argument("--backends", type=int, default=3, help="how many backends (default 3)")
-    p.add_argument("--port", type=int, default=8000, help="proxy port (default 8000)")
-    p.add_argument("--redirect-port", type=int, default=8002, help="redirect port (default 8002)")
-    p.add_argument("--control-port", type=int, default=8100, help="control port (default 8100)")
-    p.add_argument("--admin-port", type=int, default=8101, help="admin port (default 8101)")
-    p.add_argument(
-        "--backend-port", type=int, default=9001, help="first backend port (default 9001)"
-    )
-    p.add_argument("--logs", default="cluster-run", help="log folder (default ./cluster-run)")
-    args = p.parse_args(argv)
-    if not 1 <= args.backends <= 50:
-        p.error("--backends must be 1..50")
-
-    cluster = LocalCluster(Path(args.logs))
-    secret = cluster.useSecret()
-    stopping = []
-
-    def onSignal(signum, frame):
-        stopping.append(signum)
-
-    signal.signal(signal.SIGINT, onSignal)
-    signal.signal(signal.SIGTERM, onSignal)
-    names = [f"backend-{i + 1}" for i in range(args.backends)]
-    try:
-        print(f"starting the balancer (logs in {cluster.workdir}/) ...", flush=True)
-        cluster.startBalancer(
-            args.port,
-            args.control_port,
-            args.admin_port,
-            extra=[f"--redirect=tcp:{args.redirect_port}:interface=127.0.0.1"],
-        )
-        for i, name in enumerate(names):
-            cluster.startBackend(name, args.backend_port + i)
-        cluster.waitUp(names, timeout=30)
-        # Prove it serves: a few echoes through the proxy.
-        for i in range(3 * args.backends):
-            payload = f"hello {i}\n".encode()
-            if echoOnce("127.0.0.1", args.port, payload) != payload:
-                raise RuntimeError("self-check failed: an echo came back wrong")
-    except (RuntimeError, TimeoutError) as e:
-        print(f"cluster-local: {e}", file=sys.stderr)
-        print("(is a port in use? see --help for the port options)", file=sys.stderr)
-        cluster.stopAll()
-        return 1
-    status = cluster.status()
-    admin = "cluster-admin"
-    bindir = Path(sys.executable).parent
-    connect = "cluster-connect"
-    if (bindir / "cluster-admin").exists():
-        admin = str(bindir / admin)
-        connect = str(bindir / connect)
-    admin += f" --secret-file {secret}"
-    if args.admin_port != 8101:
-        admin += f" --admin tcp:host=127.0.0.1:port={args.admin_port}"
-    print(
-        f"""
-twistedcluster is running: 1 balancer, {args.backends} echo backends, all on 127.0.0.1.
-  {len(status)} backends up; a self-check sent {3 * args.backends} echoes through the proxy.
-
-  proxy   (echo through the balancer):  127.0.0.1:{args.port}
-      try:  {connect} --direct 127.0.0.1:{args.port}    (type a line, it comes back)
-  redirect (ask which backend to use):  127.0.0.1:{args.redirect_port}
-      try:  {connect} --print 127.0.0.1:{args.redirect_port}
-            {connect} 127.0.0.1:{args.redirect_port}    (then talk to that backend)
-  watch:    {admin} status
-            {admin} drain backend-1    (then: enable backend-1)
-  logs:     {cluster.workdir}/
-  secret:   {secret}  (a new one each run; balancer, backends and
-            cluster-admin need it: --secret-file)
-
-Ctrl-C stops everything (backends drain first).""",
-        flush=True,
-    )
-    try:
-        while not stopping:
-            for proc in cluster.processes.values():
-                if not proc.alive():
-                    print(f"cluster-local: {proc.name} exited (status {proc.popen.returncode}); see {proc.logPath}", file=sys.stderr)
-                    stopping.append(proc.name)
-                    break
-            time.sleep(0.5)
-    finally:
-        print("\nstopping ...", flush=True)
-        cluster.stopAll()
-        print("stopped.", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,7 +30,7 @@ def loadSecretOption(path: Optional[str]) -> Optional[bytes]:
     """
     if path is None:
         return None
-    from twistedcluster.auth import SecretFileError, loadSecret
+    from twistedcluster.wire.auth import SecretFileError, loadSecret
 
     try:
         return loadSecret(path)

@@ -20,10 +20,10 @@ from twisted.protocols import amp
 from twisted.test import iosim
 from zope.interface import implementer
 
-from twistedcluster.admin import AdminFactory
-from twistedcluster.cluster import Cluster
-from twistedcluster.control import DEFAULT_FORGET_AFTER, ControlFactory
-from twistedcluster.guardedamp import GuardedAMP
+from twistedcluster.balancer.admin import AdminFactory
+from twistedcluster.core.cluster import Cluster
+from twistedcluster.balancer.control import DEFAULT_FORGET_AFTER, ControlFactory
+from twistedcluster.wire.guardedamp import GuardedAMP
 
 __all__ = [
     "MemoryBalancer",

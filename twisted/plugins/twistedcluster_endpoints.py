@@ -5,7 +5,7 @@ The ``cluster:`` client endpoint string of twistedcluster's redirect mode.
     clientFromString(reactor, "cluster:host=lb.example:port=8002:timeout=2:attempts=5")
 
 asks the balancer's redirect listener at C{host}:C{port} which backend to
-use and connects there (see L{twistedcluster.redirectclient}).  Arguments:
+use and connects there (see L{twistedcluster.client.redirectclient}).  Arguments:
 C{host}, C{port} (required; positional C{cluster:HOST:PORT} works too),
 C{timeout} (seconds for the balancer to answer and for each backend to
 accept, default 5), C{attempts} (backends tried, default 3).  Escape the
@@ -29,7 +29,7 @@ class ClusterEndpointParser:
     prefix = "cluster"
 
     def parseStreamClient(self, reactor, *args, **kwargs):
-        from twistedcluster.redirectclient import (
+        from twistedcluster.client.redirectclient import (
             parseEndpointArguments,
             redirectEndpoint,
         )

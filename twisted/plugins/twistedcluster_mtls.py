@@ -1,5 +1,5 @@
 """
-The ``mtls:`` server endpoint string (see twistedcluster.mtls).  Imports
+The ``mtls:`` server endpoint string (see twistedcluster.client.mtls).  Imports
 nothing that touches the reactor.
 """
 
@@ -13,7 +13,7 @@ class _MutualTLSServerParser:
     prefix = "mtls"
 
     def parseStreamServer(self, reactor, *args, **kwargs):
-        from twistedcluster.mtls import mutualTLSServerEndpoint
+        from twistedcluster.client.mtls import mutualTLSServerEndpoint
 
         return mutualTLSServerEndpoint(reactor, *args, **kwargs)
 

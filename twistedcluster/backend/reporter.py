@@ -1,0 +1,318 @@
+"""
+The backend's side of the control channel: register with each balancer and
+keep reporting load.
+
+One C{ClientService} per balancer keeps the channel up, reconnecting with
+backoff; registering is its C{prepareConnection}, so a refused registration
+counts as a failed connection and is retried the same way.  Reports go out
+every interval, and at once when the connection count moves by a noticeable
+step, so that balancers learn of a burst before the next tick.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Set, Tuple
+
+import attr
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet import defer, task
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from twistedcluster.wire import commands
+from twistedcluster.wire.auth import authenticate
+from twistedcluster.wire.guardedamp import GuardedAMP
+from twistedcluster.client.mtls import explainConnectError
+
+log = Logger()
+
+DEFAULT_INTERVAL = 1.0
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Identity:
+    """
+    How this backend names itself and where clients reach it.
+    """
+
+    name: str
+    host: str
+    port: int
+    capacity: int
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Load:
+    connections: int
+    load: float
+
+
+def reportStep(capacity: int) -> int:
+    """
+    How far the connection count may move before a report goes out ahead of
+    the next tick: 2% of capacity, at least one connection.
+    """
+    return max(1, capacity // 50)
+
+
+class ControlClient(GuardedAMP):
+    """
+    The backend's end of one control channel.
+    """
+
+    channel = "control"
+    registered = False
+    #: The balancer's last mark (see L{commands.ReportLoad}), echoed in the
+    #: next report; C{None} until one comes (or from a balancer without).
+    mark: Optional[int] = None
+
+    def __init__(self, reporter: "LoadReporter", balancer: str) -> None:
+        super().__init__()
+        self.reporter = reporter
+        self.balancer = balancer
+
+    def markRegistered(self) -> None:
+        self.registered = True
+        self.reporter.channels.add(self)
+
+    def answered(self, result: dict) -> dict:
+        """
+        Keep the mark of a registration's or report's answer.
+        """
+        mark = result.get("mark")
+        if mark is not None and (self.mark is None or mark > self.mark):
+            self.mark = mark
+        return result
+
+    def connectionLost(self, reason) -> None:
+        if self.registered:
+            self.registered = False
+            self.reporter._channelLost(self, reason)
+        super().connectionLost(reason)
+
+
+def _answered(result: Optional[dict], proto: ControlClient) -> None:
+    if result is not None:
+        proto.answered(result)
+
+
+class _ControlClientFactory(Factory):
+    noisy = False
+
+    def __init__(self, reporter: "LoadReporter", balancer: str) -> None:
+        self.reporter = reporter
+        self.balancer = balancer
+
+    def buildProtocol(self, addr) -> ControlClient:
+        return ControlClient(self.reporter, self.balancer)
+
+
+class LoadReporter(MultiService):
+    """
+    Keeps a registered control channel to every balancer and reports load on
+    each.
+
+    @param identify: called with a connected L{ControlClient}, returns the
+        L{Identity} to register (the advertised host may depend on the
+        channel's local address).
+    @param measure: returns the current L{Load}.
+    @param balancers: (description, client endpoint) pairs.
+    @param step: connection-count change that triggers a report at once
+        (see L{reportStep}).
+    @param secret: the balancers' shared secret, proved before registering.
+    """
+
+    def __init__(
+        self,
+        clock,
+        identify: Callable[[ControlClient], Identity],
+        measure: Callable[[], Load],
+        balancers: List[Tuple[str, object]],
+        interval: float = DEFAULT_INTERVAL,
+        retryPolicy: Optional[Callable[[int], float]] = None,
+        step: int = 1,
+        secret: Optional[bytes] = None,
+    ) -> None:
+        super().__init__()
+        self.clock = clock
+        self.identify = identify
+        self.measure = measure
+        self.interval = interval
+        self.channels: Set[ControlClient] = set()
+        self.step = step
+        self.secret = secret
+        self._lastReported = 0
+        self._pending = None
+        self._draining = False
+        if retryPolicy is None:
+            retryPolicy = backoffPolicy(initialDelay=0.2, maxDelay=3.0, factor=1.6)
+        self._refusals: Dict[str, int] = {}
+        for description, endpoint in balancers:
+            svc = ClientService(
+                endpoint,
+                _ControlClientFactory(self, description),
+                retryPolicy=self._backoff(retryPolicy, description),
+                clock=clock,
+                prepareConnection=lambda p, d=description: self._register(p, d),
+            )
+            svc.setServiceParent(self)
+        self._loop = task.LoopingCall(self.reportNow)
+        self._loop.clock = clock
+
+    # -- service ----------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self):
+        if self._loop.running:
+            self._loop.stop()
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        return super().stopService()
+
+    # -- registration ------------------------------------------------------
+
+    def _backoff(self, policy: Callable[[int], float], balancer: str):
+        """
+        ClientService counts failed connects; a connect whose registration
+        is refused counts as made.  Back off on refusals in a row too.
+        """
+
+        def delay(attempt: int) -> float:
+            return policy(max(attempt, self._refusals.get(balancer, 0)))
+
+        return delay
+
+    def _register(self, proto: ControlClient, balancer: str) -> defer.Deferred:
+        # Never fail this Deferred: ClientService leaves a connection whose
+        # prepareConnection failed open, and then errors when it closes
+        # (Twisted 26.10).  A refused registration instead closes the channel
+        # itself, and _backoff spaces out the retries.
+        ident = None
+
+        async def handshake():
+            nonlocal ident
+            # Inside the Deferred: whatever goes wrong here must fail the
+            # registration, never prepareConnection itself.
+            ident = self.identify(proto)
+            await authenticate(proto, self.secret, "control")
+            current = self.measure()
+            return await proto.callRemote(
+                commands.Register,
+                name=ident.name,
+                host=ident.host,
+                port=ident.port,
+                capacity=ident.capacity,
+                connections=current.connections,
+                load=current.load,
+                interval=self.interval,
+            )
+
+        d = defer.ensureDeferred(handshake())
+
+        def registered(result):
+            self._refusals[balancer] = 0
+            proto.answered(result)
+            proto.markRegistered()
+            log.info(
+                "registered as {name} ({host}:{port}) with balancer {balancer}; "
+                "heartbeat timeout {timeout} s",
+                name=ident.name,
+                host=ident.host,
+                port=ident.port,
+                balancer=balancer,
+                timeout=result["heartbeatTimeout"],
+            )
+            if self._draining:
+                self._send(proto, commands.Drain)
+            return result
+
+        def refused(failure):
+            self._refusals[balancer] = self._refusals.get(balancer, 0) + 1
+            if failure.check(commands.ClusterError):
+                log.error(
+                    "balancer {balancer} refused registration as {name}: {error}",
+                    balancer=balancer,
+                    name=ident.name if ident is not None else "?",
+                    error=failure.getErrorMessage(),
+                )
+            else:
+                log.warn(
+                    "registration with balancer {balancer} failed: {error}",
+                    balancer=balancer,
+                    error=explainConnectError(failure.value),
+                )
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+
+        return d.addCallbacks(registered, refused)
+
+    def _channelLost(self, proto: ControlClient, reason) -> None:
+        self.channels.discard(proto)
+        if not self.running:
+            log.info(
+                "control channel to balancer {balancer} closed", balancer=proto.balancer
+            )
+            return
+        log.warn(
+            "control channel to balancer {balancer} lost: {why}; reconnecting",
+            balancer=proto.balancer,
+            why=reason.getErrorMessage(),
+        )
+
+    # -- reporting ---------------------------------------------------------
+
+    def connectionsChanged(self, count: int) -> None:
+        """
+        The service's connection count changed: report now if it moved by a
+        noticeable step (coalescing a burst into one report).
+        """
+        if abs(count - self._lastReported) < self.step:
+            return
+        if self._pending is None or not self._pending.active():
+            self._pending = self.clock.callLater(0, self.reportNow)
+
+    def reportNow(self) -> None:
+        current = self.measure()
+        self._lastReported = current.connections
+        for proto in list(self.channels):
+            self._send(
+                proto,
+                commands.ReportLoad,
+                connections=current.connections,
+                load=current.load,
+                seen=proto.mark,
+            ).addCallback(_answered, proto)
+
+    def drain(self) -> defer.Deferred:
+        """
+        Tell every balancer this backend is draining; fires when all have
+        answered (or failed to).
+        """
+        self._draining = True
+        ds = [self._send(p, commands.Drain) for p in list(self.channels)]
+        return defer.DeferredList(ds, consumeErrors=True)
+
+    def _send(self, proto: ControlClient, command, **kw) -> defer.Deferred:
+        """
+        Send C{command}; fires with its answer, or C{None} after an error
+        (which closes the channel to reconnect).
+        """
+        d = proto.callRemote(command, **kw)
+
+        def failed(failure):
+            log.warn(
+                "balancer {balancer} answered {command} with an error: {error}; "
+                "reconnecting",
+                balancer=proto.balancer,
+                command=command.commandName.decode(),
+                error=failure.getErrorMessage(),
+            )
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+
+        return d.addErrback(failed)

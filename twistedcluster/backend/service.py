@@ -1,0 +1,317 @@
+"""
+``twistd cluster-backend``: run a service, count its connections, register
+with the balancers and report load; drain on shutdown.
+
+Shutdown (SIGTERM, or anything that stops the reactor) drains: every balancer
+is told first, so no new connection is routed here; then the listener closes;
+open connections may finish until the drain deadline, after which they are
+aborted.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger
+from twisted.python import reflect, usage
+
+from twistedcluster.options import loadSecretOption, positive
+from twistedcluster.address import formatHostPort, parseHostPort
+from twistedcluster.backend.counting import CountingFactory
+from twistedcluster.balancer.limits import AcceptErrors
+from twistedcluster.balancer.listeners import withBacklog
+from twistedcluster.backend.reporter import (
+    DEFAULT_INTERVAL,
+    Identity,
+    Load,
+    LoadReporter,
+    reportStep,
+)
+
+log = Logger()
+
+DEFAULT_LISTEN = "tcp:9000"
+DEFAULT_BALANCER = "tcp:host=127.0.0.1:port=8100"
+DEFAULT_CAPACITY = 1000
+DEFAULT_DRAIN_TIMEOUT = 30.0
+_WILDCARDS = {"0.0.0.0", "::", ""}
+
+
+def loadServiceFactory(spec: str):
+    """
+    The protocol factory ``--service`` names: ``echo``, or the dotted name of
+    a factory instance, a factory class, or a callable returning a factory.
+    """
+    if spec == "echo":
+        from twistedcluster.backend.echo import echoFactory
+
+        return echoFactory()
+    try:
+        obj = reflect.namedAny(spec)
+    except Exception as e:
+        raise usage.UsageError(f"--service {spec}: cannot import it ({e})") from None
+    if IProtocolFactory.providedBy(obj):
+        return obj
+    if callable(obj):
+        try:
+            made = obj()
+        except Exception as e:
+            raise usage.UsageError(
+                f"--service {spec}: not a protocol factory, and calling it "
+                f"failed ({type(e).__name__}: {e})"
+            ) from None
+        if IProtocolFactory.providedBy(made):
+            return made
+    raise usage.UsageError(
+        f"--service {spec}: not a protocol factory, nor a callable returning one"
+    )
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a backend: serve --service on --listen, and register with each "
+        "--balancer over its control channel, reporting load."
+    )
+
+    optParameters = [
+        ["listen", None, DEFAULT_LISTEN, "Service listener endpoint."],
+        [
+            "advertise",
+            None,
+            None,
+            "HOST:PORT where clients reach this backend (default: the listening "
+            "port, at the address this backend reaches the balancer from).",
+        ],
+        [
+            "service",
+            None,
+            "echo",
+            "'echo', or package.module.name of a protocol factory (or of a "
+            "callable returning one).",
+        ],
+        ["name", None, None, "Name in the cluster (default: the advertised HOST:PORT)."],
+        [
+            "capacity",
+            None,
+            DEFAULT_CAPACITY,
+            "Connections this backend is sized for; load = connections / capacity.",
+            positive(int),
+        ],
+        [
+            "report-interval",
+            None,
+            DEFAULT_INTERVAL,
+            "Seconds between load reports.",
+            positive(float),
+        ],
+        [
+            "secret-file",
+            None,
+            None,
+            "File holding the balancers' shared secret (see the balancer's "
+            "--secret-file).",
+        ],
+        [
+            "drain-timeout",
+            None,
+            DEFAULT_DRAIN_TIMEOUT,
+            "Seconds open connections may take to finish on shutdown.",
+            positive(float),
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["balancers"] = []
+
+    def opt_balancer(self, description: str) -> None:
+        """
+        Control endpoint of a balancer (repeatable; default
+        tcp:host=127.0.0.1:port=8100).
+        """
+        self["balancers"].append(description)
+
+    def postOptions(self) -> None:
+        self["secret"] = loadSecretOption(self["secret-file"])
+        if not self["balancers"]:
+            self["balancers"] = [DEFAULT_BALANCER]
+        if self["advertise"] is not None:
+            try:
+                self["advertise"] = parseHostPort(self["advertise"])
+            except ValueError as e:
+                raise usage.UsageError(f"--advertise: {e}") from None
+        elif not self["listen"].split(":", 1)[0] in ("tcp", "tcp6", "ssl", "systemd"):
+            raise usage.UsageError(
+                f"--listen {self['listen']}: give --advertise HOST:PORT, clients "
+                "cannot reach this kind of endpoint by address"
+            )
+        if self["name"] is not None:
+            from twistedcluster.balancer.control import validName
+            from twistedcluster.wire.commands import InvalidArgument
+
+            try:
+                validName(self["name"])
+            except InvalidArgument as e:
+                raise usage.UsageError(f"--name: {e}") from None
+        self["factory"] = loadServiceFactory(self["service"])
+
+
+class BackendService(Service):
+    """
+    Listens with a counted service factory and runs the L{LoadReporter};
+    drains on stop.
+    """
+
+    port = None
+
+    def __init__(
+        self,
+        reactor,
+        listen: str,
+        factory: CountingFactory,
+        reporter: LoadReporter,
+        drainTimeout: float = DEFAULT_DRAIN_TIMEOUT,
+    ) -> None:
+        self.reactor = reactor
+        self.listen = listen
+        self.factory = factory
+        self.reporter = reporter
+        self.drainTimeout = drainTimeout
+        self._idle: Optional[defer.Deferred] = None
+        # Out of descriptors, Twisted's port logs a line or three per
+        # connection it cannot accept: summed into one a second.
+        self.acceptErrors = AcceptErrors(reactor)
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._startListening()
+
+    def _startListening(self) -> None:
+        if self.port is not None:
+            return
+        failures = []
+        d = serverFromString(self.reactor, withBacklog(self.listen)).listen(self.factory)
+        d.addCallbacks(self._listening, failures.append)
+        if failures:
+            # Raised here, twistd reports it and exits non-zero.
+            failures[0].raiseException()
+
+    def _listening(self, port) -> None:
+        self.port = port
+        self.acceptErrors.watch(port, "service")
+        # Kept: once the port stops listening (draining) it can no longer say.
+        self.address = port.getHost()
+        log.info("backend service listening on {address}", address=self.address)
+
+    def startService(self) -> None:
+        super().startService()
+        self._startListening()
+        self.reporter.startService()
+
+    def stopService(self):
+        super().stopService()
+        return defer.ensureDeferred(self._drain())
+
+    async def _drain(self) -> None:
+        count = self.factory.count
+        log.info(
+            "draining: telling balancers, closing the listener, waiting up to "
+            "{timeout} s for {count} connection(s)",
+            timeout=self.drainTimeout,
+            count=count,
+        )
+        told = self.reporter.drain()
+        told.addTimeout(min(2.0, self.drainTimeout), self.reactor)
+        try:
+            await told
+        except defer.TimeoutError:
+            log.warn("draining: a balancer did not acknowledge in time")
+        if self.port is not None:
+            await self.port.stopListening()
+        if self.factory.count:
+            idle = self._idle = defer.Deferred()
+            idle.addTimeout(self.drainTimeout, self.reactor)
+            try:
+                await idle
+                log.info("drained: no connection left")
+            except defer.TimeoutError:
+                log.warn(
+                    "drain deadline reached: closing {count} connection(s)",
+                    count=self.factory.count,
+                )
+                self.factory.closeAll()
+            self._idle = None
+        await self.reporter.stopService()
+        self.acceptErrors.stop()
+
+    def connectionsChanged(self, count: int) -> None:
+        self.reporter.connectionsChanged(count)
+        if count == 0 and self._idle is not None and not self._idle.called:
+            self._idle.callback(None)
+
+
+def makeService(options: Options, reactor=None) -> BackendService:
+    """
+    Compose the backend: the counted service, its listener and the load
+    reporter.
+
+    Under twistd with no --reactor, the built-in echo service runs on
+    L{twistedcluster.fast.reactor.LeanEPollReactor} (it logs nothing with the
+    legacy log context that reactor leaves out); a --service of your own
+    keeps Twisted's default reactor, since its protocols may.
+    """
+    if reactor is None:
+        if options["service"] == "echo":
+            from twistedcluster.fast.reactor import installIfNone
+
+            installIfNone()
+        from twisted.internet import reactor
+
+    capacity = options["capacity"]
+    inner = options["factory"]
+    counting = CountingFactory(inner)
+    customLoad = getattr(inner, "currentLoad", None)
+
+    def measure() -> Load:
+        n = counting.count
+        load = float(customLoad()) if callable(customLoad) else n / capacity
+        return Load(connections=n, load=load)
+
+    holder = {}
+
+    def identify(channel) -> Identity:
+        if options["advertise"] is not None:
+            host, port = options["advertise"]
+        else:
+            listening = holder["service"].address
+            host, port = listening.host, listening.port
+            if host in _WILDCARDS:
+                host = channel.transport.getHost().host
+        name = options["name"] or formatHostPort(host, port)
+        return Identity(name=name, host=host, port=port, capacity=capacity)
+
+    balancers = [(b, clientFromString(reactor, b)) for b in options["balancers"]]
+    reporter = LoadReporter(
+        reactor,
+        identify,
+        measure,
+        balancers,
+        interval=options["report-interval"],
+        step=reportStep(capacity),
+        secret=options["secret"],
+    )
+    svc = holder["service"] = BackendService(
+        reactor,
+        options["listen"],
+        counting,
+        reporter,
+        drainTimeout=options["drain-timeout"],
+    )
+    counting.onChange = svc.connectionsChanged
+    log.info("backend reactor: {reactor}", reactor=type(reactor).__qualname__)
+    return svc

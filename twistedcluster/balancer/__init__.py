@@ -1,0 +1,16 @@
+"""
+The balancer (``twistd cluster-balancer``).
+
+  - L{service}: its options and the composition of its listeners;
+  - proxy mode: L{proxy} ties together L{relay} (the bytes), L{dialer}
+    (connecting to a backend), L{passivehealth} (taking out backends that
+    fail) and L{admission} (clients waiting for room);
+  - L{redirect}: the redirect listener;
+  - L{control}: where backends register and report load;
+  - L{admin}: where cluster-admin steers the cluster, with L{statefile}
+    keeping what operators set;
+  - L{healthcheck}: active checks of static backends;
+  - L{metrics}: the web listener (/metrics, /status.json);
+  - L{limits}, L{listeners}: the client connection limit, accept errors and
+    listen backlogs.
+"""

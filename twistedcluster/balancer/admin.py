@@ -1,0 +1,197 @@
+"""
+The balancer's side of the admin channel: what ``cluster-admin`` asks for.
+
+Every change is logged with the peer that asked for it, and reported to an
+optional C{onChange} callable (where the balancer persists operator state).
+When C{onChange} returns a Deferred, the change is answered once it fires;
+if it fails, the answer says the change is in force but not saved.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twistedcluster.wire import commands
+from twistedcluster.core.cluster import Cluster
+from twistedcluster.wire.guardedamp import DEFAULT_AUTH_TIMEOUT, GuardedAMP, GuardedFactory
+from twistedcluster.core.policies import UnknownPolicy
+from twistedcluster.core.pool import (
+    AdminState,
+    BackendStatus,
+    InvalidWeight,
+    State,
+    UnknownBackend,
+)
+
+
+__all__ = ["AdminFactory", "AdminProtocol"]
+
+#: What one page of ListBackends may take of AMP's 65,535-byte value.
+_PAGE_BYTES = 60000
+
+#: The pool's and the cluster's errors as the admin channel declares them.
+_WIRE_ERRORS = {
+    UnknownBackend: commands.UnknownBackendError,
+    InvalidWeight: commands.InvalidWeightError,
+    UnknownPolicy: commands.UnknownPolicyError,
+}
+
+
+@contextmanager
+def _asWireErrors() -> Iterator[None]:
+    """
+    Raise a pool or cluster error met inside as the AMP error the admin
+    commands declare for it, with the same message.
+    """
+    try:
+        yield
+    except tuple(_WIRE_ERRORS) as e:
+        wire = next(w for cls, w in _WIRE_ERRORS.items() if isinstance(e, cls))
+        raise wire(str(e)) from None
+
+
+def _encodedSize(item) -> int:
+    """
+    About what C{item} takes in an AmpList value: each key and value with
+    its two-byte length, and the box's end.
+    """
+    return 2 + sum(
+        4 + len(k) + len(str(v).encode("utf-8")) for k, v in item.items()
+    )
+
+
+class AdminProtocol(GuardedAMP):
+    """
+    One admin connection.
+    """
+
+    log = Logger()
+    channel = "admin"
+
+    def __init__(self, factory: "AdminFactory") -> None:
+        super().__init__()
+        self.factory = factory
+
+    @property
+    def _cluster(self) -> Cluster:
+        return self.factory.cluster
+
+    @commands.ListBackends.responder
+    def listBackends(self, offset=None):
+        snapshot = self._cluster.pool.snapshot()
+        page: list = []
+        size = 0
+        for item in map(commands.backendItem, snapshot[max(0, offset or 0) :]):
+            size += _encodedSize(item)
+            if page and size > _PAGE_BYTES:
+                break
+            page.append(item)
+        return {
+            "policy": self._cluster.policyName,
+            "backends": page,
+            "total": len(snapshot),
+        }
+
+    def _backendChanged(self, what: str, change: Callable[[], BackendStatus]):
+        """
+        Make a change to one backend and answer with the state it leaves
+        the backend in.
+        """
+        with _asWireErrors():
+            status = change()
+        return self._changed(what, {"state": status.state.value})
+
+    def _setAdmin(self, name: str, state: AdminState):
+        return self._backendChanged(
+            f"set backend {name} to {state.value}",
+            lambda: self._cluster.pool.setAdminState(name, state),
+        )
+
+    @commands.DrainBackend.responder
+    def drainBackend(self, name):
+        return self._setAdmin(name, AdminState.DRAINING)
+
+    @commands.EnableBackend.responder
+    def enableBackend(self, name):
+        return self._setAdmin(name, AdminState.ENABLED)
+
+    @commands.DisableBackend.responder
+    def disableBackend(self, name):
+        return self._setAdmin(name, AdminState.DISABLED)
+
+    @commands.SetWeight.responder
+    def setWeight(self, name, weight):
+        return self._backendChanged(
+            f"set weight of backend {name} to {weight}",
+            lambda: self._cluster.pool.setWeight(name, weight),
+        )
+
+    @commands.ForgetBackend.responder
+    def forgetBackend(self, name):
+        pool = self._cluster.pool
+        with _asWireErrors():
+            status = pool.get(name)
+        if status.static:
+            raise commands.BackendInUse(
+                f"{name} is a static backend: remove its --backend option instead"
+            )
+        if status.state is not State.DOWN:
+            raise commands.BackendInUse(
+                f"{name} is {status.state.value}: only a backend that is down "
+                "can be forgotten"
+            )
+        pool.remove(name)
+        return self._changed(f"forgot backend {name}", {})
+
+    @commands.SetPolicy.responder
+    def setPolicy(self, policy):
+        previous = self._cluster.policyName
+        with _asWireErrors():
+            self._cluster.setPolicy(policy)
+        return self._changed(
+            f"changed policy from {previous} to {policy}", {"previous": previous}
+        )
+
+    def _changed(self, what: str, answer: Dict[str, Any]):
+        """
+        Log a change and answer it once C{onChange} has saved it, or with
+        why it could not (the change is in force either way).
+        """
+        self.log.info("admin {peer} {what}", peer=self.peerText(), what=what)
+        if self.factory.onChange is None:
+            return answer
+
+        def notSaved(failure):
+            return {**answer, "notSaved": failure.getErrorMessage()}
+
+        d = defer.maybeDeferred(self.factory.onChange)
+        d.addCallbacks(lambda _: answer, notSaved)
+        return d
+
+
+class AdminFactory(GuardedFactory):
+    """
+    Serves the admin listener.
+    """
+
+    channel = "admin"
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        clock,
+        onChange: Optional[Callable[[], Optional[defer.Deferred]]] = None,
+        secret: Optional[bytes] = None,
+        maxConnections: int = 64,
+        authTimeout: float = DEFAULT_AUTH_TIMEOUT,
+    ) -> None:
+        super().__init__(clock, secret, maxConnections, authTimeout)
+        self.cluster = cluster
+        self.onChange = onChange
+
+    def makeProtocol(self) -> AdminProtocol:
+        return AdminProtocol(self)

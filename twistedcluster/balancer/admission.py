@@ -1,0 +1,116 @@
+"""
+Admission: clients that find every backend at capacity wait here for room,
+in order, for a bounded time.
+
+A waiting client is represented by two callables: C{retry()}, called when
+room may have freed up (the client asks the cluster again, and may be
+queued again), and C{refuse(why)}, called when it has waited too long or the
+queue is full or closing.  The queue knows nothing of sockets or relays.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Hashable, Tuple
+
+from twistedcluster.core.pool import Pool
+
+DEFAULT_QUEUE_SIZE = 1000
+DEFAULT_QUEUE_TIMEOUT = 5.0
+
+
+class WaitQueue:
+    """
+    Clients waiting for a backend with room.
+
+    @param pool: told to call back after every change while anyone waits.
+    @param clock: for each client's deadline and to look again after the
+        pool has finished changing.
+    @param size: clients that may wait; more are refused at once.
+    @param timeout: seconds a client may wait.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        clock,
+        size: int = DEFAULT_QUEUE_SIZE,
+        timeout: float = DEFAULT_QUEUE_TIMEOUT,
+    ) -> None:
+        self.pool = pool
+        self.clock = clock
+        self.size = size
+        self.timeout = timeout
+        self._queue: "OrderedDict[Hashable, Tuple[object, Callable[[], None], Callable[[str], None]]]" = OrderedDict()
+        self._wake = None
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def __contains__(self, client: Hashable) -> bool:
+        return client in self._queue
+
+    def enqueue(
+        self, client: Hashable, retry: Callable[[], None], refuse: Callable[[str], None]
+    ) -> None:
+        """
+        Let C{client} wait; C{refuse} at once when the queue is full.
+        """
+        if len(self._queue) >= self.size:
+            return refuse(
+                f"every backend is at capacity and {len(self._queue)} clients "
+                "already wait"
+            )
+        timer = self.clock.callLater(self.timeout, self._timedOut, client)
+        self._queue[client] = (timer, retry, refuse)
+        if len(self._queue) == 1:
+            self.pool.watch(self._mayHaveRoom)
+
+    def dequeue(self, client: Hashable) -> None:
+        """
+        Take C{client} out of the queue, if it is there (it left).
+        """
+        entry = self._queue.pop(client, None)
+        if entry is None:
+            return
+        timer = entry[0]
+        if timer.active():
+            timer.cancel()
+        if not self._queue:
+            self.pool.unwatch(self._mayHaveRoom)
+
+    def _timedOut(self, client: Hashable) -> None:
+        entry = self._queue.get(client)
+        if entry is None:
+            return
+        self.dequeue(client)
+        entry[2](f"every backend stayed at capacity for {self.timeout} s")
+
+    def _mayHaveRoom(self) -> None:
+        # Called from inside the pool: look again once it is done changing.
+        if self._wake is None:
+            self._wake = self.clock.callLater(0, self._retry)
+
+    def _retry(self) -> None:
+        self._wake = None
+        # Each waiting client once, oldest first, while there is room.
+        for client in list(self._queue):
+            if not self.pool.eligible():
+                break
+            entry = self._queue.get(client)
+            if entry is not None:
+                self.dequeue(client)
+                entry[1]()
+
+    def close(self, why: str) -> None:
+        """
+        Refuse everyone waiting, and stop watching.
+        """
+        for client in list(self._queue):
+            entry = self._queue.get(client)
+            if entry is not None:
+                self.dequeue(client)
+                entry[2](why)
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
+        self._wake = None

@@ -1,0 +1,352 @@
+"""
+The balancer's side of the control channel: backends register and report
+load here.
+
+A backend is up while its channel is registered and its reports keep coming:
+the channel closing marks it down at once, and so does silence for longer than
+the heartbeat timeout (a hung or partitioned backend whose TCP connection
+stays open).  A report after such silence brings it back up.
+
+A backend that stays down for C{forgetAfter} seconds is forgotten, unless
+the operator set something on it (pods come and go under new names: a list
+of every name ever seen would grow for ever).  If it registers again, it
+comes back as new.
+
+A connection must register within the listener's C{authTimeout}; see
+L{ControlProtocol._claimName} for who may register a name already held.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Set, Tuple
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from twistedcluster.wire import commands
+from twistedcluster.address import formatHostPort, validHost
+from twistedcluster.core.cluster import Cluster
+from twistedcluster.wire.guardedamp import DEFAULT_AUTH_TIMEOUT, GuardedAMP, GuardedFactory
+from twistedcluster.core.pool import State
+
+#: Reports may come at most this often and at least this rarely.
+MIN_INTERVAL = 0.01
+MAX_INTERVAL = 3600.0
+#: Missed report intervals after which a silent backend is marked down.
+DEFAULT_HEARTBEAT_FACTOR = 3.0
+#: Seconds a backend that registered itself may stay down before it is
+#: forgotten (Kubernetes waits as long before it evicts a lost node's pods).
+DEFAULT_FORGET_AFTER = 300.0
+MAX_NAME_LENGTH = 200
+#: Bounds of what a backend may claim: far beyond any real backend, and small
+#: enough that sums and products of them stay ordinary numbers.
+MAX_CAPACITY = 10**9
+MAX_CONNECTIONS = 10**9
+MAX_LOAD = 1e6
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise commands.InvalidArgument(message)
+
+
+def validName(name: str) -> str:
+    _check(0 < len(name) <= MAX_NAME_LENGTH, f"name must be 1..{MAX_NAME_LENGTH} characters")
+    _check(
+        name.isprintable() and not any(c.isspace() for c in name),
+        "name must be printable with no white space",
+    )
+    return name
+
+
+def _validAddress(host: str, port: int, capacity: int) -> None:
+    # The host goes into redirect answers and log lines as it is.
+    _check(
+        validHost(host),
+        "host must be an IP address or a DNS host name (letters, digits, "
+        "hyphens and dots)",
+    )
+    _check(0 < port < 65536, "port must be 1..65535")
+    _check(0 < capacity <= MAX_CAPACITY, f"capacity must be 1..{MAX_CAPACITY}")
+
+
+def _validLoad(connections: int, load: float) -> None:
+    _check(0 <= connections <= MAX_CONNECTIONS, f"connections must be 0..{MAX_CONNECTIONS}")
+    _check(
+        math.isfinite(load) and 0 <= load <= MAX_LOAD,
+        f"load must be a number in 0..{MAX_LOAD:g}",
+    )
+
+
+class ControlProtocol(GuardedAMP):
+    """
+    One backend's control channel.
+
+    @ivar name: the backend registered on this channel, once it has.
+    """
+
+    log = Logger()
+    channel = "control"
+    admissionStep = "register"
+    name: Optional[str] = None
+    _heartbeat = None
+    _silent = False
+
+    def __init__(self, factory: "ControlFactory") -> None:
+        super().__init__()
+        self.factory = factory
+
+    @commands.Register.responder
+    def register(self, name, host, port, capacity, connections, load, interval):
+        validName(name)
+        _validAddress(host, port, capacity)
+        _check(MIN_INTERVAL <= interval <= MAX_INTERVAL, f"interval must be {MIN_INTERVAL}..{MAX_INTERVAL} s")
+        _validLoad(connections, load)
+        factory = self.factory
+        pool = factory.cluster.pool
+        self._claimName(name, host, port)
+        if self.name is not None and self.name != name:
+            previous = self.name
+            self._disown(close=False)
+            pool.markDown(previous)
+            factory.wentDown(previous)
+        self.name = name
+        self._silent = False  # registering is the surest sign of life
+        factory.owners[name] = self
+        pool.register(name, host, port, capacity, connections, load)
+        factory.cameUp(name)
+        self._timeout = factory.heartbeatTimeout(interval)
+        self._resetHeartbeat()
+        self._admit()
+        self.log.info(
+            "backend {name} registered from {peer}, serving at {host}:{port}, "
+            "capacity {capacity}",
+            name=name,
+            peer=self.peerText(),
+            host=host,
+            port=port,
+            capacity=capacity,
+        )
+        return {"heartbeatTimeout": self._timeout, "mark": pool.mark(name)}
+
+    @commands.ReportLoad.responder
+    def reportLoad(self, connections, load, seen=None):
+        name = self._registered()
+        _validLoad(connections, load)
+        pool = self.factory.cluster.pool
+        pool.report(name, connections, load, seen)
+        if self._silent:
+            self._silent = False
+            pool.markUp(name)
+            self.factory.cameUp(name)
+            self.log.info("backend {name} is reporting again: up", name=name)
+        self._resetHeartbeat()
+        return {"mark": pool.mark(name)}
+
+    @commands.Drain.responder
+    def drain(self):
+        name = self._registered()
+        self.factory.cluster.pool.setSelfDraining(name)
+        self.log.info("backend {name} is draining (it asked to)", name=name)
+        return {}
+
+    def _registered(self) -> str:
+        if self.name is None:
+            raise commands.NotRegistered("register before sending other commands")
+        if self.name not in self.factory.cluster.pool:
+            # An operator forgot it while it was silent: it must register
+            # again (its reporter does so when told this).
+            self._disown(close=False)
+            self._awaitAdmission()
+            raise commands.NotRegistered("this balancer forgot you: register again")
+        return self.name
+
+    def admitted(self) -> bool:
+        # Registering needs the secret first, when there is one.
+        return self.name is not None
+
+    def _claimName(self, name: str, host: str, port: int) -> None:
+        """
+        Make C{name} free for this channel to take, or raise
+        L{commands.NameTaken}.
+
+        Without a secret nothing tells a backend from a stranger who copies
+        its name and address, so a name belongs to whoever holds it while
+        alive: an open channel whose reports keep coming is never displaced,
+        not even from the same address.  A restarted backend waits until its
+        old channel closes (at once, when the old process died) and its
+        reporter retries.  A holder silent past the heartbeat timeout (a hung
+        process, a vanished host) gives the name to the next to register,
+        who keeps it only as long as it reports in turn.  With a secret, only
+        peers that proved it get this far.
+        """
+        factory = self.factory
+        owner = factory.owners.get(name)
+        if owner is None or owner is self:
+            return
+        pool = factory.cluster.pool
+        known = pool.get(name) if name in pool else None
+        where = formatHostPort(known.host, known.port) if known is not None else "?"
+        if not owner._silent:
+            raise commands.NameTaken(
+                f"backend name {name!r} is in use by a live backend at {where} "
+                f"(its control channel is still open and reporting; a restarted "
+                f"backend gets the name once that channel closes or has been "
+                f"silent for {owner._timeout:g} s)"
+            )
+        self.log.warn(
+            "backend {name}: taken over by {peer}, serving at {new}, from the "
+            "channel of {old} (serving at {where}), silent for {timeout:g} s",
+            name=name,
+            peer=self.peerText(),
+            new=formatHostPort(host, port),
+            old=owner.peerText(),
+            where=where,
+            timeout=owner._timeout,
+        )
+        owner._disown(close=True)
+
+    def _resetHeartbeat(self) -> None:
+        if self._heartbeat is not None and self._heartbeat.active():
+            self._heartbeat.reset(self._timeout)
+        else:
+            self._heartbeat = self.factory.clock.callLater(self._timeout, self._silence)
+
+    def _silence(self) -> None:
+        self._heartbeat = None
+        if self.name is None:
+            return
+        self._silent = True
+        self.factory.cluster.pool.markDown(self.name)
+        self.factory.wentDown(self.name)
+        self.log.warn(
+            "backend {name}: no report for {timeout:.2f} s, marked down",
+            name=self.name,
+            timeout=self._timeout,
+        )
+
+    def _disown(self, close: bool) -> None:
+        """
+        Stop speaking for the backend this channel registered: another channel
+        took over its name, or this one registered another.
+        """
+        name, self.name = self.name, None
+        if self._heartbeat is not None and self._heartbeat.active():
+            self._heartbeat.cancel()
+        self._heartbeat = None
+        if name is not None and self.factory.owners.get(name) is self:
+            del self.factory.owners[name]
+        if close and self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        name = self.name
+        owned = name is not None and self.factory.owners.get(name) is self
+        self._disown(close=False)
+        if owned:
+            self.factory.cluster.pool.markDown(name)
+            self.factory.wentDown(name)
+            self.log.info(
+                "backend {name}: control channel from {peer} closed, marked down",
+                name=name,
+                peer=self.peerText(),
+            )
+        super().connectionLost(reason)
+
+
+class ControlFactory(GuardedFactory):
+    """
+    Serves the control listener.
+
+    @ivar owners: the channel currently speaking for each backend name.
+    @param heartbeatTimeout: seconds of silence before a backend is marked
+        down; C{None} means L{DEFAULT_HEARTBEAT_FACTOR} of its report interval.
+    @param forgetAfter: seconds a backend may stay down before it is
+        forgotten when it has no operator setting; 0 never forgets.
+    """
+
+    channel = "control"
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        clock,
+        heartbeatTimeout: Optional[float] = None,
+        secret: Optional[bytes] = None,
+        maxConnections: int = 4096,
+        authTimeout: float = DEFAULT_AUTH_TIMEOUT,
+        forgetAfter: float = DEFAULT_FORGET_AFTER,
+    ) -> None:
+        super().__init__(clock, secret, maxConnections, authTimeout)
+        self.cluster = cluster
+        self._fixedTimeout = heartbeatTimeout
+        self.owners: Dict[str, ControlProtocol] = {}
+        self.forgetAfter = forgetAfter
+        #: When each down backend is due to be forgotten (whole seconds),
+        #: and the timer and backends of each such second.
+        self._due: Dict[str, int] = {}
+        self._batches: Dict[int, Tuple[IDelayedCall, Set[str]]] = {}
+
+    def wentDown(self, name: str) -> None:
+        """
+        A backend went down: forget it in L{forgetAfter} seconds (rounded up
+        to a whole second) unless it comes back.  The backends due in the
+        same second are forgotten together, in one pass over the pool: pods
+        that went away in a burst do not stall the reactor one by one.
+        """
+        if self.forgetAfter <= 0 or name in self._due:
+            return
+        due = math.ceil(self.clock.seconds() + self.forgetAfter)
+        self._due[name] = due
+        batch = self._batches.get(due)
+        if batch is None:
+            call = self.clock.callLater(due - self.clock.seconds(), self._forget, due)
+            batch = self._batches[due] = (call, set())
+        batch[1].add(name)
+
+    def cameUp(self, name: str) -> None:
+        due = self._due.pop(name, None)
+        if due is None:
+            return
+        call, names = self._batches[due]
+        names.discard(name)
+        if not names:
+            del self._batches[due]
+            call.cancel()
+
+    def _forget(self, due: int) -> None:
+        _, names = self._batches.pop(due)
+        for name in names:
+            del self._due[name]
+        pool = self.cluster.pool
+        gone = sorted(n for n in names if pool.forgettable(n))
+        pool.removeMany(gone)
+        if gone:
+            self.log.info(
+                "forgot {count} backend(s) down for {after:g} s with no operator "
+                "setting: {names}",
+                count=len(gone),
+                after=self.forgetAfter,
+                names=" ".join(gone[:10]) + (f" and {len(gone) - 10} more" if len(gone) > 10 else ""),
+            )
+        for name in names.difference(gone):
+            if name in pool and pool.get(name).state is State.DOWN:
+                # Held by an operator setting: look again later, in case
+                # the operator undoes it while the backend is still away.
+                self.wentDown(name)
+
+    def startFactory(self) -> None:
+        # Backends restored from the state file are down until they register:
+        # they are forgotten like any other, once their settings allow.
+        for status in self.cluster.pool.snapshot():
+            if status.state is State.DOWN and not status.static:
+                self.wentDown(status.name)
+
+    def heartbeatTimeout(self, interval: float) -> float:
+        if self._fixedTimeout is not None:
+            return self._fixedTimeout
+        return DEFAULT_HEARTBEAT_FACTOR * interval
+
+    def makeProtocol(self) -> ControlProtocol:
+        return ControlProtocol(self)

@@ -1,0 +1,513 @@
+"""
+``twistd cluster-balancer``: options and service composition.
+
+The listeners (proxy, optional redirect, control, admin) share one
+L{Cluster}; each is a Twisted server endpoint string.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService, Service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from twistedcluster.options import loadSecretOption, positive
+from twistedcluster.address import endpointParts, parseHostPort
+from twistedcluster.balancer.limits import AcceptErrors, ClientLimit, defaultMaxConnections
+from twistedcluster.balancer.listeners import listenerService, withBacklog
+from twistedcluster.balancer.control import DEFAULT_FORGET_AFTER
+from twistedcluster.balancer.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
+from twistedcluster.core.pool import DEFAULT_MAX_EJECTED_PERCENT
+from twistedcluster.core.policies import DEFAULT_POLICY, POLICIES, UnknownPolicy, makePolicy
+from twistedcluster.balancer.redirect import DEFAULT_HANDOFF_WINDOW, DEFAULT_HANDOFFS_PER_SOURCE
+from twistedcluster.balancer.admission import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT
+from twistedcluster.balancer.passivehealth import (
+    DEFAULT_EARLY_CLOSE_WINDOW,
+    DEFAULT_EJECT_AFTER,
+    DEFAULT_EJECT_FOR,
+)
+from twistedcluster.balancer.proxy import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT
+
+log = Logger()
+
+DEFAULT_LISTEN = "tcp:8000"
+DEFAULT_CONTROL = "tcp:8100:interface=127.0.0.1"
+DEFAULT_ADMIN = "tcp:8101:interface=127.0.0.1"
+DEFAULT_BALANCER_DRAIN = 5.0
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a load balancer: clients connect to the proxy listener (or ask the "
+        "redirect listener) and are sent to the least-loaded backend; backends "
+        "register and report load on the control listener; cluster-admin talks "
+        "to the admin listener. Every listener is a Twisted server endpoint "
+        "string."
+    )
+
+    optParameters = [
+        ["listen", None, DEFAULT_LISTEN, "Proxy listener endpoint."],
+        ["redirect", None, None, "Redirect listener endpoint (off unless given)."],
+        ["control", None, DEFAULT_CONTROL, "Control listener endpoint, for backends."],
+        ["admin", None, DEFAULT_ADMIN, "Admin listener endpoint, for cluster-admin."],
+        [
+            "metrics",
+            None,
+            None,
+            "Metrics and status web listener (off unless given): /metrics in "
+            "Prometheus' format, /status.json.",
+        ],
+        [
+            "redirect-window",
+            None,
+            DEFAULT_HANDOFF_WINDOW,
+            "Seconds a redirect answer counts as load on the backend it names "
+            "until a report has seen the client's connection (at most).",
+            positive(float),
+        ],
+        [
+            "redirect-per-source",
+            None,
+            DEFAULT_HANDOFFS_PER_SOURCE,
+            "Redirect answers counted as load per client address (IPv6: per "
+            "/64) within one --redirect-window; past that a client still gets "
+            "a backend with room, chosen at random, counting nothing.",
+            positive(int),
+        ],
+        [
+            "policy",
+            None,
+            DEFAULT_POLICY,
+            f"Routing policy: {', '.join(sorted(POLICIES))}.",
+        ],
+        [
+            "connect-timeout",
+            None,
+            DEFAULT_CONNECT_TIMEOUT,
+            "Seconds to wait for a backend to accept a proxied connection.",
+            positive(float),
+        ],
+        [
+            "attempts",
+            None,
+            DEFAULT_ATTEMPTS,
+            "Backends tried for one client connection before giving up.",
+            positive(int),
+        ],
+        [
+            "eject-after",
+            None,
+            DEFAULT_EJECT_AFTER,
+            "Connects in a row that may fail before a backend is taken out for "
+            "--eject-for seconds (0: never).",
+            int,
+        ],
+        [
+            "eject-for",
+            None,
+            DEFAULT_EJECT_FOR,
+            "Seconds a backend taken out by failed connects stays out.",
+            positive(float),
+        ],
+        [
+            "max-ejected-percent",
+            None,
+            DEFAULT_MAX_EJECTED_PERCENT,
+            "The most of the backends in service (up were they not taken "
+            "out) that failures may take out at once, in percent, rounded "
+            "down; one may always go, never the last one (100: no limit).",
+            int,
+        ],
+        [
+            "early-close-window",
+            None,
+            DEFAULT_EARLY_CLOSE_WINDOW,
+            "A backend that closes or resets a proxied connection before "
+            "sending anything, within this many seconds of the connect and "
+            "while the client's side is open, counts as a failed connect "
+            "(0: only failed connects count).",
+            float,
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Seconds without data either way after which a proxied connection "
+            "is closed (default: never).",
+            positive(float),
+        ],
+        [
+            "queue-size",
+            None,
+            DEFAULT_QUEUE_SIZE,
+            "Clients that may wait when every backend is at capacity; more "
+            "are refused at once (0: refuse at once).",
+            int,
+        ],
+        [
+            "queue-timeout",
+            None,
+            DEFAULT_QUEUE_TIMEOUT,
+            "Seconds a client may wait for a backend with room.",
+            positive(float),
+        ],
+        [
+            "check-interval",
+            None,
+            DEFAULT_CHECK_INTERVAL,
+            "Seconds between TCP health checks of static backends.",
+            positive(float),
+        ],
+        [
+            "rise",
+            None,
+            DEFAULT_RISE,
+            "Checks a down static backend must pass in a row to be up.",
+            positive(int),
+        ],
+        [
+            "fall",
+            None,
+            DEFAULT_FALL,
+            "Checks a static backend may fail in a row before it is down.",
+            positive(int),
+        ],
+        [
+            "state-file",
+            None,
+            None,
+            "JSON file where the balancer keeps operators' settings (drain, "
+            "disable, weight, policy) across restarts (default: not kept).",
+        ],
+        [
+            "drain-timeout",
+            None,
+            DEFAULT_BALANCER_DRAIN,
+            "On SIGTERM, seconds proxied connections may take to finish (the "
+            "listeners close at once) before they are reset.",
+            positive(float),
+        ],
+        [
+            "heartbeat-timeout",
+            None,
+            None,
+            "Seconds without a load report after which a backend is marked "
+            "down (default: 3 of the backend's report intervals)",
+            positive(float),
+        ],
+        [
+            "forget-after",
+            None,
+            DEFAULT_FORGET_AFTER,
+            "Seconds a backend that registered itself may stay down before it "
+            "is forgotten, unless an operator drained, disabled or weighted "
+            "it (0: never).",
+            float,
+        ],
+        [
+            "secret-file",
+            None,
+            None,
+            "File holding the shared secret that backends and cluster-admin "
+            "must prove they hold (never sent over the network).",
+        ],
+        [
+            "auth-timeout",
+            None,
+            5.0,
+            "With --secret-file: seconds a control or admin connection has to "
+            "authenticate.",
+            positive(float),
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Client connections (proxy and redirect together) open at once; at "
+            "the limit those listeners stop accepting and new clients wait in "
+            "the listen backlog (default: from the open-file limit N, "
+            "(N - min(N/4, 1024)) / 2, which keeps descriptors for the control "
+            "and admin channels).",
+            positive(int),
+        ],
+        [
+            "max-control-connections",
+            None,
+            4096,
+            "Control connections open at once; more are closed at once.",
+            positive(int),
+        ],
+        [
+            "max-admin-connections",
+            None,
+            64,
+            "Admin connections open at once; more are closed at once.",
+            positive(int),
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["backends"] = []
+
+    def opt_backend(self, hostPort: str) -> None:
+        """
+        A static backend, HOST:PORT, that does not speak AMP: kept in the
+        pool by TCP health checks (repeatable).
+        """
+        try:
+            self["backends"].append(parseHostPort(hostPort))
+        except ValueError as e:
+            raise usage.UsageError(f"--backend: {e}") from None
+
+    def postOptions(self) -> None:
+        if self["eject-after"] < 0 or self["queue-size"] < 0:
+            raise usage.UsageError("--eject-after and --queue-size must be >= 0")
+        if not 0 <= self["max-ejected-percent"] <= 100:
+            raise usage.UsageError("--max-ejected-percent must be from 0 to 100")
+        if not self["early-close-window"] >= 0:
+            raise usage.UsageError("--early-close-window must be >= 0")
+        if not self["forget-after"] >= 0:
+            raise usage.UsageError("--forget-after must be >= 0 (0: never)")
+        self["state"] = None
+        if self["state-file"]:
+            from twistedcluster.balancer.statefile import StateFileError, load
+
+            try:
+                self["state"] = load(self["state-file"])
+            except StateFileError as e:
+                raise usage.UsageError(str(e)) from None
+        self["secret"] = loadSecretOption(self["secret-file"])
+        if self["max-connections"] is None:
+            self["max-connections"] = defaultMaxConnections()
+        try:
+            makePolicy(self["policy"])
+        except UnknownPolicy as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def isLocalOnly(description: str) -> bool:
+    """
+    Whether a server endpoint can only be reached from this host: a unix
+    socket, or TCP bound to a loopback interface.
+    """
+    import ipaddress
+
+    kind, args, kwargs = endpointParts(description)
+    if kind.isdigit():  # the old "8100" form means tcp:8100
+        kind, args = "tcp", [kind, *args]
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl", "mtls"):
+        return False
+    # tcp:PORT:INTERFACE may name the interface by position; ssl may not.
+    positional = args[1] if kind in ("tcp", "tcp6") and len(args) > 1 else ""
+    interface = kwargs.get("interface", positional)
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+def writableByOthers(description: str) -> bool:
+    """
+    Whether a server endpoint is a unix socket that every local user may
+    connect to: Twisted makes them mode 666 unless C{mode=} says otherwise.
+    """
+    kind, args, kwargs = endpointParts(description)
+    if kind != "unix":
+        return False
+    try:
+        return bool(int(kwargs.get("mode", "666"), 8) & 0o002)
+    except ValueError:
+        return False  # the endpoint parser will say what is wrong
+
+
+def warnAboutExposure(options: Options) -> None:
+    """
+    Warn about listeners that let strangers act or look: control and admin
+    reachable by others without a secret, metrics beyond loopback.
+    """
+    what = {
+        "control": "register a backend and take traffic",
+        "admin": "drain or reconfigure the cluster",
+    }
+    if options["secret"] is None:
+        for role in ("control", "admin"):
+            if not isLocalOnly(options[role]):
+                log.warn(
+                    "the {role} listener {endpoint} is reachable from other hosts "
+                    "and no --secret-file is set: anyone who reaches it can "
+                    "{what}",
+                    role=role,
+                    endpoint=options[role],
+                    what=what[role],
+                )
+            elif writableByOthers(options[role]):
+                log.warn(
+                    "the {role} listener {endpoint} is a unix socket any local "
+                    "user may write to, and no --secret-file is set: any local "
+                    "user can {what}; add :mode=660 (or 600) to it",
+                    role=role,
+                    endpoint=options[role],
+                    what=what[role],
+                )
+    if options["metrics"] and not isLocalOnly(options["metrics"]):
+        log.warn(
+            "the metrics listener {endpoint} is reachable from other hosts, and "
+            "it has no authentication: anyone who reaches it can read every "
+            "backend's name, address and load; bind it to 127.0.0.1 or a "
+            "private network",
+            endpoint=options["metrics"],
+        )
+
+
+class _DrainOnStop(Service):
+    """
+    Stops after the proxied connections have finished (or the deadline):
+    twistd waits for it before stopping the reactor.
+    """
+
+    def __init__(self, factory, timeout: float) -> None:
+        self.factory = factory
+        self.timeout = timeout
+
+    def stopService(self):
+        super().stopService()
+        return self.factory.drain(self.timeout)
+
+
+def makeService(options: Options, reactor=None):
+    """
+    Compose the balancer's listeners into one service.
+
+    Under twistd with no --reactor, the balancer runs on
+    L{twistedcluster.fast.reactor.LeanEPollReactor}.
+    """
+    if reactor is None:
+        from twistedcluster.fast.reactor import installIfNone
+
+        installIfNone()
+        from twisted.internet import reactor
+    from twistedcluster.balancer.admin import AdminFactory
+    from twistedcluster.core.cluster import Cluster
+    from twistedcluster.balancer.control import ControlFactory
+    from twistedcluster.balancer.proxy import ProxyFactory
+    from twistedcluster.balancer.redirect import HandOffs, RedirectFactory
+
+    from twistedcluster.balancer.healthcheck import TCPHealthChecks
+    from twistedcluster.balancer.statefile import StateKeeper, removeTemporaries, restore
+
+    cluster = Cluster(policy=options["policy"])
+    top = MultiService()
+    top.cluster = cluster  # for embedding and tests
+    onChange = None
+    if options["state-file"]:
+        state = options["state"]
+        restore(cluster, state)
+        for leftover in removeTemporaries(options["state-file"]):
+            log.info(
+                "removed {name}, a temporary state file left by an earlier crash",
+                name=leftover,
+            )
+        onChange = StateKeeper(options["state-file"], cluster, reactor)
+        log.info(
+            "balancer state file {path}: {n} backend setting(s) restored",
+            path=options["state-file"],
+            n=len(state["backends"]),
+        )
+    if options["backends"]:
+        TCPHealthChecks(
+            cluster.pool,
+            reactor,
+            options["backends"],
+            interval=options["check-interval"],
+            timeout=min(options["connect-timeout"], options["check-interval"]),
+            rise=options["rise"],
+            fall=options["fall"],
+        ).setServiceParent(top)
+
+    secret = options["secret"]
+    warnAboutExposure(options)
+    proxyFactory = ProxyFactory(
+        cluster,
+        reactor,
+        connectTimeout=options["connect-timeout"],
+        maxAttempts=options["attempts"],
+        ejectAfter=options["eject-after"],
+        ejectFor=options["eject-for"],
+        maxEjectedPercent=options["max-ejected-percent"],
+        earlyCloseWindow=options["early-close-window"],
+        idleTimeout=options["idle-timeout"],
+        queueSize=options["queue-size"],
+        queueTimeout=options["queue-timeout"],
+    )
+    _DrainOnStop(proxyFactory, options["drain-timeout"]).setServiceParent(top)
+    # Proxy and redirect clients share one limit; control and admin have
+    # their own, and the descriptors the limit leaves.
+    clientLimit = ClientLimit(options["max-connections"], reactor)
+    acceptErrors = AcceptErrors(reactor)
+    listeners = [
+        ("proxy", options["listen"], clientLimit.wrap(proxyFactory)),
+        ("control", options["control"], ControlFactory(
+            cluster,
+            reactor,
+            heartbeatTimeout=options["heartbeat-timeout"],
+            secret=secret,
+            maxConnections=options["max-control-connections"],
+            authTimeout=options["auth-timeout"],
+            forgetAfter=options["forget-after"],
+        )),
+        ("admin", options["admin"], AdminFactory(
+            cluster,
+            reactor,
+            onChange=onChange,
+            secret=secret,
+            maxConnections=options["max-admin-connections"],
+            authTimeout=options["auth-timeout"],
+        )),
+    ]
+    redirectFactory = None
+    if options["redirect"]:
+        redirectFactory = RedirectFactory(
+            cluster,
+            reactor,
+            HandOffs(options["redirect-window"], options["redirect-per-source"]),
+        )
+        listeners.append(("redirect", options["redirect"], clientLimit.wrap(redirectFactory)))
+    if options["metrics"]:
+        from twisted.web.server import Site
+
+        from twistedcluster.balancer.metrics import MetricsRoot
+
+        site = Site(MetricsRoot(cluster, proxyFactory, clientLimit, redirectFactory))
+        site.noisy = False
+        site.log = lambda request: None  # scrapes every few seconds: no access log
+        listeners.append(("metrics", options["metrics"], site))
+    def onPort(role):
+        def listening(port):
+            acceptErrors.watch(port, role)
+            if role in ("proxy", "redirect"):
+                clientLimit.listening(port)
+
+        return listening
+
+    for role, description, factory in listeners:
+        svc = listenerService(description, factory, reactor, onPort(role))
+        svc.setName(role)
+        svc.setServiceParent(top)
+        log.info(
+            "balancer {role} listener on {endpoint}",
+            role=role,
+            endpoint=withBacklog(description),
+        )
+    log.info(
+        "balancer client connection limit: {limit} (proxy and redirect together)",
+        limit=options["max-connections"],
+    )
+    log.info("balancer routing policy: {policy}", policy=cluster.policyName)
+    log.info("balancer reactor: {reactor}", reactor=type(reactor).__qualname__)
+    return top

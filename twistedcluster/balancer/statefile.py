@@ -1,0 +1,236 @@
+"""
+The balancer's state file: what operators set (drain, disable, weight, the
+policy) survives a balancer restart.
+
+A small JSON document the balancer owns, holding only backends that have an
+operator setting (a backend that merely registered comes back by
+registering).  It is rewritten atomically (write a temporary file, fsync,
+rename, fsync the folder) after admin changes, in a thread: an fsync can
+take a disk's worth of time, which the reactor must not wait for.  Changes
+made in one reactor turn, or while a write is under way, share the next
+write.  Backends listed there appear as down until they register again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twistedcluster.core.cluster import Cluster
+from twistedcluster.core.policies import POLICIES
+from twistedcluster.core.pool import AdminState, MAX_WEIGHT, MIN_WEIGHT
+
+log = Logger()
+
+VERSION = 1
+
+#: What temporary files were called before they named their state file.
+_LEGACY_TEMPORARY = re.compile(r"\.state-[a-z0-9_]{8}\Z")
+
+
+class StateFileError(ValueError):
+    """
+    The state file exists but cannot be used; the message says why.
+    """
+
+
+class StateNotSaved(Exception):
+    """
+    An admin change could not be written to the state file: it is in force,
+    but a restart would lose it.  The message says why.
+    """
+
+
+def snapshot(cluster: Cluster) -> Dict[str, Any]:
+    return {
+        "version": VERSION,
+        "policy": cluster.policyName,
+        "backends": cluster.pool.adminSettings(),
+    }
+
+
+def _temporaryPrefix(path: str) -> str:
+    return f".state-{os.path.basename(path)}-"
+
+
+def write(path: str, state: Dict[str, Any]) -> None:
+    """
+    Write C{state} (a L{snapshot}) atomically and durably: a crash leaves
+    the old file or the new one, and the rename itself is on disk when this
+    returns.  Blocks: run it in a thread.
+    """
+    data = json.dumps(state, indent=2, sort_keys=True).encode()
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=_temporaryPrefix(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    folder = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def save(path: str, cluster: Cluster) -> None:
+    """
+    Write the cluster's state now, blocking (see L{write}).
+    """
+    write(path, snapshot(cluster))
+
+
+def removeTemporaries(path: str) -> List[str]:
+    """
+    Remove the temporary files that writing C{path} left behind when the
+    balancer died mid-write; return their names.  Only for a balancer that
+    is starting: it would remove a write under way.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = _temporaryPrefix(path)
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if name.startswith(prefix) or _LEGACY_TEMPORARY.match(name):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                continue
+            removed.append(name)
+    return removed
+
+
+def load(path: str) -> Dict[str, Any]:
+    """
+    Read and check a state file; an empty state if there is none yet.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {"version": VERSION, "policy": None, "backends": {}}
+    except (OSError, ValueError) as e:
+        raise StateFileError(f"cannot read state file {path}: {e}") from None
+    try:
+        if data["version"] != VERSION:
+            raise StateFileError(f"state file {path}: unknown version {data['version']!r}")
+        policy = data.get("policy")
+        if policy is not None and policy not in POLICIES:
+            raise StateFileError(f"state file {path}: unknown policy {policy!r}")
+        for name, b in data["backends"].items():
+            AdminState(b["admin"])
+            if not (MIN_WEIGHT <= int(b["weight"]) <= MAX_WEIGHT):
+                raise ValueError(f"weight {b['weight']}")
+            str(b["host"])
+            int(b["port"])
+    except StateFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StateFileError(f"state file {path} is malformed: {e!r}") from None
+    return data
+
+
+def restore(cluster: Cluster, data: Dict[str, Any]) -> None:
+    if data.get("policy"):
+        cluster.setPolicy(data["policy"])
+    for name, b in data["backends"].items():
+        cluster.pool.restore(
+            name, str(b["host"]), int(b["port"]), AdminState(b["admin"]), int(b["weight"])
+        )
+
+
+class StateKeeper:
+    """
+    Saves the cluster's admin state to C{path} when told of a change.
+
+    Calling it returns a Deferred that fires when a write made after the
+    call is on disk, or fails with L{StateNotSaved}: the admin channel
+    answers only then, and says so when the change was not saved.  A failed
+    write is logged, never fatal: routing goes on.
+
+    @param clock: schedules the write at the end of the current turn.
+    @param inThread: C{inThread(f, *args)} runs C{f} away from the reactor
+        and returns a Deferred of its result; the reactor's thread pool
+        unless given.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        cluster: Cluster,
+        clock,
+        inThread: Optional[Callable[..., defer.Deferred]] = None,
+    ) -> None:
+        self.path = path
+        self.cluster = cluster
+        self.clock = clock
+        if inThread is None:
+            from twisted.internet.threads import deferToThreadPool
+
+            def inThread(f, *args):
+                return deferToThreadPool(clock, clock.getThreadPool(), f, *args)
+
+        self._inThread = inThread
+        self._waiting: List[defer.Deferred] = []
+        self._scheduled = None
+        self._writing = False
+        self._failing = False
+
+    def __call__(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append(d)
+        self._schedule()
+        return d
+
+    def _schedule(self) -> None:
+        if self._waiting and self._scheduled is None and not self._writing:
+            self._scheduled = self.clock.callLater(0, self._write)
+
+    def _write(self) -> None:
+        self._scheduled = None
+        waiting, self._waiting = self._waiting, []
+        self._writing = True
+        d = self._inThread(write, self.path, snapshot(self.cluster))
+        d.addCallbacks(
+            self._saved, self._notSaved, callbackArgs=(waiting,), errbackArgs=(waiting,)
+        )
+
+    def _saved(self, _, waiting: List[defer.Deferred]) -> None:
+        self._writing = False
+        if self._failing:
+            self._failing = False
+            log.info("state file {path} written again", path=self.path)
+        for d in waiting:
+            d.callback(None)
+        self._schedule()
+
+    def _notSaved(self, failure, waiting: List[defer.Deferred]) -> None:
+        self._writing = False
+        self._failing = True
+        error = failure.value
+        log.error(
+            "cannot write state file {path}: {error}; admin changes will not "
+            "survive a restart",
+            path=self.path,
+            error=error,
+        )
+        for d in waiting:
+            d.errback(StateNotSaved(f"cannot write state file {self.path}: {error}"))
+        self._schedule()

@@ -1,0 +1,5 @@
+"""
+The command lines: ``cluster-admin`` (L{admin}), ``cluster-connect``
+(L{connect}), ``cluster-local`` (L{local}); what they share is in
+L{common}.
+"""

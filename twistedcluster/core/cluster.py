@@ -1,0 +1,107 @@
+"""
+The balancer's routing brain: a pool, the current policy and a random source.
+
+Pure core, like the pool and the policies: the proxy and redirect listeners
+ask it for a backend, the admin protocol changes its policy.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import AbstractSet, Optional
+
+from twistedcluster.core.policies import DEFAULT_POLICY, makePolicy
+from twistedcluster.core.pool import BackendStatus, Pool, State
+
+__all__ = [
+    "Cluster",
+    "Route",
+]
+
+
+class Route:
+    """
+    A new connection routed to a backend (made once per connection: a plain
+    slotted class, cheaper to make than an attrs one).
+
+    @ivar backend: the backend's status when it was chosen.
+    @ivar ticket: the connection's ticket in the pool, to hand back to
+        C{pool.connected}, C{connectFailed}, C{release} or C{handOff}.
+    """
+
+    __slots__ = ("backend", "ticket", "name", "host", "port")
+
+    def __init__(self, backend: BackendStatus, ticket: int) -> None:
+        self.backend = backend
+        self.ticket = ticket
+        self.name = backend.name
+        self.host = backend.host
+        self.port = backend.port
+
+    def __repr__(self) -> str:
+        return f"Route({self.name!r}, ticket={self.ticket})"
+
+
+class Cluster:
+    """
+    Picks a backend for each new connection.
+
+    @ivar pool: the backends.
+    @ivar policyName: the name of the policy in force.
+    """
+
+    def __init__(
+        self,
+        pool: Optional[Pool] = None,
+        policy: str = DEFAULT_POLICY,
+        rng: Optional[random.Random] = None,
+    ) -> None:
+        self.pool = pool if pool is not None else Pool()
+        self.rng = rng if rng is not None else random.Random()
+        self.policyName = policy
+        self._policy = makePolicy(policy)
+
+    def setPolicy(self, name: str) -> None:
+        """
+        Switch policy; L{UnknownPolicy} leaves the current one in force.
+        """
+        self._policy = makePolicy(name)
+        self.policyName = name
+
+    def pick(self, exclude: AbstractSet[str] = frozenset()) -> Optional[Route]:
+        """
+        Choose a backend for a new connection and count it as routed there
+        (the caller reports back with C{pool.connected}, C{connectFailed},
+        C{release} or C{handOff}, with the route's ticket).  C{None} when no
+        backend may take it.
+
+        @param exclude: backends already tried for this connection.
+        """
+        candidates = self.pool.eligible()
+        if exclude:
+            candidates = tuple(c for c in candidates if c.name not in exclude)
+        chosen = self._policy.choose(candidates, self.rng)
+        if chosen is None:
+            return None
+        return Route(chosen, self.pool.acquire(chosen.name))
+
+    def pickUncounted(self) -> Optional[BackendStatus]:
+        """
+        Choose a backend at random among those that may take a new
+        connection, counting nothing: for an answer that must not use up
+        capacity (a redirect client past its share, which may never come).
+        """
+        candidates = [c for c in self.pool.eligible() if c.weight > 0]
+        if not candidates:
+            return None
+        return candidates[self.rng.randrange(len(candidates))]
+
+    def noRoomOnly(self) -> bool:
+        """
+        Whether no backend may take a new connection only because every one
+        that could is at capacity (rather than down, drained or absent):
+        then a client may wait for room.
+        """
+        return not self.pool.eligible() and any(
+            b.full for b in self.pool.snapshot() if b.state is State.UP and b.weight > 0
+        )

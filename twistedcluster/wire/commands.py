@@ -1,0 +1,327 @@
+"""
+The AMP contract shared by balancer, backend and cluster-admin.
+
+Both channels, when the balancer has a secret: L{Challenge}, L{Authenticate}.
+Control channel (backend -> balancer): L{Register}, L{ReportLoad}, L{Drain}.
+Admin channel (cluster-admin -> balancer): L{ListBackends},
+L{DrainBackend}, L{EnableBackend}, L{DisableBackend}, L{SetWeight},
+L{SetPolicy}, L{ForgetBackend}.
+
+Every failure a peer can cause is a declared error here, with a message meant
+for a human: an undeclared one would drop the connection.
+
+An admin change is answered once it is in the balancer's state file (when it
+has one).  A change in force that could not be written there is not an
+error: its answer carries L{NOT_SAVED}, saying why, and clients that predate
+that field simply do not see it.
+
+L{BACKEND_FIELDS} is the one list of a backend's fields as the admin channel,
+``cluster-admin status --json`` and the metrics listener's ``/status.json``
+show them; L{backendItem} turns a L{twistedcluster.core.pool.BackendStatus} into
+that form.
+"""
+
+from typing import Any, Dict
+
+from twisted.protocols import amp
+
+__all__ = [
+    "AuthenticationFailed",
+    "Authenticate",
+    "BACKEND_FIELDS",
+    "BackendInUse",
+    "Challenge",
+    "ClusterError",
+    "DisableBackend",
+    "Drain",
+    "DrainBackend",
+    "EnableBackend",
+    "ForgetBackend",
+    "InvalidArgument",
+    "InvalidWeightError",
+    "ListBackends",
+    "NOT_SAVED",
+    "NameTaken",
+    "NotAuthenticated",
+    "NotRegistered",
+    "Register",
+    "ReportLoad",
+    "SetPolicy",
+    "SetWeight",
+    "UnknownBackendError",
+    "UnknownPolicyError",
+    "backendItem",
+]
+
+
+class ClusterError(Exception):
+    """
+    Base of the errors carried over AMP; C{str()} is the message for humans.
+    """
+
+
+class InvalidArgument(ClusterError):
+    """
+    An argument is out of range or malformed.
+    """
+
+
+class NameTaken(ClusterError):
+    """
+    Another live backend is registered under that name at another address.
+    """
+
+
+class NotRegistered(ClusterError):
+    """
+    A control command came before a successful L{Register}.
+    """
+
+
+class UnknownBackendError(ClusterError):
+    """
+    No backend of that name.
+    """
+
+
+class InvalidWeightError(ClusterError):
+    """
+    A weight out of range.
+    """
+
+
+class UnknownPolicyError(ClusterError):
+    """
+    No policy of that name.
+    """
+
+
+class NotAuthenticated(ClusterError):
+    """
+    The balancer requires the shared-secret handshake before any command.
+    """
+
+
+class AuthenticationFailed(ClusterError):
+    """
+    A proof did not match: the peers do not hold the same secret.
+    """
+
+
+#: Any command may meet a balancer that requires authentication first.
+_AUTH = {NotAuthenticated: b"NOT_AUTHENTICATED"}
+_NOT_REGISTERED = {NotRegistered: b"NOT_REGISTERED", **_AUTH}
+_UNKNOWN_BACKEND = {UnknownBackendError: b"UNKNOWN_BACKEND", **_AUTH}
+
+#: In the answer to an admin change that is in force but could not be
+#: written to the state file: why (a restart would lose it).
+NOT_SAVED = (b"notSaved", amp.Unicode(optional=True))
+
+
+# -- authentication (both channels; see twistedcluster.wire.auth) ------------------
+
+
+class Challenge(amp.Command):
+    """
+    Ask for a fresh nonce to prove the secret against.
+    """
+
+    commandName = b"Challenge"
+    arguments: list = []
+    response = [(b"nonce", amp.String())]
+    errors = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
+
+
+class Authenticate(amp.Command):
+    """
+    Prove the secret; the answer proves it back.
+    """
+
+    commandName = b"Authenticate"
+    arguments = [(b"nonce", amp.String()), (b"proof", amp.String())]
+    response = [(b"proof", amp.String())]
+    errors = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
+
+
+# -- control channel ------------------------------------------------------
+
+
+class Register(amp.Command):
+    """
+    A backend joins the pool (or rejoins it, under the same name).
+
+    @param interval: seconds between the backend's periodic load reports;
+        the balancer marks it down when reports stop for a few intervals.
+
+    The answer's C{mark} is what the backend echoes as C{seen} in its next
+    L{ReportLoad} (see there).
+    """
+
+    commandName = b"Register"
+    arguments = [
+        (b"name", amp.Unicode()),
+        (b"host", amp.Unicode()),
+        (b"port", amp.Integer()),
+        (b"capacity", amp.Integer()),
+        (b"connections", amp.Integer()),
+        (b"load", amp.Float()),
+        (b"interval", amp.Float()),
+    ]
+    response = [(b"heartbeatTimeout", amp.Float()), (b"mark", amp.Integer(optional=True))]
+    errors = {InvalidArgument: b"INVALID_ARGUMENT", NameTaken: b"NAME_TAKEN", **_AUTH}
+
+
+class ReportLoad(amp.Command):
+    """
+    The backend's current connection count and load.
+
+    @param seen: the last C{mark} this balancer's answers gave the backend
+        before it measured.  Every connection the balancer had routed up to
+        that mark had reached the backend before the mark was sent, so the
+        report counts them; those routed after it the balancer keeps adding
+        to the report itself.  A backend that leaves it out has every
+        connection routed so far taken as counted.
+    """
+
+    commandName = b"ReportLoad"
+    arguments = [
+        (b"connections", amp.Integer()),
+        (b"load", amp.Float()),
+        (b"seen", amp.Integer(optional=True)),
+    ]
+    response = [(b"mark", amp.Integer(optional=True))]
+    errors = {InvalidArgument: b"INVALID_ARGUMENT", **_NOT_REGISTERED}
+
+
+class Drain(amp.Command):
+    """
+    The backend is shutting down: send it no new connections.
+    """
+
+    commandName = b"Drain"
+    arguments: list = []
+    response: list = []
+    errors = dict(_NOT_REGISTERED)
+
+
+# -- admin channel --------------------------------------------------------
+
+#: The fields of one backend in L{ListBackends}; also the JSON keys of
+#: ``cluster-admin status --json``.
+BACKEND_FIELDS = [
+    (b"name", amp.Unicode()),
+    (b"host", amp.Unicode()),
+    (b"port", amp.Integer()),
+    (b"state", amp.Unicode()),
+    (b"weight", amp.Integer()),
+    (b"capacity", amp.Integer()),
+    (b"connections", amp.Integer()),
+    (b"load", amp.Float()),
+    (b"routed", amp.Integer()),
+    (b"active", amp.Integer()),
+    (b"failures", amp.Integer()),
+    (b"static", amp.Boolean()),
+]
+
+#: The names of L{BACKEND_FIELDS}, in order, as C{str}.
+_FIELD_NAMES = tuple(name.decode("ascii") for name, _ in BACKEND_FIELDS)
+
+
+def backendItem(status) -> Dict[str, Any]:
+    """
+    One backend as L{ListBackends} carries it and ``status --json`` prints
+    it: the L{BACKEND_FIELDS} of a L{twistedcluster.core.pool.BackendStatus}, in
+    that order, its state as text.
+    """
+    item = {name: getattr(status, name) for name in _FIELD_NAMES}
+    item["state"] = status.state.value
+    return item
+
+
+class ListBackends(amp.Command):
+    """
+    The backends the balancer knows, in any state, sorted by name, and the
+    policy in force.
+
+    One AMP value holds at most 64 KiB, so the list comes in pages: ask
+    from C{offset} (default 0) until C{total} backends have come.
+    """
+
+    commandName = b"ListBackends"
+    arguments = [(b"offset", amp.Integer(optional=True))]
+    response = [
+        (b"policy", amp.Unicode()),
+        (b"backends", amp.AmpList(BACKEND_FIELDS)),
+        (b"total", amp.Integer()),
+    ]
+    errors = dict(_AUTH)
+
+
+class _BackendCommand(amp.Command):
+    arguments = [(b"name", amp.Unicode())]
+    response = [(b"state", amp.Unicode()), NOT_SAVED]
+    errors = dict(_UNKNOWN_BACKEND)
+
+
+class DrainBackend(_BackendCommand):
+    """
+    Stop sending new connections to a backend; its existing ones go on.
+    """
+
+    commandName = b"DrainBackend"
+
+
+class EnableBackend(_BackendCommand):
+    """
+    Undo L{DrainBackend} or L{DisableBackend}.
+    """
+
+    commandName = b"EnableBackend"
+
+
+class DisableBackend(_BackendCommand):
+    """
+    Take a backend out of rotation (as for maintenance).
+    """
+
+    commandName = b"DisableBackend"
+
+
+class BackendInUse(ClusterError):
+    """
+    The backend cannot be forgotten while it is registered or configured.
+    """
+
+
+class ForgetBackend(amp.Command):
+    """
+    Remove a backend that is down from the balancer's list (and state file).
+    If it registers again later, it comes back as new.
+    """
+
+    commandName = b"ForgetBackend"
+    arguments = [(b"name", amp.Unicode())]
+    response = [NOT_SAVED]
+    errors = {BackendInUse: b"BACKEND_IN_USE", **_UNKNOWN_BACKEND}
+
+
+class SetWeight(amp.Command):
+    """
+    Change a backend's weight (0 takes no new connections).
+    """
+
+    commandName = b"SetWeight"
+    arguments = [(b"name", amp.Unicode()), (b"weight", amp.Integer())]
+    response = [(b"state", amp.Unicode()), NOT_SAVED]
+    errors = {InvalidWeightError: b"INVALID_WEIGHT", **_UNKNOWN_BACKEND}
+
+
+class SetPolicy(amp.Command):
+    """
+    Change the routing policy; answers with the one it replaced.
+    """
+
+    commandName = b"SetPolicy"
+    arguments = [(b"policy", amp.Unicode())]
+    response = [(b"previous", amp.Unicode()), NOT_SAVED]
+    errors = {UnknownPolicyError: b"UNKNOWN_POLICY", **_AUTH}
