@@ -141,24 +141,21 @@ def runBalancer(prelude, *twistdArgs, until="balancer reactor:", timeout=30.0):
     ]
     proc = subprocess.Popen(
         [sys.executable, "-c", prelude + TWISTD, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
-    lines = []
+    out = b""
     try:
-        deadline = time.monotonic() + timeout
-        import selectors
+        import os
+        import select
 
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if not sel.select(timeout=0.5):
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if until in line:
-                break
+        fd = proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while until.encode() not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                out += chunk
     finally:
         proc.terminate()
         try:
@@ -166,8 +163,8 @@ def runBalancer(prelude, *twistdArgs, until="balancer reactor:", timeout=30.0):
         except subprocess.TimeoutExpired:
             proc.kill()
             rest, _ = proc.communicate()
-        lines.append(rest)
-    return "".join(lines)
+        out += rest
+    return out.decode(errors="replace")
 
 
 def test_twistd_runs_the_balancer_on_the_lean_reactor_by_name():

@@ -625,7 +625,11 @@ def checkAMP() -> None:
     )
     _require(values and values[0][1:3] == (b"v", AMP_KEY_STATE), f"AMP's proto_value changed: {protocol.states}")
     _require(protocol.boxes == [{b"k": b"v"}], f"AMP's parser did not deliver the box: {protocol.boxes}")
-    protocol.connectionLost(Failure(error.ConnectionDone()))
+    # What AMP.connectionLost logs is what connectAMPQuietly keeps (read off
+    # its code, so that the probe logs nothing).
+    kept = {"_transportPeer", "_transportHost"}
+    used = {n for n in amp.AMP.connectionLost.__code__.co_names if n.startswith("_transport")}
+    _require(used <= kept and all(hasattr(protocol, n) for n in kept), f"AMP.connectionLost uses {used}")
 
 
 #: Every probe, in the order L{check} runs them.
