@@ -26,6 +26,7 @@ setup(
             "twistedcluster_plugins.py",
             "twistedcluster_endpoints.py",
             "twistedcluster_mtls.py",
+            "twistedcluster_reactor.py",
         ]
     },
     install_requires=[

@@ -106,3 +106,80 @@ def test_an_error_closing_one_descriptor_is_logged_and_the_others_served(lean, l
 def test_install_if_none_keeps_an_installed_reactor():
     # Under pytest-twisted a reactor is installed already.
     assert installIfNone() is False
+
+
+# -- the reactor plugin: twistd --reactor=lean-epoll ----------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from twistedcluster.localcluster import TWISTD, freePort  # noqa: E402
+
+
+def test_twistd_lists_the_lean_reactor():
+    out = subprocess.run(
+        [sys.executable, "-c", TWISTD, "--help-reactors"],
+        capture_output=True, text=True, timeout=60,
+    ).stdout
+    line = [x for x in out.splitlines() if "lean-epoll" in x]
+    assert line and not line[0].strip().startswith("!"), out
+
+
+def runBalancer(prelude, *twistdArgs, until="balancer reactor:", timeout=30.0):
+    """
+    Run a real balancer under twistd with C{twistdArgs} until it logs
+    C{until}; stop it (SIGTERM, by its PID) and return its log.
+    """
+    ports = [str(freePort()) for _ in range(3)]
+    args = [
+        "-n", "--pidfile=", "--logfile=-", *twistdArgs, "cluster-balancer",
+        "--listen", f"tcp:{ports[0]}:interface=127.0.0.1",
+        "--control", f"tcp:{ports[1]}:interface=127.0.0.1",
+        "--admin", f"tcp:{ports[2]}:interface=127.0.0.1",
+        "--drain-timeout=0.5",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", prelude + TWISTD, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    out = b""
+    try:
+        import os
+        import select
+
+        fd = proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while until.encode() not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                out += chunk
+    finally:
+        proc.terminate()
+        try:
+            rest, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest, _ = proc.communicate()
+        out += rest
+    return out.decode(errors="replace")
+
+
+def test_twistd_runs_the_balancer_on_the_lean_reactor_by_name():
+    log = runBalancer("", "--reactor=lean-epoll")
+    assert "balancer reactor: LeanEPollReactor" in log, log
+
+
+def test_a_balancer_whose_canary_fails_runs_on_twisteds_reactor_and_says_so():
+    prelude = (
+        "import twistedcluster.fast.internals as t\n"
+        "def check():\n"
+        "    raise t.Changed('forced for the test')\n"
+        "t.check = check\n"
+    )
+    log = runBalancer(prelude)
+    assert "balancer reactor: EPollReactor" in log, log
+    said = [x for x in log.splitlines() if "fast paths rely on" in x]
+    assert len(said) == 1 and "forced for the test" in said[0], log

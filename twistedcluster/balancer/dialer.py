@@ -11,8 +11,10 @@ abandons the connect, after which neither happens.
     Linux): an address literal is dialled by L{twistedcluster.fast.fasttcp}
     (a loopback connect completes inside C{dial}); a host name through a
     Twisted endpoint, which resolves it.
-  - L{ReactorDialer}, for any other reactor (a test's memory reactor):
-    C{connectTCP} for a literal, the same endpoint for a name.
+  - L{ReactorDialer}, for any other reactor (a test's memory reactor), and
+    for every reactor when Twisted's internals failed the canary
+    (L{twistedcluster.fast.internals.fastPaths}): C{connectTCP} for a
+    literal, the same endpoint for a name.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
+from twistedcluster.fast import internals
 from twistedcluster.address import tcpEndpoint
 from twistedcluster.fast.fasttcp import Dialled
 
@@ -129,8 +132,9 @@ class ReactorDialer(_Dialer):
 def dialerFor(reactor, timeout: float) -> _Dialer:
     """
     The dialer for C{reactor}: L{FastDialer} where it polls file
-    descriptors, L{ReactorDialer} elsewhere.
+    descriptors (and Twisted passed the canary), L{ReactorDialer}
+    elsewhere.
     """
-    if isinstance(reactor, PosixReactorBase):
+    if isinstance(reactor, PosixReactorBase) and internals.fastPaths():
         return FastDialer(reactor, timeout)
     return ReactorDialer(reactor, timeout)

@@ -24,6 +24,17 @@ from typing import Dict, List, Optional
 from twisted.logger import Logger, globalLogPublisher
 
 from twistedcluster.backend.counting import CountingFactory
+from twistedcluster.fast.internals import (
+    ACCEPT_FAILED,
+    EMFILE_CLOSED,
+    EMFILE_END,
+    EMFILE_START,
+    acceptsPerTurn,
+    fastPaths,
+    limitAcceptsPerTurn,
+    portLogger,
+    setPortLogger,
+)
 from twistedcluster.summary import Summary, window as _window
 
 log = Logger()
@@ -183,7 +194,7 @@ class ClientLimit:
         room = self.maxConnections - self.count
         if room > _FAR:
             return False
-        return room <= sum(getattr(port, "numberAccepts", 1) for port in self._ports)
+        return room <= sum(acceptsPerTurn(port, 1) for port in self._ports)
 
     def _clampLater(self) -> None:
         self._clampCall = None
@@ -197,8 +208,7 @@ class ClientLimit:
         # A port accepts up to numberAccepts connections per turn, then
         # builds their protocols: keep that within its share of the room.
         room = max(1, (self.maxConnections - self.count) // max(1, len(self._ports)))
-        if getattr(port, "numberAccepts", 0) > room:
-            port.numberAccepts = room
+        limitAcceptsPerTurn(port, room)
 
     def _report(self, counts: Dict[str, int], seconds: float) -> None:
         log.warn(
@@ -219,12 +229,13 @@ class ClientLimit:
         self._clampCall = None
 
 
-# What Twisted's tcp.Port logs (twisted.internet.tcp._accept) when accept()
-# fails.  Should a release word them otherwise, they pass through unchanged.
-_EMFILE_START = "EMFILE encountered; releasing reserved file descriptor."
-_EMFILE_CLOSED = "EMFILE recovery: Closed socket from {address}"
-_EMFILE_END = "Re-reserving EMFILE recovery file descriptor."
-_ACCEPT_FAILED = "Could not accept new connection ({acceptError})"
+# What Twisted's tcp.Port logs when accept() fails (the formats and their
+# meaning: twistedcluster.fast.internals).  Should a release word them
+# otherwise, they pass through unchanged, and the canary says so.
+_EMFILE_START = EMFILE_START
+_EMFILE_CLOSED = EMFILE_CLOSED
+_EMFILE_END = EMFILE_END
+_ACCEPT_FAILED = ACCEPT_FAILED
 
 
 class AcceptErrors:
@@ -232,8 +243,8 @@ class AcceptErrors:
     One log line a second, with counts, for what listening ports log when
     accept() fails.
 
-    Twisted's port logs through its C{_logger}; L{watch} gives a port one
-    whose events come here.  (A filter on the global log would have to
+    Twisted's port logs through its own logger (L{portLogger}); L{watch}
+    gives a port one whose events come here.  (A filter on the global log would have to
     wrap twistd's own observers; copying the port's accept loop to log
     differently would copy Twisted's EMFILE recovery with it.)
 
@@ -251,9 +262,9 @@ class AcceptErrors:
         """
         Sum C{port}'s accept errors, naming it C{name} (proxy, admin...).
         """
-        logger = getattr(port, "_logger", None)
-        if isinstance(logger, Logger):
-            port._logger = Logger(namespace=logger.namespace, observer=self.observerFor(name))
+        logger = portLogger(port)
+        if logger is not None and fastPaths():
+            setPortLogger(port, Logger(namespace=logger.namespace, observer=self.observerFor(name)))
 
     def observerFor(self, name: str):
         def observe(event) -> None:

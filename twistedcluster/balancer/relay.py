@@ -33,6 +33,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twistedcluster.fast import internals
 from twistedcluster.fast.fasttcp import (
     loseConnectionNow,
     loseWriteConnectionNow,
@@ -54,8 +55,8 @@ SPLICE_AFTER = 8
 LARGE_READ = 32 * 1024
 #: A splice pipe's capacity: the most one direction holds in the kernel
 #: while its sink is slow.  Large pipes move a bulk stream in fewer, larger
-#: splices (measured: about 15% more bulk throughput at 1 MiB than at the
-#: default 64 KiB).  Linux caps it at /proc/sys/fs/pipe-max-size; an
+#: splices, so fewer system calls and reactor turns per megabyte than the
+#: default 64 KiB (the figures are in docs/benchmarks.md).  Linux caps it at /proc/sys/fs/pipe-max-size; an
 #: unprivileged user past pipe-user-pages-soft gets the default size.
 PIPE_SIZE = 1 << 20
 _DEFAULT_PIPE_SIZE = 1 << 16
@@ -88,7 +89,7 @@ class Splicer:
         self.pending = 0
         self.eofWaiting = False
         self.closeWaiting = False
-        self.src.doRead = self.doRead
+        internals.replaceDoRead(self.src, self.doRead)
         sink._inbound = self
 
     def doRead(self):
@@ -129,15 +130,15 @@ class Splicer:
             self.pending -= m
         if self.pending:
             self.src.stopReading()
-            self.dst.doWrite = self._sinkWritable
+            internals.replaceDoWrite(self.dst, self._sinkWritable)
             self.dst.startWriting()
 
     def _sinkWritable(self):
         self._drain()
         if not self.pending:
             dst = self.dst
-            del dst.doWrite  # Twisted's own again
-            if dst.disconnecting or dst._writeDisconnecting:
+            internals.restoreDoWrite(dst)  # Twisted's own again
+            if dst.disconnecting or internals.writeShutdownAsked(dst):
                 # A close asked for meanwhile: let Twisted finish it.
                 return dst.doWrite()
             dst.stopWriting()
@@ -167,8 +168,8 @@ class Splicer:
             os.close(self.w)
             self.r = self.w = -1
             self.pending = 0
-        self.src.__dict__.pop("doRead", None)
-        self.dst.__dict__.pop("doWrite", None)
+        internals.restoreDoRead(self.src)
+        internals.restoreDoWrite(self.dst)
 
 
 @implementer(IHalfCloseableProtocol)

@@ -16,12 +16,14 @@ Twisted's:
   Connector, resolver turn and Deferred of C{reactor.connectTCP}; a connect
   the kernel completes at once (loopback) is used in the same turn.
 
-The few transport internals this reads are checked once per connection
-(L{plainTCP}); should a Twisted release change them, the relay falls back to
-the public methods.  The built-in echo service (L{twistedcluster.backend.echo})
-uses the same fast writes and close.  Measured per proxied connection with
-bench/profile_balancer.py: 39 system calls, 14 of them epoll changes, before
-this module; 22, 4 of them epoll changes, with it.
+The transport internals this relies on are named, with what they mean, in
+L{twistedcluster.fast.internals}, and only used through it.  Its canary
+runs once per process: should a Twisted release change them, L{plainTCP}
+says no and every caller uses Twisted's public methods.  The built-in echo
+service (L{twistedcluster.backend.echo}) uses the same fast writes and close.  The
+saving is in system calls and epoll changes per proxied connection (each
+write and close otherwise waits a reactor turn with two epoll changes);
+the figures are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -31,25 +33,22 @@ import os
 import socket
 from typing import Callable, Optional
 
-from twisted.internet import error, tcp
+from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.python.failure import Failure
 
-#: The transport internals read or set here.
-_INTERNALS = (
-    "_tempDataLen",
-    "dataBuffer",
-    "offset",
-    "producerPaused",
-    "_writeDisconnecting",
-    "_writeDisconnected",
-    "_closeWriteConnection",
-    "_shouldShutdown",
-    "_aborting",
-)
+from twistedcluster.fast import internals
+from twistedcluster.fast.internals import sendNow, skipShutdown
 
-#: One shared reason for clean closes, as Twisted's reactor keeps one.
-_DONE = Failure(error.ConnectionDone())
+__all__ = [
+    "Dialled",
+    "plainTCP",
+    "prepare",
+    "skipShutdown",
+    "sendNow",
+    "loseWriteConnectionNow",
+    "loseConnectionNow",
+]
 
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR)
 #: What connect() says of a connect already started: still under way, or done.
@@ -57,7 +56,7 @@ _UNDER_WAY = _IN_PROGRESS + (errno.EALREADY,)
 _CONNECTED = (0, errno.EISCONN)
 
 
-class Dialled(tcp.Connection):
+class Dialled(internals.TCPConnection):
     """
     An outgoing TCP connection to a literal IPv4 or IPv6 address, started by
     L{dial}.
@@ -93,9 +92,11 @@ class Dialled(tcp.Connection):
             )[0][4]
         else:
             self.realAddress = (host, port)
-        tcp.Connection.__init__(self, socket.socket(family, socket.SOCK_STREAM), protocol, reactor)
+        internals.TCPConnection.__init__(
+            self, socket.socket(family, socket.SOCK_STREAM), protocol, reactor
+        )
         self._addressType = IPv6Address if family == socket.AF_INET6 else IPv4Address
-        self.logstr = f"{protocol.__class__.__name__},client"
+        internals.setLogPrefix(self, f"{protocol.__class__.__name__},client")
         self._failed: Optional[Callable[[Failure], None]] = failed
         self._timeout = timeout
 
@@ -122,7 +123,8 @@ class Dialled(tcp.Connection):
             self._timeoutCall = self.reactor.callLater(0, self._fail, _connectError(err))
             return
         # Until the connect completes, either readiness means "look".
-        self.doRead = self.doWrite = self._connectDone
+        internals.replaceDoRead(self, self._connectDone)
+        internals.replaceDoWrite(self, self._connectDone)
         self.startWriting()
         timeout = self._timeout
         if timeout:
@@ -149,7 +151,8 @@ class Dialled(tcp.Connection):
         if err not in _CONNECTED:
             self._fail(_connectError(err))
             return None
-        del self.doRead, self.doWrite  # the class's own again
+        internals.restoreDoRead(self)  # the class's own again
+        internals.restoreDoWrite(self)
         self._cancelTimeout()
         self.stopWriting()
         self._connected()
@@ -187,7 +190,7 @@ class Dialled(tcp.Connection):
 
     def connectionLost(self, reason: Failure) -> None:
         if self.connected:
-            tcp.Connection.connectionLost(self, reason)
+            internals.TCPConnection.connectionLost(self, reason)
             return
         # The reactor saw the socket hang up before it was connected.
         try:
@@ -203,13 +206,14 @@ def _connectError(err: int) -> error.ConnectError:
 
 #: The transports the functions below drive; anything else goes through
 #: Twisted's public methods.
-_PLAIN_TYPES = (tcp.Server, tcp.Client, Dialled)
+_PLAIN_TYPES = internals.TCP_TRANSPORTS + (Dialled,)
 
 
 def plainTCP(transport) -> bool:
     """
     Whether C{transport} is one of Twisted's own TCP connections, with no TLS
-    over it and the internals this module reads.
+    over it and the internals this module relies on (and whether this
+    Twisted passed the canary, L{internals.fastPaths}).
     """
     kind = type(transport)
     if kind not in _PLAIN_TYPES or getattr(transport, "TLS", True):
@@ -217,7 +221,7 @@ def plainTCP(transport) -> bool:
     if kind in _CHECKED:
         return True
     # Every instance of these types has what its __init__ set: look once.
-    if all(hasattr(transport, a) for a in _INTERNALS):
+    if internals.fastPaths() and internals.hasTransportInternals(transport):
         _CHECKED.add(kind)
         return True
     return False
@@ -237,71 +241,16 @@ def prepare(transport) -> None:
     skipShutdown(transport)
 
 
-def skipShutdown(transport) -> None:
-    """
-    Close a plain TCP transport with close() alone, without Twisted's
-    shutdown() before it: that is only needed when another process shares
-    the socket, and this one's is close-on-exec and not handed on.
-    """
-    transport._shouldShutdown = False
-
-
-def _idle(transport) -> bool:
-    """
-    Whether a plain TCP transport is open and has nothing queued to send.
-    """
-    return (
-        transport.connected
-        and not transport.disconnecting
-        and not transport._aborting
-        and not transport._writeDisconnecting
-        and not transport.producerPaused
-        and transport._tempDataLen == 0
-        and transport.offset == len(transport.dataBuffer)
-    )
-
-
-def sendNow(transport, data: bytes) -> None:
-    """
-    Write C{data} to a plain TCP transport, sending it at once when nothing
-    is queued before it.
-
-    Twisted's C{write} always queues and sends on the next reactor turn
-    (two epoll changes and a turn per chunk); a relay that has just read a
-    chunk can usually hand it to the kernel in one C{send}.  Whatever the
-    kernel does not take, and every error, goes through C{write} as usual.
-    """
-    if (
-        transport._tempDataLen == 0
-        and transport.offset == len(transport.dataBuffer)
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._aborting
-        and not transport._writeDisconnecting
-    ):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
-
-
 def loseWriteConnectionNow(transport) -> None:
     """
     C{loseWriteConnection} for a plain TCP transport: when nothing is queued,
     the write side is shut down now and the protocol's C{writeConnectionLost}
     runs before this returns.
     """
-    if not _idle(transport):
+    if not internals.idle(transport):
         transport.loseWriteConnection()
         return
-    transport._writeDisconnecting = True
-    transport._writeDisconnected = True
-    transport.stopWriting()
-    transport._closeWriteConnection()
+    internals.shutdownWriteNow(transport)
 
 
 def loseConnectionNow(transport) -> None:
@@ -315,11 +264,7 @@ def loseConnectionNow(transport) -> None:
     C{connectionLost} decides what becomes of it (a relay closes its other
     side itself, the same fast way).
     """
-    if not _idle(transport):
+    if not internals.idle(transport):
         transport.loseConnection()
         return
-    transport.producer = None
-    transport.disconnecting = True
-    transport.stopReading()
-    transport.stopWriting()
-    transport.connectionLost(_DONE)
+    internals.closeNow(transport)

@@ -8,11 +8,18 @@ C{twisted.python.log.callWithLogger}, which asks the transport for its log
 prefix, copies two dicts and pushes a context, so that old-style C{log.msg}
 calls made meanwhile carry the transport's name.  Events from
 C{twisted.logger} (all of twistedcluster's) never read that context; the
-proxy pays for it twice per relayed message and six times per connection
-(measured with bench/run.py --baseline: a fifth of the balancer's CPU per
-echo, 6% per new connection).  Errors are still caught and logged, with the
-descriptor named in the event.
+proxy would pay for it twice per relayed message and six times per
+connection, which shows in its CPU per echo and per new connection (the
+figures are in docs/benchmarks.md).  Errors are still caught and logged,
+with the descriptor named in the event.
 
+The poll loop is Twisted's, copied: it lives with the other Twisted
+internals in L{twistedcluster.fast.internals.leanDoPoll}.  When that
+module's canary fails, the balancer falls back to Twisted's own reactor.
+
+The reactor is also a Twisted reactor plugin, C{lean-epoll}
+(twisted/plugins/twistedcluster_reactor.py, L{install}):
+C{twistd --reactor=lean-epoll ...} and C{twist --reactor=lean-epoll ...}.
 Anything that needs the legacy context runs under Twisted's own reactor:
 C{twistd --reactor=epoll cluster-balancer ...}.  A backend serving its own
 --service keeps Twisted's default reactor.
@@ -20,13 +27,11 @@ C{twistd --reactor=epoll cluster-balancer ...}.  A backend serving its own
 
 from __future__ import annotations
 
-import errno
 import sys
 
 from twisted.internet.epollreactor import EPollReactor
-from twisted.logger import Logger
 
-log = Logger()
+from twistedcluster.fast import internals
 
 
 class LeanEPollReactor(EPollReactor):
@@ -34,41 +39,19 @@ class LeanEPollReactor(EPollReactor):
     L{EPollReactor} that dispatches ready descriptors directly.
     """
 
-    def doPoll(self, timeout):
-        if timeout is None:
-            timeout = -1  # wait until something happens
-        try:
-            ready = self._poller.poll(timeout, len(self._selectables))
-        except OSError as err:
-            if err.errno == errno.EINTR:
-                return
-            raise
-        selectables = self._selectables
-        doReadOrWrite = self._doReadOrWrite
-        for fd, event in ready:
-            selectable = selectables.get(fd)
-            if selectable is None:
-                continue
-            try:
-                doReadOrWrite(selectable, fd, event)
-            except KeyboardInterrupt:
-                raise
-            except BaseException:
-                # _doReadOrWrite catches what doRead and doWrite raise; this
-                # is what a connectionLost raised.  Log it and go on, as
-                # callWithLogger would.
-                log.failure("unhandled error from {selectable!r}", selectable=selectable)
-
-    doIteration = doPoll
+    doPoll = doIteration = internals.leanDoPoll
 
 
 def installIfNone() -> bool:
     """
     Install L{LeanEPollReactor} as the global reactor, unless a reactor is
-    installed already (twistd --reactor, or an earlier import) or epoll is
-    not available; whether it was installed.
+    installed already (twistd --reactor, or an earlier import), epoll is
+    not available, or Twisted's internals failed the canary
+    (L{internals.fastPaths}); whether it was installed.
     """
     if "twisted.internet.reactor" in sys.modules:
+        return False
+    if not internals.fastPaths():
         return False
     try:
         import select
@@ -80,3 +63,20 @@ def installIfNone() -> bool:
 
     installReactor(LeanEPollReactor())
     return True
+
+
+def install() -> None:
+    """
+    Install L{LeanEPollReactor} as the global reactor: what the C{lean-epoll}
+    reactor plugin (C{twistd --reactor=lean-epoll}) calls.  When Twisted's
+    internals failed the canary, Twisted's own epoll reactor is installed
+    instead (and L{internals.fastPaths} has logged why).
+    """
+    from twisted.internet.main import installReactor
+
+    if not internals.fastPaths():
+        from twisted.internet import epollreactor
+
+        epollreactor.install()
+        return
+    installReactor(LeanEPollReactor())

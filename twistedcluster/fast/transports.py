@@ -3,6 +3,8 @@ What the balancer reads off a Twisted transport: who is on the other end,
 and how much it still holds unsent.
 """
 
+from twistedcluster.fast.internals import unsent
+
 
 def peerText(transport) -> str:
     """
@@ -27,7 +29,4 @@ def unsentBytes(transport) -> int:
     Bytes a Twisted file-descriptor transport holds that it has not sent
     yet; 0 for a transport that cannot say (a TLS wrapper, a test fake).
     """
-    try:
-        return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
-    except AttributeError:
-        return 0
+    return unsent(transport)

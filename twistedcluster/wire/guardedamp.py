@@ -33,6 +33,7 @@ from twisted.protocols import amp
 from twistedcluster.wire import auth
 
 from twistedcluster.wire import commands
+from twistedcluster.fast.internals import AMP_VALUE_STATE, connectAMPQuietly
 from twistedcluster.fast.transports import peerText, unsentBytes
 
 #: A box with more keys than this is refused: no command of ours has half as
@@ -100,9 +101,7 @@ class GuardedAMP(amp.AMP):
     def makeConnection(self, transport) -> None:
         # AMP logs every connection at info level; our protocols log what
         # matters (a registration, an admin change) with names instead.
-        self._transportPeer = transport.getPeer()
-        self._transportHost = transport.getHost()
-        amp.BinaryBoxProtocol.makeConnection(self, transport)
+        connectAMPQuietly(self, transport)
         guard = self.guard
         if guard is not None:
             guard.open.add(self)
@@ -165,13 +164,16 @@ class GuardedAMP(amp.AMP):
         except Exception as e:
             self._refuse(f"malformed AMP box ({type(e).__name__}: {e})")
 
+    # proto_value and proto_key are AMP's parser states (what Twisted means
+    # by them: twistedcluster.fast.internals, whose canary checks it).
+
     def proto_value(self, string):
         self._keysInBox += 1
         self._boxBytes += 2 + len(string)
         if self._keysInBox > MAX_KEYS_PER_BOX:
             self._refuse(f"AMP box with more than {MAX_KEYS_PER_BOX} keys")
             # Stay in a harmless state until the transport closes.
-            return "value"
+            return AMP_VALUE_STATE
         return super().proto_value(string)
 
     def proto_key(self, string):
@@ -180,7 +182,7 @@ class GuardedAMP(amp.AMP):
         else:
             self._keysInBox = self._boxBytes = 0
         state = super().proto_key(string)
-        if state == "value" and self.guard is not None:
+        if state == AMP_VALUE_STATE and self.guard is not None:
             # The value being read counts against the box before it is
             # buffered: its length prefix alone can be refused.
             room = max(0, MAX_BOX_BYTES - self._boxBytes - 2)

@@ -1,0 +1,673 @@
+"""
+The one door to Twisted's internals: every private Twisted name twistedcluster
+reads, sets or overrides is named here, with what Twisted means by it, and
+nowhere else.
+
+The fast paths (L{twistedcluster.fast.fasttcp}, the relay's splice, the lean
+reactor, L{twistedcluster.balancer.dialer.FastDialer}) and a few guards (the listeners'
+accept-error summary and connection clamp, the hardened AMP parser) rely on
+what these names mean, not on any public API.  Each name below says what it
+stands for and what we rely on; the meanings were read in, and are checked
+against, Twisted 24.7.0 (the oldest that setup.py allows) and 26.10.0.
+
+L{check} is the canary: it exercises every meaning on real objects (a
+loopback TCP socket pair under a real C{tcp.Connection}, a real epoll poller,
+Twisted's accept loop, AMP's parser) and raises L{Changed} naming the first
+one that no longer holds.  L{fastPaths} runs it once per process: when it
+fails, twistedcluster uses Twisted's plain paths (Twisted's own reactor,
+C{transport.write}, no splice, C{reactor.connectTCP}, Twisted's own accept
+logging) and logs one line saying so.  tests/test_internals.py runs
+each probe, so a Twisted release that changes one fails the suite by name.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Callable, List, Optional
+
+import twisted
+from twisted.internet import error, tcp
+from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+log = Logger()
+
+#: The Twisted releases these meanings were verified on, oldest first.
+VERIFIED = ("24.7.0", "26.10.0")
+
+
+class Changed(Exception):
+    """
+    A Twisted internal no longer means what twistedcluster relies on; the
+    message names it.
+    """
+
+
+# -- TCP transports (abstract.FileDescriptor, tcp.Connection) ---------------
+#
+# What a plain TCP transport holds (FileDescriptor): written data is appended
+# to _tempData (a list) and counted in _tempDataLen until doWrite moves it to
+# dataBuffer (bytes), of which offset bytes have been sent.  So the bytes
+# queued and not sent are _tempDataLen + len(dataBuffer) - offset, and the
+# transport is idle (a send now cannot overtake anything) when that is 0.
+# _writeDisconnecting is set by loseWriteConnection (and loseConnection's
+# write side) while the queue drains; _writeDisconnected once the write side
+# is shut down (_closeWriteConnection: shutdown(SHUT_WR) and the protocol's
+# writeConnectionLost).  _aborting is set by abortConnection.
+# _shouldShutdown (tcp.Connection) makes connectionLost call shutdown()
+# before close().  doRead and doWrite are looked up on the instance by the
+# reactor at each event, so an instance attribute stands in for the class's.
+
+#: Twisted's TCP connection class: C{__init__(socket, protocol, reactor)};
+#: once C{connected = 1} and reading, an ordinary transport.  L{Dialled} in
+#: fasttcp builds on it.
+TCPConnection = tcp.Connection
+#: Twisted's own accepted and connected TCP transports.
+TCP_TRANSPORTS = (tcp.Server, tcp.Client)
+
+#: Every private transport attribute the functions below touch.
+TRANSPORT_INTERNALS = (
+    "_tempDataLen",
+    "dataBuffer",
+    "offset",
+    "producerPaused",
+    "_writeDisconnecting",
+    "_writeDisconnected",
+    "_closeWriteConnection",
+    "_shouldShutdown",
+    "_aborting",
+)
+
+#: One shared reason for clean closes, as Twisted's reactor keeps one.
+_DONE = Failure(error.ConnectionDone())
+
+
+def hasTransportInternals(transport) -> bool:
+    """
+    Whether C{transport} has every attribute in L{TRANSPORT_INTERNALS}.
+    """
+    return all(hasattr(transport, a) for a in TRANSPORT_INTERNALS)
+
+
+def unsent(transport) -> int:
+    """
+    Bytes a Twisted file-descriptor transport holds that it has not sent yet
+    (C{_tempDataLen + len(dataBuffer) - offset}); 0 for a transport that
+    cannot say (a TLS wrapper, a test fake).
+    """
+    try:
+        return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+    except AttributeError:
+        return 0
+
+
+def idle(transport) -> bool:
+    """
+    Whether a plain TCP transport is open, not closing or paused, and has
+    nothing queued to send.
+    """
+    return (
+        transport.connected
+        and not transport.disconnecting
+        and not transport._aborting
+        and not transport._writeDisconnecting
+        and not transport.producerPaused
+        and transport._tempDataLen == 0
+        and transport.offset == len(transport.dataBuffer)
+    )
+
+
+def writeShutdownAsked(transport) -> bool:
+    """
+    Whether C{loseWriteConnection} (or C{loseConnection}) was asked of
+    C{transport} (C{_writeDisconnecting}): its C{doWrite} finishes that
+    once the queue is empty.
+    """
+    return transport._writeDisconnecting
+
+
+def skipShutdown(transport) -> None:
+    """
+    Make a plain TCP transport close with close() alone, without the
+    shutdown() Twisted's C{connectionLost} calls first (C{_shouldShutdown}).
+    """
+    transport._shouldShutdown = False
+
+
+def sendNow(transport, data: bytes) -> None:
+    """
+    Write C{data} to a plain TCP transport, sending it at once when nothing
+    is queued before it; what the kernel does not take, and every error,
+    goes through C{transport.write} as usual.
+    """
+    if (
+        transport._tempDataLen == 0
+        and transport.offset == len(transport.dataBuffer)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._aborting
+        and not transport._writeDisconnecting
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+def shutdownWriteNow(transport) -> None:
+    """
+    Shut down the write side of an L{idle} plain TCP transport now, as its
+    C{doWrite} would once the queue drained: the flags set, shutdown(), the
+    protocol's C{writeConnectionLost} before this returns.
+    """
+    transport._writeDisconnecting = True
+    transport._writeDisconnected = True
+    transport.stopWriting()
+    transport._closeWriteConnection()
+
+
+def closeNow(transport) -> None:
+    """
+    Close an L{idle} plain TCP transport now: its producer let go, the
+    protocol's C{connectionLost} called before this returns, as Twisted's
+    own C{loseConnection} does once the queue is empty.
+    """
+    transport.producer = None
+    transport.disconnecting = True
+    transport.stopReading()
+    transport.stopWriting()
+    transport.connectionLost(_DONE)
+
+
+def replaceDoRead(transport, doRead: Callable[[], object]) -> None:
+    """
+    Have the reactor call C{doRead} instead of the transport's own when it
+    is readable (an instance attribute; L{restoreDoRead} undoes it).
+    """
+    transport.doRead = doRead
+
+
+def replaceDoWrite(transport, doWrite: Callable[[], object]) -> None:
+    """
+    Have the reactor call C{doWrite} instead of the transport's own when it
+    is writable (L{restoreDoWrite} undoes it).
+    """
+    transport.doWrite = doWrite
+
+
+def restoreDoRead(transport) -> None:
+    """
+    The transport's own C{doRead} again (nothing if it was not replaced).
+    """
+    transport.__dict__.pop("doRead", None)
+
+
+def restoreDoWrite(transport) -> None:
+    """
+    The transport's own C{doWrite} again (nothing if it was not replaced).
+    """
+    transport.__dict__.pop("doWrite", None)
+
+
+def setLogPrefix(connection, prefix: str) -> None:
+    """
+    What a C{tcp.Connection}'s C{logPrefix()} answers (C{logstr}).
+    """
+    connection.logstr = prefix
+
+
+# -- the epoll reactor (EPollReactor) ----------------------------------------
+#
+# _poller is the select.epoll object; _selectables maps each registered file
+# descriptor to its reader/writer; _doReadOrWrite(selectable, fd, event)
+# calls doRead/doWrite for the event, catches what they raise, and removes
+# and disconnects the selectable when they return or raise a reason.
+
+
+def leanDoPoll(reactor, timeout) -> None:
+    """
+    C{EPollReactor.doPoll} without C{log.callWithLogger} around each ready
+    descriptor: a copy of Twisted's, which the lean reactor uses as its own
+    (errors from a descriptor are still caught and logged, naming it).
+    """
+    if timeout is None:
+        timeout = -1  # wait until something happens
+    try:
+        ready = reactor._poller.poll(timeout, len(reactor._selectables))
+    except OSError as err:
+        if err.errno == errno.EINTR:
+            return
+        raise
+    selectables = reactor._selectables
+    doReadOrWrite = reactor._doReadOrWrite
+    for fd, event in ready:
+        selectable = selectables.get(fd)
+        if selectable is None:
+            continue
+        try:
+            doReadOrWrite(selectable, fd, event)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            # _doReadOrWrite catches what doRead and doWrite raise; this is
+            # what a connectionLost raised.  Log it and go on, as
+            # callWithLogger would.
+            log.failure("unhandled error from {selectable!r}", selectable=selectable)
+
+
+def closePoller(reactor) -> None:
+    """
+    Release an epoll reactor that was made but never run (its poller).
+    """
+    reactor._poller.close()
+
+
+# -- listening TCP ports (tcp.Port, tcp._accept) -------------------------------
+#
+# Port.doRead accepts up to numberAccepts connections per turn (and adapts
+# it), and logs accept errors (tcp._accept) through a logger built from
+# self._logger's namespace and observer.
+
+#: What tcp._accept logs when accept() fails with EMFILE and Twisted frees
+#: its reserved descriptor, per connection it then closes unaccepted, and
+#: when it reserves the descriptor again; and on other accept errors.
+EMFILE_START = "EMFILE encountered; releasing reserved file descriptor."
+EMFILE_CLOSED = "EMFILE recovery: Closed socket from {address}"
+EMFILE_END = "Re-reserving EMFILE recovery file descriptor."
+ACCEPT_FAILED = "Could not accept new connection ({acceptError})"
+
+
+def portLogger(port) -> Optional[Logger]:
+    """
+    The logger a listening port logs its accept errors through, or None.
+    """
+    logger = getattr(port, "_logger", None)
+    return logger if isinstance(logger, Logger) else None
+
+
+def setPortLogger(port, logger: Logger) -> None:
+    """
+    Send a listening port's accept-error events to C{logger}'s observer.
+    """
+    port._logger = logger
+
+
+def acceptsPerTurn(port, default: int) -> int:
+    """
+    How many connections C{port} accepts at most in one reactor turn
+    (C{numberAccepts}); C{default} for a port that does not say.
+    """
+    return getattr(port, "numberAccepts", default)
+
+
+def limitAcceptsPerTurn(port, most: int) -> None:
+    """
+    Accept at most C{most} connections in C{port}'s next turn (Twisted
+    raises it again by itself as turns fill up).
+    """
+    if getattr(port, "numberAccepts", 0) > most:
+        port.numberAccepts = most
+
+
+# -- AMP's parser (amp.BinaryBoxProtocol, amp._ParserHelper) -------------------
+#
+# BinaryBoxProtocol is a StatefulStringProtocol: each length-prefixed string
+# goes to proto_<state>(string), which returns the next state.  A box is
+# "key" strings each followed by a "value" string, ended by an empty key.
+# proto_key(key) returns "value" after setting MAX_LENGTH to the limit for
+# that value; nothing changes MAX_LENGTH again before the value is read.
+# AMP.makeConnection logs the connection and keeps _transportPeer and
+# _transportHost for the line AMP.connectionLost logs.
+
+#: The parser states (method names are "proto_" + state) a guard overrides.
+AMP_KEY_STATE = "key"
+AMP_VALUE_STATE = "value"
+
+
+def connectAMPQuietly(protocol: amp.AMP, transport) -> None:
+    """
+    C{AMP.makeConnection} without its info line per connection.
+    """
+    protocol._transportPeer = transport.getPeer()
+    protocol._transportHost = transport.getHost()
+    amp.BinaryBoxProtocol.makeConnection(protocol, transport)
+
+
+# -- the canary ----------------------------------------------------------------
+
+
+def _require(condition, what: str) -> None:
+    if not condition:
+        raise Changed(what)
+
+
+class _FakeReactor:
+    """
+    Just enough reactor for a transport that is never run: it records which
+    descriptors want reading and writing.
+    """
+
+    def __init__(self) -> None:
+        self.readers: set = set()
+        self.writers: set = set()
+
+    def addReader(self, r) -> None:
+        self.readers.add(r)
+
+    def addWriter(self, w) -> None:
+        self.writers.add(w)
+
+    def removeReader(self, r) -> None:
+        self.readers.discard(r)
+
+    def removeWriter(self, w) -> None:
+        self.writers.discard(w)
+
+    def callLater(self, *a, **kw):  # pragma: no cover - not reached
+        raise Changed("a transport scheduled a call while probed")
+
+
+class _HalfCloseable:
+    """
+    A protocol that records what its transport tells it.
+    """
+
+    def __init__(self) -> None:
+        self.events: List[str] = []
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data) -> None:
+        self.events.append("data")
+
+    def readConnectionLost(self) -> None:
+        self.events.append("readConnectionLost")
+
+    def writeConnectionLost(self) -> None:
+        self.events.append("writeConnectionLost")
+
+    def connectionLost(self, reason) -> None:
+        self.events.append("connectionLost")
+
+
+def _loopbackPair():
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        server, _ = listener.accept()
+    finally:
+        listener.close()
+    client.settimeout(5)
+    server.setblocking(False)
+    return server, client
+
+
+def _transport(server):
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+    from zope.interface import directlyProvides
+
+    protocol = _HalfCloseable()
+    directlyProvides(protocol, IHalfCloseableProtocol)
+    reactor = _FakeReactor()
+    transport = tcp.Connection(server, protocol, reactor)
+    transport.connected = 1
+    protocol.makeConnection(transport)
+    return transport, protocol, reactor
+
+
+def checkTransport() -> None:
+    """
+    The transport internals mean what L{unsent}, L{idle}, L{sendNow},
+    L{writeShutdownAsked}, L{shutdownWriteNow}, L{closeNow},
+    L{skipShutdown} and the C{doRead}/C{doWrite} swaps rely on, on a real
+    loopback TCP connection.
+    """
+    server, client = _loopbackPair()
+    try:
+        t, protocol, reactor = _transport(server)
+        _require(hasTransportInternals(t), f"tcp.Connection lacks one of {TRANSPORT_INTERNALS}")
+        _require(idle(t) and unsent(t) == 0, "a new transport is not idle")
+        t.write(b"x" * 10)
+        _require(unsent(t) == 10, "_tempDataLen/dataBuffer/offset do not count written bytes")
+        _require(not idle(t), "a transport with data queued looks idle")
+        _require(t in reactor.writers, "write() did not ask the reactor for writability")
+        t.doWrite()
+        _require(client.recv(100) == b"x" * 10, "doWrite did not send what write() queued")
+        _require(unsent(t) == 0 and idle(t), "doWrite left sent bytes counted as unsent")
+        sendNow(t, b"now")
+        _require(client.recv(100) == b"now", "sendNow did not send at once")
+        _require(unsent(t) == 0, "sendNow queued on an idle transport")
+        t.write(b"queued")
+        t.loseWriteConnection()
+        _require(
+            writeShutdownAsked(t), "_writeDisconnecting is not set by loseWriteConnection with data pending"
+        )
+        t.doWrite()
+        _require(client.recv(100) == b"queued", "doWrite did not send before the write shutdown")
+        _require(client.recv(100) == b"", "no end-of-file after loseWriteConnection")
+        _require(
+            t._writeDisconnected and "writeConnectionLost" in protocol.events,
+            "_writeDisconnected/writeConnectionLost not reached after the queue drained",
+        )
+        _require(t._shouldShutdown is True, "_shouldShutdown is not on by default")
+        skipShutdown(t)
+        own = type(t).doRead
+        replaceDoRead(t, len)
+        replaceDoWrite(t, len)
+        _require(t.doRead is len and t.doWrite is len, "doRead/doWrite cannot be replaced")
+        restoreDoRead(t)
+        restoreDoWrite(t)
+        _require(
+            t.doRead.__func__ is own and t.doWrite.__func__ is type(t).doWrite,
+            "doRead/doWrite not restored",
+        )
+        closeNow(t)
+        _require(
+            protocol.events[-1] == "connectionLost" and getattr(t, "socket", None) is None and t.disconnected,
+            "closeNow did not close the transport",
+        )
+    finally:
+        server.close()
+        client.close()
+
+    # shutdownWriteNow on an idle transport.
+    server, client = _loopbackPair()
+    try:
+        t, protocol, reactor = _transport(server)
+        shutdownWriteNow(t)
+        _require(client.recv(100) == b"", "shutdownWriteNow did not shut the write side down")
+        _require(protocol.events == ["writeConnectionLost"], "shutdownWriteNow did not tell the protocol")
+        closeNow(t)
+    finally:
+        server.close()
+        client.close()
+
+
+class _Readable:
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.reads: List[bytes] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "canary"
+
+    def doRead(self):
+        self.reads.append(self.sock.recv(100))
+
+    def connectionLost(self, reason) -> None:
+        pass
+
+
+class _ProbeReactor(EPollReactor):
+    doPoll = doIteration = leanDoPoll
+
+
+def checkReactor() -> None:
+    """
+    L{leanDoPoll} on a real epoll reactor dispatches a readable descriptor.
+    """
+    reactor = _ProbeReactor()
+    a, b = socket.socketpair()
+    try:
+        readable = _Readable(a)
+        reactor.addReader(readable)
+        b.send(b"ping")
+        leanDoPoll(reactor, 1)
+        _require(readable.reads == [b"ping"], "EPollReactor's _poller/_selectables/_doReadOrWrite changed")
+        reactor.removeReader(readable)
+    finally:
+        closePoller(reactor)
+        a.close()
+        b.close()
+
+
+class _Listener:
+    def __init__(self, errors) -> None:
+        self.errors = list(errors)
+
+    def accept(self):
+        e = self.errors.pop(0)
+        if isinstance(e, int):
+            raise OSError(e, "probe")
+        return e
+
+
+class _Reservation:
+    def available(self) -> bool:
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a) -> None:
+        pass
+
+
+class _Closable:
+    def close(self) -> None:
+        pass
+
+
+def checkPort() -> None:
+    """
+    A listening port has the C{_logger} and C{numberAccepts} its accept loop
+    uses, and Twisted's accept loop logs accept errors with the formats
+    L{EMFILE_START}, L{EMFILE_CLOSED}, L{EMFILE_END} and L{ACCEPT_FAILED}.
+    """
+    import inspect
+
+    _require(isinstance(getattr(tcp.Port, "_logger", None), Logger), "tcp.Port._logger is not a Logger")
+    doRead = inspect.getsource(tcp.Port.doRead)
+    _require(
+        "self._logger" in doRead and "self.numberAccepts" in doRead,
+        "tcp.Port.doRead no longer uses _logger and numberAccepts",
+    )
+    formats: List[str] = []
+    logger = Logger(observer=lambda event: formats.append(event.get("log_format")))
+    listener = _Listener([errno.EMFILE, (_Closable(), ("127.0.0.1", 1)), errno.EAGAIN])
+    list(tcp._accept(logger, range(5), listener, _Reservation()))
+    _require(formats == [EMFILE_START, EMFILE_CLOSED, EMFILE_END], f"EMFILE log formats changed: {formats}")
+    formats.clear()
+    list(tcp._accept(logger, range(5), _Listener([errno.ENOBUFS]), _Reservation()))
+    _require(formats == [ACCEPT_FAILED], f"accept-error log format changed: {formats}")
+
+
+class _ProbeAMP(amp.AMP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.states: List[tuple] = []
+        self.boxes: List[dict] = []
+
+    def ampBoxReceived(self, box) -> None:
+        self.boxes.append(dict(box))
+
+    def proto_key(self, string):
+        state = super().proto_key(string)
+        self.states.append(("key", string, state, self.MAX_LENGTH))
+        return state
+
+    def proto_value(self, string):
+        state = super().proto_value(string)
+        self.states.append(("value", string, state, self.MAX_LENGTH))
+        return state
+
+
+def checkAMP() -> None:
+    """
+    AMP's parser calls C{proto_key} and C{proto_value} with the states
+    L{AMP_KEY_STATE} and L{AMP_VALUE_STATE}, sets C{MAX_LENGTH} for a value
+    in C{proto_key}, and L{connectAMPQuietly} leaves what C{connectionLost}
+    needs.
+    """
+    from twisted.internet.testing import StringTransport
+
+    protocol = _ProbeAMP()
+    connectAMPQuietly(protocol, StringTransport())
+    protocol.dataReceived(amp.AmpBox(k=b"v").serialize())
+    keys = [s for s in protocol.states if s[0] == "key"]
+    values = [s for s in protocol.states if s[0] == "value"]
+    _require(
+        keys and keys[0][1:3] == (b"k", AMP_VALUE_STATE) and keys[0][3] >= 1,
+        f"AMP's proto_key changed: {protocol.states}",
+    )
+    _require(values and values[0][1:3] == (b"v", AMP_KEY_STATE), f"AMP's proto_value changed: {protocol.states}")
+    _require(protocol.boxes == [{b"k": b"v"}], f"AMP's parser did not deliver the box: {protocol.boxes}")
+    # What AMP.connectionLost logs is what connectAMPQuietly keeps (read off
+    # its code, so that the probe logs nothing).
+    kept = {"_transportPeer", "_transportHost"}
+    used = {n for n in amp.AMP.connectionLost.__code__.co_names if n.startswith("_transport")}
+    _require(used <= kept and all(hasattr(protocol, n) for n in kept), f"AMP.connectionLost uses {used}")
+
+
+#: Every probe, in the order L{check} runs them.
+PROBES = (checkTransport, checkReactor, checkPort, checkAMP)
+
+
+def check() -> None:
+    """
+    Run every probe; raise L{Changed} (or whatever a probe met) naming the
+    first meaning that no longer holds.
+    """
+    for probe in PROBES:
+        probe()
+
+
+_usable: Optional[bool] = None
+
+
+def fastPaths() -> bool:
+    """
+    Whether the fast paths may be used in this process: L{check} passed
+    (run once; when it fails, one log line says which meaning changed and
+    that Twisted's plain paths are used).
+    """
+    global _usable
+    if _usable is None:
+        try:
+            check()
+        except Exception as e:
+            _usable = False
+            log.warn(
+                "Twisted {version} changed what twistedcluster's fast paths rely on "
+                "({why}): using Twisted's plain reactor, writes, connects and "
+                "accept logging, no splice (verified: Twisted {verified})",
+                version=twisted.__version__,
+                why=f"{type(e).__name__}: {e}",
+                verified=", ".join(VERIFIED),
+            )
+        else:
+            _usable = True
+    return _usable
