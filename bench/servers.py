@@ -184,7 +184,13 @@ class Servers:
         backendPort = self.backend.port  # type: ignore[attr-defined]
         c.waitUp([BACKEND], timeout=30)
         if base is not None:
-            base.waitUp([BACKEND], timeout=30)
+            # Asked in-process: the baseline's code may lay out its
+            # cluster-admin module differently from this checkout's.
+            waitFor(
+                lambda: base.quickStatus().get(BACKEND, {}).get("state") == "up",
+                30,
+                "the backend up at the baseline balancer",
+            )
             waitFor(lambda: _echoes(base.port), 20, "the baseline balancer to relay an echo")
             self.targets["baseline"] = Target(
                 "baseline", base.port, self.extra[-1],
