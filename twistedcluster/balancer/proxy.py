@@ -240,7 +240,12 @@ class ProxyServer(Relay):
         factory = self.factory
         if len(self._tried) >= factory.maxAttempts:
             return self.refuse("every attempt failed")
-        chosen = factory.cluster.pick(exclude=self._tried)
+        cluster = factory.cluster
+        if cluster.keyed:  # hash: the client's address, only then
+            key = getattr(self.transport.getPeer(), "host", None)
+            chosen = cluster.pick(exclude=self._tried, key=key)
+        else:
+            chosen = cluster.pick(exclude=self._tried)
         if chosen is None:
             # Wait only when every backend is full: a client that has ruled
             # some out while others are eligible would otherwise be woken

@@ -153,9 +153,12 @@ class RedirectProtocol(Protocol):
         pool = cluster.pool
         handOffs = factory.handOffs
         now = factory.clock.seconds()
-        source = sourceOf(self.transport.getPeer())
+        peer = self.transport.getPeer()
+        source = sourceOf(peer)
         counted = handOffs.admits(source)
-        chosen = cluster.pick() if counted else cluster.pickUncounted()
+        # hash routes on the client's address; no other policy sees it.
+        key = getattr(peer, "host", None) if cluster.keyed else None
+        chosen = cluster.pick(key=key) if counted else cluster.pickUncounted(key)
         line = NO_BACKEND
         if chosen is None:
             factory.noBackend()

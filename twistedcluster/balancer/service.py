@@ -18,7 +18,14 @@ from twistedcluster.balancer.listeners import listenerService, withBacklog
 from twistedcluster.balancer.control import DEFAULT_FORGET_AFTER
 from twistedcluster.balancer.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
 from twistedcluster.core.pool import DEFAULT_MAX_EJECTED_PERCENT
-from twistedcluster.core.policies import DEFAULT_POLICY, POLICIES, UnknownPolicy, makePolicy
+from twistedcluster.core.policies import (
+    DEFAULT_HASH_BALANCE,
+    DEFAULT_POLICY,
+    POLICIES,
+    UnknownPolicy,
+    checkHashBalance,
+    makePolicy,
+)
 from twistedcluster.balancer.redirect import DEFAULT_HANDOFF_WINDOW, DEFAULT_HANDOFFS_PER_SOURCE
 from twistedcluster.balancer.admission import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT
 from twistedcluster.balancer.passivehealth import (
@@ -80,6 +87,14 @@ class Options(usage.Options):
             None,
             DEFAULT_POLICY,
             f"Routing policy: {', '.join(sorted(POLICIES))}.",
+        ],
+        [
+            "hash-balance",
+            None,
+            DEFAULT_HASH_BALANCE,
+            "The hash policy's bound: no backend above FACTOR x the mean load "
+            "(HAProxy's hash-balance-factor / 100); 0: no bound.",
+            checkHashBalance,
         ],
         [
             "connect-timeout",
@@ -401,7 +416,7 @@ def makeService(options: Options, reactor=None):
     from twistedcluster.balancer.healthcheck import TCPHealthChecks
     from twistedcluster.balancer.statefile import StateKeeper, removeTemporaries, restore
 
-    cluster = Cluster(policy=options["policy"])
+    cluster = Cluster(policy=options["policy"], hashBalance=options["hash-balance"])
     top = MultiService()
     top.cluster = cluster  # for embedding and tests
     onChange = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import AbstractSet, Optional
 
-from twistedcluster.core.policies import DEFAULT_POLICY, makePolicy
+from twistedcluster.core.policies import DEFAULT_HASH_BALANCE, DEFAULT_POLICY, makePolicy
 from twistedcluster.core.pool import BackendStatus, Pool, State
 
 __all__ = [
@@ -48,6 +48,10 @@ class Cluster:
 
     @ivar pool: the backends.
     @ivar policyName: the name of the policy in force.
+    @ivar keyed: whether that policy routes on the client's key (hash):
+        callers work the key out for L{pick} only then.
+    @ivar hashBalance: the hash policy's bound factor, kept for when an
+        operator switches to it.
     """
 
     def __init__(
@@ -55,20 +59,26 @@ class Cluster:
         pool: Optional[Pool] = None,
         policy: str = DEFAULT_POLICY,
         rng: Optional[random.Random] = None,
+        hashBalance: float = DEFAULT_HASH_BALANCE,
     ) -> None:
         self.pool = pool if pool is not None else Pool()
         self.rng = rng if rng is not None else random.Random()
+        self.hashBalance = hashBalance
         self.policyName = policy
-        self._policy = makePolicy(policy)
+        self._policy = makePolicy(policy, hashBalance=hashBalance)
+        self.keyed = getattr(self._policy, "keyed", False)
 
     def setPolicy(self, name: str) -> None:
         """
         Switch policy; L{UnknownPolicy} leaves the current one in force.
         """
-        self._policy = makePolicy(name)
+        self._policy = makePolicy(name, hashBalance=self.hashBalance)
         self.policyName = name
+        self.keyed = getattr(self._policy, "keyed", False)
 
-    def pick(self, exclude: AbstractSet[str] = frozenset()) -> Optional[Route]:
+    def pick(
+        self, exclude: AbstractSet[str] = frozenset(), key: Optional[str] = None
+    ) -> Optional[Route]:
         """
         Choose a backend for a new connection and count it as routed there
         (the caller reports back with C{pool.connected}, C{connectFailed},
@@ -76,21 +86,30 @@ class Cluster:
         backend may take it.
 
         @param exclude: backends already tried for this connection.
+        @param key: the client's key (its address), for a policy that routes
+            on it (L{keyed}); others never see it.
         """
         candidates = self.pool.eligible()
         if exclude:
             candidates = tuple(c for c in candidates if c.name not in exclude)
-        chosen = self._policy.choose(candidates, self.rng)
+        if key is not None and self.keyed:
+            chosen = self._policy.choose(candidates, self.rng, key)
+        else:
+            chosen = self._policy.choose(candidates, self.rng)
         if chosen is None:
             return None
         return Route(chosen, self.pool.acquire(chosen.name))
 
-    def pickUncounted(self) -> Optional[BackendStatus]:
+    def pickUncounted(self, key: Optional[str] = None) -> Optional[BackendStatus]:
         """
         Choose a backend at random among those that may take a new
         connection, counting nothing: for an answer that must not use up
         capacity (a redirect client past its share, which may never come).
+        With a keyed policy and a key, the key's backend instead, so the
+        client keeps its backend.
         """
+        if key is not None and self.keyed:
+            return self._policy.choose(self.pool.eligible(), self.rng, key)
         candidates = [c for c in self.pool.eligible() if c.weight > 0]
         if not candidates:
             return None

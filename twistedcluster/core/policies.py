@@ -3,23 +3,38 @@ Routing policies: which eligible backend gets the next connection.
 
 Pure functions of a pool snapshot (a sequence of L{BackendStatus}) and a
 random source.  Round-robin keeps a cursor, so every policy is an object with
-one method, C{choose}; the others are stateless.
+one method, C{choose}; the others are stateless (p2c and hash keep caches,
+never anything that changes what they choose).
+
+A policy whose C{keyed} attribute is true (hash) also takes the client's key,
+C{choose(candidates, rng, key)}; the cluster passes it only to such a policy,
+and callers work the key out only then (L{Cluster.keyed}).
 """
 
 from __future__ import annotations
 
 import random
-from typing import Callable, Dict, Optional, Sequence
+from array import array
+from bisect import bisect_left
+from fractions import Fraction
+from hashlib import blake2b
+from itertools import chain
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 from twistedcluster.core.pool import BackendStatus
 
 __all__ = [
+    "DEFAULT_HASH_BALANCE",
     "DEFAULT_POLICY",
+    "BoundedHash",
     "LeastConn",
     "LeastLoad",
     "POLICIES",
+    "PowerOfTwo",
+    "RING_POINTS_PER_WEIGHT",
     "RoundRobin",
     "UnknownPolicy",
+    "checkHashBalance",
     "estimatedLoad",
     "makePolicy",
 ]
@@ -139,22 +154,253 @@ class RoundRobin:
         return best
 
 
+class PowerOfTwo:
+    """
+    Power of two choices: draw two distinct backends at random, in
+    proportion to their weights, and route to the one with the lower
+    estimated load (L{estimatedLoad}); with two candidates, the lower of the
+    two; with one, it.
+
+    Nearly as even as least-load, at a cost that does not grow with the
+    number of backends, and the answer to herding across several balancers:
+    each balancer draws its own pairs, so a backend that looks idle to all of
+    them is not the only one any of them picks.
+    """
+
+    name = "p2c"
+
+    #: Draws tried before falling back to an exact draw over every candidate
+    #: (when weights are very uneven, or every weight is 0).
+    _TRIES = 32
+
+    def __init__(self) -> None:
+        # The heaviest weight seen, bounding the rejection draw; learnt as
+        # heavier ones are seen, re-learnt by the exact draw.
+        self._maxWeight = 1
+
+    def choose(
+        self, candidates: Sequence[BackendStatus], rng: random.Random
+    ) -> Optional[BackendStatus]:
+        if len(candidates) <= 2:
+            return _lowest(candidates, estimatedLoad, rng)
+        first = self._draw(candidates, rng, None)
+        if first is None:
+            return None
+        second = self._draw(candidates, rng, first)
+        if second is None:
+            return first
+        return first if estimatedLoad(first) <= estimatedLoad(second) else second
+
+    def _draw(
+        self,
+        candidates: Sequence[BackendStatus],
+        rng: random.Random,
+        other: Optional[BackendStatus],
+    ) -> Optional[BackendStatus]:
+        """
+        One candidate other than C{other}, at random in proportion to its
+        weight: by rejection (uniform index, kept with probability
+        weight / heaviest weight), else exactly over them all.
+        """
+        n = len(candidates)
+        draw = rng.random
+        top = self._maxWeight
+        for _ in range(self._TRIES):
+            c = candidates[int(draw() * n)]
+            w = c.weight
+            if w > top:
+                self._maxWeight = top = w
+            if c is not other and w > 0 and (w >= top or draw() * top < w):
+                return c
+        usable = [c for c in candidates if c.weight > 0 and c is not other]
+        if not usable:
+            return None
+        weights = [c.weight for c in usable]
+        self._maxWeight = max(weights)
+        return rng.choices(usable, weights)[0]
+
+
+#: Ring points per unit of weight, in blocks of 8 (one hash gives 8 points).
+RING_POINTS_PER_WEIGHT = 128
+#: The default bound: no backend above 1.25 x the mean load (HAProxy's
+#: ``hash-balance-factor 125``).
+DEFAULT_HASH_BALANCE = 1.25
+
+_POINT_BITS = 40
+_POINT_MASK = (1 << _POINT_BITS) - 1
+_INDEX_BITS = 24  # a ring entry is (point << 24) | the index of its backend
+_INDEX_MASK = (1 << _INDEX_BITS) - 1
+_BLOCK = 8
+
+
+def checkHashBalance(factor: float) -> float:
+    """
+    C{factor}, if it may bound hash's load: 0 (no bound) or at least 1;
+    else C{ValueError}.
+    """
+    factor = float(factor)
+    if not (factor == 0 or 1 <= factor < float("inf")):
+        raise ValueError(f"hash balance factor must be 0 (no bound) or >= 1, not {factor}")
+    return factor
+
+
+checkHashBalance.coerceDoc = "0 (no bound) or at least 1."  # type: ignore[attr-defined]
+
+
+def _ringPoints(name: str, weight: int) -> List[int]:
+    """
+    Where a backend sits on the ring: L{RING_POINTS_PER_WEIGHT} points per
+    unit of weight, from blake2b of its name and block number (stable across
+    processes and balancers, unlike C{hash()}).  A heavier weight keeps the
+    lighter one's points and adds more, so a weight change moves only the
+    keys it must.
+    """
+    out: List[int] = []
+    for block in range(RING_POINTS_PER_WEIGHT * weight // _BLOCK):
+        x = int.from_bytes(
+            blake2b(f"{name}#{block}".encode(), digest_size=5 * _BLOCK).digest(), "big"
+        )
+        out.extend((x >> (_POINT_BITS * k)) & _POINT_MASK for k in range(_BLOCK))
+    return out
+
+
+def _keyPoint(key: str) -> int:
+    """
+    Where a client's key falls on the ring.
+    """
+    return int.from_bytes(blake2b(key.encode(), digest_size=5).digest(), "big")
+
+
+class BoundedHash:
+    """
+    Consistent hashing on the client's key (its address) with bounded loads
+    (Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing with Bounded
+    Loads"; HAProxy's ``hash-type consistent`` with ``hash-balance-factor``).
+
+    The backends sit on a ring, L{RING_POINTS_PER_WEIGHT} points per unit of
+    weight.  A key goes to the first backend clockwise from its point whose
+    load is under its bound, skipping those that may take no connection
+    (full, down, drained: not among the candidates).  Load is the backend's
+    estimated connections (its report plus what this balancer sent it that
+    the report had not seen); the bound of a backend of weight M{w} is
+    M{ceil(factor * (L + 1) * w / W)}, where M{L} is the candidates' total
+    load and M{W} their total weight: with equal weights, no backend above
+    C{factor} times the mean, counting the new connection.  Since the bounds
+    sum to more than M{L}, some backend is always under its own.
+
+    So a client keeps its backend while the pool is stable and that backend
+    is not over its bound; when a backend joins or leaves, only the keys
+    that were, or become, its own move (about 1/n of them).
+
+    @ivar hashBalance: the factor; 0 for no bound (pure consistent hashing).
+    """
+
+    name = "hash"
+    keyed = True
+
+    def __init__(self, hashBalance: float = DEFAULT_HASH_BALANCE) -> None:
+        self.hashBalance = checkHashBalance(hashBalance)
+        # The bound's factor as an exact fraction: integer comparisons only.
+        ratio = Fraction(self.hashBalance).limit_denominator(10_000)
+        self._num, self._den = ratio.numerator, ratio.denominator
+        #: The backends on the ring and their weights.  Backends that stop
+        #: being candidates stay (the walk skips them, which is exactly what
+        #: a ring without them would do), so a backend that fills up, or one
+        #: excluded after a failed connect, costs no rebuild; the ring is
+        #: rebuilt when a candidate is new or has a new weight, and pruned
+        #: when most of it is absent.
+        self._members: Dict[str, int] = {}
+        self._names: List[str] = []
+        self._ring = array("Q")
+
+    def _rebuild(self, members: Dict[str, int]) -> None:
+        names = sorted(members)
+        if len(names) > _INDEX_MASK + 1:
+            raise ValueError(f"too many backends for the hash ring: {len(names)}")
+        entries: List[int] = []
+        for index, name in enumerate(names):
+            entries.extend((p << _INDEX_BITS) | index for p in _ringPoints(name, members[name]))
+        entries.sort()
+        self._members = members
+        self._names = names
+        self._ring = array("Q", entries)
+
+    def choose(
+        self,
+        candidates: Sequence[BackendStatus],
+        rng: random.Random,
+        key: Optional[str] = None,
+    ) -> Optional[BackendStatus]:
+        """
+        The backend for C{key}; a random point of the ring without one.
+        """
+        byName: Dict[str, BackendStatus] = {}
+        total = 0
+        totalWeight = 0
+        members = self._members
+        stale = False
+        for c in candidates:
+            w = c.weight
+            if w > 0:
+                name = c.name
+                byName[name] = c
+                total += c.estimatedConnections
+                totalWeight += w
+                if members.get(name) != w:
+                    stale = True
+        if len(byName) <= 1:
+            return next(iter(byName.values()), None)
+        if len(members) > 4 * len(byName) + 64:
+            self._rebuild({n: c.weight for n, c in byName.items()})
+        elif stale:
+            kept = {n: w for n, w in members.items() if n not in byName}
+            kept.update((n, c.weight) for n, c in byName.items())
+            self._rebuild(kept)
+        point = _keyPoint(key) if key is not None else rng.getrandbits(_POINT_BITS)
+        ring, names = self._ring, self._names
+        start = bisect_left(ring, point << _INDEX_BITS)
+        bounded = self._num > 0
+        # Under its bound: load < factor * (total + 1) * w / W, in integers.
+        scale = self._den * totalWeight
+        room = self._num * (total + 1)
+        over: Set[str] = set()
+        for i in chain(range(start, len(ring)), range(start)):
+            name = names[ring[i] & _INDEX_MASK]
+            c = byName.get(name)
+            if c is None or name in over:
+                continue
+            if not bounded or c.estimatedConnections * scale < room * c.weight:
+                return c
+            over.add(name)
+            if len(over) == len(byName):
+                break
+        # Not reached while the factor is >= 1; least loaded per weight.
+        return _lowest(candidates, lambda b: b.estimatedConnections / b.weight, rng)
+
+
 #: Policies by the name used in ``--policy`` and ``cluster-admin policy``.
 POLICIES: Dict[str, Callable[[], object]] = {
     LeastLoad.name: LeastLoad,
     LeastConn.name: LeastConn,
     RoundRobin.name: RoundRobin,
+    PowerOfTwo.name: PowerOfTwo,
+    BoundedHash.name: BoundedHash,
 }
 
 DEFAULT_POLICY = LeastLoad.name
 
 
-def makePolicy(name: str):
+def makePolicy(name: str, hashBalance: Optional[float] = None):
     """
     A new policy object for C{name}; L{UnknownPolicy} if there is none.
+
+    @param hashBalance: the hash policy's bound factor (see L{BoundedHash});
+        other policies ignore it.  L{DEFAULT_HASH_BALANCE} when C{None}.
     """
     try:
         factory = POLICIES[name]
     except KeyError:
         raise UnknownPolicy(name) from None
+    if factory is BoundedHash and hashBalance is not None:
+        return BoundedHash(hashBalance)
     return factory()
