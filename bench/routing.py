@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-POLICIES = ("least-load", "least-conn", "round-robin")
+POLICIES = ("least-load", "least-conn", "round-robin", "p2c", "hash")
 # Every loop is bounded: this many routed connections at most per figure,
 # and at most this many seconds.
 MAX_PICKS = 20_000
@@ -36,14 +36,20 @@ def measure(counts) -> dict:
     import inspect
 
     from twistedcluster.core.cluster import Cluster
+    from twistedcluster.core.policies import POLICIES as known
     from twistedcluster.core.pool import Pool
 
     ticketed = "ticket" in inspect.signature(Pool.release).parameters
+    # hash routes on the client's address: a thousand clients in turn.
+    clients = [f"10.0.{i // 256}.{i % 256}" for i in range(1000)]
 
     out = {}
     for policy in POLICIES:
+        if policy not in known:  # a baseline from before the policy
+            continue
         for n in counts:
             cluster = Cluster(policy=policy)
+            keyed = getattr(cluster, "keyed", False)
             pool = cluster.pool
             for i in range(n):
                 pool.register(f"backend-{i:05d}", "127.0.0.1", 9000 + i % 50000, capacity=10**9)
@@ -52,7 +58,10 @@ def measure(counts) -> dict:
             start = time.perf_counter()
             deadline = start + MAX_SECONDS
             while picks < MAX_PICKS and (picks % 64 or time.perf_counter() < deadline):
-                chosen = cluster.pick()
+                if keyed:
+                    chosen = cluster.pick(key=clients[picks % 1000])
+                else:
+                    chosen = cluster.pick()
                 if ticketed:
                     pool.connected(chosen.name, chosen.ticket)
                     pool.release(chosen.name, chosen.ticket)
@@ -100,7 +109,7 @@ def main(argv=None) -> int:
         for n in counts:
             key = f"{policy}/{n}"
             line = f"{policy:<12}{n:>9,}{ours[key]:>12.1f}"
-            if base:
+            if base and key in base:
                 line += f"{base[key]:>12.1f}{ours[key] / base[key]:>10.2f}x"
             print(line)
     return 0

@@ -19,6 +19,7 @@ from bisect import bisect_left
 from fractions import Fraction
 from hashlib import blake2b
 from itertools import chain
+from operator import attrgetter
 from typing import Callable, Dict, List, Optional, Sequence, Set
 
 from twistedcluster.core.pool import BackendStatus
@@ -212,12 +213,11 @@ class PowerOfTwo:
                 self._maxWeight = top = w
             if c is not other and w > 0 and (w >= top or draw() * top < w):
                 return c
+        self._maxWeight = max(1, max(c.weight for c in candidates))
         usable = [c for c in candidates if c.weight > 0 and c is not other]
         if not usable:
             return None
-        weights = [c.weight for c in usable]
-        self._maxWeight = max(weights)
-        return rng.choices(usable, weights)[0]
+        return rng.choices(usable, [c.weight for c in usable])[0]
 
 
 #: Ring points per unit of weight, in blocks of 8 (one hash gives 8 points).
@@ -231,6 +231,11 @@ _POINT_MASK = (1 << _POINT_BITS) - 1
 _INDEX_BITS = 24  # a ring entry is (point << 24) | the index of its backend
 _INDEX_MASK = (1 << _INDEX_BITS) - 1
 _BLOCK = 8
+
+
+_nameOf = attrgetter("name")
+_weightOf = attrgetter("weight")
+_connectionsOf = attrgetter("estimatedConnections")
 
 
 def checkHashBalance(factor: float) -> float:
@@ -312,6 +317,35 @@ class BoundedHash:
         self._members: Dict[str, int] = {}
         self._names: List[str] = []
         self._ring = array("Q")
+        # The candidates' names and weights last seen, and what follows
+        # from them: where each ring member is among them (-1: absent), how
+        # many have a weight (and the one, if one), their total weight.
+        self._seenNames: List[str] = []
+        self._seenWeights: List[int] = []
+        self._positions: List[int] = []
+        self._usable = 0
+        self._only = -1
+        self._totalWeight = 0
+
+    def _see(self, names: List[str], weights: List[int]) -> None:
+        """
+        New candidates (by name and weight): rebuild the ring if one is new
+        or reweighted (or most of the ring is absent), and place them.
+        """
+        current = {n: w for n, w in zip(names, weights) if w > 0}
+        members = self._members
+        if len(members) > 4 * len(current) + 64:
+            self._rebuild(current)
+        elif not current.items() <= members.items():
+            kept = dict(members)
+            kept.update(current)
+            self._rebuild(kept)
+        where = {n: i for i, (n, w) in enumerate(zip(names, weights)) if w > 0}
+        self._positions = [where.get(n, -1) for n in self._names]
+        self._usable = len(current)
+        self._only = next(iter(where.values()), -1)
+        self._totalWeight = sum(current.values())
+        self._seenNames, self._seenWeights = names, weights
 
     def _rebuild(self, members: Dict[str, int]) -> None:
         names = sorted(members)
@@ -334,45 +368,38 @@ class BoundedHash:
         """
         The backend for C{key}; a random point of the ring without one.
         """
-        byName: Dict[str, BackendStatus] = {}
-        total = 0
-        totalWeight = 0
-        members = self._members
-        stale = False
-        for c in candidates:
-            w = c.weight
-            if w > 0:
-                name = c.name
-                byName[name] = c
-                total += c.estimatedConnections
-                totalWeight += w
-                if members.get(name) != w:
-                    stale = True
-        if len(byName) <= 1:
-            return next(iter(byName.values()), None)
-        if len(members) > 4 * len(byName) + 64:
-            self._rebuild({n: c.weight for n, c in byName.items()})
-        elif stale:
-            kept = {n: w for n, w in members.items() if n not in byName}
-            kept.update((n, c.weight) for n, c in byName.items())
-            self._rebuild(kept)
+        # Whole-sequence passes in C (map, list compare): what a pick costs
+        # that grows with the number of backends, with the load total below.
+        names = list(map(_nameOf, candidates))
+        weights = list(map(_weightOf, candidates))
+        if names != self._seenNames or weights != self._seenWeights:
+            self._see(names, weights)
+        usable = self._usable
+        if usable <= 1:
+            return candidates[self._only] if usable else None
         point = _keyPoint(key) if key is not None else rng.getrandbits(_POINT_BITS)
-        ring, names = self._ring, self._names
+        ring, positions = self._ring, self._positions
         start = bisect_left(ring, point << _INDEX_BITS)
-        bounded = self._num > 0
-        # Under its bound: load < factor * (total + 1) * w / W, in integers.
-        scale = self._den * totalWeight
-        room = self._num * (total + 1)
-        over: Set[str] = set()
+        num = self._num
+        room = 0  # num * (total load + 1), worked out when first needed
+        scale = self._den * self._totalWeight
+        over: Set[int] = set()
         for i in chain(range(start, len(ring)), range(start)):
-            name = names[ring[i] & _INDEX_MASK]
-            c = byName.get(name)
-            if c is None or name in over:
+            at = positions[ring[i] & _INDEX_MASK]
+            if at < 0 or at in over:
                 continue
-            if not bounded or c.estimatedConnections * scale < room * c.weight:
+            c = candidates[at]
+            load = c.estimatedConnections
+            # Under its bound: load < factor * (total + 1) * w / W, in
+            # integers (an idle backend always is).
+            if not num or not load:
                 return c
-            over.add(name)
-            if len(over) == len(byName):
+            if not room:
+                room = num * (sum(map(_connectionsOf, candidates)) + 1)
+            if load * scale < room * c.weight:
+                return c
+            over.add(at)
+            if len(over) == usable:
                 break
         # Not reached while the factor is >= 1; least loaded per weight.
         return _lowest(candidates, lambda b: b.estimatedConnections / b.weight, rng)
