@@ -311,15 +311,24 @@ def test_the_ring_is_not_rebuilt_when_a_backend_fills_up_or_is_excluded(monkeypa
     real = BoundedHash._rebuild
     monkeypatch.setattr(BoundedHash, "_rebuild", lambda self, m: (builds.append(set(m)), real(self, m)))
     policy = BoundedHash()
-    names = [f"b{i}" for i in range(6)]
+    names = [f"b{i:02d}" for i in range(40)]
     policy.choose(idle(names), random.Random(0), "k")
     policy.choose(idle(names[1:]), random.Random(0), "k")  # b0 full or tried
     policy.choose(idle(names[2:]), random.Random(0), "k")
     policy.choose(idle(names), random.Random(0), "k")  # back
+    # A join, or a new weight, changes only that backend's points.
+    ks = keys(500, 11)
+    grown = [*idle(names[1:]), status("new", weight=2)]
+    policy.choose(idle([*names, "new"]), random.Random(0), "k")  # joins: few of 40
+    ours = assign(policy, grown, ks)
     assert builds == [set(names)]
-    policy.choose(idle([*names, "b6"]), random.Random(0), "k")  # joins
-    policy.choose([*idle(names[1:]), status("b6", weight=2)], random.Random(0), "k")
-    assert len(builds) == 3
+    assert ours == assign(BoundedHash(), grown, ks)
+    # Most of the ring absent: rebuilt without the absent.
+    many = [f"m{i:03d}" for i in range(200)]
+    policy.choose(idle(many), random.Random(0), "k")
+    policy.choose(idle(many[:10]), random.Random(0), "k")
+    assert builds[-1] == set(many[:10])
+    assert assign(policy, idle(many[:10]), ks) == assign(BoundedHash(), idle(many[:10]), ks)
 
 
 def test_hash_without_a_key_picks_a_random_point_within_the_bound():

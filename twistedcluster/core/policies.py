@@ -14,11 +14,10 @@ and callers work the key out only then (L{Cluster.keyed}).
 from __future__ import annotations
 
 import random
-from array import array
-from bisect import bisect_left
+from bisect import bisect_left, insort
 from fractions import Fraction
 from hashlib import blake2b
-from itertools import chain
+from itertools import chain, islice
 from operator import attrgetter
 from typing import Callable, Dict, List, Optional, Sequence, Set
 
@@ -230,6 +229,8 @@ _POINT_BITS = 40
 _POINT_MASK = (1 << _POINT_BITS) - 1
 _INDEX_BITS = 24  # a ring entry is (point << 24) | the index of its backend
 _INDEX_MASK = (1 << _INDEX_BITS) - 1
+_BUCKET_SIZE = 64  # ring entries per bucket, about (up to 4x between rebuilds)
+_MAX_BUCKET_BITS = 16
 _BLOCK = 8
 
 
@@ -311,12 +312,20 @@ class BoundedHash:
         #: The backends on the ring and their weights.  Backends that stop
         #: being candidates stay (the walk skips them, which is exactly what
         #: a ring without them would do), so a backend that fills up, or one
-        #: excluded after a failed connect, costs no rebuild; the ring is
-        #: rebuilt when a candidate is new or has a new weight, and pruned
-        #: when most of it is absent.
+        #: excluded after a failed connect, costs nothing; a new candidate's
+        #: points are added, a reweighted one's replaced, and the ring is
+        #: rebuilt without the absent when most of it is absent.
         self._members: Dict[str, int] = {}
+        #: Each member's slot (the low bits of its ring entries), and the
+        #: member in each slot.
+        self._slots: Dict[str, int] = {}
         self._names: List[str] = []
-        self._ring = array("Q")
+        #: The ring, cut by the top bits of the point into buckets of
+        #: sorted entries (point << 24 | slot): adding one backend's points
+        #: is a few short insertions, not a new ring.
+        self._buckets: List[List[int]] = [[]]
+        self._shift = _POINT_BITS
+        self._entries = 0
         # The candidates' names and weights last seen, and what follows
         # from them: where each ring member is among them (-1: absent), how
         # many have a weight (and the one, if one), their total weight.
@@ -337,9 +346,20 @@ class BoundedHash:
         if len(members) > 4 * len(current) + 64:
             self._rebuild(current)
         elif not current.items() <= members.items():
-            kept = dict(members)
-            kept.update(current)
-            self._rebuild(kept)
+            changed = [(n, w) for n, w in current.items() if members.get(n) != w]
+            if len(changed) * 8 > len(members):  # many: cheaper from scratch
+                kept = dict(members)
+                kept.update(current)
+                self._rebuild(kept)
+            else:
+                for name, weight in changed:
+                    old = members.get(name)
+                    if old is not None:
+                        self._place(name, old, remove=True)
+                    self._place(name, weight)
+                buckets = len(self._buckets)
+                if self._entries > 4 * _BUCKET_SIZE * buckets and buckets < 1 << _MAX_BUCKET_BITS:
+                    self._rebuild(self._members)  # grown: more buckets
         where = {n: i for i, (n, w) in enumerate(zip(names, weights)) if w > 0}
         self._positions = [where.get(n, -1) for n in self._names]
         self._usable = len(current)
@@ -348,16 +368,52 @@ class BoundedHash:
         self._seenNames, self._seenWeights = names, weights
 
     def _rebuild(self, members: Dict[str, int]) -> None:
+        """
+        The ring of C{members} alone, from scratch.
+        """
         names = sorted(members)
         if len(names) > _INDEX_MASK + 1:
             raise ValueError(f"too many backends for the hash ring: {len(names)}")
-        entries: List[int] = []
-        for index, name in enumerate(names):
-            entries.extend((p << _INDEX_BITS) | index for p in _ringPoints(name, members[name]))
-        entries.sort()
-        self._members = members
+        entries = RING_POINTS_PER_WEIGHT * sum(members.values())
+        bits = min(_MAX_BUCKET_BITS, (entries // _BUCKET_SIZE).bit_length())
+        shift = _POINT_BITS - bits
+        buckets: List[List[int]] = [[] for _ in range(1 << bits)]
+        for slot, name in enumerate(names):
+            for p in _ringPoints(name, members[name]):
+                buckets[p >> shift].append((p << _INDEX_BITS) | slot)
+        for bucket in buckets:
+            bucket.sort()
+        self._members = dict(members)
+        self._slots = {n: i for i, n in enumerate(names)}
         self._names = names
-        self._ring = array("Q", entries)
+        self._buckets = buckets
+        self._shift = shift
+        self._entries = entries
+
+    def _place(self, name: str, weight: int, remove: bool = False) -> None:
+        """
+        Put a backend's points on the ring, or take them off.
+        """
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = self._slots[name] = len(self._names)
+            if slot > _INDEX_MASK:
+                raise ValueError(f"too many backends for the hash ring: {slot + 1}")
+            self._names.append(name)
+        buckets, shift = self._buckets, self._shift
+        points = _ringPoints(name, weight)
+        self._entries += -len(points) if remove else len(points)
+        for p in points:
+            bucket = buckets[p >> shift]
+            entry = (p << _INDEX_BITS) | slot
+            if remove:
+                del bucket[bisect_left(bucket, entry)]
+            else:
+                insort(bucket, entry)
+        if remove:
+            del self._members[name]
+        else:
+            self._members[name] = weight
 
     def choose(
         self,
@@ -378,14 +434,22 @@ class BoundedHash:
         if usable <= 1:
             return candidates[self._only] if usable else None
         point = _keyPoint(key) if key is not None else rng.getrandbits(_POINT_BITS)
-        ring, positions = self._ring, self._positions
-        start = bisect_left(ring, point << _INDEX_BITS)
+        positions, buckets = self._positions, self._buckets
+        b = point >> self._shift
+        home = buckets[b]
+        start = bisect_left(home, point << _INDEX_BITS)
+        last = len(buckets) - 1
+        clockwise = chain(
+            islice(home, start, None),
+            chain.from_iterable(buckets[(b + k) & last] for k in range(1, last + 1)),
+            islice(home, start),
+        )
         num = self._num
         room = 0  # num * (total load + 1), worked out when first needed
         scale = self._den * self._totalWeight
         over: Set[int] = set()
-        for i in chain(range(start, len(ring)), range(start)):
-            at = positions[ring[i] & _INDEX_MASK]
+        for entry in clockwise:
+            at = positions[entry & _INDEX_MASK]
             if at < 0 or at in over:
                 continue
             c = candidates[at]
