@@ -20,6 +20,7 @@ from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
+from twistedcluster.core.policies import POLICIES
 from twistedcluster.wire import commands
 from twistedcluster.address import formatHostPort
 from twistedcluster.wire.auth import SecretFileError, authenticate, loadSecret
@@ -124,7 +125,7 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "policy", parents=[common], help="show, or set, the routing policy"
     )
-    sp.add_argument("policy", nargs="?", help="least-load, least-conn or round-robin")
+    sp.add_argument("policy", nargs="?", help=", ".join(sorted(POLICIES)))
     return p
 
 
