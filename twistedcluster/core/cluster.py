@@ -77,9 +77,7 @@ class Cluster:
 
         @param exclude: backends already tried for this connection.
         """
-        candidates = self.pool.eligible()
-        if exclude:
-            candidates = tuple(c for c in candidates if c.name not in exclude)
+        candidates = self.pool.candidates(exclude)
         chosen = self._policy.choose(candidates, self.rng)
         if chosen is None:
             return None
@@ -91,7 +89,7 @@ class Cluster:
         connection, counting nothing: for an answer that must not use up
         capacity (a redirect client past its share, which may never come).
         """
-        candidates = [c for c in self.pool.eligible() if c.weight > 0]
+        candidates = self.pool.candidates()  # all with a weight
         if not candidates:
             return None
         return candidates[self.rng.randrange(len(candidates))]
@@ -102,6 +100,6 @@ class Cluster:
         that could is at capacity (rather than down, drained or absent):
         then a client may wait for room.
         """
-        return not self.pool.eligible() and any(
+        return not self.pool.candidates() and any(
             b.full for b in self.pool.snapshot() if b.state is State.UP and b.weight > 0
         )
