@@ -639,6 +639,19 @@ class Pool:
         m.reports += 1
         self._loadChanged(m)
 
+    def markDue(self, name: str, mark: Optional[int]) -> bool:
+        """
+        Whether the backend needs a newer mark than C{mark} (the last one
+        it was given): a connection reached it after that mark left, and no
+        report has seen it.  Without one, its reports could never count
+        that connection.
+        """
+        m = self._member(name)
+        for reached in m.unseen.values():
+            if reached is not None and (mark is None or reached > mark):
+                return True
+        return False
+
     def mark(self, name: str) -> int:
         """
         A mark to send a backend in the answer to its registration or
