@@ -132,7 +132,8 @@ class RoundRobin:
     On the pool's L{Candidates} it is stride scheduling instead (the same
     shares, in log(backends) per pick): each backend has a pass, the
     lowest pass is chosen and moves on by 1/weight; a backend that joins
-    (or comes back) starts at the pass of the last one chosen.  Over whole
+    (or comes back) starts at the pass of the last one chosen; ties go in
+    name order.  Over whole
     rounds of sum(weights) picks each backend gets its weight's share to
     within one.
     """
@@ -181,7 +182,7 @@ class RoundRobin:
         return best
 
     def _stride(self, candidates, indexed, rng: random.Random) -> Optional[BackendStatus]:
-        chosen = indexed(self._passOf, rng)
+        chosen = indexed(self._passOf, rng, randomTies=False)  # name order, as ever
         if chosen is None:
             return None
         passes = self._pass

@@ -435,11 +435,12 @@ class Pool:
         score: Callable[[BackendStatus], float],
         rng: random.Random,
         exclude: Iterable[str] = (),
+        randomTies: bool = True,
     ) -> Optional[BackendStatus]:
         """
         The eligible backend with the lowest C{score}, ties broken at random
-        (with C{rng}); C{None} if there is none (once C{exclude} is left
-        out).
+        (with C{rng}), or by name when not C{randomTies}; C{None} if there
+        is none (once C{exclude} is left out).
 
         The pool keeps an index (a heap) for each score function asked for
         (the few most recently used): a change to a backend re-scores that
@@ -450,7 +451,7 @@ class Pool:
         """
         index = self._indexes.get(score)
         if index is None:
-            index = self._indexes[score] = _Index(score)
+            index = self._indexes[score] = _Index(score, randomTies)
             index.dirty.update(self._eligiblePosition)
             if len(self._indexes) > _MAX_INDEXES:
                 self._indexes.popitem(last=False)
@@ -978,6 +979,10 @@ _MAX_INDEXES = 4
 _TIE_DIGITS = 12
 
 
+def _noDraw() -> float:
+    return 0.0
+
+
 class _Index:
     """
     The eligible backends in a heap by score, for L{Pool.lowest}.
@@ -989,10 +994,12 @@ class _Index:
     as likely to come first.
     """
 
-    __slots__ = ("score", "heap", "current", "dirty")
+    __slots__ = ("score", "randomTies", "heap", "current", "dirty")
 
-    def __init__(self, score: Callable[[BackendStatus], float]) -> None:
+    def __init__(self, score: Callable[[BackendStatus], float], randomTies: bool = True) -> None:
         self.score = score
+        #: Whether ties go at random; else by name.
+        self.randomTies = randomTies
         self.heap: List[Tuple[float, float, str, BackendStatus]] = []
         self.current: Dict[str, Tuple[float, float, str, BackendStatus]] = {}
         #: Names to re-score before the next read.
@@ -1004,7 +1011,7 @@ class _Index:
         status = pool._status
         score = self.score
         heap, current = self.heap, self.current
-        draw = rng.random
+        draw = rng.random if self.randomTies else _noDraw
         push = heapq.heappush
         for name in self.dirty:
             if name not in position:
@@ -1126,13 +1133,16 @@ class Candidates(Sequence[BackendStatus]):
         return pool._status(pool._eligibleMembers[where])
 
     def lowest(
-        self, score: Callable[[BackendStatus], float], rng: random.Random
+        self,
+        score: Callable[[BackendStatus], float],
+        rng: random.Random,
+        randomTies: bool = True,
     ) -> Optional[BackendStatus]:
         """
-        The candidate with the lowest C{score}, ties at random: see
-        L{Pool.lowest}.
+        The candidate with the lowest C{score}, ties at random (or by name):
+        see L{Pool.lowest}.
         """
-        return self._pool.lowest(score, rng, self._exclude)
+        return self._pool.lowest(score, rng, self._exclude, randomTies)
 
     def rescore(self, score: Callable[[BackendStatus], float], name: str) -> None:
         self._pool.rescore(score, name)
