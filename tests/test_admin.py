@@ -241,3 +241,42 @@ def test_every_backend_command_names_an_unknown_backend_and_keeps_the_channel(co
     assert f.check(commands.UnknownBackendError)
     assert "no backend named 'nope'" in f.getErrorMessage()
     assert not server.transport.disconnecting
+
+
+def test_a_long_list_comes_as_json_in_few_pages_and_old_balancers_still_page():
+    from twisted.internet import defer
+
+    from twistedcluster.balancer.admin import AdminProtocol
+    from twistedcluster.cli.admin import listAll
+
+    lb = MemoryBalancer()
+    for i in range(6000):
+        lb.pool.register(f"backend-{i:05d}", "10.1.2.3", 9000 + i % 100, capacity=7)
+    lb.pool.report("backend-00001", connections=3, load=0.25)
+    lb.pool.markDown("backend-00002")
+    admin, _, _ = lb.adminChannel()
+    calls = []
+    real = admin.callRemote
+
+    def counting(command, **kw):
+        calls.append(kw)
+        return real(command, **kw)
+
+    admin.callRemote = counting
+    policy, backends = lb.resultOf(defer.ensureDeferred(listAll(admin)))
+    assert backends == [commands.backendItem(s) for s in lb.pool.snapshot()]
+    assert len(calls) <= 3  # JSON pages of some 4,000 backends each
+
+    # A balancer from before JSON pages ignores the ask: AmpList pages.
+    original = AdminProtocol._commandDispatch[commands.ListBackends.commandName]
+
+    def oldList(self, offset=None, json=None):
+        return original[1](self, offset)
+
+    AdminProtocol._commandDispatch[commands.ListBackends.commandName] = (original[0], oldList)
+    try:
+        calls.clear()
+        _, paged = lb.resultOf(defer.ensureDeferred(listAll(admin)))
+    finally:
+        AdminProtocol._commandDispatch[commands.ListBackends.commandName] = original
+    assert paged == backends and len(calls) > 3

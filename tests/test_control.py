@@ -25,7 +25,8 @@ def test_register_and_report_reach_the_pool():
     lb = MemoryBalancer()
     client, server, pump = lb.controlChannel()
     answer = result(register(client, capacity=20, connections=3, load=0.15), lb)
-    assert answer == {"heartbeatTimeout": 3.0, "mark": 0}
+    # A backend that does not offer one-way reports is not told to use them.
+    assert answer == {"heartbeatTimeout": 3.0, "mark": 0, "quiet": None}
     s = lb.pool.get("a")
     assert (s.state, s.host, s.port, s.capacity, s.connections) == (State.UP, "127.0.0.1", 9000, 20, 3)
     result(client.callRemote(commands.ReportLoad, connections=7, load=0.35), lb)

@@ -87,7 +87,7 @@ def stillServes(lb):
         commands.Register, name="good", host="127.0.0.1", port=9000, capacity=1,
         connections=0, load=0.0, interval=1.0,
     ))
-    assert answer == {"heartbeatTimeout": 3.0, "mark": 0}
+    assert answer == {"heartbeatTimeout": 3.0, "mark": 0, "quiet": None}  # no one-way offer made
     assert lb.pool.get("good").state is State.UP
 
 

@@ -210,3 +210,36 @@ def test_weights_are_respected(weights, rounds, policy, seed):
     counts = Counter(cluster.pick().name for _ in range(total))
     for i, w in enumerate(weights):
         assert abs(counts[f"b{i}"] - w * rounds) <= 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    weights=st.lists(st.integers(min_value=1, max_value=6), min_size=2, max_size=6),
+    rounds=st.integers(min_value=1, max_value=10),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_round_robin_on_the_index_keeps_shares_when_a_backend_comes_back(weights, rounds, seed):
+    # A backend that leaves and comes back starts where the others are, not
+    # with a credit of every pick it missed.
+    pool = Pool()
+    for i, w in enumerate(weights):
+        pool.register(f"b{i}", "h", 1000 + i, capacity=1000)
+        pool.setWeight(f"b{i}", w)
+    cluster = Cluster(pool, policy="round-robin", rng=random.Random(seed))
+    pool.markDown("b0")
+    for _ in range(sum(weights) * 3):
+        assert cluster.pick().name != "b0"
+    pool.markUp("b0")
+    counts = Counter(cluster.pick().name for _ in range(sum(weights) * rounds))
+    assert counts["b0"] <= weights[0] * rounds + 1
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_policy_takes_the_pools_live_candidates(policy):
+    pool = Pool()
+    for name in "abc":
+        pool.register(name, "h", 1, capacity=10)
+    pool.markDown("b")
+    cluster = Cluster(pool, policy=policy, rng=random.Random(0))
+    picked = {cluster.pick(exclude={"a"}).name for _ in range(5)}
+    assert picked == {"c"}

@@ -2,6 +2,8 @@
 The pool: states, admin settings that survive reconnects, accounting.
 """
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +18,7 @@ from twistedcluster.core.pool import (
     allowedEjections,
     names,
 )
+from twistedcluster.core.policies import estimatedLoad
 
 
 def poolOf(*ns):
@@ -292,6 +295,17 @@ def test_snapshots_always_match_the_members(steps):
         for s in fresh:
             assert pool.get(s.name) == s
         assert (pool.inService, pool.ejected) == _inService(pool)
+        # The live candidates and the index by load follow every change.
+        candidates = pool.candidates()
+        assert sorted(candidates, key=lambda s: s.name) == list(pool.eligible())
+        assert len(candidates) == len(pool.eligible())
+        assert [candidates[i] for i in range(len(candidates))] == list(candidates)
+        lowest = pool.lowest(estimatedLoad, random.Random(0))
+        if not candidates:
+            assert lowest is None
+        else:
+            assert estimatedLoad(lowest) <= min(map(estimatedLoad, candidates)) + 1e-9
+            assert lowest in candidates
 
 
 def test_only_backends_with_an_operator_setting_are_admin_settings():
@@ -478,3 +492,52 @@ def test_never_more_than_the_allowed_share_is_ejected(percent, steps):
         assert ejected <= allowedEjections(base, percent)
         if percent < 100 and base:
             assert ejected < base
+
+
+# -- candidates and the index by load ------------------------------------------
+
+
+def test_candidates_leave_out_the_excluded_and_index_by_position():
+    pool = poolOf("a", "b", "c", "d")
+    pool.markDown("b")
+    view = pool.candidates(exclude={"c"})
+    assert sorted(names(view)) == ["a", "d"]
+    assert len(view) == 2 and sorted(names([view[0], view[1]])) == ["a", "d"]
+    assert view.get("c") is None and view.get("b") is None
+    assert view.get("a") == pool.get("a")
+    with pytest.raises(IndexError):
+        view[2]
+
+
+def test_lowest_skips_the_excluded_and_keeps_them_for_later():
+    pool = poolOf("a", "b", "c")
+    pool.report("a", 0, 0.1)
+    pool.report("b", 0, 0.2)
+    pool.report("c", 0, 0.3)
+    rng = random.Random(0)
+    assert pool.lowest(estimatedLoad, rng, exclude={"a"}).name == "b"
+    assert pool.lowest(estimatedLoad, rng).name == "a"
+    pool.setWeight("a", 0)
+    assert pool.lowest(estimatedLoad, rng).name == "b"
+    pool.removeMany(["b"])
+    assert pool.lowest(estimatedLoad, rng).name == "c"
+
+
+def test_lowest_breaks_ties_at_random():
+    pool = poolOf("a", "b", "c")
+    seen = set()
+    for seed in range(50):
+        fresh = poolOf("a", "b", "c")
+        seen.add(fresh.lowest(estimatedLoad, random.Random(seed)).name)
+    assert seen == {"a", "b", "c"}
+    assert pool.lowest(estimatedLoad, random.Random(0)) is not None
+
+
+def test_the_index_is_rebuilt_from_its_valid_entries_when_mostly_stale():
+    pool = poolOf(*[f"b{i}" for i in range(3)])
+    rng = random.Random(0)
+    for _ in range(500):
+        chosen = pool.lowest(estimatedLoad, rng)
+        pool.release(chosen.name, pool.acquire(chosen.name))
+    index = pool._indexes[estimatedLoad]
+    assert len(index.heap) <= 2 * len(index.current) + 64 + 1

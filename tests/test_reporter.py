@@ -172,3 +172,61 @@ def test_reports_echo_the_balancers_last_mark():
     s = pool.get("web1")
     assert (s.connections, s.addedSinceReport, s.estimatedConnections) == (2, 0, 2)
     r.stopService()
+
+
+def test_reports_are_one_way_and_marks_come_only_when_needed():
+    # The balancer accepts one-way reports: an idle backend's reports get no
+    # answer and no mark; once a connection reached it, one mark follows the
+    # next report, and the report after it sees the connection.
+    lb = MemoryBalancer()
+    b = Backend()
+    r = startReporter(b, [lb], lb.clock, step=1000)
+    (channel,) = r.channels
+    assert channel.oneWay
+    server = lb.control.owners["web1"]
+    first = channel.mark
+    for _ in range(3):
+        lb.clock.advance(1.0)
+        lb.flush()
+    assert channel.mark == first == server._lastMark
+    pool = lb.pool
+    ticket = pool.acquire("web1")
+    pool.connected("web1", ticket)
+    b.connections = 1
+    lb.clock.advance(1.0)
+    lb.flush()
+    assert channel.mark > first  # pushed after that report
+    assert pool.get("web1").addedSinceReport == 1
+    lb.clock.advance(1.0)
+    lb.flush()
+    s = pool.get("web1")
+    assert (s.connections, s.addedSinceReport) == (1, 0)
+    pushed = channel.mark
+    lb.clock.advance(1.0)
+    lb.flush()
+    assert channel.mark == pushed  # nothing new reached it: no mark
+    r.stopService()
+
+
+def test_a_balancer_that_does_not_offer_one_way_reports_gets_answered_ones(monkeypatch):
+    from twistedcluster.balancer.control import ControlProtocol
+
+    register = ControlProtocol.register
+
+    def oldRegister(self, name, host, port, capacity, connections, load, interval, quiet=None):
+        # A balancer from before one-way reports ignores the offer.
+        return register(self, name, host, port, capacity, connections, load, interval)
+
+    monkeypatch.setitem(
+        ControlProtocol._commandDispatch, commands.Register.commandName, (commands.Register, oldRegister)
+    )
+    lb = MemoryBalancer()
+    b = Backend()
+    r = startReporter(b, [lb], lb.clock, step=1000)
+    (channel,) = r.channels
+    assert not channel.oneWay
+    first = channel.mark
+    lb.clock.advance(1.0)
+    lb.flush()
+    assert channel.mark > first  # each report is answered with a mark
+    r.stopService()

@@ -66,14 +66,18 @@ class ControlClient(GuardedAMP):
     #: The balancer's last mark (see L{commands.ReportLoad}), echoed in the
     #: next report; C{None} until one comes (or from a balancer without).
     mark: Optional[int] = None
+    #: Whether the balancer accepted one-way reports (the answer to a
+    #: C{quiet} registration): then marks come from L{commands.Mark}.
+    oneWay = False
 
     def __init__(self, reporter: "LoadReporter", balancer: str) -> None:
         super().__init__()
         self.reporter = reporter
         self.balancer = balancer
 
-    def markRegistered(self) -> None:
+    def markRegistered(self, oneWay: bool = False) -> None:
         self.registered = True
+        self.oneWay = oneWay
         self.reporter.channels.add(self)
 
     def answered(self, result: dict) -> dict:
@@ -84,6 +88,11 @@ class ControlClient(GuardedAMP):
         if mark is not None and (self.mark is None or mark > self.mark):
             self.mark = mark
         return result
+
+    @commands.Mark.responder
+    def markPushed(self, mark):
+        self.answered({"mark": mark})
+        return {}
 
     def connectionLost(self, reason) -> None:
         if self.registered:
@@ -210,6 +219,7 @@ class LoadReporter(MultiService):
                 connections=current.connections,
                 load=current.load,
                 interval=self.interval,
+                quiet=True,
             )
 
         d = defer.ensureDeferred(handshake())
@@ -217,7 +227,9 @@ class LoadReporter(MultiService):
         def registered(result):
             self._refusals[balancer] = 0
             proto.answered(result)
-            proto.markRegistered()
+            # proto may be ClientService's proxy, which keeps attributes set
+            # on it to itself: let the protocol set its own.
+            proto.markRegistered(oneWay=bool(result.get("quiet")))
             log.info(
                 "registered as {name} ({host}:{port}) with balancer {balancer}; "
                 "heartbeat timeout {timeout} s",
@@ -280,6 +292,15 @@ class LoadReporter(MultiService):
         current = self.measure()
         self._lastReported = current.connections
         for proto in list(self.channels):
+            if proto.oneWay:
+                self._sendOneWay(
+                    proto,
+                    commands.ReportLoadOneWay,
+                    connections=current.connections,
+                    load=current.load,
+                    seen=proto.mark,
+                )
+                continue
             self._send(
                 proto,
                 commands.ReportLoad,
@@ -296,6 +317,22 @@ class LoadReporter(MultiService):
         self._draining = True
         ds = [self._send(p, commands.Drain) for p in list(self.channels)]
         return defer.DeferredList(ds, consumeErrors=True)
+
+    def _sendOneWay(self, proto: ControlClient, command, **kw) -> None:
+        """
+        Send C{command} asking no answer; a balancer that refuses it closes
+        the channel, and the reporter reconnects.
+        """
+        try:
+            proto.callRemote(command, **kw)
+        except Exception as e:  # the channel is going away
+            log.warn(
+                "could not report to balancer {balancer}: {error}",
+                balancer=proto.balancer,
+                error=e,
+            )
+            if proto.transport is not None:
+                proto.transport.loseConnection()
 
     def _send(self, proto: ControlClient, command, **kw) -> defer.Deferred:
         """

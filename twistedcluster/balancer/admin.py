@@ -9,6 +9,7 @@ if it fails, the answer says the change is in force but not saved.
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, Optional
 
@@ -54,6 +55,9 @@ def _asWireErrors() -> Iterator[None]:
         raise wire(str(e)) from None
 
 
+_compactJSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _encodedSize(item) -> int:
     """
     About what C{item} takes in an AmpList value: each key and value with
@@ -81,8 +85,10 @@ class AdminProtocol(GuardedAMP):
         return self.factory.cluster
 
     @commands.ListBackends.responder
-    def listBackends(self, offset=None):
+    def listBackends(self, offset=None, json=None):
         snapshot = self._cluster.pool.snapshot()
+        if json:
+            return self._table(snapshot, max(0, offset or 0))
         page: list = []
         size = 0
         for item in map(commands.backendItem, snapshot[max(0, offset or 0) :]):
@@ -94,6 +100,27 @@ class AdminProtocol(GuardedAMP):
             "policy": self._cluster.policyName,
             "backends": page,
             "total": len(snapshot),
+        }
+
+    def _table(self, snapshot, offset: int):
+        """
+        A page of L{commands.ListBackends} as JSON: as many backends from
+        C{offset} as L{commands.TABLE_BYTES} holds.
+        """
+        encode = _compactJSON
+        parts: list = []
+        size = 2
+        for item in map(commands.backendItem, snapshot[offset:]):
+            part = encode(item)
+            size += len(part) + 1
+            if parts and size > commands.TABLE_BYTES:
+                break
+            parts.append(part)
+        return {
+            "policy": self._cluster.policyName,
+            "backends": [],
+            "total": len(snapshot),
+            "table": ("[" + ",".join(parts) + "]").encode("utf-8"),
         }
 
     def _backendChanged(self, what: str, change: Callable[[], BackendStatus]):

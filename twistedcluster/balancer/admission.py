@@ -95,7 +95,7 @@ class WaitQueue:
         self._wake = None
         # Each waiting client once, oldest first, while there is room.
         for client in list(self._queue):
-            if not self.pool.eligible():
+            if not self.pool.candidates():
                 break
             entry = self._queue.get(client)
             if entry is not None:

@@ -46,6 +46,10 @@ MAX_CONNECTIONS = 10**9
 MAX_LOAD = 1e6
 
 
+#: What a one-way report "answers" (nobody reads it).
+_NO_ANSWER: Dict[str, object] = {}
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise commands.InvalidArgument(message)
@@ -97,8 +101,14 @@ class ControlProtocol(GuardedAMP):
         super().__init__()
         self.factory = factory
 
+    #: Whether the backend registered C{quiet}: it reports one-way and
+    #: takes its marks from L{commands.Mark}; and the last mark it was
+    #: given.
+    quiet = False
+    _lastMark: Optional[int] = None
+
     @commands.Register.responder
-    def register(self, name, host, port, capacity, connections, load, interval):
+    def register(self, name, host, port, capacity, connections, load, interval, quiet=None):
         validName(name)
         _validAddress(host, port, capacity)
         _check(MIN_INTERVAL <= interval <= MAX_INTERVAL, f"interval must be {MIN_INTERVAL}..{MAX_INTERVAL} s")
@@ -128,7 +138,12 @@ class ControlProtocol(GuardedAMP):
             port=port,
             capacity=capacity,
         )
-        return {"heartbeatTimeout": self._timeout, "mark": pool.mark(name)}
+        self.quiet = bool(quiet)
+        self._lastMark = mark = pool.mark(name)
+        answer = {"heartbeatTimeout": self._timeout, "mark": mark}
+        if self.quiet:
+            answer["quiet"] = True
+        return answer
 
     @commands.ReportLoad.responder
     def reportLoad(self, connections, load, seen=None):
@@ -142,7 +157,13 @@ class ControlProtocol(GuardedAMP):
             self.factory.cameUp(name)
             self.log.info("backend {name} is reporting again: up", name=name)
         self._resetHeartbeat()
-        return {"mark": pool.mark(name)}
+        if not self.quiet:
+            return {"mark": pool.mark(name)}
+        # One-way: a mark goes out only when the backend needs a newer one.
+        if pool.markDue(name, self._lastMark):
+            self._lastMark = mark = pool.mark(name)
+            self.callRemote(commands.Mark, mark=mark)
+        return _NO_ANSWER
 
     @commands.Drain.responder
     def drain(self):

@@ -183,8 +183,9 @@ async def listAll(proto: amp.AMP) -> Tuple[str, List[Dict]]:
     """
     backends: List[Dict] = []
     while True:
-        result = await _call(proto, commands.ListBackends, offset=len(backends))
-        page = result["backends"]
+        # As JSON, in a few large pages, from a balancer that offers it.
+        result = await _call(proto, commands.ListBackends, offset=len(backends), json=True)
+        page = result["table"] if result.get("table") is not None else result["backends"]
         backends.extend(page)
         if not page or len(backends) >= result["total"]:
             return result["policy"], backends

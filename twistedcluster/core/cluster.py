@@ -89,9 +89,7 @@ class Cluster:
         @param key: the client's key (its address), for a policy that routes
             on it (L{keyed}); others never see it.
         """
-        candidates = self.pool.eligible()
-        if exclude:
-            candidates = tuple(c for c in candidates if c.name not in exclude)
+        candidates = self.pool.candidates(exclude)
         if key is not None and self.keyed:
             chosen = self._policy.choose(candidates, self.rng, key)
         else:
@@ -108,9 +106,9 @@ class Cluster:
         With a keyed policy and a key, the key's backend instead, so the
         client keeps its backend.
         """
+        candidates = self.pool.candidates()  # all with a weight
         if key is not None and self.keyed:
-            return self._policy.choose(self.pool.eligible(), self.rng, key)
-        candidates = [c for c in self.pool.eligible() if c.weight > 0]
+            return self._policy.choose(candidates, self.rng, key)
         if not candidates:
             return None
         return candidates[self.rng.randrange(len(candidates))]
@@ -121,6 +119,6 @@ class Cluster:
         that could is at capacity (rather than down, drained or absent):
         then a client may wait for room.
         """
-        return not self.pool.eligible() and any(
+        return not self.pool.candidates() and any(
             b.full for b in self.pool.snapshot() if b.state is State.UP and b.weight > 0
         )

@@ -9,6 +9,12 @@ never anything that changes what they choose).
 A policy whose C{keyed} attribute is true (hash) also takes the client's key,
 C{choose(candidates, rng, key)}; the cluster passes it only to such a policy,
 and callers work the key out only then (L{Cluster.keyed}).
+
+L{twistedcluster.core.cluster.Cluster.pick} hands a policy the pool's live
+L{twistedcluster.core.pool.Candidates} (in no particular order); least-load,
+least-conn and round-robin then ask its index (L{Candidates.lowest}) for the
+lowest score instead of scanning every backend, so a pick costs about
+log(backends).  Given any other sequence they scan it, as before.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ __all__ = [
     "UnknownPolicy",
     "checkHashBalance",
     "estimatedLoad",
+    "relayedLoad",
     "makePolicy",
 ]
 
@@ -86,6 +93,14 @@ def estimatedLoad(b: BackendStatus) -> float:
     return max(b.load + b.addedSinceReport / capacity, b.active / capacity, 0.0) / b.weight
 
 
+def relayedLoad(b: BackendStatus) -> float:
+    """
+    The connections this balancer relays to the backend, per unit weight:
+    what least-conn sees.
+    """
+    return b.active / b.weight
+
+
 class LeastLoad:
     """
     Route to the backend with the lowest estimated load (the default).
@@ -100,6 +115,9 @@ class LeastLoad:
     def choose(
         self, candidates: Sequence[BackendStatus], rng: random.Random
     ) -> Optional[BackendStatus]:
+        indexed = getattr(candidates, "lowest", None)
+        if indexed is not None:
+            return indexed(estimatedLoad, rng)
         return _lowest(candidates, estimatedLoad, rng)
 
 
@@ -115,23 +133,48 @@ class LeastConn:
     def choose(
         self, candidates: Sequence[BackendStatus], rng: random.Random
     ) -> Optional[BackendStatus]:
-        return _lowest(candidates, lambda b: b.active / b.weight, rng)
+        indexed = getattr(candidates, "lowest", None)
+        if indexed is not None:
+            return indexed(relayedLoad, rng)
+        return _lowest(candidates, relayedLoad, rng)
 
 
 class RoundRobin:
     """
     Smooth weighted round-robin: each backend in turn, in proportion to its
     weight, interleaved (weights 5,1,1 give a a b a c a a, not a a a a a b c).
+
+    On the pool's L{Candidates} it is stride scheduling instead (the same
+    shares, in log(backends) per pick): each backend has a pass, the
+    lowest pass is chosen and moves on by 1/weight; a backend that joins
+    (or comes back) starts at the pass of the last one chosen; ties go in
+    name order.  Over whole
+    rounds of sum(weights) picks each backend gets its weight's share to
+    within one.
     """
 
     name = "round-robin"
 
     def __init__(self) -> None:
         self._current: Dict[str, int] = {}
+        #: Stride scheduling on an index: each backend's pass, and the
+        #: pass of the last one chosen.
+        self._pass: Dict[str, float] = {}
+        self._now = 0.0
+
+    def _passOf(self, b: BackendStatus) -> float:
+        passes = self._pass
+        p = passes.get(b.name)
+        if p is None or p < self._now:
+            p = passes[b.name] = self._now
+        return p
 
     def choose(
         self, candidates: Sequence[BackendStatus], rng: random.Random
     ) -> Optional[BackendStatus]:
+        indexed = getattr(candidates, "lowest", None)
+        if indexed is not None:
+            return self._stride(candidates, indexed, rng)
         if not candidates:
             return None
         current = self._current
@@ -152,6 +195,19 @@ class RoundRobin:
             return None
         current[best.name] -= total
         return best
+
+    def _stride(self, candidates, indexed, rng: random.Random) -> Optional[BackendStatus]:
+        chosen = indexed(self._passOf, rng, randomTies=False)  # name order, as ever
+        if chosen is None:
+            return None
+        passes = self._pass
+        self._now = now = passes.get(chosen.name, self._now)
+        passes[chosen.name] = now + 1.0 / chosen.weight
+        candidates.rescore(self._passOf, chosen.name)
+        if len(passes) > 2 * len(candidates) + 64:
+            # Forget the passes of backends no longer eligible.
+            self._pass = {n: p for n, p in passes.items() if candidates.get(n) is not None}
+        return chosen
 
 
 class PowerOfTwo:

@@ -17,14 +17,31 @@ from __future__ import annotations
 
 import bisect
 import enum
+import heapq
+import random
+from collections import OrderedDict
 from itertools import compress
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+    overload,
+)
 
 import attr
 
 __all__ = [
     "AdminState",
     "BackendStatus",
+    "Candidates",
     "DEFAULT_MAX_EJECTED_PERCENT",
     "DEFAULT_WEIGHT",
     "InvalidWeight",
@@ -223,6 +240,27 @@ class _Member:
         return self.admin is not AdminState.ENABLED or self.weight != DEFAULT_WEIGHT
 
     @property
+    def eligible(self) -> bool:
+        """
+        What L{_isEligible} says of its status, without making one: up,
+        with a weight, and not at capacity.
+        """
+        if not (
+            self.healthy
+            and not self.ejected
+            and self.admin is AdminState.ENABLED
+            and not self.selfDraining
+            and self.weight > 0
+        ):
+            return False
+        active = self.active
+        if self.static:
+            estimated = active + len(self.unseen) - self.closedSinceReport
+        else:
+            estimated = self.connections + len(self.unseen) - self.closedSinceReport
+        return max(estimated, active) < self.capacity
+
+    @property
     def state(self) -> State:
         if not self.healthy or self.ejected:
             return State.DOWN
@@ -312,6 +350,16 @@ class Pool:
         #: The backends with an operator setting (L{_Member.configured}),
         #: kept as they change so that saving them costs nothing per backend.
         self._configured: Set[str] = set()
+        #: The eligible members, in no particular order, and where each is
+        #: in that list: kept as each member changes (a member that leaves
+        #: swaps places with the last), so that L{candidates} costs nothing
+        #: per backend.  C{_eligibleVersion} moves whenever the set does.
+        self._eligibleMembers: List[_Member] = []
+        self._eligiblePosition: Dict[str, int] = {}
+        self._eligibleVersion = 0
+        #: The indexes L{lowest} keeps, by score function, most recently
+        #: used last.
+        self._indexes: "OrderedDict[Callable[[BackendStatus], float], _Index]" = OrderedDict()
 
     def watch(self, callback: Callable[[], None]) -> None:
         """
@@ -369,6 +417,59 @@ class Pool:
         if self._eligible is None:
             self._eligible = tuple(compress(self.snapshot(), self._eligibleFlags))
         return self._eligible
+
+    def candidates(self, exclude: Iterable[str] = ()) -> "Candidates":
+        """
+        The backends that may take a new connection, as L{eligible}, but as
+        a live sequence that costs nothing to make however many backends
+        there are: in no particular order, read at once (it follows the
+        pool's changes), with L{Candidates.lowest} for the policies that
+        route to the lowest score.
+
+        @param exclude: names to leave out (backends already tried).
+        """
+        return Candidates(self, frozenset(exclude) if exclude else _NONE)
+
+    def lowest(
+        self,
+        score: Callable[[BackendStatus], float],
+        rng: random.Random,
+        exclude: Iterable[str] = (),
+        randomTies: bool = True,
+    ) -> Optional[BackendStatus]:
+        """
+        The eligible backend with the lowest C{score}, ties broken at random
+        (with C{rng}), or by name when not C{randomTies}; C{None} if there
+        is none (once C{exclude} is left out).
+
+        The pool keeps an index (a heap) for each score function asked for
+        (the few most recently used): a change to a backend re-scores that
+        backend only, when the index is next read, so a pick costs about
+        log(backends).  C{score} must be a function of the status alone,
+        or the caller must say when it changes otherwise (L{rescore}).
+        Scores within 1e-12 of each other are ties.
+        """
+        index = self._indexes.get(score)
+        if index is None:
+            index = self._indexes[score] = _Index(score, randomTies)
+            index.dirty.update(self._eligiblePosition)
+            if len(self._indexes) > _MAX_INDEXES:
+                self._indexes.popitem(last=False)
+        else:
+            self._indexes.move_to_end(score)
+        if index.dirty:
+            index.refresh(self, rng)
+        return index.lowest(exclude)
+
+    def rescore(self, score: Callable[[BackendStatus], float], name: str) -> None:
+        """
+        The score C{score} gives backend C{name} changed though its status
+        did not (a policy's own state moved): re-score it at the next
+        L{lowest}.
+        """
+        index = self._indexes.get(score)
+        if index is not None:
+            index.dirty.add(name)
 
     # -- membership ------------------------------------------------------
 
@@ -498,7 +599,9 @@ class Pool:
         if not gone:
             return
         for n in gone:
-            self._uncount(self._members.pop(n))
+            m = self._members.pop(n)
+            self._uncount(m)
+            self._place(m)
             self._statuses.pop(n, None)
             self._stale.discard(n)
             self._configured.discard(n)
@@ -536,6 +639,19 @@ class Pool:
         m.closedSinceReport = 0
         m.reports += 1
         self._loadChanged(m)
+
+    def markDue(self, name: str, mark: Optional[int]) -> bool:
+        """
+        Whether the backend needs a newer mark than C{mark} (the last one
+        it was given): a connection reached it after that mark left, and no
+        report has seen it.  Without one, its reports could never count
+        that connection.
+        """
+        m = self._member(name)
+        for reached in m.unseen.values():
+            if reached is not None and (mark is None or reached > mark):
+                return True
+        return False
 
     def mark(self, name: str) -> int:
         """
@@ -803,13 +919,236 @@ class Pool:
         What L{_changed} does for a change of load or counts only (one that
         leaves health, admin state and ejection alone): the routing path's.
         """
-        self._statuses.pop(m.name, None)
-        self._stale.add(m.name)
+        name = m.name
+        self._statuses.pop(name, None)
+        self._stale.add(name)
         self._snapshot = None
         self._eligible = None
+        self._place(m)
         if self._watchers:
             for callback in list(self._watchers):
                 callback()
+
+
+    def _place(self, m: _Member) -> None:
+        """
+        Keep C{m}'s place among the eligible members, and have every index
+        re-score it.
+        """
+        name = m.name
+        position = self._eligiblePosition
+        where = position.get(name)
+        # m.eligible, inlined: this runs on every change.
+        if (
+            m.healthy
+            and not m.ejected
+            and m.admin is _ENABLED
+            and not m.selfDraining
+            and m.weight > 0
+            and max(
+                (m.active if m.static else m.connections)
+                + len(m.unseen)
+                - m.closedSinceReport,
+                m.active,
+            )
+            < m.capacity
+            and self._members.get(name) is m
+        ):
+            if where is None:
+                position[name] = len(self._eligibleMembers)
+                self._eligibleMembers.append(m)
+                self._eligibleVersion += 1
+        elif where is not None:
+            members = self._eligibleMembers
+            last = members.pop()
+            if last is not m:
+                members[where] = last
+                position[last.name] = where
+            del position[name]
+            self._eligibleVersion += 1
+        for index in self._indexes.values():
+            index.dirty.add(name)
+
+
+_ENABLED = AdminState.ENABLED
+#: Nothing excluded.
+_NONE: frozenset = frozenset()
+#: How many score functions L{Pool.lowest} keeps an index for.
+_MAX_INDEXES = 4
+#: Scores are rounded to this many decimals: closer ones are ties.
+_TIE_DIGITS = 12
+
+
+def _noDraw() -> float:
+    return 0.0
+
+
+class _Index:
+    """
+    The eligible backends in a heap by score, for L{Pool.lowest}.
+
+    Each entry is (score, random tie-break, name, status); the one in
+    C{current} for a name is its valid entry, any other is stale and
+    dropped when it reaches the top.  Ties go to the lowest random key,
+    drawn when the entry was made: among backends of equal score, each is
+    as likely to come first.
+    """
+
+    __slots__ = ("score", "randomTies", "heap", "current", "dirty")
+
+    def __init__(self, score: Callable[[BackendStatus], float], randomTies: bool = True) -> None:
+        self.score = score
+        #: Whether ties go at random; else by name.
+        self.randomTies = randomTies
+        self.heap: List[Tuple[float, float, str, BackendStatus]] = []
+        self.current: Dict[str, Tuple[float, float, str, BackendStatus]] = {}
+        #: Names to re-score before the next read.
+        self.dirty: Set[str] = set()
+
+    def refresh(self, pool: "Pool", rng: random.Random) -> None:
+        members = pool._members
+        position = pool._eligiblePosition
+        status = pool._status
+        score = self.score
+        heap, current = self.heap, self.current
+        draw = rng.random if self.randomTies else _noDraw
+        push = heapq.heappush
+        for name in self.dirty:
+            if name not in position:
+                current.pop(name, None)
+                continue
+            s = status(members[name])
+            entry = (round(score(s), _TIE_DIGITS), draw(), name, s)
+            current[name] = entry
+            push(heap, entry)
+        self.dirty.clear()
+        if len(heap) > 2 * len(current) + 64:
+            # Mostly stale entries: start again from the valid ones.
+            heap[:] = current.values()
+            heapq.heapify(heap)
+
+    def lowest(self, exclude: Iterable[str]) -> Optional[BackendStatus]:
+        heap, current = self.heap, self.current
+        pop = heapq.heappop
+        put_back = []
+        found = None
+        while heap:
+            entry = heap[0]
+            name = entry[2]
+            if current.get(name) is not entry:
+                pop(heap)
+            elif exclude and name in exclude:
+                put_back.append(pop(heap))
+            else:
+                found = entry[3]
+                break
+        for entry in put_back:
+            heapq.heappush(heap, entry)
+        return found
+
+
+class Candidates(Sequence[BackendStatus]):
+    """
+    The pool's eligible backends (L{Pool.candidates}): a live sequence of
+    their L{BackendStatus}es, in no particular order, less any excluded by
+    name; what L{twistedcluster.core.cluster.Cluster.pick} hands a policy.
+
+    Cheap to make and to index; read it at once, as the pool changes under
+    it.  Beyond a sequence's methods: L{lowest} (the indexed minimum),
+    L{rescore}, L{get} (a candidate by name) and L{version} (moves whenever
+    the set of eligible backends does, not when their load does: for a
+    policy that caches something per set, such as a hash ring).
+    """
+
+    __slots__ = ("_pool", "_exclude")
+
+    def __init__(self, pool: Pool, exclude: frozenset = frozenset()) -> None:  # noqa: B008
+        self._pool = pool
+        self._exclude = exclude
+
+    @property
+    def version(self) -> int:
+        return self._pool._eligibleVersion
+
+    @property
+    def excluded(self) -> frozenset:
+        return self._exclude
+
+    def _excludedPositions(self) -> List[int]:
+        position = self._pool._eligiblePosition
+        return sorted(position[n] for n in self._exclude if n in position)
+
+    def __len__(self) -> int:
+        n = len(self._pool._eligibleMembers)
+        if self._exclude:
+            position = self._pool._eligiblePosition
+            n -= sum(1 for name in self._exclude if name in position)
+        return n
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    @overload
+    def __getitem__(self, i: int) -> BackendStatus: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Tuple[BackendStatus, ...]: ...
+
+    def __getitem__(self, i: Union[int, slice]) -> Any:
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("candidate index out of range")
+        if self._exclude:
+            for p in self._excludedPositions():
+                if p <= i:
+                    i += 1
+                else:
+                    break
+        pool = self._pool
+        return pool._status(pool._eligibleMembers[i])
+
+    def __iter__(self) -> Iterator[BackendStatus]:
+        pool = self._pool
+        exclude = self._exclude
+        status = pool._status
+        for m in list(pool._eligibleMembers):
+            if m.name not in exclude:
+                yield status(m)
+
+    def __contains__(self, item: object) -> bool:
+        return isinstance(item, BackendStatus) and self.get(item.name) == item
+
+    def get(self, name: str) -> Optional[BackendStatus]:
+        """
+        The candidate named C{name}, or C{None} if it is not one.
+        """
+        pool = self._pool
+        where = pool._eligiblePosition.get(name)
+        if where is None or name in self._exclude:
+            return None
+        return pool._status(pool._eligibleMembers[where])
+
+    def lowest(
+        self,
+        score: Callable[[BackendStatus], float],
+        rng: random.Random,
+        randomTies: bool = True,
+    ) -> Optional[BackendStatus]:
+        """
+        The candidate with the lowest C{score}, ties at random (or by name):
+        see L{Pool.lowest}.
+        """
+        return self._pool.lowest(score, rng, self._exclude, randomTies)
+
+    def rescore(self, score: Callable[[BackendStatus], float], name: str) -> None:
+        self._pool.rescore(score, name)
+
+    def __repr__(self) -> str:
+        return f"<Candidates of {len(self)} backend(s)>"
 
 
 def _isEligible(s: BackendStatus) -> bool:

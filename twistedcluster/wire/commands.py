@@ -2,7 +2,8 @@
 The AMP contract shared by balancer, backend and cluster-admin.
 
 Both channels, when the balancer has a secret: L{Challenge}, L{Authenticate}.
-Control channel (backend -> balancer): L{Register}, L{ReportLoad}, L{Drain}.
+Control channel (backend -> balancer): L{Register}, L{ReportLoad}, L{Drain};
+(balancer -> backend, one-way, to backends that offered to take it): L{Mark}.
 Admin channel (cluster-admin -> balancer): L{ListBackends},
 L{DrainBackend}, L{EnableBackend}, L{DisableBackend}, L{SetWeight},
 L{SetPolicy}, L{ForgetBackend}.
@@ -21,6 +22,7 @@ show them; L{backendItem} turns a L{twistedcluster.core.pool.BackendStatus} into
 that form.
 """
 
+import json
 from typing import Any, Dict
 
 from twisted.protocols import amp
@@ -39,15 +41,19 @@ __all__ = [
     "ForgetBackend",
     "InvalidArgument",
     "InvalidWeightError",
+    "JSONChunks",
     "ListBackends",
+    "Mark",
     "NOT_SAVED",
     "NameTaken",
     "NotAuthenticated",
     "NotRegistered",
     "Register",
     "ReportLoad",
+    "ReportLoadOneWay",
     "SetPolicy",
     "SetWeight",
+    "TABLE_BYTES",
     "UnknownBackendError",
     "UnknownPolicyError",
     "backendItem",
@@ -155,6 +161,11 @@ class Register(amp.Command):
 
     The answer's C{mark} is what the backend echoes as C{seen} in its next
     L{ReportLoad} (see there).
+
+    @param quiet: the backend offers to report one-way (L{ReportLoadOneWay})
+        and to take its marks from L{Mark} when the balancer sends one; the
+        answer's C{quiet} says the balancer accepts.  Peers that predate it
+        leave it out and go on asking for answers.
     """
 
     commandName = b"Register"
@@ -166,8 +177,13 @@ class Register(amp.Command):
         (b"connections", amp.Integer()),
         (b"load", amp.Float()),
         (b"interval", amp.Float()),
+        (b"quiet", amp.Boolean(optional=True)),
     ]
-    response = [(b"heartbeatTimeout", amp.Float()), (b"mark", amp.Integer(optional=True))]
+    response = [
+        (b"heartbeatTimeout", amp.Float()),
+        (b"mark", amp.Integer(optional=True)),
+        (b"quiet", amp.Boolean(optional=True)),
+    ]
     errors = {InvalidArgument: b"INVALID_ARGUMENT", NameTaken: b"NAME_TAKEN", **_AUTH}
 
 
@@ -191,6 +207,32 @@ class ReportLoad(amp.Command):
     ]
     response = [(b"mark", amp.Integer(optional=True))]
     errors = {InvalidArgument: b"INVALID_ARGUMENT", **_NOT_REGISTERED}
+
+
+class ReportLoadOneWay(ReportLoad):
+    """
+    L{ReportLoad} sent with no answer asked (the same command on the wire,
+    without AMP's C{_ask}): what a backend that registered C{quiet} sends.
+    Its marks come from L{Mark}, only when there is a newer one it needs;
+    an error closes the channel (the backend reconnects and registers).
+    """
+
+    commandName = ReportLoad.commandName
+    requiresAnswer = False
+
+
+class Mark(amp.Command):
+    """
+    Balancer to a backend that registered C{quiet}: a newer mark to echo as
+    C{seen} in its next reports (as a L{ReportLoad} answer's C{mark}).  Sent
+    one-way, after a report, only when connections reached the backend
+    since the last mark it was given: an idle backend gets none.
+    """
+
+    commandName = b"Mark"
+    arguments = [(b"mark", amp.Integer())]
+    response: list = []
+    requiresAnswer = False
 
 
 class Drain(amp.Command):
@@ -238,6 +280,50 @@ def backendItem(status) -> Dict[str, Any]:
     return item
 
 
+#: The most one AMP value holds.
+_VALUE_MAX = 0xFFFF
+
+
+class JSONChunks(amp.Argument):
+    """
+    A JSON value carried in as many AMP values as it takes: C{KEY}, then
+    C{KEY.2}, C{KEY.3}... (each at most 64 KiB), so one box can hold more
+    than one value could.
+    """
+
+    def toBox(self, name, strings, objects, proto):
+        obj = self.retrieve(objects, name.decode("ascii"), proto)
+        if obj is None and self.optional:
+            return
+        data = obj if isinstance(obj, bytes) else json.dumps(obj, separators=(",", ":")).encode("utf-8")
+        strings[name] = data[:_VALUE_MAX]
+        for n, start in enumerate(range(_VALUE_MAX, len(data), _VALUE_MAX), 2):
+            strings[name + b".%d" % n] = data[start : start + _VALUE_MAX]
+
+    def fromBox(self, name, strings, objects, proto):
+        first = strings.get(name)
+        key = name.decode("ascii")
+        if first is None:
+            if not self.optional:
+                raise KeyError(name)
+            objects[key] = None
+            return
+        parts = [first]
+        n = 2
+        while True:
+            more = strings.get(name + b".%d" % n)
+            if more is None:
+                break
+            parts.append(more)
+            n += 1
+        objects[key] = json.loads(b"".join(parts))
+
+
+#: What one JSON page of L{ListBackends} (its C{table}) may take: well
+#: under the unread answers a balancer lets a peer leave (1 MiB).
+TABLE_BYTES = 768 * 1024
+
+
 class ListBackends(amp.Command):
     """
     The backends the balancer knows, in any state, sorted by name, and the
@@ -245,14 +331,22 @@ class ListBackends(amp.Command):
 
     One AMP value holds at most 64 KiB, so the list comes in pages: ask
     from C{offset} (default 0) until C{total} backends have come.
+
+    @param json: ask for the page as C{table}, a JSON list of the
+        L{backendItem}s spread over several AMP values (up to
+        L{TABLE_BYTES}, some 4,000 backends a page, where C{backends} holds
+        some 300), with C{backends} empty.  A balancer that predates it
+        ignores it and answers with C{backends}: read C{table} when it
+        comes, C{backends} otherwise.
     """
 
     commandName = b"ListBackends"
-    arguments = [(b"offset", amp.Integer(optional=True))]
+    arguments = [(b"offset", amp.Integer(optional=True)), (b"json", amp.Boolean(optional=True))]
     response = [
         (b"policy", amp.Unicode()),
         (b"backends", amp.AmpList(BACKEND_FIELDS)),
         (b"total", amp.Integer()),
+        (b"table", JSONChunks(optional=True)),
     ]
     errors = dict(_AUTH)
 
