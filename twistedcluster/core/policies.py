@@ -482,6 +482,9 @@ class BoundedHash:
         """
         # Whole-sequence passes in C (map, list compare): what a pick costs
         # that grows with the number of backends, with the load total below.
+        # The pool's live candidates are read once, into a tuple.
+        if not isinstance(candidates, tuple):
+            candidates = tuple(candidates)
         names = list(map(_nameOf, candidates))
         weights = list(map(_weightOf, candidates))
         if names != self._seenNames or weights != self._seenWeights:
