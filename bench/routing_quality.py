@@ -7,9 +7,11 @@ run, with the variants interleaved in each repetition, three set-ups:
   open-loop Poisson arrivals at 75% of their total capacity, a new
   connection per request.  p99 latency, and the share of requests the slow
   backend served.
-- spread: two balancers in front of four idle echo backends that report to
-  both; a burst of long-lived connections, alternately through one balancer
-  and the other.  max/mean connections per backend.
+- spread: two balancers in front of four echo backends that report to
+  both and already hold 0, 20, 40 and 60 long-lived connections the
+  balancers did not route; a burst of 200 more, alternately through one
+  balancer and the other.  max/mean connections per backend (ideal 80 each:
+  1.0; an even split of the burst gives 110/80 = 1.375).
 - newcomer: three echo backends holding 100 connections each, a fourth one
   joins idle; a burst of 200 through one balancer, then (a fresh newcomer)
   through two.  What the newcomer draws (ideal 125) and max/mean.
@@ -455,6 +457,9 @@ class Plan:
         self.heteroWarmup = 0.3 if quick else 0.5
         self.spreadBackends = 4
         self.spreadBurst = 40 if quick else 200
+        # Held before the burst, on the four backends: 0, 10%, 20%, 30% of
+        # the burst (ideal after it: an equal total on each).
+        self.spreadHeld = [k * self.spreadBurst // 10 for k in range(self.spreadBackends)]
         self.held = 20 if quick else 100
         self.newcomerBurst = 40 if quick else 200
         self.burstSeconds = 0.2 if quick else 0.5
@@ -558,6 +563,22 @@ class Bench:
                 ports.append(self.spread[0].startBackend(n, balancers=controls).port)
             for c in self.spread:
                 _waitUp(c, self.spreadNames, timeout=30)
+            # Uneven load the balancers did not route (clients of another
+            # entry, or of a balancer since restarted): they learn of it only
+            # from the backends' reports.
+            self.spreadHeld = plan.spreadHeld
+            for k, (p, n) in enumerate(zip(ports, self.spreadHeld)):
+                if n:
+                    socks, ok = openHeld([p], n, sourceAddresses(20 + k, 20), seconds=0.1)
+                    self.held += socks
+                    if ok < n:
+                        raise RuntimeError(f"only {ok} of {n} held connections to {self.spreadNames[k]} echoed")
+            for c in self.spread:
+                waitFor(
+                    lambda c=c: sum(_counts(c, self.spreadNames).values()) >= sum(self.spreadHeld),
+                    20,
+                    "the held connections reported",
+                )
             for a in HAPROXY_ALGORITHMS:
                 servers = [(n, p, False) for n, p in zip(self.spreadNames, ports)]
                 sections[f"spread_{a}"] = (freePort(), servers)
@@ -647,16 +668,18 @@ class Bench:
         else:
             ports = [c.port for c in self.spread]
         watch = self.spread[0]
+        held = sum(self.spreadHeld)
         socks, ok = openHeld(ports, plan.spreadBurst, sourceAddresses(3, 50), plan.burstSeconds)
         try:
             counts = waitFor(
-                lambda: (lambda c: c if sum(c.values()) >= ok else None)(_counts(watch, self.spreadNames)),
+                lambda: (lambda c: c if sum(c.values()) >= held + ok else None)(_counts(watch, self.spreadNames)),
                 20,
                 "the burst reported",
             )
         finally:
             closeAll(socks)
-        waitFor(lambda: sum(_counts(watch, self.spreadNames).values()) == 0, 20, "the burst closed")
+        held = sum(self.spreadHeld)
+        waitFor(lambda: sum(_counts(watch, self.spreadNames).values()) <= held, 20, "the burst closed")
         values = [counts[n] for n in self.spreadNames]
         return {"maxMean": maxOverMean(values), "counts": values, "failures": plan.spreadBurst - ok}
 
@@ -724,7 +747,8 @@ def _fmt(value: float, digits: int) -> str:
 
 #: (set-up key, title, [(column, field, digits)])
 TABLES = [
-    ("hetero", "hetero", [("p99 ms", "p99", 1), ("p50 ms", "p50", 1), ("slow share", "slowShare", 3)]),
+    ("hetero", "hetero", [("p99 ms", "p99", 1), ("p50 ms", "p50", 1), ("slow share", "slowShare", 3),
+                          ("gen. lag p99 ms", "lagP99", 1)]),
     ("spread", "spread (two balancers)", [("max/mean", "maxMean", 3)]),
     ("newcomer1", "newcomer, one balancer", [("max/mean", "maxMean", 3), ("new drew", "newDrew", 0)]),
     ("newcomer2", "newcomer, two balancers", [("max/mean", "maxMean", 3), ("new drew", "newDrew", 0)]),
@@ -869,7 +893,8 @@ def main(argv=None) -> int:
         f"hetero: backends {'/'.join(str(m) for m in plan.serviceMs)} ms one at a time, Poisson "
         f"{plan.rate:.0f}/s ({plan.utilization:.0%} of {plan.capacity:.0f}/s) for {plan.heteroSeconds:g} s "
         f"(first {plan.heteroWarmup:g} s left out), a new connection per request; spread: "
-        f"{plan.spreadBurst} held over {plan.spreadBackends} backends via 2 balancers in {plan.burstSeconds:g} s; "
+        f"{plan.spreadBackends} backends holding {'/'.join(map(str, plan.spreadHeld))}, a burst of "
+        f"{plan.spreadBurst} alternately via 2 balancers in {plan.burstSeconds:g} s; "
         f"newcomer: 3 x {plan.held} held, burst of {plan.newcomerBurst} in {plan.burstSeconds:g} s"
     )
     print()
