@@ -482,6 +482,23 @@ def _algorithm(variant: str) -> Optional[str]:
     return variant.split("-", 1)[1] if variant.startswith("haproxy-") else None
 
 
+def stablePort(low: int = 20000, high: int = 32000) -> int:
+    """
+    A free port below the ephemeral range: one a process listens on, stops
+    and listens on again, which no client socket takes in between.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, high)
+        try:
+            with socket.socket() as s:
+                s.bind((HOST, port))
+                return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no free port between {low} and {high}")
+
+
 def _waitUp(cluster: LocalCluster, names: Sequence[str], timeout: float = 30) -> None:
     """
     Wait until the balancer has every one of C{names} up (asked in-process).
@@ -491,6 +508,9 @@ def _waitUp(cluster: LocalCluster, names: Sequence[str], timeout: float = 30) ->
             cluster._check(cluster.processes[n])
 
     def up() -> bool:
+        for n in names:
+            if n in cluster.processes:
+                cluster._check(cluster.processes[n])
         status = cluster.quickStatus()
         return all(n in status and status[n]["state"] == "up" for n in names)
 
@@ -605,7 +625,7 @@ class Bench:
                     20,
                     "the held connections reported",
                 )
-            self.newPort = freePort()
+            self.newPort = stablePort()
             for a in HAPROXY_ALGORITHMS:
                 servers = [(n, p, False) for n, p in zip(self.oldNames, ports)] + [("new", self.newPort, True)]
                 sections[f"newcomer_{a}"] = (freePort(), servers)
@@ -863,6 +883,7 @@ def main(argv=None) -> int:
     variants = variantNames(policies, haproxy is not None)
     began = time.monotonic()
     results: Dict[str, Dict[str, List[dict]]] = {}
+    errors: List[str] = []
 
     def record(key: str, variant: str, figures: dict) -> None:
         results.setdefault(key, {}).setdefault(variant, []).append(figures)
@@ -878,13 +899,21 @@ def main(argv=None) -> int:
                     say(f"repetition {rep + 1}/{repeat}: {variant}")
                     if not _algorithm(variant):
                         bench.setPolicy(variant)
+                    rounds = []
                     if "hetero" in setups:
-                        record("hetero", variant, bench.heteroRound(variant, rep))
+                        rounds.append(("hetero", lambda: bench.heteroRound(variant, rep)))
                     if "spread" in setups:
-                        record("spread", variant, bench.spreadRound(variant, rep))
+                        rounds.append(("spread", lambda: bench.spreadRound(variant, rep)))
                     if "newcomer" in setups:
-                        record("newcomer1", variant, bench.newcomerRound(variant, rep, 1))
-                        record("newcomer2", variant, bench.newcomerRound(variant, rep, 2))
+                        rounds.append(("newcomer1", lambda: bench.newcomerRound(variant, rep, 1)))
+                        rounds.append(("newcomer2", lambda: bench.newcomerRound(variant, rep, 2)))
+                    for key, run in rounds:
+                        try:
+                            record(key, variant, run())
+                        except (TimeoutError, RuntimeError) as e:
+                            # One round lost, not the run: said in the output.
+                            errors.append(f"{key} {variant} repetition {rep + 1}: {e}")
+                            say(f"round failed: {errors[-1]}")
         finally:
             bench.stop()
     seconds = time.monotonic() - began
@@ -900,9 +929,11 @@ def main(argv=None) -> int:
     print()
     for line in table(results, variants) + verdictLines(results):
         print(line)
+    for e in errors:
+        print(f"round lost: {e[:300]}")
     print(f"\ntook {seconds:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"plan": vars(plan), "results": results, "seconds": seconds}, indent=2))
+        Path(args.json).write_text(json.dumps({"plan": vars(plan), "results": results, "errors": errors, "seconds": seconds}, indent=2))
     return 0
 
 
