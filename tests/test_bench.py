@@ -155,3 +155,105 @@ def test_reusePortRunsSeveralBalancersOnOnePort(tmp_path):
     for cells in rows.values():
         assert float(cells[1].replace(",", "")) > 0 and float(cells[4].replace(",", "")) > 0
     assert "errors" not in result.stderr
+
+
+# -- bench/routing_quality.py: its pieces, then a tiny run ----------------------
+
+
+def _routingQuality():
+    if not (ROOT / "bench" / "routing_quality.py").exists():
+        pytest.skip("not a checkout")
+    from bench import routing_quality
+
+    return routing_quality
+
+
+def test_poissonArrivalsAreSeededAndBounded():
+    rq = _routingQuality()
+    a = rq.poissonArrivals(1000.0, 2.0, 10_000, seed=3)
+    assert a == rq.poissonArrivals(1000.0, 2.0, 10_000, seed=3)
+    assert a != rq.poissonArrivals(1000.0, 2.0, 10_000, seed=4)
+    assert all(0 < x < 2.0 for x in a) and a == sorted(a)
+    assert 1800 < len(a) < 2200
+    assert len(rq.poissonArrivals(1000.0, 2.0, 50, seed=3)) == 50
+
+
+def test_serialServiceAnswersOneRequestAtATime():
+    # The hetero set-up's backend: requests wait their turn, each takes the
+    # service time, a client gone before its turn costs nothing.
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from twistedcluster.backend.service import loadServiceFactory
+
+    rq = _routingQuality()
+    made = loadServiceFactory("bench.routing_quality.serve_8ms")
+    assert isinstance(made, rq.SerialFactory) and made.seconds == 0.008
+    clock = Clock()
+    factory = rq.SerialFactory(0.002, clock)
+    clients = []
+    for _ in range(3):
+        proto = factory.buildProtocol(None)
+        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 9001))
+        proto.makeConnection(transport)
+        proto.dataReceived(b"q\n")
+        clients.append((proto, transport))
+    clients[1][0].connectionLost(None)
+    clock.advance(0.0019)
+    assert [t.value() for _, t in clients] == [b"", b"", b""]
+    clock.advance(0.0001)
+    assert clients[0][1].value() == b"9001\n" and clients[0][1].disconnecting
+    assert clients[2][1].value() == b""
+    clock.advance(0.002)
+    assert clients[2][1].value() == b"9001\n" and clients[1][1].value() == b""
+    assert factory.served == 2 and not factory.busy
+
+
+def test_routingQualityVerdicts():
+    rq = _routingQuality()
+
+    def hetero(p99s):
+        return [{"p99": p, "p50": 1.0, "slowShare": 0.1, "lagP99": 0.1, "failures": 0} for p in p99s]
+
+    def spread(values):
+        return [{"maxMean": v, "newDrew": 100, "failures": 0} for v in values]
+
+    results = {
+        "hetero": {"least-load": hetero([31.7] * 6), "haproxy-leastconn": hetero([31.6] * 6)},
+        "spread": {"least-load": spread([1.1, 1.3, 1.1])},
+        "newcomer1": {"least-load": spread([1.3, 1.3, 1.1])},
+    }
+    v = {target.split(":")[0]: passed for target, passed, _ in rq.verdicts(results)}
+    assert v == {
+        "hetero": False, "spread, two balancers": True,
+        "newcomer, one balancer": False, "newcomer, two balancers": None,
+    }
+    results["hetero"]["least-load"] = hetero([15.0] * 5 + [40.0])
+    assert rq.verdicts(results)[0][1] is True
+    lines = rq.table(results, ["least-load", "haproxy-leastconn"])
+    assert any(l.split()[:2] == ["least-load", "31.7"] or l.split()[:2] == ["least-load", "15.0"] for l in lines)
+    assert "FAIL" in "\n".join(rq.verdictLines(results))
+
+
+def test_routingQualityQuickRunPrintsTablesAndTargets(tmp_path):
+    # Real processes, one policy, no HAProxy, the two cheapest set-ups.
+    _skipUnlessPossible()
+    script = ROOT / "bench" / "routing_quality.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--setups", "hetero,spread",
+         "--policies", "least-load", "--no-haproxy", "--hetero-seconds", "0.6",
+         "--json", str(tmp_path / "q.json"), "--logs", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    out = result.stdout
+    assert "hetero (1 repetition" in out and "spread (two balancers)" in out
+    assert "----  hetero: least-load p99" in out  # no HAProxy to compare with
+    assert ("PASS  spread" in out) or ("FAIL  spread" in out)
+    figures = json.loads((tmp_path / "q.json").read_text())["results"]
+    [round_] = figures["hetero"]["least-load"]
+    assert round_["requests"] > 100 and round_["p99"] > 2.0 and round_["failures"] == 0
+    [spread] = figures["spread"]["least-load"]
+    assert sum(spread["counts"]) == 40 + sum([0, 4, 8, 12]) and spread["failures"] == 0
