@@ -243,3 +243,21 @@ def test_every_policy_takes_the_pools_live_candidates(policy):
     cluster = Cluster(pool, policy=policy, rng=random.Random(0))
     picked = {cluster.pick(exclude={"a"}).name for _ in range(5)}
     assert picked == {"c"}
+
+
+@pytest.mark.parametrize("policy", ["least-load", "least-conn"])
+def test_short_connections_to_equal_backends_are_split_at_random(policy):
+    # One connection at a time, each closed before the next: both backends
+    # are tied at every pick, so each must win about half of the ties (an
+    # index whose tie-break keys stick would give one nearly all of them).
+    for seed in range(20):
+        cluster = Cluster(policy=policy, rng=random.Random(seed))
+        for name in ("a", "b"):
+            cluster.pool.register(name, "h", 1, capacity=1000)
+        wins = Counter()
+        for _ in range(100):
+            route = cluster.pick()
+            cluster.pool.connected(route.name, route.ticket)
+            cluster.pool.release(route.name, route.ticket)
+            wins[route.name] += 1
+        assert 25 <= wins["a"] <= 75, (seed, wins)

@@ -459,7 +459,7 @@ class Pool:
             self._indexes.move_to_end(score)
         if index.dirty:
             index.refresh(self, rng)
-        return index.lowest(exclude)
+        return index.lowest(exclude, rng)
 
     def rescore(self, score: Callable[[BackendStatus], float], name: str) -> None:
         """
@@ -977,6 +977,8 @@ _NONE: frozenset = frozenset()
 _MAX_INDEXES = 4
 #: Scores are rounded to this many decimals: closer ones are ties.
 _TIE_DIGITS = 12
+#: Backends tied at the lowest score among which L{Pool.lowest} draws.
+_TIED = 2
 
 
 def _noDraw() -> float:
@@ -1027,24 +1029,39 @@ class _Index:
             heap[:] = current.values()
             heapq.heapify(heap)
 
-    def lowest(self, exclude: Iterable[str]) -> Optional[BackendStatus]:
+    def lowest(self, exclude: Iterable[str], rng: random.Random) -> Optional[BackendStatus]:
+        """
+        The valid entry of lowest score, less those in C{exclude}.  With
+        random ties, one of the first few tied at that score, at random:
+        each entry's key was drawn when it was made, so without this a
+        backend whose score does not move would keep winning (or losing)
+        every tie against one whose score moves and comes back.
+        """
         heap, current = self.heap, self.current
         pop = heapq.heappop
         put_back = []
-        found = None
-        while heap:
+        tied: List[Tuple[float, float, str, BackendStatus]] = []
+        limit = _TIED if self.randomTies else 1
+        while heap and len(tied) < limit:
             entry = heap[0]
             name = entry[2]
             if current.get(name) is not entry:
                 pop(heap)
             elif exclude and name in exclude:
                 put_back.append(pop(heap))
-            else:
-                found = entry[3]
+            elif tied and entry[0] != tied[0][0]:
                 break
+            else:
+                tied.append(pop(heap))
         for entry in put_back:
             heapq.heappush(heap, entry)
-        return found
+        for entry in tied:
+            heapq.heappush(heap, entry)
+        if not tied:
+            return None
+        if len(tied) == 1:
+            return tied[0][3]
+        return tied[rng.randrange(len(tied))][3]
 
 
 class Candidates(Sequence[BackendStatus]):
