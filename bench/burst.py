@@ -38,52 +38,17 @@ sys.path.insert(0, str(ROOT))
 
 from twistedcluster.localcluster import LocalCluster, freePort, waitFor  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from routing_quality import openHeld  # noqa: E402
 
-def _connectAll(port, n, source="127.0.0.1", payload=b"x", timeout=10.0, pace=0.0):
-    """
-    Open C{n} connections at once (or one every C{pace} seconds), send
-    C{payload} on each; return the sockets and, after waiting up to
-    C{timeout}, which got their echo.
-    """
-    import selectors
 
-    socks = []
-    sel = selectors.DefaultSelector()
-    for _ in range(n):
-        s = socket.socket()
-        s.bind((source, 0))
-        s.setblocking(False)
-        try:
-            s.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        socks.append(s)
-        sel.register(s, selectors.EVENT_WRITE)
-        if pace:
-            time.sleep(pace)
-    sent, echoed = set(), set()
-    deadline = time.monotonic() + timeout
-    while len(echoed) < n and time.monotonic() < deadline:
-        for key, events in sel.select(0.1):
-            s = key.fileobj
-            if s not in sent:
-                try:
-                    s.send(payload)
-                except OSError:
-                    sel.unregister(s)
-                    continue
-                sent.add(s)
-                sel.modify(s, selectors.EVENT_READ)
-            else:
-                try:
-                    data = s.recv(4096)
-                except OSError:
-                    data = b""
-                if data:
-                    echoed.add(s)
-                sel.unregister(s)
-    sel.close()
-    return socks, echoed
+def _connectAll(port, n, timeout=10.0, pace=0.0):
+    """
+    Open C{n} connections to C{port} at once (or one every C{pace} seconds),
+    sending one byte on each; return the sockets and how many got their
+    echo within C{timeout} (L{routing_quality.openHeld}).
+    """
+    return openHeld([port], n, ["127.0.0.1"], seconds=pace * n, timeout=timeout)
 
 
 def _reported(cluster):
@@ -98,7 +63,7 @@ def capacity(workdir):
         for n in names:
             cluster.startBackend(n, extra=["--capacity=10"])
         cluster.waitUp(names)
-        socks, echoed = _connectAll(cluster.port, 45, timeout=5.0)
+        socks, served = _connectAll(cluster.port, 45, timeout=5.0)
         # Let every report catch up.
         time.sleep(2.5)
         status = _reported(cluster)
@@ -107,8 +72,8 @@ def capacity(workdir):
         over = sum(max(0, c - 10) for c, _, _ in status.values())
         return {
             "reported": {n: c for n, (c, _, _) in status.items()},
-            "served": len(echoed),
-            "waiting": 45 - len(echoed),
+            "served": served,
+            "waiting": 45 - served,
             "overCapacity": over,
         }
     finally:
