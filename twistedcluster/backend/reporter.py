@@ -292,22 +292,11 @@ class LoadReporter(MultiService):
         current = self.measure()
         self._lastReported = current.connections
         for proto in list(self.channels):
+            report = dict(connections=current.connections, load=current.load, seen=proto.mark)
             if proto.oneWay:
-                self._sendOneWay(
-                    proto,
-                    commands.ReportLoadOneWay,
-                    connections=current.connections,
-                    load=current.load,
-                    seen=proto.mark,
-                )
-                continue
-            self._send(
-                proto,
-                commands.ReportLoad,
-                connections=current.connections,
-                load=current.load,
-                seen=proto.mark,
-            ).addCallback(_answered, proto)
+                self._sendOneWay(proto, commands.ReportLoadOneWay, **report)
+            else:
+                self._send(proto, commands.ReportLoad, **report).addCallback(_answered, proto)
 
     def drain(self) -> defer.Deferred:
         """
