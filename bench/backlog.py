@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from twistedcluster.localcluster import LocalCluster, twistdCommand, waitFor
+from twistedcluster.localcluster import LocalCluster, waitFor
 
 BACKENDS = ["backend-1", "backend-2", "backend-3"]
 

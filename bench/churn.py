@@ -26,7 +26,6 @@ To compare with an older checkout, run this file with PYTHONPATH naming it
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
 import subprocess
