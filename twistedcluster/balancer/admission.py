@@ -13,10 +13,26 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Hashable, Tuple
 
+from twistedcluster.balancer import accesslog as ends
 from twistedcluster.core.pool import Pool
 
 DEFAULT_QUEUE_SIZE = 1000
 DEFAULT_QUEUE_TIMEOUT = 5.0
+
+
+class Refusal(str):
+    """
+    Why a waiting client is refused, as text, with C{end}: how its
+    connection ended, for the metrics and the access log
+    (L{twistedcluster.balancer.accesslog.ENDS}).
+    """
+
+    end: str
+
+    def __new__(cls, text: str, end: str) -> "Refusal":
+        self = super().__new__(cls, text)
+        self.end = end
+        return self
 
 
 class WaitQueue:
@@ -41,6 +57,9 @@ class WaitQueue:
         self.clock = clock
         self.size = size
         self.timeout = timeout
+        #: Clients that waited, and that waited too long, in total.
+        self.waited = 0
+        self.timedOut = 0
         self._queue: "OrderedDict[Hashable, Tuple[object, Callable[[], None], Callable[[str], None]]]" = OrderedDict()
         self._wake = None
 
@@ -58,9 +77,13 @@ class WaitQueue:
         """
         if len(self._queue) >= self.size:
             return refuse(
-                f"every backend is at capacity and {len(self._queue)} clients "
-                "already wait"
+                Refusal(
+                    f"every backend is at capacity and {len(self._queue)} clients "
+                    "already wait",
+                    ends.QUEUE_FULL,
+                )
             )
+        self.waited += 1
         timer = self.clock.callLater(self.timeout, self._timedOut, client)
         self._queue[client] = (timer, retry, refuse)
         if len(self._queue) == 1:
@@ -84,7 +107,8 @@ class WaitQueue:
         if entry is None:
             return
         self.dequeue(client)
-        entry[2](f"every backend stayed at capacity for {self.timeout} s")
+        self.timedOut += 1
+        entry[2](Refusal(f"every backend stayed at capacity for {self.timeout} s", ends.QUEUE_TIMEOUT))
 
     def _mayHaveRoom(self) -> None:
         # Called from inside the pool: look again once it is done changing.
@@ -110,7 +134,7 @@ class WaitQueue:
             entry = self._queue.get(client)
             if entry is not None:
                 self.dequeue(client)
-                entry[2](why)
+                entry[2](Refusal(why, ends.DRAINED))
         if self._wake is not None and self._wake.active():
             self._wake.cancel()
         self._wake = None

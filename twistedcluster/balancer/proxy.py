@@ -28,6 +28,7 @@ from twisted.internet.error import ConnectBindError, ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from twistedcluster.balancer import accesslog as ends
 from twistedcluster.balancer.admission import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT, WaitQueue
 from twistedcluster.core.cluster import Cluster, Route
 from twistedcluster.balancer.dialer import dialerFor
@@ -40,6 +41,7 @@ from twistedcluster.balancer.passivehealth import (
 )
 from twistedcluster.core.pool import DEFAULT_MAX_EJECTED_PERCENT
 from twistedcluster.balancer.relay import Relay
+from twistedcluster.balancer.traffic import Traffic
 from twistedcluster.summary import Summary, window
 from twistedcluster.fast.transports import peerText
 
@@ -127,11 +129,21 @@ class _BackendSide(Relay):
             health.endedEarly(name, clean, client._readDone, self._madeAt)
 
     def readConnectionLost(self) -> None:
+        client = self.peer
+        if client is not None and client._end is None:
+            client._end = ends.BACKEND_CLOSED
         if self._probation is not None:
             self._endedEarly(clean=True)
         Relay.readConnectionLost(self)
 
     def connectionLost(self, reason) -> None:
+        client = self.peer
+        if client is not None and client._end is None:
+            client._end = (
+                ends.BACKEND_CLOSED
+                if isinstance(reason.value, ConnectionDone)
+                else ends.BACKEND_RESET
+            )
         if self._probation is not None:
             self._endedEarly(clean=isinstance(reason.value, ConnectionDone))
         if self.pool is not None and self.backendName is not None:
@@ -201,6 +213,11 @@ class ProxyServer(Relay):
     Until its backend is connected, what the client sends is held here (up
     to L{EARLY_DATA_LIMIT}, then the client is paused), and so is its
     end-of-file: cheaper than pausing every client while connecting.
+
+    For the metrics and the access log it keeps when it started, when its
+    backend accepted, and how it ended (C{_end}, one of
+    L{twistedcluster.balancer.accesslog.ENDS}: the first side to end its
+    input, or the balancer's reason for closing it).
     """
 
     factory: "ProxyFactory"
@@ -211,9 +228,14 @@ class ProxyServer(Relay):
     _pausedEarly = False
     _idleCall = None
     _gone = False
+    _start = 0.0
+    _connectAt: Optional[float] = None
+    _backend: Optional[_BackendSide] = None
+    _end: Optional[str] = None
 
     def connectionMade(self) -> None:
         factory = self.factory
+        self._start = factory.reactor.seconds()
         factory.clients.add(self)
         if factory.limit is not None:
             factory.limit.opened()
@@ -225,6 +247,7 @@ class ProxyServer(Relay):
             if self._early is None:
                 self._early = []
             self._early.append(data)
+            self.received += len(data)
             self._earlyBytes += len(data)
             if self._earlyBytes >= EARLY_DATA_LIMIT and not self._pausedEarly:
                 self._pausedEarly = True
@@ -239,7 +262,7 @@ class ProxyServer(Relay):
         """
         factory = self.factory
         if len(self._tried) >= factory.maxAttempts:
-            return self.refuse("every attempt failed")
+            return self.refuse("every attempt failed", ends.CONNECT_FAILED)
         cluster = factory.cluster
         if cluster.keyed:  # hash: the client's address, only then
             key = getattr(self.transport.getPeer(), "host", None)
@@ -253,8 +276,8 @@ class ProxyServer(Relay):
             if factory.cluster.noRoomOnly():
                 return factory.admission.enqueue(self, self.route, self.refuse)
             if self._tried:
-                return self.refuse("no other backend to try")
-            return self.refuse("no backend available")
+                return self.refuse("no other backend to try", ends.CONNECT_FAILED)
+            return self.refuse("no backend available", ends.NO_BACKEND)
         self._tried += (chosen.name,)
         attempt = self._attempt = _Attempt(self, chosen)
         attempt.start()
@@ -262,6 +285,8 @@ class ProxyServer(Relay):
     def _connected(self, backend: _BackendSide, attempt: _Attempt) -> None:
         self._attempt = None
         factory = self.factory
+        self._connectAt = factory.reactor.seconds()
+        self._backend = backend
         pool = factory.cluster.pool
         # Connected is not yet served when the backend must prove itself
         # first (the early-close window).
@@ -294,6 +319,8 @@ class ProxyServer(Relay):
             self._idleCall = factory.reactor.callLater(factory.idleTimeout, self._checkIdle)
 
     def readConnectionLost(self) -> None:
+        if self._end is None:
+            self._end = ends.CLIENT_CLOSED
         if self.peer is None:
             # Before the backend is connected, the end-of-file waits with
             # the early data; _connected passes both on.
@@ -320,6 +347,7 @@ class ProxyServer(Relay):
             timeout=timeout,
         )
         # Abort: a peer that stopped reading would hold a graceful close open.
+        self._end = ends.IDLE_TIMEOUT
         self.transport.abortConnection()
 
     def _connectFailed(self, reason, attempt: _Attempt) -> None:
@@ -350,11 +378,16 @@ class ProxyServer(Relay):
             factory.health.failed(name, failures)
         self.route()
 
-    def refuse(self, why: str) -> None:
+    def refuse(self, why: str, end: Optional[str] = None) -> None:
         """
         Close this client: it gets no backend (the reason is logged, summed
         once a second).
+
+        @param end: how the connection ended, for the metrics and the access
+            log; the wait queue's reasons carry theirs (C{why.end}).
         """
+        if self._end is None:
+            self._end = end or getattr(why, "end", None) or ends.NO_BACKEND
         factory = self.factory
         factory._lastClosed = (peerText(self.transport), why)
         factory._closed.count(why)
@@ -363,6 +396,12 @@ class ProxyServer(Relay):
     def connectionLost(self, reason) -> None:
         self._gone = True
         self._early = None
+        if self._end is None:
+            self._end = (
+                ends.CLIENT_CLOSED
+                if isinstance(reason.value, ConnectionDone)
+                else ends.CLIENT_RESET
+            )
         factory = self.factory
         factory.clientGone(self)
         if self._idleCall is not None and self._idleCall.active():
@@ -407,6 +446,8 @@ class ProxyFactory(Factory):
     @ivar admission: the clients waiting for room (L{WaitQueue}).
     @ivar limit: the client connection limit (L{limits.ClientLimit}) its
         connections count against, if any.
+    @ivar traffic: what became of the clients (L{Traffic}): counts for the
+        metrics, and the access log when there is one.
     """
 
     noisy = False
@@ -427,7 +468,9 @@ class ProxyFactory(Factory):
         queueSize: int = DEFAULT_QUEUE_SIZE,
         queueTimeout: float = DEFAULT_QUEUE_TIMEOUT,
         dialer=None,
+        traffic: Optional[Traffic] = None,
     ) -> None:
+        self.traffic = traffic if traffic is not None else Traffic()
         self.cluster = cluster
         self.reactor = reactor
         self.connectTimeout = connectTimeout
@@ -451,6 +494,7 @@ class ProxyFactory(Factory):
     def buildProtocol(self, addr):
         limit = self.limit
         if limit is not None and not limit.admits():
+            self.traffic.refusedAtLimit("proxy", addr, self.reactor.seconds())
             return None
         p = self.protocol()
         p.factory = self
@@ -480,6 +524,7 @@ class ProxyFactory(Factory):
         if self.limit is not None:
             self.limit.closed()
         self.admission.dequeue(client)
+        self.traffic.proxyEnded(client, self.reactor.seconds())
         if not self.clients and self._idle is not None:
             idle, self._idle = self._idle, None
             idle.callback(None)
@@ -534,6 +579,7 @@ class ProxyFactory(Factory):
                 count=len(self.clients),
             )
             for client in list(self.clients):
+                client._end = ends.DRAINED
                 client.transport.abortConnection()
 
         def drained(result):

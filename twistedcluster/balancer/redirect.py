@@ -26,6 +26,8 @@ from typing import Deque, Dict, List, Optional, Tuple
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from twistedcluster.balancer import accesslog as ends
+from twistedcluster.balancer.traffic import Traffic
 from twistedcluster.core.cluster import Cluster
 from twistedcluster.wire.redirectline import NO_BACKEND, answerLine
 from twistedcluster.summary import Summary, window
@@ -144,6 +146,13 @@ class RedirectProtocol(Protocol):
     """
 
     factory: "RedirectFactory"
+    #: For the metrics and the access log: when it started, the backend
+    #: named, bytes each way, how it ended.
+    _start = 0.0
+    _backend: Optional[str] = None
+    _end = ends.NO_BACKEND
+    received = 0
+    sent = 0
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -152,7 +161,7 @@ class RedirectProtocol(Protocol):
         cluster = factory.cluster
         pool = cluster.pool
         handOffs = factory.handOffs
-        now = factory.clock.seconds()
+        now = self._start = factory.clock.seconds()
         peer = self.transport.getPeer()
         source = sourceOf(peer)
         counted = handOffs.admits(source)
@@ -170,21 +179,26 @@ class RedirectProtocol(Protocol):
                 if counted:
                     pool.connectFailed(chosen.name, chosen.ticket, countFailure=False)
             else:
+                self._backend = chosen.name
+                self._end = ends.ANSWERED
                 if counted:
                     # Added to the backend (so least-load sees it until a
                     # report does) but not a connection this balancer holds.
                     pool.handOff(chosen.name, chosen.ticket)
                     handOffs.add(now, source, chosen.name, chosen.ticket)
                     factory.scheduleHandOffs()
+        self.sent = len(line)
         self.transport.write(line)
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        pass
+        self.received += len(data)
 
     def connectionLost(self, reason) -> None:
-        if self.factory.limit is not None:
-            self.factory.limit.closed()
+        factory = self.factory
+        if factory.limit is not None:
+            factory.limit.closed()
+        factory.traffic.redirectEnded(self, factory.clock.seconds())
 
 
 class RedirectFactory(Factory):
@@ -205,10 +219,20 @@ class RedirectFactory(Factory):
     def buildProtocol(self, addr):
         limit = self.limit
         if limit is not None and not limit.admits():
+            self.traffic.refusedAtLimit("redirect", addr, self.clock.seconds())
             return None
         return Factory.buildProtocol(self, addr)
 
-    def __init__(self, cluster: Cluster, clock, handOffs: HandOffs = None) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        clock,
+        handOffs: HandOffs = None,
+        traffic: Optional[Traffic] = None,
+    ) -> None:
+        #: What became of the clients (shared with the proxy's, in the
+        #: balancer): counts, and the access log.
+        self.traffic = traffic if traffic is not None else Traffic()
         self.cluster = cluster
         self.clock = clock
         self.handOffs = handOffs if handOffs is not None else HandOffs()

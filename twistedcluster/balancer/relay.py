@@ -109,6 +109,7 @@ class Splicer:
             return main.CONNECTION_DONE
         self.pending += n
         source = self.source
+        source.received += n
         if source.seconds is not None:
             source.lastActivity = source.seconds()
         self._drain()
@@ -182,9 +183,11 @@ class Relay(Protocol):
 
     @ivar seconds: the clock's C{seconds}, when the connection has an idle
         timeout; then C{lastActivity} records when data last came in here.
+    @ivar received: bytes read on this side (spliced ones included).
     """
 
     peer: Optional["Relay"] = None
+    received = 0
     seconds = None
     lastActivity = 0.0
     _readDone = False
@@ -215,6 +218,7 @@ class Relay(Protocol):
         peer._plain = self._direct = peerPlain
 
     def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
         peer = self.peer
         if peer is not None:
             if self._direct:

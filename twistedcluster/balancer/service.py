@@ -66,6 +66,20 @@ class Options(usage.Options):
             "Prometheus' format, /status.json.",
         ],
         [
+            "access-log",
+            None,
+            None,
+            "Write one record per client connection, when it ends, to this "
+            "file (appended; '-': standard output). Off unless given.",
+        ],
+        [
+            "access-log-format",
+            None,
+            "text",
+            "Access log records as 'text' (one line of key=value) or 'json' "
+            "(one JSON object a line).",
+        ],
+        [
             "redirect-window",
             None,
             DEFAULT_HANDOFF_WINDOW,
@@ -294,6 +308,19 @@ class Options(usage.Options):
             except StateFileError as e:
                 raise usage.UsageError(str(e)) from None
         self["secret"] = loadSecretOption(self["secret-file"])
+        from twistedcluster.balancer.accesslog import FORMATS, openOutput
+
+        if self["access-log-format"] not in FORMATS:
+            raise usage.UsageError(
+                f"--access-log-format must be one of {', '.join(FORMATS)}, "
+                f"not {self['access-log-format']!r}"
+            )
+        self["access-log-output"] = None
+        if self["access-log"]:
+            try:
+                self["access-log-output"] = openOutput(self["access-log"])
+            except OSError as e:
+                raise usage.UsageError(f"--access-log {self['access-log']}: {e}") from None
         if self["max-connections"] is None:
             self["max-connections"] = defaultMaxConnections()
         try:
@@ -383,16 +410,27 @@ def warnAboutExposure(options: Options) -> None:
 class _DrainOnStop(Service):
     """
     Stops after the proxied connections have finished (or the deadline):
-    twistd waits for it before stopping the reactor.
+    twistd waits for it before stopping the reactor.  The access log, if
+    any, is closed after them, so that their records are written.
     """
 
-    def __init__(self, factory, timeout: float) -> None:
+    def __init__(self, factory, timeout: float, accessLog=None) -> None:
         self.factory = factory
         self.timeout = timeout
+        self.accessLog = accessLog
+
+    def startService(self):
+        super().startService()
+        if self.accessLog is not None:
+            self.accessLog.start()
 
     def stopService(self):
         super().stopService()
-        return self.factory.drain(self.timeout)
+        d = self.factory.drain(self.timeout)
+        if self.accessLog is not None:
+            accessLog = self.accessLog
+            d.addBoth(lambda _: accessLog.close())
+        return d
 
 
 def makeService(options: Options, reactor=None):
@@ -447,6 +485,18 @@ def makeService(options: Options, reactor=None):
 
     secret = options["secret"]
     warnAboutExposure(options)
+    from twistedcluster.balancer.accesslog import AccessLog
+    from twistedcluster.balancer.traffic import Traffic
+
+    accessLog = None
+    if options.get("access-log-output") is not None:
+        accessLog = AccessLog(reactor, options["access-log-output"], options["access-log-format"])
+        log.info(
+            "balancer access log: {path} ({format})",
+            path=options["access-log"],
+            format=options["access-log-format"],
+        )
+    traffic = top.traffic = Traffic(accessLog)
     proxyFactory = ProxyFactory(
         cluster,
         reactor,
@@ -459,8 +509,9 @@ def makeService(options: Options, reactor=None):
         idleTimeout=options["idle-timeout"],
         queueSize=options["queue-size"],
         queueTimeout=options["queue-timeout"],
+        traffic=traffic,
     )
-    _DrainOnStop(proxyFactory, options["drain-timeout"]).setServiceParent(top)
+    _DrainOnStop(proxyFactory, options["drain-timeout"], accessLog).setServiceParent(top)
     # Proxy and redirect clients share one limit; control and admin have
     # their own, and the descriptors the limit leaves.
     clientLimit = ClientLimit(options["max-connections"], reactor)
@@ -491,6 +542,7 @@ def makeService(options: Options, reactor=None):
             cluster,
             reactor,
             HandOffs(options["redirect-window"], options["redirect-per-source"]),
+            traffic=traffic,
         )
         listeners.append(("redirect", options["redirect"], clientLimit.wrap(redirectFactory)))
     if options["metrics"]:

@@ -1,0 +1,331 @@
+"""
+The access log (``--access-log PATH``, ``-`` for standard output): one
+record per client connection, written when it ends.
+
+A record is built from what the connection keeps anyway (its start, its
+connect, its byte counts, how it ended: L{Record}), formatted on the
+reactor thread (text or JSON lines, L{formatText}, L{formatJSON}), and
+appended to a buffer.  The buffer goes to a writer thread every
+L{FLUSH_INTERVAL} seconds, or at once when it holds L{FLUSH_BYTES}: the
+reactor never waits for a disk or a pipe.  The thread's queue is bounded
+(L{QUEUE_CHUNKS} chunks); when the output cannot keep up, whole chunks are
+dropped, counted, and the count is logged once a second rather than letting
+memory grow or the reactor block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Callable, List, Optional
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twistedcluster.summary import Summary, window
+
+__all__ = [
+    "AccessLog",
+    "ENDS",
+    "FORMATS",
+    "Record",
+    "formatJSON",
+    "formatText",
+]
+
+log = Logger()
+
+#: How a client connection ended (the record's C{end}).
+CLIENT_CLOSED = "client_closed"
+BACKEND_CLOSED = "backend_closed"
+CLIENT_RESET = "client_reset"
+BACKEND_RESET = "backend_reset"
+IDLE_TIMEOUT = "idle_timeout"
+CONNECT_FAILED = "connect_failed"
+QUEUE_TIMEOUT = "queue_timeout"
+QUEUE_FULL = "refused_queue_full"
+NO_BACKEND = "refused_no_backend"
+MAX_CONNECTIONS = "refused_max_connections"
+DRAINED = "drained"
+#: A redirect client got its answer (a backend named).
+ANSWERED = "answered"
+ENDS = (
+    CLIENT_CLOSED,
+    BACKEND_CLOSED,
+    CLIENT_RESET,
+    BACKEND_RESET,
+    IDLE_TIMEOUT,
+    CONNECT_FAILED,
+    QUEUE_TIMEOUT,
+    QUEUE_FULL,
+    NO_BACKEND,
+    MAX_CONNECTIONS,
+    DRAINED,
+    ANSWERED,
+)
+
+FORMATS = ("text", "json")
+
+#: Seconds between hand-overs of the buffer to the writer thread.
+FLUSH_INTERVAL = 0.2
+#: Bytes buffered that are handed over at once.
+FLUSH_BYTES = 64 * 1024
+#: Chunks the writer thread may have waiting; more are dropped (counted).
+QUEUE_CHUNKS = 256
+
+
+@attrs.frozen
+class Record:
+    """
+    One client connection, ended.
+
+    @ivar time: when it started (POSIX seconds).
+    @ivar listener: C{proxy} or C{redirect}.
+    @ivar client: the client's address, C{host:port}.
+    @ivar backend: the backend it was sent to last, or C{None}.
+    @ivar attempts: backends tried.
+    @ivar connect: seconds from the start until the backend accepted, or
+        C{None} when none did.
+    @ivar duration: seconds from the start to the end.
+    @ivar bytesIn: bytes the client sent.
+    @ivar bytesOut: bytes the client was sent.
+    @ivar end: how it ended, one of L{ENDS}.
+    """
+
+    time: float
+    listener: str
+    client: str
+    backend: Optional[str]
+    attempts: int
+    connect: Optional[float]
+    duration: float
+    bytesIn: int
+    bytesOut: int
+    end: str
+
+
+class _Stamp:
+    """
+    ISO 8601 UTC time with milliseconds; the part up to the second is
+    formatted once per second.
+    """
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, t: float) -> str:
+        second = int(t)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((t - second) * 1000):03d}Z"
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.3f}"
+
+
+def formatText(record: Record, stamp: Callable[[float], str] = _Stamp()) -> str:
+    """
+    One line, C{key=value} after the time (values never hold spaces)::
+
+        2026-12-01T16:40:00.123Z proxy client=127.0.0.1:53422 backend=web1
+        attempts=1 connect_ms=0.412 duration_ms=12.301 bytes_in=64
+        bytes_out=64 end=client_closed
+    """
+    return (
+        f"{stamp(record.time)} {record.listener} client={record.client} "
+        f"backend={record.backend or '-'} attempts={record.attempts} "
+        f"connect_ms={_ms(record.connect)} duration_ms={_ms(record.duration)} "
+        f"bytes_in={record.bytesIn} bytes_out={record.bytesOut} end={record.end}\n"
+    )
+
+
+def formatJSON(record: Record, stamp: Callable[[float], str] = _Stamp()) -> str:
+    """
+    One JSON object on one line, the text format's fields under the same
+    names (C{null} for none).
+    """
+    connect = record.connect
+    return (
+        json.dumps(
+            {
+                "time": stamp(record.time),
+                "listener": record.listener,
+                "client": record.client,
+                "backend": record.backend,
+                "attempts": record.attempts,
+                "connect_ms": None if connect is None else round(connect * 1000, 3),
+                "duration_ms": round(record.duration * 1000, 3),
+                "bytes_in": record.bytesIn,
+                "bytes_out": record.bytesOut,
+                "end": record.end,
+            },
+            separators=(",", ":"),
+        )
+        + "\n"
+    )
+
+
+def openOutput(path: str):
+    """
+    The file records are appended to (created mode 0640), or standard
+    output for C{-}: a binary stream.
+    """
+    if path == "-":
+        return os.fdopen(os.dup(sys.__stdout__.fileno()), "ab", buffering=0)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    return os.fdopen(fd, "ab", buffering=0)
+
+
+class AccessLog:
+    """
+    Takes records on the reactor thread, writes them on its own thread.
+
+    @param clock: for the flush timer and the dropped-records log line.
+    @param output: a binary stream to write to (L{open} makes one from a
+        path); written to only by the writer thread.
+    @param fmt: C{text} or C{json}.
+    @ivar written: records handed to the writer thread.
+    @ivar dropped: records dropped because the output could not keep up.
+    """
+
+    def __init__(self, clock, output, fmt: str = "text") -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"access log format must be one of {', '.join(FORMATS)}")
+        self.clock = clock
+        self.output = output
+        self.format = formatJSON if fmt == "json" else formatText
+        self.written = 0
+        self.dropped = 0
+        self._lines: List[str] = []
+        self._size = 0
+        self._flushCall = None
+        self._queue: "queue.Queue[Optional[bytes]]" = queue.Queue(QUEUE_CHUNKS)
+        self._thread: Optional[threading.Thread] = None
+        self._closed: Optional[defer.Deferred] = None
+        self._drops = Summary(clock, self._reportDropped)
+        self._failed: Optional[str] = None
+
+    @classmethod
+    def open(cls, clock, path: str, fmt: str = "text") -> "AccessLog":
+        """
+        An access log appending to C{path} (C{-}: standard output); raises
+        L{OSError} when it cannot be opened.
+        """
+        return cls(clock, openOutput(path), fmt)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._write, name="access-log", daemon=True
+            )
+            self._thread.start()
+
+    def add(self, record: Record) -> None:
+        """
+        Log C{record}: formatted now, written soon.
+        """
+        line = self.format(record)
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+        elif self._flushCall is None:
+            self._flushCall = self.clock.callLater(FLUSH_INTERVAL, self._timedFlush)
+
+    def _timedFlush(self) -> None:
+        self._flushCall = None
+        self.flush()
+
+    def flush(self) -> None:
+        """
+        Hand what is buffered to the writer thread (dropped, and counted,
+        when it has too much waiting already).
+        """
+        lines, self._lines = self._lines, []
+        self._size = 0
+        if not lines:
+            return
+        if self._thread is None or self._closed is not None:
+            self.dropped += len(lines)
+            return
+        try:
+            self._queue.put_nowait("".join(lines).encode("utf-8", "replace"))
+        except queue.Full:
+            self.dropped += len(lines)
+            self._drops.add(records=len(lines))
+        else:
+            self.written += len(lines)
+
+    def _write(self) -> None:
+        # The writer thread: touches nothing but the queue and the output.
+        q, out = self._queue, self.output
+        while True:
+            chunk = q.get()
+            if chunk is None:
+                break
+            try:
+                out.write(chunk)
+            except OSError as e:
+                self._failed = str(e)
+        try:
+            out.close()
+        except OSError:
+            pass
+
+    def _reportDropped(self, counts, seconds: float) -> None:
+        log.warn(
+            "access log: {records} record(s) dropped {window}: the output "
+            "does not keep up{why}",
+            records=counts.get("records", 0),
+            window=window(seconds),
+            why=f" ({self._failed})" if self._failed else "",
+        )
+
+    def close(self, timeout: float = 5.0) -> defer.Deferred:
+        """
+        Write what is buffered, stop the writer thread, close the output;
+        fires when done (or after C{timeout} seconds of a blocked output).
+        """
+        if self._closed is not None:
+            return self._closed
+        if self._flushCall is not None and self._flushCall.active():
+            self._flushCall.cancel()
+        self._flushCall = None
+        self.flush()
+        self._drops.stop()
+        thread, self._thread = self._thread, None
+        done = self._closed = defer.Deferred()
+        if thread is None:
+            try:
+                self.output.close()
+            except OSError:
+                pass
+            done.callback(None)
+            return done
+        # Polled on the clock: no thread pool, no blocking join or put.
+        deadline = self.clock.seconds() + timeout
+        sent = []
+
+        def poll() -> None:
+            if not sent:
+                try:
+                    self._queue.put_nowait(None)
+                    sent.append(True)
+                except queue.Full:
+                    pass
+            if not thread.is_alive() or self.clock.seconds() >= deadline:
+                if not done.called:
+                    done.callback(None)
+                return
+            self.clock.callLater(0.01, poll)
+
+        poll()
+        return done
