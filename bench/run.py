@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import signal
 import statistics
 import subprocess
@@ -379,7 +380,8 @@ class Bench:
         # that the code measured is the one chosen (PYTHONPATH, or installed).
         os.chdir(workdir)
         self.servers = Servers(
-            workdir, names, self.pythonPath, self.maxHeld, haproxy, self.say, baseline=args.baseline
+            workdir, names, self.pythonPath, self.maxHeld, haproxy, self.say, baseline=args.baseline,
+            balancerArgs=shlex.split(args.balancer_args),
         )
         try:
             self.targets = self.servers.start()
@@ -808,6 +810,7 @@ def parseArgs(argv=None):
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help=f"comma-separated, from {','.join(DEFAULT_TARGETS)} (default all; --baseline adds baseline)")
     p.add_argument("--loads", default=",".join(LOADS), help=f"comma-separated measurements, from {','.join(LOADS)} (default all)")
     p.add_argument("--baseline", default=None, metavar="DIR", help="also measure, as the target `baseline`, a second balancer running the twistedcluster package in DIR (e.g. `git archive HEAD twistedcluster twisted | tar -x -C DIR`), in front of the same backend: a before/after comparison in one run (column bal/base)")
+    p.add_argument("--balancer-args", default="", metavar="ARGS", help="extra options for the measured balancer only (not the baseline), split like a shell would: with --baseline DIR holding the same code, an A/B of one option, e.g. --balancer-args='--access-log=/tmp/access.log' (column bal/base)")
     p.add_argument("--install-haproxy", action="store_true", help="apt-get install haproxy when it is missing (needs root)")
     p.add_argument("--installed", action="store_true", help="measure the installed twistedcluster, not the checkout this script sits in")
     p.add_argument("--code", default=None, metavar="DIR", help="measure the twistedcluster package in DIR (a checkout, or e.g. `git archive HEAD | tar -x -C DIR`), not the checkout this script sits in")

@@ -12,7 +12,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from twistedcluster.localcluster import (
     LocalCluster,
@@ -147,7 +147,9 @@ class Servers:
         haproxy: Optional[str],
         say,
         baseline: Optional[str] = None,
+        balancerArgs: Sequence[str] = (),
     ) -> None:
+        self.balancerArgs = list(balancerArgs)
         self.workdir = Path(workdir)
         self.wanted = targets
         self.cluster = LocalCluster(self.workdir, HOST)
@@ -172,7 +174,7 @@ class Servers:
     def start(self) -> Dict[str, Target]:
         c = self.cluster
         self.say("starting the echo backend and the balancer ...")
-        self.balancer = c.startBalancer()
+        self.balancer = c.startBalancer(extra=self.balancerArgs)
         balancers = [f"tcp:host={HOST}:port={c.controlPort}"]
         base = self.baselineCluster
         if base is not None:

@@ -249,11 +249,15 @@ class AccessLog:
         Hand what is buffered to the writer thread (dropped, and counted,
         when it has too much waiting already).
         """
+        if self._closed is None:
+            self._handOver()
+
+    def _handOver(self) -> None:
         lines, self._lines = self._lines, []
         self._size = 0
         if not lines:
             return
-        if self._thread is None or self._closed is not None:
+        if self._thread is None:
             self.dropped += len(lines)
             return
         try:
@@ -293,16 +297,17 @@ class AccessLog:
         """
         Write what is buffered, stop the writer thread, close the output;
         fires when done (or after C{timeout} seconds of a blocked output).
+        Records added until the next turn of the reactor (connections that
+        were just aborted end then) are still written.
         """
         if self._closed is not None:
             return self._closed
         if self._flushCall is not None and self._flushCall.active():
             self._flushCall.cancel()
         self._flushCall = None
-        self.flush()
         self._drops.stop()
-        thread, self._thread = self._thread, None
         done = self._closed = defer.Deferred()
+        thread = self._thread
         if thread is None:
             try:
                 self.output.close()
@@ -316,9 +321,11 @@ class AccessLog:
 
         def poll() -> None:
             if not sent:
+                self._handOver()
                 try:
                     self._queue.put_nowait(None)
                     sent.append(True)
+                    self._thread = None
                 except queue.Full:
                     pass
             if not thread.is_alive() or self.clock.seconds() >= deadline:
@@ -327,5 +334,5 @@ class AccessLog:
                 return
             self.clock.callLater(0.01, poll)
 
-        poll()
+        self.clock.callLater(0, poll)
         return done

@@ -492,9 +492,9 @@ def makeService(options: Options, reactor=None):
     if options.get("access-log-output") is not None:
         accessLog = AccessLog(reactor, options["access-log-output"], options["access-log-format"])
         log.info(
-            "balancer access log: {path} ({format})",
+            "balancer access log: {path} ({logFormat})",
             path=options["access-log"],
-            format=options["access-log-format"],
+            logFormat=options["access-log-format"],
         )
     traffic = top.traffic = Traffic(accessLog)
     proxyFactory = ProxyFactory(

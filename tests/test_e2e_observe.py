@@ -1,0 +1,92 @@
+"""
+Seeing the cluster, end to end with real processes on 127.0.0.1: the access
+log, /metrics as a scraper reads it, the health endpoints, the status page
+in a real browser, and cluster-admin top.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from twistedcluster.localcluster import LocalCluster, echoOnce, freePort, waitFor
+
+pytestmark = pytest.mark.e2e
+
+
+def readRecords(path, count, timeout=10.0):
+    def enough():
+        if not path.exists():
+            return None
+        lines = path.read_text().splitlines()
+        return lines if len(lines) >= count else None
+
+    return [json.loads(line) for line in waitFor(enough, timeout, f"{count} access log record(s)")]
+
+
+def test_access_log_records_each_connection_as_it_ends(tmp_path):
+    lc = LocalCluster(tmp_path)
+    logPath = tmp_path / "access.jsonl"
+    redirectPort = freePort()
+    try:
+        lc.startBalancer(
+            extra=[
+                f"--access-log={logPath}",
+                "--access-log-format=json",
+                f"--redirect=tcp:{redirectPort}:interface=127.0.0.1",
+                "--queue-size=0",
+            ]
+        )
+        # No backend yet: refused by both listeners.
+        with socket.create_connection(("127.0.0.1", lc.port), timeout=5) as s:
+            s.settimeout(5)
+            assert s.recv(100) == b""
+        with socket.create_connection(("127.0.0.1", redirectPort), timeout=5) as s:
+            s.settimeout(5)
+            assert s.recv(100) == b"ERROR no-backend\r\n"
+        lc.startBackend("web1", extra=["--report-interval=0.2"])
+        lc.waitUp(["web1"])
+        assert echoOnce("127.0.0.1", lc.port, b"x" * 1000) == b"x" * 1000
+        with socket.create_connection(("127.0.0.1", redirectPort), timeout=5) as s:
+            s.settimeout(5)
+            assert s.recv(100).endswith(b"\r\n")
+        records = readRecords(logPath, 4)
+        byEnd = {(r["listener"], r["end"]): r for r in records}
+        refused = byEnd[("proxy", "refused_no_backend")]
+        assert refused["backend"] is None and refused["attempts"] == 0
+        assert byEnd[("redirect", "refused_no_backend")]["bytes_out"] == len(b"ERROR no-backend\r\n")
+        served = byEnd[("proxy", "client_closed")]
+        assert served["backend"] == "web1" and served["attempts"] == 1
+        assert served["bytes_in"] == served["bytes_out"] == 1000
+        assert 0 <= served["connect_ms"] <= served["duration_ms"]
+        assert served["client"].startswith("127.0.0.1:")
+        assert byEnd[("redirect", "answered")]["backend"] == "web1"
+    finally:
+        lc.stopAll()
+
+
+def test_access_log_text_to_standard_output_and_drained_on_stop(tmp_path):
+    lc = LocalCluster(tmp_path)
+    try:
+        balancer = lc.startBalancer(extra=["--access-log=-", "--drain-timeout=0.5"])
+        lc.startBackend("web1", extra=["--report-interval=0.2"])
+        lc.waitUp(["web1"])
+        held = socket.create_connection(("127.0.0.1", lc.port), timeout=5)
+        held.sendall(b"ping")
+        held.settimeout(5)
+        assert held.recv(4) == b"ping"
+        # Stopped with a client still connected: reset at the drain deadline,
+        # and its record written before the balancer exits.
+        balancer.stop(timeout=15)
+        held.close()
+        lines = [line for line in balancer.logText().splitlines() if " proxy client=" in line]
+        assert len(lines) == 1, balancer.logText()[-2000:]
+        assert "backend=web1 attempts=1 " in lines[0]
+        assert lines[0].endswith("bytes_in=4 bytes_out=4 end=drained")
+    finally:
+        lc.stopAll()
