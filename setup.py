@@ -34,6 +34,8 @@ setup(
         "twisted[tls]>=24.7",
         "service-identity>=24.1",
         "attrs>=23.1",
+        # /metrics: the exposition format and the process metrics.
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": [
@@ -45,6 +47,9 @@ setup(
             "kubernetes-validate>=1.28",
             "compose-spec>=0.2.1; python_version >= '3.10'",
             "dockerfile>=3.3",
+            # The status page in a real browser (tests/test_e2e_observe.py,
+            # with Debian's chromium and chromium-driver, from .ci/run).
+            "selenium>=4.11",
         ],
     },
     entry_points={

@@ -10,7 +10,7 @@ from twisted.web.resource import getChildForRequest
 
 from twistedcluster.core.cluster import Cluster
 from twistedcluster.localcluster import LocalCluster, freePort, waitFor
-from twistedcluster.balancer.metrics import MetricsRoot, prometheusText
+from twistedcluster.balancer.metrics import MetricsRoot
 
 
 def cluster():
@@ -22,16 +22,55 @@ def cluster():
     return c
 
 
+def families(text):
+    """
+    The exposition as a scraper reads it: C{prometheus_client}'s parser.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def samples(text):
+    """
+    Every sample: (name, sorted labels) -> value.
+    """
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families(text).values()
+        for s in f.samples
+    }
+
+
+def proxyRoot(c, **kw):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twistedcluster.balancer.proxy import ProxyFactory
+
+    proxy = ProxyFactory(c, MemoryReactorClock())
+    return MetricsRoot(c, proxy, **kw), proxy
+
+
+def scrape(root):
+    body, request = render(root, "/metrics")
+    assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain; version=0.0.4")
+    return body.decode()
+
+
 def test_prometheus_text_has_every_backend_and_state():
-    text = prometheusText(cluster(), clients=5, waiting=1)
-    assert 'twistedcluster_backend_state{backend="web1",state="up"} 1' in text
-    assert 'twistedcluster_backend_state{backend="web1",state="down"} 0' in text
-    assert 'twistedcluster_backend_state{backend="odd\\"name",state="down"} 1' in text
-    assert 'twistedcluster_backend_connections{backend="web1"} 3' in text
-    assert 'twistedcluster_backend_routed_total{backend="web1"} 1' in text
-    assert "twistedcluster_clients 5" in text
-    assert "twistedcluster_clients_waiting 1" in text
+    root, proxy = proxyRoot(cluster())
+    text = scrape(root)
+    got = samples(text)
+    assert got[("twistedcluster_backend_state", (("backend", "web1"), ("state", "up")))] == 1
+    assert got[("twistedcluster_backend_state", (("backend", "web1"), ("state", "down")))] == 0
+    assert got[("twistedcluster_backend_state", (("backend", 'odd"name'), ("state", "down")))] == 1
+    assert got[("twistedcluster_backend_connections", (("backend", "web1"),))] == 3
+    assert got[("twistedcluster_backend_routed_total", (("backend", "web1"),))] == 1
+    assert got[("twistedcluster_clients", ())] == 0
     assert "# TYPE twistedcluster_backend_routed_total counter" in text
+    # Process metrics come with it.
+    assert got[("process_open_fds", ())] > 0
+    assert got[("process_resident_memory_bytes", ())] > 0
 
 
 #: Every series name /metrics had before the client limit's: kept.
@@ -67,25 +106,64 @@ def test_the_client_limit_redirect_refusals_and_ejections_are_shown():
     proxy.health.ejectionsSkipped = 4
     root = MetricsRoot(c, proxy, clientLimit=limit, redirectFactory=redirect)
 
-    def scrape():
-        body, _ = render(root, "/metrics")
-        return body.decode()
-
-    text = scrape()
+    text = scrape(root)
     for name in SERIES:
         assert f"# TYPE {name} " in text
-    assert "twistedcluster_client_limit 2" in text
-    assert "twistedcluster_client_connections 0" in text
-    assert "twistedcluster_accepting_paused 0" in text
+    got = samples(text)
+    assert got[("twistedcluster_client_limit", ())] == 2
+    assert got[("twistedcluster_client_connections", ())] == 0
+    assert got[("twistedcluster_accepting_paused", ())] == 0
     assert "# TYPE twistedcluster_redirect_refused_total counter" in text
-    assert "twistedcluster_redirect_refused_total 3" in text
-    assert "twistedcluster_backends_ejected 0" in text
-    assert "twistedcluster_ejections_skipped_total 4" in text
+    assert got[("twistedcluster_redirect_refused_total", ())] == 3
+    assert got[("twistedcluster_backends_ejected", ())] == 0
+    assert got[("twistedcluster_ejections_skipped_total", ())] == 4
     for _ in range(2):
         wrapped.buildProtocol(None).makeConnection(StringTransport())
-    text = scrape()
-    assert "twistedcluster_client_connections 2" in text
-    assert "twistedcluster_accepting_paused 1" in text
+    got = samples(scrape(root))
+    assert got[("twistedcluster_client_connections", ())] == 2
+    assert got[("twistedcluster_accepting_paused", ())] == 1
+
+
+#: Every series name /metrics had before it moved to prometheus_client
+#: (with the client limit, redirect and ejection ones): kept, same types.
+KEPT = {
+    "twistedcluster_backend_state": "gauge",
+    "twistedcluster_backend_weight": "gauge",
+    "twistedcluster_backend_connections": "gauge",
+    "twistedcluster_backend_load": "gauge",
+    "twistedcluster_backend_active": "gauge",
+    "twistedcluster_backend_routed_total": "counter",
+    "twistedcluster_backend_connect_failures": "gauge",
+    "twistedcluster_clients": "gauge",
+    "twistedcluster_clients_waiting": "gauge",
+    "twistedcluster_client_limit": "gauge",
+    "twistedcluster_client_connections": "gauge",
+    "twistedcluster_accepting_paused": "gauge",
+    "twistedcluster_redirect_refused_total": "counter",
+    "twistedcluster_backends_ejected": "gauge",
+    "twistedcluster_ejections_skipped_total": "counter",
+}
+
+
+def typesOf(text):
+    return dict(
+        line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE ")
+    )
+
+
+def test_every_series_name_and_type_from_before_prometheus_client_is_kept():
+    from twisted.internet.task import Clock
+
+    from twistedcluster.balancer.limits import ClientLimit
+    from twistedcluster.balancer.redirect import RedirectFactory
+
+    root, _ = proxyRoot(
+        cluster(),
+        clientLimit=ClientLimit(2, Clock()),
+        redirectFactory=RedirectFactory(Cluster(), Clock()),
+    )
+    types = typesOf(scrape(root))
+    assert {name: types.get(name) for name in KEPT} == KEPT
 
 
 def render(root, path):

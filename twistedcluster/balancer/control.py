@@ -125,6 +125,7 @@ class ControlProtocol(GuardedAMP):
         self._silent = False  # registering is the surest sign of life
         factory.owners[name] = self
         pool.register(name, host, port, capacity, connections, load)
+        factory.reported(name)
         factory.cameUp(name)
         self._timeout = factory.heartbeatTimeout(interval)
         self._resetHeartbeat()
@@ -151,6 +152,7 @@ class ControlProtocol(GuardedAMP):
         _validLoad(connections, load)
         pool = self.factory.cluster.pool
         pool.report(name, connections, load, seen)
+        self.factory.reported(name)
         if self._silent:
             self._silent = False
             pool.markUp(name)
@@ -285,7 +287,13 @@ class ControlFactory(GuardedFactory):
         down; C{None} means L{DEFAULT_HEARTBEAT_FACTOR} of its report interval.
     @param forgetAfter: seconds a backend may stay down before it is
         forgotten when it has no operator setting; 0 never forgets.
+    @ivar reports: registrations and load reports received, in total.
+    @ivar lastReport: backend name: when its last one came (for
+        C{/metrics}; names no longer in the pool are dropped by L{reported}
+        now and then).
     """
+
+    reports = 0
 
     channel = "control"
 
@@ -308,6 +316,19 @@ class ControlFactory(GuardedFactory):
         #: and the timer and backends of each such second.
         self._due: Dict[str, int] = {}
         self._batches: Dict[int, Tuple[IDelayedCall, Set[str]]] = {}
+        self.lastReport: Dict[str, float] = {}
+
+    def reported(self, name: str) -> None:
+        """
+        A registration or a load report came from C{name}.
+        """
+        self.reports += 1
+        last = self.lastReport
+        if name not in last and len(last) > 2 * len(self.cluster.pool) + 64:
+            pool = self.cluster.pool
+            for gone in [n for n in last if n not in pool]:
+                del last[gone]
+        last[name] = self.clock.seconds()
 
     def wentDown(self, name: str) -> None:
         """

@@ -59,7 +59,12 @@ class PassiveHealth:
     @param earlyCloseWindow: see L{blames}; 0 counts failed connects only.
     @ivar ejectionsSkipped: backends kept in, in total, that failed enough
         to be taken out, because too many were out already.
+    @ivar ejections: backends taken out, in total; C{readmissions}: tried
+        again after C{ejectFor}.
     """
+
+    ejections = 0
+    readmissions = 0
 
     def __init__(
         self,
@@ -118,6 +123,7 @@ class PassiveHealth:
             self.ejectionsSkipped += 1
             self._skipped.count(name)
             return
+        self.ejections += 1
         log.warn(
             "proxy: backend {backend}: {failures} connects in a row failed; "
             "taken out for {seconds} s",
@@ -130,6 +136,7 @@ class PassiveHealth:
     def _readmit(self, name: str) -> None:
         del self._readmissions[name]
         if name in self.pool:
+            self.readmissions += 1
             self.pool.readmit(name)
             log.info("proxy: backend {backend} is tried again", backend=name)
 

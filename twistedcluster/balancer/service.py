@@ -516,26 +516,30 @@ def makeService(options: Options, reactor=None):
     # their own, and the descriptors the limit leaves.
     clientLimit = ClientLimit(options["max-connections"], reactor)
     acceptErrors = AcceptErrors(reactor)
+    controlFactory = ControlFactory(
+        cluster,
+        reactor,
+        heartbeatTimeout=options["heartbeat-timeout"],
+        secret=secret,
+        maxConnections=options["max-control-connections"],
+        authTimeout=options["auth-timeout"],
+        forgetAfter=options["forget-after"],
+    )
+    adminFactory = AdminFactory(
+        cluster,
+        reactor,
+        onChange=onChange,
+        secret=secret,
+        maxConnections=options["max-admin-connections"],
+        authTimeout=options["auth-timeout"],
+    )
     listeners = [
         ("proxy", options["listen"], clientLimit.wrap(proxyFactory)),
-        ("control", options["control"], ControlFactory(
-            cluster,
-            reactor,
-            heartbeatTimeout=options["heartbeat-timeout"],
-            secret=secret,
-            maxConnections=options["max-control-connections"],
-            authTimeout=options["auth-timeout"],
-            forgetAfter=options["forget-after"],
-        )),
-        ("admin", options["admin"], AdminFactory(
-            cluster,
-            reactor,
-            onChange=onChange,
-            secret=secret,
-            maxConnections=options["max-admin-connections"],
-            authTimeout=options["auth-timeout"],
-        )),
+        ("control", options["control"], controlFactory),
+        ("admin", options["admin"], adminFactory),
     ]
+    #: role: its listening port once open, for /readyz.
+    openPorts = {role: None for role, _, _ in listeners}
     redirectFactory = None
     if options["redirect"]:
         redirectFactory = RedirectFactory(
@@ -545,17 +549,33 @@ def makeService(options: Options, reactor=None):
             traffic=traffic,
         )
         listeners.append(("redirect", options["redirect"], clientLimit.wrap(redirectFactory)))
+        openPorts["redirect"] = None
     if options["metrics"]:
         from twisted.web.server import Site
 
         from twistedcluster.balancer.metrics import MetricsRoot
 
-        site = Site(MetricsRoot(cluster, proxyFactory, clientLimit, redirectFactory))
+        site = Site(
+            MetricsRoot(
+                cluster,
+                proxyFactory,
+                clientLimit,
+                redirectFactory,
+                controlFactory=controlFactory,
+                adminFactory=adminFactory,
+                traffic=traffic,
+                # /readyz: every listener that takes clients or backends.
+                listeners=openPorts,
+                clock=reactor,
+            )
+        )
         site.noisy = False
         site.log = lambda request: None  # scrapes every few seconds: no access log
         listeners.append(("metrics", options["metrics"], site))
     def onPort(role):
         def listening(port):
+            if role in openPorts:
+                openPorts[role] = port
             acceptErrors.watch(port, role)
             if role in ("proxy", "redirect"):
                 clientLimit.listening(port)
