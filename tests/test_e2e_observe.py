@@ -90,3 +90,78 @@ def test_access_log_text_to_standard_output_and_drained_on_stop(tmp_path):
         assert lines[0].endswith("bytes_in=4 bytes_out=4 end=drained")
     finally:
         lc.stopAll()
+
+
+def get(url, timeout=5):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_metrics_parse_as_a_scraper_reads_them_and_readyz_follows_the_backends(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    lc = LocalCluster(tmp_path)
+    port = freePort()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        lc.startBalancer(extra=[f"--metrics=tcp:{port}:interface=127.0.0.1"])
+        waitFor(lambda: get(f"{base}/healthz")[0] == 200, 10, "/healthz")
+        assert get(f"{base}/readyz") == (503, "not ready: no backend has registered\n")
+        lc.startBackend("web1", extra=["--report-interval=0.2"])
+        lc.waitUp(["web1"])
+        assert waitFor(lambda: get(f"{base}/readyz") == (200, "ready\n"), 10, "/readyz ready")
+        for _ in range(3):
+            assert echoOnce("127.0.0.1", lc.port, b"hello") == b"hello"
+
+        def families():
+            status, text = get(f"{base}/metrics")
+            assert status == 200
+            return {f.name: f for f in text_string_to_metric_families(text)}
+
+        def ended():
+            fams = families()
+            values = {
+                tuple(sorted(s.labels.items())): s.value
+                for s in fams["twistedcluster_connections_ended"].samples
+            }
+            return fams if values.get((("end", "client_closed"), ("listener", "proxy"))) == 3 else None
+
+        fams = waitFor(ended, 10, "three connections counted")
+        for name in (
+            "twistedcluster_backend_state",
+            "twistedcluster_backend_routed",  # the parser names counters without _total
+            "twistedcluster_backend_bytes",
+            "twistedcluster_connect_seconds",
+            "twistedcluster_connection_duration_seconds",
+            "twistedcluster_queue_waits",
+            "twistedcluster_ejections",
+            "twistedcluster_readmissions",
+            "twistedcluster_reports_received",
+            "twistedcluster_backend_report_age_seconds",
+            "twistedcluster_control_connections",
+            "twistedcluster_admin_connections",
+            "process_cpu_seconds",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+        ):
+            assert name in fams, name
+        moved = {
+            s.labels["direction"]: s.value
+            for s in fams["twistedcluster_backend_bytes"].samples
+            if s.labels.get("backend") == "web1"
+        }
+        assert moved == {"to_backend": 15, "from_backend": 15}
+        [age] = fams["twistedcluster_backend_report_age_seconds"].samples
+        assert 0 <= age.value < 5
+        count = [s for s in fams["twistedcluster_connect_seconds"].samples if s.name.endswith("_count")]
+        assert count[0].value == 3
+        # The backend goes: not ready, with the reason.
+        lc.processes["web1"].stop()
+        assert waitFor(
+            lambda: get(f"{base}/readyz")[1].startswith("not ready: no backend up"), 10, "/readyz not ready"
+        )
+    finally:
+        lc.stopAll()

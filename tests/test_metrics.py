@@ -201,3 +201,48 @@ def test_metrics_listener_end_to_end(tmp_path):
             assert json.load(r)[0]["name"] == "web1"
     finally:
         lc.stopAll()
+
+
+def test_healthz_and_readyz_say_why_in_one_line():
+    c = Cluster()
+    root = MetricsRoot(c, listeners={"proxy": None})
+    body, request = render(root, "/healthz")
+    assert body == b"ok\n"
+    body, request = render(root, "/readyz")
+    assert request.responseCode == 503
+    assert body == b"not ready: the proxy listener is not open yet\n"
+
+    class Port:
+        connected = True
+
+    root.listeners["proxy"] = Port()
+    body, request = render(root, "/readyz")
+    assert (request.responseCode, body) == (503, b"not ready: no backend has registered\n")
+    c.pool.register("web1", "127.0.0.1", 9001)
+    c.pool.markDown("web1")
+    body, _ = render(root, "/readyz")
+    assert body == b"not ready: no backend up (1 known, none up)\n"
+    c.pool.markUp("web1")
+    body, request = render(root, "/readyz")
+    assert (request.responseCode or 200, body) == (200, b"ready\n")
+    root.listeners["proxy"].connected = False
+    body, request = render(root, "/readyz")
+    assert (request.responseCode, body) == (503, b"not ready: the proxy listener is closed\n")
+
+
+def test_the_status_page_is_self_contained_and_its_data_has_the_totals():
+    body, request = render(MetricsRoot(cluster()), "/")
+    page = body.decode()
+    assert "status.json?view=page" in page
+    # No external asset: nothing loaded from anywhere else.
+    for needle in ("http://", "https://", "src=", "<link"):
+        assert needle not in page
+    assert b"default-src 'none'" in request.responseHeaders.getRawHeaders(b"content-security-policy")[0]
+    request = DummyRequest([b"status.json"])
+    request.args = {b"view": [b"page"]}
+    root = MetricsRoot(cluster())
+    data = json.loads(getChildForRequest(root, request).render(request))
+    assert data["policy"] == "least-load"
+    assert data["ready"] is None or "not ready" not in data["ready"]
+    assert [b["name"] for b in data["backends"]] == ['odd"name', "web1"]
+    assert {"clients", "waiting", "ended", "refused"} <= set(data)
