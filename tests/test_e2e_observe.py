@@ -165,3 +165,52 @@ def test_metrics_parse_as_a_scraper_reads_them_and_readyz_follows_the_backends(t
         )
     finally:
         lc.stopAll()
+
+
+def test_backend_metrics_show_its_connections_and_each_balancers_channel(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    lc = LocalCluster(tmp_path)
+    port = freePort()
+    absent = freePort()
+    try:
+        lc.startBalancer()
+        lc.startBackend(
+            "web1",
+            extra=[
+                f"--metrics=tcp:{port}:interface=127.0.0.1",
+                "--report-interval=0.2",
+                # A second balancer that is not there: its channel shows 0.
+                f"--balancer=tcp:host=127.0.0.1:port={absent}",
+            ],
+            balancers=[f"tcp:host=127.0.0.1:port={lc.controlPort}"],
+        )
+        lc.waitUp(["web1"])
+        held = socket.create_connection(("127.0.0.1", lc.port), timeout=5)
+        held.sendall(b"x")
+        held.settimeout(5)
+        assert held.recv(1) == b"x"
+
+        def samples():
+            status, text = get(f"http://127.0.0.1:{port}/metrics")
+            return {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+            }
+
+        got = waitFor(
+            lambda: (lambda s: s if s.get(("twistedcluster_service_connections", ())) == 1 else None)(samples()),
+            10,
+            "the backend's metrics to count the connection",
+        )
+        held.close()
+        assert got[("twistedcluster_service_load", ())] == 1 / 1000
+        registered = f"tcp:host=127.0.0.1:port={lc.controlPort}"
+        assert got[("twistedcluster_balancer_registered", (("balancer", registered),))] == 1
+        missing = f"tcp:host=127.0.0.1:port={absent}"
+        assert got[("twistedcluster_balancer_registered", (("balancer", missing),))] == 0
+        assert got[("process_open_fds", ())] > 0
+        assert get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+    finally:
+        lc.stopAll()

@@ -117,6 +117,13 @@ class Options(usage.Options):
             "--secret-file).",
         ],
         [
+            "metrics",
+            None,
+            None,
+            "Metrics web listener (off unless given): /metrics in Prometheus' "
+            "format (connections, load, each balancer's channel), /healthz.",
+        ],
+        [
             "drain-timeout",
             None,
             DEFAULT_DRAIN_TIMEOUT,
@@ -168,6 +175,8 @@ class BackendService(Service):
     """
 
     port = None
+    #: The metrics listener's port, with C{--metrics}.
+    metricsPort = None
 
     def __init__(
         self,
@@ -176,7 +185,11 @@ class BackendService(Service):
         factory: CountingFactory,
         reporter: LoadReporter,
         drainTimeout: float = DEFAULT_DRAIN_TIMEOUT,
+        metrics: Optional[str] = None,
+        metricsSite=None,
     ) -> None:
+        self.metrics = metrics
+        self.metricsSite = metricsSite
         self.reactor = reactor
         self.listen = listen
         self.factory = factory
@@ -197,9 +210,16 @@ class BackendService(Service):
         failures = []
         d = serverFromString(self.reactor, withBacklog(self.listen)).listen(self.factory)
         d.addCallbacks(self._listening, failures.append)
+        if self.metrics is not None and self.metricsSite is not None and not failures:
+            m = serverFromString(self.reactor, withBacklog(self.metrics)).listen(self.metricsSite)
+            m.addCallbacks(self._metricsListening, failures.append)
         if failures:
             # Raised here, twistd reports it and exits non-zero.
             failures[0].raiseException()
+
+    def _metricsListening(self, port) -> None:
+        self.metricsPort = port
+        log.info("backend metrics listening on {address}", address=port.getHost())
 
     def _listening(self, port) -> None:
         self.port = port
@@ -248,6 +268,8 @@ class BackendService(Service):
             self._idle = None
         await self.reporter.stopService()
         self.acceptErrors.stop()
+        if self.metricsPort is not None:
+            await self.metricsPort.stopListening()
 
     def connectionsChanged(self, count: int) -> None:
         self.reporter.connectionsChanged(count)
@@ -305,12 +327,26 @@ def makeService(options: Options, reactor=None) -> BackendService:
         step=reportStep(capacity),
         secret=options["secret"],
     )
+    site = None
+    if options["metrics"]:
+        from twisted.web.server import Site
+
+        from twistedcluster.backend.metrics import BackendCollector, BackendMetricsRoot
+
+        root = BackendMetricsRoot(
+            BackendCollector(holder, measure, capacity, options["balancers"])
+        )
+        site = Site(root)
+        site.noisy = False
+        site.log = lambda request: None  # scraped every few seconds: no access log
     svc = holder["service"] = BackendService(
         reactor,
         options["listen"],
         counting,
         reporter,
         drainTimeout=options["drain-timeout"],
+        metrics=options["metrics"],
+        metricsSite=site,
     )
     counting.onChange = svc.connectionsChanged
     log.info("backend reactor: {reactor}", reactor=type(reactor).__qualname__)
