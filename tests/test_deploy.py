@@ -734,6 +734,10 @@ def test_compose_command_lines_are_accepted(tmp_path):
             args = parseAdmin(relocate(test[1:], places))
             assert serverPort(options["admin"]) == clientHostPort(args.admin)[1]
             assert clientHostPort(args.admin)[0] in ("127.0.0.1", "localhost")
+        elif "/readyz" in " ".join(test):
+            # The balancer's readiness, from its metrics listener.
+            assert options["metrics"], f"{name}: /readyz needs --metrics"
+            assert f"http://127.0.0.1:{serverPort(options['metrics'])}/readyz" in " ".join(test)
         else:
             assert f"('127.0.0.1', {serverPort(options['listen'])})" in " ".join(test)
 
@@ -893,7 +897,7 @@ def test_kubernetes_command_lines_are_accepted(tmp_path):
         # Every TCP listener is a declared port; every declared port listens.
         listeners = [options["listen"]] + (
             [options["control"]] if plugin == "cluster-balancer" else []
-        )
+        ) + ([options["metrics"]] if options.get("metrics") else [])
         ports = {p["containerPort"] for p in c["ports"]}
         assert ports == {serverPort(l) for l in listeners}, where
         if plugin == "cluster-balancer":
@@ -939,8 +943,16 @@ def test_probes_services_and_budgets_line_up(tmp_path):
         assert matches(w["spec"]["selector"]["matchLabels"], labels)
         named = {p["name"]: p["containerPort"] for p in c["ports"]}
         for probe in ("readinessProbe", "livenessProbe"):
-            port = c[probe]["tcpSocket"]["port"]
+            check = c[probe].get("tcpSocket") or c[probe]["httpGet"]
+            port = check["port"]
             assert named.get(port, port) in named.values(), f"{where} {probe} port {port}"
+            if "httpGet" in c[probe]:
+                # The metrics listener serves it, on that port, for the kubelet.
+                assert check["path"] in ("/healthz", "/readyz"), where
+                assert options["metrics"], f"{where}: {check['path']} needs --metrics"
+                assert serverPort(options["metrics"]) == named.get(port, port), where
+        if plugin == "cluster-balancer":
+            assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", "ready means a backend up"
         budgets = [b for b in byKind(docs, "PodDisruptionBudget") if matches(b["spec"]["selector"]["matchLabels"], labels)]
         assert len(budgets) == 1, f"{where}: one PodDisruptionBudget"
         spec = budgets[0]["spec"]
