@@ -214,3 +214,90 @@ def test_backend_metrics_show_its_connections_and_each_balancers_channel(tmp_pat
         assert get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
     finally:
         lc.stopAll()
+
+
+def headlessChromium():
+    """
+    Selenium driving Debian's chromium through its chromium-driver (no
+    browser download); skipped, saying why, where they are not installed.
+    """
+    import shutil
+
+    try:
+        from selenium import webdriver
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install '.[test]')")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip(
+            "headless Chromium is not installed: apt-get install chromium "
+            "chromium-driver (.ci/run does)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",  # as root in CI
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,800",
+    ):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
+
+
+def test_status_page_in_a_real_browser_shows_a_drain_within_two_seconds(tmp_path):
+    from selenium.webdriver.common.by import By
+
+    lc = LocalCluster(tmp_path)
+    port = freePort()
+    browser = headlessChromium()
+    try:
+        lc.startBalancer(extra=[f"--metrics=tcp:{port}:interface=127.0.0.1"])
+        for name in ("web1", "web2", "web3"):
+            lc.startBackend(name, extra=["--report-interval=0.2", "--capacity=10"])
+        lc.waitUp(["web1", "web2", "web3"])
+        held = [socket.create_connection(("127.0.0.1", lc.port), timeout=5) for _ in range(4)]
+        browser.set_page_load_timeout(10)
+        browser.get(f"http://127.0.0.1:{port}/")
+
+        def states():
+            rows = browser.find_elements(By.CSS_SELECTOR, "tr[data-backend]")
+            return {r.get_attribute("data-backend"): r.get_attribute("data-state") for r in rows}
+
+        waitFor(lambda: states() == {"web1": "up", "web2": "up", "web3": "up"}, 10, "three backends up on the page")
+        assert browser.find_element(By.ID, "policy").text == "least-load"
+        assert browser.find_element(By.ID, "ready").text == "ready"
+        lc.adminRun("drain", "web1")
+        drained = time.monotonic()
+
+        def shown():
+            row = browser.find_element(By.CSS_SELECTOR, 'tr[data-backend="web1"]')
+            return row.get_attribute("data-state") == "draining" and "draining" in row.text
+
+        waitFor(shown, 5, "web1 draining on the page")
+        elapsed = time.monotonic() - drained
+        print(f"status page: the drain showed {elapsed:.2f} s after cluster-admin returned")
+        assert elapsed <= 2.0
+        # Rates need two polls; the load bars are drawn.
+        waitFor(lambda: browser.find_element(By.ID, "rate").text != "-", 5, "a routed rate")
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".bar span")) == 3
+        assert browser.save_screenshot(str(tmp_path / "status-page.png"))
+        # A phone: the table becomes one card per backend, nothing wider
+        # than the screen.
+        browser.set_window_size(390, 844)
+        waitFor(
+            lambda: browser.execute_script(
+                "return document.documentElement.scrollWidth <= window.innerWidth"
+            ),
+            5,
+            "the page to fit a phone's width",
+        )
+        assert browser.find_element(By.CSS_SELECTOR, "thead").is_displayed() is False
+        assert browser.save_screenshot(str(tmp_path / "status-page-phone.png"))
+        for s in held:
+            s.close()
+    finally:
+        browser.quit()
+        lc.stopAll()
