@@ -301,3 +301,66 @@ def test_status_page_in_a_real_browser_shows_a_drain_within_two_seconds(tmp_path
     finally:
         browser.quit()
         lc.stopAll()
+
+
+def test_cluster_admin_top_shows_views_and_quits_on_q(tmp_path):
+    import os
+    import pty
+    import select
+    import subprocess
+
+    from twistedcluster.localcluster import adminCommand
+
+    lc = LocalCluster(tmp_path)
+    try:
+        lc.startBalancer()
+        lc.startBackend("web1", extra=["--report-interval=0.2", "--capacity=10"])
+        lc.startBackend("web2", extra=["--report-interval=0.2", "--capacity=10"])
+        lc.waitUp(["web1", "web2"])
+        held = [socket.create_connection(("127.0.0.1", lc.port), timeout=5) for _ in range(2)]
+        lc.adminRun("drain", "web2")
+        # Non-interactive: three views, one after another, then exit 0.
+        result = lc.adminRun("top", "--iterations", "3", "--interval", "0.2")
+        views = result.stdout.split("cluster-admin top ")[1:]
+        assert len(views) == 3, result.stdout
+        assert "policy: least-load  backends: 2 (1 up)" in views[0]
+        lines = {line.split()[0]: line for line in views[-1].splitlines() if line.startswith("web")}
+        assert " draining " in lines["web2"] and " up " in lines["web1"]
+        assert "ROUTED/S" in views[0] and "%" in lines["web1"]
+        once = lc.adminRun("top", "--once")
+        assert once.stdout.count("cluster-admin top ") == 1
+        # On a terminal: the screen is redrawn until q.
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: cluster-admin top on the pty
+            argv = adminCommand(lc.admin, ["top", "--interval", "0.2"])
+            os.execvpe(argv[0], argv, lc.env)
+        seen = b""
+        deadline = time.monotonic() + 20
+        try:
+            while seen.count(b"\x1b[2J") < 2 and time.monotonic() < deadline:
+                if select.select([fd], [], [], 0.5)[0]:
+                    seen += os.read(fd, 65536)
+            assert seen.count(b"\x1b[2J") >= 2, seen[-2000:]
+            assert b"(q quits)" in seen
+            os.write(fd, b"q")
+            status = None
+            while time.monotonic() < deadline:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if select.select([fd], [], [], 0.2)[0]:
+                    try:
+                        os.read(fd, 65536)
+                    except OSError:
+                        pass
+            assert status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            pid = None
+        finally:
+            if pid is not None:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+            os.close(fd)
+        for s in held:
+            s.close()
+    finally:
+        lc.stopAll()

@@ -126,6 +126,23 @@ def parser() -> argparse.ArgumentParser:
         "policy", parents=[common], help="show, or set, the routing policy"
     )
     sp.add_argument("policy", nargs="?", help=", ".join(sorted(POLICIES)))
+    sp = sub.add_parser(
+        "top",
+        parents=[common],
+        help="a live view of the backends, refreshed until q (like the status page)",
+    )
+    sp.add_argument(
+        "--interval", type=float, default=1.0, metavar="SECONDS",
+        help="seconds between views (default 1)",
+    )
+    sp.add_argument(
+        "--iterations", type=int, default=0, metavar="N",
+        help="show N views, one after another, then exit (default 0: until q)",
+    )
+    sp.add_argument(
+        "--once", dest="iterations", action="store_const", const=1,
+        help="show one view and exit (--iterations 1)",
+    )
     return p
 
 
@@ -191,11 +208,17 @@ async def listAll(proto: amp.AMP) -> Tuple[str, List[Dict]]:
             return result["policy"], backends
 
 
-async def execute(proto: amp.AMP, args) -> str:
+async def execute(proto: amp.AMP, args, reactor=None) -> str:
     """
     Run one parsed command on a connected admin channel; return what to print.
     """
     cmd = args.command
+    if cmd == "top":
+        from twistedcluster.cli.top import top
+
+        if reactor is None:
+            from twisted.internet import reactor
+        return await top(reactor, lambda: listAll(proto), args)
     if cmd == "status":
         policy, backends = await listAll(proto)
         if args.json:
@@ -257,14 +280,21 @@ async def run(reactor, args) -> str:
         ) from None
     async def authenticated():
         try:
-            await authenticate(proto, secret, "admin")
+            proving = defer.ensureDeferred(authenticate(proto, secret, "admin"))
+            if args.command == "top":
+                proving.addTimeout(args.timeout, reactor)
+            await proving
         except commands.AuthenticationFailed as e:
             raise CommandFailed(str(e), EXIT_AUTH) from None
+        if args.command == "top":
+            # Runs until q: each view has its own --timeout.
+            return await execute(proto, args, reactor)
         return await execute(proto, args)
 
     try:
         work = defer.ensureDeferred(authenticated())
-        work.addTimeout(args.timeout, reactor)
+        if args.command != "top":
+            work.addTimeout(args.timeout, reactor)
         try:
             return await work
         except defer.TimeoutError:
@@ -289,7 +319,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser().parse_args(argv)
 
     async def work(reactor) -> int:
-        print(await run(reactor, args))
+        output = await run(reactor, args)
+        if output:
+            print(output)
         return EXIT_OK
 
     react("cluster-admin", work)
