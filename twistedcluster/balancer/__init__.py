@@ -10,7 +10,10 @@ The balancer (``twistd cluster-balancer``).
   - L{admin}: where cluster-admin steers the cluster, with L{statefile}
     keeping what operators set;
   - L{healthcheck}: active checks of static backends;
-  - L{metrics}: the web listener (/metrics, /status.json);
+  - L{metrics}: the web listener (/metrics, /status.json, /healthz,
+    /readyz) and L{statuspage} (/);
+  - L{traffic}: what became of each client connection (counts for the
+    metrics), and L{accesslog}, its record when there is an access log;
   - L{limits}, L{listeners}: the client connection limit, accept errors and
     listen backlogs.
 """
