@@ -18,6 +18,7 @@ from twistedcluster.balancer.accesslog import (
     AccessLog,
     Record,
 )
+from twistedcluster.address import formatHostPort
 from twistedcluster.fast.transports import peerText
 
 __all__ = ["CONNECT_BUCKETS", "DURATION_BUCKETS", "Histogram", "Traffic"]
@@ -27,6 +28,24 @@ __all__ = ["CONNECT_BUCKETS", "DURATION_BUCKETS", "Histogram", "Traffic"]
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 #: Seconds: from a refused client's instant to an hour-long session.
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
+
+
+def _address(addr) -> str:
+    host = getattr(addr, "host", None)
+    port = getattr(addr, "port", None)
+    if isinstance(host, str) and isinstance(port, int):
+        return formatHostPort(host, port)  # [::1]:5000 for IPv6
+    name = getattr(addr, "name", None)
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return name or ("unix" if name is not None else "?")
+
+
+def _client(transport) -> str:
+    try:
+        return _address(transport.getPeer())
+    except Exception:
+        return peerText(transport)
 
 
 class Histogram:
@@ -115,7 +134,7 @@ class Traffic:
                 Record(
                     time=start,
                     listener="proxy",
-                    client=peerText(client.transport),
+                    client=_client(client.transport),
                     backend=name or (tried[-1] if tried else None),
                     attempts=len(tried),
                     connect=None if connectAt is None else connectAt - start,
@@ -141,7 +160,7 @@ class Traffic:
                 Record(
                     time=start,
                     listener="redirect",
-                    client=peerText(client.transport),
+                    client=_client(client.transport),
                     backend=client._backend,
                     attempts=1 if client._backend is not None else 0,
                     connect=None,
@@ -159,13 +178,11 @@ class Traffic:
         self._count(listener, MAX_CONNECTIONS)
         accessLog = self.accessLog
         if accessLog is not None:
-            host = getattr(addr, "host", None)
-            port = getattr(addr, "port", None)
             accessLog.add(
                 Record(
                     time=now,
                     listener=listener,
-                    client=f"{host}:{port}" if host is not None else str(addr),
+                    client=_address(addr),
                     backend=None,
                     attempts=0,
                     connect=None,
