@@ -233,3 +233,19 @@ def test_queue_timeout_queue_full_and_max_connections():
     assert factory.buildProtocol(None) is None
     assert records[-1].end == "refused_max_connections"
     assert factory.traffic.ended[("proxy", "refused_max_connections")] == 1
+
+
+def test_bad_options_are_clear_usage_errors(tmp_path):
+    import pytest
+    from twisted.python import usage
+
+    from twistedcluster.balancer.service import Options
+
+    with pytest.raises(usage.UsageError, match="--access-log-format must be one of text, json"):
+        Options().parseOptions(["--access-log-format=xml"])
+    with pytest.raises(usage.UsageError, match="--access-log .*/missing/access.log: .*No such file"):
+        Options().parseOptions([f"--access-log={tmp_path}/missing/access.log"])
+    o = Options()
+    o.parseOptions([f"--access-log={tmp_path}/access.log", "--access-log-format=json"])
+    assert (tmp_path / "access.log").exists()
+    o["access-log-output"].close()
