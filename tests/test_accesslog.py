@@ -56,7 +56,7 @@ def test_json_has_the_same_fields():
         "backend": "web1",
         "attempts": 1,
         "connect_ms": 0.412,
-        "duration_ms": 12.3,
+        "duration_ms": 12.3,  # 12.300 in the text
         "bytes_in": 64,
         "bytes_out": 65,
         "end": "client_closed",
