@@ -307,7 +307,6 @@ def test_cluster_admin_top_shows_views_and_quits_on_q(tmp_path):
     import os
     import pty
     import select
-    import subprocess
 
     from twistedcluster.localcluster import adminCommand
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from twisted.web.resource import Resource
 
 __all__ = ["BackendCollector", "BackendMetricsRoot"]

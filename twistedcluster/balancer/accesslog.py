@@ -18,7 +18,6 @@ from __future__ import annotations
 from json.encoder import encode_basestring as _quote
 import os
 import queue
-import sys
 import threading
 import time
 from typing import Callable, List, Optional
@@ -175,7 +174,7 @@ def openOutput(path: str):
     output for C{-}: a binary stream.
     """
     if path == "-":
-        return os.fdopen(os.dup(sys.__stdout__.fileno()), "ab", buffering=0)
+        return os.fdopen(os.dup(1), "ab", buffering=0)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     return os.fdopen(fd, "ab", buffering=0)
 
@@ -313,7 +312,7 @@ class AccessLog:
             return done
         # Polled on the clock: no thread pool, no blocking join or put.
         deadline = self.clock.seconds() + timeout
-        sent = []
+        sent: List[bool] = []
 
         def poll() -> None:
             if not sent:

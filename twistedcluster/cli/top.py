@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from twisted.internet import defer, task
 
@@ -97,7 +97,7 @@ class _Keys:
         self.reactor = reactor
         self.quit = quit
         self.fd = sys.stdin.fileno()
-        self.saved = None
+        self.saved: Optional[list] = None
 
     def fileno(self) -> int:
         return self.fd
