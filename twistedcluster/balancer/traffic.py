@@ -84,7 +84,6 @@ class Traffic:
     @ivar accessLog: the L{AccessLog}, or C{None}.
     @ivar ended: C{(listener, end)}: connections.
     @ivar bytes: backend name: C{[bytes to it, bytes from it]}.
-    @ivar queued: clients that waited for a backend with room.
     """
 
     def __init__(self, accessLog: Optional[AccessLog] = None) -> None:
@@ -96,7 +95,6 @@ class Traffic:
             "proxy": Histogram(DURATION_BUCKETS),
             "redirect": Histogram(DURATION_BUCKETS),
         }
-        self.queued = 0
 
     def _count(self, listener: str, end: str) -> None:
         key = (listener, end)
