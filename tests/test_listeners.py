@@ -134,3 +134,45 @@ async def test_the_backlog_reaches_the_kernel():
         assert listenQueueLimit(port) == defaultBacklog()
     finally:
         await port.stopListening()
+
+
+# -- a listener that cannot open ------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("plugin, option", [
+    ("cluster-balancer", "--listen"),
+    ("cluster-balancer", "--admin"),
+    ("cluster-backend", "--listen"),
+])
+def test_a_port_in_use_is_one_clear_line(plugin, option, tmp_path):
+    """
+    twistd with a port another process holds exits non-zero with one line
+    naming the listener and the reason, not Twisted's forty-line traceback.
+    """
+    import subprocess
+    import sys
+
+    from twistedcluster.localcluster import freePort, twistdCommand
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = [f"{option}=tcp:{port}:interface=127.0.0.1"]
+        if plugin == "cluster-balancer":
+            for other in ("--listen", "--control", "--admin"):
+                if other != option:
+                    args.append(f"{other}=tcp:{freePort()}:interface=127.0.0.1")
+        command = twistdCommand(plugin, args)
+        command.remove("--logfile=-")  # the log to stdout, as twistd -n does
+        r = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    role = {"--listen": "proxy" if plugin == "cluster-balancer" else "service",
+            "--admin": "admin"}[option]
+    assert r.returncode != 0
+    assert "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert r.stderr.splitlines() == [
+        f"{plugin}: cannot open the {role} listener tcp:{port}:interface=127.0.0.1: "
+        "address already in use (another process listens there: stop it, or "
+        "choose another endpoint)"
+    ], r.stderr

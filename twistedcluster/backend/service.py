@@ -23,7 +23,7 @@ from twistedcluster.options import loadSecretOption, positive
 from twistedcluster.address import formatHostPort, parseHostPort
 from twistedcluster.backend.counting import CountingFactory
 from twistedcluster.balancer.limits import AcceptErrors
-from twistedcluster.balancer.listeners import withBacklog
+from twistedcluster.balancer.listeners import explainListenError, quietListenFailures, withBacklog
 from twistedcluster.backend.reporter import (
     DEFAULT_INTERVAL,
     Identity,
@@ -199,6 +199,10 @@ class BackendService(Service):
         d.addCallbacks(self._listening, failures.append)
         if failures:
             # Raised here, twistd reports it and exits non-zero.
+            from twisted.internet.error import CannotListenError
+
+            if failures[0].check(CannotListenError):
+                raise explainListenError("service", self.listen, failures[0].value)
             failures[0].raiseException()
 
     def _listening(self, port) -> None:
@@ -272,6 +276,7 @@ def makeService(options: Options, reactor=None) -> BackendService:
             installIfNone()
         from twisted.internet import reactor
 
+    quietListenFailures("cluster-backend")
     capacity = options["capacity"]
     inner = options["factory"]
     counting = CountingFactory(inner)

@@ -16,10 +16,11 @@ unless its endpoint string names one.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Dict, Optional
 
-from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from zope.interface import implementer
 
@@ -107,13 +108,76 @@ def listenerService(
     factory,
     reactor,
     onPort: Optional[Callable[[IListeningPort], None]] = None,
+    role: str = "",
 ) -> StreamServerEndpointService:
     """
     C{strports.service} for C{description} with the burst backlog
     (L{withBacklog}); C{onPort} is told the listening port once there is one
-    (to pause accepting, or watch its accept errors).
+    (to pause accepting, or watch its accept errors).  When it cannot
+    listen, starting it raises L{ListenFailed} naming C{role}.
     """
-    svc = strports.service(withBacklog(description), factory, reactor=reactor)
+    from twisted.internet.endpoints import serverFromString
+
+    svc = _Listener(serverFromString(reactor, withBacklog(description)), factory)
+    svc._raiseSynchronously = True  # as strports.service: twistd exits on it
+    svc.role = role or "?"
+    svc.description = description
     if onPort is not None:
         svc.endpoint = _Noting(svc.endpoint, onPort)
     return svc
+
+
+class ListenFailed(Exception):
+    """
+    A listener could not open (its port taken, an interface this host does
+    not have): said in one line at start-up, without a traceback (see
+    L{quietListenFailures}).
+    """
+
+
+def explainListenError(role: str, description: str, e: CannotListenError) -> ListenFailed:
+    """
+    What to tell the operator when the C{role} listener at C{description}
+    cannot listen: the endpoint as they wrote it and the system's reason.
+    """
+    why = e.socketError
+    reason = getattr(why, "strerror", None) or str(why)
+    text = f"cannot open the {role} listener {description}: {reason[:1].lower()}{reason[1:]}"
+    if getattr(why, "errno", None) == 98:  # EADDRINUSE
+        text += " (another process listens there: stop it, or choose another endpoint)"
+    return ListenFailed(text)
+
+
+class _Listener(StreamServerEndpointService):
+    """
+    A listener that fails at start-up with L{ListenFailed}, naming its role.
+    """
+
+    role = "?"
+    description = ""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise explainListenError(self.role, self.description, e) from None
+
+
+def quietListenFailures(program: str) -> None:
+    """
+    Make an uncaught L{ListenFailed} at start-up print one line,
+    C{PROGRAM: cannot open ...}, on the real standard error (twistd sends the
+    redirected one to its log) instead of a forty-line traceback.  Other
+    exceptions keep Python's traceback.
+    """
+    previous = sys.excepthook
+
+    def hook(kind, value, tb) -> None:
+        if isinstance(value, ListenFailed):
+            out = sys.__stderr__ or sys.stderr
+            out.write(f"{program}: {value}\n")
+            out.flush()
+        else:
+            previous(kind, value, tb)
+
+    sys.excepthook = hook

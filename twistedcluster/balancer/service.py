@@ -14,7 +14,7 @@ from twisted.python import usage
 from twistedcluster.options import loadSecretOption, positive
 from twistedcluster.address import endpointParts, parseHostPort
 from twistedcluster.balancer.limits import AcceptErrors, ClientLimit, defaultMaxConnections
-from twistedcluster.balancer.listeners import listenerService, withBacklog
+from twistedcluster.balancer.listeners import listenerService, quietListenFailures, withBacklog
 from twistedcluster.balancer.control import DEFAULT_FORGET_AFTER
 from twistedcluster.balancer.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
 from twistedcluster.core.pool import DEFAULT_MAX_EJECTED_PERCENT
@@ -416,6 +416,7 @@ def makeService(options: Options, reactor=None):
     from twistedcluster.balancer.healthcheck import TCPHealthChecks
     from twistedcluster.balancer.statefile import StateKeeper, removeTemporaries, restore
 
+    quietListenFailures("cluster-balancer")
     cluster = Cluster(policy=options["policy"], hashBalance=options["hash-balance"])
     top = MultiService()
     top.cluster = cluster  # for embedding and tests
@@ -511,7 +512,7 @@ def makeService(options: Options, reactor=None):
         return listening
 
     for role, description, factory in listeners:
-        svc = listenerService(description, factory, reactor, onPort(role))
+        svc = listenerService(description, factory, reactor, onPort(role), role)
         svc.setName(role)
         svc.setServiceParent(top)
         log.info(
