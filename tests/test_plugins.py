@@ -112,7 +112,7 @@ def test_port_in_use_exits_with_the_reason(tmp_path):
             capture_output=True, text=True, timeout=60,
         )
     assert r.returncode != 0
-    assert "Address already in use" in r.stdout + r.stderr
+    assert "address already in use" in r.stderr
 
 
 @pytest.mark.parametrize(
@@ -237,3 +237,20 @@ def test_max_ejected_percent_defaults_to_half_and_reaches_the_pool():
     for bad in ("-1", "101"):
         with pytest.raises(usage.UsageError, match="from 0 to 100"):
             parse(balancer.Options, f"--max-ejected-percent={bad}")
+
+
+@pytest.mark.parametrize("module", [balancer, backend], ids=["balancer", "backend"])
+def test_help_reads_as_prose(module):
+    """
+    --help has no run of spaces inside a line (a docstring's indentation
+    shown as is) and no doubled full stop ("never).. Must be > 0.").
+    """
+    import re
+
+    text = str(module.Options())
+    for line in text.splitlines():
+        body = line.strip()
+        if body.startswith("-"):  # the option's column, then its help
+            body = body.split("  ", 1)[-1].strip()
+        assert not re.search(r"\S {2,}\S", body), line
+    assert ".." not in text.replace("...", ""), text

@@ -230,3 +230,33 @@ def test_a_balancer_that_does_not_offer_one_way_reports_gets_answered_ones(monke
     lb.flush()
     assert channel.mark > first  # each report is answered with a mark
     r.stopService()
+
+
+def test_retries_name_the_balancer_as_written_and_say_why(logged):
+    """
+    ClientService's retry line names the endpoint string, not an object's
+    repr; the first failed connect of a run says why, once.
+    """
+    from twisted.internet import defer, error, task
+
+    class Refusing:
+        def connect(self, factory):
+            return defer.fail(error.ConnectionRefusedError("111: Connection refused"))
+
+    clock = task.Clock()
+    backend = Backend()
+    r = LoadReporter(clock, lambda channel: backend.identity, backend.measure,
+                     [("tcp:host=127.0.0.1:port=8100", Refusing())])
+    r.startService()
+    for _ in range(5):
+        clock.advance(5)
+    r.stopService()
+    retries = [line for line in logged if "Scheduling retry" in line]
+    assert len(retries) >= 3
+    assert all("to connect tcp:host=127.0.0.1:port=8100 in " in line for line in retries)
+    assert all(" object at 0x" not in line for line in logged)
+    why = [line for line in logged if "cannot reach balancer" in line]
+    assert why == [
+        "cannot reach balancer tcp:host=127.0.0.1:port=8100: connection refused; "
+        "retrying with backoff"
+    ]

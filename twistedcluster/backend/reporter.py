@@ -17,9 +17,12 @@ import attr
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from twistedcluster.address import errorText
 from twistedcluster.wire import commands
 from twistedcluster.wire.auth import authenticate
 from twistedcluster.wire.guardedamp import GuardedAMP
@@ -117,6 +120,40 @@ class _ControlClientFactory(Factory):
         return ControlClient(self.reporter, self.balancer)
 
 
+@implementer(IStreamClientEndpoint)
+class _Described:
+    """
+    A balancer's endpoint that ClientService's retry line names as the
+    operator wrote it (not C{<TCP4ClientEndpoint object at 0x...>}), and
+    that says why the first connect of a failing run failed.
+    """
+
+    def __init__(self, endpoint, description: str) -> None:
+        self.endpoint = endpoint
+        self.description = description
+        self._failing = False
+
+    def __repr__(self) -> str:
+        return self.description
+
+    def connect(self, factory):
+        def connected(proto):
+            self._failing = False
+            return proto
+
+        def failed(failure):
+            if not self._failing:
+                self._failing = True
+                log.warn(
+                    "cannot reach balancer {balancer}: {error}; retrying with backoff",
+                    balancer=self.description,
+                    error=errorText(failure),
+                )
+            return failure
+
+        return self.endpoint.connect(factory).addCallbacks(connected, failed)
+
+
 class LoadReporter(MultiService):
     """
     Keeps a registered control channel to every balancer and reports load on
@@ -159,7 +196,7 @@ class LoadReporter(MultiService):
         self._refusals: Dict[str, int] = {}
         for description, endpoint in balancers:
             svc = ClientService(
-                endpoint,
+                _Described(endpoint, description),
                 _ControlClientFactory(self, description),
                 retryPolicy=self._backoff(retryPolicy, description),
                 clock=clock,
@@ -192,7 +229,8 @@ class LoadReporter(MultiService):
         """
 
         def delay(attempt: int) -> float:
-            return policy(max(attempt, self._refusals.get(balancer, 0)))
+            # Rounded: ClientService logs it ("in 1.32 seconds").
+            return round(policy(max(attempt, self._refusals.get(balancer, 0))), 2)
 
         return delay
 

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import reflect, usage
 
-from twistedcluster.options import loadSecretOption, positive
+from twistedcluster.options import loadSecretOption, oneLineDoc, positive
 from twistedcluster.address import formatHostPort, parseHostPort
 from twistedcluster.backend.counting import CountingFactory
 from twistedcluster.balancer.limits import AcceptErrors
@@ -129,6 +129,7 @@ class Options(usage.Options):
         super().__init__()
         self["balancers"] = []
 
+    @oneLineDoc
     def opt_balancer(self, description: str) -> None:
         """
         Control endpoint of a balancer (repeatable; default

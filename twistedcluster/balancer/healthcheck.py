@@ -17,7 +17,7 @@ from twisted.internet import task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from twistedcluster.address import formatHostPort, tcpEndpoint
+from twistedcluster.address import errorText, formatHostPort, tcpEndpoint
 from twistedcluster.core.pool import Pool, State
 
 log = Logger()
@@ -82,7 +82,7 @@ class _Check:
                 "static backend {name} failed {n} checks in a row ({error}): down",
                 name=self.name,
                 n=self.failures,
-                error=reason.getErrorMessage(),
+                error=errorText(reason),
             )
 
     def stop(self) -> None:

@@ -11,7 +11,7 @@ from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from twistedcluster.options import loadSecretOption, positive
+from twistedcluster.options import loadSecretOption, oneLineDoc, positive
 from twistedcluster.address import endpointParts, parseHostPort
 from twistedcluster.balancer.limits import AcceptErrors, ClientLimit, defaultMaxConnections
 from twistedcluster.balancer.listeners import listenerService, quietListenFailures, withBacklog
@@ -149,7 +149,7 @@ class Options(usage.Options):
             None,
             None,
             "Seconds without data either way after which a proxied connection "
-            "is closed (default: never).",
+            "is closed (default: never)",
             positive(float),
         ],
         [
@@ -243,7 +243,7 @@ class Options(usage.Options):
             "the limit those listeners stop accepting and new clients wait in "
             "the listen backlog (default: from the open-file limit N, "
             "(N - min(N/4, 1024)) / 2, which keeps descriptors for the control "
-            "and admin channels).",
+            "and admin channels)",
             positive(int),
         ],
         [
@@ -266,6 +266,7 @@ class Options(usage.Options):
         super().__init__()
         self["backends"] = []
 
+    @oneLineDoc
     def opt_backend(self, hostPort: str) -> None:
         """
         A static backend, HOST:PORT, that does not speak AMP: kept in the
