@@ -77,7 +77,7 @@ def test_backend_takes_several_balancers_and_an_ipv6_advertise():
         (balancer.Options, ["--policy=fastest"], "unknown policy 'fastest'"),
         (balancer.Options, ["--connect-timeout=0"], "must be > 0"),
         (backend.Options, ["--advertise=nonsense"], "is not HOST:PORT"),
-        (backend.Options, ["--service=no.such.module.factory"], "cannot import"),
+        (backend.Options, ["--service=no.such.module.factory"], "No module named 'no'.*PYTHONPATH"),
         (backend.Options, ["--service=os.path.join"], "not a protocol factory"),
         (backend.Options, ["--name=has space"], "white space"),
         (backend.Options, ["--capacity=-3"], "must be > 0"),
@@ -254,3 +254,33 @@ def test_help_reads_as_prose(module):
             body = body.split("  ", 1)[-1].strip()
         assert not re.search(r"\S {2,}\S", body), line
     assert ".." not in text.replace("...", ""), text
+
+
+def test_service_import_errors_say_what_went_wrong(tmp_path, monkeypatch):
+    """
+    --service mymodule.factory run from the folder holding mymodule.py says
+    that twistd does not look there (PYTHONPATH); a module that is found but
+    fails to import shows its own error; a missing name is named.
+    """
+    (tmp_path / "tc_mymodule.py").write_text(
+        "from twistedcluster.backend.echo import echoFactory\nfactory = echoFactory()\n"
+    )
+    (tmp_path / "tc_broken.py").write_text("import tc_no_such_dependency\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(usage.UsageError) as e:
+        parse(backend.Options, "--service=tc_mymodule.factory")
+    assert str(e.value) == (
+        "--service tc_mymodule.factory: No module named 'tc_mymodule'; "
+        "./tc_mymodule.py is here, but twistd does not put the current folder on "
+        "the Python path: run it with PYTHONPATH set to the folder that holds it "
+        "(PYTHONPATH=. for the current one)"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert parse(backend.Options, "--service=tc_mymodule.factory")["factory"] is not None
+    with pytest.raises(usage.UsageError, match=(
+        "importing tc_broken failed: ModuleNotFoundError: "
+        "No module named 'tc_no_such_dependency'"
+    )):
+        parse(backend.Options, "--service=tc_broken.factory")
+    with pytest.raises(usage.UsageError, match="tc_mymodule has no attribute 'factroy'"):
+        parse(backend.Options, "--service=tc_mymodule.factroy")

@@ -17,7 +17,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
-from twisted.python import reflect, usage
+from twisted.python import usage
 
 from twistedcluster.options import loadSecretOption, oneLineDoc, positive
 from twistedcluster.address import formatHostPort, parseHostPort
@@ -41,6 +41,56 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 _WILDCARDS = {"0.0.0.0", "::", ""}
 
 
+def importService(spec: str):
+    """
+    The object C{spec} (C{package.module.name}) names; a
+    L{usage.UsageError} that shows the real import error, and, when the
+    module itself is not found, that twistd does not put the current folder
+    on the Python path.
+    """
+    import importlib
+    import os
+
+    parts = spec.split(".")
+    if len(parts) < 2 or not all(p.isidentifier() for p in parts):
+        raise usage.UsageError(
+            f"--service {spec}: give 'echo' or package.module.name of a protocol factory"
+        )
+    for cut in range(len(parts) - 1, 0, -1):
+        moduleName = ".".join(parts[:cut])
+        try:
+            module = importlib.import_module(moduleName)
+        except ModuleNotFoundError as e:
+            if e.name is not None and (moduleName + ".").startswith(e.name + "."):
+                continue  # that module (or its package) does not exist: look higher
+            raise usage.UsageError(
+                f"--service {spec}: importing {moduleName} failed: "
+                f"{type(e).__name__}: {e}"
+            ) from None
+        except Exception as e:
+            raise usage.UsageError(
+                f"--service {spec}: importing {moduleName} failed: "
+                f"{type(e).__name__}: {e}"
+            ) from None
+        obj = module
+        for i, attribute in enumerate(parts[cut:], cut):
+            try:
+                obj = getattr(obj, attribute)
+            except AttributeError:
+                raise usage.UsageError(
+                    f"--service {spec}: {'.'.join(parts[:i])} has no attribute {attribute!r}"
+                ) from None
+        return obj
+    top = parts[0]
+    hint = (
+        "twistd does not put the current folder on the Python path: run it with "
+        "PYTHONPATH set to the folder that holds it (PYTHONPATH=. for the current one)"
+    )
+    if os.path.exists(f"{top}.py") or os.path.isdir(top):
+        hint = f"./{top}{'.py' if os.path.exists(f'{top}.py') else ''} is here, but " + hint
+    raise usage.UsageError(f"--service {spec}: No module named {top!r}; {hint}")
+
+
 def loadServiceFactory(spec: str):
     """
     The protocol factory ``--service`` names: ``echo``, or the dotted name of
@@ -50,10 +100,7 @@ def loadServiceFactory(spec: str):
         from twistedcluster.backend.echo import echoFactory
 
         return echoFactory()
-    try:
-        obj = reflect.namedAny(spec)
-    except Exception as e:
-        raise usage.UsageError(f"--service {spec}: cannot import it ({e})") from None
+    obj = importService(spec)
     if IProtocolFactory.providedBy(obj):
         return obj
     if callable(obj):
