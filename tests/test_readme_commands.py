@@ -115,6 +115,22 @@ def checkTwistd(argv: List[str]) -> None:
     except usage.UsageError as e:
         pytest.fail(f"twistd rejects {shlex.join(argv)}: {e}")
     assert config.subCommand in ("cluster-balancer", "cluster-backend"), argv
+    # Without it a second twistd in the same folder refuses to start
+    # ("Another twistd server is running"): examples must work as written.
+    assert config["pidfile"] == "", f"{shlex.join(argv)}: give --pidfile="
+
+
+#: Where README commands find the programs: the venv of "Try it", or the
+#: deployment's.
+BINDIRS = (".venv/bin/", "/opt/twistedcluster/bin/")
+
+
+def checkBinDir(argv: List[str]) -> None:
+    """
+    A program the README installs is run from where it installs it (a fresh
+    shell has no venv activated).
+    """
+    assert argv[0].startswith(BINDIRS), f"{shlex.join(argv)}: run it as .venv/bin/{argv[0]}"
 
 
 def checkArgparse(parser, argv: List[str]) -> None:
@@ -216,6 +232,8 @@ def test_every_readme_command_is_known_and_parses():
             cwd, current = ROOT, number
         name = program(argv)
         seen.add(name)
+        if name in ("twistd", "cluster-admin", "cluster-connect", "cluster-local"):
+            checkBinDir(argv)
         if name == "twistd":
             checkTwistd(argv)
         elif name == "cluster-admin":
@@ -424,12 +442,12 @@ def test_readme_running_it_yourself_commands_run(tmp_path):
             else:
                 args += [f"--balancer=tcp:host=127.0.0.1:port={control}"]
                 names.append(args[args.index("--name") + 1])
-            proc = Process(plugin, [sys.executable, "-c", TWISTD, "--pidfile=",
-                                    "--logfile=-", *args],
-                           tmp_path / f"{len(processes)}.log", env=_env())
+            # As written: in one folder, twistd's own --pidfile and logging.
+            proc = Process(plugin, [sys.executable, "-c", TWISTD, *args],
+                           tmp_path / f"{len(processes)}.log", env=_env(), cwd=tmp_path)
             processes.append(proc)
         assert names == ["web1", "web2"]
-        [status] = [line for line in lines if line.startswith("cluster-admin")]
+        [status] = [line for line in lines if program(shlex.split(line)) == "cluster-admin"]
 
         def listed():
             r = runLine(status + " --json", ports, admin, tmp_path)
@@ -439,6 +457,8 @@ def test_readme_running_it_yourself_commands_run(tmp_path):
             return all(states.get(n) == "up" for n in names)
 
         waitFor(listed, 20, "web1 and web2 up")
+        assert all(proc.alive() for proc in processes)
+        assert not (tmp_path / "twistd.pid").exists()
         r = runLine(status, ports, admin, tmp_path)
         assert r.returncode == 0 and "web1" in r.stdout and "web2" in r.stdout, r
     finally:

@@ -106,7 +106,7 @@ class Process:
     One ``twistd`` process we started, with its log file.
     """
 
-    def __init__(self, name: str, argv: List[str], logPath: Path, env=None) -> None:
+    def __init__(self, name: str, argv: List[str], logPath: Path, env=None, cwd=None) -> None:
         self.name = name
         self.argv = argv
         self.logPath = logPath
@@ -117,6 +117,7 @@ class Process:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=cwd,
         )
 
     @property
