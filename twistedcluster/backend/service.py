@@ -216,6 +216,8 @@ class BackendService(Service):
     """
 
     port = None
+    #: What SIGHUP does (L{twistedcluster.hangup}); set by L{makeService}.
+    hangUp = None
 
     def __init__(
         self,
@@ -264,6 +266,8 @@ class BackendService(Service):
         super().startService()
         self._startListening()
         self.reporter.startService()
+        if self.hangUp is not None:
+            self.hangUp.startService()
 
     def stopService(self):
         super().stopService()
@@ -366,5 +370,8 @@ def makeService(options: Options, reactor=None) -> BackendService:
         drainTimeout=options["drain-timeout"],
     )
     counting.onChange = svc.connectionsChanged
+    from twistedcluster.hangup import HangUpService
+
+    svc.hangUp = HangUpService(reactor)  # SIGHUP reopens the log
     log.info("backend reactor: {reactor}", reactor=type(reactor).__qualname__)
     return svc

@@ -463,6 +463,9 @@ def makeService(options: Options, reactor=None):
         queueTimeout=options["queue-timeout"],
     )
     _DrainOnStop(proxyFactory, options["drain-timeout"]).setServiceParent(top)
+    from twistedcluster.hangup import HangUpService
+
+    HangUpService(reactor).setServiceParent(top)  # SIGHUP reopens the log
     # Proxy and redirect clients share one limit; control and admin have
     # their own, and the descriptors the limit leaves.
     clientLimit = ClientLimit(options["max-connections"], reactor)
