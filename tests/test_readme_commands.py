@@ -96,11 +96,44 @@ def program(argv: List[str]) -> str:
     return Path(argv[0]).name
 
 
+def splitEnv(argv: List[str]) -> Tuple[Dict[str, str], List[str]]:
+    """
+    The C{NAME=value} assignments a shell command starts with, and the rest.
+    """
+    env: Dict[str, str] = {}
+    while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):
+        name, _, value = argv[0].partition("=")
+        env[name] = value
+        argv = argv[1:]
+    return env, argv
+
+
 def allCommands():
     for number, (heading, block) in enumerate(shBlocks(README)):
         for line in commandLines(block):
             for argv in simpleCommands(line):
+                env, argv = splitEnv(argv)
+                assert set(env) <= {"PYTHONPATH"}, line
+                if env:
+                    assert (ROOT / env["PYTHONPATH"]).is_dir(), line
                 yield number, heading, line, argv
+
+
+@contextlib.contextmanager
+def pythonPathOf(line: str):
+    """
+    The C{PYTHONPATH=FOLDER} a README line gives its command, on sys.path
+    meanwhile (so that --service finds the module it names).
+    """
+    env, _ = splitEnv(simpleCommands(line)[0])
+    folder = str(ROOT / env["PYTHONPATH"]) if "PYTHONPATH" in env else None
+    if folder is not None:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if folder is not None:
+            sys.path.remove(folder)
 
 
 # -- parse checks -------------------------------------------------------------
@@ -235,7 +268,8 @@ def test_every_readme_command_is_known_and_parses():
         if name in ("twistd", "cluster-admin", "cluster-connect", "cluster-local"):
             checkBinDir(argv)
         if name == "twistd":
-            checkTwistd(argv)
+            with pythonPathOf(line):
+                checkTwistd(argv)
         elif name == "cluster-admin":
             checkArgparse(admincli.parser(), argv)
         elif name == "cluster-connect":
@@ -281,7 +315,8 @@ def _checkOnly():
     for _, heading, line, argv in allCommands():
         name = program(argv)
         if name == "twistd":
-            checkTwistd(argv)
+            with pythonPathOf(line):
+                checkTwistd(argv)
         elif name == "cluster-admin":
             checkArgparse(admincli.parser(), argv)
         elif name == "cluster-connect":
@@ -464,3 +499,12 @@ def test_readme_running_it_yourself_commands_run(tmp_path):
     finally:
         for proc in reversed(processes):
             proc.stop()
+
+
+def test_the_readme_web_example_is_examples_hello_py():
+    """
+    The twisted.web service the README shows is the file its command runs.
+    """
+    start = README.index("```python\nfrom twisted.web.resource import Resource")
+    block = README[start:].split("\n", 1)[1].split("```", 1)[0]
+    assert block == (ROOT / "examples" / "hello.py").read_text()

@@ -4,8 +4,10 @@ with the balancers and report load; drain on shutdown.
 
 Shutdown (SIGTERM, or anything that stops the reactor) drains: every balancer
 is told first, so no new connection is routed here; then the listener closes;
-open connections may finish until the drain deadline, after which they are
-aborted.
+then the service factory's C{drain()} is called, when it has one (so that a
+service can end keep-alive or tell its clients; it may return a Deferred,
+waited for within the drain timeout); open connections may finish until the
+drain deadline, after which they are aborted.
 """
 
 from __future__ import annotations
@@ -289,9 +291,11 @@ class BackendService(Service):
             log.warn("draining: a balancer did not acknowledge in time")
         if self.port is not None:
             await self.port.stopListening()
+        deadline = self.reactor.seconds() + self.drainTimeout
+        await self._serviceDrain()
         if self.factory.count:
             idle = self._idle = defer.Deferred()
-            idle.addTimeout(self.drainTimeout, self.reactor)
+            idle.addTimeout(max(0.0, deadline - self.reactor.seconds()), self.reactor)
             try:
                 await idle
                 log.info("drained: no connection left")
@@ -305,10 +309,48 @@ class BackendService(Service):
         await self.reporter.stopService()
         self.acceptErrors.stop()
 
+    async def _serviceDrain(self) -> None:
+        """
+        Call the service factory's C{drain()}, when it has one, and wait for
+        what it returns (a Deferred, or a coroutine) within the drain
+        timeout.  A failure or a timeout there is logged and the drain goes
+        on: the connections still get the rest of the deadline.
+        """
+        drain = getattr(self.factory.wrappedFactory, "drain", None)
+        if not callable(drain):
+            return
+        log.info("draining: calling the service's drain()")
+        joined = defer.maybeDeferred(lambda: defer.ensureDeferred(_awaitable(drain())))
+        joined.addTimeout(self.drainTimeout, self.reactor)
+        try:
+            await joined
+        except defer.TimeoutError:
+            log.warn(
+                "draining: the service's drain() had not finished after {timeout} s",
+                timeout=self.drainTimeout,
+            )
+        except Exception as e:
+            log.error(
+                "draining: the service's drain() failed: {error!r}; draining goes on",
+                error=e,
+            )
+
     def connectionsChanged(self, count: int) -> None:
         self.reporter.connectionsChanged(count)
         if count == 0 and self._idle is not None and not self._idle.called:
             self._idle.callback(None)
+
+
+async def _awaitable(result):
+    """
+    What a service's C{drain()} returned, awaited if it can be (a Deferred
+    or a coroutine), as it is otherwise.
+    """
+    import inspect
+
+    if isinstance(result, defer.Deferred) or inspect.isawaitable(result):
+        return await result
+    return result
 
 
 def makeService(options: Options, reactor=None) -> BackendService:
