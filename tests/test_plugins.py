@@ -77,6 +77,9 @@ def test_backend_takes_several_balancers_and_an_ipv6_advertise():
         (balancer.Options, ["--policy=fastest"], "unknown policy 'fastest'"),
         (balancer.Options, ["--connect-timeout=0"], "must be > 0"),
         (backend.Options, ["--advertise=nonsense"], "is not HOST:PORT"),
+        (balancer.Options, ["--backend=web1=127.0.0.1:80,weight=300"], "weight: must be 0..256"),
+        (balancer.Options, ["--backend=web1=127.0.0.1:80,colour=blue"], "unknown key 'colour'"),
+        (balancer.Options, ["--backend=a=127.0.0.1:1", "--backend=a=127.0.0.1:2"], "given twice"),
         (backend.Options, ["--service=no.such.module.factory"], "No module named 'no'.*PYTHONPATH"),
         (backend.Options, ["--service=os.path.join"], "not a protocol factory"),
         (backend.Options, ["--name=has space"], "white space"),
@@ -284,3 +287,12 @@ def test_service_import_errors_say_what_went_wrong(tmp_path, monkeypatch):
         parse(backend.Options, "--service=tc_broken.factory")
     with pytest.raises(usage.UsageError, match="tc_mymodule has no attribute 'factroy'"):
         parse(backend.Options, "--service=tc_mymodule.factroy")
+
+
+def test_backend_option_keeps_the_old_form_and_takes_name_weight_capacity():
+    from twistedcluster.balancer.staticbackend import StaticBackend
+
+    o = parse(balancer.Options, "--backend=127.0.0.1:6379",
+              "--backend=cache=[::1]:11211,weight=2,capacity=300")
+    assert o["backends"] == [StaticBackend("127.0.0.1:6379", "127.0.0.1", 6379),
+                             StaticBackend("cache", "::1", 11211, 2, 300)]
