@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Dict, Optional
 
+from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
@@ -116,12 +117,18 @@ def listenerService(
     (to pause accepting, or watch its accept errors).  When it cannot
     listen, starting it raises L{ListenFailed} naming C{role}.
     """
-    from twisted.internet.endpoints import serverFromString
+    svc = strports.service(withBacklog(description), factory, reactor=reactor)
+    # strports' service raises a listen failure at start-up (twistd then
+    # exits); said with the role and the endpoint as the operator wrote it.
+    listen = svc.privilegedStartService
 
-    svc = _Listener(serverFromString(reactor, withBacklog(description)), factory)
-    svc._raiseSynchronously = True  # as strports.service: twistd exits on it
-    svc.role = role or "?"
-    svc.description = description
+    def privilegedStartService() -> None:
+        try:
+            listen()
+        except CannotListenError as e:
+            raise explainListenError(role or "?", description, e) from None
+
+    svc.privilegedStartService = privilegedStartService  # type: ignore[method-assign]
     if onPort is not None:
         svc.endpoint = _Noting(svc.endpoint, onPort)
     return svc
@@ -146,21 +153,6 @@ def explainListenError(role: str, description: str, e: CannotListenError) -> Lis
     if getattr(why, "errno", None) == 98:  # EADDRINUSE
         text += " (another process listens there: stop it, or choose another endpoint)"
     return ListenFailed(text)
-
-
-class _Listener(StreamServerEndpointService):
-    """
-    A listener that fails at start-up with L{ListenFailed}, naming its role.
-    """
-
-    role = "?"
-    description = ""
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            raise explainListenError(self.role, self.description, e) from None
 
 
 def quietListenFailures(program: str) -> None:
