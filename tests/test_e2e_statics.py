@@ -77,3 +77,24 @@ def test_static_backends_added_and_removed_at_runtime_and_kept(tmp_path):
         assert "s2" not in status
     finally:
         cluster.stopAll()
+
+
+@pytest.mark.parametrize("policy", ["hash", "round-robin"])
+def test_a_client_keeps_its_backend_only_under_hash(tmp_path, policy):
+    """
+    The README's paragraph on stateful backends: connections of one client
+    are routed each on its own (round-robin sends them to both backends);
+    --policy hash sends them all to one while the pool is stable.
+    """
+    cluster = LocalCluster(tmp_path)
+    try:
+        cluster.startBalancer(extra=[f"--policy={policy}"])
+        for name in ("b1", "b2"):
+            cluster.startBackend(name, extra=["--report-interval=0.2"])
+        cluster.waitUp(["b1", "b2"])
+        for i in range(10):
+            assert echoOnce("127.0.0.1", cluster.port, b"%d" % i) == b"%d" % i
+        routed = sorted(b["routed"] for b in cluster.status().values())
+        assert routed == ([0, 10] if policy == "hash" else [5, 5]), routed
+    finally:
+        cluster.stopAll()
