@@ -269,13 +269,17 @@ class LocalCluster:
             )
         return True
 
-    def checkOwnBalancer(self, name: str = "balancer", timeout: float = 20) -> None:
+    def checkOwnBalancer(
+        self, name: str = "balancer", timeout: float = 20, ports: Sequence[int] = ()
+    ) -> None:
         """
         Wait until the admin listener at L{adminPort} answers with our secret
-        (so it is our balancer, not another one holding the port) and our
-        balancer process is still running with all its listeners open;
-        raise L{NotOurBalancer} or L{ProcessExited} at once otherwise.
-        Needs L{useSecret}: without a secret any balancer would answer.
+        (so it is our balancer, not another one holding the port), the
+        other C{ports} it listens on (those opened after the admin one: a
+        redirect listener) accept, and our balancer process is still
+        running; raise L{NotOurBalancer} or L{ProcessExited} at once
+        otherwise.  Needs L{useSecret}: without a secret any balancer would
+        answer.
         """
         if self.secretFile is None:
             raise ValueError("checkOwnBalancer needs a secret (useSecret)")
@@ -292,9 +296,11 @@ class LocalCluster:
             return r.returncode == 0
 
         waitFor(answers, timeout, f"{name} to answer on its admin port", interval=0.2)
-        # Its last listeners open after the admin one: a failure there ends it.
-        time.sleep(0.2)
-        self._check(proc)
+        waitFor(
+            lambda: self._check(proc) and all(self._connectable(p) for p in ports),
+            timeout,
+            f"{name} to listen on {', '.join(map(str, ports))}",
+        )
 
     def _connectable(self, port: int) -> bool:
         try:

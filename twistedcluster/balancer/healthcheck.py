@@ -11,7 +11,7 @@ checks take a dead one out, and meanwhile the proxy retries elsewhere.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Tuple, Union
+from typing import Dict, Iterable, Tuple, Union
 
 from twisted.application.service import Service
 from twisted.internet import task

@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         # Only our own balancer gets our backends (someone may have taken a
         # port since the check above).
-        cluster.checkOwnBalancer()
+        cluster.checkOwnBalancer(ports=[args.redirect_port])
         for i, name in enumerate(names):
             cluster.startBackend(name, args.backend_port + i)
         cluster.waitUp(names, timeout=30)
