@@ -169,10 +169,26 @@ def test_a_port_in_use_is_one_clear_line(plugin, option, tmp_path):
         r = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     role = {"--listen": "proxy" if plugin == "cluster-balancer" else "service",
             "--admin": "admin"}[option]
-    assert r.returncode != 0
-    assert "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
-    assert r.stderr.splitlines() == [
+    line = (
         f"{plugin}: cannot open the {role} listener tcp:{port}:interface=127.0.0.1: "
         "address already in use (another process listens there: stop it, or "
         "choose another endpoint)"
-    ], r.stderr
+    )
+    assert r.returncode != 0
+    output = r.stdout + r.stderr
+    assert "Traceback" not in output, output
+    # twistd -n logs to standard output: the line is there, once.
+    [logged] = [x for x in output.splitlines() if "cannot open the" in x]
+    assert logged.endswith(f"#critical] {line}"), output
+    assert r.stderr == ""
+    # Logging to a file, the file says it, and so does standard error.
+    logFile = tmp_path / "twistd.log"
+    command[command.index("-n") + 1:command.index("-n") + 1] = [f"--logfile={logFile}"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        r = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.splitlines() == [line], r.stderr
+    assert f"#critical] {line}" in logFile.read_text()
+    assert "Traceback" not in logFile.read_text() + r.stdout

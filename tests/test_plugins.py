@@ -115,7 +115,7 @@ def test_port_in_use_exits_with_the_reason(tmp_path):
             capture_output=True, text=True, timeout=60,
         )
     assert r.returncode != 0
-    assert "address already in use" in r.stderr
+    assert "address already in use" in r.stdout + r.stderr
 
 
 @pytest.mark.parametrize(

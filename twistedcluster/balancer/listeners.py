@@ -157,19 +157,27 @@ def explainListenError(role: str, description: str, e: CannotListenError) -> Lis
 
 def quietListenFailures(program: str) -> None:
     """
-    Make an uncaught L{ListenFailed} at start-up print one line,
-    C{PROGRAM: cannot open ...}, on the real standard error (twistd sends the
-    redirected one to its log) instead of a forty-line traceback.  Other
-    exceptions keep Python's traceback.
+    Make an uncaught L{ListenFailed} at start-up one line,
+    C{PROGRAM: cannot open ...}, instead of a forty-line traceback: in the
+    log (where twistd -n shows it on standard output, and where a daemon's
+    "look at log file" points), and also on the real standard error when the
+    log goes to a file.  Other exceptions keep Python's traceback.
     """
     previous = sys.excepthook
 
     def hook(kind, value, tb) -> None:
-        if isinstance(value, ListenFailed):
-            out = sys.__stderr__ or sys.stderr
-            out.write(f"{program}: {value}\n")
-            out.flush()
-        else:
+        if not isinstance(value, ListenFailed):
             previous(kind, value, tb)
+            return
+        from twisted.logger import Logger
+
+        from twistedcluster.hangup import logFiles
+
+        line = f"{program}: {value}"
+        Logger().critical("{line}", line=line)
+        out = sys.__stderr__
+        if logFiles() and out is not None:
+            out.write(line + "\n")
+            out.flush()
 
     sys.excepthook = hook
