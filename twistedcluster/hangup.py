@@ -65,7 +65,10 @@ class HangUpService(Service):
         super().startService()
         # Kept after stopService: a SIGHUP while draining must not cut the
         # connections that are finishing.
-        self.installSignal(signal.SIGHUP, self._signalled)
+        try:
+            self.installSignal(signal.SIGHUP, self._signalled)
+        except ValueError:  # not the main thread: an embedding's business
+            log.info("SIGHUP left as it is: not started in the main thread")
 
     def _signalled(self, signum, frame) -> None:
         self.reactor.callFromThread(self.hangUp)
