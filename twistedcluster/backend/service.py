@@ -62,14 +62,11 @@ def importService(spec: str):
         moduleName = ".".join(parts[:cut])
         try:
             module = importlib.import_module(moduleName)
-        except ModuleNotFoundError as e:
-            if e.name is not None and (moduleName + ".").startswith(e.name + "."):
-                continue  # that module (or its package) does not exist: look higher
-            raise usage.UsageError(
-                f"--service {spec}: importing {moduleName} failed: "
-                f"{type(e).__name__}: {e}"
-            ) from None
         except Exception as e:
+            missing = getattr(e, "name", None) if isinstance(e, ModuleNotFoundError) else None
+            if missing is not None and (moduleName + ".").startswith(missing + "."):
+                continue  # that module (or its package) does not exist: look higher
+            # It exists, and importing it failed: its own error says why.
             raise usage.UsageError(
                 f"--service {spec}: importing {moduleName} failed: "
                 f"{type(e).__name__}: {e}"
