@@ -50,7 +50,7 @@ class KeepAliveClients:
     an error.
     """
 
-    def __init__(self, port, n=8, seconds=30.0, most=200000):
+    def __init__(self, port, n=6, seconds=30.0, most=200000):
         self.port = port
         self.stop = threading.Event()
         self.deadline = time.monotonic() + seconds
