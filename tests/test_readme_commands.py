@@ -373,23 +373,28 @@ def runLine(line: str, ports: Dict[int, int], adminPort: int, cwd: Path) -> subp
 def freeRun(count: int, avoid: set) -> int:
     """
     The first of C{count} consecutive ports on 127.0.0.1 that were all free
-    a moment ago and are not in C{avoid}.
+    a moment ago and are not in C{avoid}.  Probed as Twisted listens
+    (C{SO_REUSEADDR}): a port that other tests' connections left in
+    TIME_WAIT is free to a listener.
     """
     import socket
 
-    for _ in range(50):
-        sockets = []
+    def probe():
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sockets.append(s)
+        return s
+
+    for _ in range(200):
+        sockets: list = []
         try:
-            first = socket.socket()
-            sockets.append(first)
+            first = probe()
             first.bind(("127.0.0.1", 0))
             base = first.getsockname()[1]
             if base + count > 65536 or avoid & set(range(base, base + count)):
                 continue
             for port in range(base + 1, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
+                probe().bind(("127.0.0.1", port))
             return base
         except OSError:
             continue
