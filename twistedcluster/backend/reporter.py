@@ -142,7 +142,7 @@ class _Described:
             return proto
 
         def failed(failure):
-            if not self._failing:
+            if not self._failing and not failure.check(defer.CancelledError):
                 self._failing = True
                 log.warn(
                     "cannot reach balancer {balancer}: {error}; retrying with backoff",
