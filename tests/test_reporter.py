@@ -3,6 +3,7 @@ The backend's load reporter against in-memory balancers, on a Clock.
 """
 
 import pytest
+from twisted.python.failure import Failure
 
 from twistedcluster.wire import commands
 from twistedcluster.core.pool import State
@@ -260,3 +261,64 @@ def test_retries_name_the_balancer_as_written_and_say_why(logged):
         "cannot reach balancer tcp:host=127.0.0.1:port=8100: connection refused; "
         "retrying with backoff"
     ]
+
+
+def test_stopping_while_a_registration_is_answered_later_is_clean():
+    """
+    A backend stopped while its Register is still unanswered (a SIGTERM
+    right after start) waits for that answer, then closes the channel:
+    cancelling the registration instead made ClientService fail with
+    NoTransition (_connectionMade while Disconnecting), an unhandled error.
+    """
+    from twisted.internet import task
+
+    clock = task.Clock()
+    lb = MemoryBalancer(clock=clock)
+    backend = Backend()
+    r = LoadReporter(clock, lambda channel: backend.identity, backend.measure,
+                     [("lb0", lb.endpoint())])
+    r.startService()
+    stopped = []
+    r.stopService().addBoth(stopped.append)
+    assert stopped == []  # waiting for the registration's answer
+    lb.flush()
+    clock.advance(0)
+    lb.flush()
+    assert len(stopped) == 1 and not isinstance(stopped[0], Failure), stopped
+    assert r.channels == set()
+
+
+def test_a_registration_never_answered_does_not_hold_the_stop(observeErrors):
+    """
+    A balancer that accepted and never answers: after the grace the channel
+    is aborted (ending the registration as a refusal does) and the stop
+    completes, with no error.
+    """
+    from twisted.internet import defer, error, task
+    from twisted.internet.testing import StringTransport
+
+    class Silent(StringTransport):
+        def abortConnection(self):
+            self.protocol.connectionLost(Failure(error.ConnectionLost()))
+
+    class SilentBalancer:
+        def connect(self, factory):
+            proto = factory.buildProtocol(None)
+            transport = Silent()
+            transport.protocol = proto
+            proto.makeConnection(transport)
+            return defer.succeed(proto)
+
+    clock = task.Clock()
+    backend = Backend()
+    r = LoadReporter(clock, lambda channel: backend.identity, backend.measure,
+                     [("lb0", SilentBalancer())])
+    r.startService()
+    stopped = []
+    r.stopService().addBoth(stopped.append)
+    assert stopped == []
+    clock.advance(2.5)  # the grace is over: the channel is aborted
+    for _ in range(3):
+        clock.advance(1)
+    assert len(stopped) == 1 and not isinstance(stopped[0], Failure), stopped
+    assert observeErrors == []

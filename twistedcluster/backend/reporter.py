@@ -31,6 +31,9 @@ from twistedcluster.client.mtls import explainConnectError
 log = Logger()
 
 DEFAULT_INTERVAL = 1.0
+#: Seconds a stopping reporter waits for registrations under way to be
+#: answered before it cancels them.
+REGISTRATION_GRACE = 2.0
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -194,6 +197,8 @@ class LoadReporter(MultiService):
         if retryPolicy is None:
             retryPolicy = backoffPolicy(initialDelay=0.2, maxDelay=3.0, factor=1.6)
         self._refusals: Dict[str, int] = {}
+        #: Registrations under way: their Deferred, and the channel.
+        self._registering: Dict[defer.Deferred, ControlClient] = {}
         for description, endpoint in balancers:
             svc = ClientService(
                 _Described(endpoint, description),
@@ -218,7 +223,57 @@ class LoadReporter(MultiService):
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
         self._pending = None
-        return super().stopService()
+        if not self._registering:
+            return super().stopService()
+        return defer.ensureDeferred(self._stopAfterRegistrations())
+
+    async def _stopAfterRegistrations(self) -> None:
+        """
+        Stop once the registrations under way are answered.  ClientService
+        would cancel them, and a cancelled prepareConnection that does not
+        fail (see L{_register}) makes it raise NoTransition
+        (C{_connectionMade} while Disconnecting).  So let the answers come
+        (a moment, on loopback); a balancer that does not answer in
+        L{REGISTRATION_GRACE} has its channel aborted, which ends the
+        registration as a refusal would.  Then the channels stop as
+        connected ones.
+        """
+        pending = dict(self._registering)
+        for attempt in range(2):
+            settled = self._whenSettled(list(pending))
+            settled.addTimeout(REGISTRATION_GRACE, self.clock)
+            try:
+                await settled
+                break
+            except defer.TimeoutError:
+                for d, proto in pending.items():
+                    if not d.called and proto.transport is not None:
+                        proto.transport.abortConnection()
+        await MultiService.stopService(self)
+
+    @staticmethod
+    def _whenSettled(registrations: List[defer.Deferred]) -> defer.Deferred:
+        """
+        A Deferred that fires once every one of C{registrations} has (their
+        results left alone); cancelling it fails it, and only it.  (A
+        DeferredList, cancelled by a timeout, would cancel the registrations
+        and then fire as if they had settled.)
+        """
+        done: defer.Deferred = defer.Deferred()
+        waiting = [d for d in registrations if not d.called]
+        left = [len(waiting)]
+
+        def one(result):
+            left[0] -= 1
+            if left[0] == 0 and not done.called:
+                done.callback(None)
+            return result
+
+        for d in waiting:
+            d.addBoth(one)
+        if not waiting:
+            done.callback(None)
+        return done
 
     # -- registration ------------------------------------------------------
 
@@ -261,6 +316,13 @@ class LoadReporter(MultiService):
             )
 
         d = defer.ensureDeferred(handshake())
+        self._registering[d] = proto
+
+        def settled(result):
+            self._registering.pop(d, None)
+            return result
+
+        d.addBoth(settled)
 
         def registered(result):
             self._refusals[balancer] = 0
