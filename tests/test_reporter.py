@@ -322,3 +322,27 @@ def test_a_registration_never_answered_does_not_hold_the_stop(observeErrors):
         clock.advance(1)
     assert len(stopped) == 1 and not isinstance(stopped[0], Failure), stopped
     assert observeErrors == []
+
+
+def test_a_drain_a_balancer_is_slow_to_answer_times_out_and_keeps_the_channel():
+    """
+    reporter.drain() under a timeout: the timeout is a TimeoutError (so the
+    backend says "did not acknowledge in time"), and the channel to the slow
+    balancer stays open (a DeferredList would have cancelled the question
+    and closed it as an error).
+    """
+    from twisted.internet import defer, task
+
+    clock = task.Clock()
+    lb = MemoryBalancer(clock=clock)
+    backend = Backend()
+    r = startReporter(backend, [lb], clock)
+    [channel] = r.channels
+    lb.pumps.clear()  # from now on the balancer hears nothing
+    told = r.drain()
+    told.addTimeout(2, clock)
+    failures = []
+    told.addErrback(failures.append)
+    clock.advance(2)
+    assert failures and failures[0].check(defer.TimeoutError)
+    assert r.channels == {channel} and not channel.transport.disconnecting

@@ -254,10 +254,10 @@ class LoadReporter(MultiService):
     @staticmethod
     def _whenSettled(registrations: List[defer.Deferred]) -> defer.Deferred:
         """
-        A Deferred that fires once every one of C{registrations} has (their
-        results left alone); cancelling it fails it, and only it.  (A
-        DeferredList, cancelled by a timeout, would cancel the registrations
-        and then fire as if they had settled.)
+        A Deferred that fires once every one of C{registrations} (or other
+        Deferreds) has, their results left alone; cancelling it fails it, and
+        only it.  (A DeferredList, cancelled by a timeout, would cancel them
+        all and then fire as if they had settled.)
         """
         done: defer.Deferred = defer.Deferred()
         waiting = [d for d in registrations if not d.called]
@@ -401,11 +401,13 @@ class LoadReporter(MultiService):
     def drain(self) -> defer.Deferred:
         """
         Tell every balancer this backend is draining; fires when all have
-        answered (or failed to).
+        answered (or failed to).  Cancelling it (a timeout) fails it and
+        leaves the questions asked: a slow balancer still gets the Drain,
+        and its channel is not closed for being slow.
         """
         self._draining = True
         ds = [self._send(p, commands.Drain) for p in list(self.channels)]
-        return defer.DeferredList(ds, consumeErrors=True)
+        return self._whenSettled(ds)
 
     def _sendOneWay(self, proto: ControlClient, command, **kw) -> None:
         """
