@@ -34,3 +34,22 @@ def test_parse_and_format_round_trip(text, expected):
 def test_errors_say_what_is_wrong(text, message):
     with pytest.raises(ValueError, match=message):
         parseHostPort(text)
+
+
+def test_log_phrases_for_backends_and_errors():
+    """
+    Log lines name a backend once when its name is its address, and put
+    Twisted's error sentences inside a line without their full stop.
+    """
+    from twisted.internet import error
+    from twisted.python.failure import Failure
+
+    from twistedcluster.address import backendText, errorText
+
+    assert backendText("127.0.0.1:6392", "127.0.0.1", 6392) == "127.0.0.1:6392"
+    assert backendText("web1", "127.0.0.1", 6392) == "web1 at 127.0.0.1:6392"
+    assert backendText("v6", "::1", 80) == "v6 at [::1]:80"
+    refused = error.ConnectionRefusedError("111: Connection refused")
+    assert errorText(refused) == errorText(Failure(refused)) == "connection refused"
+    assert errorText(error.TCPTimedOutError()) == "connection timed out"
+    assert errorText(OSError("No route to host.")) == "No route to host"

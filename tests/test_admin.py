@@ -280,3 +280,63 @@ def test_a_long_list_comes_as_json_in_few_pages_and_old_balancers_still_page():
     finally:
         AdminProtocol._commandDispatch[commands.ListBackends.commandName] = original
     assert paged == backends and len(calls) > 3
+
+
+def withStatics(lb):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twistedcluster.balancer.healthcheck import TCPHealthChecks
+
+    statics = TCPHealthChecks(lb.pool, MemoryReactorClock(), [])
+    statics.startService()
+    lb.admin.statics = statics
+    return statics
+
+
+def test_add_and_remove_static_backends_at_runtime():
+    lb = balancerWith("amp")
+    statics = withStatics(lb)
+    admin, server, _ = lb.adminChannel()
+    answer = lb.resultOf(admin.callRemote(
+        commands.AddBackend, name="s1", host="127.0.0.1", port=6379, weight=3, capacity=7
+    ))
+    assert answer == {"state": "up", "notSaved": None}
+    s = lb.pool.get("s1")
+    assert (s.static, s.weight, s.capacity, s.host, s.port) == (True, 3, 7, "127.0.0.1", 6379)
+    assert set(statics.added) == {"s1"} and "s1" in statics.checks
+    lb.resultOf(admin.callRemote(commands.AddBackend, name="s2", host="::1", port=80))
+    assert (lb.pool.get("s2").weight, lb.pool.get("s2").capacity) == (1, 1000)
+    # Refusals, each with its reason, the channel kept.
+    for kw, error, text in [
+        (dict(name="s1", host="127.0.0.1", port=1), commands.BackendInUse, "exists already"),
+        (dict(name="amp", host="127.0.0.1", port=1), commands.BackendInUse, "exists already"),
+        (dict(name="x", host="bad host", port=1), commands.InvalidArgument, "not an IP address"),
+        (dict(name="x", host="127.0.0.1", port=1, weight=900), commands.InvalidArgument, "weight"),
+        (dict(name="x", host="127.0.0.1", port=1, capacity=0), commands.InvalidArgument, "capacity"),
+    ]:
+        f = lb.resultOf(admin.callRemote(commands.AddBackend, **kw))
+        assert f.check(error) and text in f.getErrorMessage(), (kw, f)
+    f = lb.resultOf(admin.callRemote(commands.RemoveBackend, name="amp"))
+    assert f.check(commands.BackendInUse) and "registered itself" in f.getErrorMessage()
+    f = lb.resultOf(admin.callRemote(commands.RemoveBackend, name="nope"))
+    assert f.check(commands.UnknownBackendError)
+    f = lb.resultOf(admin.callRemote(commands.ForgetBackend, name="s1"))
+    assert f.check(commands.BackendInUse) and "cluster-admin remove s1" in f.getErrorMessage()
+    assert lb.resultOf(admin.callRemote(commands.RemoveBackend, name="s1")) == {"notSaved": None}
+    assert "s1" not in lb.pool and "s1" not in statics.checks and set(statics.added) == {"s2"}
+    assert not server.transport.disconnecting
+    statics.stopService()
+
+
+def test_add_and_remove_need_the_secret():
+    lb = MemoryBalancer(secret=b"s" * 32)
+    withStatics(lb)
+    admin, server, _ = lb.adminChannel()
+    f = lb.resultOf(admin.callRemote(commands.AddBackend, name="s1", host="127.0.0.1", port=1))
+    assert f.check(commands.NotAuthenticated)
+    assert "s1" not in lb.pool
+    lb.pool.register("s0", "127.0.0.1", 2, static=True)
+    admin, server, _ = lb.adminChannel()
+    f = lb.resultOf(admin.callRemote(commands.RemoveBackend, name="s0"))
+    assert f.check(commands.NotAuthenticated)
+    assert "s0" in lb.pool

@@ -176,3 +176,65 @@ async def test_out_of_descriptors_on_the_service_listener_is_one_line_a_second(h
     assert len(lines) == 1, lines
     assert "5 connection(s) closed unaccepted" in lines[0]
     assert "service listener" in lines[0]
+
+
+class Joining(Factory):
+    """
+    A service with drain(): records the call, and what it returns is set by
+    the test (None, a Deferred, or an exception to raise).
+    """
+
+    protocol = Protocol
+
+    def __init__(self):
+        self.calls = []
+        self.result = None
+
+    def drain(self):
+        self.calls.append(reactor.seconds())
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+joiningFactory = Joining()
+
+
+@pytest.fixture
+def joining():
+    joiningFactory.__init__()
+    return joiningFactory
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_calls_the_service_drain_after_the_listener_closed(harness, joining):
+    await harness.start(f"--service={__name__}.joiningFactory", "--drain-timeout=5")
+    joining.result = defer.Deferred()
+    stopped = harness.svc.stopService()
+    await until(lambda: joining.calls, what="drain() called")
+    assert harness.svc.port.disconnected
+    assert harness.cluster.pool.get("web1").state is State.DRAINING
+    assert not stopped.called  # it waits for what drain() returned
+    joining.result.callback(None)
+    await stopped
+    assert len(joining.calls) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_service_drain_that_fails_or_hangs_does_not_stop_the_drain(
+    harness, joining, logged, observeErrors
+):
+    await harness.start(f"--service={__name__}.joiningFactory", "--drain-timeout=0.3")
+    joining.result = defer.Deferred()  # never fires
+    started = reactor.seconds()
+    await harness.svc.stopService()
+    assert 0.3 <= reactor.seconds() - started < 5
+    assert any("drain() had not finished after 0.3 s" in line for line in logged)
+    joining.__init__()
+    joining.result = RuntimeError("boom")
+    await harness.stop()
+    await harness.start(f"--service={__name__}.joiningFactory")
+    await harness.svc.stopService()
+    assert joining.calls
+    assert any("the service's drain() failed: RuntimeError('boom')" in line for line in logged)
+    observeErrors.clear()  # that error is what this test expects

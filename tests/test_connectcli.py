@@ -275,3 +275,51 @@ async def test_interrupted_is_exit_130():
             proc.wait(5)
         await lb.stopListening()
     assert (proc.returncode, out, err) == (130, b"", b"cluster-connect: interrupted\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_says_so_when_the_server_closes_without_a_byte():
+    """
+    A balancer with no backend available closes its client without a word:
+    --direct says so and exits 1, not 0 as if served.
+    """
+    lb = await fakeBalancer(b"")
+    try:
+        r = await connect("--direct", f"127.0.0.1:{lb.getHost().port}", stdin=b"hello\n")
+    finally:
+        await lb.stopListening()
+    assert r.returncode == EXIT_NO_BACKEND, r.stderr
+    assert r.stdout == b""
+    assert b"closed the connection without sending anything" in r.stderr
+    assert b"no backend is available" in r.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_unix_addresses_direct_and_redirect(tmp_path, echo):
+    """
+    unix:PATH works where HOST:PORT does: straight to a unix socket, and
+    asking a redirect listener that listens on one.
+    """
+    from twisted.internet.endpoints import UNIXServerEndpoint
+
+    direct = tmp_path / "echo.sock"
+    f = echoFactory()
+    f.noisy = False
+    port = await UNIXServerEndpoint(reactor, str(direct)).listen(f)
+    scripted = Factory.forProtocol(Scripted)
+    scripted.answers = [answerLine("127.0.0.1", echo)]
+    scripted.noisy = False
+    redirect = tmp_path / "lb.sock"
+    lb = await UNIXServerEndpoint(reactor, str(redirect)).listen(scripted)
+    try:
+        r = await connect("--direct", f"unix:{direct}", stdin=b"over unix\n")
+        r2 = await connect(f"unix:{redirect}", stdin=b"redirected\n")
+        r3 = await connect("--direct", f"unix:{tmp_path / 'none.sock'}")
+    finally:
+        await port.stopListening()
+        await lb.stopListening()
+    assert (r.returncode, r.stdout) == (EXIT_OK, b"over unix\n"), r.stderr
+    assert (r2.returncode, r2.stdout) == (EXIT_OK, b"redirected\n"), r2.stderr
+    assert r3.returncode == EXIT_UNREACHABLE and b"cannot connect to unix:" in r3.stderr
+    r4 = await connect("unix:")
+    assert r4.returncode == EXIT_USAGE

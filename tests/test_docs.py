@@ -35,7 +35,8 @@ def test_every_cluster_admin_option_and_command_is_in_the_readme():
     flags = [a for action in p._actions for a in action.option_strings if a.startswith("--")]
     missing = [f for f in flags if f != "--help" and f not in README]
     assert missing == []
-    for command in ("status", "drain NAME", "enable NAME", "disable NAME", "weight NAME N", "policy"):
+    for command in ("status", "drain NAME", "enable NAME", "disable NAME", "weight NAME N", "policy",
+                    "add NAME HOST:PORT", "remove NAME"):
         assert f"`{command}" in README
 
 

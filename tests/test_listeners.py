@@ -134,3 +134,61 @@ async def test_the_backlog_reaches_the_kernel():
         assert listenQueueLimit(port) == defaultBacklog()
     finally:
         await port.stopListening()
+
+
+# -- a listener that cannot open ------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("plugin, option", [
+    ("cluster-balancer", "--listen"),
+    ("cluster-balancer", "--admin"),
+    ("cluster-backend", "--listen"),
+])
+def test_a_port_in_use_is_one_clear_line(plugin, option, tmp_path):
+    """
+    twistd with a port another process holds exits non-zero with one line
+    naming the listener and the reason, not Twisted's forty-line traceback.
+    """
+    import subprocess
+    import sys
+
+    from twistedcluster.localcluster import freePort, twistdCommand
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = [f"{option}=tcp:{port}:interface=127.0.0.1"]
+        if plugin == "cluster-balancer":
+            for other in ("--listen", "--control", "--admin"):
+                if other != option:
+                    args.append(f"{other}=tcp:{freePort()}:interface=127.0.0.1")
+        command = twistdCommand(plugin, args)
+        command.remove("--logfile=-")  # the log to stdout, as twistd -n does
+        r = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    role = {"--listen": "proxy" if plugin == "cluster-balancer" else "service",
+            "--admin": "admin"}[option]
+    line = (
+        f"{plugin}: cannot open the {role} listener tcp:{port}:interface=127.0.0.1: "
+        "address already in use (another process listens there: stop it, or "
+        "choose another endpoint)"
+    )
+    assert r.returncode != 0
+    output = r.stdout + r.stderr
+    assert "Traceback" not in output, output
+    # twistd -n logs to standard output: the line is there, once.
+    [logged] = [x for x in output.splitlines() if "cannot open the" in x]
+    assert logged.endswith(f"#critical] {line}"), output
+    assert r.stderr == ""
+    # Logging to a file, the file says it, and so does standard error.
+    logFile = tmp_path / "twistd.log"
+    command[command.index("-n") + 1:command.index("-n") + 1] = [f"--logfile={logFile}"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        r = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.splitlines() == [line], r.stderr
+    assert f"#critical] {line}" in logFile.read_text()
+    assert "Traceback" not in logFile.read_text() + r.stdout

@@ -77,7 +77,10 @@ def test_backend_takes_several_balancers_and_an_ipv6_advertise():
         (balancer.Options, ["--policy=fastest"], "unknown policy 'fastest'"),
         (balancer.Options, ["--connect-timeout=0"], "must be > 0"),
         (backend.Options, ["--advertise=nonsense"], "is not HOST:PORT"),
-        (backend.Options, ["--service=no.such.module.factory"], "cannot import"),
+        (balancer.Options, ["--backend=web1=127.0.0.1:80,weight=300"], "weight: must be 0..256"),
+        (balancer.Options, ["--backend=web1=127.0.0.1:80,colour=blue"], "unknown key 'colour'"),
+        (balancer.Options, ["--backend=a=127.0.0.1:1", "--backend=a=127.0.0.1:2"], "given twice"),
+        (backend.Options, ["--service=no.such.module.factory"], "No module named 'no'.*PYTHONPATH"),
         (backend.Options, ["--service=os.path.join"], "not a protocol factory"),
         (backend.Options, ["--name=has space"], "white space"),
         (backend.Options, ["--capacity=-3"], "must be > 0"),
@@ -112,7 +115,7 @@ def test_port_in_use_exits_with_the_reason(tmp_path):
             capture_output=True, text=True, timeout=60,
         )
     assert r.returncode != 0
-    assert "Address already in use" in r.stdout + r.stderr
+    assert "address already in use" in r.stdout + r.stderr
 
 
 @pytest.mark.parametrize(
@@ -237,3 +240,59 @@ def test_max_ejected_percent_defaults_to_half_and_reaches_the_pool():
     for bad in ("-1", "101"):
         with pytest.raises(usage.UsageError, match="from 0 to 100"):
             parse(balancer.Options, f"--max-ejected-percent={bad}")
+
+
+@pytest.mark.parametrize("module", [balancer, backend], ids=["balancer", "backend"])
+def test_help_reads_as_prose(module):
+    """
+    --help has no run of spaces inside a line (a docstring's indentation
+    shown as is) and no doubled full stop ("never).. Must be > 0.").
+    """
+    import re
+
+    text = str(module.Options())
+    for line in text.splitlines():
+        body = line.strip()
+        if body.startswith("-"):  # the option's column, then its help
+            body = body.split("  ", 1)[-1].strip()
+        assert not re.search(r"\S {2,}\S", body), line
+    assert ".." not in text.replace("...", ""), text
+
+
+def test_service_import_errors_say_what_went_wrong(tmp_path, monkeypatch):
+    """
+    --service mymodule.factory run from the folder holding mymodule.py says
+    that twistd does not look there (PYTHONPATH); a module that is found but
+    fails to import shows its own error; a missing name is named.
+    """
+    (tmp_path / "tc_mymodule.py").write_text(
+        "from twistedcluster.backend.echo import echoFactory\nfactory = echoFactory()\n"
+    )
+    (tmp_path / "tc_broken.py").write_text("import tc_no_such_dependency\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(usage.UsageError) as e:
+        parse(backend.Options, "--service=tc_mymodule.factory")
+    assert str(e.value) == (
+        "--service tc_mymodule.factory: No module named 'tc_mymodule'; "
+        "./tc_mymodule.py is here, but twistd does not put the current folder on "
+        "the Python path: run it with PYTHONPATH set to the folder that holds it "
+        "(PYTHONPATH=. for the current one)"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert parse(backend.Options, "--service=tc_mymodule.factory")["factory"] is not None
+    with pytest.raises(usage.UsageError, match=(
+        "importing tc_broken failed: ModuleNotFoundError: "
+        "No module named 'tc_no_such_dependency'"
+    )):
+        parse(backend.Options, "--service=tc_broken.factory")
+    with pytest.raises(usage.UsageError, match="tc_mymodule has no attribute 'factroy'"):
+        parse(backend.Options, "--service=tc_mymodule.factroy")
+
+
+def test_backend_option_keeps_the_old_form_and_takes_name_weight_capacity():
+    from twistedcluster.balancer.staticbackend import StaticBackend
+
+    o = parse(balancer.Options, "--backend=127.0.0.1:6379",
+              "--backend=cache=[::1]:11211,weight=2,capacity=300")
+    assert o["backends"] == [StaticBackend("127.0.0.1:6379", "127.0.0.1", 6379),
+                             StaticBackend("cache", "::1", 11211, 2, 300)]

@@ -109,7 +109,11 @@ def test_connect_failure_retries_another_backend(logged):
     completeConnect(mr, 1)
     assert clientT.producerState == "producing"
     assert cluster.pool.get(f"b{otherPort}").active == 1
-    assert any("failed (1 in a row)" in line for line in logged)
+    [line] = [line for line in logged if "failed (1 in a row)" in line]
+    assert line == (
+        f"proxy: connect to backend b{failedPort} at 127.0.0.1:{failedPort} failed "
+        "(1 in a row): connection refused; trying another"
+    )
 
 
 def test_no_backend_closes_the_client_with_a_log_line(logged):

@@ -96,11 +96,44 @@ def program(argv: List[str]) -> str:
     return Path(argv[0]).name
 
 
+def splitEnv(argv: List[str]) -> Tuple[Dict[str, str], List[str]]:
+    """
+    The C{NAME=value} assignments a shell command starts with, and the rest.
+    """
+    env: Dict[str, str] = {}
+    while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):
+        name, _, value = argv[0].partition("=")
+        env[name] = value
+        argv = argv[1:]
+    return env, argv
+
+
 def allCommands():
     for number, (heading, block) in enumerate(shBlocks(README)):
         for line in commandLines(block):
             for argv in simpleCommands(line):
+                env, argv = splitEnv(argv)
+                assert set(env) <= {"PYTHONPATH"}, line
+                if env:
+                    assert (ROOT / env["PYTHONPATH"]).is_dir(), line
                 yield number, heading, line, argv
+
+
+@contextlib.contextmanager
+def pythonPathOf(line: str):
+    """
+    The C{PYTHONPATH=FOLDER} a README line gives its command, on sys.path
+    meanwhile (so that --service finds the module it names).
+    """
+    env, _ = splitEnv(simpleCommands(line)[0])
+    folder = str(ROOT / env["PYTHONPATH"]) if "PYTHONPATH" in env else None
+    if folder is not None:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if folder is not None:
+            sys.path.remove(folder)
 
 
 # -- parse checks -------------------------------------------------------------
@@ -115,6 +148,22 @@ def checkTwistd(argv: List[str]) -> None:
     except usage.UsageError as e:
         pytest.fail(f"twistd rejects {shlex.join(argv)}: {e}")
     assert config.subCommand in ("cluster-balancer", "cluster-backend"), argv
+    # Without it a second twistd in the same folder refuses to start
+    # ("Another twistd server is running"): examples must work as written.
+    assert config["pidfile"] == "", f"{shlex.join(argv)}: give --pidfile="
+
+
+#: Where README commands find the programs: the venv of "Try it", or the
+#: deployment's.
+BINDIRS = (".venv/bin/", "/opt/twistedcluster/bin/")
+
+
+def checkBinDir(argv: List[str]) -> None:
+    """
+    A program the README installs is run from where it installs it (a fresh
+    shell has no venv activated).
+    """
+    assert argv[0].startswith(BINDIRS), f"{shlex.join(argv)}: run it as .venv/bin/{argv[0]}"
 
 
 def checkArgparse(parser, argv: List[str]) -> None:
@@ -216,8 +265,11 @@ def test_every_readme_command_is_known_and_parses():
             cwd, current = ROOT, number
         name = program(argv)
         seen.add(name)
+        if name in ("twistd", "cluster-admin", "cluster-connect", "cluster-local"):
+            checkBinDir(argv)
         if name == "twistd":
-            checkTwistd(argv)
+            with pythonPathOf(line):
+                checkTwistd(argv)
         elif name == "cluster-admin":
             checkArgparse(admincli.parser(), argv)
         elif name == "cluster-connect":
@@ -263,7 +315,8 @@ def _checkOnly():
     for _, heading, line, argv in allCommands():
         name = program(argv)
         if name == "twistd":
-            checkTwistd(argv)
+            with pythonPathOf(line):
+                checkTwistd(argv)
         elif name == "cluster-admin":
             checkArgparse(admincli.parser(), argv)
         elif name == "cluster-connect":
@@ -320,23 +373,28 @@ def runLine(line: str, ports: Dict[int, int], adminPort: int, cwd: Path) -> subp
 def freeRun(count: int, avoid: set) -> int:
     """
     The first of C{count} consecutive ports on 127.0.0.1 that were all free
-    a moment ago and are not in C{avoid}.
+    a moment ago and are not in C{avoid}.  Probed as Twisted listens
+    (C{SO_REUSEADDR}): a port that other tests' connections left in
+    TIME_WAIT is free to a listener.
     """
     import socket
 
-    for _ in range(50):
-        sockets = []
+    def probe():
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sockets.append(s)
+        return s
+
+    for _ in range(200):
+        sockets: list = []
         try:
-            first = socket.socket()
-            sockets.append(first)
+            first = probe()
             first.bind(("127.0.0.1", 0))
             base = first.getsockname()[1]
             if base + count > 65536 or avoid & set(range(base, base + count)):
                 continue
             for port in range(base + 1, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
+                probe().bind(("127.0.0.1", port))
             return base
         except OSError:
             continue
@@ -424,12 +482,12 @@ def test_readme_running_it_yourself_commands_run(tmp_path):
             else:
                 args += [f"--balancer=tcp:host=127.0.0.1:port={control}"]
                 names.append(args[args.index("--name") + 1])
-            proc = Process(plugin, [sys.executable, "-c", TWISTD, "--pidfile=",
-                                    "--logfile=-", *args],
-                           tmp_path / f"{len(processes)}.log", env=_env())
+            # As written: in one folder, twistd's own --pidfile and logging.
+            proc = Process(plugin, [sys.executable, "-c", TWISTD, *args],
+                           tmp_path / f"{len(processes)}.log", env=_env(), cwd=tmp_path)
             processes.append(proc)
         assert names == ["web1", "web2"]
-        [status] = [line for line in lines if line.startswith("cluster-admin")]
+        [status] = [line for line in lines if program(shlex.split(line)) == "cluster-admin"]
 
         def listed():
             r = runLine(status + " --json", ports, admin, tmp_path)
@@ -439,8 +497,19 @@ def test_readme_running_it_yourself_commands_run(tmp_path):
             return all(states.get(n) == "up" for n in names)
 
         waitFor(listed, 20, "web1 and web2 up")
+        assert all(proc.alive() for proc in processes)
+        assert not (tmp_path / "twistd.pid").exists()
         r = runLine(status, ports, admin, tmp_path)
         assert r.returncode == 0 and "web1" in r.stdout and "web2" in r.stdout, r
     finally:
         for proc in reversed(processes):
             proc.stop()
+
+
+def test_the_readme_web_example_is_examples_hello_py():
+    """
+    The twisted.web service the README shows is the file its command runs.
+    """
+    start = README.index("```python\nfrom twisted.web.resource import Resource")
+    block = README[start:].split("\n", 1)[1].split("```", 1)[0]
+    assert block == (ROOT / "examples" / "hello.py").read_text()

@@ -3,6 +3,7 @@ The backend's load reporter against in-memory balancers, on a Clock.
 """
 
 import pytest
+from twisted.python.failure import Failure
 
 from twistedcluster.wire import commands
 from twistedcluster.core.pool import State
@@ -230,3 +231,118 @@ def test_a_balancer_that_does_not_offer_one_way_reports_gets_answered_ones(monke
     lb.flush()
     assert channel.mark > first  # each report is answered with a mark
     r.stopService()
+
+
+def test_retries_name_the_balancer_as_written_and_say_why(logged):
+    """
+    ClientService's retry line names the endpoint string, not an object's
+    repr; the first failed connect of a run says why, once.
+    """
+    from twisted.internet import defer, error, task
+
+    class Refusing:
+        def connect(self, factory):
+            return defer.fail(error.ConnectionRefusedError("111: Connection refused"))
+
+    clock = task.Clock()
+    backend = Backend()
+    r = LoadReporter(clock, lambda channel: backend.identity, backend.measure,
+                     [("tcp:host=127.0.0.1:port=8100", Refusing())])
+    r.startService()
+    for _ in range(5):
+        clock.advance(5)
+    r.stopService()
+    retries = [line for line in logged if "Scheduling retry" in line]
+    assert len(retries) >= 3
+    assert all("to connect tcp:host=127.0.0.1:port=8100 in " in line for line in retries)
+    assert all(" object at 0x" not in line for line in logged)
+    why = [line for line in logged if "cannot reach balancer" in line]
+    assert why == [
+        "cannot reach balancer tcp:host=127.0.0.1:port=8100: connection refused; "
+        "retrying with backoff"
+    ]
+
+
+def test_stopping_while_a_registration_is_answered_later_is_clean():
+    """
+    A backend stopped while its Register is still unanswered (a SIGTERM
+    right after start) waits for that answer, then closes the channel:
+    cancelling the registration instead made ClientService fail with
+    NoTransition (_connectionMade while Disconnecting), an unhandled error.
+    """
+    from twisted.internet import task
+
+    clock = task.Clock()
+    lb = MemoryBalancer(clock=clock)
+    backend = Backend()
+    r = LoadReporter(clock, lambda channel: backend.identity, backend.measure,
+                     [("lb0", lb.endpoint())])
+    r.startService()
+    stopped = []
+    r.stopService().addBoth(stopped.append)
+    assert stopped == []  # waiting for the registration's answer
+    lb.flush()
+    clock.advance(0)
+    lb.flush()
+    assert len(stopped) == 1 and not isinstance(stopped[0], Failure), stopped
+    assert r.channels == set()
+
+
+def test_a_registration_never_answered_does_not_hold_the_stop(observeErrors):
+    """
+    A balancer that accepted and never answers: after the grace the channel
+    is aborted (ending the registration as a refusal does) and the stop
+    completes, with no error.
+    """
+    from twisted.internet import defer, error, task
+    from twisted.internet.testing import StringTransport
+
+    class Silent(StringTransport):
+        def abortConnection(self):
+            self.protocol.connectionLost(Failure(error.ConnectionLost()))
+
+    class SilentBalancer:
+        def connect(self, factory):
+            proto = factory.buildProtocol(None)
+            transport = Silent()
+            transport.protocol = proto
+            proto.makeConnection(transport)
+            return defer.succeed(proto)
+
+    clock = task.Clock()
+    backend = Backend()
+    r = LoadReporter(clock, lambda channel: backend.identity, backend.measure,
+                     [("lb0", SilentBalancer())])
+    r.startService()
+    stopped = []
+    r.stopService().addBoth(stopped.append)
+    assert stopped == []
+    clock.advance(2.5)  # the grace is over: the channel is aborted
+    for _ in range(3):
+        clock.advance(1)
+    assert len(stopped) == 1 and not isinstance(stopped[0], Failure), stopped
+    assert observeErrors == []
+
+
+def test_a_drain_a_balancer_is_slow_to_answer_times_out_and_keeps_the_channel():
+    """
+    reporter.drain() under a timeout: the timeout is a TimeoutError (so the
+    backend says "did not acknowledge in time"), and the channel to the slow
+    balancer stays open (a DeferredList would have cancelled the question
+    and closed it as an error).
+    """
+    from twisted.internet import defer, task
+
+    clock = task.Clock()
+    lb = MemoryBalancer(clock=clock)
+    backend = Backend()
+    r = startReporter(backend, [lb], clock)
+    [channel] = r.channels
+    lb.pumps.clear()  # from now on the balancer hears nothing
+    told = r.drain()
+    told.addTimeout(2, clock)
+    failures = []
+    told.addErrback(failures.append)
+    clock.advance(2)
+    assert failures and failures[0].check(defer.TimeoutError)
+    assert r.channels == {channel} and not channel.transport.disconnecting

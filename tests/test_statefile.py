@@ -196,3 +196,46 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
         statefile.save(path, c)
     assert os.listdir(tmp_path) == ["state.json"]
     assert statefile.load(path)["backends"]["a"]["weight"] == 4
+
+
+def test_static_backends_added_at_runtime_survive_a_restart(tmp_path):
+    """
+    What cluster-admin add added is kept (address, capacity; its weight with
+    the settings); what --backend gave at start-up is not (the command line
+    gives it again); a file from before has no "static" and loads.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twistedcluster.balancer.healthcheck import TCPHealthChecks
+    from twistedcluster.balancer.staticbackend import parseStaticBackend
+
+    path = str(tmp_path / "state.json")
+    c = Cluster()
+    statics = TCPHealthChecks(c.pool, MemoryReactorClock(), [parseStaticBackend("boot=127.0.0.1:1")])
+    statics.startService()
+    statics.add(parseStaticBackend("redis=127.0.0.1:6379,weight=4,capacity=9"))
+    statefile.write(path, statefile.snapshot(c, statics))
+    saved = json.loads(open(path).read())
+    assert saved["static"] == {"redis": {"host": "127.0.0.1", "port": 6379, "capacity": 9}}
+    assert saved["backends"]["redis"]["weight"] == 4
+    statics.stopService()
+
+    fresh = Cluster()
+    state = statefile.load(path)
+    again = TCPHealthChecks(fresh.pool, MemoryReactorClock(), [parseStaticBackend("boot=127.0.0.1:1")])
+    statefile.restore(fresh, state)
+    statefile.restoreStatics(again, state)
+    again.startService()
+    r = fresh.pool.get("redis")
+    assert (r.static, r.weight, r.capacity, r.port) == (True, 4, 9, 6379)
+    assert set(again.added) == {"redis"} and fresh.pool.get("boot").static
+    again.stopService()
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"version": 1, "policy": None, "backends": {}}))
+    assert statefile.load(str(old))["static"] == {}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"version": 1, "policy": None, "backends": {},
+                               "static": {"x": {"host": "127.0.0.1", "port": 0, "capacity": 1}}}))
+    with pytest.raises(statefile.StateFileError, match="malformed"):
+        statefile.load(str(bad))

@@ -17,7 +17,9 @@ embed the balancer's core or dial through it:
 
 Public modules, each with its own C{__all__}: L{twistedcluster.wire.commands}
 (the AMP contract), L{twistedcluster.wire.redirectline} (the redirect answer),
-L{twistedcluster.testing} (an in-memory balancer for tests).  Other modules
+L{twistedcluster.testing} (an in-memory balancer for tests),
+L{twistedcluster.backend.web} (a twisted.web site that joins the backend's
+drain).  Other modules
 are the programs' internals: importable, but not promised to stay.
 """
 

@@ -80,6 +80,37 @@ def formatHostPort(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def backendText(name: str, host: str, port: int) -> str:
+    """
+    A backend as a log line names it: C{NAME at HOST:PORT}, or just the name
+    when it is that address already (static backends, unnamed ones).
+    """
+    address = formatHostPort(host, port)
+    return name if name == address else f"{name} at {address}"
+
+
+def errorText(error: object) -> str:
+    """
+    A connect or listen error (an exception or a Failure) as a phrase to
+    put inside a log line: Twisted's messages are whole sentences ("Connection
+    was refused by other side: 111: Connection refused."), which read badly
+    followed by "; trying another".
+    """
+    from twisted.internet import error as errors
+    from twisted.python.failure import Failure
+
+    if isinstance(error, Failure):
+        error = error.value
+    if isinstance(error, errors.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, errors.TCPTimedOutError):
+        return "connection timed out"
+    if isinstance(error, errors.TimeoutError):
+        return "no answer in time"
+    text = (str(error) or type(error).__name__).strip()
+    return text[:-1] if text.endswith(".") and not text.endswith("..") else text
+
+
 def tcpEndpoint(reactor, host: str, port: int, timeout: float = 5.0) -> IStreamClientEndpoint:
     """
     A TCP client endpoint for C{host}: TCP4 or TCP6 for an address literal

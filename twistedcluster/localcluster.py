@@ -52,6 +52,28 @@ class ProcessExited(RuntimeError):
     """
 
 
+class NotOurBalancer(ProcessExited):
+    """
+    Another process answers on our balancer's admin port (one that does not
+    hold our secret): no point waiting longer.
+    """
+
+
+def portInUse(host: str, port: int) -> bool:
+    """
+    Whether a listener could not bind C{host}:C{port} now: another socket
+    listens there.  Bound as Twisted binds (C{SO_REUSEADDR}), so ports left
+    in TIME_WAIT by a process that just stopped count as free.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def waitFor(
     condition: Callable[[], object],
     timeout: float,
@@ -67,7 +89,7 @@ def waitFor(
     while True:
         try:
             last = condition()
-        except ProcessExited:
+        except ProcessExited:  # NotOurBalancer too
             raise
         except Exception as e:  # a poll that fails is a poll that says no
             last = e
@@ -84,7 +106,7 @@ class Process:
     One ``twistd`` process we started, with its log file.
     """
 
-    def __init__(self, name: str, argv: List[str], logPath: Path, env=None) -> None:
+    def __init__(self, name: str, argv: List[str], logPath: Path, env=None, cwd=None) -> None:
         self.name = name
         self.argv = argv
         self.logPath = logPath
@@ -95,6 +117,7 @@ class Process:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=cwd,
         )
 
     @property
@@ -245,6 +268,39 @@ class LocalCluster:
                 + proc.logText()[-3000:]
             )
         return True
+
+    def checkOwnBalancer(
+        self, name: str = "balancer", timeout: float = 20, ports: Sequence[int] = ()
+    ) -> None:
+        """
+        Wait until the admin listener at L{adminPort} answers with our secret
+        (so it is our balancer, not another one holding the port), the
+        other C{ports} it listens on (those opened after the admin one: a
+        redirect listener) accept, and our balancer process is still
+        running; raise L{NotOurBalancer} or L{ProcessExited} at once
+        otherwise.  Needs L{useSecret}: without a secret any balancer would
+        answer.
+        """
+        if self.secretFile is None:
+            raise ValueError("checkOwnBalancer needs a secret (useSecret)")
+        proc = self.processes[name]
+
+        def answers() -> bool:
+            self._check(proc)
+            r = self.adminRun("status", check=False)
+            if r.returncode == 4:  # EXIT_AUTH: another balancer, another secret
+                raise NotOurBalancer(
+                    f"the admin port {self.host}:{self.adminPort} is another "
+                    f"balancer's (it does not hold our secret): {r.stderr.strip()}"
+                )
+            return r.returncode == 0
+
+        waitFor(answers, timeout, f"{name} to answer on its admin port", interval=0.2)
+        waitFor(
+            lambda: self._check(proc) and all(self._connectable(p) for p in ports),
+            timeout,
+            f"{name} to listen on {', '.join(map(str, ports))}",
+        )
 
     def _connectable(self, port: int) -> bool:
         try:

@@ -23,6 +23,16 @@ def positive(kind: Callable) -> Callable:
     return convert
 
 
+def oneLineDoc(method: Callable) -> Callable:
+    """
+    An C{opt_} method whose docstring twistd's --help shows as flowing text:
+    it prints a docstring's line breaks and indentation as they are
+    ("kept in the         pool").
+    """
+    method.__doc__ = " ".join((method.__doc__ or "").split())
+    return method
+
+
 def loadSecretOption(path: Optional[str]) -> Optional[bytes]:
     """
     The secret in C{--secret-file PATH}, or C{None} without one; a

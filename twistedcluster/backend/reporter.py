@@ -17,9 +17,12 @@ import attr
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from twistedcluster.address import errorText
 from twistedcluster.wire import commands
 from twistedcluster.wire.auth import authenticate
 from twistedcluster.wire.guardedamp import GuardedAMP
@@ -28,6 +31,9 @@ from twistedcluster.client.mtls import explainConnectError
 log = Logger()
 
 DEFAULT_INTERVAL = 1.0
+#: Seconds a stopping reporter waits for registrations under way to be
+#: answered before it cancels them.
+REGISTRATION_GRACE = 2.0
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -117,6 +123,40 @@ class _ControlClientFactory(Factory):
         return ControlClient(self.reporter, self.balancer)
 
 
+@implementer(IStreamClientEndpoint)
+class _Described:
+    """
+    A balancer's endpoint that ClientService's retry line names as the
+    operator wrote it (not C{<TCP4ClientEndpoint object at 0x...>}), and
+    that says why the first connect of a failing run failed.
+    """
+
+    def __init__(self, endpoint, description: str) -> None:
+        self.endpoint = endpoint
+        self.description = description
+        self._failing = False
+
+    def __repr__(self) -> str:
+        return self.description
+
+    def connect(self, factory):
+        def connected(proto):
+            self._failing = False
+            return proto
+
+        def failed(failure):
+            if not self._failing and not failure.check(defer.CancelledError):
+                self._failing = True
+                log.warn(
+                    "cannot reach balancer {balancer}: {error}; retrying with backoff",
+                    balancer=self.description,
+                    error=errorText(failure),
+                )
+            return failure
+
+        return self.endpoint.connect(factory).addCallbacks(connected, failed)
+
+
 class LoadReporter(MultiService):
     """
     Keeps a registered control channel to every balancer and reports load on
@@ -157,9 +197,11 @@ class LoadReporter(MultiService):
         if retryPolicy is None:
             retryPolicy = backoffPolicy(initialDelay=0.2, maxDelay=3.0, factor=1.6)
         self._refusals: Dict[str, int] = {}
+        #: Registrations under way: their Deferred, and the channel.
+        self._registering: Dict[defer.Deferred, ControlClient] = {}
         for description, endpoint in balancers:
             svc = ClientService(
-                endpoint,
+                _Described(endpoint, description),
                 _ControlClientFactory(self, description),
                 retryPolicy=self._backoff(retryPolicy, description),
                 clock=clock,
@@ -181,7 +223,57 @@ class LoadReporter(MultiService):
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
         self._pending = None
-        return super().stopService()
+        if not self._registering:
+            return super().stopService()
+        return defer.ensureDeferred(self._stopAfterRegistrations())
+
+    async def _stopAfterRegistrations(self) -> None:
+        """
+        Stop once the registrations under way are answered.  ClientService
+        would cancel them, and a cancelled prepareConnection that does not
+        fail (see L{_register}) makes it raise NoTransition
+        (C{_connectionMade} while Disconnecting).  So let the answers come
+        (a moment, on loopback); a balancer that does not answer in
+        L{REGISTRATION_GRACE} has its channel aborted, which ends the
+        registration as a refusal would.  Then the channels stop as
+        connected ones.
+        """
+        pending = dict(self._registering)
+        for attempt in range(2):
+            settled = self._whenSettled(list(pending))
+            settled.addTimeout(REGISTRATION_GRACE, self.clock)
+            try:
+                await settled
+                break
+            except defer.TimeoutError:
+                for d, proto in pending.items():
+                    if not d.called and proto.transport is not None:
+                        proto.transport.abortConnection()
+        await MultiService.stopService(self)
+
+    @staticmethod
+    def _whenSettled(registrations: List[defer.Deferred]) -> defer.Deferred:
+        """
+        A Deferred that fires once every one of C{registrations} (or other
+        Deferreds) has, their results left alone; cancelling it fails it, and
+        only it.  (A DeferredList, cancelled by a timeout, would cancel them
+        all and then fire as if they had settled.)
+        """
+        done: defer.Deferred = defer.Deferred()
+        waiting = [d for d in registrations if not d.called]
+        left = [len(waiting)]
+
+        def one(result):
+            left[0] -= 1
+            if left[0] == 0 and not done.called:
+                done.callback(None)
+            return result
+
+        for d in waiting:
+            d.addBoth(one)
+        if not waiting:
+            done.callback(None)
+        return done
 
     # -- registration ------------------------------------------------------
 
@@ -192,7 +284,8 @@ class LoadReporter(MultiService):
         """
 
         def delay(attempt: int) -> float:
-            return policy(max(attempt, self._refusals.get(balancer, 0)))
+            # Rounded: ClientService logs it ("in 1.32 seconds").
+            return round(policy(max(attempt, self._refusals.get(balancer, 0))), 2)
 
         return delay
 
@@ -223,6 +316,13 @@ class LoadReporter(MultiService):
             )
 
         d = defer.ensureDeferred(handshake())
+        self._registering[d] = proto
+
+        def settled(result):
+            self._registering.pop(d, None)
+            return result
+
+        d.addBoth(settled)
 
         def registered(result):
             self._refusals[balancer] = 0
@@ -301,11 +401,13 @@ class LoadReporter(MultiService):
     def drain(self) -> defer.Deferred:
         """
         Tell every balancer this backend is draining; fires when all have
-        answered (or failed to).
+        answered (or failed to).  Cancelling it (a timeout) fails it and
+        leaves the questions asked: a slow balancer still gets the Drain,
+        and its channel is not closed for being slow.
         """
         self._draining = True
         ds = [self._send(p, commands.Drain) for p in list(self.channels)]
-        return defer.DeferredList(ds, consumeErrors=True)
+        return self._whenSettled(ds)
 
     def _sendOneWay(self, proto: ControlClient, command, **kw) -> None:
         """

@@ -4,8 +4,10 @@ with the balancers and report load; drain on shutdown.
 
 Shutdown (SIGTERM, or anything that stops the reactor) drains: every balancer
 is told first, so no new connection is routed here; then the listener closes;
-open connections may finish until the drain deadline, after which they are
-aborted.
+then the service factory's C{drain()} is called, when it has one (so that a
+service can end keep-alive or tell its clients; it may return a Deferred,
+waited for within the drain timeout); open connections may finish until the
+drain deadline, after which they are aborted.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
-from twisted.python import reflect, usage
+from twisted.python import usage
 
-from twistedcluster.options import loadSecretOption, positive
+from twistedcluster.options import loadSecretOption, oneLineDoc, positive
 from twistedcluster.address import formatHostPort, parseHostPort
 from twistedcluster.backend.counting import CountingFactory
 from twistedcluster.balancer.limits import AcceptErrors
-from twistedcluster.balancer.listeners import withBacklog
+from twistedcluster.balancer.listeners import explainListenError, quietListenFailures, withBacklog
 from twistedcluster.backend.reporter import (
     DEFAULT_INTERVAL,
     Identity,
@@ -41,6 +43,53 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 _WILDCARDS = {"0.0.0.0", "::", ""}
 
 
+def importService(spec: str):
+    """
+    The object C{spec} (C{package.module.name}) names; a
+    L{usage.UsageError} that shows the real import error, and, when the
+    module itself is not found, that twistd does not put the current folder
+    on the Python path.
+    """
+    import importlib
+    import os
+
+    parts = spec.split(".")
+    if len(parts) < 2 or not all(p.isidentifier() for p in parts):
+        raise usage.UsageError(
+            f"--service {spec}: give 'echo' or package.module.name of a protocol factory"
+        )
+    for cut in range(len(parts) - 1, 0, -1):
+        moduleName = ".".join(parts[:cut])
+        try:
+            module = importlib.import_module(moduleName)
+        except Exception as e:
+            missing = getattr(e, "name", None) if isinstance(e, ModuleNotFoundError) else None
+            if missing is not None and (moduleName + ".").startswith(missing + "."):
+                continue  # that module (or its package) does not exist: look higher
+            # It exists, and importing it failed: its own error says why.
+            raise usage.UsageError(
+                f"--service {spec}: importing {moduleName} failed: "
+                f"{type(e).__name__}: {e}"
+            ) from None
+        obj = module
+        for i, attribute in enumerate(parts[cut:], cut):
+            try:
+                obj = getattr(obj, attribute)
+            except AttributeError:
+                raise usage.UsageError(
+                    f"--service {spec}: {'.'.join(parts[:i])} has no attribute {attribute!r}"
+                ) from None
+        return obj
+    top = parts[0]
+    hint = (
+        "twistd does not put the current folder on the Python path: run it with "
+        "PYTHONPATH set to the folder that holds it (PYTHONPATH=. for the current one)"
+    )
+    if os.path.exists(f"{top}.py") or os.path.isdir(top):
+        hint = f"./{top}{'.py' if os.path.exists(f'{top}.py') else ''} is here, but " + hint
+    raise usage.UsageError(f"--service {spec}: No module named {top!r}; {hint}")
+
+
 def loadServiceFactory(spec: str):
     """
     The protocol factory ``--service`` names: ``echo``, or the dotted name of
@@ -50,10 +99,7 @@ def loadServiceFactory(spec: str):
         from twistedcluster.backend.echo import echoFactory
 
         return echoFactory()
-    try:
-        obj = reflect.namedAny(spec)
-    except Exception as e:
-        raise usage.UsageError(f"--service {spec}: cannot import it ({e})") from None
+    obj = importService(spec)
     if IProtocolFactory.providedBy(obj):
         return obj
     if callable(obj):
@@ -136,6 +182,7 @@ class Options(usage.Options):
         super().__init__()
         self["balancers"] = []
 
+    @oneLineDoc
     def opt_balancer(self, description: str) -> None:
         """
         Control endpoint of a balancer (repeatable; default
@@ -177,6 +224,8 @@ class BackendService(Service):
     port = None
     #: The metrics listener's port, with C{--metrics}.
     metricsPort = None
+    #: What SIGHUP does (L{twistedcluster.hangup}); set by L{makeService}.
+    hangUp = None
 
     def __init__(
         self,
@@ -215,6 +264,10 @@ class BackendService(Service):
             m.addCallbacks(self._metricsListening, failures.append)
         if failures:
             # Raised here, twistd reports it and exits non-zero.
+            from twisted.internet.error import CannotListenError
+
+            if failures[0].check(CannotListenError):
+                raise explainListenError("service", self.listen, failures[0].value)
             failures[0].raiseException()
 
     def _metricsListening(self, port) -> None:
@@ -232,6 +285,8 @@ class BackendService(Service):
         super().startService()
         self._startListening()
         self.reporter.startService()
+        if self.hangUp is not None:
+            self.hangUp.startService()
 
     def stopService(self):
         super().stopService()
@@ -253,9 +308,11 @@ class BackendService(Service):
             log.warn("draining: a balancer did not acknowledge in time")
         if self.port is not None:
             await self.port.stopListening()
+        deadline = self.reactor.seconds() + self.drainTimeout
+        await self._serviceDrain()
         if self.factory.count:
             idle = self._idle = defer.Deferred()
-            idle.addTimeout(self.drainTimeout, self.reactor)
+            idle.addTimeout(max(0.0, deadline - self.reactor.seconds()), self.reactor)
             try:
                 await idle
                 log.info("drained: no connection left")
@@ -271,10 +328,48 @@ class BackendService(Service):
         if self.metricsPort is not None:
             await self.metricsPort.stopListening()
 
+    async def _serviceDrain(self) -> None:
+        """
+        Call the service factory's C{drain()}, when it has one, and wait for
+        what it returns (a Deferred, or a coroutine) within the drain
+        timeout.  A failure or a timeout there is logged and the drain goes
+        on: the connections still get the rest of the deadline.
+        """
+        drain = getattr(self.factory.wrappedFactory, "drain", None)
+        if not callable(drain):
+            return
+        log.info("draining: calling the service's drain()")
+        joined = defer.maybeDeferred(lambda: defer.ensureDeferred(_awaitable(drain())))
+        joined.addTimeout(self.drainTimeout, self.reactor)
+        try:
+            await joined
+        except defer.TimeoutError:
+            log.warn(
+                "draining: the service's drain() had not finished after {timeout} s",
+                timeout=self.drainTimeout,
+            )
+        except Exception as e:
+            log.error(
+                "draining: the service's drain() failed: {error!r}; draining goes on",
+                error=e,
+            )
+
     def connectionsChanged(self, count: int) -> None:
         self.reporter.connectionsChanged(count)
         if count == 0 and self._idle is not None and not self._idle.called:
             self._idle.callback(None)
+
+
+async def _awaitable(result):
+    """
+    What a service's C{drain()} returned, awaited if it can be (a Deferred
+    or a coroutine), as it is otherwise.
+    """
+    import inspect
+
+    if isinstance(result, defer.Deferred) or inspect.isawaitable(result):
+        return await result
+    return result
 
 
 def makeService(options: Options, reactor=None) -> BackendService:
@@ -294,6 +389,7 @@ def makeService(options: Options, reactor=None) -> BackendService:
             installIfNone()
         from twisted.internet import reactor
 
+    quietListenFailures("cluster-backend")
     capacity = options["capacity"]
     inner = options["factory"]
     counting = CountingFactory(inner)
@@ -349,5 +445,8 @@ def makeService(options: Options, reactor=None) -> BackendService:
         metricsSite=site,
     )
     counting.onChange = svc.connectionsChanged
+    from twistedcluster.hangup import HangUpService
+
+    svc.hangUp = HangUpService(reactor)  # SIGHUP reopens the log
     log.info("backend reactor: {reactor}", reactor=type(reactor).__qualname__)
     return svc

@@ -9,7 +9,9 @@ The balancer (``twistd cluster-balancer``).
   - L{control}: where backends register and report load;
   - L{admin}: where cluster-admin steers the cluster, with L{statefile}
     keeping what operators set;
-  - L{healthcheck}: active checks of static backends;
+  - L{healthcheck}: active checks of static backends, added at start-up or
+    at runtime; L{staticbackend}: what a static backend is and how
+    C{--backend} writes one;
   - L{metrics}: the web listener (/metrics, /status.json, /healthz,
     /readyz) and L{statuspage} (/);
   - L{traffic}: what became of each client connection (counts for the

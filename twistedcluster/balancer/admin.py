@@ -164,7 +164,7 @@ class AdminProtocol(GuardedAMP):
             status = pool.get(name)
         if status.static:
             raise commands.BackendInUse(
-                f"{name} is a static backend: remove its --backend option instead"
+                f"{name} is a static backend: cluster-admin remove {name} removes it"
             )
         if status.state is not State.DOWN:
             raise commands.BackendInUse(
@@ -173,6 +173,39 @@ class AdminProtocol(GuardedAMP):
             )
         pool.remove(name)
         return self._changed(f"forgot backend {name}", {})
+
+    @commands.AddBackend.responder
+    def addBackend(self, name, host, port, weight=None, capacity=None):
+        from twistedcluster.balancer.healthcheck import StaticNameTaken
+        from twistedcluster.balancer.staticbackend import makeStaticBackend
+
+        statics = self.factory.statics
+        if statics is None:
+            raise commands.InvalidArgument("this balancer cannot add static backends")
+        try:
+            backend = makeStaticBackend(name, host, port, weight, capacity)
+        except ValueError as e:
+            raise commands.InvalidArgument(str(e)) from None
+        try:
+            statics.add(backend)
+        except StaticNameTaken as e:
+            raise commands.BackendInUse(str(e)) from None
+        state = self._cluster.pool.get(backend.name).state.value
+        return self._changed(f"added static backend {backend.describe()}", {"state": state})
+
+    @commands.RemoveBackend.responder
+    def removeBackend(self, name):
+        from twistedcluster.balancer.healthcheck import NotStatic
+
+        statics = self.factory.statics
+        if statics is None:
+            raise commands.UnknownBackendError(str(UnknownBackend(name)))
+        with _asWireErrors():
+            try:
+                backend = statics.remove(name)
+            except NotStatic as e:
+                raise commands.BackendInUse(str(e)) from None
+        return self._changed(f"removed static backend {backend.describe()}", {})
 
     @commands.SetPolicy.responder
     def setPolicy(self, policy):
@@ -215,10 +248,14 @@ class AdminFactory(GuardedFactory):
         secret: Optional[bytes] = None,
         maxConnections: int = 64,
         authTimeout: float = DEFAULT_AUTH_TIMEOUT,
+        statics=None,
     ) -> None:
         super().__init__(clock, secret, maxConnections, authTimeout)
         self.cluster = cluster
         self.onChange = onChange
+        #: The balancer's L{twistedcluster.balancer.healthcheck.TCPHealthChecks}
+        #: (where add and remove go); C{None}: they are refused.
+        self.statics = statics
 
     def makeProtocol(self) -> AdminProtocol:
         return AdminProtocol(self)

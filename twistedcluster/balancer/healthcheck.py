@@ -1,6 +1,7 @@
 """
-Active TCP health checks for static backends (``--backend HOST:PORT``): the
-servers that do not speak AMP and so never report.
+Active TCP health checks for static backends (``--backend
+[NAME=]HOST:PORT[,...]`` at start-up, ``cluster-admin add`` at runtime):
+the servers that do not speak AMP and so never report.
 
 Each check connects and closes.  A backend that fails C{fall} checks in a row
 is marked down; one that then passes C{rise} in a row is up again (HAProxy's
@@ -10,14 +11,15 @@ checks take a dead one out, and meanwhile the proxy retries elsewhere.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, Tuple, Union
 
 from twisted.application.service import Service
 from twisted.internet import task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from twistedcluster.address import formatHostPort, tcpEndpoint
+from twistedcluster.address import errorText, formatHostPort, tcpEndpoint
+from twistedcluster.balancer.staticbackend import DEFAULT_STATIC_CAPACITY, StaticBackend
 from twistedcluster.core.pool import Pool, State
 
 log = Logger()
@@ -25,7 +27,20 @@ log = Logger()
 DEFAULT_CHECK_INTERVAL = 2.0
 DEFAULT_RISE = 2
 DEFAULT_FALL = 3
-STATIC_CAPACITY = 1000
+#: Kept for callers of old: the default capacity of a static backend.
+STATIC_CAPACITY = DEFAULT_STATIC_CAPACITY
+
+
+class StaticNameTaken(ValueError):
+    """
+    A static backend cannot be added under a name the pool already has.
+    """
+
+
+class NotStatic(ValueError):
+    """
+    Only static backends can be removed; the message says what to do instead.
+    """
 
 
 class _Probe(Protocol):
@@ -82,7 +97,7 @@ class _Check:
                 "static backend {name} failed {n} checks in a row ({error}): down",
                 name=self.name,
                 n=self.failures,
-                error=reason.getErrorMessage(),
+                error=errorText(reason),
             )
 
     def stop(self) -> None:
@@ -97,14 +112,17 @@ class TCPHealthChecks(Service):
     """
     Keeps static backends in the pool, checked every C{interval} seconds.
 
-    @param backends: (host, port) pairs; each is named ``HOST:PORT``.
+    @param backends: the start-up ones: L{StaticBackend}s, or (host, port)
+        pairs named ``HOST:PORT``.
+    @ivar added: those added at runtime (L{add} with C{runtime=True}), by
+        name: what the state file keeps.
     """
 
     def __init__(
         self,
         pool: Pool,
         reactor,
-        backends: List[Tuple[str, int]],
+        backends: Iterable[Union[StaticBackend, Tuple[str, int]]] = (),
         interval: float = DEFAULT_CHECK_INTERVAL,
         timeout: float = 1.0,
         rise: int = DEFAULT_RISE,
@@ -119,18 +137,74 @@ class TCPHealthChecks(Service):
         self.probeFactory = Factory.forProtocol(_Probe)
         self.probeFactory.noisy = False
         self.checks: Dict[str, _Check] = {}
-        for host, port in backends:
-            name = formatHostPort(host, port)
-            self.checks[name] = _Check(self, name, host, port)
+        self.backends: Dict[str, StaticBackend] = {}
+        self.added: Dict[str, StaticBackend] = {}
+        for b in backends:
+            if not isinstance(b, StaticBackend):
+                host, port = b
+                b = StaticBackend(formatHostPort(host, port), host, port)
+            self.backends[b.name] = b
+            self.checks[b.name] = _Check(self, b.name, b.host, b.port)
 
     def startService(self) -> None:
         super().startService()
-        for name, check in self.checks.items():
-            self.pool.register(
-                name, check.host, check.port, capacity=STATIC_CAPACITY, static=True
+        for name in list(self.checks):
+            self._start(self.backends[name])
+
+    def _start(self, b: StaticBackend) -> None:
+        self.pool.register(b.name, b.host, b.port, capacity=b.capacity, static=True)
+        if b.weight is not None:
+            self.pool.setWeight(b.name, b.weight)
+        log.info(
+            "static backend {backend}: checked every {interval} s",
+            backend=b.describe(),
+            name=b.name,
+            interval=self.interval,
+        )
+        self.checks[b.name].loop.start(self.interval, now=True)
+
+    def add(self, b: StaticBackend, runtime: bool = True, restoring: bool = False) -> None:
+        """
+        Add a static backend now (or at start, before L{startService}).
+        L{StaticNameTaken} if the pool has that name already, unless
+        C{restoring} from the state file (where the pool holds the settings
+        restored for it).
+        """
+        if b.name in self.checks or (b.name in self.pool and not restoring):
+            raise StaticNameTaken(
+                f"a backend named {b.name} exists already: remove it first, or "
+                "choose another name"
             )
-            log.info("static backend {name}: checked every {interval} s", name=name, interval=self.interval)
-            check.loop.start(self.interval, now=True)
+        self.backends[b.name] = b
+        self.checks[b.name] = _Check(self, b.name, b.host, b.port)
+        if runtime:
+            self.added[b.name] = b
+        if self.running:
+            self._start(b)
+
+    def remove(self, name: str) -> StaticBackend:
+        """
+        Stop checking a static backend and take it out of the pool (and of
+        the state file, if it was added at runtime).  Connections it has
+        open go on.  L{NotStatic} for a backend that registered itself.
+        """
+        check = self.checks.get(name)
+        if check is None:
+            if name in self.pool:
+                raise NotStatic(
+                    f"{name} registered itself: drain or stop it, then forget "
+                    "it once it is down"
+                )
+            from twistedcluster.core.pool import UnknownBackend
+
+            raise UnknownBackend(name)
+        check.stop()
+        del self.checks[name]
+        self.added.pop(name, None)
+        b = self.backends.pop(name)
+        if name in self.pool:
+            self.pool.remove(name)
+        return b
 
     def stopService(self):
         for check in self.checks.values():

@@ -16,10 +16,12 @@ unless its endpoint string names one.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Dict, Optional
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from zope.interface import implementer
 
@@ -107,13 +109,75 @@ def listenerService(
     factory,
     reactor,
     onPort: Optional[Callable[[IListeningPort], None]] = None,
+    role: str = "",
 ) -> StreamServerEndpointService:
     """
     C{strports.service} for C{description} with the burst backlog
     (L{withBacklog}); C{onPort} is told the listening port once there is one
-    (to pause accepting, or watch its accept errors).
+    (to pause accepting, or watch its accept errors).  When it cannot
+    listen, starting it raises L{ListenFailed} naming C{role}.
     """
     svc = strports.service(withBacklog(description), factory, reactor=reactor)
+    # strports' service raises a listen failure at start-up (twistd then
+    # exits); said with the role and the endpoint as the operator wrote it.
+    listen = svc.privilegedStartService
+
+    def privilegedStartService() -> None:
+        try:
+            listen()
+        except CannotListenError as e:
+            raise explainListenError(role or "?", description, e) from None
+
+    svc.privilegedStartService = privilegedStartService  # type: ignore[method-assign]
     if onPort is not None:
         svc.endpoint = _Noting(svc.endpoint, onPort)
     return svc
+
+
+class ListenFailed(Exception):
+    """
+    A listener could not open (its port taken, an interface this host does
+    not have): said in one line at start-up, without a traceback (see
+    L{quietListenFailures}).
+    """
+
+
+def explainListenError(role: str, description: str, e: CannotListenError) -> ListenFailed:
+    """
+    What to tell the operator when the C{role} listener at C{description}
+    cannot listen: the endpoint as they wrote it and the system's reason.
+    """
+    why = e.socketError
+    reason = getattr(why, "strerror", None) or str(why)
+    text = f"cannot open the {role} listener {description}: {reason[:1].lower()}{reason[1:]}"
+    if getattr(why, "errno", None) == 98:  # EADDRINUSE
+        text += " (another process listens there: stop it, or choose another endpoint)"
+    return ListenFailed(text)
+
+
+def quietListenFailures(program: str) -> None:
+    """
+    Make an uncaught L{ListenFailed} at start-up one line,
+    C{PROGRAM: cannot open ...}, instead of a forty-line traceback: in the
+    log (where twistd -n shows it on standard output, and where a daemon's
+    "look at log file" points), and also on the real standard error when the
+    log goes to a file.  Other exceptions keep Python's traceback.
+    """
+    previous = sys.excepthook
+
+    def hook(kind, value, tb) -> None:
+        if not isinstance(value, ListenFailed):
+            previous(kind, value, tb)
+            return
+        from twisted.logger import Logger
+
+        from twistedcluster.hangup import logFiles
+
+        line = f"{program}: {value}"
+        Logger().critical("{line}", line=line)
+        out = sys.__stderr__
+        if logFiles() and out is not None:
+            out.write(line + "\n")
+            out.flush()
+
+    sys.excepthook = hook

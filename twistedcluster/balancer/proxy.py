@@ -28,6 +28,7 @@ from twisted.internet.error import ConnectBindError, ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from twistedcluster.address import backendText, errorText
 from twistedcluster.balancer import accesslog as ends
 from twistedcluster.balancer.admission import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT, WaitQueue
 from twistedcluster.core.cluster import Cluster, Route
@@ -363,17 +364,18 @@ class ProxyServer(Relay):
         )
         if local:
             # As many as clients come, under a flood: summed.
-            factory._lastNoSocket = (name, attempt.host, attempt.port, reason.getErrorMessage())
+            factory._lastNoSocket = (name, attempt.host, attempt.port, errorText(reason))
             factory._noSocket.count("no socket")
         else:
             log.warn(
-                "proxy: connect to backend {backend} at {host}:{port} failed "
+                "proxy: connect to backend {backend} failed "
                 "({failures} in a row): {error}; trying another",
-                backend=name,
+                backend=backendText(name, attempt.host, attempt.port),
+                name=name,
                 host=attempt.host,
                 port=attempt.port,
                 failures=failures,
-                error=reason.getErrorMessage(),
+                error=errorText(reason),
             )
             factory.health.failed(name, failures)
         self.route()
@@ -532,10 +534,11 @@ class ProxyFactory(Factory):
     def _reportNoSocket(self, counts: Dict[str, int], seconds: float) -> None:
         name, host, port, error = self._lastNoSocket
         log.warn(
-            "proxy: no socket for a connect to backend {backend} at "
-            "{host}:{port}: {error}; not counted against the backends, trying "
-            "others ({count} such {window})",
-            backend=name,
+            "proxy: no socket for a connect to backend {backend}: {error}; "
+            "not counted against the backends, trying others ({count} such "
+            "{window})",
+            backend=backendText(name, host, port),
+            name=name,
             host=host,
             port=port,
             error=error,

@@ -11,10 +11,10 @@ from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from twistedcluster.options import loadSecretOption, positive
-from twistedcluster.address import endpointParts, parseHostPort
+from twistedcluster.options import loadSecretOption, oneLineDoc, positive
+from twistedcluster.address import endpointParts
 from twistedcluster.balancer.limits import AcceptErrors, ClientLimit, defaultMaxConnections
-from twistedcluster.balancer.listeners import listenerService, withBacklog
+from twistedcluster.balancer.listeners import listenerService, quietListenFailures, withBacklog
 from twistedcluster.balancer.control import DEFAULT_FORGET_AFTER
 from twistedcluster.balancer.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
 from twistedcluster.core.pool import DEFAULT_MAX_EJECTED_PERCENT
@@ -163,7 +163,7 @@ class Options(usage.Options):
             None,
             None,
             "Seconds without data either way after which a proxied connection "
-            "is closed (default: never).",
+            "is closed (default: never)",
             positive(float),
         ],
         [
@@ -207,7 +207,8 @@ class Options(usage.Options):
             None,
             None,
             "JSON file where the balancer keeps operators' settings (drain, "
-            "disable, weight, policy) across restarts (default: not kept).",
+            "disable, weight, policy, static backends added by cluster-admin "
+            "add) across restarts (default: not kept).",
         ],
         [
             "drain-timeout",
@@ -257,7 +258,7 @@ class Options(usage.Options):
             "the limit those listeners stop accepting and new clients wait in "
             "the listen backlog (default: from the open-file limit N, "
             "(N - min(N/4, 1024)) / 2, which keeps descriptors for the control "
-            "and admin channels).",
+            "and admin channels)",
             positive(int),
         ],
         [
@@ -280,15 +281,22 @@ class Options(usage.Options):
         super().__init__()
         self["backends"] = []
 
-    def opt_backend(self, hostPort: str) -> None:
+    @oneLineDoc
+    def opt_backend(self, spec: str) -> None:
         """
-        A static backend, HOST:PORT, that does not speak AMP: kept in the
-        pool by TCP health checks (repeatable).
+        A static backend that does not speak AMP, kept in the pool by TCP
+        health checks: [NAME=]HOST:PORT[,weight=W][,capacity=C] (name:
+        HOST:PORT, capacity: 1000, unless given; repeatable).
         """
+        from twistedcluster.balancer.staticbackend import parseStaticBackend
+
         try:
-            self["backends"].append(parseHostPort(hostPort))
+            backend = parseStaticBackend(spec)
         except ValueError as e:
-            raise usage.UsageError(f"--backend: {e}") from None
+            raise usage.UsageError(f"--backend {spec}: {e}") from None
+        if any(b.name == backend.name for b in self["backends"]):
+            raise usage.UsageError(f"--backend {spec}: a backend named {backend.name} is given twice")
+        self["backends"].append(backend)
 
     def postOptions(self) -> None:
         if self["eject-after"] < 0 or self["queue-size"] < 0:
@@ -452,36 +460,47 @@ def makeService(options: Options, reactor=None):
     from twistedcluster.balancer.redirect import HandOffs, RedirectFactory
 
     from twistedcluster.balancer.healthcheck import TCPHealthChecks
-    from twistedcluster.balancer.statefile import StateKeeper, removeTemporaries, restore
+    from twistedcluster.balancer.statefile import (
+        StateKeeper,
+        removeTemporaries,
+        restore,
+        restoreStatics,
+    )
 
+    quietListenFailures("cluster-balancer")
     cluster = Cluster(policy=options["policy"], hashBalance=options["hash-balance"])
     top = MultiService()
     top.cluster = cluster  # for embedding and tests
+    # Always there: cluster-admin add may bring static backends at runtime.
+    statics = TCPHealthChecks(
+        cluster.pool,
+        reactor,
+        options["backends"],
+        interval=options["check-interval"],
+        timeout=min(options["connect-timeout"], options["check-interval"]),
+        rise=options["rise"],
+        fall=options["fall"],
+    )
+    statics.setServiceParent(top)
+    top.statics = statics  # for embedding and tests
     onChange = None
     if options["state-file"]:
         state = options["state"]
         restore(cluster, state)
+        restoreStatics(statics, state)
         for leftover in removeTemporaries(options["state-file"]):
             log.info(
                 "removed {name}, a temporary state file left by an earlier crash",
                 name=leftover,
             )
-        onChange = StateKeeper(options["state-file"], cluster, reactor)
+        onChange = StateKeeper(options["state-file"], cluster, reactor, statics=statics)
         log.info(
-            "balancer state file {path}: {n} backend setting(s) restored",
+            "balancer state file {path}: {n} backend setting(s) and {m} static "
+            "backend(s) added by cluster-admin restored",
             path=options["state-file"],
             n=len(state["backends"]),
+            m=len(statics.added),
         )
-    if options["backends"]:
-        TCPHealthChecks(
-            cluster.pool,
-            reactor,
-            options["backends"],
-            interval=options["check-interval"],
-            timeout=min(options["connect-timeout"], options["check-interval"]),
-            rise=options["rise"],
-            fall=options["fall"],
-        ).setServiceParent(top)
 
     secret = options["secret"]
     warnAboutExposure(options)
@@ -512,6 +531,9 @@ def makeService(options: Options, reactor=None):
         traffic=traffic,
     )
     _DrainOnStop(proxyFactory, options["drain-timeout"], accessLog).setServiceParent(top)
+    from twistedcluster.hangup import HangUpService
+
+    HangUpService(reactor).setServiceParent(top)  # SIGHUP reopens the log
     # Proxy and redirect clients share one limit; control and admin have
     # their own, and the descriptors the limit leaves.
     clientLimit = ClientLimit(options["max-connections"], reactor)
@@ -529,6 +551,7 @@ def makeService(options: Options, reactor=None):
         cluster,
         reactor,
         onChange=onChange,
+        statics=statics,
         secret=secret,
         maxConnections=options["max-admin-connections"],
         authTimeout=options["auth-timeout"],
@@ -583,7 +606,7 @@ def makeService(options: Options, reactor=None):
         return listening
 
     for role, description, factory in listeners:
-        svc = listenerService(description, factory, reactor, onPort(role))
+        svc = listenerService(description, factory, reactor, onPort(role), role)
         svc.setName(role)
         svc.setServiceParent(top)
         log.info(

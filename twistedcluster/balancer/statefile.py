@@ -1,6 +1,7 @@
 """
 The balancer's state file: what operators set (drain, disable, weight, the
-policy) survives a balancer restart.
+policy, static backends added with ``cluster-admin add``) survives a
+balancer restart.
 
 A small JSON document the balancer owns, holding only backends that have an
 operator setting (a backend that merely registered comes back by
@@ -47,12 +48,24 @@ class StateNotSaved(Exception):
     """
 
 
-def snapshot(cluster: Cluster) -> Dict[str, Any]:
-    return {
+def snapshot(cluster: Cluster, statics=None) -> Dict[str, Any]:
+    """
+    What the state file holds: the policy, every backend with an operator
+    setting, and (with C{statics}, the balancer's
+    L{twistedcluster.balancer.healthcheck.TCPHealthChecks}) the static
+    backends added with ``cluster-admin add``.
+    """
+    state: Dict[str, Any] = {
         "version": VERSION,
         "policy": cluster.policyName,
         "backends": cluster.pool.adminSettings(),
     }
+    if statics is not None:
+        state["static"] = {
+            name: {"host": b.host, "port": b.port, "capacity": b.capacity}
+            for name, b in sorted(statics.added.items())
+        }
+    return state
 
 
 def _temporaryPrefix(path: str) -> str:
@@ -125,7 +138,7 @@ def load(path: str) -> Dict[str, Any]:
         with open(path, "rb") as f:
             data = json.load(f)
     except FileNotFoundError:
-        return {"version": VERSION, "policy": None, "backends": {}}
+        return {"version": VERSION, "policy": None, "backends": {}, "static": {}}
     except (OSError, ValueError) as e:
         raise StateFileError(f"cannot read state file {path}: {e}") from None
     try:
@@ -140,11 +153,38 @@ def load(path: str) -> Dict[str, Any]:
                 raise ValueError(f"weight {b['weight']}")
             str(b["host"])
             int(b["port"])
+        # Written since static backends could be added at runtime; absent
+        # from older files.
+        data.setdefault("static", {})
+        for name, b in data["static"].items():
+            _staticBackend(name, b)
     except StateFileError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise StateFileError(f"state file {path} is malformed: {e!r}") from None
     return data
+
+
+def _staticBackend(name: str, entry: Dict[str, Any]):
+    from twistedcluster.balancer.staticbackend import makeStaticBackend
+
+    return makeStaticBackend(name, entry["host"], entry["port"], capacity=entry["capacity"])
+
+
+def restoreStatics(statics, data: Dict[str, Any]) -> None:
+    """
+    Add back the static backends ``cluster-admin add`` had added (before
+    the balancer starts).  A start-up C{--backend} of the same name wins.
+    """
+    for name, entry in sorted(data.get("static", {}).items()):
+        if name in statics.checks:
+            log.warn(
+                "state file: static backend {name} is given by --backend too; "
+                "--backend wins",
+                name=name,
+            )
+            continue
+        statics.add(_staticBackend(name, entry), runtime=True, restoring=True)
 
 
 def restore(cluster: Cluster, data: Dict[str, Any]) -> None:
@@ -169,6 +209,8 @@ class StateKeeper:
     @param inThread: C{inThread(f, *args)} runs C{f} away from the reactor
         and returns a Deferred of its result; the reactor's thread pool
         unless given.
+    @param statics: the balancer's static backends, whose runtime additions
+        are saved too (see L{snapshot}).
     """
 
     def __init__(
@@ -177,9 +219,11 @@ class StateKeeper:
         cluster: Cluster,
         clock,
         inThread: Optional[Callable[..., defer.Deferred]] = None,
+        statics=None,
     ) -> None:
         self.path = path
         self.cluster = cluster
+        self.statics = statics
         self.clock = clock
         if inThread is None:
             from twisted.internet.threads import deferToThreadPool
@@ -207,7 +251,7 @@ class StateKeeper:
         self._scheduled = None
         waiting, self._waiting = self._waiting, []
         self._writing = True
-        d = self._inThread(write, self.path, snapshot(self.cluster))
+        d = self._inThread(write, self.path, snapshot(self.cluster, self.statics))
         d.addCallbacks(
             self._saved, self._notSaved, callbackArgs=(waiting,), errbackArgs=(waiting,)
         )

@@ -3,6 +3,9 @@
 
     cluster-admin [--admin ENDPOINT] COMMAND [ARGS] [--json]
 
+Commands: status, drain, enable, disable, weight, policy, forget, and add /
+remove for static backends.
+
 Exit status: 0 done; 1 the balancer refused (unknown backend, bad weight…);
 2 bad usage; 3 the balancer could not be reached or did not answer in time;
 4 authentication failed (missing or wrong --secret-file); 5 the change was
@@ -22,7 +25,7 @@ from twisted.protocols import amp
 
 from twistedcluster.core.policies import POLICIES
 from twistedcluster.wire import commands
-from twistedcluster.address import formatHostPort
+from twistedcluster.address import formatHostPort, parseHostPort
 from twistedcluster.wire.auth import SecretFileError, authenticate, loadSecret
 from twistedcluster.cli.common import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CommandFailed, react
 from twistedcluster.client.mtls import explainConnectError
@@ -117,6 +120,21 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("name", help="the backend's name, as status lists it")
     sp = sub.add_parser(
         "forget", parents=[common], help="remove a backend that is down from the list"
+    )
+    sp.add_argument("name", help="the backend's name, as status lists it")
+    sp = sub.add_parser(
+        "add",
+        parents=[common],
+        help="add a static backend, checked by TCP (kept in the state file)",
+    )
+    sp.add_argument("name", help="the name it will have")
+    sp.add_argument("address", metavar="HOST:PORT", help="where it listens ([::1]:9000 for IPv6)")
+    sp.add_argument("--weight", type=int, metavar="W", help="its weight, 0..256 (default 1)")
+    sp.add_argument(
+        "--capacity", type=int, metavar="C", help="connections it is sized for (default 1000)"
+    )
+    sp = sub.add_parser(
+        "remove", parents=[common], help="remove a static backend (its connections go on)"
     )
     sp.add_argument("name", help="the backend's name, as status lists it")
     sp = sub.add_parser("weight", parents=[common], help="set a backend's weight (0..256)")
@@ -237,6 +255,20 @@ async def execute(proto: amp.AMP, args, reactor=None) -> str:
         result = await _call(proto, commands.ForgetBackend, name=args.name)
         out = {"name": args.name, "forgotten": True}
         return _done(result, out, f"{args.name}: forgotten", args.json)
+    if cmd == "add":
+        try:
+            host, port = parseHostPort(args.address)
+        except ValueError as e:
+            raise CommandFailed(str(e), EXIT_USAGE) from None
+        extra = {k: getattr(args, k) for k in ("weight", "capacity") if getattr(args, k) is not None}
+        result = await _call(proto, commands.AddBackend, name=args.name, host=host, port=port, **extra)
+        out = {"name": args.name, "host": host, "port": port, **extra, "state": result["state"]}
+        text = f"{args.name}: added at {formatHostPort(host, port)} ({result['state']})"
+        return _done(result, out, text, args.json)
+    if cmd == "remove":
+        result = await _call(proto, commands.RemoveBackend, name=args.name)
+        out = {"name": args.name, "removed": True}
+        return _done(result, out, f"{args.name}: removed", args.json)
     if cmd == "weight":
         result = await _call(proto, commands.SetWeight, name=args.name, weight=args.weight)
         out = {"name": args.name, "weight": args.weight, "state": result["state"]}

@@ -6,6 +6,9 @@ Twisted, and a small ``nc`` for machines that have none.
     cluster-connect --print [--timeout S] BALANCER_HOST:PORT
     cluster-connect --direct [--timeout S] HOST:PORT
 
+Every address may also be C{unix:PATH}, a unix socket (a balancer listening
+on C{unix:/run/lb.sock}).
+
 Without C{--print} or C{--direct} it asks the balancer's redirect listener
 which backend to use, connects there (asking again if that backend is
 unreachable) and relays standard input to the backend and the backend's
@@ -16,7 +19,9 @@ program exits when both directions are finished.
 Exit status: 0 done; 1 no backend (the balancer has none, or none it named
 accepted the connection); 2 bad usage; 3 the balancer (with C{--direct},
 HOST:PORT) could not be reached, did not answer in time, or answered
-something that is not a redirect; 4 the connection broke (reset) before the
+something that is not a redirect; with C{--direct}, 1 also when HOST:PORT
+closed the connection without sending a byte (what a balancer with no backend
+available does); 4 the connection broke (reset) before the
 server had finished; 130 interrupted (Ctrl-C, SIGTERM).
 """
 
@@ -41,6 +46,7 @@ from twistedcluster.client.redirectclient import (
     BadAnswer,
     BalancerError,
     BalancerUnreachable,
+    RedirectClientEndpoint,
     redirectEndpoint,
     tcpEndpoint,
 )
@@ -73,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
         prog="cluster-connect",
         description="Ask a twistedcluster balancer's redirect listener which "
         "backend to use and connect standard input and output to it (like nc).",
-        epilog="Exit status: 0 done; 1 no backend available or none accepted; "
+        epilog="Exit status: 0 done; 1 no backend available or none accepted "
+        "(with --direct: closed without sending a byte); "
         "2 bad usage; 3 balancer (or, with --direct, HOST:PORT) unreachable, "
         "silent or not a redirect listener; 4 connection broke; 130 interrupted.",
     )
@@ -112,8 +119,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "address",
         metavar="HOST:PORT",
-        help="the balancer's redirect listener ([::1]:8002 for IPv6); "
-        "with --direct, where to connect",
+        help="the balancer's redirect listener ([::1]:8002 for IPv6, "
+        "unix:PATH for a unix socket); with --direct, where to connect",
     )
     return p
 
@@ -177,11 +184,14 @@ class StdioRelay:
         self._stdoutClosing = False
         self._broken = False
         self._early: list = []
+        #: Whether the server sent anything at all.
+        self.received = False
 
     def networkProtocol(self) -> Protocol:
         return _NetworkSide(self)
 
     def fromNetwork(self, data: bytes) -> None:
+        self.received = True
         if self.stdio is None:  # before start(): keep it for then
             self._early.append(data)
         else:
@@ -276,10 +286,16 @@ async def run(reactor, args, makeStdio=None) -> int:
     Do what the parsed command line asks; return the exit status or raise
     L{CommandFailed}.
     """
-    try:
-        host, port = parseHostPort(args.address)
-    except ValueError as e:
-        raise CommandFailed(str(e), EXIT_USAGE) from None
+    unixPath = None
+    if args.address.startswith("unix:"):
+        unixPath = args.address[len("unix:"):]
+        if not unixPath:
+            raise CommandFailed("unix: needs a path (unix:/run/lb.sock)", EXIT_USAGE)
+    else:
+        try:
+            host, port = parseHostPort(args.address)
+        except ValueError as e:
+            raise CommandFailed(str(e), EXIT_USAGE) from None
     if not args.timeout > 0:
         raise CommandFailed("--timeout must be > 0", EXIT_USAGE)
     if args.attempts < 1:
@@ -291,7 +307,22 @@ async def run(reactor, args, makeStdio=None) -> int:
             return StandardIO(proto, reactor=reactor)
 
     target = args.address
-    if args.direct:
+    if unixPath is not None:
+        from twisted.internet.endpoints import UNIXClientEndpoint
+
+        direct = UNIXClientEndpoint(reactor, unixPath, timeout=args.timeout)
+        if args.direct:
+            endpoint = direct
+        else:
+            endpoint = RedirectClientEndpoint(
+                reactor,
+                direct,
+                attempts=args.attempts,
+                answerTimeout=args.timeout,
+                connectTimeout=args.timeout,
+                description=target,
+            )
+    elif args.direct:
         endpoint = tcpEndpoint(reactor, host, port, args.timeout)
     else:
         endpoint = redirectEndpoint(reactor, host, port, args.timeout, args.attempts)
@@ -326,6 +357,14 @@ async def run(reactor, args, makeStdio=None) -> int:
     code = await relay.done
     if code == EXIT_BROKEN:
         sys.stderr.write("cluster-connect: the connection broke\n")
+    elif args.direct and not relay.received:
+        # A balancer with no backend available closes its client without a
+        # word: exit 0 would read as "served".
+        raise CommandFailed(
+            f"{target} closed the connection without sending anything "
+            "(a balancer does that when no backend is available)",
+            EXIT_NO_BACKEND,
+        )
     return code
 
 

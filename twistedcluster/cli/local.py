@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from twistedcluster.localcluster import LocalCluster, echoOnce
+from twistedcluster.localcluster import LocalCluster, echoOnce, portInUse
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -34,6 +34,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not 1 <= args.backends <= 50:
         p.error("--backends must be 1..50")
 
+    # Fail before starting anything when a port is taken: a backend started
+    # next to another balancer would register there, and stay there, down.
+    wanted = [
+        ("--port", args.port),
+        ("--redirect-port", args.redirect_port),
+        ("--control-port", args.control_port),
+        ("--admin-port", args.admin_port),
+    ] + [("--backend-port", args.backend_port + i) for i in range(args.backends)]
+    for option, port in wanted:
+        if portInUse("127.0.0.1", port):
+            print(
+                f"cluster-local: port {port} on 127.0.0.1 is in use (another "
+                f"cluster-local or balancer?); stop it, or choose another with {option}",
+                file=sys.stderr,
+            )
+            return 1
     cluster = LocalCluster(Path(args.logs))
     secret = cluster.useSecret()
     stopping = []
@@ -52,6 +68,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.admin_port,
             extra=[f"--redirect=tcp:{args.redirect_port}:interface=127.0.0.1"],
         )
+        # Only our own balancer gets our backends (someone may have taken a
+        # port since the check above).
+        cluster.checkOwnBalancer(ports=[args.redirect_port])
         for i, name in enumerate(names):
             cluster.startBackend(name, args.backend_port + i)
         cluster.waitUp(names, timeout=30)

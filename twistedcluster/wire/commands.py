@@ -6,7 +6,7 @@ Control channel (backend -> balancer): L{Register}, L{ReportLoad}, L{Drain};
 (balancer -> backend, one-way, to backends that offered to take it): L{Mark}.
 Admin channel (cluster-admin -> balancer): L{ListBackends},
 L{DrainBackend}, L{EnableBackend}, L{DisableBackend}, L{SetWeight},
-L{SetPolicy}, L{ForgetBackend}.
+L{SetPolicy}, L{ForgetBackend}, L{AddBackend}, L{RemoveBackend}.
 
 Every failure a peer can cause is a declared error here, with a message meant
 for a human: an undeclared one would drop the connection.
@@ -28,6 +28,7 @@ from typing import Any, Dict
 from twisted.protocols import amp
 
 __all__ = [
+    "AddBackend",
     "AuthenticationFailed",
     "Authenticate",
     "BACKEND_FIELDS",
@@ -49,6 +50,7 @@ __all__ = [
     "NotAuthenticated",
     "NotRegistered",
     "Register",
+    "RemoveBackend",
     "ReportLoad",
     "ReportLoadOneWay",
     "SetPolicy",
@@ -383,7 +385,8 @@ class DisableBackend(_BackendCommand):
 
 class BackendInUse(ClusterError):
     """
-    The backend cannot be forgotten while it is registered or configured.
+    The backend cannot be forgotten while it is registered or configured;
+    or added under a name in use, or removed when it is not static.
     """
 
 
@@ -394,6 +397,39 @@ class ForgetBackend(amp.Command):
     """
 
     commandName = b"ForgetBackend"
+    arguments = [(b"name", amp.Unicode())]
+    response = [NOT_SAVED]
+    errors = {BackendInUse: b"BACKEND_IN_USE", **_UNKNOWN_BACKEND}
+
+
+class AddBackend(amp.Command):
+    """
+    Add a static backend (one that does not speak AMP, kept in the pool by
+    TCP health checks), as C{--backend NAME=HOST:PORT,weight=W,capacity=C}
+    would at start-up; kept in the state file.  Answers with its state (up:
+    static backends start up, and failing checks take them out).
+    """
+
+    commandName = b"AddBackend"
+    arguments = [
+        (b"name", amp.Unicode()),
+        (b"host", amp.Unicode()),
+        (b"port", amp.Integer()),
+        (b"weight", amp.Integer(optional=True)),
+        (b"capacity", amp.Integer(optional=True)),
+    ]
+    response = [(b"state", amp.Unicode()), NOT_SAVED]
+    errors = {InvalidArgument: b"INVALID_ARGUMENT", BackendInUse: b"BACKEND_IN_USE", **_AUTH}
+
+
+class RemoveBackend(amp.Command):
+    """
+    Remove a static backend (given by C{--backend} or L{AddBackend}): no new
+    connections, no more checks; the connections it has go on.  A backend
+    that registered itself is drained and forgotten instead.
+    """
+
+    commandName = b"RemoveBackend"
     arguments = [(b"name", amp.Unicode())]
     response = [NOT_SAVED]
     errors = {BackendInUse: b"BACKEND_IN_USE", **_UNKNOWN_BACKEND}
