@@ -117,3 +117,18 @@ def listenerService(
     if onPort is not None:
         svc.endpoint = _Noting(svc.endpoint, onPort)
     return svc
+
+
+def proxyProtocolInner(description: str) -> Optional[str]:
+    """
+    For C{haproxy:INNER} (clients send a PROXY header first), C{INNER};
+    C{None} for any other endpoint string.
+
+    The balancer and the backend read that header themselves on the
+    listener INNER describes, instead of Twisted's C{haproxy:} wrapper, which
+    stands in for the transport (so no fast path and no half-close).
+    """
+    kind, sep, inner = description.partition(":")
+    if sep and kind.strip().lower() in _WRAPPERS:
+        return inner
+    return None

@@ -41,7 +41,8 @@ from twistedcluster.balancer.passivehealth import (
 from twistedcluster.core.pool import DEFAULT_MAX_EJECTED_PERCENT
 from twistedcluster.balancer.relay import Relay
 from twistedcluster.summary import Summary, window
-from twistedcluster.fast.transports import peerText
+from twistedcluster.fast.transports import peerText, showProxied
+from twistedcluster.wire.proxyheader import BadProxyHeader, HeaderReader, header
 
 __all__ = [
     "DEFAULT_ATTEMPTS",
@@ -52,6 +53,7 @@ __all__ = [
     "DEFAULT_QUEUE_SIZE",
     "DEFAULT_QUEUE_TIMEOUT",
     "EARLY_DATA_LIMIT",
+    "PROXY_HEADER_TIMEOUT",
     "ProxyFactory",
     "ProxyServer",
 ]
@@ -60,6 +62,9 @@ log = Logger()
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_ATTEMPTS = 3
+#: Seconds a client of a listener that expects a PROXY header has to send
+#: it (the spec: at least 3, to cover a TCP retransmit).
+PROXY_HEADER_TIMEOUT = 5.0
 
 
 class _BackendSide(Relay):
@@ -211,13 +216,62 @@ class ProxyServer(Relay):
     _pausedEarly = False
     _idleCall = None
     _gone = False
+    #: While a PROXY header is awaited: its reader, and the deadline.
+    _header: Optional[HeaderReader] = None
+    _headerCall = None
 
     def connectionMade(self) -> None:
         factory = self.factory
         factory.clients.add(self)
         if factory.limit is not None:
             factory.limit.opened()
+        if factory.proxyParsers is not None:
+            self._awaitHeader()
+            return
         self.route()
+
+    def _awaitHeader(self) -> None:
+        """
+        The listener expects a PROXY header: no backend until it is read.
+        Its bytes are caught by a C{dataReceived} set on this instance and
+        removed once the header is read, so the relay pays nothing.
+        """
+        factory = self.factory
+        self._header = HeaderReader(factory.proxyParsers)
+        self.dataReceived = self._headerData  # type: ignore[method-assign]
+        self._headerCall = factory.reactor.callLater(
+            factory.proxyHeaderTimeout, self._badHeader, "no PROXY header in time",
+            f"no PROXY header within {factory.proxyHeaderTimeout} s",
+        )
+
+    def _headerData(self, data: bytes) -> None:
+        reader = self._header
+        try:
+            result = reader.feed(data)
+        except BadProxyHeader as e:
+            self._badHeader("bad PROXY header", f"bad PROXY header: {e}")
+            return
+        if result is None:
+            return
+        self._stopAwaiting()
+        proxied, rest = result
+        if proxied.source is not None:
+            showProxied(self.transport, proxied.source, proxied.destination)
+        self.route()
+        if rest and not self._gone:
+            self.dataReceived(rest)
+
+    def _stopAwaiting(self) -> None:
+        self._header = None
+        self.__dict__.pop("dataReceived", None)
+        call, self._headerCall = self._headerCall, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _badHeader(self, why: str, detail: str) -> None:
+        self._headerCall = None
+        self._stopAwaiting()
+        self.refuse(why, detail)
 
     def dataReceived(self, data: bytes) -> None:
         peer = self.peer
@@ -273,6 +327,13 @@ class ProxyServer(Relay):
             backend.watchEarlyClose(factory.health)
         self.link(backend)
         early, self._early = self._early, None
+        version = factory.sendProxy
+        if version is not None:
+            # The header goes first, at once, with whatever the client sent
+            # meanwhile: the backend may have to speak first.
+            transport = self.transport
+            first = header(version, transport.getPeer(), transport.getHost())
+            early = [first, *early] if early else [first]
         if early:
             self._earlyBytes = 0
             data = b"".join(early)
@@ -294,6 +355,9 @@ class ProxyServer(Relay):
             self._idleCall = factory.reactor.callLater(factory.idleTimeout, self._checkIdle)
 
     def readConnectionLost(self) -> None:
+        if self._header is not None:
+            self._badHeader("bad PROXY header", "bad PROXY header: end of input before it")
+            return
         if self.peer is None:
             # Before the backend is connected, the end-of-file waits with
             # the early data; _connected passes both on.
@@ -350,19 +414,22 @@ class ProxyServer(Relay):
             factory.health.failed(name, failures)
         self.route()
 
-    def refuse(self, why: str) -> None:
+    def refuse(self, why: str, detail: Optional[str] = None) -> None:
         """
         Close this client: it gets no backend (the reason is logged, summed
-        once a second).
+        once a second by C{why}; C{detail}, when given, is what the line
+        says of this client).
         """
         factory = self.factory
-        factory._lastClosed = (peerText(self.transport), why)
+        factory._lastClosed = (peerText(self.transport), detail or why)
         factory._closed.count(why)
         self.transport.loseConnection()
 
     def connectionLost(self, reason) -> None:
         self._gone = True
         self._early = None
+        if self._header is not None:
+            self._stopAwaiting()
         factory = self.factory
         factory.clientGone(self)
         if self._idleCall is not None and self._idleCall.active():
@@ -402,6 +469,13 @@ class ProxyFactory(Factory):
     @param queueTimeout: seconds a client may wait in that queue.
     @param dialer: connects to backends (L{twistedcluster.balancer.dialer}); the one
         for the reactor unless given.
+    @param sendProxy: C{"v1"} or C{"v2"}: each backend connection starts with
+        a PROXY header of that version naming the client; C{None} for none.
+    @param proxyParsers: Twisted's PROXY header parsers
+        (L{twistedcluster.fast.internals.proxyParsers}) when the listener's
+        clients send a PROXY header first (another proxy in front); C{None}
+        when they do not.
+    @param proxyHeaderTimeout: seconds such a client has to send it.
     @ivar clients: the client connections open now.
     @ivar health: the passive health check (L{PassiveHealth}).
     @ivar admission: the clients waiting for room (L{WaitQueue}).
@@ -427,8 +501,14 @@ class ProxyFactory(Factory):
         queueSize: int = DEFAULT_QUEUE_SIZE,
         queueTimeout: float = DEFAULT_QUEUE_TIMEOUT,
         dialer=None,
+        sendProxy: Optional[str] = None,
+        proxyParsers=None,
+        proxyHeaderTimeout: float = PROXY_HEADER_TIMEOUT,
     ) -> None:
         self.cluster = cluster
+        self.sendProxy = sendProxy
+        self.proxyParsers = proxyParsers
+        self.proxyHeaderTimeout = proxyHeaderTimeout
         self.reactor = reactor
         self.connectTimeout = connectTimeout
         self.maxAttempts = max(1, maxAttempts)

@@ -14,7 +14,7 @@ from twisted.python import usage
 from twistedcluster.options import loadSecretOption, positive
 from twistedcluster.address import endpointParts, parseHostPort
 from twistedcluster.balancer.limits import AcceptErrors, ClientLimit, defaultMaxConnections
-from twistedcluster.balancer.listeners import listenerService, withBacklog
+from twistedcluster.balancer.listeners import listenerService, proxyProtocolInner, withBacklog
 from twistedcluster.balancer.control import DEFAULT_FORGET_AFTER
 from twistedcluster.balancer.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
 from twistedcluster.core.pool import DEFAULT_MAX_EJECTED_PERCENT
@@ -34,6 +34,7 @@ from twistedcluster.balancer.passivehealth import (
     DEFAULT_EJECT_FOR,
 )
 from twistedcluster.balancer.proxy import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT
+from twistedcluster.wire.proxyheader import checkVersion
 
 log = Logger()
 
@@ -56,6 +57,15 @@ class Options(usage.Options):
     optParameters = [
         ["listen", None, DEFAULT_LISTEN, "Proxy listener endpoint."],
         ["redirect", None, None, "Redirect listener endpoint (off unless given)."],
+        [
+            "send-proxy",
+            None,
+            None,
+            "Start every connection to a backend with a PROXY protocol header "
+            "(v1 or v2) naming the client, for backends that read one (off "
+            "unless given).",
+            checkVersion,
+        ],
         ["control", None, DEFAULT_CONTROL, "Control listener endpoint, for backends."],
         ["admin", None, DEFAULT_ADMIN, "Admin listener endpoint, for cluster-admin."],
         [
@@ -395,6 +405,33 @@ class _DrainOnStop(Service):
         return self.factory.drain(self.timeout)
 
 
+def proxyListener(description: str):
+    """
+    The proxy listener's endpoint string, and Twisted's PROXY header parsers
+    when its clients send one first (C{haproxy:INNER}): then the balancer
+    reads the header itself and listens on INNER, which keeps the fast path.
+    Should this Twisted lack the parsers, Twisted's own C{haproxy:} wrapper
+    is used as it is (the slow path), and a line says so.
+    """
+    from twistedcluster.fast import internals
+
+    inner = proxyProtocolInner(description)
+    if inner is None:
+        return description, None
+    parsers = internals.proxyParsers()
+    if parsers is None:
+        log.warn(
+            "this Twisted has no PROXY header parsers where twistedcluster looks "
+            "for them: {endpoint} uses Twisted's haproxy: wrapper (no fast path)",
+            endpoint=description,
+        )
+        return description, None
+    log.info(
+        "balancer proxy listener expects a PROXY header (v1 or v2) from every client",
+    )
+    return inner, parsers
+
+
 def makeService(options: Options, reactor=None):
     """
     Compose the balancer's listeners into one service.
@@ -447,6 +484,7 @@ def makeService(options: Options, reactor=None):
 
     secret = options["secret"]
     warnAboutExposure(options)
+    listen, parsers = proxyListener(options["listen"])
     proxyFactory = ProxyFactory(
         cluster,
         reactor,
@@ -459,14 +497,21 @@ def makeService(options: Options, reactor=None):
         idleTimeout=options["idle-timeout"],
         queueSize=options["queue-size"],
         queueTimeout=options["queue-timeout"],
+        sendProxy=options["send-proxy"],
+        proxyParsers=parsers,
     )
+    if options["send-proxy"]:
+        log.info(
+            "balancer sends a PROXY {version} header first on every backend connection",
+            version=options["send-proxy"],
+        )
     _DrainOnStop(proxyFactory, options["drain-timeout"]).setServiceParent(top)
     # Proxy and redirect clients share one limit; control and admin have
     # their own, and the descriptors the limit leaves.
     clientLimit = ClientLimit(options["max-connections"], reactor)
     acceptErrors = AcceptErrors(reactor)
     listeners = [
-        ("proxy", options["listen"], clientLimit.wrap(proxyFactory)),
+        ("proxy", listen, clientLimit.wrap(proxyFactory)),
         ("control", options["control"], ControlFactory(
             cluster,
             reactor,

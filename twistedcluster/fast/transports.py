@@ -30,3 +30,16 @@ def unsentBytes(transport) -> int:
     yet; 0 for a transport that cannot say (a TLS wrapper, a test fake).
     """
     return unsent(transport)
+
+
+def showProxied(transport, source, destination) -> None:
+    """
+    Make C{transport.getPeer()} and C{getHost()} answer what a PROXY header
+    said (the client, and the address it connected to), as Twisted's
+    C{haproxy:} wrapper does, while the protocol keeps the real transport
+    (its fast paths, half-close, producers).  Everything that asks the
+    transport who the client is (log lines, the hash policy, a service's own
+    code) then sees the client.
+    """
+    transport.getPeer = lambda: source
+    transport.getHost = lambda: destination
