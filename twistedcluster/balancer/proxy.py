@@ -24,13 +24,16 @@ from __future__ import annotations
 from typing import Dict, Optional, Set, Tuple
 
 from twisted.internet import defer
-from twisted.internet.error import ConnectBindError, ConnectionDone
+from twisted.internet.error import ConnectBindError, ConnectError, ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twistedcluster.balancer.admission import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT, WaitQueue
 from twistedcluster.core.cluster import Cluster, Route
-from twistedcluster.balancer.dialer import dialerFor
+from twistedcluster.balancer.dialer import ReactorDialer, dialerFor
 from twistedcluster.fast.fasttcp import loseWriteConnectionNow, sendNow
 from twistedcluster.balancer.passivehealth import (
     DEFAULT_EARLY_CLOSE_WINDOW,
@@ -145,6 +148,67 @@ class _BackendSide(Relay):
         super().connectionLost(reason)
 
 
+@implementer(IHandshakeListener)
+class _TLSBackendSide(_BackendSide):
+    """
+    A connection to a backend over TLS (C{--backend-tls}): connected once
+    the handshake has verified the backend's certificate and name; a
+    handshake that fails (or takes longer than the connect timeout) is a
+    failed connect, with the reason.
+
+    A PROXY header, if any, goes first in clear, before the handshake, as
+    HAProxy sends it and nginx reads it (C{listen ... ssl proxy_protocol}).
+    """
+
+    _handshakeCall = None
+    _shaken = False
+    _failure: Optional[Failure] = None
+
+    def connectionMade(self) -> None:
+        attempt = self.attempt
+        client = attempt.client if attempt is not None else None
+        if client is None:  # the client left meanwhile
+            self.transport.loseConnection()
+            return
+        factory = client.factory
+        # Connected, not yet verified: a client that leaves now abandons
+        # this connection, not the connect.
+        attempt._abandon = self.transport.abortConnection
+        first = client.proxyHeader()
+        if first is not None:
+            self.transport.write(first)
+        self.transport.startTLS(factory.backendTLS.optionsFor(attempt.host))
+        self._handshakeCall = factory.reactor.callLater(
+            factory.connectTimeout, self._handshakeLate, factory.connectTimeout
+        )
+
+    def _handshakeLate(self, timeout: float) -> None:
+        self._handshakeCall = None
+        self._failure = Failure(ConnectError(string=f"TLS handshake took over {timeout} s"))
+        self.transport.abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        self._shaken = True
+        call, self._handshakeCall = self._handshakeCall, None
+        if call is not None and call.active():
+            call.cancel()
+        _BackendSide.connectionMade(self)
+
+    def connectionLost(self, reason) -> None:
+        if self._shaken:
+            return _BackendSide.connectionLost(self, reason)
+        call, self._handshakeCall = self._handshakeCall, None
+        if call is not None and call.active():
+            call.cancel()
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            failure = self._failure or Failure(
+                ConnectError(string=f"TLS handshake failed: {reason.getErrorMessage()}")
+            )
+            attempt.failed(failure)
+        return None
+
+
 class _Attempt:
     """
     One connect to one backend for one client: tells the client how it
@@ -167,7 +231,8 @@ class _Attempt:
         tells the client before this returns; so the client records this
         attempt before starting it.
         """
-        backend = _BackendSide()
+        tls = self.client.factory.backendTLS is not None
+        backend = _TLSBackendSide() if tls else _BackendSide()
         backend.attempt = self
         self._abandon = self.client.factory.dialer.dial(
             self.host, self.port, backend, self.failed
@@ -327,12 +392,11 @@ class ProxyServer(Relay):
             backend.watchEarlyClose(factory.health)
         self.link(backend)
         early, self._early = self._early, None
-        version = factory.sendProxy
-        if version is not None:
+        if factory.sendProxy is not None and factory.backendTLS is None:
             # The header goes first, at once, with whatever the client sent
-            # meanwhile: the backend may have to speak first.
-            transport = self.transport
-            first = header(version, transport.getPeer(), transport.getHost())
+            # meanwhile: the backend may have to speak first.  (Over TLS it
+            # went before the handshake.)
+            first = self.proxyHeader()
             early = [first, *early] if early else [first]
         if early:
             self._earlyBytes = 0
@@ -353,6 +417,17 @@ class ProxyServer(Relay):
             self.seconds = backend.seconds = factory.reactor.seconds
             self.lastActivity = backend.lastActivity = self.seconds()
             self._idleCall = factory.reactor.callLater(factory.idleTimeout, self._checkIdle)
+
+    def proxyHeader(self) -> Optional[bytes]:
+        """
+        The PROXY header that names this client to its backend
+        (C{--send-proxy}), or C{None} when none is sent.
+        """
+        version = self.factory.sendProxy
+        if version is None:
+            return None
+        transport = self.transport
+        return header(version, transport.getPeer(), transport.getHost())
 
     def readConnectionLost(self) -> None:
         if self._header is not None:
@@ -476,6 +551,9 @@ class ProxyFactory(Factory):
         clients send a PROXY header first (another proxy in front); C{None}
         when they do not.
     @param proxyHeaderTimeout: seconds such a client has to send it.
+    @param backendTLS: how to speak TLS to backends
+        (L{twistedcluster.balancer.backendtls.BackendTLS}); C{None} for
+        plain TCP.
     @ivar clients: the client connections open now.
     @ivar health: the passive health check (L{PassiveHealth}).
     @ivar admission: the clients waiting for room (L{WaitQueue}).
@@ -504,8 +582,10 @@ class ProxyFactory(Factory):
         sendProxy: Optional[str] = None,
         proxyParsers=None,
         proxyHeaderTimeout: float = PROXY_HEADER_TIMEOUT,
+        backendTLS=None,
     ) -> None:
         self.cluster = cluster
+        self.backendTLS = backendTLS
         self.sendProxy = sendProxy
         self.proxyParsers = proxyParsers
         self.proxyHeaderTimeout = proxyHeaderTimeout
@@ -515,7 +595,14 @@ class ProxyFactory(Factory):
         self.maxEjectedPercent = cluster.pool.maxEjectedPercent = maxEjectedPercent
         self.earlyCloseWindow = earlyCloseWindow
         self.idleTimeout = idleTimeout
-        self.dialer = dialer if dialer is not None else dialerFor(reactor, connectTimeout)
+        if dialer is None:
+            # TLS starts on Twisted's own client connections (startTLS).
+            dialer = (
+                ReactorDialer(reactor, connectTimeout)
+                if backendTLS is not None
+                else dialerFor(reactor, connectTimeout)
+            )
+        self.dialer = dialer
         self.health = PassiveHealth(
             cluster.pool, reactor, ejectAfter, ejectFor, earlyCloseWindow
         )

@@ -58,6 +58,15 @@ class Options(usage.Options):
         ["listen", None, DEFAULT_LISTEN, "Proxy listener endpoint."],
         ["redirect", None, None, "Redirect listener endpoint (off unless given)."],
         [
+            "backend-tls",
+            None,
+            None,
+            "Speak TLS to every backend, verifying its certificate and host "
+            "name: ca=PATH (PEM authorities; or ca=system)[,hostname=NAME "
+            "(default: each backend's own host)][,cert=PATH,key=PATH (a client "
+            "certificate)]. Off unless given.",
+        ],
+        [
             "send-proxy",
             None,
             None,
@@ -304,6 +313,13 @@ class Options(usage.Options):
             except StateFileError as e:
                 raise usage.UsageError(str(e)) from None
         self["secret"] = loadSecretOption(self["secret-file"])
+        if self["backend-tls"] is not None:
+            from twistedcluster.balancer.backendtls import parseBackendTLS
+
+            try:
+                self["backend-tls"] = parseBackendTLS(self["backend-tls"])
+            except ValueError as e:
+                raise usage.UsageError(f"--backend-tls: {e}") from None
         if self["max-connections"] is None:
             self["max-connections"] = defaultMaxConnections()
         try:
@@ -499,7 +515,12 @@ def makeService(options: Options, reactor=None):
         queueTimeout=options["queue-timeout"],
         sendProxy=options["send-proxy"],
         proxyParsers=parsers,
+        backendTLS=options["backend-tls"],
     )
+    if options["backend-tls"] is not None:
+        log.info(
+            "balancer speaks TLS to every backend ({tls})", tls=options["backend-tls"].text
+        )
     if options["send-proxy"]:
         log.info(
             "balancer sends a PROXY {version} header first on every backend connection",
