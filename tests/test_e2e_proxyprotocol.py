@@ -126,7 +126,11 @@ HAPROXY = shutil.which("haproxy") or (
 )
 
 
-def startNginx(tmp_path, port):
+def startNginx(tmp_path, port, tls=""):
+    """
+    nginx reading the PROXY protocol on C{port}; C{tls}: C{ssl} and its
+    certificate directives, for TLS after the header.
+    """
     conf = tmp_path / "nginx.conf"
     conf.write_text(f"""
 daemon off;
@@ -143,7 +147,8 @@ http {{
     log_format client '$proxy_protocol_addr $proxy_protocol_port $remote_addr';
     access_log {tmp_path}/nginx-access.log client;
     server {{
-        listen 127.0.0.1:{port} proxy_protocol;
+        listen 127.0.0.1:{port} {"ssl" if tls else ""} proxy_protocol;
+        {tls}
         location / {{ return 200 "nginx saw $proxy_protocol_addr\\n"; }}
     }}
 }}
@@ -154,14 +159,25 @@ http {{
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it with apt)")
-@pytest.mark.parametrize("version", ["v1", "v2"])
-def test_nginx_behind_the_balancer_logs_the_client(cluster, tmp_path, version):
+@pytest.mark.parametrize("version, tls", [("v1", False), ("v2", False), ("v2", True)])
+def test_nginx_behind_the_balancer_logs_the_client(cluster, tmp_path, version, tls):
     nginxPort = freePort()
-    nginx = startNginx(tmp_path, nginxPort)
+    extra = []
+    directives = ""
+    if tls:
+        # The header in clear, then TLS: nginx's "listen ... ssl proxy_protocol".
+        from .certificates import Authority, writePair
+
+        ca = Authority()
+        key, cert = writePair(tmp_path, "nginx", *ca.issue("nginx", ips=["127.0.0.1"]))
+        directives = f"ssl_certificate {cert}; ssl_certificate_key {key};"
+        extra = [f"--backend-tls=ca={ca.writeCA(tmp_path / 'ca')}"]
+    nginx = startNginx(tmp_path, nginxPort, directives)
     try:
         waitFor(lambda: cluster._connectable(nginxPort), 20, "nginx to listen")
         cluster.startBalancer(
-            extra=[f"--send-proxy={version}", f"--backend=127.0.0.1:{nginxPort}", "--check-interval=0.2", "--rise=1"]
+            extra=[f"--send-proxy={version}", f"--backend=127.0.0.1:{nginxPort}", "--check-interval=0.2",
+                   "--rise=1", *extra]
         )
         cluster.waitForStatus(
             lambda st: any(b["state"] == "up" for b in st.values()), 20, "nginx up"
