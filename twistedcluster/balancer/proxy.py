@@ -175,6 +175,10 @@ class _TLSBackendSide(_BackendSide):
         # this connection, not the connect.
         attempt._abandon = self.transport.abortConnection
         first = client.proxyHeader()
+        # What the relay writes goes at once (as prepare() does on plain
+        # TCP): Nagle's delay against the backend's delayed ACK would stall
+        # each TLS record of a request/response exchange by 40 ms.
+        self.transport.setTcpNoDelay(True)
         if first is not None:
             self.transport.write(first)
         self.transport.startTLS(factory.backendTLS.optionsFor(attempt.host))
@@ -391,6 +395,16 @@ class ProxyServer(Relay):
         if factory.earlyCloseWindow:
             backend.watchEarlyClose(factory.health)
         self.link(backend)
+        if not self._plain:
+            # TLS (or unix) to the client: link() readied only plain TCP;
+            # without this Nagle holds each record's tail for the client's
+            # delayed ACK.
+            noDelay = getattr(self.transport, "setTcpNoDelay", None)
+            if noDelay is not None:
+                try:
+                    noDelay(True)
+                except OSError:  # not a TCP socket after all
+                    pass
         early, self._early = self._early, None
         if factory.sendProxy is not None and factory.backendTLS is None:
             # The header goes first, at once, with whatever the client sent
