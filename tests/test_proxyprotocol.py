@@ -237,3 +237,60 @@ def test_end_of_input_before_the_header_is_refused(logged):
     proto.readConnectionLost()
     assert transport.disconnecting
     assert any("end of input before it" in line for line in logged)
+
+
+def test_read_waiting_takes_what_the_client_sent_and_nothing_else():
+    from twistedcluster.fast.transports import readWaiting
+
+    class Handle:
+        def __init__(self, sock):
+            self.sock = sock
+
+        def getHandle(self):
+            return self.sock
+
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        t = Handle(a)
+        assert readWaiting(t) == b""  # nothing yet: no wait
+        b.sendall(b"first bytes")
+        assert readWaiting(t) == b"first bytes"
+        b.close()
+        assert readWaiting(t) == b""  # the end is left for the reactor to see
+        assert readWaiting(t) == b""
+    finally:
+        a.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_header_and_bytes_already_sent_go_in_one_send(balancer, monkeypatch):
+    from twistedcluster.balancer import proxy as proxying
+
+    sends = []
+    real = proxying.sendNow
+
+    def counting(transport, data):
+        sends.append(data)
+        real(transport, data)
+
+    monkeypatch.setattr(proxying, "sendNow", counting)
+    waiting = []
+    realRead = proxying.readWaiting
+
+    def reading(transport):
+        # The client's bytes are surely there: wait for them (bounded).
+        import select
+
+        select.select([transport.getHandle()], [], [], 5)
+        data = realRead(transport)
+        waiting.append(data)
+        return data
+
+    monkeypatch.setattr(proxying, "readWaiting", reading)
+    backends = recorderFactory()
+    await balancer.start(backends, sendProxy="v2")
+    _, answer, s = await deferToThread(talk, balancer.port, b"hello")
+    s.close()
+    assert answer == b"ok" and waiting == [b"hello"]
+    assert len(sends) == 1 and sends[0].startswith(SIG) and sends[0].endswith(b"hello")

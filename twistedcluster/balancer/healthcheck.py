@@ -30,6 +30,17 @@ STATIC_CAPACITY = 1000
 
 class _Probe(Protocol):
     def connectionMade(self) -> None:
+        version = self.factory.sendProxy
+        if version is not None:
+            # A backend that expects a PROXY header gets one, naming this
+            # connection itself, as HAProxy's checks do: v2's LOCAL command
+            # (no client), v1 the check's own addresses (the spec's advice).
+            from twistedcluster.wire.proxyheader import header
+
+            t = self.transport
+            self.transport.write(
+                header(version, None, None) if version == "v2" else header(version, t.getHost(), t.getPeer())
+            )
         self.transport.loseConnection()
 
 
@@ -98,6 +109,8 @@ class TCPHealthChecks(Service):
     Keeps static backends in the pool, checked every C{interval} seconds.
 
     @param backends: (host, port) pairs; each is named ``HOST:PORT``.
+    @param sendProxy: C{"v1"} or C{"v2"} when backends expect a PROXY
+        header (C{--send-proxy}): each check sends one before closing.
     """
 
     def __init__(
@@ -109,6 +122,7 @@ class TCPHealthChecks(Service):
         timeout: float = 1.0,
         rise: int = DEFAULT_RISE,
         fall: int = DEFAULT_FALL,
+        sendProxy=None,
     ) -> None:
         self.pool = pool
         self.reactor = reactor
@@ -118,6 +132,7 @@ class TCPHealthChecks(Service):
         self.fall = fall
         self.probeFactory = Factory.forProtocol(_Probe)
         self.probeFactory.noisy = False
+        self.probeFactory.sendProxy = sendProxy
         self.checks: Dict[str, _Check] = {}
         for host, port in backends:
             name = formatHostPort(host, port)

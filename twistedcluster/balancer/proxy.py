@@ -44,7 +44,7 @@ from twistedcluster.balancer.passivehealth import (
 from twistedcluster.core.pool import DEFAULT_MAX_EJECTED_PERCENT
 from twistedcluster.balancer.relay import Relay
 from twistedcluster.summary import Summary, window
-from twistedcluster.fast.transports import peerText, showProxied
+from twistedcluster.fast.transports import peerText, readWaiting, showProxied
 from twistedcluster.wire.proxyheader import BadProxyHeader, HeaderReader, header
 
 __all__ = [
@@ -409,8 +409,13 @@ class ProxyServer(Relay):
         if factory.sendProxy is not None and factory.backendTLS is None:
             # The header goes first, at once, with whatever the client sent
             # meanwhile: the backend may have to speak first.  (Over TLS it
-            # went before the handshake.)
+            # went before the handshake.)  What the client has sent and the
+            # reactor not read yet goes with it: one send, one segment.
             first = self.proxyHeader()
+            if not early and self._plain and not self._readDone:
+                waiting = readWaiting(self.transport)
+                if waiting:
+                    early = [waiting]
             early = [first, *early] if early else [first]
         if early:
             self._earlyBytes = 0

@@ -496,6 +496,7 @@ def makeService(options: Options, reactor=None):
             timeout=min(options["connect-timeout"], options["check-interval"]),
             rise=options["rise"],
             fall=options["fall"],
+            sendProxy=options["send-proxy"],
         ).setServiceParent(top)
 
     secret = options["secret"]

@@ -43,3 +43,19 @@ def showProxied(transport, source, destination) -> None:
     """
     transport.getPeer = lambda: source
     transport.getHost = lambda: destination
+
+
+def readWaiting(transport, limit: int = 65536) -> bytes:
+    """
+    What a plain TCP transport's client has already sent and the reactor
+    has not read yet, read now (C{b""} when nothing is waiting, or the
+    socket has ended or failed: the reactor then sees that as usual, on
+    its own turn).
+
+    For the PROXY header: sent together with the client's first bytes it
+    costs no send of its own and no TCP segment of its own.
+    """
+    try:
+        return transport.getHandle().recv(limit)
+    except OSError:
+        return b""
