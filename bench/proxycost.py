@@ -22,8 +22,8 @@ connection echoes C{--mb} MB in 64 KiB round trips.  CPU is user + system
 time of the balancer (and, separately, of the backend) read from /proc over
 the measured work, divided by the connections or MB; set-ups take turns
 round after round, the best round is kept (other processes can only slow
-one down).  Every load is bounded in count and time; every process started
-here is stopped here, by PID.
+one down; C{--stat median} keeps the median).  Every load is bounded in
+count and time; every process started here is stopped here, by PID.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import json
 import os
 import socket
 import ssl
+import statistics
 import sys
 import tempfile
 import threading
@@ -236,6 +237,7 @@ def parseArgs(argv=None):
     p.add_argument("--parallel", type=int, default=8, help="connections at a time (default 8)")
     p.add_argument("--mb", type=int, default=None, help="MB echoed per set-up and round (default 256; --quick: 8)")
     p.add_argument("--rounds", type=int, default=None, help="rounds, set-ups in rotated order (default 3; --quick: 1)")
+    p.add_argument("--stat", choices=("best", "median"), default="best", help="figure kept of several rounds: the best (default; other processes can only slow a round down) or the median")
     p.add_argument("--quick", action="store_true", help="a smoke run: fewer connections and MB, one round")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every figure to FILE")
     args = p.parse_args(argv)
@@ -273,18 +275,19 @@ def main(argv=None) -> int:
     finally:
         for s in setups.values():
             s.stop()
-    best = {
+    pick = min if args.stat == "best" else statistics.median
+    chosen = {
         n: {
-            load: {who: min(r[load][who] for r in rs) for who in ("balancer", "backend")}
+            load: {who: pick([r[load][who] for r in rs]) for who in ("balancer", "backend")}
             for load in ("conn", "mb")
         }
         for n, rs in rounds.items()
     }
     print(f"{args.connections} new connections ({args.parallel} at a time) and {args.mb} MB per set-up, "
-          f"best of {args.rounds} round(s); logs in {workdir}")
-    print(table(best, args.names))
+          f"{args.stat} of {args.rounds} round(s); logs in {workdir}")
+    print(table(chosen, args.names))
     if args.json:
-        Path(args.json).write_text(json.dumps({"best": best, "rounds": rounds}, indent=1))
+        Path(args.json).write_text(json.dumps({args.stat: chosen, "rounds": rounds}, indent=1))
     return 0
 
 

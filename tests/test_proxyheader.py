@@ -139,3 +139,14 @@ def test_an_incomplete_header_is_held_bounded():
     assert r.feed(SIG[:0]) is None
     r = reader()
     assert r.feed(SIG + b"\x21\x11\xff\xff") is None  # 64 KiB announced: waits, bounded
+
+
+@given(st.sampled_from(["v1", "v2"]), st.one_of(st.tuples(addresses4, addresses4), st.tuples(addresses6, addresses6),
+                                               st.tuples(addresses4, addresses6)))
+def test_the_raw_builder_the_proxy_uses_says_the_same(version, pair):
+    from twistedcluster.wire.proxyheader import rawHeader
+
+    source, destination = pair
+    assert rawHeader(version, source.host, source.port, destination.host, destination.port) == header(
+        version, source, destination
+    )

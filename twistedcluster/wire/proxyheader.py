@@ -77,7 +77,7 @@ def _ipv6Pair(source, destination) -> Tuple[str, str]:
     """
 
     def six(a):
-        return a.host if isinstance(a, IPv6Address) else f"::ffff:{a.host}"
+        return _bare(a.host) if isinstance(a, IPv6Address) else f"::ffff:{a.host}"
 
     return six(source), six(destination)
 
@@ -146,6 +146,35 @@ def v2Header(source, destination) -> bytes:
 
 
 _BUILDERS = {V1: v1Header, V2: v2Header}
+
+_V2_TCP4 = V2_SIGNATURE + b"\x21\x11\x00\x0c"
+_V2_TCP6 = V2_SIGNATURE + b"\x21\x21\x00\x24"
+_PORTS = struct.Struct("!HH")
+_AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
+_pton = socket.inet_pton
+
+
+def rawHeader(version: str, srcHost: str, srcPort: int, dstHost: str, dstPort: int) -> bytes:
+    """
+    L{header} for a TCP connection given as the socket module gives it
+    (host strings and ports, as from C{getpeername()}/C{getsockname()}),
+    with no address objects made: the proxy builds one per connection.
+    """
+    six = ":" in srcHost or ":" in dstHost
+    if six:
+        if ":" not in srcHost:
+            srcHost = "::ffff:" + srcHost
+        if ":" not in dstHost:
+            dstHost = "::ffff:" + dstHost
+        if "%" in srcHost:
+            srcHost = _bare(srcHost)
+        if "%" in dstHost:
+            dstHost = _bare(dstHost)
+    if version == V2:
+        if six:
+            return _V2_TCP6 + _pton(_AF_INET6, srcHost) + _pton(_AF_INET6, dstHost) + _PORTS.pack(srcPort, dstPort)
+        return _V2_TCP4 + _pton(_AF_INET, srcHost) + _pton(_AF_INET, dstHost) + _PORTS.pack(srcPort, dstPort)
+    return f"PROXY TCP{6 if six else 4} {srcHost} {dstHost} {srcPort} {dstPort}\r\n".encode("ascii")
 
 
 def header(version: str, source, destination) -> bytes:
