@@ -159,7 +159,9 @@ http {{
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it with apt)")
-@pytest.mark.parametrize("version, tls", [("v1", False), ("v2", False), ("v2", True)])
+@pytest.mark.parametrize(
+    "version, tls", [("v1", False), ("v2", False), ("v2", True), ("v1,static", False)]
+)
 def test_nginx_behind_the_balancer_logs_the_client(cluster, tmp_path, version, tls):
     nginxPort = freePort()
     extra = []
@@ -175,10 +177,11 @@ def test_nginx_behind_the_balancer_logs_the_client(cluster, tmp_path, version, t
     nginx = startNginx(tmp_path, nginxPort, directives)
     try:
         waitFor(lambda: cluster._connectable(nginxPort), 20, "nginx to listen")
-        cluster.startBalancer(
-            extra=[f"--send-proxy={version}", f"--backend=127.0.0.1:{nginxPort}", "--check-interval=0.2",
-                   "--rise=1", *extra]
-        )
+        if version.endswith(",static"):  # that backend's own setting
+            options = [f"--backend=127.0.0.1:{nginxPort},send-proxy={version.split(',')[0]}"]
+        else:
+            options = [f"--send-proxy={version}", f"--backend=127.0.0.1:{nginxPort}"]
+        cluster.startBalancer(extra=[*options, "--check-interval=0.2", "--rise=1", *extra])
         cluster.waitForStatus(
             lambda st: any(b["state"] == "up" for b in st.values()), 20, "nginx up"
         )

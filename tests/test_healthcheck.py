@@ -75,3 +75,20 @@ def test_checks_send_a_proxy_header_when_backends_expect_one():
         p.makeConnection(t)
         assert t.value() == expected and t.disconnecting
         checks.stopService()
+
+
+def test_a_backend_of_its_own_is_checked_with_its_own_header():
+    mr = MemoryReactorClock()
+    checks = TCPHealthChecks(
+        Pool(), mr, [("127.0.0.1", 8080), ("127.0.0.1", 8081)], interval=1,
+        sendProxyFor={"127.0.0.1:8081": "v2"},
+    )
+    checks.startService()
+    sent = {}
+    for host, port, factory, timeout, bind in mr.tcpClients:
+        p = factory.buildProtocol(None)
+        t = StringTransport()
+        p.makeConnection(t)
+        sent[port] = t.value()
+    assert sent == {8080: b"", 8081: b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"}
+    checks.stopService()

@@ -294,3 +294,35 @@ async def test_the_header_and_bytes_already_sent_go_in_one_send(balancer, monkey
     s.close()
     assert answer == b"ok" and waiting == [b"hello"]
     assert len(sends) == 1 and sends[0].startswith(SIG) and sends[0].endswith(b"hello")
+
+
+def test_a_static_backend_of_its_own_gets_its_own_header_version():
+    from tests.test_proxy import completeConnect
+
+    mr = MemoryReactorClock()
+    cluster = Cluster(policy="round-robin")
+    cluster.pool.register("127.0.0.1:9001", "127.0.0.1", 9001, capacity=10)
+    cluster.pool.register("127.0.0.1:9002", "127.0.0.1", 9002, capacity=10)
+    factory = ProxyFactory(cluster, mr, sendProxyFor={"127.0.0.1:9001": "v1"})
+    got = {}
+    for i in range(2):
+        proto, transport = memoryClient(factory)
+        backend, backendT = completeConnect(mr, i)
+        got[mr.tcpClients[i][1]] = backendT.value()
+    assert got[9001].startswith(b"PROXY TCP4 10.0.0.1 ")
+    assert got[9002] == b""
+
+
+def test_the_backend_option_takes_a_send_proxy_setting():
+    from twisted.python import usage
+
+    from twistedcluster.balancer.service import Options
+
+    o = Options()
+    o.parseOptions(["--backend=127.0.0.1:9001,send-proxy=v2", "--backend=[::1]:9002"])
+    assert o["backends"] == [("127.0.0.1", 9001), ("::1", 9002)]
+    assert o["backend-send-proxy"] == {"127.0.0.1:9001": "v2"}
+    for bad in ("127.0.0.1:9001,send-proxy=v3", "127.0.0.1:9001,weight=2"):
+        with pytest.raises(usage.UsageError) as e:
+            Options().parseOptions([f"--backend={bad}"])
+        assert "--backend" in str(e.value)

@@ -65,7 +65,7 @@ class _Check:
             return  # the previous check has not finished: it will count
         checker = self.checker
         ep = tcpEndpoint(checker.reactor, self.host, self.port, checker.timeout)
-        d = self.inFlight = ep.connect(checker.probeFactory)
+        d = self.inFlight = ep.connect(checker.probeFactoryFor(self.name))
         d.addCallbacks(self._passed, self._failed)
 
     def _passed(self, proto) -> None:
@@ -111,6 +111,8 @@ class TCPHealthChecks(Service):
     @param backends: (host, port) pairs; each is named ``HOST:PORT``.
     @param sendProxy: C{"v1"} or C{"v2"} when backends expect a PROXY
         header (C{--send-proxy}): each check sends one before closing.
+    @param sendProxyFor: the version for some backends, by name, over
+        C{sendProxy}.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class TCPHealthChecks(Service):
         rise: int = DEFAULT_RISE,
         fall: int = DEFAULT_FALL,
         sendProxy=None,
+        sendProxyFor=None,
     ) -> None:
         self.pool = pool
         self.reactor = reactor
@@ -133,10 +136,25 @@ class TCPHealthChecks(Service):
         self.probeFactory = Factory.forProtocol(_Probe)
         self.probeFactory.noisy = False
         self.probeFactory.sendProxy = sendProxy
+        self._probes = {None: self.probeFactory}
+        self.sendProxyFor = sendProxyFor or {}
         self.checks: Dict[str, _Check] = {}
         for host, port in backends:
             name = formatHostPort(host, port)
             self.checks[name] = _Check(self, name, host, port)
+
+    def probeFactoryFor(self, name: str):
+        """
+        The factory of C{name}'s check probes: with its own PROXY header
+        version (C{--backend HOST:PORT,send-proxy=...}), or the shared one.
+        """
+        version = self.sendProxyFor.get(name)
+        factory = self._probes.get(version)
+        if factory is None:
+            factory = self._probes[version] = Factory.forProtocol(_Probe)
+            factory.noisy = False
+            factory.sendProxy = version
+        return factory
 
     def startService(self) -> None:
         super().startService()

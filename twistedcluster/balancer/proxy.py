@@ -174,7 +174,7 @@ class _TLSBackendSide(_BackendSide):
         # Connected, not yet verified: a client that leaves now abandons
         # this connection, not the connect.
         attempt._abandon = self.transport.abortConnection
-        first = client.proxyHeader()
+        first = client.proxyHeader(attempt.name)
         # What the relay writes goes at once (as prepare() does on plain
         # TCP): Nagle's delay against the backend's delayed ACK would stall
         # each TLS record of a request/response exchange by 40 ms.
@@ -411,12 +411,15 @@ class ProxyServer(Relay):
                 except OSError:  # not a TCP socket after all
                     pass
         early, self._early = self._early, None
-        if factory.sendProxy is not None and factory.backendTLS is None:
+        version = factory.sendProxy
+        if factory.sendProxyFor:
+            version = factory.sendProxyFor.get(attempt.name, version)
+        if version is not None and factory.backendTLS is None:
             # The header goes first, at once, with whatever the client sent
             # meanwhile: the backend may have to speak first.  (Over TLS it
             # went before the handshake.)  What the client has sent and the
             # reactor not read yet goes with it: one send, one segment.
-            first = self.proxyHeader()
+            first = self.proxyHeader(attempt.name)
             if not early and self._plain and not self._readDone:
                 waiting = readWaiting(self.transport)
                 if waiting:
@@ -442,12 +445,16 @@ class ProxyServer(Relay):
             self.lastActivity = backend.lastActivity = self.seconds()
             self._idleCall = factory.reactor.callLater(factory.idleTimeout, self._checkIdle)
 
-    def proxyHeader(self) -> Optional[bytes]:
+    def proxyHeader(self, backend: str) -> Optional[bytes]:
         """
-        The PROXY header that names this client to its backend
-        (C{--send-proxy}), or C{None} when none is sent.
+        The PROXY header that names this client to C{backend} (by name:
+        C{--send-proxy}, or that backend's own setting), or C{None} when
+        none is sent.
         """
-        version = self.factory.sendProxy
+        factory = self.factory
+        version = factory.sendProxy
+        if factory.sendProxyFor:
+            version = factory.sendProxyFor.get(backend, version)
         if version is None:
             return None
         transport = self.transport
@@ -577,6 +584,8 @@ class ProxyFactory(Factory):
         for the reactor unless given.
     @param sendProxy: C{"v1"} or C{"v2"}: each backend connection starts with
         a PROXY header of that version naming the client; C{None} for none.
+    @param sendProxyFor: the version for some backends, by name, over
+        C{sendProxy} (static backends' own setting).
     @param proxyParsers: Twisted's PROXY header parsers
         (L{twistedcluster.fast.internals.proxyParsers}) when the listener's
         clients send a PROXY header first (another proxy in front); C{None}
@@ -611,6 +620,7 @@ class ProxyFactory(Factory):
         queueTimeout: float = DEFAULT_QUEUE_TIMEOUT,
         dialer=None,
         sendProxy: Optional[str] = None,
+        sendProxyFor: Optional[Dict[str, str]] = None,
         proxyParsers=None,
         proxyHeaderTimeout: float = PROXY_HEADER_TIMEOUT,
         backendTLS=None,
@@ -618,6 +628,7 @@ class ProxyFactory(Factory):
         self.cluster = cluster
         self.backendTLS = backendTLS
         self.sendProxy = sendProxy
+        self.sendProxyFor = sendProxyFor or {}
         self.proxyParsers = proxyParsers
         self.proxyHeaderTimeout = proxyHeaderTimeout
         self.reactor = reactor

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from twistedcluster.options import loadSecretOption, positive
-from twistedcluster.address import endpointParts, parseHostPort
+from twistedcluster.address import endpointParts, formatHostPort, parseHostPort
 from twistedcluster.balancer.limits import AcceptErrors, ClientLimit, defaultMaxConnections
 from twistedcluster.balancer.listeners import listenerService, proxyProtocolInner, withBacklog
 from twistedcluster.balancer.control import DEFAULT_FORGET_AFTER
@@ -284,16 +284,25 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["backends"] = []
+        self["backend-send-proxy"] = {}
 
-    def opt_backend(self, hostPort: str) -> None:
+    def opt_backend(self, spec: str) -> None:
         """
         A static backend, HOST:PORT, that does not speak AMP: kept in the
-        pool by TCP health checks (repeatable).
+        pool by TCP health checks (repeatable).  ,send-proxy=v1|v2 after it
+        sends that one a PROXY header (see --send-proxy).
         """
+        hostPort, *settings = spec.split(",")
         try:
-            self["backends"].append(parseHostPort(hostPort))
+            host, port = parseHostPort(hostPort)
+            for setting in settings:
+                key, sep, value = setting.partition("=")
+                if key.strip() != "send-proxy" or not sep:
+                    raise ValueError(f"{setting!r}: the one setting known is send-proxy=v1|v2")
+                self["backend-send-proxy"][formatHostPort(host, port)] = checkVersion(value)
         except ValueError as e:
-            raise usage.UsageError(f"--backend: {e}") from None
+            raise usage.UsageError(f"--backend {spec}: {e}") from None
+        self["backends"].append((host, port))
 
     def postOptions(self) -> None:
         if self["eject-after"] < 0 or self["queue-size"] < 0:
@@ -497,6 +506,7 @@ def makeService(options: Options, reactor=None):
             rise=options["rise"],
             fall=options["fall"],
             sendProxy=options["send-proxy"],
+            sendProxyFor=options["backend-send-proxy"],
         ).setServiceParent(top)
 
     secret = options["secret"]
@@ -515,6 +525,7 @@ def makeService(options: Options, reactor=None):
         queueSize=options["queue-size"],
         queueTimeout=options["queue-timeout"],
         sendProxy=options["send-proxy"],
+        sendProxyFor=options["backend-send-proxy"],
         proxyParsers=parsers,
         backendTLS=options["backend-tls"],
     )
