@@ -150,3 +150,26 @@ def test_the_raw_builder_the_proxy_uses_says_the_same(version, pair):
     assert rawHeader(version, source.host, source.port, destination.host, destination.port) == header(
         version, source, destination
     )
+
+
+@given(
+    st.sampled_from([b"", b"P", b"PROXY ", b"PROXY TCP4 ", b"PROXY TCP6 ", b"PROXY UNKNOWN", SIG, SIG + b"\x21",
+                     SIG + b"\x21\x11", SIG + b"\x20", SIG + b"\x21\x21\x00"]),
+    st.binary(max_size=300),
+    st.integers(1, 64),
+)
+def test_any_bytes_give_a_header_a_wait_or_a_clear_refusal(prefix, tail, chunk):
+    # Whatever a client sends, the reader answers in one of three ways, and
+    # never holds more than the spec's bounds.
+    data = prefix + tail
+    r = reader()
+    try:
+        for i in range(0, len(data), chunk):
+            result = r.feed(data[i : i + chunk])
+            if result is not None:
+                proxied, rest = result
+                assert isinstance(proxied, Proxied)
+                break
+            assert len(r._buffer) <= 16 + 0xFFFF
+    except BadProxyHeader as e:
+        assert str(e)
