@@ -173,3 +173,58 @@ def test_any_bytes_give_a_header_a_wait_or_a_clear_refusal(prefix, tail, chunk):
             assert len(r._buffer) <= 16 + 0xFFFF
     except BadProxyHeader as e:
         assert str(e)
+
+
+def twistedOnly(data):
+    """
+    What the reader decodes with Twisted's parsers alone (the fast paths
+    for the common headers turned off).
+    """
+    from twistedcluster.wire import proxyheader
+
+    saved = proxyheader._fastV1, proxyheader._fastV2
+    proxyheader._fastV1 = proxyheader._fastV2 = lambda raw: None
+    try:
+        return reader().feed(data)
+    finally:
+        proxyheader._fastV1, proxyheader._fastV2 = saved
+
+
+def same(a, b):
+    import ipaddress
+
+    if a is None or b is None:
+        return a is b
+    return (ipaddress.ip_address(a.host), a.port, type(a)) == (ipaddress.ip_address(b.host), b.port, type(b))
+
+
+@given(st.sampled_from(["v1", "v2"]), st.one_of(st.tuples(addresses4, addresses4), st.tuples(addresses6, addresses6)),
+       st.binary(max_size=8))
+def test_the_fast_decoders_say_what_twisted_says(version, pair, after):
+    data = header(version, *pair) + after
+    fast, rest = reader().feed(data)
+    slow, slowRest = twistedOnly(data)
+    assert rest == slowRest == after
+    assert same(fast.source, slow.source) and same(fast.destination, slow.destination)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 01 80\r\n",  # a leading zero: Twisted's parser decides
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1 80 extra\r\n",
+        b"PROXY TCP4 1.2.3.4 ::1 1 80\r\n",
+        b"PROXY TCP6 ::1 ::1 1 +80\r\n",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\n",
+    ],
+)
+def test_uncommon_v1_lines_are_left_to_twisted(line):
+    try:
+        fast = reader().feed(line)
+    except BadProxyHeader:
+        fast = "refused"
+    try:
+        slow = twistedOnly(line)
+    except BadProxyHeader:
+        slow = "refused"
+    assert fast == slow

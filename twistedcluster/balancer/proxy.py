@@ -291,7 +291,7 @@ class ProxyServer(Relay):
     #: The address the client connected from, as accept() gave it (set by
     #: the factory); and whether a PROXY header named another one.
     clientAddress = None
-    _proxied = False
+    _proxied: Optional[Tuple[object, object]] = None
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -330,7 +330,7 @@ class ProxyServer(Relay):
         proxied, rest = result
         if proxied.source is not None:
             showProxied(self.transport, proxied.source, proxied.destination)
-            self._proxied = True
+            self._proxied = (proxied.source, proxied.destination)
         self.route()
         if rest and not self._gone:
             self.dataReceived(rest)
@@ -458,8 +458,13 @@ class ProxyServer(Relay):
         if version is None:
             return None
         transport = self.transport
+        proxied = self._proxied
+        if proxied:
+            # What the header received named (checked IP addresses).
+            source, destination = proxied
+            return rawHeader(version, source.host, source.port, destination.host, destination.port)
         client = self.clientAddress
-        if self._plain and client is not None and self._header is None and not self._proxied:
+        if self._plain and client is not None:
             # The common case, built from what accept() gave and one
             # getsockname(), with no address objects: the header must cost
             # next to nothing per connection (bench/proxycost.py).
