@@ -335,3 +335,20 @@ def test_a_proxy_header_that_never_comes_is_refused_in_time(logged):
     clock.advance(4)
     assert t.disconnecting
     assert any("no PROXY header within 4" in line for line in logged)
+
+
+def test_bytes_after_a_refused_header_are_dropped(logged):
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from twistedcluster.fast.internals import proxyParsers
+
+    factory = CountingFactory(Factory.forProtocol(Protocol), proxyParsers=proxyParsers(), clock=Clock())
+    p = factory.buildProtocol(None)
+    t = StringTransport()
+    p.makeConnection(t)
+    p.dataReceived(b"GARBAGE")
+    assert t.disconnecting
+    p.dataReceived(b"more, before the close")  # no error: dropped
+    p.connectionLost(None)
+    assert factory.count == 0

@@ -128,7 +128,10 @@ class _AwaitingHeader(_Counted):
         self._awaiting = (HeaderReader(factory.proxyParsers), deadline)
 
     def dataReceived(self, data: bytes) -> None:
-        reader, deadline = self._awaiting
+        awaiting = self._awaiting
+        if awaiting is None:  # refused, closing: what follows is dropped
+            return
+        reader = awaiting[0]
         try:
             result = reader.feed(data)
         except BadProxyHeader as e:
