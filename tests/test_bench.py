@@ -257,3 +257,26 @@ def test_routingQualityQuickRunPrintsTablesAndTargets(tmp_path):
     assert round_["requests"] > 100 and round_["p99"] > 2.0 and round_["failures"] == 0
     [spread] = figures["spread"]["least-load"]
     assert sum(spread["counts"]) == 40 + sum([0, 4, 8, 12]) and spread["failures"] == 0
+
+
+# -- bench/proxycost.py: the PROXY protocol's and TLS's cost ---------------------
+
+
+def test_proxyCostQuickRunPrintsRatiosAgainstPlain(tmp_path):
+    script = ROOT / "bench" / "proxycost.py"
+    out = tmp_path / "cost.json"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--setups", "send-proxy-v2,tls-listen",
+         "--connections", "60", "--mb", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=180, cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    lines = result.stdout.splitlines()
+    header = next(l for l in lines if l.startswith("metric"))
+    assert header.split()[1:] == ["plain", "send-proxy-v2", "tls-listen"]
+    for label in ("balancer CPU us per new conn", "balancer CPU us per MB echoed"):
+        assert any(l.startswith(label) for l in lines), label
+    assert sum(1 for l in lines if l.strip().startswith("against plain")) == 4
+    figures = json.loads(out.read_text())
+    assert figures["rounds"]["send-proxy-v2"][0]["conn"]["done"] == 60

@@ -228,3 +228,127 @@ async def test_a_service_whose_connectionMade_raised_still_gets_half_close():
         assert await deferToThread(exchange, port, True) == b"bye"
         await until(lambda: factory.count == 0, what="closed")
         assert ("readLost",) in seen
+
+
+# -- behind a proxy that sends a PROXY header (haproxy: listeners) -------------
+
+
+class Peers(Protocol):
+    """
+    Echo, recording who the transport says the client is.
+    """
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def connectionMade(self):
+        self.seen.append(("peer", self.transport.getPeer(), self.transport.getHost()))
+
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+def proxiedExchange(port, first, half=True, want=None):
+    """
+    Send C{first} (then end of input, if C{half}); read until the server
+    closes, or C{want} bytes.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(first)
+        if half:
+            s.shutdown(socket.SHUT_WR)
+        got = b""
+        while want is None or len(got) < want:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_proxy_header_is_read_before_the_service_sees_anything():
+    from twisted.internet import reactor
+    from twisted.internet.address import IPv4Address
+
+    from twistedcluster.backend.echo import Echo, echoFactory
+    from twistedcluster.fast.internals import proxyParsers
+
+    seen, counts = [], []
+
+    class Both(Echo):
+        def connectionMade(self):
+            seen.append(("peer", self.transport.getPeer(), self.transport.getHost(), self._direct))
+            super().connectionMade()
+            seen.append(("direct", self._direct))
+
+    inner = echoFactory()
+    inner.protocol = Both
+    factory = CountingFactory(inner, counts.append, proxyParsers=proxyParsers(), clock=reactor)
+    async with listening(factory) as port:
+        header = b"PROXY TCP4 127.0.0.5 127.0.0.1 4444 80\r\n"
+        got = await deferToThread(proxiedExchange, port, header + b"hello")
+        assert got == b"hello"  # the echo, half-close and all, not the header
+        assert seen[0] == (
+            "peer", IPv4Address("TCP", "127.0.0.5", 4444), IPv4Address("TCP", "127.0.0.1", 80), False
+        )
+        assert seen[1] == ("direct", True)  # the echo's fast path
+        await until(lambda: factory.count == 0)
+        assert counts[:2] == [1, 0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bad_proxy_header_is_refused_counted_out_and_logged(logged):
+    from twisted.internet import reactor
+
+    from twistedcluster.fast.internals import proxyParsers
+
+    seen = []
+    factory = CountingFactory(
+        Factory.forProtocol(lambda: Peers(seen)), proxyParsers=proxyParsers(), clock=reactor
+    )
+    async with listening(factory) as port:
+        assert await deferToThread(proxiedExchange, port, b"PROXY TCP4 1.2.3.4\r\nhi", False) == b""
+        await until(lambda: factory.count == 0)
+        assert seen == []
+        assert any("bad PROXY header" in line for line in logged)
+        # The next one is served.
+        v2 = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"  # LOCAL: the real addresses stand
+        assert await deferToThread(proxiedExchange, port, v2 + b"ok", False, 2) == b"ok"
+        assert seen[0][1].host == "127.0.0.1"
+
+
+def test_a_proxy_header_that_never_comes_is_refused_in_time(logged):
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from twistedcluster.fast.internals import proxyParsers
+
+    clock = Clock()
+    factory = CountingFactory(
+        Factory.forProtocol(Protocol), proxyParsers=proxyParsers(), clock=clock, proxyHeaderTimeout=4
+    )
+    p = factory.buildProtocol(None)
+    t = StringTransport()
+    p.makeConnection(t)
+    assert factory.count == 1
+    clock.advance(4)
+    assert t.disconnecting
+    assert any("no PROXY header within 4" in line for line in logged)
+
+
+def test_bytes_after_a_refused_header_are_dropped(logged):
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from twistedcluster.fast.internals import proxyParsers
+
+    factory = CountingFactory(Factory.forProtocol(Protocol), proxyParsers=proxyParsers(), clock=Clock())
+    p = factory.buildProtocol(None)
+    t = StringTransport()
+    p.makeConnection(t)
+    p.dataReceived(b"GARBAGE")
+    assert t.disconnecting
+    p.dataReceived(b"more, before the close")  # no error: dropped
+    p.connectionLost(None)
+    assert factory.count == 0

@@ -76,3 +76,15 @@ def test_links_to_docs_resolve():
                 headings = [slug(line.lstrip("#")) for line in linked.read_text().splitlines()
                             if line.startswith("#")]
                 assert anchor in headings, f"{page.name}: no #{anchor} in {linked.name}"
+
+
+def test_the_readme_web_example_is_the_whoami_service():
+    """
+    The twisted.web code under "Client addresses" is what
+    C{--service twistedcluster.backend.whoami.site} runs (its end-to-end
+    tests are in test_e2e_proxyprotocol.py).
+    """
+    block = README.split("## Client addresses", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    source = (ROOT / "twistedcluster" / "backend" / "whoami.py").read_text()
+    for line in block.splitlines():
+        assert line.strip() in source, line

@@ -54,3 +54,41 @@ def test_a_slow_check_is_not_stacked():
     mr.advance(1)
     assert len(mr.tcpClients) == 1
     checks.stopService()
+
+
+def test_checks_send_a_proxy_header_when_backends_expect_one():
+    from twisted.internet.address import IPv4Address
+
+    for version, expected in (
+        ("v2", b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"),  # LOCAL, as HAProxy's checks
+        ("v1", b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 8080\r\n"),  # the check's own addresses
+    ):
+        mr = MemoryReactorClock()
+        checks = TCPHealthChecks(Pool(), mr, [("127.0.0.1", 8080)], interval=1, sendProxy=version)
+        checks.startService()
+        host, port, factory, timeout, bind = mr.tcpClients.pop(0)
+        p = factory.buildProtocol(None)
+        t = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 8080),
+        )
+        p.makeConnection(t)
+        assert t.value() == expected and t.disconnecting
+        checks.stopService()
+
+
+def test_a_backend_of_its_own_is_checked_with_its_own_header():
+    mr = MemoryReactorClock()
+    checks = TCPHealthChecks(
+        Pool(), mr, [("127.0.0.1", 8080), ("127.0.0.1", 8081)], interval=1,
+        sendProxyFor={"127.0.0.1:8081": "v2"},
+    )
+    checks.startService()
+    sent = {}
+    for host, port, factory, timeout, bind in mr.tcpClients:
+        p = factory.buildProtocol(None)
+        t = StringTransport()
+        p.makeConnection(t)
+        sent[port] = t.value()
+    assert sent == {8080: b"", 8081: b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"}
+    checks.stopService()

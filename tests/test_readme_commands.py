@@ -37,7 +37,7 @@ REDIRECTIONS = {"<", ">", ">>", "<(", "2>"}
 #: Programs only the deployment files use; their repository paths are checked
 #: here, the files themselves by tests/test_deploy.py.
 EXTERNAL = {"install", "systemctl", "docker", "kubectl", "head", "base64", "umask",
-            "printf", "cd", "mkdir", "openssl", "chmod", "echo"}
+            "printf", "cd", "mkdir", "openssl", "chmod", "echo", "curl"}
 
 
 def shBlocks(text: str) -> List[Tuple[str, str]]:

@@ -15,6 +15,11 @@ passes the transport's events on, and declares the optional event
 interfaces the service's protocol has (half-close, TLS handshake) on one
 class per combination, built once, which it takes on once the service's
 protocol is connected.
+
+Behind a proxy that sends the PROXY protocol (C{--listen haproxy:...}), the
+header is read here, before the service's protocol is connected: it is then
+connected to the real transport, whose C{getPeer()} and C{getHost()} answer
+what the header said (L{twistedcluster.fast.transports.showProxied}).
 """
 
 from __future__ import annotations
@@ -28,7 +33,18 @@ from twisted.internet.interfaces import (
     IProtocol,
 )
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from zope.interface import classImplements, implementer
+
+from twistedcluster.fast.transports import peerText, showProxied
+from twistedcluster.summary import Summary, window
+from twistedcluster.wire.proxyheader import BadProxyHeader, HeaderReader
+
+log = Logger()
+
+#: Seconds a client of a C{haproxy:} listener has to send its PROXY header
+#: (the spec: at least 3, to cover a TCP retransmit).
+PROXY_HEADER_TIMEOUT = 5.0
 
 
 def _logPrefix(wrapped) -> str:
@@ -49,12 +65,13 @@ class _Counted:
     while it is open.
     """
 
-    __slots__ = ("factory", "wrapped", "transport", "__weakref__")
+    __slots__ = ("factory", "wrapped", "transport", "_awaiting", "__weakref__")
 
     def __init__(self, factory: "CountingFactory", wrapped) -> None:
         self.factory = factory
         self.wrapped = wrapped
         self.transport = None
+        self._awaiting = None
 
     def logPrefix(self) -> str:
         # The transport names itself, and the legacy log context, after its
@@ -64,6 +81,9 @@ class _Counted:
     def makeConnection(self, transport) -> None:
         self.transport = transport
         self.factory._opened(self)
+        self._connectService(transport)
+
+    def _connectService(self, transport) -> None:
         try:
             self.wrapped.makeConnection(transport)
         finally:
@@ -85,6 +105,65 @@ class _Counted:
     def connectionLost(self, reason) -> None:
         self.factory._closed(self)
         self.wrapped.connectionLost(reason)
+
+
+class _AwaitingHeader(_Counted):
+    """
+    A counted connection whose PROXY header is still to come: nothing
+    reaches the service's protocol until it is read; then this becomes a
+    plain L{_Counted}.  C{_awaiting} holds the header's reader and deadline.
+    """
+
+    __slots__ = ()
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+        factory = self.factory
+        factory._opened(self)
+        deadline = factory.clock.callLater(
+            factory.proxyHeaderTimeout,
+            self._refuse,
+            f"no PROXY header within {factory.proxyHeaderTimeout} s",
+        )
+        self._awaiting = (HeaderReader(factory.proxyParsers), deadline)
+
+    def dataReceived(self, data: bytes) -> None:
+        awaiting = self._awaiting
+        if awaiting is None:  # refused, closing: what follows is dropped
+            return
+        reader = awaiting[0]
+        try:
+            result = reader.feed(data)
+        except BadProxyHeader as e:
+            self._refuse(f"bad PROXY header: {e}")
+            return
+        if result is None:
+            return
+        self._stop()
+        proxied, rest = result
+        transport = self.transport
+        if proxied.source is not None:
+            showProxied(transport, proxied.source, proxied.destination)
+        self.__class__ = _Counted
+        self._connectService(transport)
+        if rest and self.transport is not None:
+            self.dataReceived(rest)
+
+    def _stop(self) -> None:
+        awaiting, self._awaiting = self._awaiting, None
+        if awaiting is not None and awaiting[1].active():
+            awaiting[1].cancel()
+
+    def _refuse(self, why: str) -> None:
+        self._stop()
+        self.factory._badHeader(peerText(self.transport), why)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        # The service's protocol was never connected: only the count.
+        self._stop()
+        self.factory._closed(self)
+        self.transport = None
 
 
 class _HalfCloseable:
@@ -131,14 +210,33 @@ class CountingFactory(Factory):
     """
     Wraps a service factory; calls C{onChange(count)} whenever the number of
     open connections changes.
+
+    @param proxyParsers: Twisted's PROXY header parsers
+        (L{twistedcluster.fast.internals.proxyParsers}) when every client
+        sends a PROXY header first; C{None} when none does.
+    @param clock: schedules the header deadline and the refusals' log line.
+    @param proxyHeaderTimeout: seconds a client has to send its header.
     """
 
     noisy = False
+    _refusals: Optional[Summary] = None
+    _lastRefusal = ("?", "")
 
-    def __init__(self, wrappedFactory, onChange: Optional[Callable[[int], None]] = None):
+    def __init__(
+        self,
+        wrappedFactory,
+        onChange: Optional[Callable[[int], None]] = None,
+        proxyParsers=None,
+        clock=None,
+        proxyHeaderTimeout: float = PROXY_HEADER_TIMEOUT,
+    ):
         self.wrappedFactory = wrappedFactory
         self.onChange = onChange
         self._open: Set[_Counted] = set()
+        self.proxyParsers = proxyParsers
+        self.clock = clock
+        self.proxyHeaderTimeout = proxyHeaderTimeout
+        self._protocol = _Counted if proxyParsers is None else _AwaitingHeader
 
     @property
     def count(self) -> int:
@@ -154,12 +252,35 @@ class CountingFactory(Factory):
     def doStop(self) -> None:
         self.wrappedFactory.doStop()
         super().doStop()
+        if self._refusals is not None:
+            self._refusals.stop()
 
     def buildProtocol(self, addr):
         protocol = self.wrappedFactory.buildProtocol(addr)
         if protocol is None:
             return None
-        return _Counted(self, protocol)
+        return self._protocol(self, protocol)
+
+    def _badHeader(self, client: str, why: str) -> None:
+        """
+        A client sent no valid PROXY header: closed, and said in a line
+        summed once a second (a flood must not multiply it).
+        """
+        if self._refusals is None:
+            self._refusals = Summary(self.clock, self._reportRefusals)
+        self._lastRefusal = (client, why)
+        self._refusals.count("refused")
+
+    def _reportRefusals(self, counts: Dict[str, int], seconds: float) -> None:
+        client, why = self._lastRefusal
+        log.warn(
+            "backend: closing client {client}: {why}; {count} client(s) closed "
+            "for their PROXY header {window}",
+            client=client,
+            why=why,
+            count=sum(counts.values()),
+            window=window(seconds),
+        )
 
     def _opened(self, p: _Counted) -> None:
         self._open.add(p)

@@ -25,7 +25,12 @@ from twistedcluster.options import loadSecretOption, oneLineDoc, positive
 from twistedcluster.address import formatHostPort, parseHostPort
 from twistedcluster.backend.counting import CountingFactory
 from twistedcluster.balancer.limits import AcceptErrors
-from twistedcluster.balancer.listeners import explainListenError, quietListenFailures, withBacklog
+from twistedcluster.balancer.listeners import (
+    explainListenError,
+    proxyProtocolInner,
+    quietListenFailures,
+    withBacklog,
+)
 from twistedcluster.backend.reporter import (
     DEFAULT_INTERVAL,
     Identity,
@@ -199,7 +204,9 @@ class Options(usage.Options):
                 self["advertise"] = parseHostPort(self["advertise"])
             except ValueError as e:
                 raise usage.UsageError(f"--advertise: {e}") from None
-        elif not self["listen"].split(":", 1)[0] in ("tcp", "tcp6", "ssl", "systemd"):
+        elif not (proxyProtocolInner(self["listen"]) or self["listen"]).split(":", 1)[0] in (
+            "tcp", "tcp6", "ssl", "systemd"
+        ):
             raise usage.UsageError(
                 f"--listen {self['listen']}: give --advertise HOST:PORT, clients "
                 "cannot reach this kind of endpoint by address"
@@ -372,6 +379,32 @@ async def _awaitable(result):
     return result
 
 
+def _proxyListener(description: str):
+    """
+    The service's endpoint string, and Twisted's PROXY header parsers when
+    its clients send one first (C{haproxy:INNER}): the header is then read
+    by the connection counter, which listens on INNER, so the service's
+    protocol keeps the real transport (half-close, the echo's fast writes)
+    and sees the client in C{transport.getPeer()}.  Should this Twisted lack
+    the parsers, Twisted's own C{haproxy:} wrapper is used as it is.
+    """
+    from twistedcluster.fast import internals
+
+    inner = proxyProtocolInner(description)
+    if inner is None:
+        return description, None
+    parsers = internals.proxyParsers()
+    if parsers is None:
+        log.warn(
+            "this Twisted has no PROXY header parsers where twistedcluster looks "
+            "for them: {endpoint} uses Twisted's haproxy: wrapper",
+            endpoint=description,
+        )
+        return description, None
+    log.info("backend service expects a PROXY header (v1 or v2) from every client")
+    return inner, parsers
+
+
 def makeService(options: Options, reactor=None) -> BackendService:
     """
     Compose the backend: the counted service, its listener and the load
@@ -392,7 +425,8 @@ def makeService(options: Options, reactor=None) -> BackendService:
     quietListenFailures("cluster-backend")
     capacity = options["capacity"]
     inner = options["factory"]
-    counting = CountingFactory(inner)
+    listen, parsers = _proxyListener(options["listen"])
+    counting = CountingFactory(inner, proxyParsers=parsers, clock=reactor)
     customLoad = getattr(inner, "currentLoad", None)
 
     def measure() -> Load:
@@ -437,7 +471,7 @@ def makeService(options: Options, reactor=None) -> BackendService:
         site.log = lambda request: None  # scraped every few seconds: no access log
     svc = holder["service"] = BackendService(
         reactor,
-        options["listen"],
+        listen,
         counting,
         reporter,
         drainTimeout=options["drain-timeout"],

@@ -51,6 +51,8 @@ QUEUE_FULL = "refused_queue_full"
 NO_BACKEND = "refused_no_backend"
 MAX_CONNECTIONS = "refused_max_connections"
 DRAINED = "drained"
+#: Its PROXY header (C{--listen haproxy:...}) was missing, bad or late.
+BAD_HEADER = "refused_bad_header"
 #: A redirect client got its answer (a backend named).
 ANSWERED = "answered"
 ENDS = (
@@ -65,6 +67,7 @@ ENDS = (
     NO_BACKEND,
     MAX_CONNECTIONS,
     DRAINED,
+    BAD_HEADER,
     ANSWERED,
 )
 

@@ -45,6 +45,17 @@ class NotStatic(ValueError):
 
 class _Probe(Protocol):
     def connectionMade(self) -> None:
+        version = self.factory.sendProxy
+        if version is not None:
+            # A backend that expects a PROXY header gets one, naming this
+            # connection itself, as HAProxy's checks do: v2's LOCAL command
+            # (no client), v1 the check's own addresses (the spec's advice).
+            from twistedcluster.wire.proxyheader import header
+
+            t = self.transport
+            self.transport.write(
+                header(version, None, None) if version == "v2" else header(version, t.getHost(), t.getPeer())
+            )
         self.transport.loseConnection()
 
 
@@ -69,7 +80,7 @@ class _Check:
             return  # the previous check has not finished: it will count
         checker = self.checker
         ep = tcpEndpoint(checker.reactor, self.host, self.port, checker.timeout)
-        d = self.inFlight = ep.connect(checker.probeFactory)
+        d = self.inFlight = ep.connect(checker.probeFactoryFor(self.name))
         d.addCallbacks(self._passed, self._failed)
 
     def _passed(self, proto) -> None:
@@ -116,6 +127,10 @@ class TCPHealthChecks(Service):
         pairs named ``HOST:PORT``.
     @ivar added: those added at runtime (L{add} with C{runtime=True}), by
         name: what the state file keeps.
+    @param sendProxy: C{"v1"} or C{"v2"} when backends expect a PROXY
+        header (C{--send-proxy}): each check sends one before closing.
+    @param sendProxyFor: the version for some backends, by name, over
+        C{sendProxy}.
     """
 
     def __init__(
@@ -127,6 +142,8 @@ class TCPHealthChecks(Service):
         timeout: float = 1.0,
         rise: int = DEFAULT_RISE,
         fall: int = DEFAULT_FALL,
+        sendProxy=None,
+        sendProxyFor=None,
     ) -> None:
         self.pool = pool
         self.reactor = reactor
@@ -136,6 +153,9 @@ class TCPHealthChecks(Service):
         self.fall = fall
         self.probeFactory = Factory.forProtocol(_Probe)
         self.probeFactory.noisy = False
+        self.probeFactory.sendProxy = sendProxy
+        self._probes = {None: self.probeFactory}
+        self.sendProxyFor = sendProxyFor or {}
         self.checks: Dict[str, _Check] = {}
         self.backends: Dict[str, StaticBackend] = {}
         self.added: Dict[str, StaticBackend] = {}
@@ -145,6 +165,19 @@ class TCPHealthChecks(Service):
                 b = StaticBackend(formatHostPort(host, port), host, port)
             self.backends[b.name] = b
             self.checks[b.name] = _Check(self, b.name, b.host, b.port)
+
+    def probeFactoryFor(self, name: str):
+        """
+        The factory of C{name}'s check probes: with its own PROXY header
+        version (C{--backend HOST:PORT,send-proxy=...}), or the shared one.
+        """
+        version = self.sendProxyFor.get(name)
+        factory = self._probes.get(version)
+        if factory is None:
+            factory = self._probes[version] = Factory.forProtocol(_Probe)
+            factory.noisy = False
+            factory.sendProxy = version
+        return factory
 
     def startService(self) -> None:
         super().startService()

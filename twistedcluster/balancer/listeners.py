@@ -181,3 +181,18 @@ def quietListenFailures(program: str) -> None:
             out.flush()
 
     sys.excepthook = hook
+
+
+def proxyProtocolInner(description: str) -> Optional[str]:
+    """
+    For C{haproxy:INNER} (clients send a PROXY header first), C{INNER};
+    C{None} for any other endpoint string.
+
+    The balancer and the backend read that header themselves on the
+    listener INNER describes, instead of Twisted's C{haproxy:} wrapper, which
+    stands in for the transport (so no fast path and no half-close).
+    """
+    kind, sep, inner = description.partition(":")
+    if sep and kind.strip().lower() in _WRAPPERS:
+        return inner
+    return None

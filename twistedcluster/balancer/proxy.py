@@ -24,15 +24,18 @@ from __future__ import annotations
 from typing import Dict, Optional, Set, Tuple
 
 from twisted.internet import defer
-from twisted.internet.error import ConnectBindError, ConnectionDone
+from twisted.internet.error import ConnectBindError, ConnectError, ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twistedcluster.address import backendText, errorText
 from twistedcluster.balancer import accesslog as ends
 from twistedcluster.balancer.admission import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT, WaitQueue
 from twistedcluster.core.cluster import Cluster, Route
-from twistedcluster.balancer.dialer import dialerFor
+from twistedcluster.balancer.dialer import ReactorDialer, dialerFor
 from twistedcluster.fast.fasttcp import loseWriteConnectionNow, sendNow
 from twistedcluster.balancer.passivehealth import (
     DEFAULT_EARLY_CLOSE_WINDOW,
@@ -44,7 +47,8 @@ from twistedcluster.core.pool import DEFAULT_MAX_EJECTED_PERCENT
 from twistedcluster.balancer.relay import Relay
 from twistedcluster.balancer.traffic import Traffic
 from twistedcluster.summary import Summary, window
-from twistedcluster.fast.transports import peerText
+from twistedcluster.fast.transports import peerText, readWaiting, showProxied
+from twistedcluster.wire.proxyheader import BadProxyHeader, HeaderReader, header, rawHeader
 
 __all__ = [
     "DEFAULT_ATTEMPTS",
@@ -55,6 +59,7 @@ __all__ = [
     "DEFAULT_QUEUE_SIZE",
     "DEFAULT_QUEUE_TIMEOUT",
     "EARLY_DATA_LIMIT",
+    "PROXY_HEADER_TIMEOUT",
     "ProxyFactory",
     "ProxyServer",
 ]
@@ -63,6 +68,9 @@ log = Logger()
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_ATTEMPTS = 3
+#: Seconds a client of a listener that expects a PROXY header has to send
+#: it (the spec: at least 3, to cover a TCP retransmit).
+PROXY_HEADER_TIMEOUT = 5.0
 
 
 class _BackendSide(Relay):
@@ -153,6 +161,71 @@ class _BackendSide(Relay):
         super().connectionLost(reason)
 
 
+@implementer(IHandshakeListener)
+class _TLSBackendSide(_BackendSide):
+    """
+    A connection to a backend over TLS (C{--backend-tls}): connected once
+    the handshake has verified the backend's certificate and name; a
+    handshake that fails (or takes longer than the connect timeout) is a
+    failed connect, with the reason.
+
+    A PROXY header, if any, goes first in clear, before the handshake, as
+    HAProxy sends it and nginx reads it (C{listen ... ssl proxy_protocol}).
+    """
+
+    _handshakeCall = None
+    _shaken = False
+    _failure: Optional[Failure] = None
+
+    def connectionMade(self) -> None:
+        attempt = self.attempt
+        client = attempt.client if attempt is not None else None
+        if client is None:  # the client left meanwhile
+            self.transport.loseConnection()
+            return
+        factory = client.factory
+        # Connected, not yet verified: a client that leaves now abandons
+        # this connection, not the connect.
+        attempt._abandon = self.transport.abortConnection
+        first = client.proxyHeader(attempt.name)
+        # What the relay writes goes at once (as prepare() does on plain
+        # TCP): Nagle's delay against the backend's delayed ACK would stall
+        # each TLS record of a request/response exchange by 40 ms.
+        self.transport.setTcpNoDelay(True)
+        if first is not None:
+            self.transport.write(first)
+        self.transport.startTLS(factory.backendTLS.optionsFor(attempt.host))
+        self._handshakeCall = factory.reactor.callLater(
+            factory.connectTimeout, self._handshakeLate, factory.connectTimeout
+        )
+
+    def _handshakeLate(self, timeout: float) -> None:
+        self._handshakeCall = None
+        self._failure = Failure(ConnectError(string=f"TLS handshake took over {timeout} s"))
+        self.transport.abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        self._shaken = True
+        call, self._handshakeCall = self._handshakeCall, None
+        if call is not None and call.active():
+            call.cancel()
+        _BackendSide.connectionMade(self)
+
+    def connectionLost(self, reason) -> None:
+        if self._shaken:
+            return _BackendSide.connectionLost(self, reason)
+        call, self._handshakeCall = self._handshakeCall, None
+        if call is not None and call.active():
+            call.cancel()
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            failure = self._failure or Failure(
+                ConnectError(string=f"TLS handshake failed: {reason.getErrorMessage()}")
+            )
+            attempt.failed(failure)
+        return None
+
+
 class _Attempt:
     """
     One connect to one backend for one client: tells the client how it
@@ -175,7 +248,8 @@ class _Attempt:
         tells the client before this returns; so the client records this
         attempt before starting it.
         """
-        backend = _BackendSide()
+        tls = self.client.factory.backendTLS is not None
+        backend = _TLSBackendSide() if tls else _BackendSide()
         backend.attempt = self
         self._abandon = self.client.factory.dialer.dial(
             self.host, self.port, backend, self.failed
@@ -233,6 +307,13 @@ class ProxyServer(Relay):
     _connectAt: Optional[float] = None
     _backend: Optional[_BackendSide] = None
     _end: Optional[str] = None
+    #: While a PROXY header is awaited: its reader, and the deadline.
+    _header: Optional[HeaderReader] = None
+    _headerCall = None
+    #: The address the client connected from, as accept() gave it (set by
+    #: the factory); and whether a PROXY header named another one.
+    clientAddress = None
+    _proxied: Optional[Tuple[object, object]] = None
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -240,7 +321,54 @@ class ProxyServer(Relay):
         factory.clients.add(self)
         if factory.limit is not None:
             factory.limit.opened()
+        if factory.proxyParsers is not None:
+            self._awaitHeader()
+            return
         self.route()
+
+    def _awaitHeader(self) -> None:
+        """
+        The listener expects a PROXY header: no backend until it is read.
+        Its bytes are caught by a C{dataReceived} set on this instance and
+        removed once the header is read, so the relay pays nothing.
+        """
+        factory = self.factory
+        self._header = HeaderReader(factory.proxyParsers)
+        self.dataReceived = self._headerData  # type: ignore[method-assign]
+        self._headerCall = factory.reactor.callLater(
+            factory.proxyHeaderTimeout, self._badHeader, "no PROXY header in time",
+            f"no PROXY header within {factory.proxyHeaderTimeout} s",
+        )
+
+    def _headerData(self, data: bytes) -> None:
+        reader = self._header
+        try:
+            result = reader.feed(data)
+        except BadProxyHeader as e:
+            self._badHeader("bad PROXY header", f"bad PROXY header: {e}")
+            return
+        if result is None:
+            return
+        self._stopAwaiting()
+        proxied, rest = result
+        if proxied.source is not None:
+            showProxied(self.transport, proxied.source, proxied.destination)
+            self._proxied = (proxied.source, proxied.destination)
+        self.route()
+        if rest and not self._gone:
+            self.dataReceived(rest)
+
+    def _stopAwaiting(self) -> None:
+        self._header = None
+        self.__dict__.pop("dataReceived", None)
+        call, self._headerCall = self._headerCall, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _badHeader(self, why: str, detail: str) -> None:
+        self._headerCall = None
+        self._stopAwaiting()
+        self.refuse(why, detail, end=ends.BAD_HEADER)
 
     def dataReceived(self, data: bytes) -> None:
         peer = self.peer
@@ -263,7 +391,7 @@ class ProxyServer(Relay):
         """
         factory = self.factory
         if len(self._tried) >= factory.maxAttempts:
-            return self.refuse("every attempt failed", ends.CONNECT_FAILED)
+            return self.refuse("every attempt failed", end=ends.CONNECT_FAILED)
         cluster = factory.cluster
         if cluster.keyed:  # hash: the client's address, only then
             key = getattr(self.transport.getPeer(), "host", None)
@@ -277,8 +405,8 @@ class ProxyServer(Relay):
             if factory.cluster.noRoomOnly():
                 return factory.admission.enqueue(self, self.route, self.refuse)
             if self._tried:
-                return self.refuse("no other backend to try", ends.CONNECT_FAILED)
-            return self.refuse("no backend available", ends.NO_BACKEND)
+                return self.refuse("no other backend to try", end=ends.CONNECT_FAILED)
+            return self.refuse("no backend available", end=ends.NO_BACKEND)
         self._tried += (chosen.name,)
         attempt = self._attempt = _Attempt(self, chosen)
         attempt.start()
@@ -298,7 +426,31 @@ class ProxyServer(Relay):
         if factory.earlyCloseWindow:
             backend.watchEarlyClose(factory.health)
         self.link(backend)
+        if not self._plain:
+            # TLS (or unix) to the client: link() readied only plain TCP;
+            # without this Nagle holds each record's tail for the client's
+            # delayed ACK.
+            noDelay = getattr(self.transport, "setTcpNoDelay", None)
+            if noDelay is not None:
+                try:
+                    noDelay(True)
+                except OSError:  # not a TCP socket after all
+                    pass
         early, self._early = self._early, None
+        version = factory.sendProxy
+        if factory.sendProxyFor:
+            version = factory.sendProxyFor.get(attempt.name, version)
+        if version is not None and factory.backendTLS is None:
+            # The header goes first, at once, with whatever the client sent
+            # meanwhile: the backend may have to speak first.  (Over TLS it
+            # went before the handshake.)  What the client has sent and the
+            # reactor not read yet goes with it: one send, one segment.
+            first = self.proxyHeader(attempt.name)
+            if not early and self._plain and not self._readDone:
+                waiting = readWaiting(self.transport)
+                if waiting:
+                    early = [waiting]
+            early = [first, *early] if early else [first]
         if early:
             self._earlyBytes = 0
             data = b"".join(early)
@@ -319,9 +471,39 @@ class ProxyServer(Relay):
             self.lastActivity = backend.lastActivity = self.seconds()
             self._idleCall = factory.reactor.callLater(factory.idleTimeout, self._checkIdle)
 
+    def proxyHeader(self, backend: str) -> Optional[bytes]:
+        """
+        The PROXY header that names this client to C{backend} (by name:
+        C{--send-proxy}, or that backend's own setting), or C{None} when
+        none is sent.
+        """
+        factory = self.factory
+        version = factory.sendProxy
+        if factory.sendProxyFor:
+            version = factory.sendProxyFor.get(backend, version)
+        if version is None:
+            return None
+        transport = self.transport
+        proxied = self._proxied
+        if proxied:
+            # What the header received named (checked IP addresses).
+            source, destination = proxied
+            return rawHeader(version, source.host, source.port, destination.host, destination.port)
+        client = self.clientAddress
+        if self._plain and client is not None:
+            # The common case, built from what accept() gave and one
+            # getsockname(), with no address objects: the header must cost
+            # next to nothing per connection (bench/proxycost.py).
+            here = transport.getHandle().getsockname()
+            return rawHeader(version, client.host, client.port, here[0], here[1])
+        return header(version, transport.getPeer(), transport.getHost())
+
     def readConnectionLost(self) -> None:
         if self._end is None:
             self._end = ends.CLIENT_CLOSED
+        if self._header is not None:
+            self._badHeader("bad PROXY header", "bad PROXY header: end of input before it")
+            return
         if self.peer is None:
             # Before the backend is connected, the end-of-file waits with
             # the early data; _connected passes both on.
@@ -380,10 +562,11 @@ class ProxyServer(Relay):
             factory.health.failed(name, failures)
         self.route()
 
-    def refuse(self, why: str, end: Optional[str] = None) -> None:
+    def refuse(self, why: str, detail: Optional[str] = None, end: Optional[str] = None) -> None:
         """
         Close this client: it gets no backend (the reason is logged, summed
-        once a second).
+        once a second by C{why}; C{detail}, when given, is what the line
+        says of this client).
 
         @param end: how the connection ended, for the metrics and the access
             log; the wait queue's reasons carry theirs (C{why.end}).
@@ -391,7 +574,7 @@ class ProxyServer(Relay):
         if self._end is None:
             self._end = end or getattr(why, "end", None) or ends.NO_BACKEND
         factory = self.factory
-        factory._lastClosed = (peerText(self.transport), why)
+        factory._lastClosed = (peerText(self.transport), detail or why)
         factory._closed.count(why)
         self.transport.loseConnection()
 
@@ -404,6 +587,8 @@ class ProxyServer(Relay):
                 if isinstance(reason.value, ConnectionDone)
                 else ends.CLIENT_RESET
             )
+        if self._header is not None:
+            self._stopAwaiting()
         factory = self.factory
         factory.clientGone(self)
         if self._idleCall is not None and self._idleCall.active():
@@ -443,6 +628,18 @@ class ProxyFactory(Factory):
     @param queueTimeout: seconds a client may wait in that queue.
     @param dialer: connects to backends (L{twistedcluster.balancer.dialer}); the one
         for the reactor unless given.
+    @param sendProxy: C{"v1"} or C{"v2"}: each backend connection starts with
+        a PROXY header of that version naming the client; C{None} for none.
+    @param sendProxyFor: the version for some backends, by name, over
+        C{sendProxy} (static backends' own setting).
+    @param proxyParsers: Twisted's PROXY header parsers
+        (L{twistedcluster.fast.internals.proxyParsers}) when the listener's
+        clients send a PROXY header first (another proxy in front); C{None}
+        when they do not.
+    @param proxyHeaderTimeout: seconds such a client has to send it.
+    @param backendTLS: how to speak TLS to backends
+        (L{twistedcluster.balancer.backendtls.BackendTLS}); C{None} for
+        plain TCP.
     @ivar clients: the client connections open now.
     @ivar health: the passive health check (L{PassiveHealth}).
     @ivar admission: the clients waiting for room (L{WaitQueue}).
@@ -471,16 +668,33 @@ class ProxyFactory(Factory):
         queueTimeout: float = DEFAULT_QUEUE_TIMEOUT,
         dialer=None,
         traffic: Optional[Traffic] = None,
+        sendProxy: Optional[str] = None,
+        sendProxyFor: Optional[Dict[str, str]] = None,
+        proxyParsers=None,
+        proxyHeaderTimeout: float = PROXY_HEADER_TIMEOUT,
+        backendTLS=None,
     ) -> None:
         self.traffic = traffic if traffic is not None else Traffic()
         self.cluster = cluster
+        self.backendTLS = backendTLS
+        self.sendProxy = sendProxy
+        self.sendProxyFor = sendProxyFor or {}
+        self.proxyParsers = proxyParsers
+        self.proxyHeaderTimeout = proxyHeaderTimeout
         self.reactor = reactor
         self.connectTimeout = connectTimeout
         self.maxAttempts = max(1, maxAttempts)
         self.maxEjectedPercent = cluster.pool.maxEjectedPercent = maxEjectedPercent
         self.earlyCloseWindow = earlyCloseWindow
         self.idleTimeout = idleTimeout
-        self.dialer = dialer if dialer is not None else dialerFor(reactor, connectTimeout)
+        if dialer is None:
+            # TLS starts on Twisted's own client connections (startTLS).
+            dialer = (
+                ReactorDialer(reactor, connectTimeout)
+                if backendTLS is not None
+                else dialerFor(reactor, connectTimeout)
+            )
+        self.dialer = dialer
         self.health = PassiveHealth(
             cluster.pool, reactor, ejectAfter, ejectFor, earlyCloseWindow
         )
@@ -500,6 +714,7 @@ class ProxyFactory(Factory):
             return None
         p = self.protocol()
         p.factory = self
+        p.clientAddress = addr
         return p
 
     @property

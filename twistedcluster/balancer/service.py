@@ -14,7 +14,12 @@ from twisted.python import usage
 from twistedcluster.options import loadSecretOption, oneLineDoc, positive
 from twistedcluster.address import endpointParts
 from twistedcluster.balancer.limits import AcceptErrors, ClientLimit, defaultMaxConnections
-from twistedcluster.balancer.listeners import listenerService, quietListenFailures, withBacklog
+from twistedcluster.balancer.listeners import (
+    listenerService,
+    proxyProtocolInner,
+    quietListenFailures,
+    withBacklog,
+)
 from twistedcluster.balancer.control import DEFAULT_FORGET_AFTER
 from twistedcluster.balancer.healthcheck import DEFAULT_CHECK_INTERVAL, DEFAULT_FALL, DEFAULT_RISE
 from twistedcluster.core.pool import DEFAULT_MAX_EJECTED_PERCENT
@@ -34,6 +39,7 @@ from twistedcluster.balancer.passivehealth import (
     DEFAULT_EJECT_FOR,
 )
 from twistedcluster.balancer.proxy import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT
+from twistedcluster.wire.proxyheader import checkVersion
 
 log = Logger()
 
@@ -56,6 +62,24 @@ class Options(usage.Options):
     optParameters = [
         ["listen", None, DEFAULT_LISTEN, "Proxy listener endpoint."],
         ["redirect", None, None, "Redirect listener endpoint (off unless given)."],
+        [
+            "backend-tls",
+            None,
+            None,
+            "Speak TLS to every backend, verifying its certificate and host "
+            "name: ca=PATH (PEM authorities; or ca=system)[,hostname=NAME "
+            "(default: each backend's own host)][,cert=PATH,key=PATH (a client "
+            "certificate)]. Off unless given.",
+        ],
+        [
+            "send-proxy",
+            None,
+            None,
+            "Start every connection to a backend with a PROXY protocol header "
+            "(v1 or v2) naming the client, for backends that read one (off "
+            "unless given).",
+            checkVersion,
+        ],
         ["control", None, DEFAULT_CONTROL, "Control listener endpoint, for backends."],
         ["admin", None, DEFAULT_ADMIN, "Admin listener endpoint, for cluster-admin."],
         [
@@ -280,12 +304,13 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["backends"] = []
+        self["backend-send-proxy"] = {}
 
     @oneLineDoc
     def opt_backend(self, spec: str) -> None:
         """
         A static backend that does not speak AMP, kept in the pool by TCP
-        health checks: [NAME=]HOST:PORT[,weight=W][,capacity=C] (name:
+        health checks: [NAME=]HOST:PORT[,weight=W][,capacity=C][,send-proxy=v1|v2] (name:
         HOST:PORT, capacity: 1000, unless given; repeatable).
         """
         from twistedcluster.balancer.staticbackend import parseStaticBackend
@@ -297,6 +322,8 @@ class Options(usage.Options):
         if any(b.name == backend.name for b in self["backends"]):
             raise usage.UsageError(f"--backend {spec}: a backend named {backend.name} is given twice")
         self["backends"].append(backend)
+        if backend.sendProxy is not None:
+            self["backend-send-proxy"][backend.name] = backend.sendProxy
 
     def postOptions(self) -> None:
         if self["eject-after"] < 0 or self["queue-size"] < 0:
@@ -329,6 +356,13 @@ class Options(usage.Options):
                 self["access-log-output"] = openOutput(self["access-log"])
             except OSError as e:
                 raise usage.UsageError(f"--access-log {self['access-log']}: {e}") from None
+        if self["backend-tls"] is not None:
+            from twistedcluster.balancer.backendtls import parseBackendTLS
+
+            try:
+                self["backend-tls"] = parseBackendTLS(self["backend-tls"])
+            except ValueError as e:
+                raise usage.UsageError(f"--backend-tls: {e}") from None
         if self["max-connections"] is None:
             self["max-connections"] = defaultMaxConnections()
         try:
@@ -441,6 +475,33 @@ class _DrainOnStop(Service):
         return d
 
 
+def proxyListener(description: str):
+    """
+    The proxy listener's endpoint string, and Twisted's PROXY header parsers
+    when its clients send one first (C{haproxy:INNER}): then the balancer
+    reads the header itself and listens on INNER, which keeps the fast path.
+    Should this Twisted lack the parsers, Twisted's own C{haproxy:} wrapper
+    is used as it is (the slow path), and a line says so.
+    """
+    from twistedcluster.fast import internals
+
+    inner = proxyProtocolInner(description)
+    if inner is None:
+        return description, None
+    parsers = internals.proxyParsers()
+    if parsers is None:
+        log.warn(
+            "this Twisted has no PROXY header parsers where twistedcluster looks "
+            "for them: {endpoint} uses Twisted's haproxy: wrapper (no fast path)",
+            endpoint=description,
+        )
+        return description, None
+    log.info(
+        "balancer proxy listener expects a PROXY header (v1 or v2) from every client",
+    )
+    return inner, parsers
+
+
 def makeService(options: Options, reactor=None):
     """
     Compose the balancer's listeners into one service.
@@ -480,6 +541,8 @@ def makeService(options: Options, reactor=None):
         timeout=min(options["connect-timeout"], options["check-interval"]),
         rise=options["rise"],
         fall=options["fall"],
+        sendProxy=options["send-proxy"],
+        sendProxyFor=options["backend-send-proxy"],
     )
     statics.setServiceParent(top)
     top.statics = statics  # for embedding and tests
@@ -516,6 +579,7 @@ def makeService(options: Options, reactor=None):
             logFormat=options["access-log-format"],
         )
     traffic = top.traffic = Traffic(accessLog)
+    listen, parsers = proxyListener(options["listen"])
     proxyFactory = ProxyFactory(
         cluster,
         reactor,
@@ -529,7 +593,20 @@ def makeService(options: Options, reactor=None):
         queueSize=options["queue-size"],
         queueTimeout=options["queue-timeout"],
         traffic=traffic,
+        sendProxy=options["send-proxy"],
+        sendProxyFor=options["backend-send-proxy"],
+        proxyParsers=parsers,
+        backendTLS=options["backend-tls"],
     )
+    if options["backend-tls"] is not None:
+        log.info(
+            "balancer speaks TLS to every backend ({tls})", tls=options["backend-tls"].text
+        )
+    if options["send-proxy"]:
+        log.info(
+            "balancer sends a PROXY {version} header first on every backend connection",
+            version=options["send-proxy"],
+        )
     _DrainOnStop(proxyFactory, options["drain-timeout"], accessLog).setServiceParent(top)
     from twistedcluster.hangup import HangUpService
 
@@ -557,7 +634,7 @@ def makeService(options: Options, reactor=None):
         authTimeout=options["auth-timeout"],
     )
     listeners = [
-        ("proxy", options["listen"], clientLimit.wrap(proxyFactory)),
+        ("proxy", listen, clientLimit.wrap(proxyFactory)),
         ("control", options["control"], controlFactory),
         ("admin", options["admin"], adminFactory),
     ]

@@ -46,6 +46,9 @@ class StaticBackend:
     port: int
     weight: Optional[int] = None
     capacity: int = DEFAULT_STATIC_CAPACITY
+    #: C{"v1"} or C{"v2"}: this backend gets a PROXY header first, over
+    #: C{--send-proxy}.
+    sendProxy: Optional[str] = None
 
     def describe(self) -> str:
         """
@@ -58,6 +61,8 @@ class StaticBackend:
             text += f",weight={self.weight}"
         if self.capacity != DEFAULT_STATIC_CAPACITY:
             text += f",capacity={self.capacity}"
+        if self.sendProxy is not None:
+            text += f",send-proxy={self.sendProxy}"
         return text
 
 
@@ -77,6 +82,12 @@ def _capacity(text: str) -> int:
     return value
 
 
+def _sendProxy(text: str) -> str:
+    from twistedcluster.wire.proxyheader import checkVersion
+
+    return checkVersion(text)
+
+
 def _integer(text: str) -> int:
     try:
         return int(text)
@@ -88,6 +99,7 @@ def _integer(text: str) -> int:
 KEYS: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "weight": ("weight", _weight),
     "capacity": ("capacity", _capacity),
+    "send-proxy": ("sendProxy", _sendProxy),
 }
 
 
@@ -131,7 +143,7 @@ def makeStaticBackend(
 
 def parseStaticBackend(text: str) -> StaticBackend:
     """
-    C{[NAME=]HOST:PORT[,weight=W][,capacity=C]} as a L{StaticBackend}; the
+    C{[NAME=]HOST:PORT[,weight=W][,capacity=C][,send-proxy=V]} as a L{StaticBackend}; the
     name is C{HOST:PORT} unless given.  C{ValueError} says what is wrong.
     """
     first, *rest = text.split(",")

@@ -671,3 +671,33 @@ def fastPaths() -> bool:
         else:
             _usable = True
     return _usable
+
+
+# -- PROXY protocol parsers (twisted.protocols.haproxy) ---------------------
+#
+# twisted.protocols.haproxy exports only proxyEndpoint, a wrapper that stands
+# in for the transport (so no fast path, no half-close).  Its private modules
+# hold the decoders: _v1parser.V1Parser.parse(line) decodes one complete v1
+# line (without its CRLF), _v2parser.V2Parser.parse(header) one complete v2
+# header (16 bytes and the announced length); both classmethods return a
+# ProxyInfo with .source and .destination (IPv4Address, IPv6Address,
+# UNIXAddress, or None for UNKNOWN/LOCAL/unspecified) and raise
+# InvalidProxyHeader (or, for a v1 port that is not a number, ValueError).
+# twistedcluster.wire.proxyheader frames the header itself and checks what
+# they return.
+
+
+def proxyParsers():
+    """
+    Twisted's v1 and v2 PROXY header parser classes, or C{None} when this
+    Twisted has them no more (then C{haproxy:} listeners use Twisted's own
+    wrapper, the slow path).
+    """
+    try:
+        from twisted.protocols.haproxy._v1parser import V1Parser
+        from twisted.protocols.haproxy._v2parser import V2Parser
+    except ImportError:
+        return None
+    if not (callable(getattr(V1Parser, "parse", None)) and callable(getattr(V2Parser, "parse", None))):
+        return None
+    return V1Parser, V2Parser

@@ -30,3 +30,32 @@ def unsentBytes(transport) -> int:
     yet; 0 for a transport that cannot say (a TLS wrapper, a test fake).
     """
     return unsent(transport)
+
+
+def showProxied(transport, source, destination) -> None:
+    """
+    Make C{transport.getPeer()} and C{getHost()} answer what a PROXY header
+    said (the client, and the address it connected to), as Twisted's
+    C{haproxy:} wrapper does, while the protocol keeps the real transport
+    (its fast paths, half-close, producers).  Everything that asks the
+    transport who the client is (log lines, the hash policy, a service's own
+    code) then sees the client.
+    """
+    transport.getPeer = lambda: source
+    transport.getHost = lambda: destination
+
+
+def readWaiting(transport, limit: int = 65536) -> bytes:
+    """
+    What a plain TCP transport's client has already sent and the reactor
+    has not read yet, read now (C{b""} when nothing is waiting, or the
+    socket has ended or failed: the reactor then sees that as usual, on
+    its own turn).
+
+    For the PROXY header: sent together with the client's first bytes it
+    costs no send of its own and no TCP segment of its own.
+    """
+    try:
+        return transport.getHandle().recv(limit)
+    except OSError:
+        return b""
