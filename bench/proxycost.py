@@ -82,7 +82,7 @@ class Setup:
         self.cluster = c = LocalCluster(workdir / name)
         c.env["PYTHONPATH"] = str(ROOT) + (os.pathsep + c.env["PYTHONPATH"] if c.env.get("PYTHONPATH") else "")
         port = freePort()
-        balancer = [f"--max-connections=20000"]
+        balancer = ["--max-connections=20000"]
         backendListen = None
         self.context: Optional[ssl.SSLContext] = None
         self.header = b""

@@ -41,7 +41,8 @@ def test_describe_gives_back_what_was_written():
     ("web1=127.0.0.1:80,capacity=0", "capacity: must be 1..1000000000"),
     ("web1=127.0.0.1:80,capacity=many", "capacity: 'many' is not a whole number"),
     ("web1=127.0.0.1:80,weight", "is not KEY=VALUE"),
-    ("web1=127.0.0.1:80,send-proxy=v1", "unknown key 'send-proxy' (keys: weight, capacity)"),
+    ("web1=127.0.0.1:80,colour=blue", "unknown key 'colour' (keys: weight, capacity, send-proxy)"),
+    ("web1=127.0.0.1:80,send-proxy=v3", "send-proxy: 'v3': give v1 or v2"),
     ("web1=127.0.0.1:80,weight=1,weight=2", "weight given twice"),
 ])
 def test_bad_input_says_what_is_wrong(text, message):
@@ -65,3 +66,13 @@ def test_values_from_elsewhere_are_checked_the_same_way():
             makeStaticBackend(*bad)
     with pytest.raises(ValueError, match="weight"):
         makeStaticBackend("w", "127.0.0.1", 80, weight=-1)
+
+
+def test_send_proxy_key():
+    """
+    C{send-proxy=} gives that one backend a PROXY header version, and
+    L{StaticBackend.describe} writes it back.
+    """
+    b = parseStaticBackend("web1=127.0.0.1:80,send-proxy=V2")
+    assert b.sendProxy == "v2"
+    assert parseStaticBackend(b.describe()) == b
