@@ -320,9 +320,12 @@ def test_the_backend_option_takes_a_send_proxy_setting():
 
     o = Options()
     o.parseOptions(["--backend=127.0.0.1:9001,send-proxy=v2", "--backend=[::1]:9002"])
-    assert o["backends"] == [("127.0.0.1", 9001), ("::1", 9002)]
+    assert [(b.host, b.port, b.sendProxy) for b in o["backends"]] == [
+        ("127.0.0.1", 9001, "v2"),
+        ("::1", 9002, None),
+    ]
     assert o["backend-send-proxy"] == {"127.0.0.1:9001": "v2"}
-    for bad in ("127.0.0.1:9001,send-proxy=v3", "127.0.0.1:9001,weight=2"):
+    for bad in ("127.0.0.1:9001,send-proxy=v3", "127.0.0.1:9001,colour=blue"):
         with pytest.raises(usage.UsageError) as e:
             Options().parseOptions([f"--backend={bad}"])
         assert "--backend" in str(e.value)
