@@ -34,6 +34,7 @@ from twistedcluster.balancer.passivehealth import (
     DEFAULT_EJECT_FOR,
 )
 from twistedcluster.balancer.proxy import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT
+from twistedcluster.fast.fasttcp import prepareListener
 
 log = Logger()
 
@@ -507,6 +508,8 @@ def makeService(options: Options, reactor=None):
             acceptErrors.watch(port, role)
             if role in ("proxy", "redirect"):
                 clientLimit.listening(port)
+            if role == "proxy":
+                prepareListener(port)
 
         return listening
 

@@ -22,6 +22,7 @@ each probe, so a Twisted release that changes one fails the suite by name.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import socket
 from typing import Callable, List, Optional
@@ -65,6 +66,8 @@ class Changed(Exception):
 #: once C{connected = 1} and reading, an ordinary transport.  L{Dialled} in
 #: fasttcp builds on it.
 TCPConnection = tcp.Connection
+#: Twisted's listening TCP port (its C{socket} is the listening socket).
+TCPPort = tcp.Port
 #: Twisted's own accepted and connected TCP transports.
 TCP_TRANSPORTS = (tcp.Server, tcp.Client)
 
@@ -161,6 +164,20 @@ def sendNow(transport, data: bytes) -> None:
     transport.write(data)
 
 
+def writeShutDown(transport) -> bool:
+    """
+    Whether a plain TCP transport is open, not closing, with its write side
+    shut down already (C{_writeDisconnected}: the queue was sent before
+    that): closing it now is what Twisted's C{loseConnection} would do.
+    """
+    return (
+        transport._writeDisconnected
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._aborting
+    )
+
+
 def shutdownWriteNow(transport) -> None:
     """
     Shut down the write side of an L{idle} plain TCP transport now, as its
@@ -184,6 +201,41 @@ def closeNow(transport) -> None:
     transport.stopReading()
     transport.stopWriting()
     transport.connectionLost(_DONE)
+
+
+class LeanListeningSocket(socket.socket):
+    """
+    A listening socket whose C{accept} makes the new socket from the
+    listener's family, type and protocol as plain integers: the socket
+    module's own C{accept} reads them through C{family} and C{type}, which
+    convert each to an enum member, about a microsecond apiece per accepted
+    connection.  Twisted's C{tcp.Port} calls C{accept} on its C{socket}
+    (through C{tcp._accept}); nothing else differs (the listener is
+    non-blocking, so C{socket.accept}'s C{setblocking(True)} never applied).
+    """
+
+    __slots__ = ()
+
+    def accept(self):
+        fd, addr = self._accept()
+        return socket.socket(_FAMILY(self), _TYPE(self), _PROTO(self), fd), addr
+
+
+_FAMILY = _socket.socket.family.__get__
+_TYPE = _socket.socket.type.__get__
+_PROTO = _socket.socket.proto.__get__
+
+
+def leanAccept(port) -> bool:
+    """
+    Have a listening C{tcp.Port} accept through L{LeanListeningSocket}
+    (its C{socket}'s class changed in place); whether it was.
+    """
+    sock = getattr(port, "socket", None)
+    if type(sock) is not socket.socket or sock.gettimeout() != 0.0:
+        return False
+    sock.__class__ = LeanListeningSocket
+    return True
 
 
 def replaceDoRead(transport, doRead: Callable[[], object]) -> None:
@@ -484,13 +536,58 @@ def checkTransport() -> None:
     server, client = _loopbackPair()
     try:
         t, protocol, reactor = _transport(server)
+        _require(not writeShutDown(t), "an open transport looks shut down for writing")
         shutdownWriteNow(t)
         _require(client.recv(100) == b"", "shutdownWriteNow did not shut the write side down")
         _require(protocol.events == ["writeConnectionLost"], "shutdownWriteNow did not tell the protocol")
+        _require(writeShutDown(t), "_writeDisconnected is not set once the write side is shut down")
         closeNow(t)
+        _require(not writeShutDown(t), "a closed transport looks open")
     finally:
         server.close()
         client.close()
+
+
+def checkListener() -> None:
+    """
+    A socket's class can be changed to L{LeanListeningSocket} in place, and
+    its C{accept} then gives a plain socket connected to the client.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        _require(leanAccept(_ListeningPort(listener)), "a listening socket's class cannot be changed")
+        with socket.create_connection(listener.getsockname(), timeout=5) as client:
+            for _ in range(100):  # the handshake is over at once on loopback
+                try:
+                    server, addr = listener.accept()
+                    break
+                except BlockingIOError:
+                    import time
+
+                    time.sleep(0.01)
+            else:
+                raise Changed("LeanListeningSocket.accept accepted nothing")
+            try:
+                _require(type(server) is socket.socket, f"LeanListeningSocket.accept gave {type(server)}")
+                _require(
+                    server.family == socket.AF_INET and server.type == socket.SOCK_STREAM
+                    and addr == client.getsockname(),
+                    "LeanListeningSocket.accept gave another family, type or address",
+                )
+                server.sendall(b"x")
+                _require(client.recv(1) == b"x", "the socket LeanListeningSocket.accept gave is not connected")
+            finally:
+                server.close()
+    finally:
+        listener.close()
+
+
+class _ListeningPort:
+    def __init__(self, sock) -> None:
+        self.socket = sock
 
 
 class _Readable:
@@ -633,7 +730,7 @@ def checkAMP() -> None:
 
 
 #: Every probe, in the order L{check} runs them.
-PROBES = (checkTransport, checkReactor, checkPort, checkAMP)
+PROBES = (checkTransport, checkListener, checkReactor, checkPort, checkAMP)
 
 
 def check() -> None:
