@@ -36,13 +36,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from servers import (
-    HOST,
-    Target,
-    _connectable,
-    cpuSeconds,
-    haproxyPath,
-)
+try:
+    from servers import HOST, Target, _connectable, cpuSeconds, haproxyPath
+except ImportError:  # imported as bench.nginx (the tests)
+    from bench.servers import HOST, Target, _connectable, cpuSeconds, haproxyPath
 from twistedcluster.localcluster import (
     LocalCluster,
     Process,
@@ -422,8 +419,6 @@ class NginxBench:
     def run(self, names: List[str]) -> dict:
         import tempfile
 
-        from servers import haproxyPath
-
         self.wrkPath = wrkPath()
         names = list(names)
         if not haproxyPath():
@@ -522,12 +517,13 @@ class NginxBench:
             judge(None, "server CPU per new conn (needs balancer, haproxy and the close load)")
         if have("balancer", "haproxy", "direct") and None not in (bal["lat_p50"], hap["lat_p50"], d["lat_p50"]):
             ab, ah = bal["lat_p50"] - d["lat_p50"], hap["lat_p50"] - d["lat_p50"]
-            ok = ab <= 2 * ah
-            judge(
-                ok,
-                f"p50 latency added at 1 conn: balancer {ab:+.0f} us, haproxy {ah:+.0f} us "
-                f"(need balancer <= 2 x haproxy's = {2 * ah:+.0f} us; direct p50 {d['lat_p50']:.0f} us)",
-            )
+            base = f"balancer {ab:+.0f} us, haproxy {ah:+.0f} us over direct's p50 {d['lat_p50']:.0f} us"
+            if ah > 0:
+                judge(ab <= 2 * ah, f"p50 latency added at 1 conn: {base} (need balancer <= 2 x haproxy's = {2 * ah:+.0f} us)")
+            else:
+                # A hop that seems to take time off is process wake-ups on a
+                # busy machine: then the balancer may add no more than HAProxy.
+                judge(ab <= ah, f"p50 latency added at 1 conn: {base} (haproxy added none measurable: need balancer <= haproxy)")
         else:
             judge(None, "p50 latency added at 1 conn (needs direct, balancer, haproxy and the latency load)")
         rate("ka_rps", "keepalive", "haproxy", 1.0, "keep-alive req/s")
