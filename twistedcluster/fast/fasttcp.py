@@ -9,6 +9,9 @@ the simple case, so ordering, back-pressure and error handling stay
 Twisted's:
 
 - L{sendNow}: send a chunk at once when nothing is queued before it.
+- L{readNow}: read what a socket holds already, without a reactor turn (a
+  client that connects and sends at once has sent by the time it is
+  accepted, as HAProxy's speculative reads assume).
 - L{loseWriteConnectionNow}, L{loseConnectionNow}: a half-close or a close
   of a transport with nothing left to send happens at once, not on a later
   reactor turn after an empty send.
@@ -40,13 +43,14 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.python.failure import Failure
 
 from twistedcluster.fast import internals
-from twistedcluster.fast.internals import sendNow, skipShutdown
+from twistedcluster.fast.internals import readNow, sendNow, skipShutdown
 
 __all__ = [
     "Dialled",
     "plainTCP",
     "prepare",
     "prepareListener",
+    "readNow",
     "skipShutdown",
     "sendNow",
     "loseWriteConnectionNow",

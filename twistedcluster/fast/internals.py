@@ -164,6 +164,29 @@ def sendNow(transport, data: bytes) -> None:
     transport.write(data)
 
 
+def readNow(transport) -> Optional[bytes]:
+    """
+    Read what a plain TCP transport's socket holds already, without waiting
+    for the reactor to say it is readable (as C{Connection.doRead} reads:
+    up to C{bufferSize} bytes from C{socket}); C{None} when it holds no data.
+
+    End of file is left where it is (a socket at end of file stays readable:
+    the reactor reports it on its next turn).  An error ends the connection
+    as a reset (C{abortConnection}), as the reactor would once it saw it:
+    a socket's error is reported once, so it cannot be left for later.
+    """
+    if not transport.connected or transport.disconnecting or transport._aborting:
+        return None
+    try:
+        data = transport.socket.recv(transport.bufferSize)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        transport.abortConnection()
+        return None
+    return data or None
+
+
 def writeShutDown(transport) -> bool:
     """
     Whether a plain TCP transport is open, not closing, with its write side
@@ -524,6 +547,13 @@ def checkTransport() -> None:
         _require(unsent(t) == 0 and idle(t), "doWrite left sent bytes counted as unsent")
         sendNow(t, b"now")
         _require(client.recv(100) == b"now", "sendNow did not send at once")
+        _require(readNow(t) is None, "readNow read from an empty socket")
+        client.sendall(b"early")
+        for _ in range(100):  # loopback delivers at once, or nearly
+            got = readNow(t)
+            if got is not None:
+                break
+        _require(got == b"early", f"readNow did not read what was there: {got!r}")
         _require(unsent(t) == 0, "sendNow queued on an idle transport")
         t.write(b"queued")
         t.loseWriteConnection()
