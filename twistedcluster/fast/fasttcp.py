@@ -35,7 +35,6 @@ import errno
 import os
 import socket
 import sys
-import weakref
 from typing import Callable, Optional
 
 from twisted.internet import error
@@ -264,13 +263,13 @@ def prepare(transport) -> None:
     same way, one system call sooner).  A socket accepted by a listener
     given to L{prepareListener} has no Nagle delay already.
     """
-    if getattr(transport, "server", None) not in _NO_DELAY_PORTS:
+    if not getattr(getattr(transport, "server", None), _NO_DELAY, False):
         transport.setTcpNoDelay(True)
     skipShutdown(transport)
 
 
-#: Listening ports whose accepted sockets start with TCP_NODELAY.
-_NO_DELAY_PORTS: "weakref.WeakSet" = weakref.WeakSet()
+#: Set on a listening port whose accepted sockets start with TCP_NODELAY.
+_NO_DELAY = "_twistedclusterNoDelay"
 
 
 def prepareListener(port) -> None:
@@ -294,7 +293,7 @@ def prepareListener(port) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             return
-        _NO_DELAY_PORTS.add(port)
+        setattr(port, _NO_DELAY, True)
 
 
 def loseWriteConnectionNow(transport) -> None:
@@ -320,6 +319,10 @@ def loseConnectionNow(transport) -> None:
     C{connectionLost} decides what becomes of it (a relay closes its other
     side itself, the same fast way).
     """
+    if not transport.connected:
+        # Closed already (or never open): Twisted's loseConnection would do
+        # nothing either.
+        return
     if internals.idle(transport) or internals.writeShutDown(transport):
         # Also once the write side is shut down (nothing can be queued
         # then): Twisted's loseConnection would close at once too, but with
