@@ -52,7 +52,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(HERE))
-    import nginx
     from nginx import HOST, SMALL, WRK_SCRIPT, NginxServers
 
     for tool in ("nginx", "wrk", "strace"):
