@@ -2,9 +2,12 @@
 Benchmark the cluster balancer side by side with a direct connection, Twisted's
 portforward and HAProxy, in one run on this machine, and print a table.
 
-    .venv/bin/python bench/run.py            # about 4 minutes on 2 cores
+    .venv/bin/python bench/run.py            # about 8 minutes on 2 cores (--parts echo: 4)
     .venv/bin/python bench/run.py --quick    # under a minute
     .venv/bin/python bench/run.py --help
+
+The nginx part (bench/nginx.py, --parts) then does the same in front of
+nginx, driven by wrk.
 
 Every target sits in front of the same single echo backend, so each figure
 compares like with like: "direct" is the backend alone, and each proxy adds
@@ -792,7 +795,9 @@ def parseArgs(argv=None):
         description=(
             "Measure the cluster balancer (proxy mode) against a direct connection, "
             "Twisted's portforward and HAProxy, all in front of one echo backend on "
-            "127.0.0.1, and print a table with ratios and the issue 7 targets."
+            "127.0.0.1, and print a table with ratios and the issue 7 targets; then "
+            "(the nginx part, bench/nginx.py) every proxy in front of nginx driven by wrk, "
+            "with issue 16's targets against HAProxy."
         ),
     )
     p.add_argument("--duration", type=float, default=None, help="seconds per measurement (default 2; --quick: 1)")
