@@ -2,9 +2,12 @@
 Benchmark the cluster balancer side by side with a direct connection, Twisted's
 portforward and HAProxy, in one run on this machine, and print a table.
 
-    .venv/bin/python bench/run.py            # about 4 minutes on 2 cores
+    .venv/bin/python bench/run.py            # about 8 minutes on 2 cores (--parts echo: 4)
     .venv/bin/python bench/run.py --quick    # under a minute
     .venv/bin/python bench/run.py --help
+
+The nginx part (bench/nginx.py, --parts) then does the same in front of
+nginx, driven by wrk.
 
 Every target sits in front of the same single echo backend, so each figure
 compares like with like: "direct" is the backend alone, and each proxy adds
@@ -38,6 +41,8 @@ ROOT = HERE.parent
 TARGETS = ["direct", "balancer", "portforward", "haproxy", "baseline"]
 DEFAULT_TARGETS = [t for t in TARGETS if t != "baseline"]
 LOADS = ["held", "echo", "ping", "connect", "bulk"]
+#: The nginx part's measurements (bench/nginx.py).
+NGINX_LOADS = ["keepalive", "latency", "close", "bulk"]
 
 # name, label (formatted with the run's settings), unit, higher is better
 ROWS = [
@@ -792,7 +797,9 @@ def parseArgs(argv=None):
         description=(
             "Measure the cluster balancer (proxy mode) against a direct connection, "
             "Twisted's portforward and HAProxy, all in front of one echo backend on "
-            "127.0.0.1, and print a table with ratios and the issue 7 targets."
+            "127.0.0.1, and print a table with ratios and the issue 7 targets; then "
+            "(the nginx part, bench/nginx.py) every proxy in front of nginx driven by wrk, "
+            "with issue 16's targets against HAProxy."
         ),
     )
     p.add_argument("--duration", type=float, default=None, help="seconds per measurement (default 2; --quick: 1)")
@@ -812,6 +819,10 @@ def parseArgs(argv=None):
     p.add_argument("--baseline", default=None, metavar="DIR", help="also measure, as the target `baseline`, a second balancer running the twistedcluster package in DIR (e.g. `git archive HEAD twistedcluster twisted | tar -x -C DIR`), in front of the same backend: a before/after comparison in one run (column bal/base)")
     p.add_argument("--balancer-args", default="", metavar="ARGS", help="extra options for the measured balancer only (not the baseline), split like a shell would: with --baseline DIR holding the same code, an A/B of one option, e.g. --balancer-args='--access-log=/tmp/access.log' (column bal/base)")
     p.add_argument("--install-haproxy", action="store_true", help="apt-get install haproxy when it is missing (needs root)")
+    p.add_argument("--parts", default="echo,nginx", help="comma-separated: echo (the table above, in front of a Twisted echo backend) and nginx (wrk -> proxy -> nginx, issue 16's targets); default both; the nginx part is skipped with a note when nginx or wrk is missing")
+    p.add_argument("--nginx-loads", default=",".join(NGINX_LOADS), help=f"the nginx part's measurements, from {','.join(NGINX_LOADS)} (default all)")
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads for the nginx part's 64- and 32-connection loads (default 1)")
+    p.add_argument("--install-nginx", action="store_true", help="apt-get install nginx and wrk when missing (needs root)")
     p.add_argument("--installed", action="store_true", help="measure the installed twistedcluster, not the checkout this script sits in")
     p.add_argument("--code", default=None, metavar="DIR", help="measure the twistedcluster package in DIR (a checkout, or e.g. `git archive HEAD | tar -x -C DIR`), not the checkout this script sits in")
     p.add_argument("--logs", default=None, help="folder for the servers' logs (default: a new temporary folder)")
@@ -850,6 +861,15 @@ def parseArgs(argv=None):
     if bad or not loads:
         p.error(f"--loads: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(LOADS)}")
     args.loads = loads
+    parts = [t.strip() for t in args.parts.split(",") if t.strip()]
+    if not parts or any(t not in ("echo", "nginx") for t in parts):
+        p.error(f"--parts: choose from echo,nginx (got {args.parts!r})")
+    args.parts = parts
+    nloads = [t.strip() for t in args.nginx_loads.split(",") if t.strip()]
+    bad = [t for t in nloads if t not in NGINX_LOADS]
+    if bad or not nloads:
+        p.error(f"--nginx-loads: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(NGINX_LOADS)}")
+    args.nginx_loads = [t for t in NGINX_LOADS if t in nloads]
     checks = [
         (args.duration > 0 and args.duration <= 120, "--duration must be in (0, 120]"),
         (0 <= args.warmup <= 30, "--warmup must be in [0, 30]"),
@@ -861,11 +881,34 @@ def parseArgs(argv=None):
         (0 <= args.held <= 100_000, "--held must be 0..100000"),
         (1 <= args.workers <= 32, "--workers must be 1..32"),
         (1 <= args.sources <= 250, "--sources must be 1..250"),
+        (1 <= args.wrk_threads <= 16, "--wrk-threads must be 1..16"),
     ]
     for ok, msg in checks:
         if not ok:
             p.error(msg)
     return args
+
+
+def runNginx(args, say, pythonPath, codeText: str) -> dict:
+    """
+    The nginx part (bench/nginx.py), when nginx and wrk are there (or
+    C{--install-nginx} installs them); a note saying why not otherwise.
+    """
+    import nginx
+
+    if args.install_nginx:
+        nginx.installNginx(say)
+    missing = [n for n, path in (("nginx", nginx.nginxPath()), ("wrk", nginx.wrkPath())) if path is None]
+    if missing:
+        text = f"nginx part skipped: {' and '.join(missing)} not installed (--install-nginx installs them with apt-get)"
+        say(text)
+        print(f"\n{text}")
+        return {"skipped": text}
+    names = [
+        t for t in nginx.NGINX_TARGETS
+        if t in args.targets or (t == "haproxy-splice" and "haproxy" in args.targets)
+    ]
+    return nginx.NginxBench(args, say, pythonPath, codeText).run(names)
 
 
 def main(argv=None) -> int:
@@ -910,7 +953,11 @@ def main(argv=None) -> int:
     # Started in the background by a shell, SIGINT may come ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        report = bench.run()
+        report: dict = {}
+        if "echo" in args.parts:
+            report = bench.run()
+        if "nginx" in args.parts:
+            report["nginx"] = runNginx(args, say, pythonPath, bench.codeText)
     except KeyboardInterrupt:
         say("interrupted: every process was stopped")
         return 130

@@ -44,7 +44,7 @@ def test_quickRunPrintsTheTable(tmp_path):
     run = _loadRun()
     out = tmp_path / "figures.json"
     argv = [
-        sys.executable, str(RUN), "--quick",
+        sys.executable, str(RUN), "--quick", "--parts", "echo",
         "--targets", "direct,balancer",
         "--duration", "0.4", "--warmup", "0.1",
         "--connections", "8", "--inflight", "4", "--bulk", "2", "--held", "100",
@@ -95,7 +95,7 @@ def test_baselineAndLoadsMeasureTwoCopiesSideBySide(tmp_path):
     )
     out = tmp_path / "figures.json"
     argv = [
-        sys.executable, str(RUN), "--quick",
+        sys.executable, str(RUN), "--quick", "--parts", "echo",
         "--targets", "balancer", "--baseline", str(base), "--loads", "echo,connect",
         "--duration", "0.4", "--warmup", "0.1", "--connections", "8", "--inflight", "4",
         "--logs", str(tmp_path / "logs"), "--json", str(out),
@@ -116,6 +116,65 @@ def test_baselineAndLoadsMeasureTwoCopiesSideBySide(tmp_path):
     assert figures["ratios"]["bal/base"]["echo_rps"] > 0
     # The baseline balancer ran the copy's code, the other one this checkout's.
     assert f"twistd cluster-balancer from {base}" in result.stderr
+
+
+def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
+    # wrk -> proxy -> nginx: every row for direct, HAProxy (both ways) and
+    # the balancer, and a verdict line for each target of issue 16.
+    _skipUnlessPossible()
+    import shutil
+
+    missing = [t for t in ("nginx", "wrk", "haproxy") if not (shutil.which(t) or os.path.exists(f"/usr/sbin/{t}"))]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (.ci/run installs them with apt-get)")
+    out = tmp_path / "figures.json"
+    argv = [
+        sys.executable, str(RUN), "--parts", "nginx", "--rounds", "1", "--duration", "1",
+        "--targets", "direct,balancer,haproxy",
+        "--logs", str(tmp_path / "logs"), "--json", str(out),
+    ]
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    from bench import nginx
+
+    lines = result.stdout.splitlines()
+    header = next(l for l in lines if l.startswith("metric")).split()
+    assert header[1:5] == ["direct", "haproxy", "haproxy-splice", "balancer"], header
+    for key, label, unit, higher in nginx.NGINX_ROWS:
+        row = next((l for l in lines if l.startswith(label)), None)
+        assert row is not None, f"no row {label!r} in:\n{result.stdout}"
+        values = row[len(label):].split()
+        # Every target has the rates and latencies; only the proxies' CPU
+        # per operation, and direct's (nginx's), are there too.
+        assert all(v != "-" for v in values[:4]), row
+    verdicts = [l.split(None, 1) for l in lines if l.startswith(("  PASS", "  FAIL", "  n/a"))]
+    assert len(verdicts) == 5, result.stdout
+    assert all(mark in ("PASS", "FAIL") for mark, _ in verdicts), result.stdout
+    figures = json.loads(out.read_text())["nginx"]
+    assert set(figures["figures"]) == {"direct", "haproxy", "haproxy-splice", "balancer"}
+    for name, f in figures["figures"].items():
+        assert f["ka_rps"] > 0 and f["close_rate"] > 0 and f["bulk_mbps"] > 0, name
+    # wrk saw no errors through any of them.
+    assert not figures["notes"], figures["notes"]
+
+
+def test_straceSummaryIsParsed():
+    if not (ROOT / "bench" / "syscalls.py").exists():
+        pytest.skip("not a checkout")
+    from bench import syscalls
+
+    text = """\
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 30.00    0.030000           3     10000           recvfrom
+ 20.00    0.020000           2     10000      5000 connect
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.050000           2     20000      5000 total
+"""
+    assert syscalls.parseStrace(text) == {"recvfrom": (10000, 0), "connect": (10000, 5000)}
 
 
 def test_routingCostIsPrinted():

@@ -31,6 +31,8 @@ from twistedcluster.fast.fasttcp import (
     loseWriteConnectionNow,
     plainTCP,
     prepare,
+    prepareListener,
+    readNow,
     sendNow,
 )
 
@@ -351,6 +353,99 @@ async def test_prepare_sets_no_delay_and_plain_tcp_excludes_other_transports(ser
     from twisted.internet.testing import StringTransport
 
     assert not plainTCP(StringTransport())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_prepared_listener_accepts_sockets_with_no_delay_already(servers):
+    # Linux copies the listener's TCP_NODELAY to what it accepts: prepare()
+    # then leaves it (one setsockopt fewer), and the lean accept gives
+    # Twisted an ordinary socket.
+    accepted = []
+
+    class Keep(Recorder):
+        def connectionMade(self):
+            accepted.append(self)
+
+    port = await listen(servers, Factory.forProtocol(Keep))
+    prepareListener(servers[-1])
+    assert type(servers[-1].socket).__name__ == "LeanListeningSocket"
+    client = socket.create_connection(("127.0.0.1", port))
+    try:
+        await until(lambda: accepted)
+        transport = accepted[0].transport
+        assert type(transport.socket) is socket.socket
+        assert transport.getTcpNoDelay()
+        prepare(transport)
+        assert transport.getTcpNoDelay() and transport._shouldShutdown is False
+        client.sendall(b"through")
+        await until(lambda: accepted[0].data == b"through")
+    finally:
+        client.close()
+    await bounded(accepted[0].readDone)
+    transport.loseConnection()
+    await bounded(accepted[0].lost)
+
+
+def bounded(d, seconds=10.0):
+    return d.addTimeout(seconds, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_now_reads_what_is_there_and_leaves_the_end_of_file(servers):
+    conn, proto, far = await dialledPair(servers)
+    assert readNow(conn) is None  # nothing sent yet
+    far.transport.write(b"first")
+    await until(lambda: proto.data == b"first")  # the reactor read it
+    conn.stopReading()  # from here on only readNow reads
+    far.transport.write(b"second")
+    got = None
+    for _ in range(100):
+        got = readNow(conn)
+        if got is not None:
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+    assert got == b"second"
+    far.transport.loseConnection()
+    await bounded(far.lost)
+    assert readNow(conn) is None  # end of file is left for the reactor
+    conn.startReading()
+    await bounded(proto.readDone)  # ...which sees it
+    conn.loseConnection()
+    await bounded(proto.lost)
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_now_turns_an_error_into_a_reset(servers):
+    conn, proto, far = await dialledPair(servers)
+    conn.stopReading()
+    far.transport.abortConnection()  # RST
+    await bounded(far.lost)
+    await until(lambda: readNow(conn) is None and conn._aborting)
+    reason = await bounded(proto.lost)
+    assert isinstance(reason, ConnectionAborted)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dialled_socket_is_made_non_blocking(servers):
+    conn, proto, far = await dialledPair(servers)
+    assert conn.socket.gettimeout() == 0.0
+    assert conn.socket.getblocking() is False
+    conn.loseConnection()
+    await bounded(proto.lost)
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_now_after_the_write_side_is_shut_down(servers):
+    # Both ways done, the write side shut down already: closed at once,
+    # cleanly, as Twisted's loseConnection would.
+    conn, proto, far = await dialledPair(servers)
+    loseWriteConnectionNow(conn)
+    assert proto.writeDone
+    loseConnectionNow(conn)
+    assert proto.lost.called
+    assert isinstance(await bounded(proto.lost), ConnectionDone)
+    loseConnectionNow(conn)  # closed already: nothing happens
+    await bounded(far.readDone)
 
 
 def linkLocalAddress():

@@ -183,3 +183,48 @@ def test_a_balancer_whose_canary_fails_runs_on_twisteds_reactor_and_says_so():
     assert "balancer reactor: EPollReactor" in log, log
     said = [x for x in log.splitlines() if "fast paths rely on" in x]
     assert len(said) == 1 and "forced for the test" in said[0], log
+
+
+@pytest.mark.allow_errors
+def test_a_read_that_raises_is_logged_and_disconnected():
+    # The lean poll loop's inlined read: what doRead raises is logged, and
+    # the descriptor disconnected, as Twisted's _doReadOrWrite does.
+    import socket
+
+    from twisted.logger import globalLogPublisher
+
+    from twistedcluster.fast.reactor import LeanEPollReactor
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    reactor = LeanEPollReactor()
+    a, b = socket.socketpair()
+
+    class Raising:
+        lost = None
+
+        def fileno(self):
+            return a.fileno()
+
+        def logPrefix(self):
+            return "raising"
+
+        def doRead(self):
+            raise ValueError("on purpose")
+
+        def connectionLost(self, reason):
+            self.lost = reason
+
+    try:
+        r = Raising()
+        reactor.addReader(r)
+        b.send(b"x")
+        reactor.doPoll(1)
+        assert r.lost is not None and r.lost.check(ValueError)
+        assert a.fileno() not in reactor._selectables
+        assert any(e.get("log_failure") is not None and e["log_failure"].check(ValueError) for e in events)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        reactor._poller.close()
+        a.close()
+        b.close()

@@ -70,9 +70,17 @@ class _Dialer:
         self.reactor = reactor
         self.timeout = timeout
         self._endpoints: Dict[Tuple[str, int], IStreamClientEndpoint] = {}
+        #: Whether each host dialled is an address literal.
+        self._literal: Dict[str, bool] = {}
 
     def dial(self, host: str, port: int, protocol: Protocol, failed: Failed) -> Abandon:
-        if isIPAddress(host) or isIPv6Address(host):
+        literal = self._literal.get(host)
+        if literal is None:
+            # Asked once per host: a connection's worth of parsing saved.
+            if len(self._literal) > _ENDPOINT_CACHE:
+                self._literal.clear()
+            literal = self._literal[host] = isIPAddress(host) or isIPv6Address(host)
+        if literal:
             return self._dialAddress(host, port, protocol, failed)
         d = self.endpointFor(host, port).connect(_OneProtocol(protocol, failed))
         d.addErrback(failed)

@@ -36,7 +36,7 @@ from twistedcluster.balancer import accesslog as ends
 from twistedcluster.balancer.admission import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT, WaitQueue
 from twistedcluster.core.cluster import Cluster, Route
 from twistedcluster.balancer.dialer import ReactorDialer, dialerFor
-from twistedcluster.fast.fasttcp import loseWriteConnectionNow, sendNow
+from twistedcluster.fast.fasttcp import loseWriteConnectionNow, plainTCP, readNow, sendNow
 from twistedcluster.balancer.passivehealth import (
     DEFAULT_EARLY_CLOSE_WINDOW,
     DEFAULT_EJECT_AFTER,
@@ -325,6 +325,14 @@ class ProxyServer(Relay):
             self._awaitHeader()
             return
         self.route()
+        if not self._gone and plainTCP(self.transport):
+            # Most clients send first, and at once: by now their first bytes
+            # are here, so read them in this turn (to the backend, when it is
+            # connected already, or held until it is) rather than on the
+            # reactor's next, one wake-up and dispatch per connection fewer.
+            data = readNow(self.transport)
+            if data is not None:
+                self.dataReceived(data)
 
     def _awaitHeader(self) -> None:
         """

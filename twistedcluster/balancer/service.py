@@ -40,6 +40,7 @@ from twistedcluster.balancer.passivehealth import (
 )
 from twistedcluster.balancer.proxy import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT
 from twistedcluster.wire.proxyheader import checkVersion
+from twistedcluster.fast.fasttcp import prepareListener
 
 log = Logger()
 
@@ -679,6 +680,8 @@ def makeService(options: Options, reactor=None):
             acceptErrors.watch(port, role)
             if role in ("proxy", "redirect"):
                 clientLimit.listening(port)
+            if role == "proxy":
+                prepareListener(port)
 
         return listening
 

@@ -9,6 +9,9 @@ the simple case, so ordering, back-pressure and error handling stay
 Twisted's:
 
 - L{sendNow}: send a chunk at once when nothing is queued before it.
+- L{readNow}: read what a socket holds already, without a reactor turn (a
+  client that connects and sends at once has sent by the time it is
+  accepted, as HAProxy's speculative reads assume).
 - L{loseWriteConnectionNow}, L{loseConnectionNow}: a half-close or a close
   of a transport with nothing left to send happens at once, not on a later
   reactor turn after an empty send.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sys
 from typing import Callable, Optional
 
 from twisted.internet import error
@@ -38,12 +42,14 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.python.failure import Failure
 
 from twistedcluster.fast import internals
-from twistedcluster.fast.internals import sendNow, skipShutdown
+from twistedcluster.fast.internals import readNow, sendNow, skipShutdown
 
 __all__ = [
     "Dialled",
     "plainTCP",
     "prepare",
+    "prepareListener",
+    "readNow",
     "skipShutdown",
     "sendNow",
     "loseWriteConnectionNow",
@@ -93,7 +99,7 @@ class Dialled(internals.TCPConnection):
         else:
             self.realAddress = (host, port)
         internals.TCPConnection.__init__(
-            self, socket.socket(family, socket.SOCK_STREAM), protocol, reactor
+            self, _NonBlockingSocket(family, _STREAM_NONBLOCK), protocol, reactor
         )
         self._addressType = IPv6Address if family == socket.AF_INET6 else IPv4Address
         internals.setLogPrefix(self, f"{protocol.__class__.__name__},client")
@@ -200,6 +206,25 @@ class Dialled(internals.TCPConnection):
         self._fail(_connectError(err) if err else error.ConnectError(string=str(reason.value)))
 
 
+#: A socket made non-blocking (one system call, not two).
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+class _NonBlockingSocket(socket.socket):
+    """
+    A socket made with C{SOCK_NONBLOCK} where the system has it: Twisted's
+    C{Connection} asks for non-blocking again (an ioctl per connection),
+    which is skipped when it already is.
+    """
+
+    __slots__ = ()
+
+    def setblocking(self, flag: bool) -> None:
+        # A timeout of 0.0 is what a socket made with SOCK_NONBLOCK has.
+        if flag or self.gettimeout() != 0.0:
+            socket.socket.setblocking(self, flag)
+
+
 def _connectError(err: int) -> error.ConnectError:
     return error.getConnectError((err, os.strerror(err)))
 
@@ -235,10 +260,40 @@ def prepare(transport) -> None:
     Ready a plain TCP transport for relaying: no Nagle delay (what a relay
     reads, it passes on at once) and no shutdown() before close() (the
     socket is not shared with another process, so close() alone ends it the
-    same way, one system call sooner).
+    same way, one system call sooner).  A socket accepted by a listener
+    given to L{prepareListener} has no Nagle delay already.
     """
-    transport.setTcpNoDelay(True)
+    if not getattr(getattr(transport, "server", None), _NO_DELAY, False):
+        transport.setTcpNoDelay(True)
     skipShutdown(transport)
+
+
+#: Set on a listening port whose accepted sockets start with TCP_NODELAY.
+_NO_DELAY = "_twistedclusterNoDelay"
+
+
+def prepareListener(port) -> None:
+    """
+    Ready a listening TCP port whose connections are relayed: it accepts
+    without the socket module's enum conversions
+    (L{internals.leanAccept}), and TCP_NODELAY is set on the listening
+    socket, which Linux copies to every socket it accepts (as HAProxy
+    does), so that L{prepare} need not set it on each: one system call
+    fewer per connection.  Anything but a plain TCP port over IP, or a
+    Twisted that failed the canary, is left alone.
+    """
+    if not (internals.fastPaths() and isinstance(port, internals.TCPPort)):
+        return
+    sock = getattr(port, "socket", None)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    internals.leanAccept(port)
+    if sys.platform.startswith("linux"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            return
+        setattr(port, _NO_DELAY, True)
 
 
 def loseWriteConnectionNow(transport) -> None:
@@ -264,7 +319,14 @@ def loseConnectionNow(transport) -> None:
     C{connectionLost} decides what becomes of it (a relay closes its other
     side itself, the same fast way).
     """
-    if not internals.idle(transport):
-        transport.loseConnection()
+    if not transport.connected:
+        # Closed already (or never open): Twisted's loseConnection would do
+        # nothing either.
         return
-    internals.closeNow(transport)
+    if internals.idle(transport) or internals.writeShutDown(transport):
+        # Also once the write side is shut down (nothing can be queued
+        # then): Twisted's loseConnection would close at once too, but with
+        # a new Failure for the reason, a few microseconds per connection.
+        internals.closeNow(transport)
+        return
+    transport.loseConnection()

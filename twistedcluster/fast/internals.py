@@ -22,8 +22,11 @@ each probe, so a Twisted release that changes one fails the suite by name.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import socket
+import sys
+from select import EPOLLIN as _EPOLLIN
 from typing import Callable, List, Optional
 
 import twisted
@@ -65,6 +68,8 @@ class Changed(Exception):
 #: once C{connected = 1} and reading, an ordinary transport.  L{Dialled} in
 #: fasttcp builds on it.
 TCPConnection = tcp.Connection
+#: Twisted's listening TCP port (its C{socket} is the listening socket).
+TCPPort = tcp.Port
 #: Twisted's own accepted and connected TCP transports.
 TCP_TRANSPORTS = (tcp.Server, tcp.Client)
 
@@ -161,6 +166,43 @@ def sendNow(transport, data: bytes) -> None:
     transport.write(data)
 
 
+def readNow(transport) -> Optional[bytes]:
+    """
+    Read what a plain TCP transport's socket holds already, without waiting
+    for the reactor to say it is readable (as C{Connection.doRead} reads:
+    up to C{bufferSize} bytes from C{socket}); C{None} when it holds no data.
+
+    End of file is left where it is (a socket at end of file stays readable:
+    the reactor reports it on its next turn).  An error ends the connection
+    as a reset (C{abortConnection}), as the reactor would once it saw it:
+    a socket's error is reported once, so it cannot be left for later.
+    """
+    if not transport.connected or transport.disconnecting or transport._aborting:
+        return None
+    try:
+        data = transport.socket.recv(transport.bufferSize)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        transport.abortConnection()
+        return None
+    return data or None
+
+
+def writeShutDown(transport) -> bool:
+    """
+    Whether a plain TCP transport is open, not closing, with its write side
+    shut down already (C{_writeDisconnected}: the queue was sent before
+    that): closing it now is what Twisted's C{loseConnection} would do.
+    """
+    return (
+        transport._writeDisconnected
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._aborting
+    )
+
+
 def shutdownWriteNow(transport) -> None:
     """
     Shut down the write side of an L{idle} plain TCP transport now, as its
@@ -181,9 +223,43 @@ def closeNow(transport) -> None:
     """
     transport.producer = None
     transport.disconnecting = True
-    transport.stopReading()
-    transport.stopWriting()
+    # FileDescriptor.connectionLost stops reading and writing first thing.
     transport.connectionLost(_DONE)
+
+
+class LeanListeningSocket(socket.socket):
+    """
+    A listening socket whose C{accept} makes the new socket from the
+    listener's family, type and protocol as plain integers: the socket
+    module's own C{accept} reads them through C{family} and C{type}, which
+    convert each to an enum member, about a microsecond apiece per accepted
+    connection.  Twisted's C{tcp.Port} calls C{accept} on its C{socket}
+    (through C{tcp._accept}); nothing else differs (the listener is
+    non-blocking, so C{socket.accept}'s C{setblocking(True)} never applied).
+    """
+
+    __slots__ = ()
+
+    def accept(self):
+        fd, addr = self._accept()
+        return socket.socket(_FAMILY(self), _TYPE(self), _PROTO(self), fd), addr
+
+
+_FAMILY = _socket.socket.family.__get__
+_TYPE = _socket.socket.type.__get__
+_PROTO = _socket.socket.proto.__get__
+
+
+def leanAccept(port) -> bool:
+    """
+    Have a listening C{tcp.Port} accept through L{LeanListeningSocket}
+    (its C{socket}'s class changed in place); whether it was.
+    """
+    sock = getattr(port, "socket", None)
+    if type(sock) is not socket.socket or sock.gettimeout() != 0.0:
+        return False
+    sock.__class__ = LeanListeningSocket
+    return True
 
 
 def replaceDoRead(transport, doRead: Callable[[], object]) -> None:
@@ -228,7 +304,37 @@ def setLogPrefix(connection, prefix: str) -> None:
 # _poller is the select.epoll object; _selectables maps each registered file
 # descriptor to its reader/writer; _doReadOrWrite(selectable, fd, event)
 # calls doRead/doWrite for the event, catches what they raise, and removes
-# and disconnects the selectable when they return or raise a reason.
+# and disconnects the selectable when they return or raise a reason, through
+# _disconnectSelectable(selectable, why, isRead): for an end of file read,
+# readConnectionLost when the selectable is half-closeable, else
+# connectionLost.
+# _reads and _writes are the sets of file descriptors registered for reading
+# and for writing; removeReader/removeWriter change nothing for a descriptor
+# not in them, unless it is one _continuousPolling watches (files epoll
+# refuses), which its isReading/isWriting say.
+
+
+def leanRemoveReader(reactor, reader) -> None:
+    """
+    C{EPollReactor.removeReader}, answered at once for a descriptor that is
+    not being read: a transport stops reading and writing four or five
+    times over while it closes (C{loseConnection}, C{connectionLost}, the
+    reactor's own disconnect), and each such call costs Twisted's generic
+    path about a microsecond.
+    """
+    fd = reader.fileno()
+    if fd == -1 or fd in reactor._reads or reactor._continuousPolling.isReading(reader):
+        EPollReactor.removeReader(reactor, reader)
+
+
+def leanRemoveWriter(reactor, writer) -> None:
+    """
+    C{EPollReactor.removeWriter}, answered at once for a descriptor that is
+    not being written (see L{leanRemoveReader}).
+    """
+    fd = writer.fileno()
+    if fd == -1 or fd in reactor._writes or reactor._continuousPolling.isWriting(writer):
+        EPollReactor.removeWriter(reactor, writer)
 
 
 def leanDoPoll(reactor, timeout) -> None:
@@ -252,7 +358,20 @@ def leanDoPoll(reactor, timeout) -> None:
         if selectable is None:
             continue
         try:
-            doReadOrWrite(selectable, fd, event)
+            if event == _EPOLLIN and selectable.fileno() != -1:
+                # Readable and nothing else, the common case: the read
+                # branch of _doReadOrWrite, inlined (a relayed message is
+                # two of these; the frame and flag tests are a tenth of the
+                # Python work each costs).
+                try:
+                    why = selectable.doRead()
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    log.failure("unhandled error reading {selectable!r}", selectable=selectable)
+                if why:
+                    reactor._disconnectSelectable(selectable, why, True)
+            else:
+                doReadOrWrite(selectable, fd, event)
         except KeyboardInterrupt:
             raise
         except BaseException:
@@ -446,6 +565,13 @@ def checkTransport() -> None:
         _require(unsent(t) == 0 and idle(t), "doWrite left sent bytes counted as unsent")
         sendNow(t, b"now")
         _require(client.recv(100) == b"now", "sendNow did not send at once")
+        _require(readNow(t) is None, "readNow read from an empty socket")
+        client.sendall(b"early")
+        for _ in range(100):  # loopback delivers at once, or nearly
+            got = readNow(t)
+            if got is not None:
+                break
+        _require(got == b"early", f"readNow did not read what was there: {got!r}")
         _require(unsent(t) == 0, "sendNow queued on an idle transport")
         t.write(b"queued")
         t.loseWriteConnection()
@@ -471,10 +597,15 @@ def checkTransport() -> None:
             t.doRead.__func__ is own and t.doWrite.__func__ is type(t).doWrite,
             "doRead/doWrite not restored",
         )
+        t.startReading()
         closeNow(t)
         _require(
             protocol.events[-1] == "connectionLost" and getattr(t, "socket", None) is None and t.disconnected,
             "closeNow did not close the transport",
+        )
+        _require(
+            t not in reactor.readers and t not in reactor.writers,
+            "closeNow left the transport reading (FileDescriptor.connectionLost no longer stops it)",
         )
     finally:
         server.close()
@@ -484,13 +615,58 @@ def checkTransport() -> None:
     server, client = _loopbackPair()
     try:
         t, protocol, reactor = _transport(server)
+        _require(not writeShutDown(t), "an open transport looks shut down for writing")
         shutdownWriteNow(t)
         _require(client.recv(100) == b"", "shutdownWriteNow did not shut the write side down")
         _require(protocol.events == ["writeConnectionLost"], "shutdownWriteNow did not tell the protocol")
+        _require(writeShutDown(t), "_writeDisconnected is not set once the write side is shut down")
         closeNow(t)
+        _require(not writeShutDown(t), "a closed transport looks open")
     finally:
         server.close()
         client.close()
+
+
+def checkListener() -> None:
+    """
+    A socket's class can be changed to L{LeanListeningSocket} in place, and
+    its C{accept} then gives a plain socket connected to the client.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        _require(leanAccept(_ListeningPort(listener)), "a listening socket's class cannot be changed")
+        with socket.create_connection(listener.getsockname(), timeout=5) as client:
+            for _ in range(100):  # the handshake is over at once on loopback
+                try:
+                    server, addr = listener.accept()
+                    break
+                except BlockingIOError:
+                    import time
+
+                    time.sleep(0.01)
+            else:
+                raise Changed("LeanListeningSocket.accept accepted nothing")
+            try:
+                _require(type(server) is socket.socket, f"LeanListeningSocket.accept gave {type(server)}")
+                _require(
+                    server.family == socket.AF_INET and server.type == socket.SOCK_STREAM
+                    and addr == client.getsockname(),
+                    "LeanListeningSocket.accept gave another family, type or address",
+                )
+                server.sendall(b"x")
+                _require(client.recv(1) == b"x", "the socket LeanListeningSocket.accept gave is not connected")
+            finally:
+                server.close()
+    finally:
+        listener.close()
+
+
+class _ListeningPort:
+    def __init__(self, sock) -> None:
+        self.socket = sock
 
 
 class _Readable:
@@ -511,8 +687,23 @@ class _Readable:
         pass
 
 
+class _Ending(_Readable):
+    def __init__(self, sock, outcome: str) -> None:
+        super().__init__(sock)
+        self.outcome = outcome
+        self.lost = None
+
+    def doRead(self):
+        return error.ConnectionDone()
+
+    def connectionLost(self, reason) -> None:
+        self.lost = reason
+
+
 class _ProbeReactor(EPollReactor):
     doPoll = doIteration = leanDoPoll
+    removeReader = leanRemoveReader
+    removeWriter = leanRemoveWriter
 
 
 def checkReactor() -> None:
@@ -527,7 +718,35 @@ def checkReactor() -> None:
         b.send(b"ping")
         leanDoPoll(reactor, 1)
         _require(readable.reads == [b"ping"], "EPollReactor's _poller/_selectables/_doReadOrWrite changed")
+        fd = a.fileno()
+        _require(fd in reactor._reads and fd not in reactor._writes, "EPollReactor's _reads/_writes changed")
+        reactor.removeWriter(readable)  # not writing: nothing changes
+        _require(fd in reactor._reads and fd in reactor._selectables, "leanRemoveWriter removed a reader")
+        reactor.addWriter(readable)
+        _require(fd in reactor._writes, "EPollReactor's _writes changed")
+        reactor.removeWriter(readable)
+        _require(fd not in reactor._writes and fd in reactor._reads, "leanRemoveWriter did not remove a writer")
         reactor.removeReader(readable)
+        _require(
+            fd not in reactor._reads and fd not in reactor._selectables,
+            "leanRemoveReader did not remove a reader",
+        )
+        _require(
+            not reactor._continuousPolling.isReading(readable)
+            and not reactor._continuousPolling.isWriting(readable),
+            "EPollReactor's _continuousPolling changed",
+        )
+        reactor.removeReader(readable)  # twice: nothing happens
+        # A read that ends the connection is disconnected, as
+        # _doReadOrWrite would.
+        for outcome in ("done",):
+            ending = _Ending(a, outcome)
+            reactor.addReader(ending)
+            b.send(b"x")
+            leanDoPoll(reactor, 1)
+            _require(ending.lost is not None, "a doRead that ended the connection did not disconnect it")
+            _require(fd not in reactor._reads, "_disconnectSelectable did not stop reading")
+            a.recv(100)
     finally:
         closePoller(reactor)
         a.close()
@@ -633,7 +852,7 @@ def checkAMP() -> None:
 
 
 #: Every probe, in the order L{check} runs them.
-PROBES = (checkTransport, checkReactor, checkPort, checkAMP)
+PROBES = (checkTransport, checkListener, checkReactor, checkPort, checkAMP)
 
 
 def check() -> None:

@@ -36,10 +36,14 @@ from twistedcluster.fast import internals
 
 class LeanEPollReactor(EPollReactor):
     """
-    L{EPollReactor} that dispatches ready descriptors directly.
+    L{EPollReactor} that dispatches ready descriptors directly, and
+    answers at once a request to stop reading or writing a descriptor that
+    is not being read or written.
     """
 
     doPoll = doIteration = internals.leanDoPoll
+    removeReader = internals.leanRemoveReader
+    removeWriter = internals.leanRemoveWriter
 
 
 def installIfNone() -> bool:
