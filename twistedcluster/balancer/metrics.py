@@ -74,6 +74,12 @@ def prometheusText(
     )
     perBackend("twistedcluster_backend_weight", "gauge", "Routing weight.", lambda b: b.weight)
     perBackend(
+        "twistedcluster_backend_slow_start_share",
+        "gauge",
+        "Share of its weight the backend takes now: below 1 while slow start ramps it up.",
+        lambda b: repr(b.ramp),
+    )
+    perBackend(
         "twistedcluster_backend_connections",
         "gauge",
         "Active connections the backend last reported.",
