@@ -296,3 +296,13 @@ def test_every_policy_routes_to_a_lone_ramping_backend():
         p = pool()
         p.register("only", "127.0.0.1", 2)
         assert Cluster(p, policy=name).pick(key="10.0.0.1").name == "only"
+
+
+def test_round_robin_gives_a_backend_its_turn_at_its_new_share_not_its_old():
+    cluster = loaded("round-robin", 0.05)
+    p = cluster.pool
+    first = burst(cluster, 30)
+    assert first["new"] <= 2
+    p.rampTick(SECONDS)  # all of its weight: its turns come every 4 picks
+    again = burst(cluster, 40)
+    assert 8 <= again["new"] <= 12, again

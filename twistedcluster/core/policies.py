@@ -159,9 +159,11 @@ class RoundRobin:
 
     On the pool's L{Candidates} it is stride scheduling instead (the same
     shares, in log(backends) per pick): each backend has a pass, the
-    lowest pass is chosen and moves on by 1/weight; a backend that joins
-    (or comes back) starts at the pass of the last one chosen; ties go in
-    name order.  Over whole
+    lowest pass is chosen and moves on by 1/weight (the weight it takes now,
+    slow start's share of it); a backend that joins (or comes back) starts
+    at the pass of the last one chosen; when its weight changes, what it
+    still had to wait is scaled to the new one; ties go in name order.
+    Over whole
     rounds of sum(weights) picks each backend gets its weight's share to
     within one.
     """
@@ -174,12 +176,24 @@ class RoundRobin:
         #: pass of the last one chosen.
         self._pass: Dict[str, float] = {}
         self._now = 0.0
+        #: The weight each pass was moved on with.
+        self._strideWeight: Dict[str, float] = {}
 
     def _passOf(self, b: BackendStatus) -> float:
         passes = self._pass
-        p = passes.get(b.name)
-        if p is None or p < self._now:
-            p = passes[b.name] = self._now
+        name = b.name
+        now = self._now
+        p = passes.get(name)
+        if p is None or p < now:
+            p = passes[name] = now
+        elif p > now:
+            weight = b.weight * b.ramp
+            old = self._strideWeight.get(name, weight)
+            if old != weight and weight > 0:
+                # Reweighted (or ramped up) while waiting its turn: the
+                # rest of the wait at the new weight, not at the old.
+                p = passes[name] = now + (p - now) * old / weight
+                self._strideWeight[name] = weight
         return p
 
     def choose(
@@ -216,11 +230,14 @@ class RoundRobin:
             return None
         passes = self._pass
         self._now = now = passes.get(chosen.name, self._now)
-        passes[chosen.name] = now + 1.0 / (chosen.weight * chosen.ramp)
+        weight = chosen.weight * chosen.ramp
+        passes[chosen.name] = now + 1.0 / weight
+        self._strideWeight[chosen.name] = weight
         candidates.rescore(self._passOf, chosen.name)
         if len(passes) > 2 * len(candidates) + 64:
             # Forget the passes of backends no longer eligible.
             self._pass = {n: p for n, p in passes.items() if candidates.get(n) is not None}
+            self._strideWeight = {n: w for n, w in self._strideWeight.items() if n in self._pass}
         return chosen
 
 
