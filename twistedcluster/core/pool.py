@@ -394,6 +394,7 @@ class Pool:
         #: (L{ringChanges}); C{_ringLogBase} is the position of its first.
         self._ringLog: List[str] = []
         self._ringLogBase = 0
+        self._candidates = Candidates(self)
 
     def watch(self, callback: Callable[[], None]) -> None:
         """
@@ -462,7 +463,9 @@ class Pool:
 
         @param exclude: names to leave out (backends already tried).
         """
-        return Candidates(self, frozenset(exclude) if exclude else _NONE)
+        if not exclude:
+            return self._candidates  # the same every time: nothing to make
+        return Candidates(self, frozenset(exclude))
 
     def lowest(
         self,
@@ -1181,6 +1184,21 @@ class _Index:
         """
         heap, current = self.heap, self.current
         pop = heapq.heappop
+        while heap and current.get(heap[0][2]) is not heap[0]:
+            pop(heap)  # stale
+        if not heap:
+            return None
+        top = heap[0]
+        if not (exclude and top[2] in exclude):
+            # Most picks: the lowest and the next lowest (a child of the
+            # top) are valid, so nothing need leave the heap.
+            if not self.randomTies or len(heap) == 1:
+                return top[3]
+            second = heap[1] if len(heap) == 2 or heap[1] <= heap[2] else heap[2]
+            if current.get(second[2]) is second and not (exclude and second[2] in exclude):
+                if second[0] != top[0]:
+                    return top[3]
+                return (top, second)[rng.randrange(2)][3]
         put_back = []
         tied: List[Tuple[float, float, str, BackendStatus]] = []
         limit = _TIED if self.randomTies else 1
