@@ -244,9 +244,9 @@ class RoundRobin:
 class PowerOfTwo:
     """
     Power of two choices: draw two distinct backends at random, in
-    proportion to their weights, and route to the one with the lower
-    estimated load (L{estimatedLoad}); with two candidates, the lower of the
-    two; with one, it.
+    proportion to their weights (slow start's share of them), and route to
+    the one with the lower estimated load per that weight; with two
+    candidates, the lower of the two; with one, it.
 
     Nearly as even as least-load, at a cost that does not grow with the
     number of backends, and the answer to herding across several balancers:

@@ -49,8 +49,8 @@ __all__ = [
     "MAX_WEIGHT",
     "MIN_WEIGHT",
     "Pool",
-    "RAMP_STEPS",
     "PoolError",
+    "RAMP_STEPS",
     "State",
     "UnknownBackend",
     "allowedEjections",
@@ -1116,8 +1116,6 @@ class Pool:
 
 
 _ENABLED = AdminState.ENABLED
-#: Nothing excluded.
-_NONE: frozenset = frozenset()
 #: How many score functions L{Pool.lowest} keeps an index for.
 _MAX_INDEXES = 4
 #: Scores are rounded to this many decimals: closer ones are ties.
