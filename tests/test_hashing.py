@@ -567,3 +567,31 @@ def test_the_ring_grows_and_shrinks_its_buckets_without_moving_a_key():
     for k in ks:
         if before[k] >= "b290":
             assert cluster.pickUncounted(key=k).name == before[k]
+
+
+def test_when_few_backends_have_room_a_pick_walks_a_bounded_stretch():
+    pool = Pool()
+    for i in range(400):
+        pool.register(f"b{i:03d}", "h", 1000 + i, capacity=1)
+    cluster = Cluster(pool, policy="hash", hashBalance=0)
+    routes = [cluster.pick(key=k) for k in keys(397, 5)]
+    assert all(routes)  # 397 of 400 now full
+    left = {s.name for s in pool.candidates()}
+    assert len(left) == 3
+    walked = []
+    real = BoundedHash._clockwise
+
+    def counting(self, point):
+        for entry in real(self, point):
+            walked.append(entry)
+            yield entry
+
+    BoundedHash._clockwise = counting
+    try:
+        for k in keys(3, 6):
+            route = cluster.pick(key=k)
+            assert route.name in left
+    finally:
+        BoundedHash._clockwise = real
+    assert len(walked) <= 3 * policies._MAX_WALK
+    assert cluster.pick(key="10.9.9.9") is None  # all full: at once

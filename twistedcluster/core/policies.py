@@ -319,6 +319,9 @@ _INDEX_MASK = (1 << _INDEX_BITS) - 1
 _BUCKET_SIZE = 64  # ring entries per bucket, about (up to 4x between rebuilds)
 _MAX_BUCKET_BITS = 16
 _BLOCK = 8
+#: Ring entries a pick on the pool's candidates walks past at most: beyond,
+#: few of the ring's backends are candidates, and it takes the least loaded.
+_MAX_WALK = 1024
 
 
 _nameOf = attrgetter("name")
@@ -331,7 +334,8 @@ def _units(b: BackendStatus) -> int:
     A backend's weight in units of 1/RAMP_STEPS, slow start's share
     included: exact integers for the hash policy's bound.
     """
-    return b.weight * round(b.ramp * RAMP_STEPS)
+    ramp = b.ramp
+    return b.weight * (RAMP_STEPS if ramp == 1.0 else round(ramp * RAMP_STEPS))
 
 
 def _connectionsPerUnit(b: BackendStatus) -> float:
@@ -540,8 +544,6 @@ class BoundedHash:
         pick: usually none, or the one backend that came up or went down.
         """
         pool = candidates.pool
-        if pool is self._pool and candidates.ringCursor == self._cursor:
-            return
         since = self._cursor if self._pool is pool else None
         whole, changes, self._cursor = candidates.ringChanges(since)
         if whole:
@@ -657,19 +659,19 @@ class BoundedHash:
         pool's changes, the totals come from the pool, and the walk asks
         for each backend it meets whether it is a candidate.
         """
-        self._follow(candidates)
-        usable = len(candidates)
-        if usable <= 1:
-            return next(iter(candidates), None)
+        if candidates.pool is not self._pool or candidates.ringCursor != self._cursor:
+            self._follow(candidates)
+        if not candidates:
+            return None
         point = _keyPoint(key) if key is not None else rng.getrandbits(_POINT_BITS)
         names, get = self._names, candidates.get
         num = self._num
         room = scale = 0
-        over: Set[str] = set()
-        for entry in self._clockwise(point):
+        over: Set[Optional[str]] = set()
+        for entry in islice(self._clockwise(point), _MAX_WALK):
             name = names[entry & _INDEX_MASK]
             c = get(name)  # type: ignore[arg-type]
-            if c is None or name in over:
+            if c is None or (over and name in over):
                 continue
             load = c.estimatedConnections
             if not num or not load:
@@ -680,9 +682,12 @@ class BoundedHash:
                 scale = self._den * units
             if load * scale < room * _units(c):
                 return c
-            over.add(name)  # type: ignore[arg-type]
-            if len(over) == usable:
+            over.add(name)
+            if len(over) == len(candidates):
                 break
+        # A long walk: most of the ring's backends are full or not
+        # candidates (or every one is over its bound, which cannot be while
+        # the factor is >= 1): the least loaded per weight, among the few.
         return _lowest(candidates, _connectionsPerUnit, rng)
 
 
