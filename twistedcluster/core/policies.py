@@ -20,12 +20,13 @@ log(backends).  Given any other sequence they scan it, as before.
 from __future__ import annotations
 
 import random
+from array import array
 from bisect import bisect_left, insort
 from fractions import Fraction
 from hashlib import blake2b
 from itertools import chain, islice
 from operator import attrgetter
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set
 
 from twistedcluster.core.pool import RAMP_STEPS, BackendStatus
 
@@ -319,6 +320,16 @@ _INDEX_MASK = (1 << _INDEX_BITS) - 1
 _BUCKET_SIZE = 64  # ring entries per bucket, about (up to 4x between rebuilds)
 _MAX_BUCKET_BITS = 16
 _BLOCK = 8
+
+
+def _entries(values: Iterable[int] = ()) -> "array[int]":
+    """
+    A bucket of ring entries: 64-bit integers side by side in an array (8
+    bytes each, not a pointer to an integer object elsewhere in memory), so
+    the few a pick reads share cache lines: at 10,000 backends the ring has
+    1.3 million entries.
+    """
+    return array("Q", values)
 #: Ring entries a pick on the pool's candidates walks past at most: beyond,
 #: few of the ring's backends are candidates, and it takes the least loaded.
 _MAX_WALK = 1024
@@ -431,7 +442,7 @@ class BoundedHash:
         #: The ring, cut by the top bits of the point into buckets of
         #: sorted entries (point << 24 | slot): adding one backend's points
         #: is a few short insertions, not a new ring.
-        self._buckets: List[List[int]] = [[]]
+        self._buckets: List["array[int]"] = [_entries()]
         self._shift = _POINT_BITS
         self._entries = 0
         #: Where the ring came from: the pool whose changes it follows
@@ -461,12 +472,11 @@ class BoundedHash:
             raise ValueError(f"too many backends for the hash ring: {len(names)}")
         entries = RING_POINTS_PER_WEIGHT * sum(members.values())
         shift = _POINT_BITS - self._bucketBits(entries)
-        buckets: List[List[int]] = [[] for _ in range(1 << (_POINT_BITS - shift))]
+        lists: List[List[int]] = [[] for _ in range(1 << (_POINT_BITS - shift))]
         for slot, name in enumerate(names):
             for p in _ringPoints(name, members[name]):
-                buckets[p >> shift].append((p << _INDEX_BITS) | slot)
-        for bucket in buckets:
-            bucket.sort()
+                lists[p >> shift].append((p << _INDEX_BITS) | slot)
+        buckets = [_entries(sorted(entries)) for entries in lists]
         self._members = members
         self._slots = {n: i for i, n in enumerate(names)}
         self._names = list(names)
@@ -532,9 +542,9 @@ class BoundedHash:
         start = 0
         for b in range(1, 1 << bits):
             end = bisect_left(ring, b * step, start)
-            buckets.append(ring[start:end])
+            buckets.append(_entries(ring[start:end]))
             start = end
-        buckets.append(ring[start:])
+        buckets.append(_entries(ring[start:]))
         self._buckets = buckets
         self._shift = shift
 
