@@ -595,3 +595,23 @@ def test_when_few_backends_have_room_a_pick_walks_a_bounded_stretch():
         BoundedHash._clockwise = real
     assert len(walked) <= 3 * policies._MAX_WALK
     assert cluster.pick(key="10.9.9.9") is None  # all full: at once
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    weights=st.lists(st.integers(0, 4), min_size=1, max_size=12),
+    loads=st.lists(st.integers(0, 30), min_size=12, max_size=12),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_a_pick_on_the_pools_candidates_equals_one_on_a_plain_list(weights, loads, seed):
+    pool = Pool()
+    for i, w in enumerate(weights):
+        pool.register(f"b{i}", "h", 1000 + i, capacity=25, connections=loads[i])
+        pool.setWeight(f"b{i}", w)
+    live = BoundedHash()
+    plain = BoundedHash()
+    rngA, rngB = random.Random(seed), random.Random(seed)
+    for k in keys(50, seed):
+        a = live.choose(pool.candidates(), rngA, k)
+        b = plain.choose(list(pool.candidates()), rngB, k)
+        assert (a and a.name) == (b and b.name)

@@ -330,8 +330,8 @@ def _entries(values: Iterable[int] = ()) -> "array[int]":
     1.3 million entries.
     """
     return array("Q", values)
-#: Ring entries a pick on the pool's candidates walks past at most: beyond,
-#: few of the ring's backends are candidates, and it takes the least loaded.
+#: Ring entries a pick walks past at most: beyond, few of the ring's backends
+#: are candidates (or under their bound), and it takes the least loaded.
 _MAX_WALK = 1024
 
 
@@ -642,7 +642,7 @@ class BoundedHash:
         room = 0  # num * (total load + 1), worked out when first needed
         scale = 0
         over: Set[int] = set()
-        for entry in self._clockwise(point):
+        for entry in islice(self._clockwise(point), _MAX_WALK):
             at = positions[entry & _INDEX_MASK]
             if at < 0 or at in over:
                 continue
