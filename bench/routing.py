@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         for key, us in ours.items():
             if key.endswith(f"/{TARGET_BACKENDS}") and not key.startswith("first/"):
                 verdict = "PASS" if us <= TARGET_US else "FAIL"
-                print(f"  {verdict}  {key.split('/')[0]}: {us:.1f} us")
+                print(f"  {verdict}  {key.split('/')[0]}: {us:.2f} us")
     return 0
 
 

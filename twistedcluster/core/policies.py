@@ -277,7 +277,10 @@ class PowerOfTwo:
         second = self._draw(candidates, rng, first)
         if second is None:
             return first
-        return first if _rampedLoad(first) <= _rampedLoad(second) else second
+        # _rampedLoad of each, inline: this is the whole of a pick's work.
+        if estimatedLoad(first) / first.ramp <= estimatedLoad(second) / second.ramp:
+            return first
+        return second
 
     def _draw(
         self,
@@ -671,8 +674,8 @@ class BoundedHash:
         """
         if candidates.pool is not self._pool or candidates.ringCursor != self._cursor:
             self._follow(candidates)
-        if not candidates:
-            return None
+        if len(candidates) <= 1:  # none, or one: no ring needed
+            return next(iter(candidates), None)
         point = _keyPoint(key) if key is not None else rng.getrandbits(_POINT_BITS)
         names, get = self._names, candidates.get
         num = self._num
