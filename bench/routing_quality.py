@@ -464,6 +464,8 @@ class Plan:
         self.newcomerBurst = 40 if quick else 200
         self.burstSeconds = 0.2 if quick else 0.5
         self.seed = 15
+        #: The balancers' --slow-start (0: off).
+        self.slowStart = 0.0
 
     @property
     def capacity(self) -> float:
@@ -549,8 +551,19 @@ class Bench:
 
     def _balancer(self, name: str) -> LocalCluster:
         c = self._cluster(name)
-        c.startBalancer(name=f"balancer-{name}")
+        extra = [f"--slow-start={self.plan.slowStart:g}"] if self.plan.slowStart else []
+        c.startBalancer(name=f"balancer-{name}", extra=extra)
         return c
+
+    def _slowStartApplies(self, c: LocalCluster) -> None:
+        """
+        Wait until slow start applies on C{c}'s balancer: not to backends
+        that come up in its first seconds.
+        """
+        if self.plan.slowStart:
+            proc = next(p for n, p in c.processes.items() if n.startswith("balancer-"))
+            waitFor(lambda: "slow start: backends that come up" in proc.logText(),
+                    self.plan.slowStart + 30, "slow start to apply")
 
     @staticmethod
     def _control(c: LocalCluster) -> str:
@@ -625,6 +638,8 @@ class Bench:
                     20,
                     "the held connections reported",
                 )
+            for c in self.newcomer:
+                self._slowStartApplies(c)
             self.newPort = stablePort()
             for a in HAPROXY_ALGORITHMS:
                 servers = [(n, p, False) for n, p in zip(self.oldNames, ports)] + [("new", self.newPort, True)]
@@ -868,6 +883,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-haproxy", action="store_true", help="leave HAProxy out")
     p.add_argument("--install-haproxy", action="store_true", help="apt-get install haproxy when it is missing (root)")
     p.add_argument("--hetero-seconds", type=float, default=None, help="length of a hetero round")
+    p.add_argument("--slow-start", type=float, default=0.0, metavar="SECONDS",
+                   help="run the balancers with --slow-start SECONDS (default off)")
     p.add_argument("--json", metavar="FILE", help="write every round's figures")
     p.add_argument("--logs", metavar="DIR", help="keep the processes' logs there")
     args = p.parse_args(argv)
@@ -895,6 +912,9 @@ def main(argv=None) -> int:
     plan = Plan(args.quick)
     if args.hetero_seconds:
         plan.heteroSeconds = args.hetero_seconds
+    if not args.slow_start >= 0:
+        p.error("--slow-start: 0 (off) or more seconds")
+    plan.slowStart = args.slow_start
     variants = variantNames(policies, haproxy is not None)
     began = time.monotonic()
     results: Dict[str, Dict[str, List[dict]]] = {}
@@ -940,6 +960,7 @@ def main(argv=None) -> int:
         f"{plan.spreadBackends} backends holding {'/'.join(map(str, plan.spreadHeld))}, a burst of "
         f"{plan.spreadBurst} alternately via 2 balancers in {plan.burstSeconds:g} s; "
         f"newcomer: 3 x {plan.held} held, burst of {plan.newcomerBurst} in {plan.burstSeconds:g} s"
+        + (f"; balancers with --slow-start {plan.slowStart:g}" if plan.slowStart else "")
     )
     print()
     for line in table(results, variants) + verdictLines(results):

@@ -426,3 +426,192 @@ def test_ring_points_are_stable_and_nested_by_weight():
     one = policies._ringPoints("b1", 1)
     two = policies._ringPoints("b1", 2)
     assert len(one) == policies.RING_POINTS_PER_WEIGHT and two[: len(one)] == one
+
+
+# -- hash: the ring follows the pool, one backend at a time --------------------
+
+
+def ringOf(policy):
+    """
+    The ring as (point, backend) pairs, whatever the buckets and slots.
+    """
+    names = policy._names
+    return sorted(
+        (entry >> policies._INDEX_BITS, names[entry & policies._INDEX_MASK])
+        for bucket in policy._buckets
+        for entry in bucket
+    )
+
+
+poolOps = st.lists(
+    st.tuples(
+        st.sampled_from(["register", "down", "up", "weight", "remove", "eject", "readmit", "drain"]),
+        st.integers(0, 11),
+        st.integers(0, 4),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=poolOps, seed=st.integers(0, 2**32 - 1))
+def test_the_incremental_ring_equals_a_fresh_one(ops, seed):
+    from twistedcluster.core.pool import AdminState
+
+    pool = Pool()
+    for i in range(4):
+        pool.register(f"b{i}", "h", 1000 + i, capacity=10_000)
+    cluster = Cluster(pool, policy="hash", rng=random.Random(seed))
+    policy = cluster._policy
+    ks = keys(60, seed)
+    for op, i, w in ops:
+        name = f"b{i}"
+        known = name in pool
+        if op == "register":
+            pool.register(name, "h", 1000 + i, capacity=10_000)
+        elif not known:
+            continue
+        elif op == "down":
+            pool.markDown(name)
+        elif op == "up":
+            pool.markUp(name)
+        elif op == "weight":
+            pool.setWeight(name, w)
+        elif op == "remove":
+            pool.remove(name)
+        elif op == "eject":
+            pool.eject(name)
+        elif op == "readmit":
+            pool.readmit(name)
+        elif op == "drain":
+            pool.setAdminState(name, AdminState.DRAINING if w % 2 else AdminState.ENABLED)
+        cluster.pick(key=ks[i])  # the ring follows, change by change
+        fresh = Cluster(pool, policy="hash", rng=random.Random(seed))
+        fresh.pick(key=ks[0])
+        assert policy._members == fresh._policy._members
+        assert ringOf(policy) == ringOf(fresh._policy)
+        # And so the same picks (uncounted, so both see the same loads).
+        for k in ks[:10]:
+            a, b = cluster.pickUncounted(key=k), fresh.pickUncounted(key=k)
+            assert (a and a.name) == (b and b.name)
+
+
+def test_a_pick_reads_no_candidate_but_those_it_walks_past(monkeypatch):
+    from twistedcluster.core.pool import Candidates
+
+    pool = Pool()
+    for i in range(2000):
+        pool.register(f"b{i:04d}", "h", 1000 + i, capacity=10_000)
+    cluster = Cluster(pool, policy="hash", rng=random.Random(0))
+    cluster.pick(key="10.0.0.1")  # builds the ring, once
+
+    def whole(self):
+        raise AssertionError("a pick read every candidate")
+
+    monkeypatch.setattr(Candidates, "__iter__", whole)
+    monkeypatch.setattr(Candidates, "__getitem__", whole)
+    rebuilds = []
+    real = BoundedHash._rebuild
+    monkeypatch.setattr(BoundedHash, "_rebuild", lambda self, m: (rebuilds.append(len(m)), real(self, m)))
+    for k in keys(300, 2):
+        assert cluster.pick(key=k) is not None
+    # Membership changes: one backend's points each, no rebuild.
+    pool.register("newcomer", "h", 1, capacity=10_000)
+    pool.markDown("b0001")
+    pool.setWeight("b0002", 3)
+    pool.remove("b0003")
+    for k in keys(300, 3):
+        assert cluster.pick(key=k) is not None
+    assert rebuilds == []
+    assert ringOf(cluster._policy) == ringOf(fresh(pool))
+
+
+def fresh(pool):
+    c = Cluster(pool, policy="hash")
+    c.pickUncounted(key="10.0.0.1")
+    return c._policy
+
+
+def test_a_reader_far_behind_the_pools_changes_takes_the_whole_ring():
+    pool = Pool()
+    for i in range(10):
+        pool.register(f"b{i}", "h", 1000 + i, capacity=10_000)
+    cluster = Cluster(pool, policy="hash")
+    cluster.pick(key="k")
+    for _ in range(700):  # more than the pool keeps of its log
+        pool.markDown("b1")
+        pool.markUp("b1")
+    pool.markDown("b2")
+    cluster.pick(key="k")
+    assert ringOf(cluster._policy) == ringOf(fresh(pool))
+    assert "b2" not in cluster._policy._members
+
+
+def test_the_ring_grows_and_shrinks_its_buckets_without_moving_a_key():
+    pool = Pool()
+    cluster = Cluster(pool, policy="hash")
+    ks = keys(200, 4)
+    for i in range(300):  # one at a time: the buckets split as it grows
+        pool.register(f"b{i:03d}", "h", 1000 + i, capacity=10**6)
+        cluster.pickUncounted(key="k")
+    policy = cluster._policy
+    grown = len(policy._buckets)
+    assert grown >= 512
+    assert ringOf(policy) == ringOf(fresh(pool))
+    before = {k: cluster.pickUncounted(key=k).name for k in ks}
+    for i in range(290):
+        pool.markDown(f"b{i:03d}")
+        cluster.pickUncounted(key="k")
+    assert len(policy._buckets) <= grown // 4
+    assert ringOf(policy) == ringOf(fresh(pool))
+    for k in ks:
+        if before[k] >= "b290":
+            assert cluster.pickUncounted(key=k).name == before[k]
+
+
+def test_when_few_backends_have_room_a_pick_walks_a_bounded_stretch():
+    pool = Pool()
+    for i in range(400):
+        pool.register(f"b{i:03d}", "h", 1000 + i, capacity=1)
+    cluster = Cluster(pool, policy="hash", hashBalance=0)
+    routes = [cluster.pick(key=k) for k in keys(397, 5)]
+    assert all(routes)  # 397 of 400 now full
+    left = {s.name for s in pool.candidates()}
+    assert len(left) == 3
+    walked = []
+    real = BoundedHash._clockwise
+
+    def counting(self, point):
+        for entry in real(self, point):
+            walked.append(entry)
+            yield entry
+
+    BoundedHash._clockwise = counting
+    try:
+        for k in keys(3, 6):
+            route = cluster.pick(key=k)
+            assert route.name in left
+    finally:
+        BoundedHash._clockwise = real
+    assert len(walked) <= 3 * policies._MAX_WALK
+    assert cluster.pick(key="10.9.9.9") is None  # all full: at once
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    weights=st.lists(st.integers(0, 4), min_size=1, max_size=12),
+    loads=st.lists(st.integers(0, 30), min_size=12, max_size=12),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_a_pick_on_the_pools_candidates_equals_one_on_a_plain_list(weights, loads, seed):
+    pool = Pool()
+    for i, w in enumerate(weights):
+        pool.register(f"b{i}", "h", 1000 + i, capacity=25, connections=loads[i])
+        pool.setWeight(f"b{i}", w)
+    live = BoundedHash()
+    plain = BoundedHash()
+    rngA, rngB = random.Random(seed), random.Random(seed)
+    for k in keys(50, seed):
+        a = live.choose(pool.candidates(), rngA, k)
+        b = plain.choose(list(pool.candidates()), rngB, k)
+        assert (a and a.name) == (b and b.name)

@@ -78,6 +78,12 @@ class BalancerCollector:
         yield perBackend(GaugeMetricFamily, "twistedcluster_backend_weight", "Routing weight.", lambda b: b.weight)
         yield perBackend(
             GaugeMetricFamily,
+            "twistedcluster_backend_slow_start_share",
+            "Share of its weight the backend takes now: below 1 while slow start ramps it up.",
+            lambda b: b.ramp,
+        )
+        yield perBackend(
+            GaugeMetricFamily,
             "twistedcluster_backend_connections",
             "Active connections the backend last reported.",
             lambda b: b.connections,

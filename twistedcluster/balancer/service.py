@@ -32,6 +32,7 @@ from twistedcluster.core.policies import (
     makePolicy,
 )
 from twistedcluster.balancer.redirect import DEFAULT_HANDOFF_WINDOW, DEFAULT_HANDOFFS_PER_SOURCE
+from twistedcluster.balancer.slowstart import DEFAULT_SLOW_START, checkSlowStart
 from twistedcluster.balancer.admission import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT
 from twistedcluster.balancer.passivehealth import (
     DEFAULT_EARLY_CLOSE_WINDOW,
@@ -134,6 +135,16 @@ class Options(usage.Options):
             "The hash policy's bound: no backend above FACTOR x the mean load "
             "(HAProxy's hash-balance-factor / 100); 0: no bound.",
             checkHashBalance,
+        ],
+        [
+            "slow-start",
+            None,
+            DEFAULT_SLOW_START,
+            "Seconds over which a backend that comes up (new, back after a "
+            "failure, re-enabled) ramps from 1/20 of its weight to all of it "
+            "(HAProxy's slowstart); not for those up as the balancer starts. "
+            "0: off.",
+            checkSlowStart,
         ],
         [
             "connect-timeout",
@@ -565,6 +576,10 @@ def makeService(options: Options, reactor=None):
             n=len(state["backends"]),
             m=len(statics.added),
         )
+    if options["slow-start"]:
+        from twistedcluster.balancer.slowstart import SlowStart
+
+        SlowStart(cluster.pool, options["slow-start"], reactor).setServiceParent(top)
 
     secret = options["secret"]
     warnAboutExposure(options)

@@ -20,14 +20,15 @@ log(backends).  Given any other sequence they scan it, as before.
 from __future__ import annotations
 
 import random
+from array import array
 from bisect import bisect_left, insort
 from fractions import Fraction
 from hashlib import blake2b
 from itertools import chain, islice
 from operator import attrgetter
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set
 
-from twistedcluster.core.pool import BackendStatus
+from twistedcluster.core.pool import RAMP_STEPS, BackendStatus
 
 __all__ = [
     "DEFAULT_HASH_BALANCE",
@@ -101,6 +102,19 @@ def relayedLoad(b: BackendStatus) -> float:
     return b.active / b.weight
 
 
+# What least-load and least-conn route on: the load per unit of the weight
+# a backend takes now (slow start ramps a backend that came up from a
+# small share of its weight to all of it, BackendStatus.ramp).
+
+
+def _rampedLoad(b: BackendStatus) -> float:
+    return estimatedLoad(b) / b.ramp
+
+
+def _rampedRelayed(b: BackendStatus) -> float:
+    return relayedLoad(b) / b.ramp
+
+
 class LeastLoad:
     """
     Route to the backend with the lowest estimated load (the default).
@@ -117,8 +131,8 @@ class LeastLoad:
     ) -> Optional[BackendStatus]:
         indexed = getattr(candidates, "lowest", None)
         if indexed is not None:
-            return indexed(estimatedLoad, rng)
-        return _lowest(candidates, estimatedLoad, rng)
+            return indexed(_rampedLoad, rng)
+        return _lowest(candidates, _rampedLoad, rng)
 
 
 class LeastConn:
@@ -135,8 +149,8 @@ class LeastConn:
     ) -> Optional[BackendStatus]:
         indexed = getattr(candidates, "lowest", None)
         if indexed is not None:
-            return indexed(relayedLoad, rng)
-        return _lowest(candidates, relayedLoad, rng)
+            return indexed(_rampedRelayed, rng)
+        return _lowest(candidates, _rampedRelayed, rng)
 
 
 class RoundRobin:
@@ -146,9 +160,11 @@ class RoundRobin:
 
     On the pool's L{Candidates} it is stride scheduling instead (the same
     shares, in log(backends) per pick): each backend has a pass, the
-    lowest pass is chosen and moves on by 1/weight; a backend that joins
-    (or comes back) starts at the pass of the last one chosen; ties go in
-    name order.  Over whole
+    lowest pass is chosen and moves on by 1/weight (the weight it takes now,
+    slow start's share of it); a backend that joins (or comes back) starts
+    at the pass of the last one chosen; when its weight changes, what it
+    still had to wait is scaled to the new one; ties go in name order.
+    Over whole
     rounds of sum(weights) picks each backend gets its weight's share to
     within one.
     """
@@ -156,17 +172,29 @@ class RoundRobin:
     name = "round-robin"
 
     def __init__(self) -> None:
-        self._current: Dict[str, int] = {}
+        self._current: Dict[str, float] = {}
         #: Stride scheduling on an index: each backend's pass, and the
         #: pass of the last one chosen.
         self._pass: Dict[str, float] = {}
         self._now = 0.0
+        #: The weight each pass was moved on with.
+        self._strideWeight: Dict[str, float] = {}
 
     def _passOf(self, b: BackendStatus) -> float:
         passes = self._pass
-        p = passes.get(b.name)
-        if p is None or p < self._now:
-            p = passes[b.name] = self._now
+        name = b.name
+        now = self._now
+        p = passes.get(name)
+        if p is None or p < now:
+            p = passes[name] = now
+        elif p > now:
+            weight = b.weight * b.ramp
+            old = self._strideWeight.get(name, weight)
+            if old != weight and weight > 0:
+                # Reweighted (or ramped up) while waiting its turn: the
+                # rest of the wait at the new weight, not at the old.
+                p = passes[name] = now + (p - now) * old / weight
+                self._strideWeight[name] = weight
         return p
 
     def choose(
@@ -186,9 +214,10 @@ class RoundRobin:
         for c in candidates:
             if c.weight <= 0:
                 continue
-            value = current.get(c.name, 0) + c.weight
+            weight = c.weight * c.ramp
+            value = current.get(c.name, 0) + weight
             current[c.name] = value
-            total += c.weight
+            total += weight
             if best is None or value > current[best.name]:
                 best = c
         if best is None:
@@ -202,20 +231,23 @@ class RoundRobin:
             return None
         passes = self._pass
         self._now = now = passes.get(chosen.name, self._now)
-        passes[chosen.name] = now + 1.0 / chosen.weight
+        weight = chosen.weight * chosen.ramp
+        passes[chosen.name] = now + 1.0 / weight
+        self._strideWeight[chosen.name] = weight
         candidates.rescore(self._passOf, chosen.name)
         if len(passes) > 2 * len(candidates) + 64:
             # Forget the passes of backends no longer eligible.
             self._pass = {n: p for n, p in passes.items() if candidates.get(n) is not None}
+            self._strideWeight = {n: w for n, w in self._strideWeight.items() if n in self._pass}
         return chosen
 
 
 class PowerOfTwo:
     """
     Power of two choices: draw two distinct backends at random, in
-    proportion to their weights, and route to the one with the lower
-    estimated load (L{estimatedLoad}); with two candidates, the lower of the
-    two; with one, it.
+    proportion to their weights (slow start's share of them), and route to
+    the one with the lower estimated load per that weight; with two
+    candidates, the lower of the two; with one, it.
 
     Nearly as even as least-load, at a cost that does not grow with the
     number of backends, and the answer to herding across several balancers:
@@ -238,14 +270,17 @@ class PowerOfTwo:
         self, candidates: Sequence[BackendStatus], rng: random.Random
     ) -> Optional[BackendStatus]:
         if len(candidates) <= 2:
-            return _lowest(candidates, estimatedLoad, rng)
+            return _lowest(candidates, _rampedLoad, rng)
         first = self._draw(candidates, rng, None)
         if first is None:
             return None
         second = self._draw(candidates, rng, first)
         if second is None:
             return first
-        return first if estimatedLoad(first) <= estimatedLoad(second) else second
+        # _rampedLoad of each, inline: this is the whole of a pick's work.
+        if estimatedLoad(first) / first.ramp <= estimatedLoad(second) / second.ramp:
+            return first
+        return second
 
     def _draw(
         self,
@@ -263,7 +298,7 @@ class PowerOfTwo:
         top = self._maxWeight
         for _ in range(self._TRIES):
             c = candidates[int(draw() * n)]
-            w = c.weight
+            w = c.weight * c.ramp
             if w > top:
                 self._maxWeight = top = w
             if c is not other and w > 0 and (w >= top or draw() * top < w):
@@ -272,7 +307,7 @@ class PowerOfTwo:
         usable = [c for c in candidates if c.weight > 0 and c is not other]
         if not usable:
             return None
-        return rng.choices(usable, [c.weight for c in usable])[0]
+        return rng.choices(usable, [c.weight * c.ramp for c in usable])[0]
 
 
 #: Ring points per unit of weight, in blocks of 8 (one hash gives 8 points).
@@ -290,9 +325,35 @@ _MAX_BUCKET_BITS = 16
 _BLOCK = 8
 
 
+def _entries(values: Iterable[int] = ()) -> "array[int]":
+    """
+    A bucket of ring entries: 64-bit integers side by side in an array (8
+    bytes each, not a pointer to an integer object elsewhere in memory), so
+    the few a pick reads share cache lines: at 10,000 backends the ring has
+    1.3 million entries.
+    """
+    return array("Q", values)
+#: Ring entries a pick walks past at most: beyond, few of the ring's backends
+#: are candidates (or under their bound), and it takes the least loaded.
+_MAX_WALK = 1024
+
+
 _nameOf = attrgetter("name")
 _weightOf = attrgetter("weight")
 _connectionsOf = attrgetter("estimatedConnections")
+
+
+def _units(b: BackendStatus) -> int:
+    """
+    A backend's weight in units of 1/RAMP_STEPS, slow start's share
+    included: exact integers for the hash policy's bound.
+    """
+    ramp = b.ramp
+    return b.weight * (RAMP_STEPS if ramp == 1.0 else round(ramp * RAMP_STEPS))
+
+
+def _connectionsPerUnit(b: BackendStatus) -> float:
+    return b.estimatedConnections / _units(b)
 
 
 def checkHashBalance(factor: float) -> float:
@@ -309,16 +370,17 @@ def checkHashBalance(factor: float) -> float:
 checkHashBalance.coerceDoc = "0 (no bound) or at least 1."  # type: ignore[attr-defined]
 
 
-def _ringPoints(name: str, weight: int) -> List[int]:
+def _ringPoints(name: str, weight: int, fromWeight: int = 0) -> List[int]:
     """
     Where a backend sits on the ring: L{RING_POINTS_PER_WEIGHT} points per
     unit of weight, from blake2b of its name and block number (stable across
     processes and balancers, unlike C{hash()}).  A heavier weight keeps the
     lighter one's points and adds more, so a weight change moves only the
-    keys it must.
+    keys it must: C{fromWeight} leaves out the points of that weight.
     """
     out: List[int] = []
-    for block in range(RING_POINTS_PER_WEIGHT * weight // _BLOCK):
+    perBlock = RING_POINTS_PER_WEIGHT // _BLOCK
+    for block in range(perBlock * fromWeight, perBlock * weight):
         x = int.from_bytes(
             blake2b(f"{name}#{block}".encode(), digest_size=5 * _BLOCK).digest(), "big"
         )
@@ -346,13 +408,21 @@ class BoundedHash:
     estimated connections (its report plus what this balancer sent it that
     the report had not seen); the bound of a backend of weight M{w} is
     M{ceil(factor * (L + 1) * w / W)}, where M{L} is the candidates' total
-    load and M{W} their total weight: with equal weights, no backend above
-    C{factor} times the mean, counting the new connection.  Since the bounds
-    sum to more than M{L}, some backend is always under its own.
+    load and M{W} their total weight (slow start's share of it included):
+    with equal weights, no backend above C{factor} times the mean, counting
+    the new connection.  Since the bounds sum to more than M{L}, some
+    backend is always under its own.
 
     So a client keeps its backend while the pool is stable and that backend
     is not over its bound; when a backend joins or leaves, only the keys
     that were, or become, its own move (about 1/n of them).
+
+    The ring changes one backend at a time: its points are inserted or
+    removed (the pool says which backends came up, went down or were
+    reweighted, L{Candidates.ringChanges}), never rebuilt per change; the
+    pool keeps the candidates' load and weight totals.  So a pick on the
+    pool's candidates costs the walk from the key's point, not the number
+    of backends.  Given any other sequence, it reads it whole.
 
     @ivar hashBalance: the factor; 0 for no bound (pure consistent hashing).
     """
@@ -365,25 +435,25 @@ class BoundedHash:
         # The bound's factor as an exact fraction: integer comparisons only.
         ratio = Fraction(self.hashBalance).limit_denominator(10_000)
         self._num, self._den = ratio.numerator, ratio.denominator
-        #: The backends on the ring and their weights.  Backends that stop
-        #: being candidates stay (the walk skips them, which is exactly what
-        #: a ring without them would do), so a backend that fills up, or one
-        #: excluded after a failed connect, costs nothing; a new candidate's
-        #: points are added, a reweighted one's replaced, and the ring is
-        #: rebuilt without the absent when most of it is absent.
+        #: The backends on the ring and their weights.
         self._members: Dict[str, int] = {}
-        #: Each member's slot (the low bits of its ring entries), and the
-        #: member in each slot.
+        #: Each member's slot (the low bits of its ring entries), the
+        #: member in each slot, and the slots free for reuse.
         self._slots: Dict[str, int] = {}
-        self._names: List[str] = []
+        self._names: List[Optional[str]] = []
+        self._free: List[int] = []
         #: The ring, cut by the top bits of the point into buckets of
         #: sorted entries (point << 24 | slot): adding one backend's points
         #: is a few short insertions, not a new ring.
-        self._buckets: List[List[int]] = [[]]
+        self._buckets: List["array[int]"] = [_entries()]
         self._shift = _POINT_BITS
         self._entries = 0
-        # The candidates' names and weights last seen, and what follows
-        # from them: where each ring member is among them (-1: absent), how
+        #: Where the ring came from: the pool whose changes it follows
+        #: (and the cursor in them), or a plain sequence of candidates.
+        self._pool: object = None
+        self._cursor: Optional[int] = None
+        # A plain sequence's names and weights last seen, and what follows
+        # from them: where each ring slot is among them (-1: absent), how
         # many have a weight (and the one, if one), their total weight.
         self._seenNames: List[str] = []
         self._seenWeights: List[int] = []
@@ -392,14 +462,128 @@ class BoundedHash:
         self._only = -1
         self._totalWeight = 0
 
+    # -- the ring ------------------------------------------------------------
+
+    def _rebuild(self, members: Dict[str, int]) -> None:
+        """
+        The ring of C{members} alone (those with a weight), from scratch:
+        when it starts, or when most of it changes at once.
+        """
+        members = {n: w for n, w in members.items() if w > 0}
+        names = sorted(members)
+        if len(names) > _INDEX_MASK + 1:
+            raise ValueError(f"too many backends for the hash ring: {len(names)}")
+        entries = RING_POINTS_PER_WEIGHT * sum(members.values())
+        shift = _POINT_BITS - self._bucketBits(entries)
+        lists: List[List[int]] = [[] for _ in range(1 << (_POINT_BITS - shift))]
+        for slot, name in enumerate(names):
+            for p in _ringPoints(name, members[name]):
+                lists[p >> shift].append((p << _INDEX_BITS) | slot)
+        buckets = [_entries(sorted(entries)) for entries in lists]
+        self._members = members
+        self._slots = {n: i for i, n in enumerate(names)}
+        self._names = list(names)
+        self._free = []
+        self._buckets = buckets
+        self._shift = shift
+        self._entries = entries
+
+    @staticmethod
+    def _bucketBits(entries: int) -> int:
+        return min(_MAX_BUCKET_BITS, (entries // _BUCKET_SIZE).bit_length())
+
+    def _setWeight(self, name: str, weight: int) -> None:
+        """
+        Put a backend on the ring with C{weight} (0: take it off): only the
+        points between its old weight and the new one go in or out, as a
+        heavier weight keeps a lighter one's points.
+        """
+        old = self._members.get(name, 0)
+        if weight == old:
+            return
+        slot = self._slots.get(name)
+        if slot is None:
+            if self._free:
+                slot = self._free.pop()
+                self._names[slot] = name
+            else:
+                slot = len(self._names)
+                if slot > _INDEX_MASK:
+                    raise ValueError(f"too many backends for the hash ring: {slot + 1}")
+                self._names.append(name)
+            self._slots[name] = slot
+        buckets, shift = self._buckets, self._shift
+        if weight > old:
+            for p in _ringPoints(name, weight, old):
+                insort(buckets[p >> shift], (p << _INDEX_BITS) | slot)
+        else:
+            for p in _ringPoints(name, old, weight):
+                bucket = buckets[p >> shift]
+                del bucket[bisect_left(bucket, (p << _INDEX_BITS) | slot)]
+        self._entries += RING_POINTS_PER_WEIGHT * (weight - old)
+        if weight:
+            self._members[name] = weight
+        else:
+            del self._members[name]
+            del self._slots[name]
+            self._names[slot] = None
+            self._free.append(slot)
+        bits = self._bucketBits(self._entries)
+        have = _POINT_BITS - self._shift
+        if bits > have + 1 or bits < have - 2:
+            self._rebucket(bits)
+
+    def _rebucket(self, bits: int) -> None:
+        """
+        Cut the ring into 2**C{bits} buckets (it grew or shrank a lot):
+        the entries are already in order, so no point is hashed again.
+        """
+        ring = list(chain.from_iterable(self._buckets))
+        shift = _POINT_BITS - bits
+        step = 1 << (shift + _INDEX_BITS)
+        buckets = []
+        start = 0
+        for b in range(1, 1 << bits):
+            end = bisect_left(ring, b * step, start)
+            buckets.append(_entries(ring[start:end]))
+            start = end
+        buckets.append(_entries(ring[start:]))
+        self._buckets = buckets
+        self._shift = shift
+
+    def _follow(self, candidates) -> None:
+        """
+        Bring the ring up to date with the pool's changes since the last
+        pick: usually none, or the one backend that came up or went down.
+        """
+        pool = candidates.pool
+        since = self._cursor if self._pool is pool else None
+        whole, changes, self._cursor = candidates.ringChanges(since)
+        if whole:
+            self._pool = pool
+            self._seenNames, self._seenWeights = [], []
+            self._rebuild(dict(changes))
+        elif len(changes) > len(self._members) + 64:
+            kept = dict(self._members)
+            kept.update(changes)
+            self._rebuild(kept)
+        else:
+            for name, weight in changes:
+                self._setWeight(name, weight)
+
     def _see(self, names: List[str], weights: List[int]) -> None:
         """
-        New candidates (by name and weight): rebuild the ring if one is new
-        or reweighted (or most of the ring is absent), and place them.
+        New candidates of a plain sequence (by name and weight): add a new
+        or reweighted one to the ring (backends that stop being candidates
+        stay on it: the walk skips them, which is what a ring without them
+        would do), rebuild it when most of it is absent, and place them.
         """
+        if self._pool is not None:
+            self._pool = self._cursor = None
+            self._rebuild({})
         current = {n: w for n, w in zip(names, weights) if w > 0}
         members = self._members
-        if len(members) > 4 * len(current) + 64:
+        if len(members) > 4 * len(current) + 64 or not members:
             self._rebuild(current)
         elif not current.items() <= members.items():
             changed = [(n, w) for n, w in current.items() if members.get(n) != w]
@@ -409,67 +593,29 @@ class BoundedHash:
                 self._rebuild(kept)
             else:
                 for name, weight in changed:
-                    old = members.get(name)
-                    if old is not None:
-                        self._place(name, old, remove=True)
-                    self._place(name, weight)
-                buckets = len(self._buckets)
-                if self._entries > 4 * _BUCKET_SIZE * buckets and buckets < 1 << _MAX_BUCKET_BITS:
-                    self._rebuild(self._members)  # grown: more buckets
+                    self._setWeight(name, weight)
         where = {n: i for i, (n, w) in enumerate(zip(names, weights)) if w > 0}
-        self._positions = [where.get(n, -1) for n in self._names]
+        self._positions = [-1 if n is None else where.get(n, -1) for n in self._names]
         self._usable = len(current)
         self._only = next(iter(where.values()), -1)
         self._totalWeight = sum(current.values())
         self._seenNames, self._seenWeights = names, weights
 
-    def _rebuild(self, members: Dict[str, int]) -> None:
+    def _clockwise(self, point: int) -> Iterator[int]:
         """
-        The ring of C{members} alone, from scratch.
+        The ring's entries clockwise from C{point}, once round.
         """
-        names = sorted(members)
-        if len(names) > _INDEX_MASK + 1:
-            raise ValueError(f"too many backends for the hash ring: {len(names)}")
-        entries = RING_POINTS_PER_WEIGHT * sum(members.values())
-        bits = min(_MAX_BUCKET_BITS, (entries // _BUCKET_SIZE).bit_length())
-        shift = _POINT_BITS - bits
-        buckets: List[List[int]] = [[] for _ in range(1 << bits)]
-        for slot, name in enumerate(names):
-            for p in _ringPoints(name, members[name]):
-                buckets[p >> shift].append((p << _INDEX_BITS) | slot)
-        for bucket in buckets:
-            bucket.sort()
-        self._members = dict(members)
-        self._slots = {n: i for i, n in enumerate(names)}
-        self._names = names
-        self._buckets = buckets
-        self._shift = shift
-        self._entries = entries
+        buckets = self._buckets
+        b = point >> self._shift
+        home = buckets[b]
+        start = bisect_left(home, point << _INDEX_BITS)
+        last = len(buckets) - 1
+        yield from islice(home, start, None)
+        for k in range(1, last + 1):
+            yield from buckets[(b + k) & last]
+        yield from islice(home, start)
 
-    def _place(self, name: str, weight: int, remove: bool = False) -> None:
-        """
-        Put a backend's points on the ring, or take them off.
-        """
-        slot = self._slots.get(name)
-        if slot is None:
-            slot = self._slots[name] = len(self._names)
-            if slot > _INDEX_MASK:
-                raise ValueError(f"too many backends for the hash ring: {slot + 1}")
-            self._names.append(name)
-        buckets, shift = self._buckets, self._shift
-        points = _ringPoints(name, weight)
-        self._entries += -len(points) if remove else len(points)
-        for p in points:
-            bucket = buckets[p >> shift]
-            entry = (p << _INDEX_BITS) | slot
-            if remove:
-                del bucket[bisect_left(bucket, entry)]
-            else:
-                insort(bucket, entry)
-        if remove:
-            del self._members[name]
-        else:
-            self._members[name] = weight
+    # -- choosing ------------------------------------------------------------
 
     def choose(
         self,
@@ -480,9 +626,10 @@ class BoundedHash:
         """
         The backend for C{key}; a random point of the ring without one.
         """
-        # Whole-sequence passes in C (map, list compare): what a pick costs
-        # that grows with the number of backends, with the load total below.
-        # The pool's live candidates are read once, into a tuple.
+        if getattr(candidates, "ringChanges", None) is not None:
+            return self._chooseLive(candidates, rng, key)
+        # A plain sequence: whole-sequence passes in C (map, list compare),
+        # with the load total below.
         if not isinstance(candidates, tuple):
             candidates = tuple(candidates)
         names = list(map(_nameOf, candidates))
@@ -493,21 +640,12 @@ class BoundedHash:
         if usable <= 1:
             return candidates[self._only] if usable else None
         point = _keyPoint(key) if key is not None else rng.getrandbits(_POINT_BITS)
-        positions, buckets = self._positions, self._buckets
-        b = point >> self._shift
-        home = buckets[b]
-        start = bisect_left(home, point << _INDEX_BITS)
-        last = len(buckets) - 1
-        clockwise = chain(
-            islice(home, start, None),
-            chain.from_iterable(buckets[(b + k) & last] for k in range(1, last + 1)),
-            islice(home, start),
-        )
+        positions = self._positions
         num = self._num
         room = 0  # num * (total load + 1), worked out when first needed
-        scale = self._den * self._totalWeight
+        scale = 0
         over: Set[int] = set()
-        for entry in clockwise:
+        for entry in islice(self._clockwise(point), _MAX_WALK):
             at = positions[entry & _INDEX_MASK]
             if at < 0 or at in over:
                 continue
@@ -519,13 +657,51 @@ class BoundedHash:
                 return c
             if not room:
                 room = num * (sum(map(_connectionsOf, candidates)) + 1)
-            if load * scale < room * c.weight:
+                scale = self._den * sum(map(_units, candidates))
+            if load * scale < room * _units(c):
                 return c
             over.add(at)
             if len(over) == usable:
                 break
         # Not reached while the factor is >= 1; least loaded per weight.
-        return _lowest(candidates, lambda b: b.estimatedConnections / b.weight, rng)
+        return _lowest(candidates, _connectionsPerUnit, rng)
+
+    def _chooseLive(self, candidates, rng: random.Random, key: Optional[str]) -> Optional[BackendStatus]:
+        """
+        L{choose} on the pool's live candidates: the ring follows the
+        pool's changes, the totals come from the pool, and the walk asks
+        for each backend it meets whether it is a candidate.
+        """
+        if candidates.pool is not self._pool or candidates.ringCursor != self._cursor:
+            self._follow(candidates)
+        if len(candidates) <= 1:  # none, or one: no ring needed
+            return next(iter(candidates), None)
+        point = _keyPoint(key) if key is not None else rng.getrandbits(_POINT_BITS)
+        names, get = self._names, candidates.get
+        num = self._num
+        room = scale = 0
+        over: Set[Optional[str]] = set()
+        for entry in islice(self._clockwise(point), _MAX_WALK):
+            name = names[entry & _INDEX_MASK]
+            c = get(name)  # type: ignore[arg-type]
+            if c is None or (over and name in over):
+                continue
+            load = c.estimatedConnections
+            if not num or not load:
+                return c
+            if not room:
+                connections, units = candidates.totals()
+                room = num * (connections + 1)
+                scale = self._den * units
+            if load * scale < room * _units(c):
+                return c
+            over.add(name)
+            if len(over) == len(candidates):
+                break
+        # A long walk: most of the ring's backends are full or not
+        # candidates (or every one is over its bound, which cannot be while
+        # the factor is >= 1): the least loaded per weight, among the few.
+        return _lowest(candidates, _connectionsPerUnit, rng)
 
 
 #: Policies by the name used in ``--policy`` and ``cluster-admin policy``.

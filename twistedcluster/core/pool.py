@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import enum
 import heapq
+import math
 import random
 from collections import OrderedDict
 from itertools import compress
@@ -49,6 +50,7 @@ __all__ = [
     "MIN_WEIGHT",
     "Pool",
     "PoolError",
+    "RAMP_STEPS",
     "State",
     "UnknownBackend",
     "allowedEjections",
@@ -60,6 +62,9 @@ __all__ = [
 MIN_WEIGHT = 0
 MAX_WEIGHT = 256
 DEFAULT_WEIGHT = 1
+#: Slow start ramps a backend's share of its weight up in this many steps:
+#: from 1/RAMP_STEPS when it comes up to all of it after ``--slow-start``.
+RAMP_STEPS = 20
 #: The most of the backends in service the passive health check may take
 #: out, in percent; 100 is no limit.
 DEFAULT_MAX_EJECTED_PERCENT = 50
@@ -149,6 +154,8 @@ class BackendStatus:
         neither herding nor phantom load.
     @ivar active: connections this balancer currently relays to it.
     @ivar routed: connections this balancer has sent it, in total.
+    @ivar ramp: the share of its weight it takes now, in (0, 1]: below 1
+        while slow start ramps it up after it came up.
     """
 
     name: str
@@ -156,6 +163,7 @@ class BackendStatus:
     port: int
     state: State
     weight: int = DEFAULT_WEIGHT
+    ramp: float = 1.0
     capacity: int = 1
     connections: int = 0
     load: float = 0.0
@@ -219,6 +227,17 @@ class _Member:
     #: among those: kept by L{Pool._changed}.
     countedIn: bool = False
     countedEjected: bool = False
+    #: Slow start: the steps of L{RAMP_STEPS} of its weight it takes now,
+    #: and when its ramp began (C{None} until the pool's next tick).
+    rampStep: int = RAMP_STEPS
+    rampFrom: Optional[float] = None
+    #: Whether it was up (L{Pool._noteUp}) at the last change, and the
+    #: weight it has on the hash ring as the pool last logged it (0: off).
+    wasUp: bool = False
+    ringWeight: int = 0
+    #: What it adds to the eligible backends' totals (L{Pool._place}).
+    countedConnections: int = 0
+    countedUnits: int = 0
 
     @property
     def inService(self) -> bool:
@@ -281,6 +300,7 @@ class _Member:
             port=self.port,
             state=self.state,
             weight=self.weight,
+            ramp=self.rampStep / RAMP_STEPS,
             capacity=self.capacity,
             connections=connections,
             load=load,
@@ -320,6 +340,9 @@ class Pool:
     """
 
     maxEjectedPercent = 100
+    #: Slow start, in seconds (0: off): a backend that comes up takes a
+    #: share of its weight that grows over this time (L{rampTick}).
+    slowStart = 0.0
 
     def __init__(self) -> None:
         self._members: Dict[str, _Member] = {}
@@ -360,6 +383,18 @@ class Pool:
         #: The indexes L{lowest} keeps, by score function, most recently
         #: used last.
         self._indexes: "OrderedDict[Callable[[BackendStatus], float], _Index]" = OrderedDict()
+        #: The eligible members' estimated connections and weights (in
+        #: units of 1/RAMP_STEPS of a weight, slow start included), summed
+        #: as each member changes: the hash policy's bound.
+        self._eligibleConnections = 0
+        self._eligibleUnits = 0
+        #: Members ramping up (slow start).
+        self._ramping: Dict[str, _Member] = {}
+        #: The names of members whose ring weight changed, in order
+        #: (L{ringChanges}); C{_ringLogBase} is the position of its first.
+        self._ringLog: List[str] = []
+        self._ringLogBase = 0
+        self._candidates = Candidates(self)
 
     def watch(self, callback: Callable[[], None]) -> None:
         """
@@ -428,7 +463,9 @@ class Pool:
 
         @param exclude: names to leave out (backends already tried).
         """
-        return Candidates(self, frozenset(exclude) if exclude else _NONE)
+        if not exclude:
+            return self._candidates  # the same every time: nothing to make
+        return Candidates(self, frozenset(exclude))
 
     def lowest(
         self,
@@ -470,6 +507,68 @@ class Pool:
         index = self._indexes.get(score)
         if index is not None:
             index.dirty.add(name)
+
+    # -- slow start and the hash ring ------------------------------------
+
+    def rampTick(self, now: float) -> None:
+        """
+        The clock says C{now}: move slow start on.  A backend that came up
+        since the last tick starts its ramp now; the others take
+        M{ceil(RAMP_STEPS * elapsed / slowStart)} steps of L{RAMP_STEPS} of
+        their weight (at least one), all of it after L{slowStart}.  Only
+        the ramping backends are re-scored, so picks stay O(log n).  The
+        balancer calls this on a timer, every 1/RAMP_STEPS of L{slowStart}.
+        """
+        if not self._ramping:
+            return
+        seconds = self.slowStart
+        done = []
+        for name, m in self._ramping.items():
+            if m.rampFrom is None:
+                m.rampFrom = now
+                continue
+            if seconds <= 0:
+                step = RAMP_STEPS
+            else:
+                elapsed = (now - m.rampFrom) / seconds
+                step = min(RAMP_STEPS, max(1, math.ceil(RAMP_STEPS * elapsed - 1e-9)))
+            if step != m.rampStep:
+                m.rampStep = step
+                self._loadChanged(m)
+            if step >= RAMP_STEPS:
+                done.append(name)
+        for name in done:
+            del self._ramping[name]
+
+    @property
+    def ramping(self) -> int:
+        """
+        How many backends slow start is ramping up now.
+        """
+        return len(self._ramping)
+
+    def ringChanges(self, since: Optional[int]) -> Tuple[bool, List[Tuple[str, int]], int]:
+        """
+        What changed on the hash ring since the cursor C{since}: the ring
+        holds the backends that are up (L{_noteUp}) with their weight, so it
+        changes only when one comes up, goes down, is reweighted or
+        forgotten, never when one fills up.
+
+        @return: C{(whole, changes, cursor)}: C{changes} are C{(name,
+            weight)} pairs (weight 0: off the ring); when C{whole}, they
+            are the whole ring instead (C{since} was C{None} or too old);
+            C{cursor} is what to pass next time.
+        """
+        log, base = self._ringLog, self._ringLogBase
+        cursor = base + len(log)
+        members = self._members
+        if since is None or since < base or since > cursor:
+            return True, [(n, m.ringWeight) for n, m in members.items() if m.ringWeight], cursor
+        changes = []
+        for name in dict.fromkeys(log[since - base :]):
+            m = members.get(name)
+            changes.append((name, m.ringWeight if m is not None else 0))
+        return False, changes, cursor
 
     # -- membership ------------------------------------------------------
 
@@ -601,6 +700,7 @@ class Pool:
         for n in gone:
             m = self._members.pop(n)
             self._uncount(m)
+            self._noteUp(m)
             self._place(m)
             self._statuses.pop(n, None)
             self._stale.discard(n)
@@ -912,7 +1012,45 @@ class Pool:
                 self.inService, self.maxEjectedPercent
             ):
                 self._keepShare()
+        self._noteUp(m)
         self._loadChanged(m)
+
+    def _noteUp(self, m: _Member) -> None:
+        """
+        Follow C{m} going up or down: up is in the pool, healthy, not
+        ejected, enabled and not draining itself (whatever its load and
+        weight).  Coming up starts its slow start; going down ends it.
+        Its weight while up is its weight on the hash ring: a change is
+        logged for L{ringChanges}.
+        """
+        up = (
+            m.healthy
+            and not m.ejected
+            and m.admin is _ENABLED
+            and not m.selfDraining
+            and self._members.get(m.name) is m
+        )
+        if up is not m.wasUp:
+            m.wasUp = up
+            if up and self.slowStart > 0:
+                m.rampStep = 1
+                m.rampFrom = None
+                self._ramping[m.name] = m
+            else:
+                m.rampStep = RAMP_STEPS
+                m.rampFrom = None
+                if self._ramping.get(m.name) is m:
+                    del self._ramping[m.name]
+        weight = m.weight if up else 0
+        if weight != m.ringWeight:
+            m.ringWeight = weight
+            log = self._ringLog
+            log.append(m.name)
+            if len(log) > 2 * len(self._members) + 1024:
+                # Readers this far behind take the whole ring instead.
+                drop = len(log) // 2
+                del log[:drop]
+                self._ringLogBase += drop
 
     def _loadChanged(self, m: _Member) -> None:
         """
@@ -938,6 +1076,10 @@ class Pool:
         name = m.name
         position = self._eligiblePosition
         where = position.get(name)
+        estimated = max(
+            (m.active if m.static else m.connections) + len(m.unseen) - m.closedSinceReport,
+            m.active,
+        )
         # m.eligible, inlined: this runs on every change.
         if (
             m.healthy
@@ -945,34 +1087,35 @@ class Pool:
             and m.admin is _ENABLED
             and not m.selfDraining
             and m.weight > 0
-            and max(
-                (m.active if m.static else m.connections)
-                + len(m.unseen)
-                - m.closedSinceReport,
-                m.active,
-            )
-            < m.capacity
+            and estimated < m.capacity
             and self._members.get(name) is m
         ):
             if where is None:
                 position[name] = len(self._eligibleMembers)
                 self._eligibleMembers.append(m)
                 self._eligibleVersion += 1
-        elif where is not None:
-            members = self._eligibleMembers
-            last = members.pop()
-            if last is not m:
-                members[where] = last
-                position[last.name] = where
-            del position[name]
-            self._eligibleVersion += 1
+            units = m.weight * m.rampStep
+        else:
+            if where is not None:
+                members = self._eligibleMembers
+                last = members.pop()
+                if last is not m:
+                    members[where] = last
+                    position[last.name] = where
+                del position[name]
+                self._eligibleVersion += 1
+            estimated = units = 0
+        if estimated != m.countedConnections:
+            self._eligibleConnections += estimated - m.countedConnections
+            m.countedConnections = estimated
+        if units != m.countedUnits:
+            self._eligibleUnits += units - m.countedUnits
+            m.countedUnits = units
         for index in self._indexes.values():
             index.dirty.add(name)
 
 
 _ENABLED = AdminState.ENABLED
-#: Nothing excluded.
-_NONE: frozenset = frozenset()
 #: How many score functions L{Pool.lowest} keeps an index for.
 _MAX_INDEXES = 4
 #: Scores are rounded to this many decimals: closer ones are ties.
@@ -1039,6 +1182,21 @@ class _Index:
         """
         heap, current = self.heap, self.current
         pop = heapq.heappop
+        while heap and current.get(heap[0][2]) is not heap[0]:
+            pop(heap)  # stale
+        if not heap:
+            return None
+        top = heap[0]
+        if not (exclude and top[2] in exclude):
+            # Most picks: the lowest and the next lowest (a child of the
+            # top) are valid, so nothing need leave the heap.
+            if not self.randomTies or len(heap) == 1:
+                return top[3]
+            second = heap[1] if len(heap) == 2 or heap[1] <= heap[2] else heap[2]
+            if current.get(second[2]) is second and not (exclude and second[2] in exclude):
+                if second[0] != top[0]:
+                    return top[3]
+                return (top, second)[rng.randrange(2)][3]
         put_back = []
         tied: List[Tuple[float, float, str, BackendStatus]] = []
         limit = _TIED if self.randomTies else 1
@@ -1163,6 +1321,42 @@ class Candidates(Sequence[BackendStatus]):
 
     def rescore(self, score: Callable[[BackendStatus], float], name: str) -> None:
         self._pool.rescore(score, name)
+
+    def totals(self) -> Tuple[int, int]:
+        """
+        The candidates' estimated connections and weights, summed (weights
+        in units of 1/L{RAMP_STEPS}, slow start included), kept by the pool
+        as backends change: what the hash policy bounds each by.
+        """
+        pool = self._pool
+        connections, units = pool._eligibleConnections, pool._eligibleUnits
+        if self._exclude:
+            members, position = pool._members, pool._eligiblePosition
+            for name in self._exclude:
+                if name in position:
+                    m = members[name]
+                    connections -= m.countedConnections
+                    units -= m.countedUnits
+        return connections, units
+
+    def ringChanges(self, since: Optional[int]) -> Tuple[bool, List[Tuple[str, int]], int]:
+        """
+        The pool's L{Pool.ringChanges}, for a policy that keeps a ring of
+        the backends that are up: every candidate is on it.
+        """
+        return self._pool.ringChanges(since)
+
+    @property
+    def ringCursor(self) -> int:
+        """
+        Where L{ringChanges} is now: a reader at this cursor is up to date.
+        """
+        pool = self._pool
+        return pool._ringLogBase + len(pool._ringLog)
+
+    @property
+    def pool(self) -> "Pool":
+        return self._pool
 
     def __repr__(self) -> str:
         return f"<Candidates of {len(self)} backend(s)>"
