@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.python import usage
 
 from twistedcluster.balancer import service as balancer
-from twistedcluster.balancer.metrics import prometheusText
+from twistedcluster.balancer.metrics import MetricsRoot
 from twistedcluster.balancer.slowstart import SlowStart
 from twistedcluster.core.cluster import Cluster
 from twistedcluster.core.policies import POLICIES
@@ -286,9 +286,17 @@ def test_the_balancer_has_the_timer_only_with_slow_start():
 def test_metrics_show_the_share_of_weight():
     p = pool("a")
     p.register("b", "127.0.0.1", 2)
-    text = prometheusText(Cluster(p), clients=0, waiting=0)
-    assert 'twistedcluster_backend_slow_start_share{backend="a"} 1.0' in text
-    assert f'twistedcluster_backend_slow_start_share{{backend="b"}} {1 / RAMP_STEPS!r}' in text
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = generate_latest(MetricsRoot(Cluster(p), processMetrics=False).registry).decode()
+    shares = {
+        s.labels["backend"]: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "twistedcluster_backend_slow_start_share"
+        for s in f.samples
+    }
+    assert shares == {"a": 1.0, "b": 1 / RAMP_STEPS}
 
 
 def test_every_policy_routes_to_a_lone_ramping_backend():
