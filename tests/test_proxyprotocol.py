@@ -329,3 +329,35 @@ def test_the_backend_option_takes_a_send_proxy_setting():
         with pytest.raises(usage.UsageError) as e:
             Options().parseOptions([f"--backend={bad}"])
         assert "--backend" in str(e.value)
+
+
+def sendAll(port, data, want):
+    """
+    Send C{data} at once and keep the connection open until the balancer
+    has read it all (the backend is checked from the test).
+    """
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(data)
+    return s
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_after_a_received_header_keep_their_order_when_a_header_is_sent(balancer):
+    # A header read with the first bytes after it (rest) while more of the
+    # client's bytes wait in the socket: the backend, connected at once over
+    # loopback, must get rest before those (not readWaiting's bytes first).
+    backends = recorderFactory()
+    await balancer.start(backends, sendProxy="v1", proxyParsers=proxyParsers())
+    header = b"PROXY TCP4 203.0.113.7 198.51.100.1 40000 443\r\n"
+    payload = bytes(range(256)) * (512 * 1024 // 256)
+    s = await deferToThread(sendAll, balancer.port, header + payload, len(payload))
+    try:
+        await until(lambda: backends.made and len(backends.made[0].got) > len(payload),
+                    what="the payload at the backend")
+        [backend] = backends.made
+        proxied, rest = decoded(backend.got)
+        assert (proxied.source.host, proxied.source.port) == ("203.0.113.7", 40000)
+        assert len(rest) == len(payload)
+        assert rest == payload
+    finally:
+        s.close()

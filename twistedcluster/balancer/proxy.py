@@ -362,9 +362,12 @@ class ProxyServer(Relay):
         if proxied.source is not None:
             showProxied(self.transport, proxied.source, proxied.destination)
             self._proxied = (proxied.source, proxied.destination)
-        self.route()
-        if rest and not self._gone:
+        if rest:
+            # Held as early data before routing: a backend connected at once
+            # takes it first, ahead of anything still waiting in the socket
+            # (which _connected reads with the header it sends).
             self.dataReceived(rest)
+        self.route()
 
     def _stopAwaiting(self) -> None:
         self._header = None
