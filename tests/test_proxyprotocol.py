@@ -361,3 +361,29 @@ async def test_bytes_after_a_received_header_keep_their_order_when_a_header_is_s
         assert rest == payload
     finally:
         s.close()
+
+
+def test_a_static_backend_removed_and_added_again_loses_its_old_send_proxy():
+    # --backend web=...,send-proxy=v2, then cluster-admin remove web and
+    # cluster-admin add web (another address, no send-proxy: add cannot
+    # give one): the new web must get no PROXY header, neither from the
+    # proxy nor from its health checks.
+    from tests.test_proxy import completeConnect
+    from twistedcluster.balancer.service import Options, _DrainOnStop, makeService
+    from twistedcluster.balancer.staticbackend import makeStaticBackend
+
+    o = Options()
+    o.parseOptions(["--backend=web=127.0.0.1:9001,send-proxy=v2"])
+    mr = MemoryReactorClock()
+    top = makeService(o, reactor=mr)
+    [factory] = [s.factory for s in top if isinstance(s, _DrainOnStop)]
+    statics = top.statics
+    assert factory.sendProxyFor == {"web": "v2"}
+    statics.remove("web")
+    statics.add(makeStaticBackend("web", "127.0.0.1", 9002))
+    assert statics.probeFactoryFor("web").sendProxy is None
+    top.cluster.pool.register("web", "127.0.0.1", 9002, capacity=10, static=True)
+    proto, transport = memoryClient(factory)
+    backend, backendT = completeConnect(mr, len(mr.tcpClients) - 1)
+    assert mr.tcpClients[-1][1] == 9002
+    assert backendT.value() == b""

@@ -155,7 +155,9 @@ class TCPHealthChecks(Service):
         self.probeFactory.noisy = False
         self.probeFactory.sendProxy = sendProxy
         self._probes = {None: self.probeFactory}
-        self.sendProxyFor = sendProxyFor or {}
+        # The proxy's own dict (the balancer passes both the same one), so
+        # that what add and remove change here, it sees.
+        self.sendProxyFor = sendProxyFor if sendProxyFor is not None else {}
         self.checks: Dict[str, _Check] = {}
         self.backends: Dict[str, StaticBackend] = {}
         self.added: Dict[str, StaticBackend] = {}
@@ -210,6 +212,10 @@ class TCPHealthChecks(Service):
             )
         self.backends[b.name] = b
         self.checks[b.name] = _Check(self, b.name, b.host, b.port)
+        if b.sendProxy is not None:
+            self.sendProxyFor[b.name] = b.sendProxy
+        else:
+            self.sendProxyFor.pop(b.name, None)
         if runtime:
             self.added[b.name] = b
         if self.running:
@@ -234,6 +240,8 @@ class TCPHealthChecks(Service):
         check.stop()
         del self.checks[name]
         self.added.pop(name, None)
+        # A backend added again under this name has only its own setting.
+        self.sendProxyFor.pop(name, None)
         b = self.backends.pop(name)
         if name in self.pool:
             self.pool.remove(name)

@@ -689,7 +689,8 @@ class ProxyFactory(Factory):
         self.cluster = cluster
         self.backendTLS = backendTLS
         self.sendProxy = sendProxy
-        self.sendProxyFor = sendProxyFor or {}
+        # Shared with the static backends' checks, which change it.
+        self.sendProxyFor = sendProxyFor if sendProxyFor is not None else {}
         self.proxyParsers = proxyParsers
         self.proxyHeaderTimeout = proxyHeaderTimeout
         self.reactor = reactor
