@@ -249,3 +249,39 @@ def test_bad_options_are_clear_usage_errors(tmp_path):
     o.parseOptions([f"--access-log={tmp_path}/access.log", "--access-log-format=json"])
     assert (tmp_path / "access.log").exists()
     o["access-log-output"].close()
+
+
+def test_sighup_reopens_the_access_log_file_after_a_rotation(tmp_path):
+    # logrotate moves the file away and sends SIGHUP: the records that
+    # follow go to a new file at the path, not on into the moved one.
+    from twistedcluster.balancer.service import Options, _DrainOnStop, makeService
+    from twistedcluster.hangup import HangUpService
+
+    path = tmp_path / "access.log"
+    o = Options()
+    o.parseOptions([f"--access-log={path}"])
+    clock = MemoryReactorClock()
+    top = makeService(o, reactor=clock)
+    [log] = [s.accessLog for s in top if isinstance(s, _DrainOnStop)]
+    [hangup] = [s for s in top if isinstance(s, HangUpService)]
+    log.start()
+    log.add(RECORD)
+    log.flush()
+    for _ in range(1000):
+        if path.exists() and path.read_text():
+            break
+        threading.Event().wait(0.005)
+    path.rename(tmp_path / "access.log.1")
+    hangup.hangUp()
+    log.add(attrs_evolve(RECORD, end="backend_closed"))
+    waitClosed(clock, log.close())
+    assert "end=client_closed" in (tmp_path / "access.log.1").read_text()
+    assert "end=backend_closed" not in (tmp_path / "access.log.1").read_text()
+    assert path.exists(), "SIGHUP did not reopen the access log"
+    assert path.read_text().endswith("end=backend_closed\n")
+
+
+def attrs_evolve(record, **changes):
+    import attrs
+
+    return attrs.evolve(record, **changes)

@@ -190,15 +190,21 @@ class AccessLog:
     @param output: a binary stream to write to (L{open} makes one from a
         path); written to only by the writer thread.
     @param fmt: C{text} or C{json}.
+    @param path: the file C{output} was opened from, for L{reopen} (SIGHUP,
+        after a rotation moved it away); C{None} for standard output.
     @ivar written: records handed to the writer thread.
     @ivar dropped: records dropped because the output could not keep up.
     """
 
-    def __init__(self, clock, output, fmt: str = "text") -> None:
+    def __init__(self, clock, output, fmt: str = "text", path: Optional[str] = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"access log format must be one of {', '.join(FORMATS)}")
         self.clock = clock
         self.output = output
+        self.path = path
+        #: An output opened by L{reopen}, for the writer thread to take.
+        self._reopened = None
+        self._reopenLock = threading.Lock()
         self.format = formatJSON if fmt == "json" else formatText
         self.written = 0
         self.dropped = 0
@@ -217,7 +223,22 @@ class AccessLog:
         An access log appending to C{path} (C{-}: standard output); raises
         L{OSError} when it cannot be opened.
         """
-        return cls(clock, openOutput(path), fmt)
+        return cls(clock, openOutput(path), fmt, None if path == "-" else path)
+
+    def reopen(self) -> None:
+        """
+        Open L{path} again (SIGHUP: a rotation tool moved the file away) and
+        write what comes next there; the old output is closed by the writer
+        thread once what was handed to it is written.  L{OSError} when it
+        cannot be opened: the old output stays.
+        """
+        if self.path is None or self._closed is not None:
+            return
+        new = openOutput(self.path)
+        with self._reopenLock:
+            old, self._reopened = self._reopened, new
+        if old is not None:  # two SIGHUPs before the next write
+            old.close()
 
     def start(self) -> None:
         if self._thread is None:
@@ -271,6 +292,14 @@ class AccessLog:
         q, out = self._queue, self.output
         while True:
             chunk = q.get()
+            if self._reopened is not None:
+                with self._reopenLock:
+                    new, self._reopened = self._reopened, None
+                try:
+                    out.close()
+                except OSError:
+                    pass
+                out = self.output = new
             if chunk is None:
                 break
             try:
@@ -307,10 +336,13 @@ class AccessLog:
         done = self._closed = defer.Deferred()
         thread = self._thread
         if thread is None:
-            try:
-                self.output.close()
-            except OSError:
-                pass
+            for output in (self.output, self._reopened):
+                try:
+                    if output is not None:
+                        output.close()
+                except OSError:
+                    pass
+            self._reopened = None
             done.callback(None)
             return done
         # Polled on the clock: no thread pool, no blocking join or put.

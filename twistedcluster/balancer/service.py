@@ -487,6 +487,18 @@ class _DrainOnStop(Service):
         return d
 
 
+def _logFilesAnd(accessLog):
+    """
+    What SIGHUP reopens: twistd's log file, and the access log when it
+    writes to a file.
+    """
+    from twistedcluster.hangup import logFiles
+
+    if accessLog is None or accessLog.path is None:
+        return logFiles
+    return lambda: [*logFiles(), accessLog]
+
+
 def proxyListener(description: str):
     """
     The proxy listener's endpoint string, and Twisted's PROXY header parsers
@@ -588,7 +600,13 @@ def makeService(options: Options, reactor=None):
 
     accessLog = None
     if options.get("access-log-output") is not None:
-        accessLog = AccessLog(reactor, options["access-log-output"], options["access-log-format"])
+        path = options["access-log"]
+        accessLog = AccessLog(
+            reactor,
+            options["access-log-output"],
+            options["access-log-format"],
+            path=None if path == "-" else path,
+        )
         log.info(
             "balancer access log: {path} ({logFormat})",
             path=options["access-log"],
@@ -626,7 +644,8 @@ def makeService(options: Options, reactor=None):
     _DrainOnStop(proxyFactory, options["drain-timeout"], accessLog).setServiceParent(top)
     from twistedcluster.hangup import HangUpService
 
-    HangUpService(reactor).setServiceParent(top)  # SIGHUP reopens the log
+    # SIGHUP reopens the log, and the access log (logrotate moves both).
+    HangUpService(reactor, findLogFiles=_logFilesAnd(accessLog)).setServiceParent(top)
     # Proxy and redirect clients share one limit; control and admin have
     # their own, and the descriptors the limit leaves.
     clientLimit = ClientLimit(options["max-connections"], reactor)
