@@ -285,3 +285,47 @@ def attrs_evolve(record, **changes):
     import attrs
 
     return attrs.evolve(record, **changes)
+
+
+class ShortWrites(Output):
+    """A raw stream that takes at most 10 bytes a call (a pipe, a signal)."""
+
+    def write(self, b):
+        b = bytes(b)[:10]
+        self.chunks.append(b)
+        return len(b)
+
+
+class FailingOutput(Output):
+    def write(self, b):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_short_write_is_finished_not_cut(tmp_path):
+    clock = Clock()
+    out = ShortWrites()
+    log = AccessLog(clock, out)
+    log.start()
+    log.add(RECORD)
+    log.add(RECORD)
+    waitClosed(clock, log.close())
+    assert out.text() == formatText(RECORD) * 2
+
+
+def test_records_a_failing_output_loses_are_counted_and_logged(logged):
+    clock = Clock()
+    log = AccessLog(clock, FailingOutput())
+    log.start()
+    log.add(RECORD)
+    log.add(RECORD)
+    log.flush()
+    for _ in range(1000):
+        if log._thread is not None and log._queue.empty() and log._lost:
+            break
+        threading.Event().wait(0.005)
+    log.add(RECORD)
+    log.flush()  # the reactor side hears of the loss at its next hand-over
+    clock.advance(1.5)
+    assert log.dropped >= 2
+    assert any("dropped" in line and "No space left on device" in line for line in logged)
+    waitClosed(clock, log.close())

@@ -216,6 +216,9 @@ class AccessLog:
         self._closed: Optional[defer.Deferred] = None
         self._drops = Summary(clock, self._reportDropped)
         self._failed: Optional[str] = None
+        #: Records the writer thread could not write (its output failed),
+        #: for the reactor side to count and log at its next hand-over.
+        self._lost = 0
 
     @classmethod
     def open(cls, clock, path: str, fmt: str = "text") -> "AccessLog":
@@ -272,6 +275,14 @@ class AccessLog:
             self._handOver()
 
     def _handOver(self) -> None:
+        lost = self._lost
+        if lost:
+            # Read and reset from here; the writer thread only adds to it
+            # (an addition racing this is counted at the next hand-over).
+            self._lost -= lost
+            self.written -= lost
+            self.dropped += lost
+            self._drops.add(records=lost)
         lines, self._lines = self._lines, []
         self._size = 0
         if not lines:
@@ -303,9 +314,10 @@ class AccessLog:
             if chunk is None:
                 break
             try:
-                out.write(chunk)
+                _writeAll(out, chunk)
             except OSError as e:
                 self._failed = str(e)
+                self._lost += chunk.count(b"\n")
         try:
             out.close()
         except OSError:
@@ -366,3 +378,20 @@ class AccessLog:
 
         self.clock.callLater(0, poll)
         return done
+
+
+def _writeAll(out, chunk: bytes) -> None:
+    """
+    Write all of C{chunk} to a raw (unbuffered) stream, which may take only
+    part of it a call (a pipe, a signal during the write) or, non-blocking,
+    none (C{None}): the rest is written again, not lost.
+    """
+    view = memoryview(chunk)
+    while view:
+        n = out.write(view)
+        if n is None:  # a non-blocking descriptor, full: wait for it
+            import select
+
+            select.select([], [out], [], 1.0)
+            continue
+        view = view[n:]
