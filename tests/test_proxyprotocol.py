@@ -387,3 +387,32 @@ def test_a_static_backend_removed_and_added_again_loses_its_old_send_proxy():
     backend, backendT = completeConnect(mr, len(mr.tcpClients) - 1)
     assert mr.tcpClients[-1][1] == 9002
     assert backendT.value() == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_reset_before_its_backend_connects_is_passed_on_as_a_reset(balancer):
+    # With a header to send, _connected reads what the client sent already
+    # (readWaiting): a reset found there must not be swallowed (the socket
+    # reports it once), or the backend sees a clean end, and the access log
+    # client_closed.
+    import struct
+
+    backends = recorderFactory()
+    ended = []
+
+    class Ends(Recorder):
+        def connectionLost(self, reason):
+            ended.append(reason.value)
+
+    backends.protocol = Ends
+    await balancer.start(backends, sendProxy="v1")
+    s = socket.create_connection(("127.0.0.1", balancer.port), timeout=5)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()  # a reset, before the balancer has even accepted
+    await until(lambda: ended, what="the backend connection's end")
+    traffic = balancer.factory.traffic
+    await until(lambda: traffic.ended, what="the client's end")
+    assert list(traffic.ended) == [("proxy", "client_reset")]
+    from twisted.internet.error import ConnectionDone
+
+    assert not isinstance(ended[0], ConnectionDone)

@@ -49,13 +49,19 @@ def readWaiting(transport, limit: int = 65536) -> bytes:
     """
     What a plain TCP transport's client has already sent and the reactor
     has not read yet, read now (C{b""} when nothing is waiting, or the
-    socket has ended or failed: the reactor then sees that as usual, on
-    its own turn).
+    socket has ended: the reactor then sees that as usual, on its own
+    turn).  An error (a reset) ends the connection as a reset
+    (C{abortConnection}), as L{twistedcluster.fast.internals.readNow}
+    does: the socket reports it once, so the reactor would see only the
+    end-of-file that follows, a clean close.
 
     For the PROXY header: sent together with the client's first bytes it
     costs no send of its own and no TCP segment of its own.
     """
     try:
         return transport.getHandle().recv(limit)
+    except (BlockingIOError, InterruptedError):
+        return b""
     except OSError:
+        transport.abortConnection()
         return b""
