@@ -13,7 +13,9 @@ from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.internet.threads import deferToThread
 
 from twistedcluster.backend.echo import echoFactory
@@ -416,3 +418,24 @@ async def test_a_client_reset_before_its_backend_connects_is_passed_on_as_a_rese
     from twisted.internet.error import ConnectionDone
 
     assert not isinstance(ended[0], ConnectionDone)
+
+
+def test_every_header_refusal_is_refused_bad_header_in_the_access_log(logged):
+    # Garbage, a late header and end of input before it are all logged as
+    # a bad PROXY header: the metrics and the access log must say so too.
+    mr = MemoryReactorClock()
+    cluster = Cluster()
+    cluster.pool.register("b", "127.0.0.1", 9001, capacity=10)
+    factory = ProxyFactory(cluster, mr, proxyParsers=proxyParsers(), proxyHeaderTimeout=3)
+    for end in ("garbage", "late", "eof"):
+        proto, transport = memoryClient(factory)
+        if end == "garbage":
+            proto.dataReceived(b"GET / HTTP/1.1\r\n")
+        elif end == "late":
+            mr.advance(3)
+        else:
+            proto.dataReceived(b"PROXY TCP4 ")
+            proto.readConnectionLost()
+        assert transport.disconnecting
+        proto.connectionLost(Failure(ConnectionDone()))
+    assert factory.traffic.ended == {("proxy", "refused_bad_header"): 3}

@@ -510,11 +510,13 @@ class ProxyServer(Relay):
         return header(version, transport.getPeer(), transport.getHost())
 
     def readConnectionLost(self) -> None:
-        if self._end is None:
-            self._end = ends.CLIENT_CLOSED
         if self._header is not None:
+            # Refused (and logged) for its header, as garbage or a late one
+            # is: the access log says so, not client_closed.
             self._badHeader("bad PROXY header", "bad PROXY header: end of input before it")
             return
+        if self._end is None:
+            self._end = ends.CLIENT_CLOSED
         if self.peer is None:
             # Before the backend is connected, the end-of-file waits with
             # the early data; _connected passes both on.
