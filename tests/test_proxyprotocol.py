@@ -439,3 +439,31 @@ def test_every_header_refusal_is_refused_bad_header_in_the_access_log(logged):
         assert transport.disconnecting
         proto.connectionLost(Failure(ConnectionDone()))
     assert factory.traffic.ended == {("proxy", "refused_bad_header"): 3}
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_read_with_the_header_count_as_the_clients(balancer, monkeypatch):
+    # The client's first bytes, read at once to go out with the PROXY
+    # header, are bytes it sent: counted for the access log and metrics.
+    from twistedcluster.balancer import proxy as proxying
+
+    realRead = proxying.readWaiting
+    waiting = []
+
+    def reading(transport):
+        import select
+
+        select.select([transport.getHandle()], [], [], 5)  # surely there
+        data = realRead(transport)
+        waiting.append(data)
+        return data
+
+    monkeypatch.setattr(proxying, "readWaiting", reading)
+    backends = recorderFactory()
+    await balancer.start(backends, sendProxy="v1")
+    _, answer, s = await deferToThread(talk, balancer.port, b"hello")
+    s.close()
+    assert answer == b"ok" and waiting == [b"hello"]
+    traffic = balancer.factory.traffic
+    await until(lambda: traffic.ended, what="the client's end")
+    assert traffic.bytes["b0"] == [len(b"hello"), len(b"ok")]

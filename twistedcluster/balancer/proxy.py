@@ -460,6 +460,8 @@ class ProxyServer(Relay):
             if not early and self._plain and not self._readDone:
                 waiting = readWaiting(self.transport)
                 if waiting:
+                    # Read here, not by dataReceived: counted here.
+                    self.received += len(waiting)
                     early = [waiting]
             early = [first, *early] if early else [first]
         if early:
