@@ -43,6 +43,19 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         parser().parse_args(["frobnicate"])
     assert e.value.code == 2
+    # Times and counts a timer or a loop cannot take: said as usage, not an
+    # AssertionError from callLater (or top asking without a pause).
+    for bad in (
+        ["top", "--interval", "-1"],
+        ["top", "--interval", "0"],
+        ["top", "--iterations", "-2"],
+        ["--timeout", "-5", "status"],
+        ["status", "--timeout", "nan"],
+    ):
+        with pytest.raises(SystemExit) as e:
+            parser().parse_args(bad)
+        assert e.value.code == 2, bad
+    assert parser().parse_args(["top", "--interval", "0.5"]).interval == 0.5
 
 
 @pytest.mark.allow_errors

@@ -75,6 +75,25 @@ def _done(result: Dict, out: Dict, text: str, asJSON: bool) -> str:
     return output
 
 
+def _seconds(text: str) -> float:
+    """
+    A time in seconds for --timeout and --interval: more than 0 (a timer
+    of a negative time fails Twisted's assertion, and top at 0 would ask
+    the balancer without a pause).
+    """
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     # --json may come before or after the command; the subcommands' copy
     # must not reset what the main parser saw.
@@ -104,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=10.0,
         metavar="SECONDS",
         help="give up when the balancer has not answered in this time (default 10)",
@@ -150,11 +169,11 @@ def parser() -> argparse.ArgumentParser:
         help="a live view of the backends, refreshed until q (like the status page)",
     )
     sp.add_argument(
-        "--interval", type=float, default=1.0, metavar="SECONDS",
+        "--interval", type=_seconds, default=1.0, metavar="SECONDS",
         help="seconds between views (default 1)",
     )
     sp.add_argument(
-        "--iterations", type=int, default=0, metavar="N",
+        "--iterations", type=_count, default=0, metavar="N",
         help="show N views, one after another, then exit (default 0: until q)",
     )
     sp.add_argument(
