@@ -92,3 +92,21 @@ def test_a_backend_of_its_own_is_checked_with_its_own_header():
         sent[port] = t.value()
     assert sent == {8080: b"", 8081: b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"}
     checks.stopService()
+
+
+def test_stopping_a_check_in_flight_is_not_a_failed_check(logged):
+    """
+    Removing a static backend, or stopping the balancer, while a check is
+    on its way cancels that check: not a failure of the backend, so one at
+    C{fall - 1} failures is not marked down or logged as failing.
+    """
+    mr = MemoryReactorClock()
+    pool = Pool()
+    checks = TCPHealthChecks(pool, mr, [("127.0.0.1", 8080)], interval=2, fall=2)
+    checks.startService()
+    fail(mr)  # one failure of two
+    mr.advance(2)  # the second check is in flight
+    assert len(mr.tcpClients) == 1
+    checks.stopService()
+    assert pool.get("127.0.0.1:8080").state is State.UP
+    assert not any("failed 2 checks" in line for line in logged)

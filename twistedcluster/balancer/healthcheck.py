@@ -72,6 +72,8 @@ class _Check:
         self.successes = 0
         self.failures = 0
         self.inFlight = None
+        #: Set by L{stop}: a check cancelled then is no verdict on the backend.
+        self.stopped = False
         self.loop = task.LoopingCall(self.run)
         self.loop.clock = checker.reactor
 
@@ -99,6 +101,8 @@ class _Check:
 
     def _failed(self, reason) -> None:
         self.inFlight = None
+        if self.stopped:
+            return
         self.successes = 0
         self.failures += 1
         pool = self.checker.pool
@@ -112,6 +116,7 @@ class _Check:
             )
 
     def stop(self) -> None:
+        self.stopped = True
         if self.loop.running:
             self.loop.stop()
         if self.inFlight is not None:
