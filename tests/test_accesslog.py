@@ -329,3 +329,27 @@ def test_records_a_failing_output_loses_are_counted_and_logged(logged):
     assert log.dropped >= 2
     assert any("dropped" in line and "No space left on device" in line for line in logged)
     waitClosed(clock, log.close())
+
+
+def test_byte_counts_of_backends_gone_do_not_pile_up_unscraped():
+    """
+    Backends that come and go (new names, forgotten) leave no byte counts
+    behind even when nobody scrapes /metrics: the counts stay within a
+    bound of the pool's size.
+    """
+    from types import SimpleNamespace
+
+    from twistedcluster.balancer.traffic import Traffic
+
+    cluster = Cluster()
+    cluster.pool.register("kept", "127.0.0.1", 1)
+    traffic = Traffic()
+    traffic.pool = cluster.pool
+    for i in range(500):
+        client = SimpleNamespace(
+            _end="client_closed", _start=0.0, _connectAt=0.1,
+            _backend=SimpleNamespace(received=2), _tried=[f"gone-{i}"], received=5,
+        )
+        traffic.proxyEnded(client, 1.0)
+    assert len(traffic.bytes) <= 2 * len(cluster.pool) + 16
+    assert traffic.ended[("proxy", "client_closed")] == 500

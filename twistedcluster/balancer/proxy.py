@@ -690,6 +690,8 @@ class ProxyFactory(Factory):
         backendTLS=None,
     ) -> None:
         self.traffic = traffic if traffic is not None else Traffic()
+        if self.traffic.pool is None:
+            self.traffic.pool = cluster.pool
         self.cluster = cluster
         self.backendTLS = backendTLS
         self.sendProxy = sendProxy

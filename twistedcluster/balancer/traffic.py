@@ -84,7 +84,11 @@ class Traffic:
     @ivar accessLog: the L{AccessLog}, or C{None}.
     @ivar ended: C{(listener, end)}: connections.
     @ivar bytes: backend name: C{[bytes to it, bytes from it]}.
+    @ivar pool: the pool, once known: the byte counts of names it no longer
+        has are dropped as new names come, scraped or not.
     """
+
+    pool = None
 
     def __init__(self, accessLog: Optional[AccessLog] = None) -> None:
         self.accessLog = accessLog
@@ -120,6 +124,9 @@ class Traffic:
             bytesOut = backend.received
             counts = self.bytes.get(name)
             if counts is None:
+                pool = self.pool
+                if pool is not None and len(self.bytes) >= 2 * len(pool) + 16:
+                    self.forget(pool)
                 counts = self.bytes[name] = [0, 0]
             counts[0] += bytesIn
             counts[1] += bytesOut
