@@ -21,6 +21,7 @@ from twisted.python import reflect, usage
 
 from twistedcluster.options import loadSecretOption, positive
 from twistedcluster.address import formatHostPort, parseHostPort
+from twistedcluster.backend.cost import CostMeter
 from twistedcluster.backend.counting import CountingFactory
 from twistedcluster.balancer.limits import AcceptErrors
 from twistedcluster.balancer.listeners import withBacklog
@@ -276,11 +277,20 @@ def makeService(options: Options, reactor=None) -> BackendService:
     inner = options["factory"]
     counting = CountingFactory(inner)
     customLoad = getattr(inner, "currentLoad", None)
+    meter = CostMeter(reactor, capacity)
 
     def measure() -> Load:
+        # The load on the cost scale: the work queued, connections x cost;
+        # a service's own figure (1.0 = full) as that share of a full
+        # backend's work, capacity x cost.  Without a measured cost (cost
+        # 1/capacity) both are what they always were.
         n = counting.count
-        load = float(customLoad()) if callable(customLoad) else n / capacity
-        return Load(connections=n, load=load)
+        cost = meter.cost()
+        if callable(customLoad):
+            load = float(customLoad()) * capacity * cost
+        else:
+            load = n * cost
+        return Load(connections=n, load=load, cost=cost)
 
     holder = {}
 
@@ -312,6 +322,11 @@ def makeService(options: Options, reactor=None) -> BackendService:
         reporter,
         drainTimeout=options["drain-timeout"],
     )
-    counting.onChange = svc.connectionsChanged
+
+    def connectionsChanged(count: int) -> None:
+        meter.changed(count)
+        svc.connectionsChanged(count)
+
+    counting.onChange = connectionsChanged
     log.info("backend reactor: {reactor}", reactor=type(reactor).__qualname__)
     return svc
