@@ -11,27 +11,28 @@ that scale: connections x cost, the work it has queued, in seconds.
 The cost is measured from the times the connection count changes, and
 nothing else (no CPU time: a service may wait on a disk, a database or a
 timer and still be slow): the time during which at least one connection
-was open, divided by the connections that closed, each decayed with time
-constant C{timeConstant} (an exponentially weighted window).  For a service
-that serves one connection at a time this is its service time, whatever its
-queue.
+was open between one close and the next, averaged over the closes (a moving
+average, each close weighing L{WEIGHT}).  For a service that serves one
+connection at a time this is its service time, whatever its queue: while
+it has work, one connection closes every service time.
 
-Two cases fall back to the capacity's figure, 1/capacity a connection (the
-count, as before this module existed):
+Each gap counts for at most L{STRETCH} times the estimate so far (at
+first, 1/capacity): so held connections that close together after a long
+time, as clients of a chat or a proxy do, count as the burst of closes
+they are (next to nothing each), not as the long time before it; a real
+change of service time still takes over within a few dozen closes.
 
-  - no evidence: fewer than L{MIN_EVIDENCE} connections closed within the
-    window (a new backend, or one long idle);
-  - long-lived connections: connections that live on average longer than
-    C{horizon} (connection-seconds over closes).  Reports see those
-    connections well, and their count, against the capacity, is the load; a
-    service time measured from a few closes among many held connections
-    would only say how long clients keep them.
+A connection costs 1/capacity (the count, as before this module existed):
 
-The measured cost is never below 1/capacity either: a backend that closes
-more than C{capacity} connections a busy second serves them in parallel,
-and its capacity, not its speed, is what limits it (there, the time per
-close falls as more connections are served at once, which would draw ever
-more of them to it).
+  - without evidence: before L{MIN_EVIDENCE} connections have closed;
+  - for connections closing rarely: when the gaps between closes, taken
+    whole, average more than C{horizon} (a backend that closes fewer than
+    one connection per C{horizon} seconds while busy holds its
+    connections; their count against its capacity is its load);
+  - at least: a backend that closes more than C{capacity} connections a
+    busy second serves them in parallel, and its capacity, not its speed,
+    limits it (there the time per close falls as more connections are
+    served at once, which would draw ever more of them to it).
 """
 
 from __future__ import annotations
@@ -39,14 +40,19 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-__all__ = ["CostMeter", "DEFAULT_HORIZON", "DEFAULT_TIME_CONSTANT", "MIN_EVIDENCE"]
+__all__ = ["CostMeter", "DEFAULT_HORIZON", "MIN_EVIDENCE", "STRETCH", "WEIGHT"]
 
-#: Seconds over which the evidence fades (by 1/e).
-DEFAULT_TIME_CONSTANT = 10.0
-#: Connections living longer than this on average are counted, not costed.
-DEFAULT_HORIZON = 0.1
-#: Closes (within the window, decayed) needed before the measurement counts.
-MIN_EVIDENCE = 3.0
+#: What one close weighs in the moving average.
+WEIGHT = 1.0 / 32
+#: A gap counts for at most this many times the estimate so far.
+STRETCH = 4.0
+#: Seconds per connection above which a backend is taken to hold its
+#: connections: counted, not costed.
+DEFAULT_HORIZON = 0.25
+#: Closes needed before the measurement counts.
+MIN_EVIDENCE = 8
+#: The longest gap counted whole (an hour).
+_LONGEST = 3600.0
 
 
 class CostMeter:
@@ -60,59 +66,55 @@ class CostMeter:
         is the cost without evidence, and the least cost.
     """
 
-    def __init__(
-        self,
-        clock,
-        capacity: int,
-        timeConstant: float = DEFAULT_TIME_CONSTANT,
-        horizon: float = DEFAULT_HORIZON,
-    ) -> None:
-        if capacity < 1 or not timeConstant > 0 or not horizon > 0:
-            raise ValueError("capacity, time constant and horizon must be positive")
+    def __init__(self, clock, capacity: int, horizon: float = DEFAULT_HORIZON) -> None:
+        if capacity < 1 or not horizon > 0:
+            raise ValueError("capacity and horizon must be positive")
         self.clock = clock
         self.floor = 1.0 / capacity
-        self.timeConstant = timeConstant
         self.horizon = horizon
         self._count = 0
         self._at = clock.seconds()
-        #: Decayed sums: time with a connection open, connection-seconds,
-        #: and closes.
-        self._busy = 0.0
-        self._held = 0.0
-        self._closed = 0.0
-
-    def _advance(self, now: float) -> None:
-        elapsed = now - self._at
-        if elapsed <= 0:
-            return
-        self._at = now
-        keep = math.exp(-elapsed / self.timeConstant)
-        # The exact decayed integral of a constant over the elapsed time.
-        gained = self.timeConstant * (1.0 - keep)
-        count = self._count
-        self._busy = self._busy * keep + (gained if count else 0.0)
-        self._held = self._held * keep + count * gained
-        self._closed *= keep
+        #: Busy seconds since the last close; closes seen (up to
+        #: MIN_EVIDENCE); the estimate; the average of the gaps taken whole.
+        self._gap = 0.0
+        self._closes = 0
+        self._estimate = self.floor
+        self._whole = 0.0
 
     def changed(self, count: int) -> None:
         """
         The connection count is now C{count}: a fall counts as closes.
         """
-        self._advance(self.clock.seconds())
-        if count < self._count:
-            self._closed += self._count - count
+        now = self.clock.seconds()
+        if self._count:
+            self._gap += max(0.0, now - self._at)
+        self._at = now
+        closed = self._count - count
         self._count = count
+        if closed <= 0:
+            return
+        estimate, whole, gap = self._estimate, self._whole, self._gap
+        # The first close ends the gap; the others closed with it took no
+        # busy time of their own.
+        estimate += WEIGHT * (min(gap, STRETCH * max(estimate, self.floor)) - estimate)
+        whole += WEIGHT * (min(gap, _LONGEST) - whole)
+        if closed > 1:
+            fade = (1.0 - WEIGHT) ** (closed - 1)
+            estimate *= fade
+            whole *= fade
+        self._estimate, self._whole = estimate, whole
+        self._gap = 0.0
+        if self._closes < MIN_EVIDENCE:
+            self._closes = min(MIN_EVIDENCE, self._closes + closed)
 
     def measured(self) -> Optional[float]:
         """
         Busy seconds per closed connection, if there is evidence and the
-        connections are short-lived; C{None} otherwise.
+        connections do not look held; C{None} otherwise.
         """
-        self._advance(self.clock.seconds())
-        closed = self._closed
-        if closed < MIN_EVIDENCE or self._held > self.horizon * closed:
+        if self._closes < MIN_EVIDENCE or self._whole > self.horizon:
             return None
-        return self._busy / closed
+        return self._estimate
 
     def cost(self) -> float:
         """

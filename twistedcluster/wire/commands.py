@@ -274,6 +274,9 @@ BACKEND_FIELDS = [
     (b"active", amp.Integer()),
     (b"failures", amp.Integer()),
     (b"static", amp.Boolean()),
+    # Seconds one connection costs the backend (1/capacity when it
+    # measures none); optional: balancers that predate it leave it out.
+    (b"cost", amp.Float(optional=True)),
 ]
 
 #: The names of L{BACKEND_FIELDS}, in order, as C{str}.
