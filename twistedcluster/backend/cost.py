@@ -53,6 +53,8 @@ DEFAULT_HORIZON = 0.25
 MIN_EVIDENCE = 8
 #: The longest gap counted whole (an hour).
 _LONGEST = 3600.0
+#: Closes after which each weighs WEIGHT.
+_RAMP = round(1 / WEIGHT)
 
 
 class CostMeter:
@@ -74,8 +76,8 @@ class CostMeter:
         self.horizon = horizon
         self._count = 0
         self._at = clock.seconds()
-        #: Busy seconds since the last close; closes seen (up to
-        #: MIN_EVIDENCE); the estimate; the average of the gaps taken whole.
+        #: Busy seconds since the last close; closes seen (up to 1/WEIGHT);
+        #: the estimate; the average of the gaps taken whole.
         self._gap = 0.0
         self._closes = 0
         self._estimate = self.floor
@@ -94,18 +96,22 @@ class CostMeter:
         if closed <= 0:
             return
         estimate, whole, gap = self._estimate, self._whole, self._gap
-        # The first close ends the gap; the others closed with it took no
-        # busy time of their own.
-        estimate += WEIGHT * (min(gap, STRETCH * max(estimate, self.floor)) - estimate)
-        whole += WEIGHT * (min(gap, _LONGEST) - whole)
-        if closed > 1:
-            fade = (1.0 - WEIGHT) ** (closed - 1)
+        for k in range(min(closed, _RAMP)):
+            # The first close ends the gap; the others closed with it took
+            # no busy time of their own.  The first closes weigh more (a
+            # plain average of the first 1/WEIGHT), so a backend that gets
+            # few connections learns its cost from few.
+            seen = self._closes = min(_RAMP, self._closes + 1)
+            weight = max(WEIGHT, 1.0 / seen)
+            estimate += weight * (min(gap, STRETCH * max(estimate, self.floor)) - estimate)
+            whole += weight * (min(gap, _LONGEST) - whole)
+            gap = 0.0
+        if closed > _RAMP:
+            fade = (1.0 - WEIGHT) ** (closed - _RAMP)
             estimate *= fade
             whole *= fade
         self._estimate, self._whole = estimate, whole
         self._gap = 0.0
-        if self._closes < MIN_EVIDENCE:
-            self._closes = min(MIN_EVIDENCE, self._closes + closed)
 
     def measured(self) -> Optional[float]:
         """

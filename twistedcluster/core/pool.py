@@ -224,6 +224,8 @@ class _Member:
     unseen: Dict[int, Optional[int]] = attr.ib(factory=dict)
     #: Connections the last report had seen that have closed since.
     closedSinceReport: int = 0
+    #: The pool's epoch when the last report came (see L{Pool.release}).
+    reportedEpoch: int = -1
     #: Whether the pool counts it in service (L{inService}), and ejected
     #: among those: kept by L{Pool._changed}.
     countedIn: bool = False
@@ -662,6 +664,10 @@ class Pool:
                 del unseen[ticket]
         m.closedSinceReport = 0
         m.reports += 1
+        # Connections that reach the backend from now on have a later epoch
+        # (see release).
+        m.reportedEpoch = self._epoch
+        self._epoch += 1
         self._loadChanged(m)
 
     def markDue(self, name: str, mark: Optional[int]) -> bool:
@@ -852,9 +858,16 @@ class Pool:
         m = self._mine(name, ticket)
         if m is not None and m.active > 0:
             m.active -= 1
-            if ticket in m.unseen:
-                del m.unseen[ticket]  # no report counted it
-            elif not m.static:
+            reached = m.unseen.pop(ticket, _ABSENT)
+            if reached is _ABSENT:
+                if not m.static:
+                    m.closedSinceReport += 1
+            elif reached is not None and reached <= m.reportedEpoch:
+                # It had reached the backend before the last report came,
+                # and was open then: that report counted it, though the
+                # mark it echoed was older (short connections that reach
+                # the backend after each mark would otherwise count twice
+                # until the next report, its queue added to its load).
                 m.closedSinceReport += 1
             self._loadChanged(m)
 
@@ -995,6 +1008,8 @@ class Pool:
 
 
 _ENABLED = AdminState.ENABLED
+#: Not there.
+_ABSENT = object()
 #: Nothing excluded.
 _NONE: frozenset = frozenset()
 #: How many score functions L{Pool.lowest} keeps an index for.
