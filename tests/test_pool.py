@@ -569,3 +569,28 @@ def test_routed_connections_add_to_the_estimate_at_the_backends_cost():
     assert estimatedLoad(pool.get("a")) == pytest.approx(5 * 0.008)
     pool.release("a", tickets[0])
     assert estimatedLoad(pool.get("a")) == pytest.approx(4 * 0.008)
+
+
+def test_a_short_connection_open_at_a_report_with_an_older_mark_counts_once():
+    # The report's mark predates the connection, so while it is open it may
+    # or may not be in the report (counted twice, to be safe); once it
+    # closes, having been open when the report came, the report counted it.
+    pool = Pool()
+    pool.register("a", "h", 1, capacity=10)
+    mark = pool.mark("a")
+    ticket = pool.acquire("a")
+    pool.connected("a", ticket)
+    pool.report("a", connections=1, load=0.1, seen=mark)
+    assert pool.get("a").estimatedConnections == 2
+    pool.release("a", ticket)
+    assert pool.get("a").estimatedConnections == 0
+    # One that reaches the backend after a report is not taken as in it.
+    later = pool.acquire("a")
+    pool.connected("a", later)
+    pool.report("a", connections=1, load=0.1, seen=mark)
+    other = pool.acquire("a")
+    pool.connected("a", other)
+    pool.release("a", other)
+    assert pool.get("a").estimatedConnections == 2
+    pool.release("a", later)
+    assert pool.get("a").estimatedConnections == 0

@@ -100,7 +100,8 @@ class Options(usage.Options):
             "capacity",
             None,
             DEFAULT_CAPACITY,
-            "Connections this backend is sized for; load = connections / capacity.",
+            "Connections this backend is sized for (or serves at once); a "
+            "connection costs it at least 1/capacity.",
             positive(int),
         ],
         [
