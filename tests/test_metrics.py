@@ -28,6 +28,7 @@ def test_prometheus_text_has_every_backend_and_state():
     assert 'twistedcluster_backend_state{backend="web1",state="down"} 0' in text
     assert 'twistedcluster_backend_state{backend="odd\\"name",state="down"} 1' in text
     assert 'twistedcluster_backend_connections{backend="web1"} 3' in text
+    assert 'twistedcluster_backend_cost_seconds{backend="web1"} 0.1' in text
     assert 'twistedcluster_backend_routed_total{backend="web1"} 1' in text
     assert "twistedcluster_clients 5" in text
     assert "twistedcluster_clients_waiting 1" in text

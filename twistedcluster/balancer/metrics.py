@@ -79,7 +79,20 @@ def prometheusText(
         "Active connections the backend last reported.",
         lambda b: b.connections,
     )
-    perBackend("twistedcluster_backend_load", "gauge", "Last reported load.", lambda b: repr(b.load))
+    perBackend(
+        "twistedcluster_backend_load",
+        "gauge",
+        "Last reported load (connections x cost, in seconds; a share of capacity "
+        "from a backend that measures no cost).",
+        lambda b: repr(b.load),
+    )
+    perBackend(
+        "twistedcluster_backend_cost_seconds",
+        "gauge",
+        "What one connection costs the backend, as it last reported (1/capacity "
+        "until measured).",
+        lambda b: repr(b.cost),
+    )
     perBackend(
         "twistedcluster_backend_active",
         "gauge",
