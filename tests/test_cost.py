@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from twistedcluster.backend.cost import MIN_EVIDENCE, CostMeter
+from twistedcluster.backend.cost import MIN_EVIDENCE, WINDOW, CostMeter
 
 
 def serial(meter: CostMeter, clock: Clock, service: float, arrivals) -> None:
@@ -155,3 +155,21 @@ def test_the_cost_is_always_a_finite_number_of_seconds_at_least_a_share(capacity
         meter.changed(count)
         cost = meter.cost()
         assert math.isfinite(cost) and cost >= 1.0 / capacity
+
+
+def test_a_burst_of_closes_without_service_does_not_wipe_the_cost_for_long():
+    # A queue of 400 requests whose clients gave up closes at once: for a
+    # moment next to nothing each, then half a window of real closes gives
+    # the service time back.
+    clock = Clock()
+    meter = CostMeter(clock, capacity=1000)
+    serial(meter, clock, 0.008, [k * 0.02 for k in range(100)])
+    assert meter.cost() == pytest.approx(0.008, rel=0.01)
+    meter.changed(400)
+    clock.advance(0.001)
+    for k in range(400):
+        meter.changed(399 - k)
+    assert meter.cost() == pytest.approx(0.001)
+    start = clock.seconds() + 0.01
+    serial(meter, clock, 0.008, [start + k * 0.02 for k in range(WINDOW // 2 + 1)])
+    assert meter.cost() == pytest.approx(0.008, rel=0.01)

@@ -11,24 +11,27 @@ that scale: connections x cost, the work it has queued, in seconds.
 The cost is measured from the times the connection count changes, and
 nothing else (no CPU time: a service may wait on a disk, a database or a
 timer and still be slow): the time during which at least one connection
-was open between one close and the next, averaged over the closes (a moving
-average, each close weighing L{WEIGHT}).  For a service that serves one
-connection at a time this is its service time, whatever its queue: while
-it has work, one connection closes every service time.
+was open between one close and the next (the busy gap), the median of the
+last L{WINDOW} gaps.  For a service that serves one connection at a time
+this is its service time, whatever its queue: while it has work, one
+connection closes every service time.
 
-Each gap counts for at most L{STRETCH} times the estimate so far (at
-first, 1/capacity): so held connections that close together after a long
-time, as clients of a chat or a proxy do, count as the burst of closes
-they are (next to nothing each), not as the long time before it; a real
-change of service time still takes over within a few dozen closes.
+The median, not the mean, because closes also come in bursts that are no
+service: held connections that clients close together after seconds (a
+chat, a proxy, the benchmarks' bursts), or a queue of requests whose
+clients gave up.  Such a burst is one long gap and many of next to
+nothing: its median is next to nothing (the cost 1/capacity, below), and
+once it has passed, half a window of real closes restores the service
+time; a mean would either count the long wait as the cost of one
+connection, or let the burst wipe out what the backend had shown.
 
 A connection costs 1/capacity (the count, as before this module existed):
 
   - without evidence: before L{MIN_EVIDENCE} connections have closed;
-  - for connections closing rarely: when the gaps between closes, taken
-    whole, average more than C{horizon} (a backend that closes fewer than
-    one connection per C{horizon} seconds while busy holds its
-    connections; their count against its capacity is its load);
+  - for connections closing rarely: a median gap over C{horizon} (a
+    backend that closes fewer than one connection per C{horizon} seconds
+    while busy holds its connections; their count against its capacity is
+    its load);
   - at least: a backend that closes more than C{capacity} connections a
     busy second serves them in parallel, and its capacity, not its speed,
     limits it (there the time per close falls as more connections are
@@ -37,24 +40,19 @@ A connection costs 1/capacity (the count, as before this module existed):
 
 from __future__ import annotations
 
-import math
-from typing import Optional
+from bisect import bisect_left, insort
+from collections import deque
+from typing import Deque, List, Optional
 
-__all__ = ["CostMeter", "DEFAULT_HORIZON", "MIN_EVIDENCE", "STRETCH", "WEIGHT"]
+__all__ = ["CostMeter", "DEFAULT_HORIZON", "MIN_EVIDENCE", "WINDOW"]
 
-#: What one close weighs in the moving average.
-WEIGHT = 1.0 / 32
-#: A gap counts for at most this many times the estimate so far.
-STRETCH = 4.0
+#: The gaps the median is taken over.
+WINDOW = 32
 #: Seconds per connection above which a backend is taken to hold its
 #: connections: counted, not costed.
 DEFAULT_HORIZON = 0.25
 #: Closes needed before the measurement counts.
 MIN_EVIDENCE = 8
-#: The longest gap counted whole (an hour).
-_LONGEST = 3600.0
-#: Closes after which each weighs WEIGHT.
-_RAMP = round(1 / WEIGHT)
 
 
 class CostMeter:
@@ -76,12 +74,11 @@ class CostMeter:
         self.horizon = horizon
         self._count = 0
         self._at = clock.seconds()
-        #: Busy seconds since the last close; closes seen (up to 1/WEIGHT);
-        #: the estimate; the average of the gaps taken whole.
+        #: Busy seconds since the last close; the last WINDOW gaps, in the
+        #: order they ended and sorted.
         self._gap = 0.0
-        self._closes = 0
-        self._estimate = self.floor
-        self._whole = 0.0
+        self._gaps: Deque[float] = deque()
+        self._sorted: List[float] = []
 
     def changed(self, count: int) -> None:
         """
@@ -95,32 +92,31 @@ class CostMeter:
         self._count = count
         if closed <= 0:
             return
-        estimate, whole, gap = self._estimate, self._whole, self._gap
-        for k in range(min(closed, _RAMP)):
+        gaps, ordered = self._gaps, self._sorted
+        gap = self._gap
+        for _ in range(min(closed, WINDOW)):
             # The first close ends the gap; the others closed with it took
-            # no busy time of their own.  The first closes weigh more (a
-            # plain average of the first 1/WEIGHT), so a backend that gets
-            # few connections learns its cost from few.
-            seen = self._closes = min(_RAMP, self._closes + 1)
-            weight = max(WEIGHT, 1.0 / seen)
-            estimate += weight * (min(gap, STRETCH * max(estimate, self.floor)) - estimate)
-            whole += weight * (min(gap, _LONGEST) - whole)
+            # no busy time of their own.
+            gaps.append(gap)
+            insort(ordered, gap)
+            if len(gaps) > WINDOW:
+                del ordered[bisect_left(ordered, gaps.popleft())]
             gap = 0.0
-        if closed > _RAMP:
-            fade = (1.0 - WEIGHT) ** (closed - _RAMP)
-            estimate *= fade
-            whole *= fade
-        self._estimate, self._whole = estimate, whole
         self._gap = 0.0
 
     def measured(self) -> Optional[float]:
         """
-        Busy seconds per closed connection, if there is evidence and the
+        The median busy gap between closes, if there is evidence and the
         connections do not look held; C{None} otherwise.
         """
-        if self._closes < MIN_EVIDENCE or self._whole > self.horizon:
+        ordered = self._sorted
+        n = len(ordered)
+        if n < MIN_EVIDENCE:
             return None
-        return self._estimate
+        median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+        if median > self.horizon:
+            return None
+        return median
 
     def cost(self) -> float:
         """
