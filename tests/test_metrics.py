@@ -67,6 +67,7 @@ def test_prometheus_text_has_every_backend_and_state():
     assert got[("twistedcluster_backend_connections", (("backend", "web1"),))] == 3
     assert got[("twistedcluster_backend_routed_total", (("backend", "web1"),))] == 1
     assert got[("twistedcluster_clients", ())] == 0
+    assert got[("twistedcluster_backend_cost_seconds", (("backend", "web1"),))] == 0.1
     assert "# TYPE twistedcluster_backend_routed_total counter" in text
     # Process metrics come with it.
     assert got[("process_open_fds", ())] > 0

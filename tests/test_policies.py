@@ -261,3 +261,63 @@ def test_short_connections_to_equal_backends_are_split_at_random(policy):
             cluster.pool.release(route.name, route.ticket)
             wins[route.name] += 1
         assert 25 <= wins["a"] <= 75, (seed, wins)
+
+
+# -- costs: least expected delay ---------------------------------------------------
+
+
+def test_a_backend_without_a_reported_cost_costs_a_capacity_share():
+    assert status("a", capacity=250).cost == pytest.approx(0.004)
+
+
+def test_least_load_counts_the_new_connection_at_the_backends_cost():
+    # An idle backend that takes 8 ms loses to one that takes 2 ms with two
+    # queued (6 ms with the new one); with three queued (8 ms) it is a tie,
+    # with four the idle slow one wins.  Least-conn would pick the idle one.
+    for queued, expected in ((2, {"fast"}), (4, {"slow"})):
+        cs = [
+            status("slow", cost=0.008),
+            status("fast", cost=0.002, connections=queued, load=queued * 0.002),
+        ]
+        picks = {LeastLoad().choose(cs, random.Random(i)).name for i in range(50)}
+        assert picks == expected
+
+
+def test_least_load_adds_routed_connections_at_the_backends_cost():
+    # Both reported 1 connection; 3 more went to the fast one since: 4 x 2
+    # ms (+2 for the new one) is under 1 x 8 ms (+8); 8 x 2 ms (+2) is not.
+    cs = [
+        status("slow", cost=0.008, connections=1, load=0.008),
+        status("fast", cost=0.002, connections=1, load=0.002, addedSinceReport=3),
+    ]
+    assert LeastLoad().choose(cs, random.Random(0)).name == "fast"
+    cs[1] = status("fast", cost=0.002, connections=1, load=0.002, addedSinceReport=7)
+    assert LeastLoad().choose(cs, random.Random(0)).name == "slow"
+
+
+def test_least_load_shares_connections_in_inverse_proportion_to_cost():
+    # Connections that stay: least-load fills each backend to the same
+    # work, so costs 2, 2 and 8 ms take shares 4:4:1 (what hand-set
+    # weights 4:4:1 did).
+    pool = Pool()
+    for name, cost in (("a", 0.002), ("b", 0.002), ("c", 0.008)):
+        pool.register(name, "127.0.0.1", 1, capacity=1000, cost=cost)
+    cluster = Cluster(pool, "least-load", random.Random(3))
+    for _ in range(90):
+        cluster.pick()
+    routed = {s.name: s.routed for s in pool.snapshot()}
+    assert routed == {"a": 40, "b": 40, "c": 10}
+
+
+def test_equal_costs_route_as_counts_did():
+    # Backends of one cost: least-load is what it was (least connections
+    # per capacity), whatever the cost.
+    for cost in (None, 0.002):
+        pool = Pool()
+        for name, held in (("a", 5), ("b", 0), ("c", 2)):
+            pool.register(name, "127.0.0.1", 1, capacity=100, connections=held,
+                          load=held * (cost or 0.01), cost=cost)
+        cluster = Cluster(pool, "least-load", random.Random(1))
+        for _ in range(8):
+            cluster.pick()
+        assert [s.estimatedConnections for s in pool.snapshot()] == [5, 5, 5]

@@ -541,3 +541,56 @@ def test_the_index_is_rebuilt_from_its_valid_entries_when_mostly_stale():
         pool.release(chosen.name, pool.acquire(chosen.name))
     index = pool._indexes[estimatedLoad]
     assert len(index.heap) <= 2 * len(index.current) + 64 + 1
+
+
+def test_a_reported_cost_is_kept_until_the_next_report():
+    pool = Pool()
+    pool.register("a", "127.0.0.1", 1, capacity=100, cost=0.004)
+    assert pool.get("a").cost == 0.004
+    pool.report("a", 3, 0.012, cost=0.005)
+    assert pool.get("a").cost == 0.005
+    # A report without one (a backend that does not measure): 1/capacity.
+    pool.report("a", 3, 0.03)
+    assert pool.get("a").cost == pytest.approx(0.01)
+    pool.register("a", "127.0.0.1", 1, capacity=50)
+    assert pool.get("a").cost == pytest.approx(0.02)
+
+
+def test_a_static_backend_costs_a_capacity_share():
+    pool = Pool()
+    pool.register("s", "127.0.0.1", 1, capacity=10, static=True, cost=0.5)
+    assert pool.get("s").cost == pytest.approx(0.1)
+
+
+def test_routed_connections_add_to_the_estimate_at_the_backends_cost():
+    pool = Pool()
+    pool.register("a", "127.0.0.1", 1, capacity=1000, connections=2, load=0.016, cost=0.008)
+    tickets = [pool.acquire("a") for _ in range(3)]
+    assert estimatedLoad(pool.get("a")) == pytest.approx(5 * 0.008)
+    pool.release("a", tickets[0])
+    assert estimatedLoad(pool.get("a")) == pytest.approx(4 * 0.008)
+
+
+def test_a_short_connection_open_at_a_report_with_an_older_mark_counts_once():
+    # The report's mark predates the connection, so while it is open it may
+    # or may not be in the report (counted twice, to be safe); once it
+    # closes, having been open when the report came, the report counted it.
+    pool = Pool()
+    pool.register("a", "h", 1, capacity=10)
+    mark = pool.mark("a")
+    ticket = pool.acquire("a")
+    pool.connected("a", ticket)
+    pool.report("a", connections=1, load=0.1, seen=mark)
+    assert pool.get("a").estimatedConnections == 2
+    pool.release("a", ticket)
+    assert pool.get("a").estimatedConnections == 0
+    # One that reaches the backend after a report is not taken as in it.
+    later = pool.acquire("a")
+    pool.connected("a", later)
+    pool.report("a", connections=1, load=0.1, seen=mark)
+    other = pool.acquire("a")
+    pool.connected("a", other)
+    pool.release("a", other)
+    assert pool.get("a").estimatedConnections == 2
+    pool.release("a", later)
+    assert pool.get("a").estimatedConnections == 0

@@ -214,7 +214,7 @@ def test_a_balancer_that_does_not_offer_one_way_reports_gets_answered_ones(monke
 
     register = ControlProtocol.register
 
-    def oldRegister(self, name, host, port, capacity, connections, load, interval, quiet=None):
+    def oldRegister(self, name, host, port, capacity, connections, load, interval, quiet=None, cost=None):
         # A balancer from before one-way reports ignores the offer.
         return register(self, name, host, port, capacity, connections, load, interval)
 

@@ -50,8 +50,16 @@ class Identity:
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Load:
+    """
+    One measurement: open connections, the load on the cost scale
+    (connections x cost, or the service's own figure scaled to it), and
+    what one connection costs in seconds (L{twistedcluster.backend.cost});
+    C{None}: not measured, the balancer takes 1/capacity.
+    """
+
     connections: int
     load: float
+    cost: Optional[float] = None
 
 
 def reportStep(capacity: int) -> int:
@@ -311,6 +319,7 @@ class LoadReporter(MultiService):
                 capacity=ident.capacity,
                 connections=current.connections,
                 load=current.load,
+                cost=current.cost,
                 interval=self.interval,
                 quiet=True,
             )
@@ -392,7 +401,9 @@ class LoadReporter(MultiService):
         current = self.measure()
         self._lastReported = current.connections
         for proto in list(self.channels):
-            report = dict(connections=current.connections, load=current.load, seen=proto.mark)
+            report = dict(
+                connections=current.connections, load=current.load, cost=current.cost, seen=proto.mark
+            )
             if proto.oneWay:
                 self._sendOneWay(proto, commands.ReportLoadOneWay, **report)
             else:

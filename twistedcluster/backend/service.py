@@ -23,6 +23,7 @@ from twisted.python import usage
 
 from twistedcluster.options import loadSecretOption, oneLineDoc, positive
 from twistedcluster.address import formatHostPort, parseHostPort
+from twistedcluster.backend.cost import CostMeter
 from twistedcluster.backend.counting import CountingFactory
 from twistedcluster.balancer.limits import AcceptErrors
 from twistedcluster.balancer.listeners import (
@@ -150,7 +151,8 @@ class Options(usage.Options):
             "capacity",
             None,
             DEFAULT_CAPACITY,
-            "Connections this backend is sized for; load = connections / capacity.",
+            "Connections this backend is sized for (or serves at once); a "
+            "connection costs it at least 1/capacity.",
             positive(int),
         ],
         [
@@ -428,11 +430,20 @@ def makeService(options: Options, reactor=None) -> BackendService:
     listen, parsers = _proxyListener(options["listen"])
     counting = CountingFactory(inner, proxyParsers=parsers, clock=reactor)
     customLoad = getattr(inner, "currentLoad", None)
+    meter = CostMeter(reactor, capacity)
 
     def measure() -> Load:
+        # The load on the cost scale: the work queued, connections x cost;
+        # a service's own figure (1.0 = full) as that share of a full
+        # backend's work, capacity x cost.  Without a measured cost (cost
+        # 1/capacity) both are what they always were.
         n = counting.count
-        load = float(customLoad()) if callable(customLoad) else n / capacity
-        return Load(connections=n, load=load)
+        cost = meter.cost()
+        if callable(customLoad):
+            load = float(customLoad()) * capacity * cost
+        else:
+            load = n * cost
+        return Load(connections=n, load=load, cost=cost)
 
     holder = {}
 
@@ -478,7 +489,12 @@ def makeService(options: Options, reactor=None) -> BackendService:
         metrics=options["metrics"],
         metricsSite=site,
     )
-    counting.onChange = svc.connectionsChanged
+
+    def connectionsChanged(count: int) -> None:
+        meter.changed(count)
+        svc.connectionsChanged(count)
+
+    counting.onChange = connectionsChanged
     from twistedcluster.hangup import HangUpService
 
     svc.hangUp = HangUpService(reactor)  # SIGHUP reopens the log

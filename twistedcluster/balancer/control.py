@@ -44,6 +44,8 @@ MAX_NAME_LENGTH = 200
 MAX_CAPACITY = 10**9
 MAX_CONNECTIONS = 10**9
 MAX_LOAD = 1e6
+#: The most a connection may cost, in seconds (an hour).
+MAX_COST = 3600.0
 
 
 #: What a one-way report "answers" (nobody reads it).
@@ -75,12 +77,17 @@ def _validAddress(host: str, port: int, capacity: int) -> None:
     _check(0 < capacity <= MAX_CAPACITY, f"capacity must be 1..{MAX_CAPACITY}")
 
 
-def _validLoad(connections: int, load: float) -> None:
+def _validLoad(connections: int, load: float, cost: Optional[float] = None) -> None:
     _check(0 <= connections <= MAX_CONNECTIONS, f"connections must be 0..{MAX_CONNECTIONS}")
     _check(
         math.isfinite(load) and 0 <= load <= MAX_LOAD,
         f"load must be a number in 0..{MAX_LOAD:g}",
     )
+    if cost is not None:
+        _check(
+            math.isfinite(cost) and 0 < cost <= MAX_COST,
+            f"cost must be a number of seconds above 0, at most {MAX_COST:g}",
+        )
 
 
 class ControlProtocol(GuardedAMP):
@@ -108,11 +115,13 @@ class ControlProtocol(GuardedAMP):
     _lastMark: Optional[int] = None
 
     @commands.Register.responder
-    def register(self, name, host, port, capacity, connections, load, interval, quiet=None):
+    def register(
+        self, name, host, port, capacity, connections, load, interval, quiet=None, cost=None
+    ):
         validName(name)
         _validAddress(host, port, capacity)
         _check(MIN_INTERVAL <= interval <= MAX_INTERVAL, f"interval must be {MIN_INTERVAL}..{MAX_INTERVAL} s")
-        _validLoad(connections, load)
+        _validLoad(connections, load, cost)
         factory = self.factory
         pool = factory.cluster.pool
         self._claimName(name, host, port)
@@ -124,7 +133,7 @@ class ControlProtocol(GuardedAMP):
         self.name = name
         self._silent = False  # registering is the surest sign of life
         factory.owners[name] = self
-        pool.register(name, host, port, capacity, connections, load)
+        pool.register(name, host, port, capacity, connections, load, cost=cost)
         factory.reported(name)
         factory.cameUp(name)
         self._timeout = factory.heartbeatTimeout(interval)
@@ -147,11 +156,11 @@ class ControlProtocol(GuardedAMP):
         return answer
 
     @commands.ReportLoad.responder
-    def reportLoad(self, connections, load, seen=None):
+    def reportLoad(self, connections, load, seen=None, cost=None):
         name = self._registered()
-        _validLoad(connections, load)
+        _validLoad(connections, load, cost)
         pool = self.factory.cluster.pool
-        pool.report(name, connections, load, seen)
+        pool.report(name, connections, load, seen, cost)
         self.factory.reported(name)
         if self._silent:
             self._silent = False

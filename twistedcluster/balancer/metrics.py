@@ -88,7 +88,20 @@ class BalancerCollector:
             "Active connections the backend last reported.",
             lambda b: b.connections,
         )
-        yield perBackend(GaugeMetricFamily, "twistedcluster_backend_load", "Last reported load.", lambda b: b.load)
+        yield perBackend(
+            GaugeMetricFamily,
+            "twistedcluster_backend_load",
+            "Last reported load (connections x cost, in seconds; a share of capacity "
+            "from a backend that measures no cost).",
+            lambda b: b.load,
+        )
+        yield perBackend(
+            GaugeMetricFamily,
+            "twistedcluster_backend_cost_seconds",
+            "What one connection costs the backend, as it last reported (1/capacity "
+            "until measured).",
+            lambda b: b.cost,
+        )
         yield perBackend(
             GaugeMetricFamily,
             "twistedcluster_backend_active",

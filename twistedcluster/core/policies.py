@@ -43,6 +43,7 @@ __all__ = [
     "UnknownPolicy",
     "checkHashBalance",
     "estimatedLoad",
+    "expectedLoad",
     "relayedLoad",
     "makePolicy",
 ]
@@ -85,13 +86,29 @@ def _lowest(
 
 def estimatedLoad(b: BackendStatus) -> float:
     """
-    The backend's load as least-load sees it: its last report, plus what this
-    balancer has added to it that the report had not seen (each connection
-    1/capacity), never less than what this balancer relays to it now; per
-    unit weight.
+    The backend's load as this balancer can best tell: its last report, plus
+    what this balancer has added to it that the report had not seen, never
+    less than what this balancer relays to it now; each connection at the
+    backend's cost (the seconds it measured, else 1/capacity); per unit
+    weight.
     """
-    capacity = b.capacity
-    return max(b.load + b.addedSinceReport / capacity, b.active / capacity, 0.0) / b.weight
+    cost = b.cost
+    return max(b.load + b.addedSinceReport * cost, b.active * cost, 0.0) / b.weight
+
+
+def expectedLoad(b: BackendStatus) -> float:
+    """
+    What least-load routes on: L{estimatedLoad} with the new connection
+    added, at the backend's cost, per unit weight.
+
+    Counting the new connection makes it least expected delay: an idle
+    backend that takes 8 ms a connection scores 8 ms, not 0, so it loses to
+    one that takes 2 ms with two connections queued (least-conn, and
+    HAProxy's leastconn, would pick the idle one).  Between backends of the
+    same cost it changes nothing.
+    """
+    cost = b.cost
+    return (max(b.load + b.addedSinceReport * cost, b.active * cost, 0.0) + cost) / b.weight
 
 
 def relayedLoad(b: BackendStatus) -> float:
@@ -111,17 +128,23 @@ def _rampedLoad(b: BackendStatus) -> float:
     return estimatedLoad(b) / b.ramp
 
 
+def _rampedExpected(b: BackendStatus) -> float:
+    return expectedLoad(b) / b.ramp
+
+
 def _rampedRelayed(b: BackendStatus) -> float:
     return relayedLoad(b) / b.ramp
 
 
 class LeastLoad:
     """
-    Route to the backend with the lowest estimated load (the default).
+    Route to the backend with the lowest load once it has the new connection
+    (L{expectedLoad}; the default).
 
     Reports are always a little stale; adding what this balancer routed since
     the last report keeps a burst of new connections from all landing on the
-    backend that looked idle a second ago.
+    backend that looked idle a second ago.  Each connection counts at what
+    it costs that backend, so a slower backend gets fewer.
     """
 
     name = "least-load"
@@ -131,8 +154,8 @@ class LeastLoad:
     ) -> Optional[BackendStatus]:
         indexed = getattr(candidates, "lowest", None)
         if indexed is not None:
-            return indexed(_rampedLoad, rng)
-        return _lowest(candidates, _rampedLoad, rng)
+            return indexed(_rampedExpected, rng)
+        return _lowest(candidates, _rampedExpected, rng)
 
 
 class LeastConn:

@@ -144,8 +144,13 @@ class BackendStatus:
 
     @ivar connections: active connections the backend itself last reported,
         whoever routed them.
-    @ivar load: the backend's last reported load (connections / capacity
-        unless its service supplies its own figure).
+    @ivar load: the backend's last reported load, on the scale of C{cost}:
+        connections x cost (the work it has queued, in seconds), or its
+        service's own figure scaled to it; connections / capacity from a
+        backend that does not measure its cost.
+    @ivar cost: what one more connection adds to C{load}: the seconds per
+        connection the backend last reported, or 1/capacity when it reports
+        none (or is static).
     @ivar addedSinceReport: connections this balancer has added to the
         backend that its last report had not seen (routed after the mark the
         report echoed, still open or still to come), less those the report
@@ -173,6 +178,7 @@ class BackendStatus:
     failures: int = 0
     static: bool = False
     reports: int = 0
+    cost: float = attr.Factory(lambda self: 1.0 / self.capacity, takes_self=True)
 
     @property
     def estimatedConnections(self) -> int:
@@ -214,6 +220,9 @@ class _Member:
     failures: int = 0
     static: bool = False
     reports: int = 0
+    #: Seconds per connection, as the backend last reported it; C{None}:
+    #: 1/capacity.
+    cost: Optional[float] = None
     #: The pool's last ticket when this member was added: tickets at or
     #: below it belong to a backend of the same name that was forgotten.
     bornAfter: int = 0
@@ -223,6 +232,8 @@ class _Member:
     unseen: Dict[int, Optional[int]] = attr.ib(factory=dict)
     #: Connections the last report had seen that have closed since.
     closedSinceReport: int = 0
+    #: The pool's epoch when the last report came (see L{Pool.release}).
+    reportedEpoch: int = -1
     #: Whether the pool counts it in service (L{inService}), and ejected
     #: among those: kept by L{Pool._changed}.
     countedIn: bool = False
@@ -310,6 +321,7 @@ class _Member:
             failures=self.failures,
             static=self.static,
             reports=self.reports,
+            cost=1.0 / self.capacity if self.cost is None or self.static else self.cost,
         )
 
 
@@ -581,10 +593,13 @@ class Pool:
         connections: int = 0,
         load: float = 0.0,
         static: bool = False,
+        cost: Optional[float] = None,
     ) -> BackendStatus:
         """
         Add a backend, or bring a known one back up at (possibly) a new
         address.  Its admin state and weight are kept.
+
+        @param cost: seconds per connection (see L{report}).
         """
         m = self._members.get(name)
         if m is None:
@@ -597,6 +612,7 @@ class Pool:
         m.selfDraining = False
         m.connections = connections
         m.load = load
+        m.cost = cost
         # The registration counts what had reached the backend; connects
         # still on their way stay added.
         for ticket in [t for t, reached in m.unseen.items() if reached is not None]:
@@ -716,10 +732,19 @@ class Pool:
     # -- reports from the backend ---------------------------------------
 
     def report(
-        self, name: str, connections: int, load: float, seen: Optional[int] = None
+        self,
+        name: str,
+        connections: int,
+        load: float,
+        seen: Optional[int] = None,
+        cost: Optional[float] = None,
     ) -> int:
         """
         Record a load report.
+
+        @param cost: what one connection costs the backend, in seconds; the
+            report's C{load} is on that scale.  C{None}: 1/capacity, with
+            C{load} a share of the capacity.
 
         @param seen: the mark of the last answer the backend had received
             when it measured (see L{mark}): the connections that had
@@ -730,6 +755,7 @@ class Pool:
         m = self._member(name)
         m.connections = max(0, connections)
         m.load = max(0.0, load)
+        m.cost = cost
         unseen = m.unseen
         if seen is None:
             unseen.clear()
@@ -738,6 +764,10 @@ class Pool:
                 del unseen[ticket]
         m.closedSinceReport = 0
         m.reports += 1
+        # Connections that reach the backend from now on have a later epoch
+        # (see release).
+        m.reportedEpoch = self._epoch
+        self._epoch += 1
         self._loadChanged(m)
 
     def markDue(self, name: str, mark: Optional[int]) -> bool:
@@ -928,9 +958,16 @@ class Pool:
         m = self._mine(name, ticket)
         if m is not None and m.active > 0:
             m.active -= 1
-            if ticket in m.unseen:
-                del m.unseen[ticket]  # no report counted it
-            elif not m.static:
+            reached = m.unseen.pop(ticket, _ABSENT)
+            if reached is _ABSENT:
+                if not m.static:
+                    m.closedSinceReport += 1
+            elif reached is not None and reached <= m.reportedEpoch:
+                # It had reached the backend before the last report came,
+                # and was open then: that report counted it, though the
+                # mark it echoed was older (short connections that reach
+                # the backend after each mark would otherwise count twice
+                # until the next report, its queue added to its load).
                 m.closedSinceReport += 1
             self._loadChanged(m)
 
@@ -1116,6 +1153,8 @@ class Pool:
 
 
 _ENABLED = AdminState.ENABLED
+#: Not there.
+_ABSENT = object()
 #: How many score functions L{Pool.lowest} keeps an index for.
 _MAX_INDEXES = 4
 #: Scores are rounded to this many decimals: closer ones are ties.

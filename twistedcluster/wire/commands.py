@@ -168,6 +168,8 @@ class Register(amp.Command):
         and to take its marks from L{Mark} when the balancer sends one; the
         answer's C{quiet} says the balancer accepts.  Peers that predate it
         leave it out and go on asking for answers.
+
+    @param cost: as in L{ReportLoad}.
     """
 
     commandName = b"Register"
@@ -180,6 +182,7 @@ class Register(amp.Command):
         (b"load", amp.Float()),
         (b"interval", amp.Float()),
         (b"quiet", amp.Boolean(optional=True)),
+        (b"cost", amp.Float(optional=True)),
     ]
     response = [
         (b"heartbeatTimeout", amp.Float()),
@@ -199,6 +202,13 @@ class ReportLoad(amp.Command):
         report counts them; those routed after it the balancer keeps adding
         to the report itself.  A backend that leaves it out has every
         connection routed so far taken as counted.
+
+    @param cost: seconds of the backend's time one connection takes, as it
+        measured it (L{twistedcluster.backend.cost}); C{load} is then on
+        that scale (connections x cost: the work queued).  The balancer adds
+        each connection it routes at this cost until the next report.  A
+        backend that leaves it out (or predates it) reports load as a share
+        of its capacity, and each connection costs 1/capacity.
     """
 
     commandName = b"ReportLoad"
@@ -206,6 +216,7 @@ class ReportLoad(amp.Command):
         (b"connections", amp.Integer()),
         (b"load", amp.Float()),
         (b"seen", amp.Integer(optional=True)),
+        (b"cost", amp.Float(optional=True)),
     ]
     response = [(b"mark", amp.Integer(optional=True))]
     errors = {InvalidArgument: b"INVALID_ARGUMENT", **_NOT_REGISTERED}
@@ -265,6 +276,9 @@ BACKEND_FIELDS = [
     (b"active", amp.Integer()),
     (b"failures", amp.Integer()),
     (b"static", amp.Boolean()),
+    # Seconds one connection costs the backend (1/capacity when it
+    # measures none); optional: balancers that predate it leave it out.
+    (b"cost", amp.Float(optional=True)),
 ]
 
 #: The names of L{BACKEND_FIELDS}, in order, as C{str}.
