@@ -192,7 +192,7 @@ def test_the_index_stays_correct_as_ramps_move(policy, steps, seed):
     """
     from twistedcluster.core import policies
 
-    score = {"least-load": policies._rampedLoad, "least-conn": policies._rampedRelayed}[policy]
+    score = {"least-load": policies._rampedExpected, "least-conn": policies._rampedRelayed}[policy]
     names = [f"b{i}" for i in range(6)]
     p = pool(*names[:3], capacity=50)
     for n in names[3:]:
