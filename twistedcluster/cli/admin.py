@@ -9,7 +9,9 @@ remove for static backends.
 Exit status: 0 done; 1 the balancer refused (unknown backend, bad weight…);
 2 bad usage; 3 the balancer could not be reached or did not answer in time;
 4 authentication failed (missing or wrong --secret-file); 5 the change was
-applied but not saved to the balancer's state file (a restart would lose it).
+applied but not saved to the balancer's state file (a restart would lose it);
+6 the balancers' shared state store (etcd) is unreachable: the change was
+refused, nothing changed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
     "EXIT_NOT_SAVED",
     "EXIT_OK",
     "EXIT_REFUSED",
+    "EXIT_STORE_UNAVAILABLE",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
     "execute",
@@ -55,6 +58,8 @@ EXIT_REFUSED = 1
 EXIT_AUTH = 4
 #: The change was applied but not saved to the balancer's state file.
 EXIT_NOT_SAVED = 5
+#: The balancers' shared state store is unreachable: the change was refused.
+EXIT_STORE_UNAVAILABLE = 6
 
 
 def _done(result: Dict, out: Dict, text: str, asJSON: bool) -> str:
@@ -204,6 +209,8 @@ async def _call(proto: amp.AMP, command, **kw):
         ) from None
     except commands.NotAuthenticated as e:
         raise CommandFailed(f"{e}; give --secret-file PATH", EXIT_AUTH) from None
+    except commands.StateStoreUnavailable as e:
+        raise CommandFailed(str(e), EXIT_STORE_UNAVAILABLE) from None
     except commands.ClusterError as e:
         raise CommandFailed(str(e), EXIT_REFUSED) from None
     except amp.UnknownRemoteError as e:
