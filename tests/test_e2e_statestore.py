@@ -171,3 +171,48 @@ def test_etcd_away_routing_goes_on_changes_refused_then_all_catch_up(tmp_path):
     finally:
         stopAll(*(c for c in (a, b) if c is not None))
         etcd.kill()
+
+
+def test_three_etcd_members_one_killed_then_all(tmp_path):
+    etcd = Etcd(tmp_path / "etcd", size=3)
+    etcd.start()
+    a = b = None
+    try:
+        a, b, extra = balancers(tmp_path, etcd)
+        backendFor(a, b, "web1")
+        backendFor(a, b, "web2")
+        a.waitUp(["web1", "web2"])
+        b.waitUp(["web1", "web2"])
+
+        # The member both balancers watch goes: changes still apply.
+        etcd.members[0].kill()
+        waitFor(lambda: a.adminRun("weight", "web1", "4", check=False).returncode == 0, 20,
+                "a change with one member down")
+        seenWithin(b, lambda s: s["web1"]["weight"] == 4, "weight on b")
+        b.adminRun("drain", "web2")
+        seenWithin(a, lambda s: s["web2"]["state"] == "draining", "drain on a")
+
+        # All go: serving goes on, changes are refused.
+        for m in etcd.members:
+            m.kill()
+        waitFor(lambda: a.adminRun("enable", "web2", check=False).returncode
+                == EXIT_STORE_UNAVAILABLE, 10, "enable refused")
+        assert b.adminRun("weight", "web1", "9", check=False).returncode == EXIT_STORE_UNAVAILABLE
+        assert a.quickStatus()["web2"]["state"] == "draining"
+        assert b.quickStatus()["web1"]["weight"] == 4
+        for c in (a, b):
+            assert echoOnce("127.0.0.1", c.port, b"on") == b"on"
+        b.processes["balancer"].stop()
+        b.startBalancer(b.port, b.controlPort, b.adminPort, extra=extra)
+
+        # All back: every balancer catches up, changes are taken again.
+        etcd.start()
+        b.waitForStatus(lambda s: s.get("web1", {}).get("weight") == 4
+                        and s.get("web2", {}).get("state") in ("draining", "down"),
+                        30, "b caught up")
+        waitFor(lambda: b.adminRun("enable", "web2", check=False).returncode == 0, 30,
+                "enable taken again")
+        seenWithin(a, lambda s: s["web2"]["state"] == "up", "enable on a")
+    finally:
+        stopAll(*(c for c in (a, b) if c is not None))
+        etcd.kill()
