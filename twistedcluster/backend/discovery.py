@@ -59,7 +59,7 @@ class SRVBalancers(Service):
     """
 
     def __init__(self, name: str, reporter, resolver, reactor, interval: float) -> None:
-        self.name = name
+        self.record = name
         self.reporter = reporter
         self.resolver = resolver
         self.reactor = reactor
@@ -111,12 +111,12 @@ class SRVBalancers(Service):
     async def _resolve(self) -> List[Tuple[str, int]]:
         from twisted.names import dns
 
-        answers, _, additional = await self.resolver.lookupService(self.name)
+        answers, _, additional = await self.resolver.lookupService(self.record)
         targets = []
         for rr in answers:
             if rr.type == dns.SRV and rr.payload.target.name:
                 targets.append((rr.payload.target.name.decode("ascii"), rr.payload.port))
-        found = []
+        found: List[Tuple[str, int]] = []
         for target, port in targets:
             addresses = await self._addresses(target)
             found.extend((a, port) for a in addresses)
@@ -141,14 +141,14 @@ class SRVBalancers(Service):
         wanted = {_endpointDescription(h, p): (h, p) for h, p in found}
         for description in sorted(set(wanted) - set(self.current)):
             log.info(
-                "balancer {balancer} found in SRV {name}", balancer=description, name=self.name
+                "balancer {balancer} found in SRV {name}", balancer=description, name=self.record
             )
             self.reporter.addBalancer(description, clientFromString(self.reactor, description))
         for description in sorted(set(self.current) - set(wanted)):
             log.info(
                 "balancer {balancer} no longer in SRV {name}: let go",
                 balancer=description,
-                name=self.name,
+                name=self.record,
             )
             self.reporter.removeBalancer(description)
         self.current = wanted
@@ -158,7 +158,7 @@ class SRVBalancers(Service):
             return
         log.warn(
             "cannot look up SRV {name}: {error}; keeping {n} balancer(s)",
-            name=self.name,
+            name=self.record,
             error=failure.getErrorMessage() or failure.type.__name__,
             n=len(self.current),
         )

@@ -43,8 +43,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twistedcluster.address import parseHostPort
 from twistedcluster.core.policies import POLICIES
@@ -300,7 +301,7 @@ class _Lines(Protocol):
             self.onMessage(message)
         self.buffer = text[position:].encode("utf-8")
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.done.called:
             self.done.callback(None)
 
@@ -342,7 +343,7 @@ class EtcdStateStore(Service):
         self._member = 0
         self._revision = 0
         self._watchRequest: Optional[defer.Deferred] = None
-        self._watchBody = None
+        self._watchBody: Optional[Any] = None
         self._retry = None
         self._delay = 0.1
         self._stopping = False
@@ -559,6 +560,10 @@ class EtcdStateStore(Service):
             await self._call("/v3/kv/txn", {"success": ops})
         except StoreUnavailable as e:
             reconcile(self.cluster, self.statics, self.known)
+            if self._watchBody is not None:
+                # A member that holds the watch but cannot take a write (cut
+                # off from the others, or hung): watch another one.
+                self._watchBody.stopProducing()
             raise StoreUnavailable(
                 f"the state store could not take the change, which is undone: {e}"
             ) from None
