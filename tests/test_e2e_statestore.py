@@ -72,6 +72,7 @@ def test_changes_through_one_balancer_reach_the_other_within_a_second(tmp_path):
 
         a.adminRun("drain", "web1")
         took["drain"] = seenWithin(b, lambda s: s["web1"]["state"] == "draining", "drain on b")
+        assert etcd.get("/test/policy") is None  # each keeps its --policy until one is set
         b.adminRun("weight", "web1", "5")
         took["weight"] = seenWithin(a, lambda s: s["web1"]["weight"] == 5, "weight on a")
         b.adminRun("enable", "web1")

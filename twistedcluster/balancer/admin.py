@@ -238,10 +238,10 @@ class AdminProtocol(GuardedAMP):
         with _asWireErrors():
             self._cluster.setPolicy(policy)
         return self._changed(
-            f"changed policy from {previous} to {policy}", {"previous": previous}
+            f"changed policy from {previous} to {policy}", {"previous": previous}, policy=policy
         )
 
-    def _changed(self, what: str, answer: Dict[str, Any], forgotten: Optional[str] = None):
+    def _changed(self, what: str, answer: Dict[str, Any], **hints: Any):
         """
         Log a change and answer it once C{onChange} has saved it, or with
         why it could not (the change is in force either way); or refuse it
@@ -262,10 +262,8 @@ class AdminProtocol(GuardedAMP):
                 raise commands.StateStoreUnavailable(failure.getErrorMessage())
             return {**answer, "notSaved": failure.getErrorMessage()}
 
-        if forgotten is None:
-            d = defer.maybeDeferred(self.factory.onChange)
-        else:
-            d = defer.maybeDeferred(self.factory.onChange, forgotten=forgotten)
+        # What the shared store needs told (forgotten=NAME, policy=NAME).
+        d = defer.maybeDeferred(self.factory.onChange, **hints)
         d.addCallbacks(lambda _: answer, notSaved)
         return d
 

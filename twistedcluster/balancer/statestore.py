@@ -535,16 +535,25 @@ class EtcdStateStore(Service):
                 "balancer keeps its last known state"
             )
 
-    def __call__(self, forgotten: Optional[str] = None) -> defer.Deferred:
+    def __call__(
+        self, forgotten: Optional[str] = None, policy: Optional[str] = None
+    ) -> defer.Deferred:
         """
         Write what this balancer's state now has that the store has not;
         fails with L{StoreUnavailable} (and this balancer's state is put back
         as the store has it) when etcd cannot take it.
-        """
-        return defer.ensureDeferred(self._write(forgotten))
 
-    async def _write(self, forgotten: Optional[str]) -> None:
-        puts, deletes = difference(desiredState(self.cluster, self.statics), self.known)
+        @param forgotten: the backend a C{forget} removed.
+        @param policy: given when the change set the policy.  Until an
+            operator sets one, each balancer keeps its own C{--policy}.
+        """
+        return defer.ensureDeferred(self._write(forgotten, policy))
+
+    async def _write(self, forgotten: Optional[str], policy: Optional[str] = None) -> None:
+        desired = desiredState(self.cluster, self.statics)
+        if policy is None and "policy" not in self.known:
+            del desired["policy"]
+        puts, deletes = difference(desired, self.known)
         if forgotten is not None:
             puts["forgotten/" + forgotten] = {"name": forgotten}
         if not puts and not deletes:
