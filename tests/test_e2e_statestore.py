@@ -217,3 +217,46 @@ def test_three_etcd_members_one_killed_then_all(tmp_path):
     finally:
         stopAll(*(c for c in (a, b) if c is not None))
         etcd.kill()
+
+
+def test_etcd_over_tls_with_client_certificates(tmp_path):
+    from tests.certificates import Authority, writePair
+
+    ca = Authority()
+    caPath = ca.writeCA(tmp_path / "ca")
+    serverKey, serverCert = writePair(tmp_path, "etcd", *ca.issue("etcd", ips=["127.0.0.1"],
+                                                                     alsoClient=True))
+    clientKey, clientCert = writePair(tmp_path, "balancer", *ca.issue("balancer", client=True))
+    etcd = Etcd(tmp_path / "etcd", tls=(serverCert, serverKey, caPath))
+    etcd.start()
+    a = b = None
+    try:
+        tls = f"--state-store-tls=ca={caPath},cert={clientCert},key={clientKey}"
+        a, b = LocalCluster(tmp_path / "a"), LocalCluster(tmp_path / "b")
+        extra = [f"--state-store={etcd.spec}", "--state-prefix=/tls/", tls]
+        a.startBalancer(extra=extra)
+        b.startBalancer(extra=extra)
+        backendFor(a, b, "web1")
+        a.waitUp(["web1"])
+        b.waitUp(["web1"])
+        a.adminRun("drain", "web1")
+        seenWithin(b, lambda s: s["web1"]["state"] == "draining", "drain on b over TLS")
+        # The start-up read speaks TLS too: a restarted balancer has it at once.
+        b.processes["balancer"].stop()
+        b.startBalancer(b.port, b.controlPort, b.adminPort, extra=extra)
+        assert b.quickStatus()["web1"]["state"] in ("draining", "down")
+        assert "1 key(s) under /tls/ applied" in b.processes["balancer"].logText()
+
+        # A balancer that does not trust etcd's certificate takes no change.
+        other = Authority().writeCA(tmp_path / "other")
+        c = LocalCluster(tmp_path / "c")
+        c.startBalancer(extra=[f"--state-store={etcd.spec}", "--state-prefix=/tls/",
+                               f"--state-store-tls=ca={other},cert={clientCert},key={clientKey}"])
+        try:
+            r = c.adminRun("policy", "round-robin", check=False)
+            assert r.returncode == EXIT_STORE_UNAVAILABLE, (r.returncode, r.stderr)
+        finally:
+            c.stopAll()
+    finally:
+        stopAll(*(c for c in (a, b) if c is not None))
+        etcd.kill()

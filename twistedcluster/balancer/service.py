@@ -262,6 +262,14 @@ class Options(usage.Options):
             "settings; balancers with the same prefix share them.",
         ],
         [
+            "state-store-tls",
+            None,
+            None,
+            "With --state-store: speak TLS to etcd, verifying its certificate: "
+            "ca=PATH (or ca=system)[,hostname=NAME][,cert=PATH,key=PATH (a "
+            "client certificate, for etcd's --client-cert-auth)].",
+        ],
+        [
             "drain-timeout",
             None,
             DEFAULT_BALANCER_DRAIN,
@@ -381,6 +389,16 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--state-store: {e}") from None
             if not self["state-prefix"]:
                 raise usage.UsageError("--state-prefix must not be empty")
+        self["state-tls"] = None
+        if self["state-store-tls"] is not None:
+            from twistedcluster.balancer.backendtls import parseBackendTLS
+
+            if not self["state-store"]:
+                raise usage.UsageError("--state-store-tls goes with --state-store")
+            try:
+                self["state-tls"] = parseBackendTLS(self["state-store-tls"])
+            except ValueError as e:
+                raise usage.UsageError(f"--state-store-tls: {e}") from None
         self["secret"] = loadSecretOption(self["secret-file"])
         from twistedcluster.balancer.accesslog import FORMATS, openOutput
 
@@ -549,7 +567,7 @@ def _stateStore(options: Options, cluster, statics, reactor, parent):
     from twistedcluster.balancer.statestore import EtcdStateStore, loadBlocking, reconcile
 
     members, prefix = options["state-members"], options["state-prefix"]
-    known = loadBlocking(members, prefix)
+    known = loadBlocking(members, prefix, tlsText=options.get("state-store-tls"))
     if known is None:
         log.warn(
             "state store: no etcd member answered; starting without the cluster's "
@@ -562,12 +580,15 @@ def _stateStore(options: Options, cluster, statics, reactor, parent):
             n=len(known),
             prefix=prefix,
         )
-    store = EtcdStateStore(members, prefix, cluster, statics, reactor, known=known)
+    store = EtcdStateStore(
+        members, prefix, cluster, statics, reactor, known=known, tls=options.get("state-tls")
+    )
     store.setServiceParent(parent)
     log.info(
-        "balancer state store: etcd {members}, prefix {prefix}",
+        "balancer state store: etcd {members}, prefix {prefix}{tls}",
         members=options["state-store"],
         prefix=prefix,
+        tls=", TLS" if options.get("state-tls") is not None else "",
     )
     return store
 

@@ -37,6 +37,7 @@ cluster's state rather than learning it a moment after it began routing.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -46,6 +47,8 @@ from twisted.internet import defer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 
 from twistedcluster.address import parseHostPort
 from twistedcluster.core.policies import POLICIES
@@ -245,29 +248,88 @@ def _decodeKVs(prefix: bytes, kvs: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
     return known
 
 
+def _sslContext(tlsText: str):
+    """
+    The standard library's TLS context for C{--state-store-tls} (the
+    C{--backend-tls} syntax), for L{loadBlocking}.
+    """
+    import ssl
+
+    pairs = dict(part.split("=", 1) for part in tlsText.split(","))
+    ca = pairs["ca"]
+    context = ssl.create_default_context(cafile=None if ca == "system" else ca)
+    if "cert" in pairs:
+        context.load_cert_chain(pairs["cert"], pairs["key"])
+    return context, pairs.get("hostname")
+
+
 def loadBlocking(
-    members: Sequence[Tuple[str, int]], prefix: str, timeout: float = 2.0
+    members: Sequence[Tuple[str, int]],
+    prefix: str,
+    timeout: float = 2.0,
+    tlsText: Optional[str] = None,
 ) -> Optional[Dict[str, Any]]:
     """
     Read the prefix from the first member that answers, blocking: only for
     a balancer that is starting, before the reactor runs.  C{None} when
     none answers (the balancer starts without, and catches up later).
     """
-    import urllib.request
-
     p = prefix.encode("utf-8")
     body = json.dumps({"key": _b64(p), "range_end": _b64(_prefixEnd(p))}).encode()
     for host, port in members:
-        url = f"http://{_urlHost(host)}:{port}/v3/kv/range"
         try:
-            with urllib.request.urlopen(url, body, timeout=timeout) as r:
-                return _decodeKVs(p, json.loads(r.read()).get("kvs", []))
+            if tlsText is None:
+                conn: http.client.HTTPConnection = http.client.HTTPConnection(
+                    host, port, timeout=timeout
+                )
+            else:
+                context, hostname = _sslContext(tlsText)
+                conn = _HTTPSConnection(host, port, timeout=timeout, context=context)
+                conn.serverName = hostname or host
+            try:
+                conn.request("POST", "/v3/kv/range", body, {"content-type": "application/json"})
+                r = conn.getresponse()
+                answer = json.loads(r.read())
+                if r.status != 200:
+                    raise ValueError(f"HTTP {r.status}: {answer.get('error', '')}")
+                return _decodeKVs(p, answer.get("kvs", []))
+            finally:
+                conn.close()
         except (OSError, ValueError) as e:
             log.warn(
                 "state store: cannot read etcd at {host}:{port}: {error}",
                 host=host, port=port, error=str(e),
             )
     return None
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """
+    HTTPS whose certificate is checked against C{serverName}
+    (C{--state-store-tls hostname=}), not necessarily the host dialled.
+    """
+
+    serverName: Optional[str] = None
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(  # type: ignore[attr-defined]
+            self.sock, server_hostname=self.serverName or self.host
+        )
+
+
+@implementer(IPolicyForHTTPS)
+class _TLSPolicy:
+    """
+    The Agent's TLS for etcd: C{--state-store-tls} (a
+    L{twistedcluster.balancer.backendtls.BackendTLS}).
+    """
+
+    def __init__(self, tls) -> None:
+        self.tls = tls
+
+    def creatorForNetloc(self, hostname: bytes, port: int):
+        return self.tls.optionsFor(hostname.decode("ascii"))
 
 
 def _urlHost(host: str) -> str:
@@ -325,11 +387,16 @@ class EtcdStateStore(Service):
         reactor,
         known: Optional[Dict[str, Any]] = None,
         agent=None,
+        tls=None,
     ) -> None:
         if agent is None:
             from twisted.web.client import Agent
 
-            agent = Agent(reactor, pool=_quietPool(reactor))
+            if tls is None:
+                agent = Agent(reactor, pool=_quietPool(reactor))
+            else:
+                agent = Agent(reactor, contextFactory=_TLSPolicy(tls), pool=_quietPool(reactor))
+        self.scheme = "http" if tls is None else "https"
         self.members = list(members)
         self.prefix = prefix
         self._prefix = prefix.encode("utf-8")
@@ -374,7 +441,7 @@ class EtcdStateStore(Service):
 
     def _url(self, path: str) -> bytes:
         host, port = self.members[self._member % len(self.members)]
-        return f"http://{_urlHost(host)}:{port}{path}".encode("ascii")
+        return f"{self.scheme}://{_urlHost(host)}:{port}{path}".encode("ascii")
 
     def _post(self, path: str, message: Dict[str, Any], timeout: Optional[float]) -> defer.Deferred:
         from twisted.web.client import FileBodyProducer
@@ -598,10 +665,10 @@ def _quietPool(reactor):
 
 
 def _errorText(e: BaseException) -> str:
-    from twisted.web.client import ResponseNeverReceived
-
-    if isinstance(e, ResponseNeverReceived) and e.reasons:
-        return _errorText(e.reasons[0].value)
+    # The Agent's ResponseFailed, ResponseNeverReceived...: the first reason.
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        return _errorText(reasons[0].value)
     if isinstance(e, defer.TimeoutError):
         return "no answer in time"
     text = str(e) or type(e).__name__
