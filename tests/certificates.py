@@ -47,7 +47,7 @@ class Authority:
             .sign(self.key, hashes.SHA256())
         )
 
-    def issue(self, cn, dns=(), ips=(), client=False):
+    def issue(self, cn, dns=(), ips=(), client=False, alsoClient=False):
         key = ec.generate_private_key(ec.SECP256R1())
         start, end = _dates()
         sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
@@ -60,8 +60,11 @@ class Authority:
             .not_valid_before(start)
             .not_valid_after(end)
             .add_extension(
+                # alsoClient: a server that dials itself with its own
+                # certificate (etcd's JSON gateway under --client-cert-auth).
                 x509.ExtendedKeyUsage(
                     [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
+                    + ([ExtendedKeyUsageOID.CLIENT_AUTH] if alsoClient else [])
                 ),
                 critical=False,
             )

@@ -55,7 +55,8 @@ class BackendCollector:
             "control endpoint, 0 while it is not (connecting, refused).",
             labels=["balancer"],
         )
-        for b in self.balancers:
+        # Discovered balancers (--balancer srv:...) come and go.
+        for b in getattr(reporter, "balancers", None) or self.balancers:
             channel.add_metric([b], int(b in registered))
         yield channel
         yield GaugeMetricFamily(

@@ -139,9 +139,10 @@ class _Described:
     that says why the first connect of a failing run failed.
     """
 
-    def __init__(self, endpoint, description: str) -> None:
+    def __init__(self, endpoint, description: str, reporter=None) -> None:
         self.endpoint = endpoint
         self.description = description
+        self.reporter = reporter
         self._failing = False
 
     def __repr__(self) -> str:
@@ -160,6 +161,8 @@ class _Described:
                     balancer=self.description,
                     error=errorText(failure),
                 )
+            if self.reporter is not None and not failure.check(defer.CancelledError):
+                self.reporter._channelFailed(self.description)
             return failure
 
         return self.endpoint.connect(factory).addCallbacks(connected, failed)
@@ -207,17 +210,46 @@ class LoadReporter(MultiService):
         self._refusals: Dict[str, int] = {}
         #: Registrations under way: their Deferred, and the channel.
         self._registering: Dict[defer.Deferred, ControlClient] = {}
+        self._retryPolicy = retryPolicy
+        #: The balancers' control channel services, by description.
+        self.balancers: Dict[str, ClientService] = {}
+        #: Called with a balancer's description when its channel is lost or
+        #: cannot connect (where discovered balancers are looked up again).
+        self.onChannelFailed: Optional[Callable[[str], None]] = None
         for description, endpoint in balancers:
-            svc = ClientService(
-                _Described(endpoint, description),
-                _ControlClientFactory(self, description),
-                retryPolicy=self._backoff(retryPolicy, description),
-                clock=clock,
-                prepareConnection=lambda p, d=description: self._register(p, d),
-            )
-            svc.setServiceParent(self)
+            self.addBalancer(description, endpoint)
         self._loop = task.LoopingCall(self.reportNow)
         self._loop.clock = clock
+
+    def addBalancer(self, description: str, endpoint) -> None:
+        """
+        Keep a control channel to one more balancer (at once if running).
+        """
+        if description in self.balancers:
+            return
+        svc = ClientService(
+            _Described(endpoint, description, self),
+            _ControlClientFactory(self, description),
+            retryPolicy=self._backoff(self._retryPolicy, description),
+            clock=self.clock,
+            prepareConnection=lambda p, d=description: self._register(p, d),
+        )
+        self.balancers[description] = svc
+        svc.setServiceParent(self)
+
+    def removeBalancer(self, description: str) -> defer.Deferred:
+        """
+        Let one balancer go: its channel closes and is not reconnected.
+        """
+        svc = self.balancers.pop(description, None)
+        if svc is None:
+            return defer.succeed(None)
+        self._refusals.pop(description, None)
+        return defer.maybeDeferred(self.removeService, svc)
+
+    def _channelFailed(self, description: str) -> None:
+        if self.onChannelFailed is not None and self.running:
+            self.onChannelFailed(description)
 
     # -- service ----------------------------------------------------------
 
@@ -379,11 +411,15 @@ class LoadReporter(MultiService):
                 "control channel to balancer {balancer} closed", balancer=proto.balancer
             )
             return
+        if proto.balancer not in self.balancers:
+            log.info("control channel to balancer {balancer} closed", balancer=proto.balancer)
+            return
         log.warn(
             "control channel to balancer {balancer} lost: {why}; reconnecting",
             balancer=proto.balancer,
             why=reason.getErrorMessage(),
         )
+        self._channelFailed(proto.balancer)
 
     # -- reporting ---------------------------------------------------------
 

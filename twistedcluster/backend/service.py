@@ -170,6 +170,21 @@ class Options(usage.Options):
             "--secret-file).",
         ],
         [
+            "srv-interval",
+            None,
+            30.0,
+            "With --balancer srv:NAME: seconds between lookups of the SRV "
+            "record (it is looked up again too when a channel fails).",
+            positive(float),
+        ],
+        [
+            "dns-server",
+            None,
+            None,
+            "With --balancer srv:NAME: HOST:PORT of the DNS server to ask "
+            "(default: the system's, from /etc/resolv.conf).",
+        ],
+        [
             "metrics",
             None,
             None,
@@ -193,14 +208,27 @@ class Options(usage.Options):
     def opt_balancer(self, description: str) -> None:
         """
         Control endpoint of a balancer (repeatable; default
-        tcp:host=127.0.0.1:port=8100).
+        tcp:host=127.0.0.1:port=8100); or srv:_cluster-control._tcp.DOMAIN,
+        a DNS SRV record naming every balancer's control host and port.
         """
+        if description.startswith("srv:"):
+            from twistedcluster.backend.discovery import srvName
+
+            try:
+                srvName(description)
+            except ValueError as e:
+                raise usage.UsageError(f"--balancer: {e}") from None
         self["balancers"].append(description)
 
     def postOptions(self) -> None:
         self["secret"] = loadSecretOption(self["secret-file"])
         if not self["balancers"]:
             self["balancers"] = [DEFAULT_BALANCER]
+        if self["dns-server"] is not None:
+            try:
+                self["dns-server"] = parseHostPort(self["dns-server"])
+            except ValueError as e:
+                raise usage.UsageError(f"--dns-server: {e}") from None
         if self["advertise"] is not None:
             try:
                 self["advertise"] = parseHostPort(self["advertise"])
@@ -222,6 +250,33 @@ class Options(usage.Options):
             except InvalidArgument as e:
                 raise usage.UsageError(f"--name: {e}") from None
         self["factory"] = loadServiceFactory(self["service"])
+
+
+def _discoverBalancers(options, reporter, reactor) -> None:
+    """
+    One L{twistedcluster.backend.discovery.SRVBalancers} per C{--balancer
+    srv:NAME}, run with the reporter.
+    """
+    from twistedcluster.backend.discovery import SRVBalancers, isSRV, srvName
+
+    names = [srvName(b) for b in options["balancers"] if isSRV(b)]
+    if not names:
+        return
+    from twisted.names import client
+
+    if options["dns-server"] is not None:
+        resolver = client.Resolver(servers=[options["dns-server"]], reactor=reactor)
+    else:
+        resolver = client.createResolver(reactor=reactor)
+    for name in names:
+        SRVBalancers(name, reporter, resolver, reactor, options["srv-interval"]).setServiceParent(
+            reporter
+        )
+        log.info(
+            "backend looks balancers up in SRV {name} every {interval} s",
+            name=name,
+            interval=options["srv-interval"],
+        )
 
 
 class BackendService(Service):
@@ -458,7 +513,11 @@ def makeService(options: Options, reactor=None) -> BackendService:
         name = options["name"] or formatHostPort(host, port)
         return Identity(name=name, host=host, port=port, capacity=capacity)
 
-    balancers = [(b, clientFromString(reactor, b)) for b in options["balancers"]]
+    from twistedcluster.backend.discovery import isSRV
+
+    balancers = [
+        (b, clientFromString(reactor, b)) for b in options["balancers"] if not isSRV(b)
+    ]
     reporter = LoadReporter(
         reactor,
         identify,
@@ -468,6 +527,7 @@ def makeService(options: Options, reactor=None) -> BackendService:
         step=reportStep(capacity),
         secret=options["secret"],
     )
+    _discoverBalancers(options, reporter, reactor)
     site = None
     if options["metrics"]:
         from twisted.web.server import Site

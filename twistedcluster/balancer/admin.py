@@ -4,7 +4,10 @@ The balancer's side of the admin channel: what ``cluster-admin`` asks for.
 Every change is logged with the peer that asked for it, and reported to an
 optional C{onChange} callable (where the balancer persists operator state).
 When C{onChange} returns a Deferred, the change is answered once it fires;
-if it fails, the answer says the change is in force but not saved.
+if it fails, the answer says the change is in force but not saved.  With a
+shared state store (etcd), a change it cannot take is refused instead
+(L{commands.StateStoreUnavailable}), before it is made when the store is
+known to be away, or undone when writing it failed.
 """
 
 from __future__ import annotations
@@ -123,11 +126,29 @@ class AdminProtocol(GuardedAMP):
             "table": ("[" + ",".join(parts) + "]").encode("utf-8"),
         }
 
+    def _mayChange(self) -> None:
+        """
+        Refuse a change before making it when the shared state store cannot
+        take it (C{beforeChange} raises).
+        """
+        if self.factory.beforeChange is None:
+            return
+        from twistedcluster.balancer.statestore import StoreUnavailable
+
+        try:
+            self.factory.beforeChange()
+        except StoreUnavailable as e:
+            self.log.warn(
+                "admin {peer}: change refused: {error}", peer=self.peerText(), error=str(e)
+            )
+            raise commands.StateStoreUnavailable(str(e)) from None
+
     def _backendChanged(self, what: str, change: Callable[[], BackendStatus]):
         """
         Make a change to one backend and answer with the state it leaves
         the backend in.
         """
+        self._mayChange()
         with _asWireErrors():
             status = change()
         return self._changed(what, {"state": status.state.value})
@@ -159,6 +180,7 @@ class AdminProtocol(GuardedAMP):
 
     @commands.ForgetBackend.responder
     def forgetBackend(self, name):
+        self._mayChange()
         pool = self._cluster.pool
         with _asWireErrors():
             status = pool.get(name)
@@ -172,7 +194,7 @@ class AdminProtocol(GuardedAMP):
                 "can be forgotten"
             )
         pool.remove(name)
-        return self._changed(f"forgot backend {name}", {})
+        return self._changed(f"forgot backend {name}", {}, forgotten=name)
 
     @commands.AddBackend.responder
     def addBackend(self, name, host, port, weight=None, capacity=None):
@@ -182,6 +204,7 @@ class AdminProtocol(GuardedAMP):
         statics = self.factory.statics
         if statics is None:
             raise commands.InvalidArgument("this balancer cannot add static backends")
+        self._mayChange()
         try:
             backend = makeStaticBackend(name, host, port, weight, capacity)
         except ValueError as e:
@@ -200,6 +223,7 @@ class AdminProtocol(GuardedAMP):
         statics = self.factory.statics
         if statics is None:
             raise commands.UnknownBackendError(str(UnknownBackend(name)))
+        self._mayChange()
         with _asWireErrors():
             try:
                 backend = statics.remove(name)
@@ -209,26 +233,37 @@ class AdminProtocol(GuardedAMP):
 
     @commands.SetPolicy.responder
     def setPolicy(self, policy):
+        self._mayChange()
         previous = self._cluster.policyName
         with _asWireErrors():
             self._cluster.setPolicy(policy)
         return self._changed(
-            f"changed policy from {previous} to {policy}", {"previous": previous}
+            f"changed policy from {previous} to {policy}", {"previous": previous}, policy=policy
         )
 
-    def _changed(self, what: str, answer: Dict[str, Any]):
+    def _changed(self, what: str, answer: Dict[str, Any], **hints: Any):
         """
         Log a change and answer it once C{onChange} has saved it, or with
-        why it could not (the change is in force either way).
+        why it could not (the change is in force either way); or refuse it
+        when the shared state store could not take it (it is undone).
         """
         self.log.info("admin {peer} {what}", peer=self.peerText(), what=what)
         if self.factory.onChange is None:
             return answer
+        from twistedcluster.balancer.statestore import StoreUnavailable
 
         def notSaved(failure):
+            if failure.check(StoreUnavailable):
+                self.log.warn(
+                    "admin {peer}: change undone: {error}",
+                    peer=self.peerText(),
+                    error=failure.getErrorMessage(),
+                )
+                raise commands.StateStoreUnavailable(failure.getErrorMessage())
             return {**answer, "notSaved": failure.getErrorMessage()}
 
-        d = defer.maybeDeferred(self.factory.onChange)
+        # What the shared store needs told (forgotten=NAME, policy=NAME).
+        d = defer.maybeDeferred(self.factory.onChange, **hints)
         d.addCallbacks(lambda _: answer, notSaved)
         return d
 
@@ -249,10 +284,14 @@ class AdminFactory(GuardedFactory):
         maxConnections: int = 64,
         authTimeout: float = DEFAULT_AUTH_TIMEOUT,
         statics=None,
+        beforeChange: Optional[Callable[[], None]] = None,
     ) -> None:
         super().__init__(clock, secret, maxConnections, authTimeout)
         self.cluster = cluster
         self.onChange = onChange
+        #: Raises L{twistedcluster.balancer.statestore.StoreUnavailable} when
+        #: no change may be made now (the shared state store is away).
+        self.beforeChange = beforeChange
         #: The balancer's L{twistedcluster.balancer.healthcheck.TCPHealthChecks}
         #: (where add and remove go); C{None}: they are refused.
         self.statics = statics

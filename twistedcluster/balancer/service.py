@@ -247,6 +247,29 @@ class Options(usage.Options):
             "add) across restarts (default: not kept).",
         ],
         [
+            "state-store",
+            None,
+            None,
+            "Share operators' settings with every balancer on the same store "
+            "and --state-prefix: etcd:HOST:PORT[,HOST:PORT...] (etcd members' "
+            "client addresses, v3 API). Instead of --state-file.",
+        ],
+        [
+            "state-prefix",
+            None,
+            "/twistedcluster/",
+            "With --state-store: the etcd key prefix of this cluster's "
+            "settings; balancers with the same prefix share them.",
+        ],
+        [
+            "state-store-tls",
+            None,
+            None,
+            "With --state-store: speak TLS to etcd, verifying its certificate: "
+            "ca=PATH (or ca=system)[,hostname=NAME][,cert=PATH,key=PATH (a "
+            "client certificate, for etcd's --client-cert-auth)].",
+        ],
+        [
             "drain-timeout",
             None,
             DEFAULT_BALANCER_DRAIN,
@@ -354,6 +377,28 @@ class Options(usage.Options):
                 self["state"] = load(self["state-file"])
             except StateFileError as e:
                 raise usage.UsageError(str(e)) from None
+        self["state-members"] = None
+        if self["state-store"]:
+            from twistedcluster.balancer.statestore import parseStateStore
+
+            if self["state-file"]:
+                raise usage.UsageError("give --state-file or --state-store, not both")
+            try:
+                self["state-members"] = parseStateStore(self["state-store"])
+            except ValueError as e:
+                raise usage.UsageError(f"--state-store: {e}") from None
+            if not self["state-prefix"]:
+                raise usage.UsageError("--state-prefix must not be empty")
+        self["state-tls"] = None
+        if self["state-store-tls"] is not None:
+            from twistedcluster.balancer.backendtls import parseBackendTLS
+
+            if not self["state-store"]:
+                raise usage.UsageError("--state-store-tls goes with --state-store")
+            try:
+                self["state-tls"] = parseBackendTLS(self["state-store-tls"])
+            except ValueError as e:
+                raise usage.UsageError(f"--state-store-tls: {e}") from None
         self["secret"] = loadSecretOption(self["secret-file"])
         from twistedcluster.balancer.accesslog import FORMATS, openOutput
 
@@ -526,6 +571,40 @@ def proxyListener(description: str):
     return inner, parsers
 
 
+def _stateStore(options: Options, cluster, statics, reactor, parent):
+    """
+    The shared state store (etcd): what it holds now is applied before the
+    balancer starts; the returned service keeps it in step from then on.
+    """
+    from twistedcluster.balancer.statestore import EtcdStateStore, loadBlocking, reconcile
+
+    members, prefix = options["state-members"], options["state-prefix"]
+    known = loadBlocking(members, prefix, tlsText=options.get("state-store-tls"))
+    if known is None:
+        log.warn(
+            "state store: no etcd member answered; starting without the cluster's "
+            "settings, catching up once etcd answers",
+        )
+    else:
+        reconcile(cluster, statics, known)
+        log.info(
+            "state store: {n} key(s) under {prefix} applied",
+            n=len(known),
+            prefix=prefix,
+        )
+    store = EtcdStateStore(
+        members, prefix, cluster, statics, reactor, known=known, tls=options.get("state-tls")
+    )
+    store.setServiceParent(parent)
+    log.info(
+        "balancer state store: etcd {members}, prefix {prefix}{tls}",
+        members=options["state-store"],
+        prefix=prefix,
+        tls=", TLS" if options.get("state-tls") is not None else "",
+    )
+    return store
+
+
 def makeService(options: Options, reactor=None):
     """
     Compose the balancer's listeners into one service.
@@ -588,6 +667,9 @@ def makeService(options: Options, reactor=None):
             n=len(state["backends"]),
             m=len(statics.added),
         )
+    beforeChange = None
+    if options.get("state-members"):
+        onChange = beforeChange = _stateStore(options, cluster, statics, reactor, top)
     if options["slow-start"]:
         from twistedcluster.balancer.slowstart import SlowStart
 
@@ -663,6 +745,7 @@ def makeService(options: Options, reactor=None):
         cluster,
         reactor,
         onChange=onChange,
+        beforeChange=getattr(beforeChange, "checkWritable", None),
         statics=statics,
         secret=secret,
         maxConnections=options["max-admin-connections"],

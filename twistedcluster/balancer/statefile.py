@@ -237,7 +237,7 @@ class StateKeeper:
         self._writing = False
         self._failing = False
 
-    def __call__(self) -> defer.Deferred:
+    def __call__(self, **hints: Any) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         self._waiting.append(d)
         self._schedule()

@@ -9,7 +9,9 @@ remove for static backends.
 Exit status: 0 done; 1 the balancer refused (unknown backend, bad weight…);
 2 bad usage; 3 the balancer could not be reached or did not answer in time;
 4 authentication failed (missing or wrong --secret-file); 5 the change was
-applied but not saved to the balancer's state file (a restart would lose it).
+applied but not saved to the balancer's state file (a restart would lose it);
+6 the balancers' shared state store (etcd) is unreachable: the change was
+refused, nothing changed.
 """
 
 from __future__ import annotations
@@ -39,14 +41,18 @@ __all__ = [
     "EXIT_NOT_SAVED",
     "EXIT_OK",
     "EXIT_REFUSED",
+    "EXIT_STORE_UNAVAILABLE",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
     "execute",
     "formatTable",
     "listAll",
     "main",
+    "formatMerged",
     "parser",
     "run",
+    "runMany",
+    "runOne",
 ]
 
 #: The balancer refused (unknown backend, bad weight...).
@@ -55,6 +61,8 @@ EXIT_REFUSED = 1
 EXIT_AUTH = 4
 #: The change was applied but not saved to the balancer's state file.
 EXIT_NOT_SAVED = 5
+#: The balancers' shared state store is unreachable: the change was refused.
+EXIT_STORE_UNAVAILABLE = 6
 
 
 def _done(result: Dict, out: Dict, text: str, asJSON: bool) -> str:
@@ -94,6 +102,18 @@ def _count(text: str) -> int:
     return value
 
 
+class _Admins(argparse.Action):
+    """
+    C{--admin}, repeatable: every one in C{admins}, the first in C{admin}.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        admins = list(getattr(namespace, "admins", None) or [])
+        admins.append(values)
+        namespace.admins = admins
+        namespace.admin = admins[0]
+
+
 def parser() -> argparse.ArgumentParser:
     # --json may come before or after the command; the subcommands' copy
     # must not reset what the main parser saw.
@@ -112,10 +132,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--admin",
         default=DEFAULT_ADMIN,
+        action=_Admins,
         metavar="ENDPOINT",
         help=f"the balancer's admin endpoint, a Twisted client endpoint "
-        f"string (default {DEFAULT_ADMIN})",
+        f"string (default {DEFAULT_ADMIN}); repeat it to act on several "
+        f"balancers: a change goes to each, status merges their views",
     )
+    p.set_defaults(admins=None)
     p.add_argument(
         "--secret-file",
         metavar="PATH",
@@ -195,7 +218,7 @@ def formatTable(policy: str, backends: Sequence[Dict]) -> str:
             b["state"] + (" (static)" if b.get("static") else ""),
             str(b["weight"]),
             str(b["connections"]),
-            f"{b['load']:.3f}",
+            b["load"] if isinstance(b["load"], str) else f"{b['load']:.3f}",
             str(b["routed"]),
             str(b["active"]),
         ]
@@ -223,6 +246,8 @@ async def _call(proto: amp.AMP, command, **kw):
         ) from None
     except commands.NotAuthenticated as e:
         raise CommandFailed(f"{e}; give --secret-file PATH", EXIT_AUTH) from None
+    except commands.StateStoreUnavailable as e:
+        raise CommandFailed(str(e), EXIT_STORE_UNAVAILABLE) from None
     except commands.ClusterError as e:
         raise CommandFailed(str(e), EXIT_REFUSED) from None
     except amp.UnknownRemoteError as e:
@@ -305,6 +330,132 @@ async def execute(proto: amp.AMP, args, reactor=None) -> str:
 
 
 async def run(reactor, args) -> str:
+    """
+    Run the command on the balancer C{--admin} names, or on each of them
+    when it is given more than once (L{runMany}); return what to print.
+    """
+    admins = getattr(args, "admins", None) or [args.admin]
+    if len(admins) > 1:
+        return await runMany(reactor, args, admins)
+    return await runOne(reactor, args)
+
+
+async def runMany(reactor, args, admins: Sequence[str]) -> str:
+    """
+    A change sent to every balancer at once, each one's result reported
+    (L{CommandFailed} naming those that failed, with the first one's exit
+    status); C{status} and C{policy} merge what the balancers say.
+    """
+    import copy
+
+    if args.command == "top":
+        raise CommandFailed("top watches one balancer: give one --admin", EXIT_USAGE)
+
+    def on(admin, job=None):
+        one = copy.copy(args)
+        one.admin, one.admins = admin, [admin]
+        return defer.ensureDeferred(runOne(reactor, one, job))
+
+    if args.command == "status":
+        results = await _gather([on(a, listAll) for a in admins])
+    elif args.command == "policy" and args.policy is None:
+        results = await _gather([on(a) for a in admins])
+        results = [(r if isinstance(r, CommandFailed) else r.strip()) for r in results]
+    else:
+        results = await _gather([on(a) for a in admins])
+    failed = [(a, r) for a, r in zip(admins, results) if isinstance(r, CommandFailed)]
+    if args.command == "status":
+        views = [(a, r) for a, r in zip(admins, results) if not isinstance(r, CommandFailed)]
+        output = formatMerged(views, args.json)
+    elif args.json:
+        output = json.dumps([
+            {"admin": a, "error": str(r), "exit": r.code}
+            if isinstance(r, CommandFailed)
+            else {"admin": a, **_asJSON(r)}
+            for a, r in zip(admins, results)
+        ])
+    else:
+        output = "\n".join(
+            f"{a}: {'FAILED: ' + str(r) if isinstance(r, CommandFailed) else r}"
+            for a, r in zip(admins, results)
+        )
+    if failed:
+        raise CommandFailed(
+            f"failed on {len(failed)} of {len(admins)} balancers: "
+            + "; ".join(f"{a}: {r}" for a, r in failed),
+            failed[0][1].code,
+            output,
+        )
+    return output
+
+
+def _asJSON(text: str) -> Dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"output": text}
+    return value if isinstance(value, dict) else {"output": value}
+
+
+async def _gather(ds: List[defer.Deferred]) -> List:
+    """
+    Each Deferred's result, or the L{CommandFailed} it failed with.
+    """
+    results = []
+    for d in ds:
+        try:
+            results.append(await d)
+        except CommandFailed as e:
+            results.append(e)
+    return results
+
+
+#: The fields ``status`` shows, and whether each is this balancer's own.
+_MERGED = [("state", False), ("weight", False), ("connections", False), ("load", False),
+           ("routed", True), ("active", True)]
+
+
+def formatMerged(views: Sequence[Tuple[str, Tuple[str, List[Dict]]]], asJSON: bool) -> str:
+    """
+    Several balancers' C{status} as one: a row per backend; a field the
+    balancers disagree on shows each one's value, in C{--admin} order
+    (C{routed} and C{active}, each balancer's own, always do).
+    """
+    names: Dict[str, None] = {}
+    byBalancer = []
+    for _, (policy, backends) in views:
+        byBalancer.append({b["name"]: b for b in backends})
+        for b in backends:
+            names.setdefault(b["name"])
+    merged = []
+    for name in sorted(names):
+        items = [v.get(name) for v in byBalancer]
+        first = next(i for i in items if i is not None)
+        row = dict(first)
+        for field, own in _MERGED:
+            values = [i[field] if i is not None else None for i in items]
+            if own:
+                row[field] = sum(v or 0 for v in values)
+            elif len(set(map(str, values))) > 1:
+                row[field] = values if asJSON else "/".join("-" if v is None else (
+                    f"{v:.3f}" if field == "load" else str(v)) for v in values)
+        if asJSON:
+            row["balancers"] = {a: i for (a, _), i in zip(views, items)}
+        merged.append(row)
+    if asJSON:
+        return json.dumps(merged, indent=2)
+    policies = [p for _, (p, _) in views]
+    policy = policies[0] if len(set(policies)) == 1 else "/".join(policies)
+    lines = ["balancers: " + "  ".join(f"{n}={a}" for n, (a, _) in enumerate(views, 1))]
+    lines.append(formatTable(policy, merged))
+    return "\n".join(lines)
+
+
+async def runOne(reactor, args, job=None) -> str:
+    """
+    Run the command (or C{job(proto)}, given) on the one balancer
+    C{args.admin} names.
+    """
     secret = None
     if args.secret_file is not None:
         try:
@@ -337,6 +488,8 @@ async def run(reactor, args) -> str:
             await proving
         except commands.AuthenticationFailed as e:
             raise CommandFailed(str(e), EXIT_AUTH) from None
+        if job is not None:
+            return await job(proto)
         if args.command == "top":
             # Runs until q: each view has its own --timeout.
             return await execute(proto, args, reactor)

@@ -55,6 +55,7 @@ __all__ = [
     "ReportLoadOneWay",
     "SetPolicy",
     "SetWeight",
+    "StateStoreUnavailable",
     "TABLE_BYTES",
     "UnknownBackendError",
     "UnknownPolicyError",
@@ -104,6 +105,13 @@ class UnknownPolicyError(ClusterError):
     """
 
 
+class StateStoreUnavailable(ClusterError):
+    """
+    The balancers' shared state store (etcd) cannot take an admin change
+    now: the change is refused (or undone), routing goes on as it was.
+    """
+
+
 class NotAuthenticated(ClusterError):
     """
     The balancer requires the shared-secret handshake before any command.
@@ -120,6 +128,8 @@ class AuthenticationFailed(ClusterError):
 _AUTH = {NotAuthenticated: b"NOT_AUTHENTICATED"}
 _NOT_REGISTERED = {NotRegistered: b"NOT_REGISTERED", **_AUTH}
 _UNKNOWN_BACKEND = {UnknownBackendError: b"UNKNOWN_BACKEND", **_AUTH}
+#: Any admin change may meet a balancer whose shared state store is away.
+_STORE = {StateStoreUnavailable: b"STATE_STORE_UNAVAILABLE"}
 
 #: In the answer to an admin change that is in force but could not be
 #: written to the state file: why (a restart would lose it).
@@ -370,7 +380,7 @@ class ListBackends(amp.Command):
 class _BackendCommand(amp.Command):
     arguments = [(b"name", amp.Unicode())]
     response = [(b"state", amp.Unicode()), NOT_SAVED]
-    errors = dict(_UNKNOWN_BACKEND)
+    errors = {**_UNKNOWN_BACKEND, **_STORE}
 
 
 class DrainBackend(_BackendCommand):
@@ -413,7 +423,7 @@ class ForgetBackend(amp.Command):
     commandName = b"ForgetBackend"
     arguments = [(b"name", amp.Unicode())]
     response = [NOT_SAVED]
-    errors = {BackendInUse: b"BACKEND_IN_USE", **_UNKNOWN_BACKEND}
+    errors = {BackendInUse: b"BACKEND_IN_USE", **_UNKNOWN_BACKEND, **_STORE}
 
 
 class AddBackend(amp.Command):
@@ -433,7 +443,12 @@ class AddBackend(amp.Command):
         (b"capacity", amp.Integer(optional=True)),
     ]
     response = [(b"state", amp.Unicode()), NOT_SAVED]
-    errors = {InvalidArgument: b"INVALID_ARGUMENT", BackendInUse: b"BACKEND_IN_USE", **_AUTH}
+    errors = {
+        InvalidArgument: b"INVALID_ARGUMENT",
+        BackendInUse: b"BACKEND_IN_USE",
+        **_AUTH,
+        **_STORE,
+    }
 
 
 class RemoveBackend(amp.Command):
@@ -446,7 +461,7 @@ class RemoveBackend(amp.Command):
     commandName = b"RemoveBackend"
     arguments = [(b"name", amp.Unicode())]
     response = [NOT_SAVED]
-    errors = {BackendInUse: b"BACKEND_IN_USE", **_UNKNOWN_BACKEND}
+    errors = {BackendInUse: b"BACKEND_IN_USE", **_UNKNOWN_BACKEND, **_STORE}
 
 
 class SetWeight(amp.Command):
@@ -457,7 +472,7 @@ class SetWeight(amp.Command):
     commandName = b"SetWeight"
     arguments = [(b"name", amp.Unicode()), (b"weight", amp.Integer())]
     response = [(b"state", amp.Unicode()), NOT_SAVED]
-    errors = {InvalidWeightError: b"INVALID_WEIGHT", **_UNKNOWN_BACKEND}
+    errors = {InvalidWeightError: b"INVALID_WEIGHT", **_UNKNOWN_BACKEND, **_STORE}
 
 
 class SetPolicy(amp.Command):
@@ -468,4 +483,4 @@ class SetPolicy(amp.Command):
     commandName = b"SetPolicy"
     arguments = [(b"policy", amp.Unicode())]
     response = [(b"previous", amp.Unicode()), NOT_SAVED]
-    errors = {UnknownPolicyError: b"UNKNOWN_POLICY", **_AUTH}
+    errors = {UnknownPolicyError: b"UNKNOWN_POLICY", **_AUTH, **_STORE}

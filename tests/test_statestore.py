@@ -1,0 +1,172 @@
+"""
+The etcd state store's pure parts (keys from state, state from keys) and
+the admin channel's answers when the store is away; in memory.  The real
+etcd is in tests/test_e2e_statestore.py.
+"""
+
+import pytest
+from twisted.internet import defer
+
+from tests.test_admin import balancerWith, withStatics
+from twistedcluster.balancer.staticbackend import StaticBackend
+from twistedcluster.balancer.statestore import (
+    StoreUnavailable,
+    _prefixEnd,
+    applyKey,
+    desiredState,
+    difference,
+    parseStateStore,
+    reconcile,
+)
+from twistedcluster.core.pool import AdminState, State
+from twistedcluster.wire import commands
+
+
+def test_parse_state_store():
+    assert parseStateStore("etcd:127.0.0.1:2379,[::1]:2380") == [
+        ("127.0.0.1", 2379), ("::1", 2380)]
+    for bad in ("etcd:", "consul:1.2.3.4:1", "etcd:nohost"):
+        with pytest.raises(ValueError):
+            parseStateStore(bad)
+
+
+def test_prefix_end_is_the_first_key_after_the_prefix():
+    assert _prefixEnd(b"/a/") == b"/a0"
+    assert _prefixEnd(b"a\xff") == b"b"
+
+
+def test_keys_hold_only_what_differs_from_the_defaults():
+    lb = balancerWith("a", "b", "c")
+    statics = withStatics(lb)
+    statics.add(StaticBackend("s", "127.0.0.1", 1, weight=4), runtime=False)
+    lb.pool.setAdminState("a", AdminState.DRAINING)
+    lb.pool.setWeight("b", 3)
+    statics.add(StaticBackend("added", "127.0.0.1", 2, capacity=9))
+    assert desiredState(lb.cluster, statics) == {
+        "policy": "least-load",
+        "backends/a": {"host": "127.0.0.1", "port": 9000, "admin": "draining", "weight": 1},
+        "backends/b": {"host": "127.0.0.1", "port": 9001, "admin": "enabled", "weight": 3},
+        "static/added": {"host": "127.0.0.1", "port": 2, "capacity": 9},
+    }
+
+
+def test_difference_puts_what_changed_and_deletes_what_went():
+    known = {"policy": "p2c", "backends/a": {"w": 1}, "backends/b": {"w": 2},
+             "forgotten/x": {}}
+    desired = {"policy": "p2c", "backends/a": {"w": 5}}
+    assert difference(desired, known) == ({"backends/a": {"w": 5}}, ["backends/b"])
+
+
+def test_keys_applied_and_undone():
+    lb = balancerWith("a", "b")
+    statics = withStatics(lb)
+    applyKey(lb.cluster, statics, "backends/a", {"host": "h", "port": 1, "admin": "disabled",
+                                                  "weight": 7})
+    assert (lb.pool.get("a").state, lb.pool.get("a").weight) == (State.DISABLED, 7)
+    applyKey(lb.cluster, statics, "backends/a", None)
+    assert (lb.pool.get("a").state, lb.pool.get("a").weight) == (State.UP, 1)
+    applyKey(lb.cluster, statics, "policy", "round-robin")
+    assert lb.cluster.policyName == "round-robin"
+    applyKey(lb.cluster, statics, "static/s", {"host": "127.0.0.1", "port": 5, "capacity": 3})
+    assert lb.pool.get("s").static and "s" in statics.added
+    applyKey(lb.cluster, statics, "static/s", None)
+    assert "s" not in lb.pool
+    # forgotten: only where it is down.
+    applyKey(lb.cluster, statics, "forgotten/b", {"name": "b"})
+    assert "b" in lb.pool
+    lb.pool.markDown("b")
+    applyKey(lb.cluster, statics, "forgotten/b", {"name": "b"})
+    assert "b" not in lb.pool
+
+
+@pytest.mark.allow_errors
+def test_a_key_that_cannot_be_used_is_logged_and_skipped(logged):
+    lb = balancerWith("a")
+    applyKey(lb.cluster, None, "policy", "no-such-policy")
+    applyKey(lb.cluster, None, "backends/a", {"admin": "sideways"})
+    assert lb.cluster.policyName == "least-load"
+    assert lb.pool.get("a").state is State.UP
+    assert sum("cannot apply" in e for e in logged) == 2
+
+
+def test_reconcile_makes_the_state_what_the_store_holds():
+    lb = balancerWith("a", "b")
+    statics = withStatics(lb)
+    lb.pool.setAdminState("a", AdminState.DRAINING)
+    statics.add(StaticBackend("gone", "127.0.0.1", 3))
+    known = {
+        "policy": "p2c",
+        "backends/b": {"host": "127.0.0.1", "port": 9001, "admin": "disabled", "weight": 2},
+        "backends/new": {"host": "10.0.0.1", "port": 80, "admin": "draining", "weight": 1},
+        "static/s": {"host": "127.0.0.1", "port": 4, "capacity": 5},
+        "forgotten/x": {"name": "x"},
+    }
+    reconcile(lb.cluster, statics, known)
+    assert desiredState(lb.cluster, statics) == {
+        k: v for k, v in known.items() if not k.startswith("forgotten/")}
+    assert lb.pool.get("new").state is State.DOWN
+
+
+class AwayStore:
+    """
+    A store that is away: every change refused before it is made.
+    """
+
+    def checkWritable(self):
+        raise StoreUnavailable("the state store (etcd 127.0.0.1:1) is unreachable")
+
+    def __call__(self, forgotten=None):
+        raise AssertionError("not written when refused first")
+
+
+CHANGES = [
+    (commands.DrainBackend, dict(name="a")),
+    (commands.EnableBackend, dict(name="a")),
+    (commands.DisableBackend, dict(name="a")),
+    (commands.SetWeight, dict(name="a", weight=3)),
+    (commands.SetPolicy, dict(policy="round-robin")),
+    (commands.ForgetBackend, dict(name="b")),
+    (commands.AddBackend, dict(name="c", host="127.0.0.1", port=1)),
+    (commands.RemoveBackend, dict(name="s")),
+]
+
+
+@pytest.mark.parametrize("command, args", CHANGES)
+def test_every_change_is_refused_while_the_store_is_away(command, args):
+    lb = balancerWith("a", "b")
+    lb.pool.markDown("b")
+    statics = withStatics(lb)
+    statics.add(StaticBackend("s", "127.0.0.1", 2))
+    store = AwayStore()
+    lb.admin.onChange, lb.admin.beforeChange = store, store.checkWritable
+    before = (desiredState(lb.cluster, statics), [s.name for s in lb.pool.snapshot()])
+    admin, server, _ = lb.adminChannel()
+    f = lb.resultOf(admin.callRemote(command, **args))
+    assert f.check(commands.StateStoreUnavailable), f
+    assert "unreachable" in f.getErrorMessage()
+    assert (desiredState(lb.cluster, statics), [s.name for s in lb.pool.snapshot()]) == before
+    assert not server.transport.disconnecting
+
+
+def test_a_change_the_store_fails_to_take_is_refused():
+    lb = balancerWith("a")
+
+    def failing(forgotten=None):
+        lb.pool.setAdminState("a", AdminState.ENABLED)  # what the store puts back
+        return defer.fail(StoreUnavailable("could not take the change, which is undone"))
+
+    lb.admin.onChange = failing
+    admin, _, _ = lb.adminChannel()
+    f = lb.resultOf(admin.callRemote(commands.DrainBackend, name="a"))
+    assert f.check(commands.StateStoreUnavailable)
+    assert lb.pool.get("a").state is State.UP
+
+
+def test_forget_tells_the_store_which_backend():
+    lb = balancerWith("a")
+    lb.pool.markDown("a")
+    told = []
+    lb.admin.onChange = lambda forgotten=None: told.append(forgotten)
+    admin, _, _ = lb.adminChannel()
+    lb.resultOf(admin.callRemote(commands.ForgetBackend, name="a"))
+    assert told == ["a"]
