@@ -37,7 +37,7 @@ def test_sighup_reopens_log_files_and_drops_no_one(tmp_path, monkeypatch):
     try:
         cluster.startBalancer()
         cluster.startBackend("backend-1", extra=["--report-interval=0.2"])
-        cluster.waitUp(["backend-1"])
+        cluster.waitUp(["backend-1"], timeout=60)
         held = holdClients(cluster.port, 2, "held")
         rotated = {}
         for name, path in logs.items():
