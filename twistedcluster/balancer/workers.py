@@ -328,6 +328,9 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    # Its log is the main process's (through a pipe), which SIGHUP reopens:
+    # a SIGHUP sent to the whole group must not end a worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from twistedcluster.balancer.limits import AcceptErrors, ClientLimit
     from twistedcluster.balancer.proxy import ProxyFactory
     from twistedcluster.balancer.redirect import HandOffs, RedirectFactory
@@ -388,9 +391,10 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
         ports.append(port)
 
     said: dict = {}
+    applied: dict = {}
 
     def message(m) -> None:
-        mirror.applyView(cluster, m["policy"], m["backends"])
+        mirror.applyView(cluster, m["policy"], m["backends"], applied)
 
     def lost() -> None:
         if reactor.running:

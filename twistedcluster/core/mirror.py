@@ -21,14 +21,15 @@ from collections import deque
 from typing import Deque, Dict, List, Tuple
 
 from twistedcluster.core.cluster import Cluster
-from twistedcluster.core.pool import AdminState, Pool, State
+from twistedcluster.core.pool import RAMP_STEPS, AdminState, Pool, State
 
 __all__ = ["TrafficBook", "fold", "release", "viewFor", "applyView", "trafficOf"]
 
-#: One backend in a view: name, host, port, state, weight, capacity, base
-#: (connections on it not held by the worker), and the load its own figure
-#: adds beyond connections / capacity (0 unless its service supplies one).
-ViewEntry = Tuple[str, str, int, str, int, int, int, float]
+#: One backend in a view: name, host, port, state, weight, slow start's
+#: step (of RAMP_STEPS), capacity, base (connections on it not held by the
+#: worker), and the load its own figure adds beyond connections / capacity
+#: (0 unless its service supplies one).
+ViewEntry = Tuple[str, str, int, str, int, int, int, int, float]
 
 
 class TrafficBook:
@@ -88,8 +89,9 @@ def viewFor(cluster: Cluster, book: TrafficBook) -> Tuple[str, List[ViewEntry]]:
         capacity = max(1, b.capacity)
         base = max(0, b.estimatedConnections - book.holding(b.name))
         extra = b.load - b.connections / capacity
+        step = round(b.ramp * RAMP_STEPS)
         entries.append(
-            (b.name, b.host, b.port, b.state.value, b.weight, capacity, base, round(extra, 6))
+            (b.name, b.host, b.port, b.state.value, b.weight, step, capacity, base, round(extra, 6))
         )
     return cluster.policyName, entries
 
@@ -101,40 +103,51 @@ _ADMIN = {
 }
 
 
-def applyView(cluster: Cluster, policy: str, entries: List[ViewEntry]) -> None:
+def applyView(
+    cluster: Cluster, policy: str, entries: List[ViewEntry], applied: Dict[str, tuple]
+) -> None:
     """
     Make a worker's pool what the main process says, keeping the connections
     the worker holds: each backend's connections become C{base} plus those.
-    Only what differs is changed, so an idle cluster costs no re-indexing.
+
+    C{applied} (kept by the caller, updated here) is the state and weight
+    last taken from the main process for each backend: only what the main
+    process changed is set again, so a backend this worker ejected (its
+    passive health check is its own) stays out, and an idle cluster costs
+    no re-indexing.
     """
     if policy != cluster.policyName:
         cluster.setPolicy(policy)
     pool = cluster.pool
     named = set()
-    for name, host, port, state, weight, capacity, base, extra in entries:
+    for name, host, port, state, weight, step, capacity, base, extra in entries:
         named.add(name)
-        if name in pool:
+        if name not in pool:
+            applied.pop(name, None)
+            pool.register(name, host, port, capacity=capacity)
+        else:
             now = pool.get(name)
             if (now.host, now.port, now.capacity) != (host, port, capacity):
                 pool.register(name, host, port, capacity=capacity)
-        else:
-            pool.register(name, host, port, capacity=capacity)
         now = pool.get(name)
         connections = base + now.active
         load = max(0.0, extra + connections / capacity)
         if (now.connections, now.load, now.addedSinceReport) != (connections, load, 0):
             pool.report(name, connections, load, seen=None)
-        if state == State.DOWN.value:
-            pool.markDown(name)
-        else:
-            pool.markUp(name)
-            if pool.get(name).state.value != state:
+        if applied.get(name) != (state, weight):
+            applied[name] = (state, weight)
+            if state == State.DOWN.value:
+                pool.markDown(name)
+            else:
+                pool.markUp(name)
                 pool.setAdminState(name, _ADMIN[state])
-        if now.weight != weight:
             pool.setWeight(name, weight)
+        pool.setRamp(name, step)
     gone = [b.name for b in pool.snapshot() if b.name not in named]
     if gone:
         pool.removeMany(gone)
+        for name in gone:
+            applied.pop(name, None)
 
 
 def trafficOf(pool: Pool, said: Dict[str, Tuple[int, int]]) -> Dict[str, List[int]]:
