@@ -142,8 +142,20 @@ def startWorkers(cluster, names, extra=(), backendExtra=()):
     return balancer, pids
 
 
+def metric(port, name):
+    """
+    The value of the unlabelled series C{name} (or the sum of its labelled
+    ones) on the balancer's /metrics.
+    """
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    values = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    return sum(float(v) for v in values)
+
+
 def test_backends_register_once_and_status_sums_workers(cluster):
-    balancer, pids = startWorkers(cluster, ["a"])
+    metricsPort = freePort()
+    balancer, pids = startWorkers(cluster, ["a"], extra=[f"--metrics=tcp:{metricsPort}:interface=127.0.0.1"])
     assert balancer.logText().count("backend a registered") == 1
     # startWorkers' two probes, once the workers have told the main process.
     before = waitFor(lambda: (s := cluster.quickStatus()["a"])["routed"] == 2 and s["routed"], 10, "2 probes routed")
@@ -157,11 +169,23 @@ def test_backends_register_once_and_status_sums_workers(cluster):
         )
         assert status["routed"] - before == count
         print(f"\n{count} clients held over workers {[len(v) for v in held.values()]}: status {status}")
+        # The client-level series, summed over the workers (each says every 0.5 s).
+        waitFor(lambda: metric(metricsPort, "twistedcluster_clients") == count, 10, f"{count} clients in /metrics")
+        assert metric(metricsPort, "twistedcluster_client_connections") == count
+        assert metric(metricsPort, "twistedcluster_client_limit") > 0
     finally:
         for socks in held.values():
             for s in socks:
                 s.close()
     waitFor(lambda: cluster.quickStatus()["a"]["active"] == 0, 10, "active back to 0")
+    waitFor(lambda: metric(metricsPort, "twistedcluster_clients") == 0, 10, "no client in /metrics")
+    # Every client that ended, whichever worker relayed it (and the probes).
+    waitFor(
+        lambda: metric(metricsPort, "twistedcluster_connections_ended_total") == count + 2,
+        10,
+        f"{count + 2} connections ended in /metrics",
+    )
+    assert metric(metricsPort, "twistedcluster_connection_duration_seconds_count") == count + 2
 
 
 def test_drain_reaches_every_worker(cluster):
@@ -234,7 +258,7 @@ def test_capacity_holds_across_workers(cluster):
         as added until a report whose mark left after it has seen it
         (conservative, as with one process); then the view's next push.
         """
-        waitFor(lambda: (s := cluster.quickStatus()["a"])["active"] == s["connections"] == total, 10, f"{total} counted")
+        waitFor(lambda: (s := cluster.quickStatus()["a"])["active"] == s["connections"] == total or print(s), 20, f"{total} counted")
         start = reports()
         waitFor(lambda: reports() >= start + 3, 10, "three more reports")
         time.sleep(0.05)  # noqa: five of the main process's sync intervals, to reach the workers

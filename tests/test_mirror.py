@@ -151,3 +151,17 @@ def test_without_sync_the_overshoot_is_what_the_others_picked():
     assert picked == [4, 4]
     c.sync()
     assert all(w.pick() is None for w in c.workers)
+
+
+def test_counter_deltas_add_up_to_the_totals():
+    last, totals = {}, {}
+    figures = {"waited": 2, "ended": {"proxy|normal": 3}, "bytes": {"a": [10, 20]}, "connect": [1, 0, 0.5, 1]}
+    mirror.addDeltas(totals, mirror.counterDeltas(figures, last))
+    figures["ended"]["proxy|normal"] = 5
+    figures["bytes"]["a"][0] = 15  # in place, as Traffic does
+    assert mirror.counterDeltas(figures, last) == {"ended": {"proxy|normal": 2}, "bytes": {"a": [5, 0]}}
+    mirror.addDeltas(totals, {"ended": {"proxy|normal": 2}, "bytes": {"a": [5, 0]}})
+    # A second worker's figures add to the same totals.
+    mirror.addDeltas(totals, mirror.counterDeltas({"waited": 1, "ended": {"proxy|normal": 1}}, {}))
+    assert totals == {"waited": 3, "ended": {"proxy|normal": 6}, "bytes": {"a": [15, 20]}, "connect": [1, 0, 0.5, 1]}
+    assert mirror.counterDeltas(figures, last) == {}

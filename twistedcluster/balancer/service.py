@@ -698,6 +698,33 @@ def makeService(options: Options, reactor=None):
         )
         listeners.append(("redirect", options["redirect"], clientLimit.wrap(redirectFactory)))
         openPorts["redirect"] = None
+    workers = None
+    if options["workers"] > 1:
+        from twistedcluster.balancer.workers import WorkerSupervisor
+
+        shared = [(role, description) for role, description, _ in listeners if role in ("proxy", "redirect")]
+        listeners = [entry for entry in listeners if entry[0] not in ("proxy", "redirect")]
+
+        def sharedPort(role, port):
+            openPorts[role] = port
+
+        workers = top.workers = WorkerSupervisor(
+            options["workers"],
+            cluster,
+            reactor,
+            shared,
+            options["argv"],
+            options["drain-timeout"],
+            onPort=sharedPort,
+            traffic=traffic,
+        )
+        workers.setName("workers")
+        workers.setServiceParent(top)
+        log.info(
+            "balancer {n} workers serve {roles} on shared listening sockets",
+            n=options["workers"],
+            roles=", ".join(role for role, _ in shared),
+        )
     if options["metrics"]:
         from twisted.web.server import Site
 
@@ -706,9 +733,10 @@ def makeService(options: Options, reactor=None):
         site = Site(
             MetricsRoot(
                 cluster,
-                proxyFactory,
-                clientLimit,
-                redirectFactory,
+                # With --workers, what they relay, summed.
+                workers.figures.proxy if workers is not None else proxyFactory,
+                workers.figures.limit if workers is not None else clientLimit,
+                (workers.figures.redirect if workers is not None else redirectFactory) if redirectFactory else None,
                 controlFactory=controlFactory,
                 adminFactory=adminFactory,
                 traffic=traffic,
@@ -732,31 +760,6 @@ def makeService(options: Options, reactor=None):
 
         return listening
 
-    if options["workers"] > 1:
-        from twistedcluster.balancer.workers import WorkerSupervisor
-
-        shared = [(role, description) for role, description, _ in listeners if role in ("proxy", "redirect")]
-        listeners = [entry for entry in listeners if entry[0] not in ("proxy", "redirect")]
-
-        def sharedPort(role, port):
-            openPorts[role] = port
-
-        workers = top.workers = WorkerSupervisor(
-            options["workers"],
-            cluster,
-            reactor,
-            shared,
-            options["argv"],
-            options["drain-timeout"],
-            onPort=sharedPort,
-        )
-        workers.setName("workers")
-        workers.setServiceParent(top)
-        log.info(
-            "balancer {n} workers serve {roles} on shared listening sockets",
-            n=options["workers"],
-            roles=", ".join(role for role, _ in shared),
-        )
     for role, description, factory in listeners:
         svc = listenerService(description, factory, reactor, onPort(role), role)
         svc.setName(role)

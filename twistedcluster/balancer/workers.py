@@ -43,6 +43,8 @@ log = Logger()
 #: Seconds between two messages either way on a worker's channel, at most:
 #: the slack of capacity and least-load across workers.
 SYNC_INTERVAL = 0.01
+#: Seconds between a worker's client-level figures (for the metrics).
+STATS_INTERVAL = 0.5
 #: Seconds before a worker that exited is started again (doubled, up to
 #: L{MAX_RESTART_DELAY}, while workers keep dying within L{STABLE_AFTER}).
 RESTART_DELAY = 0.2
@@ -80,6 +82,108 @@ class _Channel(LineOnlyReceiver):
 
 
 # -- the main process ------------------------------------------------------
+
+
+class WorkerFigures:
+    """
+    The workers' client-level figures, for the main process's metrics: each
+    worker's gauges as it last said, counters summed over every worker that
+    ever ran (a worker's increases are added as they come), and the traffic
+    counts added into the main process's L{Traffic}.  L{proxy}, L{limit} and
+    L{redirect} read as the factories the metrics read in one process.
+    """
+
+    def __init__(self, traffic=None) -> None:
+        self.traffic = traffic
+        self.gauges: Dict[int, Dict[str, int]] = {}
+        self.counters: Dict[str, object] = {}
+        self.proxy = _SummedProxy(self)
+        self.limit = _SummedLimit(self)
+        self.redirect = _SummedRedirect(self)
+
+    def gauge(self, name: str) -> int:
+        return sum(g.get(name, 0) for g in self.gauges.values())
+
+    def counter(self, name: str) -> int:
+        value = self.counters.get(name, 0)
+        return value if isinstance(value, int) else 0
+
+    def add(self, index: int, stats) -> None:
+        self.gauges[index] = stats.get("gauges", {})
+        deltas = stats.get("counters", {})
+        traffic = self.traffic
+        if traffic is not None:
+            for key, n in deltas.pop("ended", {}).items():
+                listener, _, end = key.partition("|")
+                traffic.ended[(listener, end)] = traffic.ended.get((listener, end), 0) + n
+            for name, (to, back) in deltas.pop("bytes", {}).items():
+                counts = traffic.bytes.setdefault(name, [0, 0])
+                counts[0] += to
+                counts[1] += back
+            if "connect" in deltas:
+                _addHistogram(traffic.connectTime, deltas.pop("connect"))
+            for listener, d in deltas.pop("duration", {}).items():
+                if listener in traffic.duration:
+                    _addHistogram(traffic.duration[listener], d)
+        mirror.addDeltas(self.counters, deltas)
+
+    def gone(self, index: int) -> None:
+        self.gauges.pop(index, None)
+
+
+def _addHistogram(h, delta) -> None:
+    *counts, total, n = delta
+    if len(counts) == len(h.counts):
+        for i, c in enumerate(counts):
+            h.counts[i] += c
+        h.sum += total
+        h.count += n
+
+
+class _SummedProxy:
+    def __init__(self, figures: WorkerFigures) -> None:
+        self.figures = figures
+        self.health = self.admission = self
+
+    @property
+    def clients(self):
+        return range(self.figures.gauge("clients"))
+
+    @property
+    def waiting(self) -> int:
+        return self.figures.gauge("waiting")
+
+    def __getattr__(self, name: str) -> int:
+        if name in mirror.COUNTERS:
+            return self.figures.counter(name)
+        raise AttributeError(name)
+
+
+class _SummedLimit:
+    def __init__(self, figures: WorkerFigures) -> None:
+        self.figures = figures
+
+    @property
+    def maxConnections(self) -> int:
+        return self.figures.gauge("limit")
+
+    @property
+    def count(self) -> int:
+        return self.figures.gauge("count")
+
+    @property
+    def paused(self) -> bool:
+        gauges = self.figures.gauges.values()
+        return bool(gauges) and all(g.get("paused") for g in gauges)
+
+
+class _SummedRedirect:
+    def __init__(self, figures: WorkerFigures) -> None:
+        self.figures = figures
+
+    @property
+    def refused(self) -> int:
+        return self.figures.counter("refused")
 
 
 class _WorkerProcess(protocol.ProcessProtocol):
@@ -136,6 +240,7 @@ class WorkerSupervisor(Service):
         drainTimeout: float,
         onPort=None,
         syncInterval: float = SYNC_INTERVAL,
+        traffic=None,
     ) -> None:
         self.count = count
         self.cluster = cluster
@@ -145,6 +250,7 @@ class WorkerSupervisor(Service):
         self.drainTimeout = drainTimeout
         self.onPort = onPort
         self.syncInterval = syncInterval
+        self.figures = WorkerFigures(traffic)
         self.ports: Dict[str, object] = {}
         self.workers: Dict[int, _WorkerProcess] = {}
         self.restartDelay = RESTART_DELAY
@@ -242,6 +348,9 @@ class WorkerSupervisor(Service):
             traffic = m.get("traffic")
             if traffic:
                 mirror.fold(self.cluster.pool, worker.book, traffic)
+            stats = m.get("stats")
+            if stats is not None and self.workers.get(index) is worker:
+                self.figures.add(index, stats)
 
         channel = _Channel(message, lambda: None)
         worker.channel = channel
@@ -256,6 +365,7 @@ class WorkerSupervisor(Service):
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
         mirror.release(self.cluster.pool, worker.book)
+        self.figures.gone(worker.index)
         if worker.channel is not None and worker.channel.transport is not None:
             worker.channel.transport.loseConnection()
         if self.stopping:
@@ -312,6 +422,37 @@ def _adopt(reactor, fd: int, factory):
         return reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
     finally:
         sock.close()  # adoptStreamPort took a copy
+
+
+def workerFigures(proxyFactory, redirectFactory, clientLimit, traffic):
+    """
+    A worker's client-level counters and gauges, as the main process's
+    metrics show them summed (L{WorkerFigures}).
+    """
+    health = proxyFactory.health
+    admission = proxyFactory.admission
+    counters = {
+        "refused": redirectFactory.refused if redirectFactory is not None else 0,
+        "ejections": health.ejections if health is not None else 0,
+        "ejectionsSkipped": health.ejectionsSkipped if health is not None else 0,
+        "readmissions": health.readmissions if health is not None else 0,
+        "waited": admission.waited,
+        "timedOut": admission.timedOut,
+        "ended": {f"{listener}|{end}": n for (listener, end), n in traffic.ended.items()},
+        "bytes": {name: list(counts) for name, counts in traffic.bytes.items()},
+        "connect": [*traffic.connectTime.counts, traffic.connectTime.sum, traffic.connectTime.count],
+        "duration": {
+            listener: [*h.counts, h.sum, h.count] for listener, h in traffic.duration.items()
+        },
+    }
+    gauges = {
+        "clients": len(proxyFactory.clients),
+        "waiting": proxyFactory.waiting,
+        "limit": clientLimit.maxConnections,
+        "count": clientLimit.count,
+        "paused": int(clientLimit.paused),
+    }
+    return counters, gauges
 
 
 def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) -> None:
@@ -371,18 +512,18 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     clientLimit = ClientLimit(options["max-connections"], reactor)
     acceptErrors = AcceptErrors(reactor)
     ports = []
+    redirectFactory = None
     for role, fd in fds.items():
         if role == "proxy":
             factory = clientLimit.wrap(proxyFactory)
         else:
-            factory = clientLimit.wrap(
-                RedirectFactory(
-                    cluster,
-                    reactor,
-                    HandOffs(options["redirect-window"], options["redirect-per-source"]),
-                    traffic=traffic,
-                )
+            redirectFactory = RedirectFactory(
+                cluster,
+                reactor,
+                HandOffs(options["redirect-window"], options["redirect-per-source"]),
+                traffic=traffic,
             )
+            factory = clientLimit.wrap(redirectFactory)
         port = _adopt(reactor, fd, factory)
         acceptErrors.watch(port, role)
         clientLimit.listening(port)
@@ -423,6 +564,21 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
         if accessLog is not None:
             d.addBoth(lambda _: accessLog.close())
         return d
+
+    counted: dict = {}
+    lastGauges: dict = {}
+
+    def figures() -> None:
+        now, gauges = workerFigures(proxyFactory, redirectFactory, clientLimit, traffic)
+        deltas = mirror.counterDeltas(now, counted)
+        if (deltas or gauges != lastGauges) and channel.transport is not None:
+            lastGauges.clear()
+            lastGauges.update(gauges)
+            channel.send({"stats": {"counters": deltas, "gauges": gauges}})
+
+    stats = LoopingCall(figures)
+    stats.clock = reactor
+    stats.start(STATS_INTERVAL, now=False)
 
     reactor.addSystemEventTrigger("before", "shutdown", drain)
     log.info(

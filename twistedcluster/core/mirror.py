@@ -17,6 +17,7 @@ and as cheap as with one process.  Two flows keep them one cluster:
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from typing import Deque, Dict, List, Tuple
 
@@ -162,3 +163,59 @@ def trafficOf(pool: Pool, said: Dict[str, Tuple[int, int]]) -> Dict[str, List[in
             said[b.name] = figures
             out[b.name] = list(figures)
     return out
+
+
+# -- client-level figures --------------------------------------------------
+
+#: Counters a worker reports as increases since its last word.
+COUNTERS = ("refused", "ejections", "ejectionsSkipped", "readmissions", "waited", "timedOut")
+#: Gauges a worker reports as they are now.
+GAUGES = ("clients", "waiting", "limit", "count", "paused")
+
+
+def counterDeltas(now: Dict[str, object], last: Dict[str, object]) -> Dict[str, object]:
+    """
+    What grew since C{last} (which becomes a copy of C{now}), for counters
+    that are numbers, dicts of them, or lists of numbers (histogram
+    buckets): only the parts that changed.
+    """
+    out = _diff(now, last)
+    last.clear()
+    last.update(copy.deepcopy(now))
+    return out
+
+
+def _diff(now: Dict[str, object], before: Dict[str, object]) -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for key, value in now.items():
+        was = before.get(key)
+        if isinstance(value, dict):
+            sub = _diff(value, was if isinstance(was, dict) else {})
+            if sub:
+                out[key] = sub
+        elif isinstance(value, list):
+            base = was if isinstance(was, list) and len(was) == len(value) else [0] * len(value)
+            diff = [a - b for a, b in zip(value, base)]
+            if any(diff):
+                out[key] = diff
+        elif value != (was or 0):
+            out[key] = value - (was or 0)  # type: ignore[operator]
+    return out
+
+
+def addDeltas(totals: Dict[str, object], deltas: Dict[str, object]) -> None:
+    """
+    Add what L{counterDeltas} gave into C{totals}.
+    """
+    for key, value in deltas.items():
+        if isinstance(value, dict):
+            sub = totals.setdefault(key, {})
+            addDeltas(sub, value)  # type: ignore[arg-type]
+        elif isinstance(value, list):
+            base = totals.get(key)
+            if not isinstance(base, list) or len(base) != len(value):
+                base = totals[key] = [0] * len(value)
+            for i, v in enumerate(value):
+                base[i] += v
+        else:
+            totals[key] = totals.get(key, 0) + value  # type: ignore[operator]
