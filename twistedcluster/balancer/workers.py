@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
@@ -196,7 +196,7 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.index = index
         self.book = mirror.TrafficBook()
         self.channel: Optional[_Channel] = None
-        self.said = None  # the last view sent
+        self.said: Optional[tuple] = None  # the last view sent
         self.started = 0.0
         self.pid: Optional[int] = None
         self.ended = defer.Deferred()
@@ -251,10 +251,11 @@ class WorkerSupervisor(Service):
         self.onPort = onPort
         self.syncInterval = syncInterval
         self.figures = WorkerFigures(traffic)
-        self.ports: Dict[str, object] = {}
+        self.ports: Dict[str, Any] = {}
         self.workers: Dict[int, _WorkerProcess] = {}
         self.restartDelay = RESTART_DELAY
         self.stopping = False
+        self._pushed: tuple = (None, None)
         self._sync = LoopingCall(self._push)
         self._sync.clock = reactor
 
@@ -391,6 +392,12 @@ class WorkerSupervisor(Service):
             self._spawn(index)
 
     def _push(self) -> None:
+        # The pool's snapshot is cached until anything in it changes: an
+        # idle cluster costs no view.
+        marker = (self.cluster.pool.snapshot(), self.cluster.policyName)
+        if marker[0] is self._pushed[0] and marker[1] == self._pushed[1]:
+            return
+        self._pushed = marker
         for worker in list(self.workers.values()):
             self._pushTo(worker)
 
@@ -408,6 +415,8 @@ class _NoClients(protocol.Factory):
     """
     The factory of a listener this process never accepts on.
     """
+
+    noisy = False
 
     def buildProtocol(self, addr):
         return None
