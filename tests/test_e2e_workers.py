@@ -343,3 +343,51 @@ def test_sigterm_stops_the_workers(cluster):
         return True
 
     waitFor(gone, 20, "the workers to exit")
+
+
+def redirectAnswer(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = s.recv(100)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def test_redirect_answers_from_every_worker_follow_a_drain(cluster):
+    redirectPort = freePort()
+    balancer, pids = startWorkers(cluster, ["a", "b"], extra=[f"--redirect=tcp:{redirectPort}:interface=127.0.0.1"])
+    status = cluster.quickStatus()
+    ports = {name: status[name]["port"] for name in ("a", "b")}
+    for pid in sorted(pids):
+        with onlyWorker(pid, pids):
+            # Before: each worker names both (an answer counts as load).
+            answers = {redirectAnswer(redirectPort) for _ in range(10)}
+            assert answers == {b"127.0.0.1 %d\r\n" % ports[n] for n in ("a", "b")}, answers
+    cluster.adminRun("drain", "a")
+    waitFor(lambda: cluster.quickStatus()["a"]["state"] == "draining", 10, "a draining")
+    for pid in sorted(pids):
+        with onlyWorker(pid, pids):
+            # Within a sync interval of the drain every answer names b.
+            waitFor(
+                lambda: redirectAnswer(redirectPort) == b"127.0.0.1 %d\r\n" % ports["b"],
+                10,
+                f"worker {pid} to name b",
+            )
+            for _ in range(5):
+                assert redirectAnswer(redirectPort) == b"127.0.0.1 %d\r\n" % ports["b"]
+
+
+def test_workers_refuse_a_listener_they_cannot_share():
+    from twisted.python import usage
+
+    from twistedcluster.balancer.service import Options
+
+    o = Options()
+    with pytest.raises(usage.UsageError, match="--workers"):
+        o.parseOptions(["--workers=2", "--listen=ssl:8443:privateKey=k.pem"])
+    o = Options()
+    o.parseOptions(["--workers=2", "--listen=haproxy:tcp:8000", "--redirect=unix:/tmp/r.sock"])
+    assert o["workers"] == 2 and o["argv"][0] == "--workers=2"
