@@ -346,11 +346,13 @@ class WorkerSupervisor(Service):
         theirs.close()
 
         def message(m) -> None:
+            if self.workers.get(index) is not worker:
+                return  # read after it exited: what it held is released
             traffic = m.get("traffic")
             if traffic:
                 mirror.fold(self.cluster.pool, worker.book, traffic)
             stats = m.get("stats")
-            if stats is not None and self.workers.get(index) is worker:
+            if stats is not None:
                 self.figures.add(index, stats)
 
         channel = _Channel(message, lambda: None)
