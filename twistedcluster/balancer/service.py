@@ -321,6 +321,17 @@ class Options(usage.Options):
             positive(int),
         ],
         [
+            "workers",
+            None,
+            1,
+            "Processes that serve the proxy and redirect listeners, on one "
+            "shared listening socket each; this process keeps the control, "
+            "admin and metrics listeners and the one view of the pool, and "
+            "starts a worker again if it exits. --max-connections is per "
+            "worker. 1: this process serves them itself.",
+            positive(int),
+        ],
+        [
             "max-control-connections",
             None,
             4096,
@@ -360,7 +371,28 @@ class Options(usage.Options):
         if backend.sendProxy is not None:
             self["backend-send-proxy"][backend.name] = backend.sendProxy
 
+    def parseOptions(self, options=None) -> None:
+        # Kept for --workers: each worker parses the same arguments.
+        import sys
+
+        self["argv"] = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
     def postOptions(self) -> None:
+        if self["workers"] > 1:
+            from twistedcluster.balancer.workers import SHAREABLE
+
+            for role in ("listen", "redirect"):
+                description = self[role]
+                if description is None:
+                    continue
+                kind = endpointParts(proxyProtocolInner(description) or description)[0]
+                if kind.lower() not in SHAREABLE and not kind.isdigit():
+                    raise usage.UsageError(
+                        f"--workers: the --{role} endpoint must be one of "
+                        f"{', '.join(SHAREABLE)} (a worker adopts its socket), "
+                        f"not {kind}"
+                    )
         if self["eject-after"] < 0 or self["queue-size"] < 0:
             raise usage.UsageError("--eject-after and --queue-size must be >= 0")
         if not 0 <= self["max-ejected-percent"] <= 100:
@@ -768,6 +800,33 @@ def makeService(options: Options, reactor=None):
         )
         listeners.append(("redirect", options["redirect"], clientLimit.wrap(redirectFactory)))
         openPorts["redirect"] = None
+    workers = None
+    if options["workers"] > 1:
+        from twistedcluster.balancer.workers import WorkerSupervisor
+
+        shared = [(role, description) for role, description, _ in listeners if role in ("proxy", "redirect")]
+        listeners = [entry for entry in listeners if entry[0] not in ("proxy", "redirect")]
+
+        def sharedPort(role, port):
+            openPorts[role] = port
+
+        workers = top.workers = WorkerSupervisor(
+            options["workers"],
+            cluster,
+            reactor,
+            shared,
+            options["argv"],
+            options["drain-timeout"],
+            onPort=sharedPort,
+            traffic=traffic,
+        )
+        workers.setName("workers")
+        workers.setServiceParent(top)
+        log.info(
+            "balancer {n} workers serve {roles} on shared listening sockets",
+            n=options["workers"],
+            roles=", ".join(role for role, _ in shared),
+        )
     if options["metrics"]:
         from twisted.web.server import Site
 
@@ -776,9 +835,10 @@ def makeService(options: Options, reactor=None):
         site = Site(
             MetricsRoot(
                 cluster,
-                proxyFactory,
-                clientLimit,
-                redirectFactory,
+                # With --workers, what they relay, summed.
+                workers.figures.proxy if workers is not None else proxyFactory,
+                workers.figures.limit if workers is not None else clientLimit,
+                (workers.figures.redirect if workers is not None else redirectFactory) if redirectFactory else None,
                 controlFactory=controlFactory,
                 adminFactory=adminFactory,
                 traffic=traffic,

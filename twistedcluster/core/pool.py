@@ -552,6 +552,17 @@ class Pool:
         for name in done:
             del self._ramping[name]
 
+    def setRamp(self, name: str, step: int) -> None:
+        """
+        Take C{step} of L{RAMP_STEPS} of the weight now, as another pool
+        (a worker's main process, L{twistedcluster.core.mirror}) says.
+        """
+        m = self._member(name)
+        step = min(RAMP_STEPS, max(1, step))
+        if step != m.rampStep:
+            m.rampStep = step
+            self._loadChanged(m)
+
     @property
     def ramping(self) -> int:
         """

@@ -1,0 +1,621 @@
+"""
+C{--workers N}: N processes serve the proxy and redirect listeners, while the
+cluster stays one cluster to its users.
+
+The main process opens each client listener once and never accepts on it:
+it passes the listening socket to every worker (C{spawnProcess} childFDs),
+which adopts it (C{adoptStreamPort}).  One shared accept queue, rather than
+one C{SO_REUSEPORT} socket per worker, because (1) the kernel hashes a new
+connection to one C{SO_REUSEPORT} socket whatever that worker's load, and
+resets the connections queued on a socket whose worker died, where a shared
+queue hands them to the workers still alive; (2) the endpoint's options
+(interface, backlog) are parsed once, in the main process.
+
+The main process keeps the control, admin and metrics listeners and the one
+real pool; each worker routes on a mirror of it (L{twistedcluster.core.mirror})
+kept over a unix socket pair: the main process sends the pool as that worker
+should see it, the worker sends what it routed and holds, each at most every
+L{SYNC_INTERVAL} seconds and only when something changed.  A pick stays a
+local call.  A worker that exits is started again; only its clients lose
+their connections.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any, Dict, List, Optional
+
+from twisted.application.service import Service
+from twisted.internet import defer, error, protocol
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+
+from twistedcluster.core import mirror
+
+log = Logger()
+
+#: Seconds between two messages either way on a worker's channel, at most:
+#: the slack of capacity and least-load across workers.
+SYNC_INTERVAL = 0.01
+#: Seconds between a worker's client-level figures (for the metrics).
+STATS_INTERVAL = 0.5
+#: Seconds before a worker that exited is started again (doubled, up to
+#: L{MAX_RESTART_DELAY}, while workers keep dying within L{STABLE_AFTER}).
+RESTART_DELAY = 0.2
+MAX_RESTART_DELAY = 10.0
+STABLE_AFTER = 5.0
+#: Endpoint kinds whose listening socket a worker can adopt.
+SHAREABLE = ("tcp", "tcp6", "unix")
+
+
+class _Channel(LineOnlyReceiver):
+    """
+    One JSON object a line; no AMP, since a view of many backends outgrows
+    AMP's 64 KiB values.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 64 * 1024 * 1024
+
+    def __init__(self, onMessage, onLost) -> None:
+        self.onMessage = onMessage
+        self.onLost = onLost
+
+    def send(self, message) -> None:
+        self.sendLine(json.dumps(message, separators=(",", ":")).encode())
+
+    def lineReceived(self, line: bytes) -> None:
+        self.onMessage(json.loads(line))
+
+    def lineLengthExceeded(self, line):
+        log.error("worker channel: a message of over {n} bytes", n=self.MAX_LENGTH)
+        return super().lineLengthExceeded(line)
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.onLost()
+
+
+# -- the main process ------------------------------------------------------
+
+
+class WorkerFigures:
+    """
+    The workers' client-level figures, for the main process's metrics: each
+    worker's gauges as it last said, counters summed over every worker that
+    ever ran (a worker's increases are added as they come), and the traffic
+    counts added into the main process's L{Traffic}.  L{proxy}, L{limit} and
+    L{redirect} read as the factories the metrics read in one process.
+    """
+
+    def __init__(self, traffic=None) -> None:
+        self.traffic = traffic
+        self.gauges: Dict[int, Dict[str, int]] = {}
+        self.counters: Dict[str, object] = {}
+        self.proxy = _SummedProxy(self)
+        self.limit = _SummedLimit(self)
+        self.redirect = _SummedRedirect(self)
+
+    def gauge(self, name: str) -> int:
+        return sum(g.get(name, 0) for g in self.gauges.values())
+
+    def counter(self, name: str) -> int:
+        value = self.counters.get(name, 0)
+        return value if isinstance(value, int) else 0
+
+    def add(self, index: int, stats) -> None:
+        self.gauges[index] = stats.get("gauges", {})
+        deltas = stats.get("counters", {})
+        traffic = self.traffic
+        if traffic is not None:
+            for key, n in deltas.pop("ended", {}).items():
+                listener, _, end = key.partition("|")
+                traffic.ended[(listener, end)] = traffic.ended.get((listener, end), 0) + n
+            for name, (to, back) in deltas.pop("bytes", {}).items():
+                counts = traffic.bytes.setdefault(name, [0, 0])
+                counts[0] += to
+                counts[1] += back
+            if "connect" in deltas:
+                _addHistogram(traffic.connectTime, deltas.pop("connect"))
+            for listener, d in deltas.pop("duration", {}).items():
+                if listener in traffic.duration:
+                    _addHistogram(traffic.duration[listener], d)
+        mirror.addDeltas(self.counters, deltas)
+
+    def gone(self, index: int) -> None:
+        self.gauges.pop(index, None)
+
+
+def _addHistogram(h, delta) -> None:
+    *counts, total, n = delta
+    if len(counts) == len(h.counts):
+        for i, c in enumerate(counts):
+            h.counts[i] += c
+        h.sum += total
+        h.count += n
+
+
+class _SummedProxy:
+    def __init__(self, figures: WorkerFigures) -> None:
+        self.figures = figures
+        self.health = self.admission = self
+
+    @property
+    def clients(self):
+        return range(self.figures.gauge("clients"))
+
+    @property
+    def waiting(self) -> int:
+        return self.figures.gauge("waiting")
+
+    def __getattr__(self, name: str) -> int:
+        if name in mirror.COUNTERS:
+            return self.figures.counter(name)
+        raise AttributeError(name)
+
+
+class _SummedLimit:
+    def __init__(self, figures: WorkerFigures) -> None:
+        self.figures = figures
+
+    @property
+    def maxConnections(self) -> int:
+        return self.figures.gauge("limit")
+
+    @property
+    def count(self) -> int:
+        return self.figures.gauge("count")
+
+    @property
+    def paused(self) -> bool:
+        gauges = self.figures.gauges.values()
+        return bool(gauges) and all(g.get("paused") for g in gauges)
+
+
+class _SummedRedirect:
+    def __init__(self, figures: WorkerFigures) -> None:
+        self.figures = figures
+
+    @property
+    def refused(self) -> int:
+        return self.figures.counter("refused")
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    """
+    A worker as its supervisor sees it: its log lines, its exit.
+    """
+
+    def __init__(self, supervisor: "WorkerSupervisor", index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.book = mirror.TrafficBook()
+        self.channel: Optional[_Channel] = None
+        self.said: Optional[tuple] = None  # the last view sent
+        self.started = 0.0
+        self.pid: Optional[int] = None
+        self.ended = defer.Deferred()
+        self._partial = b""
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.strip():
+                log.info(
+                    "worker {index} (pid {pid}): {line}",
+                    index=self.index,
+                    pid=self.pid,
+                    line=line.decode("utf-8", "replace"),
+                )
+
+    def processEnded(self, reason) -> None:
+        self.supervisor._ended(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerSupervisor(Service):
+    """
+    Opens the shared client listeners, runs the workers on them, and keeps
+    their pools and the main pool one.
+
+    @param listeners: (role, endpoint string) of the proxy and redirect
+        listeners, as the options give them.
+    @param argv: the balancer's own arguments, for the workers to parse.
+    @param onPort: told (role, port) once a listener is open (for /readyz).
+    """
+
+    def __init__(
+        self,
+        count: int,
+        cluster,
+        reactor,
+        listeners,
+        argv: List[str],
+        drainTimeout: float,
+        onPort=None,
+        syncInterval: float = SYNC_INTERVAL,
+        traffic=None,
+    ) -> None:
+        self.count = count
+        self.cluster = cluster
+        self.reactor = reactor
+        self.listeners = listeners
+        self.argv = argv
+        self.drainTimeout = drainTimeout
+        self.onPort = onPort
+        self.syncInterval = syncInterval
+        self.figures = WorkerFigures(traffic)
+        self.ports: Dict[str, Any] = {}
+        self.workers: Dict[int, _WorkerProcess] = {}
+        self.restartDelay = RESTART_DELAY
+        self.stopping = False
+        self._pushed: tuple = (None, None)
+        self._sync = LoopingCall(self._push)
+        self._sync.clock = reactor
+
+    def privilegedStartService(self) -> None:
+        from twistedcluster.balancer.listeners import explainListenError, proxyProtocolInner, withBacklog
+
+        super().privilegedStartService()
+        for role, description in self.listeners:
+            inner = proxyProtocolInner(description) or description
+            opened: list = []
+            failed: list = []
+            d = serverFromString(self.reactor, withBacklog(inner)).listen(_NoClients())
+            d.addCallbacks(opened.append, failed.append)
+            if failed:
+                failed[0].trap(error.CannotListenError)
+                raise explainListenError(role, description, failed[0].value)
+            port = opened[0]
+            port.stopReading()  # the workers accept; this process never does
+            self.ports[role] = port
+            if self.onPort is not None:
+                self.onPort(role, port)
+
+    def startService(self) -> None:
+        super().startService()
+        self.stopping = False
+        for index in range(self.count):
+            self._spawn(index)
+        self._sync.start(self.syncInterval, now=False)
+
+    def stopService(self):
+        """
+        SIGTERM every worker (each stops accepting and drains its clients,
+        as one balancer does), then close the shared listeners; a worker
+        still there after the drain timeout and a margin is killed.
+        """
+        super().stopService()
+        self.stopping = True
+        if self._sync.running:
+            self._sync.stop()
+        waits = []
+        for worker in list(self.workers.values()):
+            waits.append(worker.ended)
+            self._signal(worker, signal.SIGTERM)
+        killer = self.reactor.callLater(self.drainTimeout + 5.0, self._killAll)
+        done = defer.DeferredList(waits)
+
+        def closed(_):
+            if killer.active():
+                killer.cancel()
+            return defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.ports.values()])
+
+        return done.addCallback(closed)
+
+    def _killAll(self) -> None:
+        for worker in list(self.workers.values()):
+            log.warn("worker {index} did not stop in time: killed", index=worker.index)
+            self._signal(worker, signal.SIGKILL)
+
+    def _signal(self, worker: _WorkerProcess, sig: int) -> None:
+        try:
+            worker.transport.signalProcess(sig)
+        except error.ProcessExitedAlready:
+            pass
+
+    def pids(self) -> Dict[int, int]:
+        """
+        Each running worker's process id, by index (for tests and status).
+        """
+        return {i: w.pid for i, w in self.workers.items() if w.pid}
+
+    def _spawn(self, index: int) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = {1: "r", 2: "r", 3: theirs.fileno()}
+        args = [sys.executable, "-m", "twistedcluster.balancer.workers", str(index), "3"]
+        fd = 4
+        for role, port in self.ports.items():
+            fds[fd] = port.fileno()
+            args.append(f"{role}={fd}")
+            fd += 1
+        args.append("--")
+        args.extend(self.argv)
+        worker = _WorkerProcess(self, index)
+        worker.started = self.reactor.seconds()
+        process = self.reactor.spawnProcess(
+            worker, sys.executable, args, env=os.environ.copy(), childFDs=fds
+        )
+        worker.pid = process.pid
+        theirs.close()
+
+        def message(m) -> None:
+            if self.workers.get(index) is not worker:
+                return  # read after it exited: what it held is released
+            traffic = m.get("traffic")
+            if traffic:
+                mirror.fold(self.cluster.pool, worker.book, traffic)
+            stats = m.get("stats")
+            if stats is not None:
+                self.figures.add(index, stats)
+
+        channel = _Channel(message, lambda: None)
+        worker.channel = channel
+        factory = protocol.Factory.forProtocol(lambda: channel)
+        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
+        ours.close()
+        self.workers[index] = worker
+        log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
+        self._pushTo(worker)
+
+    def _ended(self, worker: _WorkerProcess, reason) -> None:
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        mirror.release(self.cluster.pool, worker.book)
+        self.figures.gone(worker.index)
+        if worker.channel is not None and worker.channel.transport is not None:
+            worker.channel.transport.loseConnection()
+        if self.stopping:
+            log.info("worker {index} stopped", index=worker.index)
+            return
+        lived = self.reactor.seconds() - worker.started
+        if lived >= STABLE_AFTER:
+            self.restartDelay = RESTART_DELAY
+        delay = self.restartDelay
+        self.restartDelay = min(MAX_RESTART_DELAY, self.restartDelay * 2)
+        log.warn(
+            "worker {index} (pid {pid}) exited ({why}): its clients are cut off; "
+            "starting it again in {delay} s",
+            index=worker.index,
+            pid=worker.pid,
+            why=reason.getErrorMessage(),
+            delay=delay,
+        )
+        self.reactor.callLater(delay, self._restart, worker.index)
+
+    def _restart(self, index: int) -> None:
+        if not self.stopping and self.running and index not in self.workers:
+            self._spawn(index)
+
+    def _push(self) -> None:
+        # The pool's snapshot is cached until anything in it changes: an
+        # idle cluster costs no view.
+        marker = (self.cluster.pool.snapshot(), self.cluster.policyName)
+        if marker[0] is self._pushed[0] and marker[1] == self._pushed[1]:
+            return
+        self._pushed = marker
+        for worker in list(self.workers.values()):
+            self._pushTo(worker)
+
+    def _pushTo(self, worker: _WorkerProcess) -> None:
+        channel = worker.channel
+        if channel is None or channel.transport is None:
+            return
+        view = mirror.viewFor(self.cluster, worker.book)
+        if view != worker.said:
+            worker.said = view
+            channel.send({"policy": view[0], "backends": view[1]})
+
+
+class _NoClients(protocol.Factory):
+    """
+    The factory of a listener this process never accepts on.
+    """
+
+    noisy = False
+
+    def buildProtocol(self, addr):
+        return None
+
+
+# -- a worker process ------------------------------------------------------
+
+
+def _adopt(reactor, fd: int, factory):
+    sock = socket.socket(fileno=fd)  # learns the family
+    try:
+        return reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
+    finally:
+        sock.close()  # adoptStreamPort took a copy
+
+
+def workerFigures(proxyFactory, redirectFactory, clientLimit, traffic):
+    """
+    A worker's client-level counters and gauges, as the main process's
+    metrics show them summed (L{WorkerFigures}).
+    """
+    health = proxyFactory.health
+    admission = proxyFactory.admission
+    counters = {
+        "refused": redirectFactory.refused if redirectFactory is not None else 0,
+        "ejections": health.ejections if health is not None else 0,
+        "ejectionsSkipped": health.ejectionsSkipped if health is not None else 0,
+        "readmissions": health.readmissions if health is not None else 0,
+        "waited": admission.waited,
+        "timedOut": admission.timedOut,
+        "ended": {f"{listener}|{end}": n for (listener, end), n in traffic.ended.items()},
+        "bytes": {name: list(counts) for name, counts in traffic.bytes.items()},
+        "connect": [*traffic.connectTime.counts, traffic.connectTime.sum, traffic.connectTime.count],
+        "duration": {
+            listener: [*h.counts, h.sum, h.count] for listener, h in traffic.duration.items()
+        },
+    }
+    gauges = {
+        "clients": len(proxyFactory.clients),
+        "waiting": proxyFactory.waiting,
+        "limit": clientLimit.maxConnections,
+        "count": clientLimit.count,
+        "paused": int(clientLimit.paused),
+    }
+    return counters, gauges
+
+
+def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) -> None:
+    """
+    Serve the proxy (and redirect) listener whose sockets are C{fds} with
+    the balancer options C{argv}, routing on the pool the main process
+    sends on C{channelFd}; stop when that channel closes (the main process
+    is gone) or on SIGTERM, draining as one balancer does.
+    """
+    from twistedcluster.fast.reactor import installIfNone
+
+    installIfNone()
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    # Its log is the main process's (through a pipe), which SIGHUP reopens:
+    # a SIGHUP sent to the whole group must not end a worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from twistedcluster.balancer.limits import AcceptErrors, ClientLimit
+    from twistedcluster.balancer.proxy import ProxyFactory
+    from twistedcluster.balancer.redirect import HandOffs, RedirectFactory
+    from twistedcluster.balancer.service import Options, proxyListener
+    from twistedcluster.balancer.traffic import Traffic
+    from twistedcluster.core.cluster import Cluster
+    from twistedcluster.fast.fasttcp import prepareListener
+
+    options = Options()
+    options.parseOptions(argv)
+    cluster = Cluster(policy=options["policy"], hashBalance=options["hash-balance"])
+    accessLog = None
+    if options.get("access-log-output") is not None:
+        from twistedcluster.balancer.accesslog import AccessLog
+
+        accessLog = AccessLog(reactor, options["access-log-output"], options["access-log-format"])
+        accessLog.start()
+    traffic = Traffic(accessLog)
+    _, parsers = proxyListener(options["listen"])
+    proxyFactory = ProxyFactory(
+        cluster,
+        reactor,
+        connectTimeout=options["connect-timeout"],
+        maxAttempts=options["attempts"],
+        ejectAfter=options["eject-after"],
+        ejectFor=options["eject-for"],
+        maxEjectedPercent=options["max-ejected-percent"],
+        earlyCloseWindow=options["early-close-window"],
+        idleTimeout=options["idle-timeout"],
+        queueSize=options["queue-size"],
+        queueTimeout=options["queue-timeout"],
+        traffic=traffic,
+        sendProxy=options["send-proxy"],
+        sendProxyFor=options["backend-send-proxy"],
+        proxyParsers=parsers,
+        backendTLS=options["backend-tls"],
+    )
+    clientLimit = ClientLimit(options["max-connections"], reactor)
+    acceptErrors = AcceptErrors(reactor)
+    ports = []
+    redirectFactory = None
+    for role, fd in fds.items():
+        if role == "proxy":
+            factory = clientLimit.wrap(proxyFactory)
+        else:
+            redirectFactory = RedirectFactory(
+                cluster,
+                reactor,
+                HandOffs(options["redirect-window"], options["redirect-per-source"]),
+                traffic=traffic,
+            )
+            factory = clientLimit.wrap(redirectFactory)
+        port = _adopt(reactor, fd, factory)
+        acceptErrors.watch(port, role)
+        clientLimit.listening(port)
+        if role == "proxy":
+            prepareListener(port)
+        ports.append(port)
+
+    said: dict = {}
+    applied: dict = {}
+
+    def message(m) -> None:
+        mirror.applyView(cluster, m["policy"], m["backends"], applied)
+
+    def lost() -> None:
+        if reactor.running:
+            log.info("worker {index}: the main process is gone: stopping", index=index)
+            reactor.stop()
+
+    channel = _Channel(message, lost)
+    reactor.adoptStreamConnection(
+        channelFd, socket.AF_UNIX, protocol.Factory.forProtocol(lambda: channel)
+    )
+    os.close(channelFd)
+
+    def flush() -> None:
+        figures = mirror.trafficOf(cluster.pool, said)
+        if figures and channel.transport is not None:
+            channel.send({"traffic": figures})
+
+    sync = LoopingCall(flush)
+    sync.clock = reactor
+    sync.start(SYNC_INTERVAL, now=False)
+
+    def drain():
+        for port in ports:
+            port.stopListening()
+        d = proxyFactory.drain(options["drain-timeout"])
+        if accessLog is not None:
+            d.addBoth(lambda _: accessLog.close())
+        return d
+
+    counted: dict = {}
+    lastGauges: dict = {}
+
+    def figures() -> None:
+        now, gauges = workerFigures(proxyFactory, redirectFactory, clientLimit, traffic)
+        deltas = mirror.counterDeltas(now, counted)
+        if (deltas or gauges != lastGauges) and channel.transport is not None:
+            lastGauges.clear()
+            lastGauges.update(gauges)
+            channel.send({"stats": {"counters": deltas, "gauges": gauges}})
+
+    stats = LoopingCall(figures)
+    stats.clock = reactor
+    stats.start(STATS_INTERVAL, now=False)
+
+    reactor.addSystemEventTrigger("before", "shutdown", drain)
+    log.info(
+        "worker {index} serving {roles} (pid {pid}, {limit} client connections at most)",
+        index=index,
+        roles=", ".join(fds),
+        pid=os.getpid(),
+        limit=options["max-connections"],
+    )
+    reactor.run()
+
+
+def main(argv: List[str]) -> None:
+    """
+    C{python -m twistedcluster.balancer.workers INDEX CHANNELFD ROLE=FD... --
+    BALANCER-ARGS}: what the main process runs for each worker.
+    """
+    split = argv.index("--")
+    head, rest = argv[:split], argv[split + 1 :]
+    index, channelFd = int(head[0]), int(head[1])
+    fds = {}
+    for item in head[2:]:
+        role, fd = item.split("=")
+        fds[role] = int(fd)
+    runWorker(index, channelFd, fds, rest)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
