@@ -120,9 +120,13 @@ def listenerService(
     when given, is listened on instead of C{description}'s (a socket
     inherited with C{--takeover}).
     """
-    svc = strports.service(withBacklog(description), factory, reactor=reactor)
     if endpoint is not None:
-        svc.endpoint = endpoint
+        # Not parsed: a systemd: string would look for the descriptors
+        # systemd gave the first process, not this one.
+        svc = StreamServerEndpointService(endpoint, factory)
+        svc._raiseSynchronously = True
+    else:
+        svc = strports.service(withBacklog(description), factory, reactor=reactor)
     # strports' service raises a listen failure at start-up (twistd then
     # exits); said with the role and the endpoint as the operator wrote it.
     listen = svc.privilegedStartService

@@ -433,11 +433,38 @@ class TakeoverService(MultiService):
     def startService(self) -> None:
         super().startService()
         log.info("balancer takeover socket {path}: a new process started with --takeover {path} takes over", path=self.path)
-        if self.inherited is not None:
-            inherited, self.inherited = self.inherited, None
-            inherited.closeUnused()
-            inherited.ready()
-            log.info("takeover: listeners adopted from the old process, told it to stop accepting")
+        if self.inherited is None:
+            notifySystemd("READY=1")
+            return
+        inherited, self.inherited = self.inherited, None
+        inherited.closeUnused()
+        inherited.ready()
+        log.info("takeover: listeners adopted from the old process, told it to stop accepting")
+        # Under systemd (Type=notify, NotifyAccess=all) this process is the
+        # service's main process from now on: the old one exits alone.
+        notifySystemd(f"MAINPID={os.getpid()}\nREADY=1")
+
+
+def notifySystemd(state: str, environ=None) -> bool:
+    """
+    Tell systemd C{state} (sd_notify(3)'s protocol: one datagram to
+    C{$NOTIFY_SOCKET}, C{@} for the abstract namespace); whether it was
+    sent.  Without C{$NOTIFY_SOCKET} (not under a Type=notify unit) it does
+    nothing.
+    """
+    address = (os.environ if environ is None else environ).get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(state.encode("utf-8"))
+    except OSError as e:
+        log.warn("cannot notify systemd at {address}: {error}", address=address, error=e)
+        return False
+    return True
 
 
 def takeoverService(
