@@ -20,6 +20,7 @@ PyYAML, kubernetes-validate, compose-spec, dockerfile.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -257,6 +258,8 @@ def specifiers(unitName: str, instance: Optional[str], tmp: Path) -> Dict[str, s
         "H": HOST + ".example.org",
         "d": str(tmp / "credentials" / full),
         "S": str(tmp / "state"),
+        # Short: a unix socket's path has at most 107 bytes.
+        "t": "/tmp/tc-run-" + hashlib.sha1(str(tmp).encode()).hexdigest()[:12],
         "%": "%",
     }
 
@@ -319,12 +322,12 @@ def unitEnvironment(unit, spec, useShipped=True, overrides=()) -> Dict[str, str]
     return env
 
 
-def execArgv(unit, env: Dict[str, str], spec) -> List[str]:
+def execArgv(unit, env: Dict[str, str], spec, key: str = "ExecStart") -> List[str]:
     """
-    ExecStart= as systemd runs it: specifiers, then words, then ${NAME}
-    (one word) and $NAME (split at white space).
+    ExecStart= (or C{key}) as systemd runs it: specifiers, then words, then
+    ${NAME} (one word) and $NAME (split at white space).
     """
-    (line,) = values(unit, "Service", "ExecStart")
+    (line,) = values(unit, "Service", key)
     line = expandSpecifiers(line, spec)
     assert line[:1] not in "-@:+!", f"unexpected ExecStart prefix: {line}"
     argv: List[str] = []
@@ -356,6 +359,9 @@ def prepareUnit(unit, spec) -> None:
     for line in values(unit, "Service", "StateDirectory"):
         for folder in line.split():
             (Path(spec["S"]) / folder).mkdir(parents=True, exist_ok=True)
+    for line in values(unit, "Service", "RuntimeDirectory"):
+        for folder in line.split():
+            (Path(spec["t"]) / folder).mkdir(parents=True, exist_ok=True)
 
 
 def unitCommand(name: str, tmp: Path, useShipped=True, overrides=()):
@@ -419,6 +425,27 @@ def test_unit_command_line_is_accepted(name, variant, tmp_path):
             assert serverPort(options["listen"]) == int(INSTANCE)
 
 
+def test_balancer_reload_is_a_takeover(tmp_path):
+    """
+    systemctl reload starts a balancer with ExecStart's options that takes
+    over from the running one (the same --takeover socket, in the unit's
+    runtime folder), as a daemon that returns once it has.
+    """
+    unit, spec, start = unitCommand("cluster-balancer.service", tmp_path)
+    env = unitEnvironment(unit, spec)
+    reload = execArgv(unit, env, spec, "ExecReload")
+    assert reload[0] == INSTALLED_TWISTD
+    twistdFlags = reload[1 : reload.index("cluster-balancer")]
+    assert "--nodaemon" not in twistdFlags and "--pidfile=" in twistdFlags
+    assert "--syslog" in twistdFlags, "a daemon cannot log to standard output"
+    assert reload[reload.index("cluster-balancer"):] == start[start.index("cluster-balancer"):]
+    with inheritedSockets(socketNames()):
+        _, options = parseTwistd(start)
+    path = Path(options["takeover"])
+    assert path.parent == Path(spec["t"]) / value(unit, "Service", "RuntimeDirectory")
+    assert value(unit, "Service", "RuntimeDirectoryMode") == "0700"
+
+
 def test_socket_unit_feeds_the_balancer(tmp_path):
     sock = readUnit("cluster-balancer.socket")
     balancer, spec, argv = unitCommand("cluster-balancer.service", tmp_path)
@@ -440,7 +467,11 @@ def test_socket_unit_feeds_the_balancer(tmp_path):
 def test_service_units_are_supervised_and_hardened(name):
     unit = readUnit(name)
     s = dict(unit["Service"])
-    assert s["Type"] == "simple"
+    if name == "cluster-balancer.service":
+        # A reload's new process becomes the main one (MAINPID=).
+        assert (s["Type"], s["NotifyAccess"]) == ("notify", "all")
+    else:
+        assert s["Type"] == "simple"
     assert s["Restart"] == "on-failure"
     assert s["KillSignal"] == "SIGTERM"
     assert s["DynamicUser"] == "yes" and s["User"] == "twistedcluster"

@@ -174,7 +174,7 @@ def inherit(path: str, timeout: float = ASK_TIMEOUT) -> Optional[Inheritance]:
             return None
         if e.errno == errno.ENOENT:
             return None
-        raise TakeoverError(f"cannot reach the balancer at {path}: {e.strerror}") from None
+        raise TakeoverError(f"cannot reach the balancer at {path}: {e.strerror or e}") from None
     try:
         channel.sendall(_ASK + b"\n")
         data, fds = _receive(channel)
