@@ -1088,6 +1088,8 @@ def test_units_serve_under_socket_activation(tmp_path):
     fd = listener.fileno()
     procs = []
     logs = []
+    pidFile = tmp_path / "reloaded.pid"
+    daemonPid: List[int] = []
 
     def start(tag, argv, **kw):
         log = open(tmp_path / f"{tag}.log", "wb")
@@ -1110,9 +1112,10 @@ def test_units_serve_under_socket_activation(tmp_path):
         backend = start("backend", python(backendArgv))
 
         secret = str(Path(balancerSpec["d"]) / "secret")
+        watched = [("balancer", balancer), ("backend", backend)]
 
         def up():
-            for tag, p in (("balancer", balancer), ("backend", backend)):
+            for tag, p in watched:
                 if p.poll() is not None:
                     raise ProcessExited(f"{tag} exited ({p.returncode}):\n{logOf(tag)[-3000:]}")
             r = subprocess.run(
@@ -1127,6 +1130,31 @@ def test_units_serve_under_socket_activation(tmp_path):
         waitFor(up, 30, f"backend {name} up behind the socket-activated balancer")
         for i in range(4):
             payload = b"through the inherited socket %d\n" % i
+            assert echoOnce("127.0.0.1", proxyPort, payload) == payload
+
+        # systemctl reload: ExecReload= as systemd runs it (no LISTEN_FDS
+        # now), with a pid file here so that the daemon can be stopped.
+        reloadArgv = execArgv(
+            readUnit("cluster-balancer.service"),
+            unitEnvironment(readUnit("cluster-balancer.service"), balancerSpec, overrides=[
+                ("BALANCER_CONTROL", f"tcp:{control}:interface=127.0.0.1"),
+                ("BALANCER_ADMIN", f"tcp:{admin}:interface=127.0.0.1"),
+            ]),
+            balancerSpec,
+            "ExecReload",
+        )
+        reloadArgv[reloadArgv.index("--pidfile=")] = f"--pidfile={pidFile}"
+        reloader = start("reload", python(reloadArgv))
+        # twistd returns once the daemon has taken over.
+        assert reloader.wait(60) == 0, logOf("reload")
+        daemonPid.append(int(pidFile.read_text()))
+        # The old balancer, with no connection left, exits at once.
+        assert balancer.wait(30) in (0, -signal.SIGTERM), logOf("balancer")
+        assert "this one stopped accepting" in logOf("balancer")
+        watched.remove(("balancer", balancer))
+        waitFor(up, 30, f"backend {name} up behind the new balancer")
+        for i in range(4):
+            payload = b"through the socket taken over %d\n" % i
             assert echoOnce("127.0.0.1", proxyPort, payload) == payload
 
         started = time.monotonic()
@@ -1145,9 +1173,30 @@ def test_units_serve_under_socket_activation(tmp_path):
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(5)
+        for pid in daemonPid:
+            stopDaemon(pid)
         for log in logs:
             log.close()
     for tag in ("balancer", "backend"):
         text = logOf(tag)
         assert "Traceback" not in text and "Unhandled" not in text, f"{tag}:\n{text[-3000:]}"
     assert "systemd:domain=INET:name=proxy" in logOf("balancer")
+
+
+def stopDaemon(pid: int, timeout: float = 15.0) -> None:
+    """
+    SIGTERM the daemon this test started (by its pid file), SIGKILL if it
+    outlives C{timeout}.
+    """
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
