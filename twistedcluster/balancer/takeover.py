@@ -261,7 +261,7 @@ def liveBackends(cluster, controlFactory) -> List[Dict[str, Any]]:
                 "capacity": s.capacity,
                 "connections": s.connections,
                 "load": s.load,
-                "selfDraining": s.state.value == "draining" and not s.static and _selfDraining(pool, name),
+                "selfDraining": _selfDraining(pool, name),
                 "timeout": owner._timeout,
             }
         )
