@@ -40,6 +40,7 @@ class Load:
             "redirected": 0,
             "failedConnects": 0,
             "corrupted": 0,
+            "cutShort": 0,
             "noBackend": 0,
         }
         self.errors = []
@@ -85,6 +86,8 @@ class Load:
         finally:
             s.close()
         if got != payload:
+            if payload.startswith(got):
+                return "cutShort", f"{port}: closed after {len(got)} of {len(payload)} bytes"
             return "corrupted", f"{port}: {len(got)} of {len(payload)} bytes, differ"
         return None, None
 
@@ -190,10 +193,12 @@ def test_five_upgrades_under_load_drop_no_one(tmp_path):
             f"\ntakeover: {UPGRADES} upgrades, {HELD} held connections echoing "
             f"through all of them; new connections: {figures['proxied']} proxied, "
             f"{figures['redirected']} redirected; failed connects "
-            f"{figures['failedConnects']}, corrupted {figures['corrupted']}, "
+            f"{figures['failedConnects']}, cut short {figures['cutShort']}, "
+            f"corrupted {figures['corrupted']}, "
             f"NoBackendAvailable {figures['noBackend']}"
         )
         assert figures["failedConnects"] == 0, errors
+        assert figures["cutShort"] == 0, errors
         assert figures["corrupted"] == 0, errors
         assert figures["noBackend"] == 0, errors
         # No backend was ever marked down by any balancer.
