@@ -222,3 +222,53 @@ def test_five_upgrades_under_load_drop_no_one(tmp_path):
             c.close()
         cluster.stopAll()
     assertNoTracebacks(cluster)
+
+
+def test_the_old_process_ends_at_its_takeover_drain_deadline(tmp_path):
+    """
+    After a takeover the old process relays its connections until
+    --takeover-drain, then resets what is left and exits; a SIGTERM in the
+    meantime (systemctl stop signals every process of the unit) neither
+    ends it with a traceback nor cuts its connections before the deadline.
+    """
+    cluster = LocalCluster(tmp_path)
+    path = tmp_path / "t.sock"
+    extra = [f"--takeover={path}", "--takeover-drain=4"]
+    held = []
+    try:
+        old = cluster.startBalancer(extra=extra, name="balancer-0")
+        cluster.startBackend("backend-1", extra=["--report-interval=0.5"])
+        cluster.waitUp(["backend-1"])
+        held = holdClients(cluster.port, 3, "held")
+        new = cluster.startBalancer(
+            port=cluster.port,
+            controlPort=cluster.controlPort,
+            adminPort=cluster.adminPort,
+            extra=extra,
+            name="balancer-1",
+        )
+        waitFor(lambda: "stopped accepting" in old.logText(), 30, "the old balancer to let go")
+        let = time.monotonic()
+        old.signal(15)
+        waitFor(lambda: "signal 15 while finishing" in old.logText(), 10, "the signal to be logged")
+        for c in held:
+            assert c.echo(b"still relayed") == b"still relayed"
+        waitFor(lambda: not old.alive(), 30, "the old balancer to exit")
+        assert time.monotonic() - let >= 3.5, "ended before its deadline"
+        for c in held:
+            try:
+                got = c.echo(b"after the deadline")
+            except OSError:  # reset
+                got = b""
+            assert got == b""
+        assert "drain deadline reached: resetting 3 connection(s)" in old.logText()
+        cluster.waitUp(["backend-1"])
+        again = holdClients(cluster.port, 2, "new")
+        for c in again:
+            c.close()
+        assert new.alive()
+    finally:
+        for c in held:
+            c.close()
+        cluster.stopAll()
+    assertNoTracebacks(cluster)
