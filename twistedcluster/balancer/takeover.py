@@ -416,7 +416,14 @@ class TakeoverService(MultiService):
         original = svc.privilegedStartService
 
         def privilegedStartService() -> None:
-            original()
+            from twisted.internet.error import CannotListenError
+
+            from twistedcluster.balancer.listeners import explainListenError
+
+            try:
+                original()
+            except CannotListenError as e:
+                raise explainListenError(TAKEOVER_ROLE, path, e) from None
             d = svc._waitingForPort
             if d is not None:
                 d.addCallback(self._listening)
