@@ -123,8 +123,10 @@ def listenerService(
     if endpoint is not None:
         # Not parsed: a systemd: string would look for the descriptors
         # systemd gave the first process, not this one.
+        from twistedcluster.fast.internals import raiseListenFailures
+
         svc = StreamServerEndpointService(endpoint, factory)
-        svc._raiseSynchronously = True
+        raiseListenFailures(svc)
     else:
         svc = strports.service(withBacklog(description), factory, reactor=reactor)
     # strports' service raises a listen failure at start-up (twistd then

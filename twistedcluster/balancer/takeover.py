@@ -40,6 +40,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
+from twistedcluster.fast.internals import letGoOfListener, raiseListenFailures
+
 log = Logger()
 
 #: Seconds a new process waits for the old one's answer.
@@ -367,25 +369,9 @@ class Handover:
         for role, port in self.ports.items():
             if port is None or not getattr(port, "connected", False):
                 continue
-            letGo(port)
+            letGoOfListener(port)
         log.info("takeover: the new process is ready; this one stopped accepting and finishes its connections")
         self.stop()
-
-
-def letGo(port) -> None:
-    """
-    Stop listening on C{port} in this process only: Twisted shuts a
-    listening socket it made down (which, on Linux, stops it for every
-    process holding it) and unlinks a unix socket's path; neither must
-    happen to a socket the new process now listens on.
-    """
-    from twisted.internet import tcp, unix
-
-    port._shouldShutdown = False
-    if isinstance(port, unix.Port):
-        # unix.Port.connectionLost unlinks the path, then does tcp.Port's.
-        port.connectionLost = lambda reason, port=port: tcp.Port.connectionLost(port, reason)
-    port.stopListening()
 
 
 class TakeoverService(MultiService):
@@ -410,32 +396,27 @@ class TakeoverService(MultiService):
         factory = protocol.Factory.forProtocol(_Giver)
         factory.noisy = False
         factory.handover = handover
-        svc = StreamServerEndpointService(endpoint, factory)
-        svc._raiseSynchronously = True
+        from twistedcluster.balancer.listeners import _Noting, explainListenError
 
+        svc = StreamServerEndpointService(_Noting(endpoint, self._listening), factory)
+        raiseListenFailures(svc)
         original = svc.privilegedStartService
 
         def privilegedStartService() -> None:
             from twisted.internet.error import CannotListenError
 
-            from twistedcluster.balancer.listeners import explainListenError
-
             try:
                 original()
             except CannotListenError as e:
                 raise explainListenError(TAKEOVER_ROLE, path, e) from None
-            d = svc._waitingForPort
-            if d is not None:
-                d.addCallback(self._listening)
 
         svc.privilegedStartService = privilegedStartService  # type: ignore[method-assign]
         handover.descriptions[TAKEOVER_ROLE] = path
         self.handover = handover
         svc.setServiceParent(self)
 
-    def _listening(self, port):
+    def _listening(self, port) -> None:
         self.handover.ports[TAKEOVER_ROLE] = port
-        return port
 
     def startService(self) -> None:
         super().startService()
