@@ -34,21 +34,31 @@ def readTag(port):
         return s.recv(16)
 
 
-def shortPath(tmp_path, name):
-    # A unix socket's path has at most 107 bytes; pytest's are long.
+@pytest.fixture
+def shortDir():
+    """
+    A folder with a short path (a unix socket's has at most 107 bytes;
+    pytest's tmp_path is long), removed afterwards.
+    """
+    import shutil
     import tempfile
 
     d = tempfile.mkdtemp(prefix="tk-")
-    return os.path.join(d, name)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
-def test_no_balancer_at_the_path(tmp_path):
-    path = shortPath(tmp_path, "none.sock")
+def shortPath(folder, name):
+    return os.path.join(folder, name)
+
+
+def test_no_balancer_at_the_path(shortDir):
+    path = shortPath(shortDir, "none.sock")
     assert takeover.inherit(path) is None
 
 
-def test_a_stale_path_is_removed(tmp_path):
-    path = shortPath(tmp_path, "stale.sock")
+def test_a_stale_path_is_removed(shortDir):
+    path = shortPath(shortDir, "stale.sock")
     s = socket.socket(socket.AF_UNIX)
     s.bind(path)
     s.close()  # the file stays; nothing listens
@@ -57,7 +67,7 @@ def test_a_stale_path_is_removed(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_listeners_and_state_are_handed_over(tmp_path):
+async def test_listeners_and_state_are_handed_over(shortDir):
     """
     The new side gets the old listening socket and the snapshot; once it
     says ready, the old side stops listening without shutting the shared
@@ -72,7 +82,7 @@ async def test_listeners_and_state_are_handed_over(tmp_path):
     handover = takeover.Handover(
         {"proxy": old}, {"proxy": "tcp:0"}, lambda: snapshot, lambda: stopped.append(True)
     )
-    path = shortPath(tmp_path, "t.sock")
+    path = shortPath(shortDir, "t.sock")
     giver = protocol.Factory.forProtocol(takeover._Giver)
     giver.handover = handover
     unixPort = reactor.listenUNIX(path, giver, mode=0o600)
@@ -108,8 +118,8 @@ async def test_listeners_and_state_are_handed_over(tmp_path):
             await defer.maybeDeferred(old.stopListening)
 
 
-def test_systemd_is_notified(tmp_path):
-    path = shortPath(tmp_path, "notify")
+def test_systemd_is_notified(shortDir):
+    path = shortPath(shortDir, "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind(path)
         assert takeover.notifySystemd("READY=1", {"NOTIFY_SOCKET": path})
