@@ -360,8 +360,21 @@ def prepareUnit(unit, spec) -> None:
         for folder in line.split():
             (Path(spec["S"]) / folder).mkdir(parents=True, exist_ok=True)
     for line in values(unit, "Service", "RuntimeDirectory"):
+        RUNTIME_FOLDERS.add(spec["t"])
         for folder in line.split():
             (Path(spec["t"]) / folder).mkdir(parents=True, exist_ok=True)
+
+
+#: The short runtime folders (%t) made by prepareUnit, removed after the module.
+RUNTIME_FOLDERS: set = set()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def removeRuntimeFolders():
+    yield
+    for folder in RUNTIME_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
+    RUNTIME_FOLDERS.clear()
 
 
 def unitCommand(name: str, tmp: Path, useShipped=True, overrides=()):
