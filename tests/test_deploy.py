@@ -20,6 +20,7 @@ PyYAML, kubernetes-validate, compose-spec, dockerfile.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -257,6 +258,8 @@ def specifiers(unitName: str, instance: Optional[str], tmp: Path) -> Dict[str, s
         "H": HOST + ".example.org",
         "d": str(tmp / "credentials" / full),
         "S": str(tmp / "state"),
+        # Short: a unix socket's path has at most 107 bytes.
+        "t": "/tmp/tc-run-" + hashlib.sha1(str(tmp).encode()).hexdigest()[:12],
         "%": "%",
     }
 
@@ -319,12 +322,12 @@ def unitEnvironment(unit, spec, useShipped=True, overrides=()) -> Dict[str, str]
     return env
 
 
-def execArgv(unit, env: Dict[str, str], spec) -> List[str]:
+def execArgv(unit, env: Dict[str, str], spec, key: str = "ExecStart") -> List[str]:
     """
-    ExecStart= as systemd runs it: specifiers, then words, then ${NAME}
-    (one word) and $NAME (split at white space).
+    ExecStart= (or C{key}) as systemd runs it: specifiers, then words, then
+    ${NAME} (one word) and $NAME (split at white space).
     """
-    (line,) = values(unit, "Service", "ExecStart")
+    (line,) = values(unit, "Service", key)
     line = expandSpecifiers(line, spec)
     assert line[:1] not in "-@:+!", f"unexpected ExecStart prefix: {line}"
     argv: List[str] = []
@@ -356,6 +359,22 @@ def prepareUnit(unit, spec) -> None:
     for line in values(unit, "Service", "StateDirectory"):
         for folder in line.split():
             (Path(spec["S"]) / folder).mkdir(parents=True, exist_ok=True)
+    for line in values(unit, "Service", "RuntimeDirectory"):
+        RUNTIME_FOLDERS.add(spec["t"])
+        for folder in line.split():
+            (Path(spec["t"]) / folder).mkdir(parents=True, exist_ok=True)
+
+
+#: The short runtime folders (%t) made by prepareUnit, removed after the module.
+RUNTIME_FOLDERS: set = set()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def removeRuntimeFolders():
+    yield
+    for folder in RUNTIME_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
+    RUNTIME_FOLDERS.clear()
 
 
 def unitCommand(name: str, tmp: Path, useShipped=True, overrides=()):
@@ -419,6 +438,27 @@ def test_unit_command_line_is_accepted(name, variant, tmp_path):
             assert serverPort(options["listen"]) == int(INSTANCE)
 
 
+def test_balancer_reload_is_a_takeover(tmp_path):
+    """
+    systemctl reload starts a balancer with ExecStart's options that takes
+    over from the running one (the same --takeover socket, in the unit's
+    runtime folder), as a daemon that returns once it has.
+    """
+    unit, spec, start = unitCommand("cluster-balancer.service", tmp_path)
+    env = unitEnvironment(unit, spec)
+    reload = execArgv(unit, env, spec, "ExecReload")
+    assert reload[0] == INSTALLED_TWISTD
+    twistdFlags = reload[1 : reload.index("cluster-balancer")]
+    assert "--nodaemon" not in twistdFlags and "--pidfile=" in twistdFlags
+    assert "--syslog" in twistdFlags, "a daemon cannot log to standard output"
+    assert reload[reload.index("cluster-balancer"):] == start[start.index("cluster-balancer"):]
+    with inheritedSockets(socketNames()):
+        _, options = parseTwistd(start)
+    path = Path(options["takeover"])
+    assert path.parent == Path(spec["t"]) / value(unit, "Service", "RuntimeDirectory")
+    assert value(unit, "Service", "RuntimeDirectoryMode") == "0700"
+
+
 def test_socket_unit_feeds_the_balancer(tmp_path):
     sock = readUnit("cluster-balancer.socket")
     balancer, spec, argv = unitCommand("cluster-balancer.service", tmp_path)
@@ -440,7 +480,11 @@ def test_socket_unit_feeds_the_balancer(tmp_path):
 def test_service_units_are_supervised_and_hardened(name):
     unit = readUnit(name)
     s = dict(unit["Service"])
-    assert s["Type"] == "simple"
+    if name == "cluster-balancer.service":
+        # A reload's new process becomes the main one (MAINPID=).
+        assert (s["Type"], s["NotifyAccess"]) == ("notify", "all")
+    else:
+        assert s["Type"] == "simple"
     assert s["Restart"] == "on-failure"
     assert s["KillSignal"] == "SIGTERM"
     assert s["DynamicUser"] == "yes" and s["User"] == "twistedcluster"
@@ -1057,6 +1101,8 @@ def test_units_serve_under_socket_activation(tmp_path):
     fd = listener.fileno()
     procs = []
     logs = []
+    pidFile = tmp_path / "reloaded.pid"
+    daemonPid: List[int] = []
 
     def start(tag, argv, **kw):
         log = open(tmp_path / f"{tag}.log", "wb")
@@ -1079,9 +1125,10 @@ def test_units_serve_under_socket_activation(tmp_path):
         backend = start("backend", python(backendArgv))
 
         secret = str(Path(balancerSpec["d"]) / "secret")
+        watched = [("balancer", balancer), ("backend", backend)]
 
         def up():
-            for tag, p in (("balancer", balancer), ("backend", backend)):
+            for tag, p in watched:
                 if p.poll() is not None:
                     raise ProcessExited(f"{tag} exited ({p.returncode}):\n{logOf(tag)[-3000:]}")
             r = subprocess.run(
@@ -1096,6 +1143,31 @@ def test_units_serve_under_socket_activation(tmp_path):
         waitFor(up, 30, f"backend {name} up behind the socket-activated balancer")
         for i in range(4):
             payload = b"through the inherited socket %d\n" % i
+            assert echoOnce("127.0.0.1", proxyPort, payload) == payload
+
+        # systemctl reload: ExecReload= as systemd runs it (no LISTEN_FDS
+        # now), with a pid file here so that the daemon can be stopped.
+        reloadArgv = execArgv(
+            readUnit("cluster-balancer.service"),
+            unitEnvironment(readUnit("cluster-balancer.service"), balancerSpec, overrides=[
+                ("BALANCER_CONTROL", f"tcp:{control}:interface=127.0.0.1"),
+                ("BALANCER_ADMIN", f"tcp:{admin}:interface=127.0.0.1"),
+            ]),
+            balancerSpec,
+            "ExecReload",
+        )
+        reloadArgv[reloadArgv.index("--pidfile=")] = f"--pidfile={pidFile}"
+        reloader = start("reload", python(reloadArgv))
+        # twistd returns once the daemon has taken over.
+        assert reloader.wait(60) == 0, logOf("reload")
+        daemonPid.append(int(pidFile.read_text()))
+        # The old balancer, with no connection left, exits at once.
+        assert balancer.wait(30) in (0, -signal.SIGTERM), logOf("balancer")
+        assert "this one stopped accepting" in logOf("balancer")
+        watched.remove(("balancer", balancer))
+        waitFor(up, 30, f"backend {name} up behind the new balancer")
+        for i in range(4):
+            payload = b"through the socket taken over %d\n" % i
             assert echoOnce("127.0.0.1", proxyPort, payload) == payload
 
         started = time.monotonic()
@@ -1114,9 +1186,30 @@ def test_units_serve_under_socket_activation(tmp_path):
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(5)
+        for pid in daemonPid:
+            stopDaemon(pid)
         for log in logs:
             log.close()
     for tag in ("balancer", "backend"):
         text = logOf(tag)
         assert "Traceback" not in text and "Unhandled" not in text, f"{tag}:\n{text[-3000:]}"
     assert "systemd:domain=INET:name=proxy" in logOf("balancer")
+
+
+def stopDaemon(pid: int, timeout: float = 15.0) -> None:
+    """
+    SIGTERM the daemon this test started (by its pid file), SIGKILL if it
+    outlives C{timeout}.
+    """
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)

@@ -110,14 +110,25 @@ def listenerService(
     reactor,
     onPort: Optional[Callable[[IListeningPort], None]] = None,
     role: str = "",
+    endpoint: Optional[IStreamServerEndpoint] = None,
 ) -> StreamServerEndpointService:
     """
     C{strports.service} for C{description} with the burst backlog
     (L{withBacklog}); C{onPort} is told the listening port once there is one
     (to pause accepting, or watch its accept errors).  When it cannot
-    listen, starting it raises L{ListenFailed} naming C{role}.
+    listen, starting it raises L{ListenFailed} naming C{role}.  C{endpoint},
+    when given, is listened on instead of C{description}'s (a socket
+    inherited with C{--takeover}).
     """
-    svc = strports.service(withBacklog(description), factory, reactor=reactor)
+    if endpoint is not None:
+        # Not parsed: a systemd: string would look for the descriptors
+        # systemd gave the first process, not this one.
+        from twistedcluster.fast.internals import raiseListenFailures
+
+        svc = StreamServerEndpointService(endpoint, factory)
+        raiseListenFailures(svc)
+    else:
+        svc = strports.service(withBacklog(description), factory, reactor=reactor)
     # strports' service raises a listen failure at start-up (twistd then
     # exits); said with the role and the endpoint as the operator wrote it.
     listen = svc.privilegedStartService

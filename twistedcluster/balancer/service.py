@@ -278,6 +278,25 @@ class Options(usage.Options):
             positive(float),
         ],
         [
+            "takeover",
+            None,
+            None,
+            "Unix socket (mode 600) where a new balancer process started with "
+            "the same --takeover PATH takes this one's listening sockets and "
+            "pool over (a seamless upgrade); started with it while another "
+            "balancer listens there, this one takes over from it. Off unless "
+            "given.",
+        ],
+        [
+            "takeover-drain",
+            None,
+            300.0,
+            "After handing its listeners to a new process (--takeover), "
+            "seconds this one keeps relaying its own connections before it "
+            "resets what is left and exits.",
+            positive(float),
+        ],
+        [
             "heartbeat-timeout",
             None,
             None,
@@ -379,6 +398,11 @@ class Options(usage.Options):
         super().parseOptions(options)
 
     def postOptions(self) -> None:
+        if self["workers"] > 1 and self["takeover"]:
+            # The workers share the listening sockets: a takeover would hand
+            # over the main process's copies while the old workers kept
+            # accepting on them.  Not built yet; refused rather than half done.
+            raise usage.UsageError("--takeover cannot be used with --workers above 1 (yet)")
         if self["workers"] > 1:
             from twistedcluster.balancer.workers import SHAREABLE
 
@@ -664,6 +688,14 @@ def makeService(options: Options, reactor=None):
     )
 
     quietListenFailures("cluster-balancer")
+    inherited = None
+    if options["takeover"]:
+        from twistedcluster.balancer import takeover
+
+        try:
+            inherited = takeover.inherit(options["takeover"])
+        except takeover.TakeoverError as e:
+            raise usage.UsageError(f"--takeover {options['takeover']}: {e}") from None
     cluster = Cluster(policy=options["policy"], hashBalance=options["hash-balance"])
     top = MultiService()
     top.cluster = cluster  # for embedding and tests
@@ -702,6 +734,15 @@ def makeService(options: Options, reactor=None):
     beforeChange = None
     if options.get("state-members"):
         onChange = beforeChange = _stateStore(options, cluster, statics, reactor, top)
+    if inherited is not None:
+        # The old process's operator state is the newest (its state file
+        # is written a moment after each change).
+        snap = inherited.state["operator"]
+        restore(cluster, snap)
+        restoreStatics(
+            statics,
+            {"static": {n: b for n, b in snap.get("static", {}).items() if n not in statics.checks}},
+        )
     if options["slow-start"]:
         from twistedcluster.balancer.slowstart import SlowStart
 
@@ -755,7 +796,8 @@ def makeService(options: Options, reactor=None):
             "balancer sends a PROXY {version} header first on every backend connection",
             version=options["send-proxy"],
         )
-    _DrainOnStop(proxyFactory, options["drain-timeout"], accessLog).setServiceParent(top)
+    drainOnStop = _DrainOnStop(proxyFactory, options["drain-timeout"], accessLog)
+    drainOnStop.setServiceParent(top)
     from twistedcluster.hangup import HangUpService
 
     # SIGHUP reopens the log, and the access log (logrotate moves both).
@@ -850,8 +892,22 @@ def makeService(options: Options, reactor=None):
         site.noisy = False
         site.log = lambda request: None  # scrapes every few seconds: no access log
         listeners.append(("metrics", options["metrics"], site))
+    if inherited is not None:
+        from twistedcluster.balancer.takeover import restoreLive
+
+        restored = restoreLive(inherited.state, cluster, controlFactory, reactor)
+        log.info(
+            "takeover: {n} backend(s) up as the old process saw them, until "
+            "they register here: {names}",
+            n=len(restored),
+            names=", ".join(restored) or "-",
+        )
+    #: role: its listening port, for --takeover.
+    allPorts = {}
+
     def onPort(role):
         def listening(port):
+            allPorts[role] = port
             if role in openPorts:
                 openPorts[role] = port
             acceptErrors.watch(port, role)
@@ -863,7 +919,8 @@ def makeService(options: Options, reactor=None):
         return listening
 
     for role, description, factory in listeners:
-        svc = listenerService(description, factory, reactor, onPort(role), role)
+        adopted = inherited.take(role, description, reactor) if inherited else None
+        svc = listenerService(description, factory, reactor, onPort(role), role, endpoint=adopted)
         svc.setName(role)
         svc.setServiceParent(top)
         log.info(
@@ -871,6 +928,13 @@ def makeService(options: Options, reactor=None):
             role=role,
             endpoint=withBacklog(description),
         )
+    if options["takeover"]:
+        from twistedcluster.balancer.takeover import takeoverService
+
+        takeoverService(
+            options, reactor, inherited, allPorts, listeners, cluster, statics,
+            controlFactory, drainOnStop,
+        ).setServiceParent(top)
     log.info(
         "balancer client connection limit: {limit} (proxy and redirect together)",
         limit=options["max-connections"],

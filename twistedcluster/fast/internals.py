@@ -435,6 +435,39 @@ def limitAcceptsPerTurn(port, most: int) -> None:
         port.numberAccepts = most
 
 
+# -- Listening ports shared with another process (--takeover) -------------
+#
+# tcp.Port.connectionLost calls _closeSocket(True), which calls
+# socket.shutdown(SHUT_RDWR) before close() unless _shouldShutdown is false
+# (Twisted sets it false itself on a port made by adoptStreamPort).  On
+# Linux, shutdown() on a listening socket stops it listening for every
+# process that holds it.  unix.Port.connectionLost also unlinks the path it
+# is bound to, then does tcp.Port's.  StreamServerEndpointService raises a
+# listen failure from privilegedStartService (instead of logging it later)
+# when _raiseSynchronously is true, as strports.service sets it.
+
+
+def letGoOfListener(port) -> None:
+    """
+    Stop listening on C{port} in this process only: the shared socket is
+    closed here without shutdown(), and a unix socket's path stays.
+    """
+    from twisted.internet import unix
+
+    port._shouldShutdown = False
+    if isinstance(port, unix.Port):
+        port.connectionLost = lambda reason, port=port: tcp.Port.connectionLost(port, reason)
+    port.stopListening()
+
+
+def raiseListenFailures(service) -> None:
+    """
+    Make a C{StreamServerEndpointService} raise a listen failure when it
+    starts, as C{strports.service} does.
+    """
+    service._raiseSynchronously = True
+
+
 # -- AMP's parser (amp.BinaryBoxProtocol, amp._ParserHelper) -------------------
 #
 # BinaryBoxProtocol is a StatefulStringProtocol: each length-prefixed string

@@ -1,0 +1,146 @@
+"""
+The takeover handshake in one process, real sockets: the old side
+(L{Handover} behind its unix socket) in the reactor, the new side's
+blocking L{inherit} in a thread.  The real-process test is
+tests/test_e2e_takeover.py.
+"""
+
+import os
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, threads
+
+from tests.loopback import until
+from twistedcluster.balancer import takeover
+
+
+class Tagged(protocol.Protocol):
+    def connectionMade(self):
+        self.transport.write(self.factory.tag)
+        self.transport.loseConnection()
+
+
+def taggedFactory(tag):
+    f = protocol.Factory.forProtocol(Tagged)
+    f.tag = tag
+    f.noisy = False
+    return f
+
+
+def readTag(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        return s.recv(16)
+
+
+@pytest.fixture
+def shortDir():
+    """
+    A folder with a short path (a unix socket's has at most 107 bytes;
+    pytest's tmp_path is long), removed afterwards.
+    """
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="tk-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def shortPath(folder, name):
+    return os.path.join(folder, name)
+
+
+def test_no_balancer_at_the_path(shortDir):
+    path = shortPath(shortDir, "none.sock")
+    assert takeover.inherit(path) is None
+
+
+def test_a_stale_path_is_removed(shortDir):
+    path = shortPath(shortDir, "stale.sock")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    s.close()  # the file stays; nothing listens
+    assert takeover.inherit(path) is None
+    assert not os.path.exists(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_listeners_and_state_are_handed_over(shortDir):
+    """
+    The new side gets the old listening socket and the snapshot; once it
+    says ready, the old side stops listening without shutting the shared
+    socket down: connections go on being accepted, by the adopted port.
+    """
+    from twisted.internet import reactor
+
+    old = reactor.listenTCP(0, taggedFactory(b"old"), interface="127.0.0.1")
+    number = old.getHost().port
+    stopped = []
+    snapshot = {"operator": {"policy": "p2c"}, "live": []}
+    handover = takeover.Handover(
+        {"proxy": old}, {"proxy": "tcp:0"}, lambda: snapshot, lambda: stopped.append(True)
+    )
+    path = shortPath(shortDir, "t.sock")
+    giver = protocol.Factory.forProtocol(takeover._Giver)
+    giver.handover = handover
+    unixPort = reactor.listenUNIX(path, giver, mode=0o600)
+    adopted = None
+    inh = await threads.deferToThread(takeover.inherit, path)
+    assert inh.state == snapshot
+    assert set(inh.listeners) == {"proxy"}
+    # A listener whose endpoint string changed is not adopted; a new side
+    # that goes away before ready leaves the old one serving.
+    assert inh.take("proxy", "tcp:1", reactor) is None
+    inh.channel.close()
+    await until(lambda: not handover.busy, 10, "the old side to see the new one gone")
+    assert old.connected and not stopped
+    inh = await threads.deferToThread(takeover.inherit, path)
+    endpoint = inh.take("proxy", "tcp:0", reactor)
+    assert endpoint is not None
+    adopted = await endpoint.listen(taggedFactory(b"new"))
+    try:
+        assert adopted.getHost().port == number
+        await threads.deferToThread(inh.ready)
+        await until(lambda: stopped, 10, "the old side to be told ready")
+        await until(lambda: not old.connected, 10, "the old port to stop")
+        # The socket is still listening: the adopted port accepts.
+        for _ in range(5):
+            assert await threads.deferToThread(readTag, number) == b"new"
+        # Once handed over, a second request is refused.
+        with pytest.raises(takeover.TakeoverError, match="handed its listeners over"):
+            await threads.deferToThread(takeover.inherit, path)
+    finally:
+        await defer.maybeDeferred(adopted.stopListening)
+        await defer.maybeDeferred(unixPort.stopListening)
+        if old.connected:
+            await defer.maybeDeferred(old.stopListening)
+
+
+def test_systemd_is_notified(shortDir):
+    path = shortPath(shortDir, "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(path)
+        assert takeover.notifySystemd("READY=1", {"NOTIFY_SOCKET": path})
+        assert s.recv(64) == b"READY=1"
+    abstract = f"tc-notify-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind("\0" + abstract)
+        assert takeover.notifySystemd("MAINPID=7\nREADY=1", {"NOTIFY_SOCKET": "@" + abstract})
+        assert s.recv(64) == b"MAINPID=7\nREADY=1"
+    assert not takeover.notifySystemd("READY=1", {})
+
+
+def test_takeover_with_workers_is_refused_clearly():
+    """
+    The workers share the listening sockets, which a takeover does not yet
+    hand over: the combination is a usage error, not half an upgrade.
+    """
+    import pytest
+    from twisted.python import usage
+
+    from twistedcluster.balancer.service import Options
+
+    with pytest.raises(usage.UsageError, match="--takeover cannot be used with --workers"):
+        Options().parseOptions(["--workers=2", "--takeover=/tmp/tc-takeover.sock"])
