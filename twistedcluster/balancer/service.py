@@ -661,6 +661,33 @@ def _stateStore(options: Options, cluster, statics, reactor, parent):
     return store
 
 
+def proxyFactoryFor(options: Options, cluster, reactor, traffic, parsers):
+    """
+    The proxy listener's factory as the options say: one place for the
+    balancer and for each of its workers (L{twistedcluster.balancer.workers}).
+    """
+    from twistedcluster.balancer.proxy import ProxyFactory
+
+    return ProxyFactory(
+        cluster,
+        reactor,
+        connectTimeout=options["connect-timeout"],
+        maxAttempts=options["attempts"],
+        ejectAfter=options["eject-after"],
+        ejectFor=options["eject-for"],
+        maxEjectedPercent=options["max-ejected-percent"],
+        earlyCloseWindow=options["early-close-window"],
+        idleTimeout=options["idle-timeout"],
+        queueSize=options["queue-size"],
+        queueTimeout=options["queue-timeout"],
+        traffic=traffic,
+        sendProxy=options["send-proxy"],
+        sendProxyFor=options["backend-send-proxy"],
+        proxyParsers=parsers,
+        backendTLS=options["backend-tls"],
+    )
+
+
 def makeService(options: Options, reactor=None):
     """
     Compose the balancer's listeners into one service.
@@ -676,7 +703,6 @@ def makeService(options: Options, reactor=None):
     from twistedcluster.balancer.admin import AdminFactory
     from twistedcluster.core.cluster import Cluster
     from twistedcluster.balancer.control import ControlFactory
-    from twistedcluster.balancer.proxy import ProxyFactory
     from twistedcluster.balancer.redirect import HandOffs, RedirectFactory
 
     from twistedcluster.balancer.healthcheck import TCPHealthChecks
@@ -769,24 +795,7 @@ def makeService(options: Options, reactor=None):
         )
     traffic = top.traffic = Traffic(accessLog)
     listen, parsers = proxyListener(options["listen"])
-    proxyFactory = ProxyFactory(
-        cluster,
-        reactor,
-        connectTimeout=options["connect-timeout"],
-        maxAttempts=options["attempts"],
-        ejectAfter=options["eject-after"],
-        ejectFor=options["eject-for"],
-        maxEjectedPercent=options["max-ejected-percent"],
-        earlyCloseWindow=options["early-close-window"],
-        idleTimeout=options["idle-timeout"],
-        queueSize=options["queue-size"],
-        queueTimeout=options["queue-timeout"],
-        traffic=traffic,
-        sendProxy=options["send-proxy"],
-        sendProxyFor=options["backend-send-proxy"],
-        proxyParsers=parsers,
-        backendTLS=options["backend-tls"],
-    )
+    proxyFactory = proxyFactoryFor(options, cluster, reactor, traffic, parsers)
     if options["backend-tls"] is not None:
         log.info(
             "balancer speaks TLS to every backend ({tls})", tls=options["backend-tls"].text

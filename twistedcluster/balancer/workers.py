@@ -484,9 +484,8 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     # a SIGHUP sent to the whole group must not end a worker.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from twistedcluster.balancer.limits import AcceptErrors, ClientLimit
-    from twistedcluster.balancer.proxy import ProxyFactory
     from twistedcluster.balancer.redirect import HandOffs, RedirectFactory
-    from twistedcluster.balancer.service import Options, proxyListener
+    from twistedcluster.balancer.service import Options, proxyFactoryFor, proxyListener
     from twistedcluster.balancer.traffic import Traffic
     from twistedcluster.core.cluster import Cluster
     from twistedcluster.fast.fasttcp import prepareListener
@@ -502,24 +501,7 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
         accessLog.start()
     traffic = Traffic(accessLog)
     _, parsers = proxyListener(options["listen"])
-    proxyFactory = ProxyFactory(
-        cluster,
-        reactor,
-        connectTimeout=options["connect-timeout"],
-        maxAttempts=options["attempts"],
-        ejectAfter=options["eject-after"],
-        ejectFor=options["eject-for"],
-        maxEjectedPercent=options["max-ejected-percent"],
-        earlyCloseWindow=options["early-close-window"],
-        idleTimeout=options["idle-timeout"],
-        queueSize=options["queue-size"],
-        queueTimeout=options["queue-timeout"],
-        traffic=traffic,
-        sendProxy=options["send-proxy"],
-        sendProxyFor=options["backend-send-proxy"],
-        proxyParsers=parsers,
-        backendTLS=options["backend-tls"],
-    )
+    proxyFactory = proxyFactoryFor(options, cluster, reactor, traffic, parsers)
     clientLimit = ClientLimit(options["max-connections"], reactor)
     acceptErrors = AcceptErrors(reactor)
     ports = []
