@@ -41,7 +41,10 @@ class Echo(Protocol):
             # balancer, measured with bench/proxycost.py.
             noDelay = getattr(self.transport, "setTcpNoDelay", None)
             if noDelay is not None:
-                noDelay(True)
+                try:
+                    noDelay(True)
+                except OSError:
+                    pass  # not TCP (a unix socket, on Twisted before 25)
 
     def dataReceived(self, data: bytes) -> None:
         if self._direct:

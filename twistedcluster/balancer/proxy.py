@@ -205,6 +205,12 @@ class _TLSBackendSide(_BackendSide):
         self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
+        tls = getattr(self.transport, "protocol", None)
+        if getattr(tls, "disconnecting", False):
+            # Twisted before 25 tells of a completed handshake even when the
+            # certificate's name check has just failed it (and aborted the
+            # connection): its connectionLost, with that reason, follows.
+            return
         self._shaken = True
         call, self._handshakeCall = self._handshakeCall, None
         if call is not None and call.active():
