@@ -30,6 +30,7 @@ from twistedcluster.balancer.listeners import (
     explainListenError,
     proxyProtocolInner,
     quietListenFailures,
+    readsProxyHeader,
     withBacklog,
 )
 from twistedcluster.backend.reporter import (
@@ -436,32 +437,6 @@ async def _awaitable(result):
     return result
 
 
-def _proxyListener(description: str):
-    """
-    The service's endpoint string, and Twisted's PROXY header parsers when
-    its clients send one first (C{haproxy:INNER}): the header is then read
-    by the connection counter, which listens on INNER, so the service's
-    protocol keeps the real transport (half-close, the echo's fast writes)
-    and sees the client in C{transport.getPeer()}.  Should this Twisted lack
-    the parsers, Twisted's own C{haproxy:} wrapper is used as it is.
-    """
-    from twistedcluster.fast import internals
-
-    inner = proxyProtocolInner(description)
-    if inner is None:
-        return description, None
-    parsers = internals.proxyParsers()
-    if parsers is None:
-        log.warn(
-            "this Twisted has no PROXY header parsers where twistedcluster looks "
-            "for them: {endpoint} uses Twisted's haproxy: wrapper",
-            endpoint=description,
-        )
-        return description, None
-    log.info("backend service expects a PROXY header (v1 or v2) from every client")
-    return inner, parsers
-
-
 def makeService(options: Options, reactor=None) -> BackendService:
     """
     Compose the backend: the counted service, its listener and the load
@@ -482,7 +457,7 @@ def makeService(options: Options, reactor=None) -> BackendService:
     quietListenFailures("cluster-backend")
     capacity = options["capacity"]
     inner = options["factory"]
-    listen, parsers = _proxyListener(options["listen"])
+    listen, parsers = readsProxyHeader(options["listen"], "backend service")
     counting = CountingFactory(inner, proxyParsers=parsers, clock=reactor)
     customLoad = getattr(inner, "currentLoad", None)
     meter = CostMeter(reactor, capacity)

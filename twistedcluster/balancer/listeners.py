@@ -207,3 +207,31 @@ def proxyProtocolInner(description: str) -> Optional[str]:
     if sep and kind.strip().lower() in _WRAPPERS:
         return inner
     return None
+
+
+def readsProxyHeader(description: str, who: str):
+    """
+    The endpoint string to listen on, and Twisted's PROXY header parsers when
+    clients send one first (C{haproxy:INNER}): then C{who} (the balancer's
+    proxy listener, the backend's connection counter) reads the header
+    itself on INNER, keeping the real transport (its fast path, half-close).
+    Should this Twisted lack the parsers, Twisted's own C{haproxy:} wrapper
+    is used as it is, and a line says so.
+    """
+    from twisted.logger import Logger
+
+    from twistedcluster.fast import internals
+
+    inner = proxyProtocolInner(description)
+    if inner is None:
+        return description, None
+    parsers = internals.proxyParsers()
+    if parsers is None:
+        Logger().warn(
+            "this Twisted has no PROXY header parsers where twistedcluster looks "
+            "for them: {endpoint} uses Twisted's haproxy: wrapper (no fast path)",
+            endpoint=description,
+        )
+        return description, None
+    Logger().info("{who} expects a PROXY header (v1 or v2) from every client", who=who)
+    return inner, parsers

@@ -18,6 +18,7 @@ from twistedcluster.balancer.listeners import (
     listenerService,
     proxyProtocolInner,
     quietListenFailures,
+    readsProxyHeader,
     withBacklog,
 )
 from twistedcluster.balancer.control import DEFAULT_FORGET_AFTER
@@ -602,29 +603,10 @@ def _logFilesAnd(accessLog):
 
 def proxyListener(description: str):
     """
-    The proxy listener's endpoint string, and Twisted's PROXY header parsers
-    when its clients send one first (C{haproxy:INNER}): then the balancer
-    reads the header itself and listens on INNER, which keeps the fast path.
-    Should this Twisted lack the parsers, Twisted's own C{haproxy:} wrapper
-    is used as it is (the slow path), and a line says so.
+    The proxy listener's endpoint string and PROXY header parsers
+    (L{readsProxyHeader}).
     """
-    from twistedcluster.fast import internals
-
-    inner = proxyProtocolInner(description)
-    if inner is None:
-        return description, None
-    parsers = internals.proxyParsers()
-    if parsers is None:
-        log.warn(
-            "this Twisted has no PROXY header parsers where twistedcluster looks "
-            "for them: {endpoint} uses Twisted's haproxy: wrapper (no fast path)",
-            endpoint=description,
-        )
-        return description, None
-    log.info(
-        "balancer proxy listener expects a PROXY header (v1 or v2) from every client",
-    )
-    return inner, parsers
+    return readsProxyHeader(description, "balancer proxy listener")
 
 
 def _stateStore(options: Options, cluster, statics, reactor, parent):
