@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 try:
-    from servers import HOST, Target, _connectable, cpuSeconds, haproxyPath
+    from servers import HOST, Target, _connectable, aptInstall, cpuSeconds, haproxyPath
 except ImportError:  # imported as bench.nginx (the tests)
-    from bench.servers import HOST, Target, _connectable, cpuSeconds, haproxyPath
+    from bench.servers import HOST, Target, _connectable, aptInstall, cpuSeconds, haproxyPath
 from twistedcluster.localcluster import (
     LocalCluster,
     Process,
@@ -114,16 +114,8 @@ def installNginx(say) -> bool:
         say("--install-nginx: needs root and apt-get")
         return False
     say("installing nginx and wrk: apt-get update && apt-get install -y nginx wrk ...")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "nginx", "wrk"]):
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
-        except subprocess.TimeoutExpired:
-            say(f"--install-nginx: {' '.join(argv)} took over 600 s; giving up")
-            return False
-        if r.returncode != 0:
-            say(f"--install-nginx: {' '.join(argv)} failed:\n{r.stderr[-1500:]}")
-            return False
+    if not aptInstall(["nginx", "wrk"], "--install-nginx", say, timeout=600):
+        return False
     return bool(nginxPath() and wrkPath())
 
 

@@ -58,6 +58,25 @@ def haproxyPath() -> Optional[str]:
     )
 
 
+def aptInstall(packages, flag: str, say, timeout: float) -> bool:
+    """
+    C{apt-get update} then C{apt-get install -y PACKAGES}, each within
+    C{timeout} seconds; whether both succeeded (a failure is said, naming
+    C{flag}, the option that asked for it).
+    """
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *packages]):
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            say(f"{flag}: {' '.join(argv)} took over {timeout:g} s; giving up")
+            return False
+        if r.returncode != 0:
+            say(f"{flag}: {' '.join(argv)} failed:\n{r.stderr[-1500:]}")
+            return False
+    return True
+
+
 def installHaproxy(say) -> Optional[str]:
     """
     C{apt-get update && apt-get install -y haproxy}, as asked by
@@ -70,16 +89,8 @@ def installHaproxy(say) -> Optional[str]:
         say("--install-haproxy: no apt-get on this machine")
         return None
     say("installing haproxy: apt-get update && apt-get install -y haproxy ...")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for argv in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "haproxy"]):
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
-        except subprocess.TimeoutExpired:
-            say(f"--install-haproxy: {' '.join(argv)} took over 300 s; giving up")
-            return None
-        if r.returncode != 0:
-            say(f"--install-haproxy: {' '.join(argv)} failed:\n{r.stderr[-1500:]}")
-            return None
+    if not aptInstall(["haproxy"], "--install-haproxy", say, timeout=300):
+        return None
     return haproxyPath()
 
 
