@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
 
@@ -37,10 +38,36 @@ def adminCommand(admin: str, args: Sequence[str]) -> List[str]:
     return [sys.executable, "-m", "twistedcluster.cli.admin", "--admin", admin, *args]
 
 
+def _ephemeralRange() -> Tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+_handedOut: Set[int] = set()
+
+
 def freePort(host: str = "127.0.0.1") -> int:
     """
-    A TCP port that was free a moment ago.
+    A TCP port that was free a moment ago, chosen outside the kernel's
+    ephemeral range: a port the kernel picked (bind to 0) may be picked
+    again as the source port of an outgoing connection before our process
+    binds it, which then fails with "address already in use" (seen in CI
+    once, after the listeners before it had opened).  Ports are not handed
+    out twice by one process; random, so two test runs side by side rarely
+    pick the same one, and checked free as Twisted binds (C{SO_REUSEADDR}).
     """
+    low, high = _ephemeralRange()
+    candidates = (10000, low) if low - 10000 >= 1000 else (high + 1, 65535)
+    for _ in range(200):
+        port = random.randrange(*candidates)
+        if port in _handedOut or portInUse(host, port):
+            continue
+        _handedOut.add(port)
+        return port
+    # A machine whose ranges leave no room: the kernel's choice it is.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -367,6 +394,9 @@ class LocalCluster:
         self, predicate: Callable[[Dict[str, dict]], bool], timeout: float, what: str
     ) -> Dict[str, dict]:
         def poll():
+            balancer = self.processes.get("balancer")
+            if balancer is not None:
+                self._check(balancer)  # a balancer that exited will not answer
             s = self.status()
             return s if predicate(s) else None
 
