@@ -670,6 +670,26 @@ def proxyFactoryFor(options: Options, cluster, reactor, traffic, parsers):
     )
 
 
+def _fdStore(listeners):
+    """
+    Under systemd with a file-descriptor store: its room, and the sockets
+    it passed back (L{twistedcluster.balancer.fdstore.Stored}, or C{None}).
+    """
+    from twistedcluster.balancer import fdstore
+
+    room = fdstore.capacity()
+    if not room:
+        return 0, None
+    from twistedcluster.fast.internals import systemdDescriptors
+
+    stored = fdstore.fromSystemd(
+        systemdDescriptors(),
+        skip=fdstore.systemdNames(description for _, description, _ in listeners),
+    )
+    log.info("balancer under systemd with a file-descriptor store (room for {n})", n=room)
+    return room, stored
+
+
 def makeService(options: Options, reactor=None):
     """
     Compose the balancer's listeners into one service.
@@ -909,8 +929,21 @@ def makeService(options: Options, reactor=None):
 
         return listening
 
+    storeRoom, stored = _fdStore(listeners)
+    if stored is not None and inherited is None:
+        from twistedcluster.balancer.takeover import restoreLive
+
+        restored = restoreLive(stored.state, cluster, controlFactory, reactor)
+        log.info(
+            "fd store: {n} backend(s) up as the last process saw them, until "
+            "they register here: {names}",
+            n=len(restored),
+            names=", ".join(restored) or "-",
+        )
     for role, description, factory in listeners:
         adopted = inherited.take(role, description, reactor) if inherited else None
+        if stored is not None and adopted is None:
+            adopted = stored.take(role, description, reactor)
         svc = listenerService(description, factory, reactor, onPort(role), role, endpoint=adopted)
         svc.setName(role)
         svc.setServiceParent(top)
@@ -919,6 +952,21 @@ def makeService(options: Options, reactor=None):
             role=role,
             endpoint=withBacklog(description),
         )
+    if stored is not None:
+        stored.release()
+    if storeRoom:
+        from twistedcluster.balancer.fdstore import FDStoreService
+
+        from twistedcluster.balancer.takeover import liveBackends
+
+        FDStoreService(
+            allPorts,
+            {role: description for role, description, _ in listeners},
+            stored,
+            storeRoom,
+            live=lambda: liveBackends(cluster, controlFactory),
+            clock=reactor,
+        ).setServiceParent(top)
     if options["takeover"]:
         from twistedcluster.balancer.takeover import takeoverService
 

@@ -61,24 +61,26 @@ class TakeoverError(Exception):
     """
 
 
-class Inheritance:
+class Inherited:
     """
-    What a new process got from the old one: its listening sockets by role
-    (each a descriptor, its address family and the endpoint string it was
-    opened from) and its state snapshot; and the channel on which to say
-    C{ready}.
+    Listening sockets this process got from elsewhere, by role: each a
+    descriptor, its address family and the endpoint string it was opened
+    from.  C{source} names where they came from in the log.
     """
 
-    def __init__(self, channel: socket.socket, listeners: Dict[str, Tuple[int, int, str]], state: Dict[str, Any]) -> None:
-        self.channel = channel
+    source = "takeover"
+    former = "the old process's"
+
+    def __init__(self, listeners: Dict[str, Tuple[int, int, str]]) -> None:
         self.listeners = listeners
-        self.state = state
+        #: Roles whose socket was not taken because its endpoint changed.
+        self.changed: List[str] = []
 
     def take(self, role: str, description: str, reactor) -> Optional["AdoptedEndpoint"]:
         """
-        An endpoint listening on the old process's C{role} socket, when it
-        was opened from the same C{description}; else C{None} (the listener
-        is opened afresh and the old socket closes with the old process).
+        An endpoint listening on the C{role} socket, when it was opened from
+        the same C{description}; else C{None} (the listener is opened afresh
+        and the socket is closed here).
         """
         got = self.listeners.pop(role, None)
         if got is None:
@@ -86,24 +88,47 @@ class Inheritance:
         fd, family, was = got
         if was != description:
             log.warn(
-                "takeover: the {role} listener was {old}, is now {new}: opening it afresh",
+                "{source}: the {role} listener was {old}, is now {new}: opening it afresh",
+                source=self.source,
                 role=role,
                 old=was,
                 new=description,
             )
             os.close(fd)
+            self.changed.append(role)
             return None
         return AdoptedEndpoint(reactor, fd, family)
 
-    def closeUnused(self) -> None:
+    def closeUnused(self) -> List[str]:
+        """
+        Close the sockets no listener took; their roles, and those of the
+        sockets not taken because their endpoint changed.
+        """
+        unused = list(self.changed)
         for role, (fd, _, description) in self.listeners.items():
             log.info(
-                "takeover: the old process's {role} listener ({endpoint}) is not used here",
+                "{source}: {former} {role} listener ({endpoint}) is not used here",
+                source=self.source,
+                former=self.former,
                 role=role,
                 endpoint=description,
             )
             os.close(fd)
+            unused.append(role)
         self.listeners.clear()
+        return unused
+
+
+class Inheritance(Inherited):
+    """
+    What a new process got from the old one: its listening sockets by role
+    and its state snapshot; and the channel on which to say C{ready}.
+    """
+
+    def __init__(self, channel: socket.socket, listeners: Dict[str, Tuple[int, int, str]], state: Dict[str, Any]) -> None:
+        super().__init__(listeners)
+        self.channel = channel
+        self.state = state
 
     def ready(self) -> None:
         """
@@ -452,11 +477,12 @@ class TakeoverService(MultiService):
         notifySystemd(f"MAINPID={os.getpid()}\nREADY=1")
 
 
-def notifySystemd(state: str, environ=None) -> bool:
+def notifySystemd(state: str, environ=None, fds=()) -> bool:
     """
     Tell systemd C{state} (sd_notify(3)'s protocol: one datagram to
-    C{$NOTIFY_SOCKET}, C{@} for the abstract namespace); whether it was
-    sent.  Without C{$NOTIFY_SOCKET} (not under a Type=notify unit) it does
+    C{$NOTIFY_SOCKET}, C{@} for the abstract namespace), with C{fds} as
+    C{SCM_RIGHTS} when given (sd_pid_notify_with_fds); whether it was sent.
+    Without C{$NOTIFY_SOCKET} (not under a Type=notify unit) it does
     nothing.
     """
     address = (os.environ if environ is None else environ).get("NOTIFY_SOCKET")
@@ -467,7 +493,10 @@ def notifySystemd(state: str, environ=None) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.connect(address)
-            s.sendall(state.encode("utf-8"))
+            if fds:
+                socket.send_fds(s, [state.encode("utf-8")], list(fds))
+            else:
+                s.sendall(state.encode("utf-8"))
     except OSError as e:
         log.warn("cannot notify systemd at {address}: {error}", address=address, error=e)
         return False

@@ -27,7 +27,7 @@ import errno
 import socket
 import sys
 from select import EPOLLIN as _EPOLLIN
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import twisted
 from twisted.internet import error, tcp
@@ -447,17 +447,41 @@ def limitAcceptsPerTurn(port, most: int) -> None:
 # when _raiseSynchronously is true, as strports.service sets it.
 
 
-def letGoOfListener(port) -> None:
+def keepSharedOnClose(port) -> None:
     """
-    Stop listening on C{port} in this process only: the shared socket is
-    closed here without shutdown(), and a unix socket's path stays.
+    When C{port} stops listening, close its socket in this process only:
+    without shutdown(), and leaving a unix socket's path.  For a socket
+    another process holds too (a successor, or systemd's file-descriptor
+    store).
     """
     from twisted.internet import unix
 
     port._shouldShutdown = False
     if isinstance(port, unix.Port):
         port.connectionLost = lambda reason, port=port: tcp.Port.connectionLost(port, reason)
+
+
+def letGoOfListener(port) -> None:
+    """
+    Stop listening on C{port} in this process only: the shared socket is
+    closed here without shutdown(), and a unix socket's path stays.
+    """
+    keepSharedOnClose(port)
     port.stopListening()
+
+
+def systemdDescriptors() -> Dict[str, int]:
+    """
+    The descriptors systemd passed this process, by name (C{LISTEN_FDS},
+    C{LISTEN_FDNAMES}, C{LISTEN_PID}): the list Twisted's C{systemd:}
+    endpoints read.  Twisted reads the environment once, when
+    C{twisted.internet.endpoints} is imported, and removes C{LISTEN_FDS} from
+    it, so this asks Twisted's parser rather than the environment.  Sockets
+    of socket units and the file-descriptor store's alike.
+    """
+    from twisted.internet.endpoints import _SystemdParser
+
+    return dict(_SystemdParser._sddaemon.inheritedNamedDescriptors())
 
 
 def raiseListenFailures(service) -> None:

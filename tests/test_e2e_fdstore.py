@@ -1,0 +1,303 @@
+"""
+systemd's file-descriptor store with real processes (issue 18, item 1): a
+balancer under a fake but faithful systemd (tests/fakesystemd.py) stores
+its listening sockets; killed with SIGKILL while clients keep connecting,
+it is started again with them (as systemd restarts a crashed service):
+no client is refused, and the new process routes.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+
+from tests.fakesystemd import FakeSystemd
+from tests.test_e2e import assertNoTracebacks
+from twistedcluster.localcluster import LocalCluster, freePort, twistdCommand, waitFor
+
+pytestmark = pytest.mark.e2e
+
+BACKENDS = ["backend-1", "backend-2", "backend-3"]
+#: Seconds between the kill and the new start (the unit's RestartSec= is 2).
+RESTART_DELAY = 1.0
+
+
+class Load:
+    """
+    New connections in a loop, in threads, until told to stop: proxied
+    echoes and redirect questions.  A connect that fails is counted apart
+    from a connection cut once made (those the killed process was relaying
+    die with it).
+    """
+
+    def __init__(self, proxyPort, redirectPort, threads=2):
+        self.proxyPort = proxyPort
+        self.redirectPort = redirectPort
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.figures = {
+            "proxied": 0,
+            "redirected": 0,
+            "refused": 0,
+            "connectFailed": 0,
+            "cut": 0,
+            "noBackend": 0,
+            "corrupted": 0,
+        }
+        self.errors = []
+        self.threads = [
+            threading.Thread(target=self._run, args=(kind,), daemon=True)
+            for kind in ("proxy", "redirect")
+            for _ in range(threads)
+        ]
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+
+    def stop(self):
+        self.stopping.set()
+        for t in self.threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in self.threads)
+        return dict(self.figures)
+
+    def total(self):
+        return self.figures["proxied"] + self.figures["redirected"]
+
+    def _count(self, key, error=None):
+        with self.lock:
+            self.figures[key] += 1
+            if error is not None and len(self.errors) < 30:
+                self.errors.append(f"{time.monotonic():.2f} {error}")
+
+    def _connect(self, port):
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=15), None
+        except ConnectionRefusedError as e:
+            return None, ("refused", f"connect {port}: {e!r}")
+        except OSError as e:
+            return None, ("connectFailed", f"connect {port}: {e!r}")
+
+    def _proxy(self):
+        s, bad = self._connect(self.proxyPort)
+        if s is None:
+            return bad
+        payload = os.urandom(200)
+        got = b""
+        try:
+            s.sendall(payload)
+            while len(got) < len(payload):
+                data = s.recv(65536)
+                if not data:
+                    break
+                got += data
+        except OSError as e:
+            return "cut", f"proxy echo: {e!r}"
+        finally:
+            s.close()
+        if got == payload:
+            return "proxied", None
+        if payload.startswith(got):
+            return "cut", f"proxy: closed after {len(got)} bytes"
+        return "corrupted", f"proxy: {len(got)} bytes, differ"
+
+    def _redirect(self):
+        s, bad = self._connect(self.redirectPort)
+        if s is None:
+            return bad
+        answer = b""
+        try:
+            while not answer.endswith(b"\r\n"):
+                data = s.recv(1024)
+                if not data:
+                    break
+                answer += data
+        except OSError as e:
+            return "cut", f"redirect read: {e!r}"
+        finally:
+            s.close()
+        if answer.startswith(b"ERROR no-backend"):
+            return "noBackend", "redirect: no backend"
+        if len(answer.split()) != 2:
+            return "cut", f"redirect answer {answer!r}"
+        return "redirected", None
+
+    def _run(self, kind):
+        while not self.stopping.is_set():
+            result = self._proxy() if kind == "proxy" else self._redirect()
+            key, error = result if isinstance(result, tuple) else (result, None)
+            self._count(key, error)
+
+
+def isListening(fd):
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        return bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)), probe.getsockname()
+    finally:
+        probe.close()
+
+
+def readMemfd(fd):
+    return json.loads(os.pread(fd, 1 << 20, 0))
+
+
+@pytest.fixture
+def shortDir():
+    d = tempfile.mkdtemp(prefix="fds-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_killed_balancer_restarted_with_its_stored_sockets_refuses_no_one(tmp_path, shortDir):
+    systemd = FakeSystemd(os.path.join(shortDir, "notify"))
+    cluster = LocalCluster(tmp_path)
+    ports = {role: freePort() for role in ("proxy", "redirect", "control", "admin", "metrics")}
+    takeoverPath = os.path.join(shortDir, "takeover.sock")
+    args = [
+        f"--listen=tcp:{ports['proxy']}:interface=127.0.0.1",
+        f"--redirect=tcp:{ports['redirect']}:interface=127.0.0.1",
+        f"--control=tcp:{ports['control']}:interface=127.0.0.1",
+        f"--admin=tcp:{ports['admin']}:interface=127.0.0.1",
+        f"--metrics=tcp:{ports['metrics']}:interface=127.0.0.1",
+        f"--takeover={takeoverPath}",
+    ]
+    cluster.port = ports["proxy"]
+    cluster.controlPort = ports["control"]
+    cluster.adminPort = ports["admin"]
+    env = dict(cluster.env, **systemd.environ())
+    procs = []
+    logs = []
+    load = None
+
+    def start(tag, argv, passFds=()):
+        log = open(tmp_path / f"{tag}.log", "wb")
+        logs.append(log)
+        p = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, pass_fds=passFds,
+        )
+        procs.append(p)
+        return p
+
+    def logOf(tag):
+        return (tmp_path / f"{tag}.log").read_text(errors="replace")
+
+    try:
+        first = start("balancer-0", twistdCommand("cluster-balancer", args))
+        want = {"proxy", "redirect", "control", "admin", "metrics", "listeners.json", "pool.json"}
+        waitFor(lambda: set(systemd.names()) == want or first.poll() is not None, 30, "the sockets to be stored")
+        assert first.poll() is None, logOf("balancer-0")
+        assert sorted(systemd.names()) == sorted(want)
+        # Each stored socket is the listener of its role, listening.
+        for role, port in ports.items():
+            listening, address = isListening(systemd.stored(role))
+            assert listening and address == ("127.0.0.1", port), role
+        described = readMemfd(systemd.stored("listeners.json"))["listeners"]
+        assert described == {
+            "proxy": args[0].split("=", 1)[1],
+            "redirect": args[1].split("=", 1)[1],
+            "control": args[2].split("=", 1)[1],
+            "admin": args[3].split("=", 1)[1],
+            "metrics": args[4].split("=", 1)[1],
+        }
+        # The takeover socket (a unix socket) is not stored.
+        assert systemd.said("READY")
+        stores = systemd.said("FDSTORE")
+        assert all(m["FDNAME"] in want for m in stores)
+
+        for name in BACKENDS:
+            cluster.startBackend(name, extra=["--report-interval=0.5"])
+        cluster.waitUp(BACKENDS)
+        # The pool memfd is rewritten every second: the live backends.
+        waitFor(
+            lambda: len(readMemfd(systemd.stored("pool.json"))["live"]) == len(BACKENDS),
+            10,
+            "the live pool to be written to the store",
+        )
+
+        load = Load(ports["proxy"], ports["redirect"])
+        load.start()
+        waitFor(lambda: load.figures["proxied"] > 20 and load.figures["redirected"] > 20, 20, "load to run")
+
+        first.send_signal(signal.SIGKILL)  # a crash
+        first.wait(10)
+        killed = time.monotonic()
+        beforeRestart = load.total()
+        time.sleep(RESTART_DELAY)  # RestartSec=: nothing accepts meanwhile
+        argv, passFds = systemd.activationCommand(twistdCommand("cluster-balancer", args))
+        second = start("balancer-1", argv, passFds)
+        waitFor(
+            lambda: "proxy listener (" in logOf("balancer-1") and "kept by systemd" in logOf("balancer-1")
+            or second.poll() is not None,
+            30,
+            "the new balancer to adopt the stored sockets",
+        )
+        assert second.poll() is None, logOf("balancer-1")
+        text = logOf("balancer-1")
+        for role in ports:
+            assert f"the {role} listener (" in text and "is the socket systemd kept" in text, role
+        # Routes before the backends have registered again: the pool came
+        # from the store.
+        assert "fd store: 3 backend(s) up as the last process saw them" in text
+        waitFor(lambda: load.total() > beforeRestart + 50, 30, "load to go on through the new process")
+        firstServed = time.monotonic()
+        waitFor(
+            lambda: logOf("balancer-1").count("registered from") >= len(BACKENDS),
+            30,
+            "backends to register with the new balancer",
+        )
+        status = cluster.waitUp(BACKENDS)
+        assert all(status[n]["state"] == "up" for n in BACKENDS)
+        figures = load.stop()
+        errors, load = load.errors, None
+        print(
+            f"\nfd store: SIGKILL, new process {RESTART_DELAY} s later with the "
+            f"stored sockets; new connections: {figures['proxied']} proxied, "
+            f"{figures['redirected']} redirected; refused {figures['refused']}, "
+            f"other failed connects {figures['connectFailed']}, "
+            f"cut (in flight in the killed process) {figures['cut']}, "
+            f"NoBackendAvailable {figures['noBackend']}, corrupted "
+            f"{figures['corrupted']}; 50 connections through the new process "
+            f"{firstServed - killed:.2f} s after the kill"
+        )
+        assert figures["refused"] == 0, errors
+        assert figures["connectFailed"] == 0, errors
+        assert figures["corrupted"] == 0, errors
+        assert figures["noBackend"] == 0, errors
+        # Only the connections the killed process was relaying: at most
+        # one per load thread.
+        assert figures["cut"] <= 4, errors
+        # The sockets are stored once: the adopted ones were not sent again.
+        assert sorted(systemd.names()) == sorted(want)
+        assert systemd.refused == 0
+        # The takeover socket was bound afresh (the killed process's path
+        # was stale) and works: a reload after the restart still has a
+        # process to take over from.
+        assert os.path.exists(takeoverPath)
+    finally:
+        if load is not None:
+            load.stop()
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+        cluster.stopAll()
+        for log in logs:
+            log.close()
+        systemd.close()
+    for tag in ("balancer-0", "balancer-1"):
+        text = logOf(tag)
+        assert "Traceback" not in text and "Unhandled" not in text, f"{tag}:\n{text[-3000:]}"
+    assertNoTracebacks(cluster)
