@@ -345,6 +345,8 @@ class FDStoreService(Service):
             description = self.descriptions.get(role)
             if port is None or description is None or not getattr(port, "connected", False):
                 continue
+            if systemdNames([description]):
+                continue  # a socket unit's: systemd holds it already
             if not storable(description) or port.socket.family not in (socket.AF_INET, socket.AF_INET6):
                 log.info(
                     "fd store: the {role} listener ({endpoint}) is not stored: "
