@@ -476,6 +476,25 @@ def test_socket_unit_feeds_the_balancer(tmp_path):
     assert kwargs["domain"] == ("INET6" if ipv6 else "INET"), (streams, listen)
 
 
+def test_balancer_restart_keeps_its_sockets_in_the_fd_store(tmp_path):
+    """
+    systemctl restart (and Restart=on-failure) keeps the listening sockets:
+    the unit gives the balancer a file-descriptor store with room for every
+    listener it may store and its two memfds, says how much in $FDSTORE
+    (systemd 254 and later say it themselves, older ones do not), and lets
+    it notify (Type=notify).
+    """
+    from twistedcluster.balancer import fdstore
+
+    unit, spec, _ = unitCommand("cluster-balancer.service", tmp_path)
+    room = int(value(unit, "Service", "FileDescriptorStoreMax"))
+    assert room >= len(fdstore.ROLES) + 2
+    env = unitEnvironment(unit, spec)
+    assert fdstore.capacity(dict(env, NOTIFY_SOCKET="/run/systemd/notify")) == room
+    assert value(unit, "Service", "Type") == "notify"
+    assert value(unit, "Service", "Restart") == "on-failure"
+
+
 @pytest.mark.parametrize("name", ["cluster-balancer.service", "cluster-backend@.service"])
 def test_service_units_are_supervised_and_hardened(name):
     unit = readUnit(name)
