@@ -193,3 +193,18 @@ def test_nothing_of_ours_comes_back():
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_systemd_descriptors_are_read_where_twisted_reads_them(monkeypatch):
+    """
+    The names come from the list Twisted's systemd: endpoints use (which
+    Twisted read from the environment, and took out of it, when
+    twisted.internet.endpoints was imported).
+    """
+    from twisted.internet.endpoints import _SystemdParser
+    from twisted.python.systemd import ListenFDs
+
+    from twistedcluster.fast.internals import systemdDescriptors
+
+    monkeypatch.setattr(_SystemdParser, "_sddaemon", ListenFDs([3, 4], ("proxy", "control")))
+    assert systemdDescriptors() == {"proxy": 3, "control": 4}

@@ -37,7 +37,7 @@ import json
 import os
 import select
 import socket
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -98,7 +98,7 @@ def systemdNames(descriptions: Iterable[str]) -> List[str]:
 
 
 def _readAll(fd: int) -> bytes:
-    chunks = []
+    chunks: List[bytes] = []
     offset = 0
     while True:
         chunk = os.pread(fd, 65536, offset)
@@ -203,7 +203,7 @@ def fromSystemd(descriptors: Dict[str, int], skip: Iterable[str] = (), environ=N
             described = {str(k): str(v) for k, v in loaded["listeners"].items()}
         except (OSError, ValueError, KeyError, AttributeError) as e:
             log.warn("fd store: {name} cannot be read ({error}): no stored socket is adopted", name=DESCRIPTIONS, error=e)
-    state = {"live": []}
+    state: Dict[str, Any] = {"live": []}
     if POOL in ours:
         try:
             state = {"live": list(json.loads(_readAll(ours[POOL]))["live"])}
@@ -298,7 +298,7 @@ class FDStoreService(Service):
         self.clock = clock
         self.environ = environ
         self._pool: Optional[int] = None
-        self._loop = None
+        self._loop: Optional[Any] = None
 
     def startService(self) -> None:
         super().startService()
@@ -306,9 +306,9 @@ class FDStoreService(Service):
         if self._pool is not None and self.clock is not None:
             from twisted.internet.task import LoopingCall
 
-            self._loop = LoopingCall(self.writePool)
-            self._loop.clock = self.clock
-            self._loop.start(POOL_INTERVAL, now=False)
+            loop = self._loop = LoopingCall(self.writePool)
+            loop.clock = self.clock
+            loop.start(POOL_INTERVAL, now=False)
 
     def stopService(self):
         if self._loop is not None and self._loop.running:

@@ -479,9 +479,15 @@ def systemdDescriptors() -> Dict[str, int]:
     it, so this asks Twisted's parser rather than the environment.  Sockets
     of socket units and the file-descriptor store's alike.
     """
-    from twisted.internet.endpoints import _SystemdParser
+    try:
+        from twisted.internet.endpoints import _SystemdParser
 
-    return dict(_SystemdParser._sddaemon.inheritedNamedDescriptors())
+        return dict(_SystemdParser._sddaemon.inheritedNamedDescriptors())
+    except (ImportError, AttributeError):
+        # A Twisted that keeps them elsewhere: the environment, if still there.
+        from twisted.python.systemd import ListenFDs
+
+        return dict(ListenFDs.fromEnvironment().inheritedNamedDescriptors())
 
 
 def raiseListenFailures(service) -> None:
