@@ -1,9 +1,11 @@
 """
 systemd's file-descriptor store with real processes (issue 18, item 1): a
 balancer under a fake but faithful systemd (tests/fakesystemd.py) stores
-its listening sockets; killed with SIGKILL while clients keep connecting,
-it is started again with them (as systemd restarts a crashed service):
-no client is refused, and the new process routes.
+its listening sockets; killed with SIGKILL (a crash) or stopped with SIGTERM
+(systemctl restart) while clients keep connecting, it is started again
+with them, as systemd restarts a service: no client is refused, and the new
+process routes from its first accept.  bench/systemd_restart.sh does the
+same under the real systemd.
 """
 
 import json
