@@ -144,3 +144,75 @@ def test_takeover_with_workers_is_refused_clearly():
 
     with pytest.raises(usage.UsageError, match="--takeover cannot be used with --workers"):
         Options().parseOptions(["--workers=2", "--takeover=/tmp/tc-takeover.sock"])
+
+
+def readTagOverTLS(port, caFile):
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(caFile))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as s:
+            return s.recv(16)
+
+
+def readInClear(port):
+    """
+    What a client that speaks no TLS reads: it sends a line and reads
+    until the server closes (a TLS server answers with an alert, never the
+    protocol's bytes).
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"hello\r\n")
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(4096)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_listener_taken_over_still_speaks_tls(shortDir, tmp_path):
+    """
+    An adopted socket is bare TCP: the new side puts the TLS layer of the
+    C{ssl:} string back on, so its clients are not served in clear.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from tests.certificates import Authority, writePair
+
+    ca = Authority()
+    caFile = ca.writeCA(tmp_path / "ca")
+    key, cert = writePair(tmp_path, "server", *ca.issue("localhost", dns=["localhost"]))
+    description = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    old = await serverFromString(reactor, description).listen(taggedFactory(b"old"))
+    number = old.getHost().port
+    assert await threads.deferToThread(readTagOverTLS, number, caFile) == b"old"
+    stopped = []
+    handover = takeover.Handover(
+        {"proxy": old}, {"proxy": description}, lambda: {"live": []},
+        lambda: stopped.append(True),
+    )
+    path = shortPath(shortDir, "t.sock")
+    giver = protocol.Factory.forProtocol(takeover._Giver)
+    giver.handover = handover
+    unixPort = reactor.listenUNIX(path, giver, mode=0o600)
+    adopted = None
+    try:
+        inh = await threads.deferToThread(takeover.inherit, path)
+        adopted = await inh.take("proxy", description, reactor).listen(taggedFactory(b"new"))
+        await threads.deferToThread(inh.ready)
+        await until(lambda: not old.connected, 10, "the old port to stop")
+        assert await threads.deferToThread(readTagOverTLS, number, caFile) == b"new"
+        assert b"new" not in await threads.deferToThread(readInClear, number)
+    finally:
+        if adopted is not None:
+            await defer.maybeDeferred(adopted.stopListening)
+        await defer.maybeDeferred(unixPort.stopListening)
+        if old.connected:
+            await defer.maybeDeferred(old.stopListening)

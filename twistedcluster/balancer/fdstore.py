@@ -20,8 +20,8 @@ that the balancer no longer opens, is closed and removed from the store
 its address.
 
 Stored: the TCP listeners (C{tcp:}, C{tcp6:}) this process opens.  Not
-stored: TLS listeners (C{ssl:}, C{mtls:}: an adopted socket would lose the
-TLS layer), unix sockets (their path may be gone by the next start, e.g.
+stored (yet): TLS listeners (C{ssl:}, C{mtls:}; C{--takeover} adopts them
+with their TLS layer, L{twistedcluster.balancer.takeover.tlsContextOf}), unix sockets (their path may be gone by the next start, e.g.
 with its C{RuntimeDirectory=}), sockets systemd holds already (C{systemd:}
 endpoints: a socket unit's), the C{--takeover} socket, and with
 C{--workers} the proxy and redirect sockets (the workers hold those).

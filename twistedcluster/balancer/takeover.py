@@ -97,7 +97,12 @@ class Inherited:
             os.close(fd)
             self.changed.append(role)
             return None
-        return AdoptedEndpoint(reactor, fd, family)
+        try:
+            tls = tlsContextOf(description, reactor)
+        except Exception:
+            os.close(fd)
+            raise
+        return AdoptedEndpoint(reactor, fd, family, tls)
 
     def closeUnused(self) -> List[str]:
         """
@@ -142,19 +147,45 @@ class Inheritance(Inherited):
             self.channel.close()
 
 
+def tlsContextOf(description: str, reactor) -> Optional[Any]:
+    """
+    The TLS context factory of a C{ssl:} or C{mtls:} server endpoint string
+    (read from the endpoint Twisted builds of it, so every option of the
+    string applies), or C{None} for a plain one.  An adopted socket is a
+    bare TCP socket: without this, a TLS listener taken over would serve
+    its clients in clear.
+    """
+    kind = description.split(":", 1)[0].lower()
+    if kind not in ("ssl", "mtls"):
+        return None
+    from twisted.internet.endpoints import serverFromString
+
+    context = getattr(serverFromString(reactor, description), "_sslContextFactory", None)
+    if context is None:  # Twisted renamed it: refuse rather than serve in clear
+        raise TakeoverError(f"cannot read the TLS settings of {description!r} to adopt it")
+    return context
+
+
 @implementer(IStreamServerEndpoint)
 class AdoptedEndpoint:
     """
     Listens on a socket that is already listening (inherited): Twisted's
     C{adoptStreamPort}, which duplicates the descriptor; ours is closed.
+    With C{tls} (a context factory), connections speak TLS as on the
+    listener the socket was opened for (as C{listenSSL} wraps a factory).
     """
 
-    def __init__(self, reactor, fd: int, family: int) -> None:
+    def __init__(self, reactor, fd: int, family: int, tls=None) -> None:
         self.reactor = reactor
         self.fd = fd
         self.family = family
+        self.tls = tls
 
     def listen(self, factory):
+        if self.tls is not None:
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            factory = TLSMemoryBIOFactory(self.tls, False, factory)
         try:
             port = self.reactor.adoptStreamPort(self.fd, self.family, factory)
         except Exception:
