@@ -37,7 +37,17 @@ command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || {
 [ -r "$bundle" ] || { echo "build-base-image: no CA bundle at $bundle" >&2; exit 2; }
 
 work=$(mktemp -d "${WORKDIR:-${TMPDIR:-/tmp}}/twistedcluster-base.XXXXXX")
-trap 'rm -rf "$work"' EXIT INT TERM
+cleanup() {
+    # A debootstrap that failed half-way may leave /proc or /sys mounted in
+    # the new root: unmount them (deepest first), and never let rm cross
+    # into another file system.
+    grep -o " $work/[^ ]*" /proc/mounts 2>/dev/null | sort -r | while read -r m; do
+        umount -l "$m" || true
+    done
+    rm -rf --one-file-system "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 rootfs=$work/rootfs
 
 PATH=$PATH:/usr/sbin:/sbin debootstrap --variant=minbase \
