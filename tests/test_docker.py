@@ -330,6 +330,7 @@ def test_dockerfile_builds_without_a_registry():
 
 
 @pytest.mark.docker
+@pytest.mark.e2e
 def test_containers_serve_and_a_stopped_backend_drops_no_client(docker, image, tmp_path):
     secret = containerSecret(tmp_path)
     containers = Containers(docker, image, secret)
