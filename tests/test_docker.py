@@ -36,7 +36,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from tests.test_deploy import DOCKER, DOCKERFILE, ROOT, ignored
+from tests.test_deploy import DOCKER, DOCKERFILE, ROOT, ignored, loadCompose
 from twistedcluster.localcluster import freePort, waitFor
 
 OPT_IN = "TWISTEDCLUSTER_DOCKER"
@@ -329,12 +329,37 @@ def test_dockerfile_builds_without_a_registry():
     assert "ARG PIP_INDEX_URL" in text
 
 
+def checkComposeHealthchecks(containers, balancer, metrics, backends, backendPorts) -> None:
+    """
+    compose.yaml's health checks, run in these containers as Docker would
+    (their ports put in): the balancer is ready, each backend accepts.
+    """
+    try:
+        compose = loadCompose()
+    except pytest.skip.Exception:
+        return  # no PyYAML: tests/test_deploy.py says so
+    services = compose["services"]
+
+    def check(service: str, container: str, ports: Dict[str, str]) -> None:
+        kind, *argv = services[service]["healthcheck"]["test"]
+        assert kind == "CMD"
+        for old, new in ports.items():
+            assert any(old in a for a in argv), (old, argv)
+            argv = [a.replace(old, new) for a in argv]
+        r = run([containers.docker, "exec", container, *argv], 30)
+        assert r.returncode == 0, f"{service}'s health check {argv} failed here: {r.stderr}"
+
+    check("balancer", balancer, {":8102/": f":{metrics}/"})
+    for name, container in backends.items():
+        check("backend-1", container, {", 9000)": f", {backendPorts[name]})"})
+
+
 @pytest.mark.docker
 @pytest.mark.e2e
 def test_containers_serve_and_a_stopped_backend_drops_no_client(docker, image, tmp_path):
     secret = containerSecret(tmp_path)
     containers = Containers(docker, image, secret)
-    port, control, admin = freePort(), freePort(), freePort()
+    port, control, admin, metrics = freePort(), freePort(), freePort(), freePort()
     backendPorts = {"docker-backend-1": freePort(), "docker-backend-2": freePort()}
     try:
         started = time.monotonic()
@@ -344,6 +369,7 @@ def test_containers_serve_and_a_stopped_backend_drops_no_client(docker, image, t
             f"--control=tcp:{control}:interface=127.0.0.1",
             f"--admin=tcp:{admin}:interface=127.0.0.1",
             f"--secret-file={SECRET_IN_CONTAINER}",
+            f"--metrics=tcp:{metrics}:interface=127.0.0.1",
         ])
         backends: Dict[str, str] = {}
         for name, bport in backendPorts.items():
@@ -381,6 +407,7 @@ def test_containers_serve_and_a_stopped_backend_drops_no_client(docker, image, t
         waitFor(bothUp, 60, "both backends up (cluster-admin in the balancer container)",
                 interval=0.2)
         figure(f"first docker run to both backends up: {time.monotonic() - started:.2f} s")
+        checkComposeHealthchecks(containers, balancer, metrics, backends, backendPorts)
 
         clients = Clients(port, 16)
         clients.start()
