@@ -17,6 +17,8 @@
 # REBUILD=1.  Environment: MIRROR (default http://deb.debian.org/debian),
 # SUITE (bookworm), CA_BUNDLE (/etc/ssl/certs/ca-certificates.crt),
 # WORKDIR (a folder for the root file system, default under TMPDIR).
+# Exit status 2: something it needs is missing, nothing was done; 1: a step
+# failed.
 set -eu
 
 tag=${1:-twistedcluster-base:bookworm}
@@ -51,7 +53,8 @@ trap 'exit 130' INT TERM
 rootfs=$work/rootfs
 
 PATH=$PATH:/usr/sbin:/sbin debootstrap --variant=minbase \
-    --include=python3,python3-venv,ca-certificates "$suite" "$rootfs" "$mirror"
+    --include=python3,python3-venv,ca-certificates "$suite" "$rootfs" "$mirror" \
+    || { echo "build-base-image: debootstrap failed" >&2; exit 1; }
 
 cp "$bundle" "$rootfs/etc/ssl/certs/ca-certificates.crt"
 # What a container image does without: the package cache and lists, logs.
@@ -66,5 +69,6 @@ tar --numeric-owner -C "$rootfs" -c . | $docker import \
     --change 'ENV LANG=C.UTF-8' \
     --change 'CMD ["python3"]' \
     --message "debootstrap --variant=minbase $suite from $mirror, python3 python3-venv ca-certificates" \
-    - "$tag"
+    - "$tag" \
+    || { echo "build-base-image: docker import failed" >&2; exit 1; }
 $docker image ls "$tag"
