@@ -71,7 +71,7 @@ def docker() -> str:
     if os.environ.get(OPT_IN) != "1":
         pytest.skip(
             f"opt-in: {OPT_IN}=1 builds the image and runs it in containers "
-            "(about 2 minutes the first time; see deploy/README.md)"
+            "(1 to 3 minutes the first time; see deploy/README.md)"
         )
     client = shutil.which("docker")
     if client is None:
