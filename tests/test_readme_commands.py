@@ -379,6 +379,8 @@ def freeRun(count: int, avoid: set) -> int:
     """
     import socket
 
+    from twistedcluster.localcluster import freePort
+
     def probe():
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -388,12 +390,12 @@ def freeRun(count: int, avoid: set) -> int:
     for _ in range(200):
         sockets: list = []
         try:
-            first = probe()
-            first.bind(("127.0.0.1", 0))
-            base = first.getsockname()[1]
+            # Outside the kernel's ephemeral range (freePort): there, other
+            # tests' outgoing connections hold ports a moment at a time.
+            base = freePort()
             if base + count > 65536 or avoid & set(range(base, base + count)):
                 continue
-            for port in range(base + 1, base + count):
+            for port in range(base, base + count):
                 probe().bind(("127.0.0.1", port))
             return base
         except OSError:
