@@ -306,6 +306,12 @@ def test_etcd_with_user_and_password_and_expiring_tokens(tmp_path):
         a.processes["balancer"].stop()
         a.startBalancer(a.port, a.controlPort, a.adminPort, extra=extra)
         assert a.quickStatus()["web1"]["weight"] == 5
+        # etcd restarted forgets every token: the watches come back with new ones.
+        etcd.kill()
+        etcd.start()
+        waitFor(lambda: a.adminRun("enable", "web1", check=False).returncode == 0, 20,
+                "a change after etcd restarted")
+        seenWithin(b, lambda s: s["web1"]["state"] == "up", "enable on b")
 
         def refused(name, args):
             c = LocalCluster(tmp_path / ("refused-" + name))
