@@ -270,9 +270,10 @@ def passwordFile(path, password):
 
 def test_etcd_with_user_and_password_and_expiring_tokens(tmp_path):
     """
-    etcd with authentication on and tokens that expire 2 s after their last
-    use: balancers with the right user and password share changes, and
-    authenticate again once their token has expired; wrong or missing
+    etcd with tokens that expire 2 s after their last use: balancers given
+    a user and password share changes while etcd's authentication is off,
+    and once it is turned on; they authenticate again once their token has
+    expired, and after etcd restarted; wrong or missing
     credentials, or a prefix the user may not touch, stop a balancer at
     start with its own exit status and a line that says what to do.
     """
@@ -281,37 +282,41 @@ def test_etcd_with_user_and_password_and_expiring_tokens(tmp_path):
 
     etcd = Etcd(tmp_path / "etcd", tokenTTL=2)
     etcd.start()
-    etcd.enableAuth("lb", "lb-password", "/auth/")
     good = passwordFile(tmp_path / "password", "lb-password")
     a = b = None
     try:
+        # Credentials first, authentication turned on in etcd after: the
+        # order an operator takes to turn it on without a refused change.
         a, b, extra = balancers(tmp_path, etcd, "/auth/", more=[
             "--state-store-user=lb", f"--state-store-password-file={good}"])
         backendFor(a, b, "web1")
         a.waitUp(["web1"])
         b.waitUp(["web1"])
-        a.adminRun("drain", "web1")
+        a.adminRun("weight", "web1", "2")
+        seenWithin(b, lambda s: s["web1"]["weight"] == 2, "weight on b, authentication off")
+        etcd.enableAuth("lb", "lb-password", "/auth/")
+        a.adminRun("drain", "web1")  # authenticates: now it gets a token
         seenWithin(b, lambda s: s["web1"]["state"] == "draining", "drain on b")
         assert json.loads(etcd.get("/auth/backends/web1"))["admin"] == "draining"
 
         # Idle for longer than the token lives: the next change
         # authenticates again, and goes through.
         time.sleep(3)
-        r = b.adminRun("weight", "web1", "5", check=False)
+        r = a.adminRun("weight", "web1", "5", check=False)
         assert r.returncode == 0, r.stderr
-        seenWithin(a, lambda s: s["web1"]["weight"] == 5, "weight on a")
+        seenWithin(b, lambda s: s["web1"]["weight"] == 5, "weight on b")
         assert "token had expired; authenticated again as lb" in \
-            b.processes["balancer"].logText()
+            a.processes["balancer"].logText()
         # A restarted balancer reads the settings with its credentials.
-        a.processes["balancer"].stop()
-        a.startBalancer(a.port, a.controlPort, a.adminPort, extra=extra)
-        assert a.quickStatus()["web1"]["weight"] == 5
+        b.processes["balancer"].stop()
+        b.startBalancer(b.port, b.controlPort, b.adminPort, extra=extra)
+        assert b.quickStatus()["web1"]["weight"] == 5
         # etcd restarted forgets every token: the watches come back with new ones.
         etcd.kill()
         etcd.start()
-        waitFor(lambda: a.adminRun("enable", "web1", check=False).returncode == 0, 20,
+        waitFor(lambda: b.adminRun("enable", "web1", check=False).returncode == 0, 20,
                 "a change after etcd restarted")
-        seenWithin(b, lambda s: s["web1"]["state"] == "up", "enable on b")
+        seenWithin(a, lambda s: s["web1"]["state"] == "up", "enable on a")
 
         def refused(name, args):
             c = LocalCluster(tmp_path / ("refused-" + name))

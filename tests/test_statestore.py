@@ -194,7 +194,7 @@ def test_the_password_is_the_files_first_line(tmp_path, logged):
 
 
 def test_what_etcd_says_about_credentials():
-    from twistedcluster.balancer.statestore import _authProblem, _tokenExpired
+    from twistedcluster.balancer.statestore import _authOff, _authProblem, _needsToken
 
     def problem(status, error):
         return _authProblem(status, {"error": error}, ("lb", "pw"), "/p/")
@@ -205,8 +205,10 @@ def test_what_etcd_says_about_credentials():
     assert "may not read and write '/p/'" in problem(403, "etcdserver: permission denied")
     assert problem(400, "etcdserver: request is too large") is None
     assert problem(401, "etcdserver: invalid auth token") is None
-    assert _tokenExpired(401, {"error": "etcdserver: invalid auth token"})
-    assert not _tokenExpired(400, {"error": "etcdserver: user name is empty"})
+    assert _needsToken(401, {"error": "etcdserver: invalid auth token"})
+    assert _needsToken(400, {"error": "etcdserver: user name is empty"})
+    assert not _needsToken(400, {"error": "etcdserver: authentication failed, invalid user ID"})
+    assert _authOff({"error": "etcdserver: authentication is not enabled", "code": 9})
 
 
 def test_credentials_options(tmp_path):
@@ -286,3 +288,19 @@ def test_refused_credentials_are_not_an_unreachable_member():
     (f,) = failures
     assert f.check(StoreAuthFailed) and "wrong user or password" in f.getErrorMessage()
     assert store._member == 0
+
+
+def test_credentials_for_an_etcd_whose_authentication_is_off_are_kept_for_when_it_is_on():
+    off = (412, {"error": "etcdserver: authentication is not enabled", "code": 9})
+    store = scriptedStore([
+        off, (200, {"kvs": []}),
+        off, (400, {"error": "etcdserver: user name is empty"}), (200, {"token": "t1"}),
+        (200, {"kvs": []}),
+    ])
+    for _ in range(2):
+        assert defer.ensureDeferred(store._call("/v3/kv/range", {})).result == {"kvs": []}
+    assert store.sent == [
+        ("/v3/auth/authenticate", None), ("/v3/kv/range", None),
+        ("/v3/auth/authenticate", None), ("/v3/kv/range", None),
+        ("/v3/auth/authenticate", None), ("/v3/kv/range", "t1"),
+    ]

@@ -34,7 +34,8 @@ token it gets in the C{Authorization} header of every request.  etcd's
 tokens expire (C{--auth-token-ttl}, 300 s after their last use by default):
 a request answered 401 (C{invalid auth token}) authenticates again and is
 sent once more; a watch canceled for that reason is started again, with a
-fresh token.  Credentials that etcd refuses (L{StoreAuthFailed}) stop a
+fresh token.  While etcd's authentication is off, requests go without a
+token, and the first one refused for want of one authenticates.  Credentials that etcd refuses (L{StoreAuthFailed}) stop a
 balancer at start (L{EXIT_STORE_AUTH}); later, they are one more reason the
 store is unavailable.
 
@@ -157,8 +158,33 @@ def _authProblem(status: int, answer: Dict[str, Any], credentials: Optional[Cred
     return None
 
 
-def _tokenExpired(status: int, answer: Dict[str, Any]) -> bool:
-    return status == 401 or "invalid auth token" in str(answer.get("error", ""))
+def _needsToken(status: int, answer: Dict[str, Any]) -> bool:
+    """
+    Whether etcd refused a request for its token: expired (or from before
+    etcd restarted), or none sent while etcd asks for one.
+    """
+    error = str(answer.get("error", ""))
+    return status == 401 or "invalid auth token" in error or "user name is empty" in error
+
+
+def _authOff(answer: Dict[str, Any]) -> bool:
+    """
+    Whether etcd answered an authentication that its authentication is off
+    (then requests need no token; credentials are kept for when it is on).
+    """
+    return "authentication is not enabled" in str(answer.get("error", ""))
+
+
+def _failure(status: int, answer: Dict[str, Any], credentials: Optional[Credentials],
+             prefix: str) -> Exception:
+    """
+    The exception for an error answer: L{StoreAuthFailed} when it is about
+    the credentials, C{ValueError} otherwise.
+    """
+    problem = _authProblem(status, answer, credentials, prefix)
+    if problem is not None:
+        return StoreAuthFailed(problem)
+    return ValueError(f"HTTP {status}: {answer.get('error', answer)}")
 
 
 def parseStateStore(spec: str) -> List[Tuple[str, int]]:
@@ -372,9 +398,15 @@ def loadBlocking(
             try:
                 token = None
                 if credentials is not None:
-                    token = _blockingPost(conn, "/v3/auth/authenticate", _authMessage(
-                        credentials), None, credentials, prefix)["token"]
-                answer = _blockingPost(conn, "/v3/kv/range", body, token, credentials, prefix)
+                    status, answer = _blockingPost(
+                        conn, "/v3/auth/authenticate", _authMessage(credentials), None)
+                    if status == 200:
+                        token = str(answer["token"])
+                    elif not _authOff(answer):
+                        raise _failure(status, answer, credentials, prefix)
+                status, answer = _blockingPost(conn, "/v3/kv/range", body, token)
+                if status != 200:
+                    raise _failure(status, answer, credentials, prefix)
                 return _decodeKVs(p, answer.get("kvs", []))
             finally:
                 conn.close()
@@ -390,24 +422,18 @@ def _authMessage(credentials: Credentials) -> Dict[str, str]:
     return {"name": credentials[0], "password": credentials[1]}
 
 
-def _blockingPost(conn, path: str, message: Dict[str, Any], token: Optional[str],
-                  credentials: Optional[Credentials], prefix: str) -> Dict[str, Any]:
+def _blockingPost(
+    conn, path: str, message: Dict[str, Any], token: Optional[str]
+) -> Tuple[int, Dict[str, Any]]:
     """
-    One request on C{conn} and its JSON answer; L{StoreAuthFailed} or
-    C{ValueError} for an error answer.
+    One request on C{conn}: its status and JSON answer.
     """
     headers = {"content-type": "application/json"}
     if token is not None:
         headers["authorization"] = token
     conn.request("POST", path, json.dumps(message).encode(), headers)
     r = conn.getresponse()
-    answer = json.loads(r.read())
-    if r.status != 200:
-        problem = _authProblem(r.status, answer, credentials, prefix)
-        if problem is not None:
-            raise StoreAuthFailed(problem)
-        raise ValueError(f"HTTP {r.status}: {answer.get('error', '')}")
-    return answer
+    return r.status, json.loads(r.read())
 
 
 class _HTTPSConnection(http.client.HTTPSConnection):
@@ -584,16 +610,18 @@ class EtcdStateStore(Service):
                 if self.credentials is not None and self._token is None:
                     await self._authenticate()
                 code, answer = await self._request(path, message)
-                if self.credentials is not None and _tokenExpired(code, answer):
-                    self._token = None
+                if self.credentials is not None and _needsToken(code, answer):
+                    had, self._token = self._token, None
                     await self._authenticate()
                     log.info(
-                        "state store: etcd's token had expired; authenticated again as {user}",
+                        "state store: {why}; authenticated again as {user}",
+                        why="etcd's token had expired" if had is not None
+                        else "etcd asks for authentication now",
                         user=self.credentials[0],
                     )
                     code, answer = await self._request(path, message)
                 if code != 200:
-                    self._raiseFor(code, answer)
+                    raise _failure(code, answer, self.credentials, self.prefix)
                 return answer
             except StoreAuthFailed:
                 raise
@@ -616,22 +644,18 @@ class EtcdStateStore(Service):
             raise ValueError(f"HTTP {response.code}: {body[:200]!r}") from None
         return response.code, answer
 
-    def _raiseFor(self, code: int, answer: Dict[str, Any]) -> None:
-        problem = _authProblem(code, answer, self.credentials, self.prefix)
-        if problem is not None:
-            raise StoreAuthFailed(problem)
-        raise ValueError(f"HTTP {code}: {answer.get('error', answer)}")
-
     async def _authenticate(self) -> None:
         """
-        Get a token for L{credentials} from the current member.
+        Get a token for L{credentials} from the current member; none while
+        etcd's authentication is off.
         """
         assert self.credentials is not None
         code, answer = await self._request("/v3/auth/authenticate", _authMessage(self.credentials))
-        if code != 200:
-            self._raiseFor(code, answer)
-        self._token = str(answer["token"])
-        log.debug("state store: authenticated to etcd as {user}", user=self.credentials[0])
+        if code == 200:
+            self._token = str(answer["token"])
+            log.debug("state store: authenticated to etcd as {user}", user=self.credentials[0])
+        elif not _authOff(answer):
+            raise _failure(code, answer, self.credentials, self.prefix)
 
     def _describeMember(self) -> str:
         host, port = self.members[self._member % len(self.members)]
