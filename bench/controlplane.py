@@ -4,7 +4,10 @@ backends in this one process, each a real AMP control connection on
 loopback to a real ``twistd cluster-balancer``, registering and then
 reporting load once a second (each at its own phase in the second, as
 independent backends would).  Measures the balancer's CPU from
-/proc/PID/stat while they report, and the wall time of
+/proc/PID/stat while they report, its memory (VmRSS before the backends
+register and once they report, so KiB per registered backend), this
+process's own CPU per report sent (an upper bound on what sending one
+costs a backend: it includes the simulation's timer), and the wall time of
 ``cluster-admin status --json``, while they report and with their reports
 paused (this process and the balancer take cores cluster-admin would use).
 
@@ -42,6 +45,19 @@ def cpuSeconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rssKiB(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def ownCpuSeconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def simulate(reactor, control: str, n: int, seconds: float, mode: str, balancerPid: int):
@@ -116,6 +132,7 @@ def simulate(reactor, control: str, n: int, seconds: float, mode: str, balancerP
         d.addCallbacks(proto.answered, lambda f: setattr(Sim, "errors", Sim.errors + 1))
 
     async def run():
+        rss0 = rssKiB(balancerPid)
         started = time.monotonic()
         batch = 200
         for first in range(0, n, batch):
@@ -138,14 +155,20 @@ def simulate(reactor, control: str, n: int, seconds: float, mode: str, balancerP
         loop.start(0.01)
         await task.deferLater(reactor, 3.0, lambda: None)  # settle
         cpu0, t0, r0 = cpuSeconds(balancerPid), time.monotonic(), Sim.reports
+        own0 = ownCpuSeconds()
         await task.deferLater(reactor, seconds, lambda: None)
         cpu1, t1, r1 = cpuSeconds(balancerPid), time.monotonic(), Sim.reports
+        own1 = ownCpuSeconds()
+        rss1 = rssKiB(balancerPid)
         result = {
             "backends": n,
             "connectSeconds": connectTime,
             "reportsPerSecond": (r1 - r0) / (t1 - t0),
             "balancerCpuPercent": 100 * (cpu1 - cpu0) / (t1 - t0),
             "usPerReport": 1e6 * (cpu1 - cpu0) / max(1, r1 - r0),
+            "senderUsPerReport": 1e6 * (own1 - own0) / max(1, r1 - r0),
+            "balancerRssKiB": rss1,
+            "kibPerBackend": (rss1 - rss0) / n,
             "errors": Sim.errors,
             "oneWay": sum(1 for p in protos if p.oneWay),
             "marksPushed": Sim.marks,
@@ -248,13 +271,16 @@ def main(argv=None) -> int:
                             .ensureDeferred(work()).addCallbacks(done, failed))
     reactor.run()
     print(f"balancer control plane, code: {code}, mode: {args.mode}")
-    print(f"{'backends':>9}{'reports/s':>11}{'cpu %':>8}{'us/report':>11}{'one-way':>9}"
+    print(f"{'backends':>9}{'reports/s':>11}{'cpu %':>8}{'us/report':>11}{'sender us':>10}"
+          f"{'RSS MiB':>9}{'KiB/backend':>12}{'one-way':>9}"
           f"{'marks':>7}{'status s, reporting':>24}{'status s, paused':>20}")
     for r in results:
         status = " ".join(f"{t:.2f}" for t in r["statusSeconds"])
         quiet = " ".join(f"{t:.2f}" for t in r["statusQuietSeconds"])
         print(f"{r['backends']:>9,}{r['reportsPerSecond']:>11.0f}{r['balancerCpuPercent']:>8.1f}"
-              f"{r['usPerReport']:>11.1f}{r['oneWay']:>9}{r['marksPushed']:>7}{status:>24}{quiet:>20}")
+              f"{r['usPerReport']:>11.1f}{r['senderUsPerReport']:>10.1f}"
+              f"{r['balancerRssKiB'] / 1024:>9.1f}{r['kibPerBackend']:>12.1f}"
+              f"{r['oneWay']:>9}{r['marksPushed']:>7}{status:>24}{quiet:>20}")
     return 0 if len(results) == len(counts) else 1
 
 

@@ -25,6 +25,8 @@ class EtcdMember:
     #: With TLS: (certificate, key, CA) paths for the client port, which
     #: then asks for client certificates from that CA.
     tls = None
+    #: etcd's --auth-token-ttl (seconds a token lives after its last use).
+    tokenTTL: Optional[int] = None
 
     def __init__(self, name: str, workdir: Path) -> None:
         self.name = name
@@ -56,6 +58,8 @@ class EtcdMember:
             "--heartbeat-interval", "50",
             "--election-timeout", "500",
         ]
+        if self.tokenTTL is not None:
+            argv += ["--auth-token-ttl", str(self.tokenTTL)]
         if self.tls is not None:
             cert, key, ca = self.tls
             argv += ["--cert-file", str(cert), "--key-file", str(key),
@@ -93,7 +97,10 @@ class Etcd:
     An etcd cluster of C{size} members.
     """
 
-    def __init__(self, workdir: Path, size: int = 1, tls=None) -> None:
+    #: (user, password) of etcd's root, once L{enableAuth} has run.
+    root = None
+
+    def __init__(self, workdir: Path, size: int = 1, tls=None, tokenTTL=None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.members: List[EtcdMember] = [
@@ -101,6 +108,7 @@ class Etcd:
         ]
         for m in self.members:
             m.tls = tls
+            m.tokenTTL = tokenTTL
         self.initial = ",".join(
             f"{m.name}=http://127.0.0.1:{m.peerPort}" for m in self.members
         )
@@ -119,17 +127,64 @@ class Etcd:
         for m in self.members:
             m.kill()
 
+    def call(self, path: str, message: dict, token: Optional[str] = None) -> dict:
+        """
+        One request to etcd's JSON gateway (plain HTTP), on the first member
+        that answers; C{OSError} for an error answer.
+        """
+        body = json.dumps(message).encode()
+        errors = []
+        for m in self.members:
+            request = urllib.request.Request(
+                f"http://{m.address}{path}", body, {"content-type": "application/json"})
+            if token is not None:
+                request.add_header("authorization", token)
+            try:
+                with urllib.request.urlopen(request, timeout=2) as r:
+                    return json.loads(r.read())
+            except OSError as e:
+                errors.append(e)
+        raise OSError(f"no etcd member answered {path}: {errors}")
+
+    def rootToken(self) -> Optional[str]:
+        if self.root is None:
+            return None
+        name, password = self.root
+        return self.call("/v3/auth/authenticate", {"name": name, "password": password})["token"]
+
+    def enableAuth(self, user: str, password: str, prefix: str) -> None:
+        """
+        etcd's authentication, as ``etcdctl user add``, ``role add``,
+        ``role grant-permission --prefix``, ``auth enable`` would set it:
+        root (password "root-password"), and C{user} with readwrite on
+        C{prefix} only.
+        """
+        import base64
+
+        def b64(b: bytes) -> str:
+            return base64.b64encode(b).decode()
+
+        from twistedcluster.balancer.statestore import _prefixEnd
+
+        role = user + "-role"
+        for path, message in [
+            ("/v3/auth/user/add", {"name": "root", "password": "root-password"}),
+            ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
+            ("/v3/auth/role/add", {"name": role}),
+            ("/v3/auth/role/grant", {"name": role, "perm": {
+                "permType": "READWRITE", "key": b64(prefix.encode()),
+                "range_end": b64(_prefixEnd(prefix.encode()))}}),
+            ("/v3/auth/user/add", {"name": user, "password": password}),
+            ("/v3/auth/user/grant", {"user": user, "role": role}),
+            ("/v3/auth/enable", {}),
+        ]:
+            self.call(path, message)
+        self.root = ("root", "root-password")
+
     def get(self, key: str) -> Optional[bytes]:
         import base64
 
-        body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
-        for m in self.members:
-            try:
-                with urllib.request.urlopen(
-                    f"http://{m.address}/v3/kv/range", body, timeout=2
-                ) as r:
-                    kvs = json.loads(r.read()).get("kvs", [])
-                    return base64.b64decode(kvs[0]["value"]) if kvs else None
-            except OSError:
-                continue
-        raise OSError("no etcd member answered")
+        answer = self.call("/v3/kv/range", {"key": base64.b64encode(key.encode()).decode()},
+                           self.rootToken())
+        kvs = answer.get("kvs", [])
+        return base64.b64decode(kvs[0]["value"]) if kvs else None

@@ -123,8 +123,11 @@ def checkEndpoints(plugin: str, options) -> None:
         servers = [options[k] for k in ("listen", "control", "admin", "redirect") if options[k]]
         clients = []
     else:
+        from twistedcluster.backend.discovery import isSRV
+
         servers = [options["listen"]]
-        clients = options["balancers"]
+        # srv:NAME is a DNS record (checked by the option's own parser).
+        clients = [b for b in options["balancers"] if not isSRV(b)]
     for description in servers:
         try:
             serverFromString(reactor, description)
@@ -973,27 +976,55 @@ def test_kubernetes_command_lines_are_accepted(tmp_path):
             assert c["securityContext"]["readOnlyRootFilesystem"] is True
 
 
-def test_backends_register_with_every_balancer(tmp_path):
+#: What the kubelet writes in a pod's resolv.conf (the cluster's DNS domain
+#: is cluster.local unless its administrator chose another).
+POD_SEARCH = ["{namespace}.svc.cluster.local", "svc.cluster.local", "cluster.local"]
+POD_NDOTS = 5
+
+
+def test_backends_find_every_balancer_in_the_headless_services_srv_record(tmp_path):
+    """
+    The backends' --balancer srv:NAME, looked up as a pod's resolver does,
+    is the first name that Kubernetes DNS publishes for the port named
+    cluster-control of the StatefulSet's headless Service, in the namespace
+    the kustomization puts both in: scaling the balancers needs no change to
+    the backends.
+    """
+    from twistedcluster.backend.discovery import isSRV, lookupNames, srvName
+
+    yaml = yamlModule()
     docs = loadManifests()
     containers = parsedContainers(tmp_path)
     (sts,) = byKind(docs, "StatefulSet")
     (balancer,) = [o for w, *_, p, o in containers if p == "cluster-balancer"]
+    (balancerContainer,) = [c for w, pod, c, p, o in containers if p == "cluster-balancer"]
     headless = [s for s in byKind(docs, "Service") if s["metadata"]["name"] == sts["spec"]["serviceName"]]
     assert headless and headless[0]["spec"]["clusterIP"] == "None"
+    assert headless[0]["spec"].get("publishNotReadyAddresses") is True, (
+        "a balancer is ready once a backend registered: it must be in the record before")
     assert matches(headless[0]["spec"]["selector"], sts["spec"]["template"]["metadata"]["labels"])
     controlPort = serverPort(balancer["control"])
-    assert [p["port"] for p in headless[0]["spec"]["ports"]] == [controlPort]
-    every = {
-        (f"{sts['metadata']['name']}-{i}.{sts['spec']['serviceName']}", controlPort)
-        for i in range(sts["spec"]["replicas"])
-    }
+    (port,) = headless[0]["spec"]["ports"]
+    assert port["port"] == controlPort and port["protocol"] == "TCP"
+    named = {p["name"]: p["containerPort"] for p in balancerContainer["ports"]}
+    assert named[port["targetPort"]] == controlPort
+    # Every manifest lands in the kustomization's namespace (none names its own).
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    namespace = kustomization.get("namespace", "default")
+    assert all("namespace" not in d["metadata"] for d in docs)
+    published = f"_{port['name']}._{port['protocol'].lower()}.{headless[0]['metadata']['name']}" \
+        f".{namespace}.svc.cluster.local"
+    search = [d.format(namespace=namespace) for d in POD_SEARCH]
+
     backends = [o for *_, p, o in containers if p == "cluster-backend"]
     assert backends
     for options in backends:
-        got = [clientHostPort(b) for b in options["balancers"]]
-        assert len(got) == len(set(got)) and set(got) == every, (
-            f"a backend must name each balancer pod once: {got} vs {sorted(every)}"
-        )
+        (only,) = options["balancers"]
+        assert isSRV(only), f"backends find the balancers in DNS, not listed: {only}"
+        assert options["dns-server"] is None, "the pod's own resolver"
+        name = srvName(only)
+        assert not name.endswith("."), "a short name: the namespace comes from the pod"
+        assert lookupNames(name, search, POD_NDOTS)[0] == published, (name, published)
         assert options["name"] == FIELD_SAMPLES["metadata.name"]
 
 

@@ -9,7 +9,13 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.names import dns, error
 
-from twistedcluster.backend.discovery import SRVBalancers, srvName
+from twistedcluster.backend.discovery import (
+    SRVBalancers,
+    lookupNames,
+    parseResolvConf,
+    readResolvConf,
+    srvName,
+)
 
 NAME = "_cluster-control._tcp.example"
 
@@ -27,14 +33,18 @@ class Reporter:
 
 
 class Resolver:
-    def __init__(self):
+    def __init__(self, name=NAME):
+        self.name = name
         self.srv = []  # (target, port)
         self.hosts = {}
         self.fail = None
         self.lookups = 0
+        self.asked = []
 
     def lookupService(self, name):
-        assert name == NAME
+        self.asked.append(name)
+        if name != self.name:
+            return defer.fail(error.DomainError(name))
         self.lookups += 1
         if self.fail is not None:
             return defer.fail(self.fail)
@@ -56,8 +66,9 @@ def started(interval=30.0):
 
 
 def test_srv_name():
-    assert srvName("srv:" + NAME + ".") == NAME
-    for bad in ("srv:", "srv:a b", "srv:host:1"):
+    assert srvName("srv:" + NAME) == NAME
+    assert srvName("srv:" + NAME + ".") == NAME + "."  # absolute: no search
+    for bad in ("srv:", "srv:.", "srv:a b", "srv:host:1", "srv:a.."):
         with pytest.raises(ValueError):
             srvName(bad)
 
@@ -102,3 +113,129 @@ def test_a_failed_channel_looks_again_soon_but_not_in_a_loop():
     clock.advance(0.5)
     assert resolver.lookups == 2
     srv.stopService()
+
+
+KUBERNETES_RESOLV_CONF = """\
+# as the kubelet writes it
+nameserver 10.96.0.10
+search shop.svc.cluster.local svc.cluster.local cluster.local
+options ndots:5
+"""
+
+
+def test_resolv_conf_search_and_ndots():
+    assert parseResolvConf(KUBERNETES_RESOLV_CONF) == (
+        ["shop.svc.cluster.local", "svc.cluster.local", "cluster.local"], 5)
+    assert parseResolvConf("domain example.org.\n") == (["example.org"], 1)
+    # The last of domain and search wins; a bad ndots is ignored, a big one capped.
+    assert parseResolvConf("search a b\ndomain c\noptions ndots:x\n") == (["c"], 1)
+    assert parseResolvConf("domain c\nsearch a b\noptions rotate ndots:30\n") == (["a", "b"], 15)
+    assert parseResolvConf("nameserver 127.0.0.1\n; search x\n") == ([], 1)
+
+
+def test_resolv_conf_missing_is_no_search(tmp_path):
+    assert readResolvConf(str(tmp_path / "none")) == ([], 1)
+    (tmp_path / "r").write_text("search x.test\n")
+    assert readResolvConf(str(tmp_path / "r")) == (["x.test"], 1)
+
+
+def test_lookup_names_in_resolver_order():
+    short = "_cluster-control._tcp.peers"
+    search = ["shop.svc.cluster.local", "cluster.local"]
+    assert lookupNames(short, search, 5) == [
+        short + ".shop.svc.cluster.local", short + ".cluster.local", short]
+    assert lookupNames(short, search, 2) == [
+        short, short + ".shop.svc.cluster.local", short + ".cluster.local"]
+    assert lookupNames(short + ".", search, 5) == [short]
+    assert lookupNames(short, [], 5) == [short]
+
+
+def searching(search, ndots, found):
+    clock, reporter = Clock(), Reporter()
+    resolver = Resolver(found)
+    resolver.srv, resolver.hosts = [("lb0.example", 8100)], {"lb0.example": ["10.0.0.1"]}
+    srv = SRVBalancers("_cluster-control._tcp.peers", reporter, resolver, clock, 30.0,
+                       search, ndots)
+    return reporter, resolver, srv
+
+
+def test_a_short_name_is_found_under_a_search_domain():
+    reporter, resolver, srv = searching(
+        ["shop.svc.cluster.local", "svc.cluster.local"], 5,
+        "_cluster-control._tcp.peers.svc.cluster.local")
+    srv.startService()
+    assert list(reporter.balancers) == ["tcp:host=10.0.0.1:port=8100"]
+    assert resolver.asked == ["_cluster-control._tcp.peers.shop.svc.cluster.local",
+                              "_cluster-control._tcp.peers.svc.cluster.local"]
+    assert srv.foundAs == "_cluster-control._tcp.peers.svc.cluster.local"
+    srv.stopService()
+
+
+def test_no_name_found_keeps_the_balancers():
+    reporter, resolver, srv = searching(["a.test"], 1, "_cluster-control._tcp.peers.a.test")
+    srv.startService()
+    assert list(reporter.balancers) == ["tcp:host=10.0.0.1:port=8100"]
+    srv.names = ["gone.a.test", "gone"]
+    srv.lookUp()
+    assert list(reporter.balancers) == ["tcp:host=10.0.0.1:port=8100"]
+    srv.stopService()
+
+
+def test_a_server_failure_ends_the_search():
+    reporter, resolver, srv = searching(["a.test", "b.test"], 5, "_cluster-control._tcp.peers.b.test")
+    def failing(name):
+        resolver.asked.append(name)
+        return defer.fail(error.DNSServerError())
+
+    resolver.lookupService = failing
+    srv.startService()
+    assert resolver.asked == ["_cluster-control._tcp.peers.a.test"]
+    assert reporter.balancers == {}
+    srv.stopService()
+
+
+def test_a_name_with_no_entries_under_the_first_domain_searches_on():
+    reporter, resolver, srv = searching(["a.test", "b.test"], 5, "_cluster-control._tcp.peers.b.test")
+    lookup = resolver.lookupService
+
+    def emptyUnderA(name):
+        if name.endswith(".a.test"):
+            resolver.asked.append(name)
+            return defer.succeed(([], [], []))
+        return lookup(name)
+
+    resolver.lookupService = emptyUnderA
+    srv.startService()
+    assert list(reporter.balancers) == ["tcp:host=10.0.0.1:port=8100"]
+    # None has entries: the first that exists answers (every balancer let go).
+    resolver.srv = []
+    srv.lookUp()
+    assert reporter.balancers == {}
+    srv.stopService()
+
+
+def test_a_backend_without_dns_server_uses_the_resolv_conf(tmp_path):
+    """
+    The system's resolver, as a backend in Kubernetes has it (no
+    --dns-server): its name servers and search list from --resolv-conf.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twistedcluster.backend import service as backend
+
+    conf = tmp_path / "resolv.conf"
+    conf.write_text(KUBERNETES_RESOLV_CONF)
+    o = backend.Options()
+    o.parseOptions(["--listen=tcp:0:interface=127.0.0.1", f"--resolv-conf={conf}",
+                    "--balancer=srv:_cluster-control._tcp.peers"])
+    top = backend.makeService(o, MemoryReactorClock())
+    (srv,) = [s for s in _walk(top.reporter) if isinstance(s, SRVBalancers)]
+    assert srv.names[0] == "_cluster-control._tcp.peers.shop.svc.cluster.local"
+    client = srv.resolver.resolvers[-1]
+    assert client.dynServers == [("10.96.0.10", 53)]
+
+
+def _walk(service):
+    yield service
+    for child in getattr(service, "services", []):
+        yield from _walk(child)

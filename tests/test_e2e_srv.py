@@ -4,7 +4,9 @@ Balancers found, not listed (issue 20, item 2): a backend with
 twisted.names server on loopback (tests/dnsserver.py) whose zone the test
 rewrites.  A balancer added to the record gets the backend's registration
 within one lookup period, one taken out is let go, and a failed channel
-makes the backend look again at once rather than at the next period.
+makes the backend look again at once rather than at the next period.  A
+short name is looked up under resolv.conf's search domains, as the
+Kubernetes manifests name the balancers' headless Service.
 """
 
 import os
@@ -25,7 +27,8 @@ class Zone:
     The DNS server's zone file, rewritten atomically; and the server.
     """
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, record=RECORD):
+        self.record = record
         self.path = workdir / "cluster.test.py"
         self.serial = 0
         self.write([])
@@ -48,7 +51,7 @@ class Zone:
             f"serial={self.serial}, refresh=1, retry=1, expire=60, minimum=0, ttl=0),",
         ]
         for i, port in enumerate(controlPorts):
-            lines.append(f"    SRV('{RECORD}', 0, 0, {port}, 'lb{i}.cluster.test', ttl=0),")
+            lines.append(f"    SRV('{self.record}', 0, 0, {port}, 'lb{i}.cluster.test', ttl=0),")
             lines.append(f"    A('lb{i}.cluster.test', '127.0.0.1', ttl=0),")
         lines.append("]")
         tmp = self.path.with_suffix(".tmp")
@@ -104,4 +107,34 @@ def test_a_failed_channel_looks_the_record_up_again_at_once(tmp_path):
     finally:
         a.stopAll()
         c.stopAll()
+        zone.process.stop()
+
+
+def test_a_short_name_is_found_under_a_search_domain(tmp_path):
+    """
+    As in a Kubernetes pod: resolv.conf's search list and ndots:5, and the
+    headless Service's short name; the first search domain has no such
+    name (an authoritative NXDOMAIN), the second has.
+    """
+    zone = Zone(tmp_path, record="_cluster-control._tcp.peers.shop.cluster.test")
+    resolvConf = tmp_path / "resolv.conf"
+    resolvConf.write_text(
+        "nameserver 127.0.0.1\n"
+        "search other.cluster.test shop.cluster.test cluster.test\n"
+        "options ndots:5\n"
+    )
+    a = LocalCluster(tmp_path / "a")
+    try:
+        a.startBalancer()
+        zone.write([a.controlPort])
+        a.startBackend("web1", balancers=[], extra=[
+            "--balancer=srv:_cluster-control._tcp.peers", f"--resolv-conf={resolvConf}",
+            f"--dns-server=127.0.0.1:{zone.port}", "--srv-interval=1",
+            "--report-interval=0.2"])
+        a.waitUp(["web1"])
+        log = a.processes["web1"].logText()
+        assert "found as _cluster-control._tcp.peers.shop.cluster.test" in log, log
+        assert "search other.cluster.test shop.cluster.test cluster.test, ndots 5" in log
+    finally:
+        a.stopAll()
         zone.process.stop()

@@ -22,10 +22,10 @@ pytestmark = [pytest.mark.e2e, needsEtcd]
 PROPAGATION = 1.0
 
 
-def balancers(tmp_path, etcd, prefix="/test/"):
+def balancers(tmp_path, etcd, prefix="/test/", more=()):
     a, b = LocalCluster(tmp_path / "a"), LocalCluster(tmp_path / "b")
     extra = [f"--state-store={etcd.spec}", f"--state-prefix={prefix}", "--check-interval=0.2",
-             "--rise=1"]
+             "--rise=1", *more]
     a.startBalancer(extra=extra)
     b.startBalancer(extra=extra)
     return a, b, extra
@@ -257,6 +257,92 @@ def test_etcd_over_tls_with_client_certificates(tmp_path):
             assert r.returncode == EXIT_STORE_UNAVAILABLE, (r.returncode, r.stderr)
         finally:
             c.stopAll()
+    finally:
+        stopAll(*(c for c in (a, b) if c is not None))
+        etcd.kill()
+
+
+def passwordFile(path, password):
+    path.write_text(password + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_etcd_with_user_and_password_and_expiring_tokens(tmp_path):
+    """
+    etcd with tokens that expire 2 s after their last use: balancers given
+    a user and password share changes while etcd's authentication is off,
+    and once it is turned on; they authenticate again once their token has
+    expired, and after etcd restarted; wrong or missing
+    credentials, or a prefix the user may not touch, stop a balancer at
+    start with its own exit status and a line that says what to do.
+    """
+    from twistedcluster.balancer.statestore import EXIT_STORE_AUTH
+    from twistedcluster.localcluster import twistdCommand
+
+    etcd = Etcd(tmp_path / "etcd", tokenTTL=2)
+    etcd.start()
+    good = passwordFile(tmp_path / "password", "lb-password")
+    a = b = None
+    try:
+        # Credentials first, authentication turned on in etcd after: the
+        # order an operator takes to turn it on without a refused change.
+        a, b, extra = balancers(tmp_path, etcd, "/auth/", more=[
+            "--state-store-user=lb", f"--state-store-password-file={good}"])
+        backendFor(a, b, "web1")
+        a.waitUp(["web1"])
+        b.waitUp(["web1"])
+        a.adminRun("weight", "web1", "2")
+        seenWithin(b, lambda s: s["web1"]["weight"] == 2, "weight on b, authentication off")
+        etcd.enableAuth("lb", "lb-password", "/auth/")
+        a.adminRun("drain", "web1")  # authenticates: now it gets a token
+        seenWithin(b, lambda s: s["web1"]["state"] == "draining", "drain on b")
+        assert json.loads(etcd.get("/auth/backends/web1"))["admin"] == "draining"
+
+        # Idle for longer than the token lives: the next change
+        # authenticates again, and goes through.
+        time.sleep(3)
+        r = a.adminRun("weight", "web1", "5", check=False)
+        assert r.returncode == 0, r.stderr
+        seenWithin(b, lambda s: s["web1"]["weight"] == 5, "weight on b")
+        assert "token had expired; authenticated again as lb" in \
+            a.processes["balancer"].logText()
+        # A restarted balancer reads the settings with its credentials.
+        b.processes["balancer"].stop()
+        b.startBalancer(b.port, b.controlPort, b.adminPort, extra=extra)
+        assert b.quickStatus()["web1"]["weight"] == 5
+        # etcd restarted forgets every token: the watches come back with new ones.
+        etcd.kill()
+        etcd.start()
+        waitFor(lambda: b.adminRun("enable", "web1", check=False).returncode == 0, 20,
+                "a change after etcd restarted")
+        seenWithin(a, lambda s: s["web1"]["state"] == "up", "enable on a")
+
+        def refused(name, args):
+            c = LocalCluster(tmp_path / ("refused-" + name))
+            proc = c._start("balancer", twistdCommand("cluster-balancer", [
+                f"--listen=tcp:{freePort()}:interface=127.0.0.1",
+                f"--control=tcp:{freePort()}:interface=127.0.0.1",
+                f"--admin=tcp:{freePort()}:interface=127.0.0.1",
+                f"--state-store={etcd.spec}", *args]))
+            try:
+                status = proc.popen.wait(30)
+            finally:
+                proc.stop()
+            return status, proc.logText()
+
+        wrong = passwordFile(tmp_path / "wrong", "not-the-password")
+        status, text = refused("wrong", ["--state-prefix=/auth/", "--state-store-user=lb",
+                                         f"--state-store-password-file={wrong}"])
+        assert status == EXIT_STORE_AUTH, (status, text)
+        assert "etcd refused user 'lb': wrong user or password" in text, text
+        status, text = refused("none", ["--state-prefix=/auth/"])
+        assert status == EXIT_STORE_AUTH, (status, text)
+        assert "give --state-store-user and --state-store-password-file" in text, text
+        status, text = refused("elsewhere", ["--state-prefix=/other/", "--state-store-user=lb",
+                                             f"--state-store-password-file={good}"])
+        assert status == EXIT_STORE_AUTH, (status, text)
+        assert "may not read and write '/other/'" in text, text
     finally:
         stopAll(*(c for c in (a, b) if c is not None))
         etcd.kill()

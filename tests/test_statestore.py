@@ -170,3 +170,137 @@ def test_forget_tells_the_store_which_backend():
     admin, _, _ = lb.adminChannel()
     lb.resultOf(admin.callRemote(commands.ForgetBackend, name="a"))
     assert told == ["a"]
+
+
+# -- etcd's user/password authentication ------------------------------------
+
+
+def test_the_password_is_the_files_first_line(tmp_path, logged):
+    from twistedcluster.balancer.statestore import loadPassword
+
+    path = tmp_path / "password"
+    path.write_text("s3cret with spaces\r\nignored\n")
+    path.chmod(0o600)
+    assert loadPassword(str(path)) == "s3cret with spaces"
+    assert not any("may be read" in line for line in logged)
+    path.chmod(0o644)
+    assert loadPassword(str(path)) == "s3cret with spaces"
+    assert any("password file" in line and "may be read by any user" in line for line in logged)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        loadPassword(str(path))
+    with pytest.raises(ValueError, match="cannot read password file"):
+        loadPassword(str(tmp_path / "none"))
+
+
+def test_what_etcd_says_about_credentials():
+    from twistedcluster.balancer.statestore import _authOff, _authProblem, _needsToken
+
+    def problem(status, error):
+        return _authProblem(status, {"error": error}, ("lb", "pw"), "/p/")
+
+    assert "wrong user or password" in problem(
+        400, "etcdserver: authentication failed, invalid user ID or password")
+    assert "--state-store-user" in problem(400, "etcdserver: user name is empty")
+    assert "may not read and write '/p/'" in problem(403, "etcdserver: permission denied")
+    assert problem(400, "etcdserver: request is too large") is None
+    assert problem(401, "etcdserver: invalid auth token") is None
+    assert _needsToken(401, {"error": "etcdserver: invalid auth token"})
+    assert _needsToken(400, {"error": "etcdserver: user name is empty"})
+    assert not _needsToken(400, {"error": "etcdserver: authentication failed, invalid user ID"})
+    assert _authOff({"error": "etcdserver: authentication is not enabled", "code": 9})
+
+
+def test_credentials_options(tmp_path):
+    from twisted.python import usage
+
+    from twistedcluster.balancer.service import Options
+
+    path = tmp_path / "password"
+    path.write_text("pw\n")
+    path.chmod(0o600)
+    store = ["--state-store=etcd:127.0.0.1:2379"]
+
+    def parse(*args):
+        o = Options()
+        o.parseOptions(list(args))
+        return o
+
+    assert parse(*store, "--state-store-user=lb", f"--state-store-password-file={path}")[
+        "state-credentials"] == ("lb", "pw")
+    assert parse(*store)["state-credentials"] is None
+    for args, error in [
+        ([*store, "--state-store-user=lb"], "together"),
+        ([*store, f"--state-store-password-file={path}"], "together"),
+        (["--state-store-user=lb", f"--state-store-password-file={path}"], "go with --state-store"),
+        ([*store, "--state-store-user=lb", f"--state-store-password-file={tmp_path}/none"],
+         "cannot read password file"),
+    ]:
+        with pytest.raises(usage.UsageError, match=error):
+            parse(*args)
+
+
+def scriptedStore(answers, credentials=("lb", "pw")):
+    """
+    A store whose requests get C{answers} in turn, (status, JSON); each
+    request is recorded as (path, token).
+    """
+    from twisted.internet.task import Clock
+
+    from twistedcluster.balancer.statestore import EtcdStateStore
+
+    lb = balancerWith("a")
+    store = EtcdStateStore([("127.0.0.1", 2379)], "/p/", lb.cluster, None, Clock(),
+                           agent=object(), credentials=credentials)
+    store.sent = []
+    answers = list(answers)
+
+    async def request(path, message):
+        store.sent.append((path, store._token))
+        return answers.pop(0)
+
+    store._request = request
+    return store
+
+
+def test_a_request_authenticates_first_and_again_when_the_token_expired():
+    expired = (401, {"error": "etcdserver: invalid auth token", "code": 16})
+    store = scriptedStore([
+        (200, {"token": "t1"}), (200, {"kvs": []}),
+        expired, (200, {"token": "t2"}), (200, {"kvs": []}),
+    ])
+    for _ in range(2):
+        assert defer.ensureDeferred(store._call("/v3/kv/range", {})).result == {"kvs": []}
+    assert store.sent == [
+        ("/v3/auth/authenticate", None), ("/v3/kv/range", "t1"),
+        ("/v3/kv/range", "t1"), ("/v3/auth/authenticate", None), ("/v3/kv/range", "t2"),
+    ]
+
+
+def test_refused_credentials_are_not_an_unreachable_member():
+    from twistedcluster.balancer.statestore import StoreAuthFailed
+
+    store = scriptedStore([
+        (400, {"error": "etcdserver: authentication failed, invalid user ID or password"}),
+    ])
+    failures = []
+    defer.ensureDeferred(store._call("/v3/kv/range", {})).addErrback(failures.append)
+    (f,) = failures
+    assert f.check(StoreAuthFailed) and "wrong user or password" in f.getErrorMessage()
+    assert store._member == 0
+
+
+def test_credentials_for_an_etcd_whose_authentication_is_off_are_kept_for_when_it_is_on():
+    off = (412, {"error": "etcdserver: authentication is not enabled", "code": 9})
+    store = scriptedStore([
+        off, (200, {"kvs": []}),
+        off, (400, {"error": "etcdserver: user name is empty"}), (200, {"token": "t1"}),
+        (200, {"kvs": []}),
+    ])
+    for _ in range(2):
+        assert defer.ensureDeferred(store._call("/v3/kv/range", {})).result == {"kvs": []}
+    assert store.sent == [
+        ("/v3/auth/authenticate", None), ("/v3/kv/range", None),
+        ("/v3/auth/authenticate", None), ("/v3/kv/range", None),
+        ("/v3/auth/authenticate", None), ("/v3/kv/range", "t1"),
+    ]

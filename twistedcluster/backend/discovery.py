@@ -10,11 +10,22 @@ balancer added to the record gets this backend's registration within one
 period, and one taken out of it is let go (its channel closed).  A lookup
 that fails (no answer, a server failure, no such name) leaves the
 balancers as they were: a DNS outage must not cut a backend off.
+
+A NAME that does not end in a dot is looked up as the system's resolver
+would (resolver(5)): under each domain of resolv.conf's C{search} (or
+C{domain}) line, and as it is, the latter first when it has at least
+C{options ndots:N} dots (default 1).  Twisted's own resolver reads
+C{search} but never uses it, so this is done here: in Kubernetes, where a
+pod's resolv.conf has C{search NAMESPACE.svc.cluster.local svc.cluster.local
+cluster.local} and C{ndots:5}, C{srv:_cluster-control._tcp.SERVICE} finds
+the Service in the pod's own namespace, whatever the namespace and the
+cluster's domain are.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import errno
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -22,11 +33,25 @@ from twisted.logger import Logger
 
 log = Logger()
 
-__all__ = ["DEFAULT_SRV_INTERVAL", "SRVBalancers", "isSRV", "srvName"]
+__all__ = [
+    "DEFAULT_RESOLV_CONF",
+    "DEFAULT_SRV_INTERVAL",
+    "SRVBalancers",
+    "isSRV",
+    "lookupNames",
+    "parseResolvConf",
+    "readResolvConf",
+    "srvName",
+    "systemResolver",
+]
 
 DEFAULT_SRV_INTERVAL = 30.0
 #: Seconds between lookups that failed channels ask for, at least.
 FAILED_LOOKUP_SPACING = 1.0
+DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
+#: resolver(5)'s default C{ndots}, and the most it takes.
+DEFAULT_NDOTS = 1
+MAX_NDOTS = 15
 
 
 def isSRV(description: str) -> bool:
@@ -35,12 +60,90 @@ def isSRV(description: str) -> bool:
 
 def srvName(description: str) -> str:
     """
-    The record's name in C{srv:NAME}; C{ValueError} unless it names one.
+    The record's name in C{srv:NAME}, with its final dot if it has one (an
+    absolute name, looked up as it is); C{ValueError} unless it names one.
     """
-    name = description[len("srv:"):].strip().rstrip(".")
-    if not name or " " in name or ":" in name:
+    name = description[len("srv:"):].strip()
+    bare = name.rstrip(".")
+    if not bare or " " in name or ":" in name or name.endswith(".."):
         raise ValueError(f"expected srv:_SERVICE._tcp.DOMAIN, not {description!r}")
-    return name
+    return bare + "." if name.endswith(".") else bare
+
+
+def parseResolvConf(text: str) -> Tuple[List[str], int]:
+    """
+    The search list and C{ndots} of a resolv.conf's text, as resolver(5)
+    reads them: the last C{domain} or C{search} line wins; C{options
+    ndots:N} (at most 15).
+    """
+    search: List[str] = []
+    ndots = DEFAULT_NDOTS
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0][0] in "#;":
+            continue
+        if words[0] == "domain":
+            search = words[1:2]
+        elif words[0] == "search":
+            search = words[1:]
+        elif words[0] == "options":
+            for option in words[1:]:
+                if option.startswith("ndots:"):
+                    try:
+                        ndots = max(0, min(int(option[len("ndots:"):]), MAX_NDOTS))
+                    except ValueError:
+                        pass
+    return [d.rstrip(".") for d in search if d.rstrip(".")], ndots
+
+
+def readResolvConf(path: str) -> Tuple[List[str], int]:
+    """
+    L{parseResolvConf} of the file at C{path}; no search list (and the
+    default C{ndots}) when it cannot be read, as the system's resolver.
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return parseResolvConf(f.read())
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log.warn("cannot read {path}: {error}; no search domains", path=path, error=e.strerror)
+        return [], DEFAULT_NDOTS
+
+
+def lookupNames(name: str, search: Sequence[str], ndots: int) -> List[str]:
+    """
+    The names to look C{name} up as, in resolver(5)'s order: a name that
+    ends in a dot as it is, and nothing else; one with at least C{ndots}
+    dots as it is, then under each search domain; one with fewer under each
+    search domain, then as it is.
+    """
+    if name.endswith("."):
+        return [name.rstrip(".")]
+    under = [f"{name}.{domain}" for domain in search]
+    return [name] + under if name.count(".") >= ndots else under + [name]
+
+
+def systemResolver(reactor, resolvConf: str = DEFAULT_RESOLV_CONF, servers=None):
+    """
+    Twisted's resolver chain (L{twisted.names.client.createResolver}'s:
+    the hosts file, a cache, then the name servers of C{resolvConf} or
+    C{servers}), on C{reactor}.
+    """
+    from twisted.names import cache, client, hosts, resolve
+
+    return resolve.ResolverChain([
+        hosts.Resolver(b"/etc/hosts"),
+        cache.CacheResolver(reactor=reactor),
+        client.Resolver(resolv=resolvConf, servers=servers, reactor=reactor),
+    ])
+
+
+def _noSuchName():
+    from twisted.names import error
+
+    # DomainError itself: Twisted's hosts file and cache, which pass the
+    # question on; its subclasses but DNSNameError are a server's failures.
+    return (error.DomainError, error.DNSNameError, error.AuthoritativeDomainError)
 
 
 def _endpointDescription(host: str, port: int) -> str:
@@ -56,10 +159,24 @@ class SRVBalancers(Service):
 
     @param resolver: a L{twisted.names} resolver (C{lookupService},
         C{lookupAddress}).
+    @param search: the search domains, and C{ndots}, for a C{name} that
+        does not end in a dot (L{lookupNames}).
     """
 
-    def __init__(self, name: str, reporter, resolver, reactor, interval: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        reporter,
+        resolver,
+        reactor,
+        interval: float,
+        search: Sequence[str] = (),
+        ndots: int = DEFAULT_NDOTS,
+    ) -> None:
         self.record = name
+        self.names = lookupNames(name, search, ndots)
+        #: The name the record was last found as.
+        self.foundAs: Optional[str] = None
         self.reporter = reporter
         self.resolver = resolver
         self.reactor = reactor
@@ -111,7 +228,7 @@ class SRVBalancers(Service):
     async def _resolve(self) -> List[Tuple[str, int]]:
         from twisted.names import dns
 
-        answers, _, additional = await self.resolver.lookupService(self.record)
+        answers = await self._lookUpRecord()
         targets = []
         for rr in answers:
             if rr.type == dns.SRV and rr.payload.target.name:
@@ -121,6 +238,41 @@ class SRVBalancers(Service):
             addresses = await self._addresses(target)
             found.extend((a, port) for a in addresses)
         return found
+
+    async def _lookUpRecord(self) -> list:
+        """
+        The SRV answers for the first of L{names} that has some; with none,
+        those of the first that exists (none: every balancer is let go);
+        L{twisted.names.error.DomainError} when none exists.  Any other
+        failure (a timeout, a server failure) ends the search, as the
+        system's resolver does: a later name must not stand in for one that
+        could not be asked.
+        """
+        from twisted.names import dns, error
+
+        empty: Optional[list] = None
+        missing: Optional[Exception] = None
+        for name in self.names:
+            try:
+                answers, _, _ = await self.resolver.lookupService(name)
+            except (error.DomainError, error.AuthoritativeDomainError) as e:
+                if type(e) not in _noSuchName():
+                    raise
+                missing = missing or e
+                continue
+            if any(rr.type == dns.SRV for rr in answers):
+                self._foundAs(name)
+                return answers
+            empty = answers if empty is None else empty
+        if empty is not None:
+            return empty
+        assert missing is not None
+        raise missing
+
+    def _foundAs(self, name: str) -> None:
+        if name != self.foundAs and name != self.record:
+            log.info("SRV {record} found as {name}", record=self.record, name=name)
+        self.foundAs = name
 
     async def _addresses(self, target: str) -> List[str]:
         import ipaddress

@@ -183,7 +183,16 @@ class Options(usage.Options):
             None,
             None,
             "With --balancer srv:NAME: HOST:PORT of the DNS server to ask "
-            "(default: the system's, from /etc/resolv.conf).",
+            "(default: the name servers of --resolv-conf).",
+        ],
+        [
+            "resolv-conf",
+            None,
+            "/etc/resolv.conf",
+            "With --balancer srv:NAME: resolver(5) file whose search (or "
+            "domain) list and options ndots:N apply to a NAME that does not "
+            "end in a dot, as the system's resolver applies them; its name "
+            "servers are asked unless --dns-server is given.",
         ],
         [
             "metrics",
@@ -258,7 +267,13 @@ def _discoverBalancers(options, reporter, reactor) -> None:
     One L{twistedcluster.backend.discovery.SRVBalancers} per C{--balancer
     srv:NAME}, run with the reporter.
     """
-    from twistedcluster.backend.discovery import SRVBalancers, isSRV, srvName
+    from twistedcluster.backend.discovery import (
+        SRVBalancers,
+        isSRV,
+        readResolvConf,
+        srvName,
+        systemResolver,
+    )
 
     names = [srvName(b) for b in options["balancers"] if isSRV(b)]
     if not names:
@@ -268,15 +283,18 @@ def _discoverBalancers(options, reporter, reactor) -> None:
     if options["dns-server"] is not None:
         resolver = client.Resolver(servers=[options["dns-server"]], reactor=reactor)
     else:
-        resolver = client.createResolver(reactor=reactor)
+        resolver = systemResolver(reactor, options["resolv-conf"])
+    search, ndots = readResolvConf(options["resolv-conf"])
     for name in names:
-        SRVBalancers(name, reporter, resolver, reactor, options["srv-interval"]).setServiceParent(
-            reporter
-        )
+        SRVBalancers(
+            name, reporter, resolver, reactor, options["srv-interval"], search, ndots
+        ).setServiceParent(reporter)
         log.info(
-            "backend looks balancers up in SRV {name} every {interval} s",
+            "backend looks balancers up in SRV {name} every {interval} s{search}",
             name=name,
             interval=options["srv-interval"],
+            search="" if name.endswith(".") or not search
+            else f" (search {' '.join(search)}, ndots {ndots})",
         )
 
 

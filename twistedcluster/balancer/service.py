@@ -271,6 +271,23 @@ class Options(usage.Options):
             "client certificate, for etcd's --client-cert-auth)].",
         ],
         [
+            "state-store-user",
+            None,
+            None,
+            "With --state-store: the etcd user to authenticate as (etcd's "
+            "--auth, user/password); its roles must grant readwrite on "
+            "--state-prefix. Needs --state-store-password-file.",
+        ],
+        [
+            "state-store-password-file",
+            None,
+            None,
+            "With --state-store-user: file holding that user's password (its "
+            "first line; never give a password on the command line); readable "
+            "by the balancer's user only (warned otherwise). If etcd refuses "
+            "the credentials at start, the balancer exits with status 78.",
+        ],
+        [
             "drain-timeout",
             None,
             DEFAULT_BALANCER_DRAIN,
@@ -456,6 +473,23 @@ class Options(usage.Options):
                 self["state-tls"] = parseBackendTLS(self["state-store-tls"])
             except ValueError as e:
                 raise usage.UsageError(f"--state-store-tls: {e}") from None
+        self["state-credentials"] = None
+        if self["state-store-user"] is not None or self["state-store-password-file"] is not None:
+            from twistedcluster.balancer.statestore import loadPassword
+
+            if not self["state-store"]:
+                raise usage.UsageError(
+                    "--state-store-user and --state-store-password-file go with --state-store"
+                )
+            if not self["state-store-user"] or self["state-store-password-file"] is None:
+                raise usage.UsageError(
+                    "give --state-store-user and --state-store-password-file together"
+                )
+            try:
+                password = loadPassword(self["state-store-password-file"])
+            except ValueError as e:
+                raise usage.UsageError(f"--state-store-password-file: {e}") from None
+            self["state-credentials"] = (self["state-store-user"], password)
         self["secret"] = loadSecretOption(self["secret-file"])
         from twistedcluster.balancer.accesslog import FORMATS, openOutput
 
@@ -614,10 +648,26 @@ def _stateStore(options: Options, cluster, statics, reactor, parent):
     The shared state store (etcd): what it holds now is applied before the
     balancer starts; the returned service keeps it in step from then on.
     """
-    from twistedcluster.balancer.statestore import EtcdStateStore, loadBlocking, reconcile
+    from twistedcluster.balancer.statestore import (
+        EXIT_STORE_AUTH,
+        EtcdStateStore,
+        StoreAuthFailed,
+        loadBlocking,
+        reconcile,
+    )
 
     members, prefix = options["state-members"], options["state-prefix"]
-    known = loadBlocking(members, prefix, tlsText=options.get("state-store-tls"))
+    credentials = options.get("state-credentials")
+    try:
+        known = loadBlocking(
+            members, prefix, tlsText=options.get("state-store-tls"), credentials=credentials
+        )
+    except StoreAuthFailed as e:
+        # twistd has not begun its log yet: until it does, Twisted writes
+        # critical events to standard error.  Out with a status of its own
+        # (restarting will not help).
+        log.critical("cluster-balancer: state store: {error}", error=str(e))
+        raise SystemExit(EXIT_STORE_AUTH) from None
     if known is None:
         log.warn(
             "state store: no etcd member answered; starting without the cluster's "
@@ -631,14 +681,16 @@ def _stateStore(options: Options, cluster, statics, reactor, parent):
             prefix=prefix,
         )
     store = EtcdStateStore(
-        members, prefix, cluster, statics, reactor, known=known, tls=options.get("state-tls")
+        members, prefix, cluster, statics, reactor, known=known, tls=options.get("state-tls"),
+        credentials=credentials,
     )
     store.setServiceParent(parent)
     log.info(
-        "balancer state store: etcd {members}, prefix {prefix}{tls}",
+        "balancer state store: etcd {members}, prefix {prefix}{tls}{user}",
         members=options["state-store"],
         prefix=prefix,
         tls=", TLS" if options.get("state-tls") is not None else "",
+        user=f", as user {credentials[0]}" if credentials else "",
     )
     return store
 

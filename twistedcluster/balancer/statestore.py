@@ -28,6 +28,17 @@ refuses admin changes (L{StoreUnavailable}): a change that only one
 balancer took would be undone by the next catch-up anyway.  A write that
 fails after the change was applied puts back the last state the store had.
 
+With C{--state-store-user} and C{--state-store-password-file}, the
+balancer authenticates to etcd (C{/v3/auth/authenticate}) and sends the
+token it gets in the C{Authorization} header of every request.  etcd's
+tokens expire (C{--auth-token-ttl}, 300 s after their last use by default):
+a request answered 401 (C{invalid auth token}) authenticates again and is
+sent once more; a watch canceled for that reason is started again, with a
+fresh token.  While etcd's authentication is off, requests go without a
+token, and the first one refused for want of one authenticates.  Credentials that etcd refuses (L{StoreAuthFailed}) stop a
+balancer at start (L{EXIT_STORE_AUTH}); later, they are one more reason the
+store is unavailable.
+
 The client is Twisted's own HTTP L{Agent}: no thread per request.  The one
 exception is L{loadBlocking}, which reads the prefix before the reactor
 runs, as the state file is read, so that a balancer starts with the
@@ -56,10 +67,13 @@ from twistedcluster.core.pool import DEFAULT_WEIGHT, AdminState, State, validWei
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "EXIT_STORE_AUTH",
     "EtcdStateStore",
+    "StoreAuthFailed",
     "StoreUnavailable",
     "desiredState",
     "loadBlocking",
+    "loadPassword",
     "parseStateStore",
     "reconcile",
 ]
@@ -74,10 +88,103 @@ REQUEST_TIMEOUT = 3.0
 MAX_RETRY_DELAY = 2.0
 
 
+#: The balancer's exit status when etcd refuses its credentials at start
+#: (sysexits' EX_CONFIG: restarting will not help).
+EXIT_STORE_AUTH = 78
+
+
 class StoreUnavailable(Exception):
     """
     The state store cannot take a change now; the message says why.
     """
+
+
+class StoreAuthFailed(StoreUnavailable):
+    """
+    etcd refuses this balancer's credentials (a wrong user or password, no
+    credentials where etcd asks for them, or a user whose roles do not
+    cover the prefix); the message says which and what to do.
+    """
+
+
+#: (user, password) for etcd's authentication.
+Credentials = Tuple[str, str]
+
+
+def loadPassword(path: str) -> str:
+    """
+    The password in C{--state-store-password-file PATH}: the file's first
+    line, without its line break.  C{ValueError} saying what is wrong; warns
+    when any user may read the file (as a C{--secret-file}).
+    """
+    from twistedcluster.wire.auth import SecretFileError, readPrivateFile
+
+    try:
+        data = readPrivateFile(path, "password file")
+    except SecretFileError as e:
+        raise ValueError(str(e)) from None
+    try:
+        password = data.decode("utf-8").split("\n", 1)[0].rstrip("\r")
+    except UnicodeDecodeError:
+        raise ValueError(f"password file {path} is not UTF-8 text") from None
+    if not password:
+        raise ValueError(f"password file {path} is empty")
+    return password
+
+
+def _authProblem(status: int, answer: Dict[str, Any], credentials: Optional[Credentials],
+                 prefix: str) -> Optional[str]:
+    """
+    What is wrong with the credentials, from an etcd error answer (the
+    gRPC gateway's C{{"error", "code"}}); C{None} if the error is another
+    kind (an expired token is not a problem with the credentials).
+    """
+    error = str(answer.get("error", ""))
+    if "authentication failed" in error:
+        return (
+            f"etcd refused user {credentials[0] if credentials else '?'!r}: wrong user or "
+            "password (--state-store-user, --state-store-password-file)"
+        )
+    if "user name is empty" in error:
+        return (
+            "etcd has authentication enabled: give --state-store-user and "
+            "--state-store-password-file"
+        )
+    if status == 403 or "permission denied" in error:
+        return (
+            f"etcd user {credentials[0] if credentials else '(none)'!r} may not read and "
+            f"write {prefix!r}: grant one of its roles readwrite on that prefix"
+        )
+    return None
+
+
+def _needsToken(status: int, answer: Dict[str, Any]) -> bool:
+    """
+    Whether etcd refused a request for its token: expired (or from before
+    etcd restarted), or none sent while etcd asks for one.
+    """
+    error = str(answer.get("error", ""))
+    return status == 401 or "invalid auth token" in error or "user name is empty" in error
+
+
+def _authOff(answer: Dict[str, Any]) -> bool:
+    """
+    Whether etcd answered an authentication that its authentication is off
+    (then requests need no token; credentials are kept for when it is on).
+    """
+    return "authentication is not enabled" in str(answer.get("error", ""))
+
+
+def _failure(status: int, answer: Dict[str, Any], credentials: Optional[Credentials],
+             prefix: str) -> Exception:
+    """
+    The exception for an error answer: L{StoreAuthFailed} when it is about
+    the credentials, C{ValueError} otherwise.
+    """
+    problem = _authProblem(status, answer, credentials, prefix)
+    if problem is not None:
+        return StoreAuthFailed(problem)
+    return ValueError(f"HTTP {status}: {answer.get('error', answer)}")
 
 
 def parseStateStore(spec: str) -> List[Tuple[str, int]]:
@@ -268,14 +375,16 @@ def loadBlocking(
     prefix: str,
     timeout: float = 2.0,
     tlsText: Optional[str] = None,
+    credentials: Optional[Credentials] = None,
 ) -> Optional[Dict[str, Any]]:
     """
     Read the prefix from the first member that answers, blocking: only for
     a balancer that is starting, before the reactor runs.  C{None} when
-    none answers (the balancer starts without, and catches up later).
+    none answers (the balancer starts without, and catches up later);
+    L{StoreAuthFailed} when one answers that the credentials will not do.
     """
     p = prefix.encode("utf-8")
-    body = json.dumps({"key": _b64(p), "range_end": _b64(_prefixEnd(p))}).encode()
+    body = {"key": _b64(p), "range_end": _b64(_prefixEnd(p))}
     for host, port in members:
         try:
             if tlsText is None:
@@ -287,20 +396,44 @@ def loadBlocking(
                 conn = _HTTPSConnection(host, port, timeout=timeout, context=context)
                 conn.serverName = hostname or host
             try:
-                conn.request("POST", "/v3/kv/range", body, {"content-type": "application/json"})
-                r = conn.getresponse()
-                answer = json.loads(r.read())
-                if r.status != 200:
-                    raise ValueError(f"HTTP {r.status}: {answer.get('error', '')}")
+                token = None
+                if credentials is not None:
+                    status, answer = _blockingPost(
+                        conn, "/v3/auth/authenticate", _authMessage(credentials), None)
+                    if status == 200:
+                        token = str(answer["token"])
+                    elif not _authOff(answer):
+                        raise _failure(status, answer, credentials, prefix)
+                status, answer = _blockingPost(conn, "/v3/kv/range", body, token)
+                if status != 200:
+                    raise _failure(status, answer, credentials, prefix)
                 return _decodeKVs(p, answer.get("kvs", []))
             finally:
                 conn.close()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, KeyError) as e:
             log.warn(
                 "state store: cannot read etcd at {host}:{port}: {error}",
                 host=host, port=port, error=str(e),
             )
     return None
+
+
+def _authMessage(credentials: Credentials) -> Dict[str, str]:
+    return {"name": credentials[0], "password": credentials[1]}
+
+
+def _blockingPost(
+    conn, path: str, message: Dict[str, Any], token: Optional[str]
+) -> Tuple[int, Dict[str, Any]]:
+    """
+    One request on C{conn}: its status and JSON answer.
+    """
+    headers = {"content-type": "application/json"}
+    if token is not None:
+        headers["authorization"] = token
+    conn.request("POST", path, json.dumps(message).encode(), headers)
+    r = conn.getresponse()
+    return r.status, json.loads(r.read())
 
 
 class _HTTPSConnection(http.client.HTTPSConnection):
@@ -388,6 +521,7 @@ class EtcdStateStore(Service):
         known: Optional[Dict[str, Any]] = None,
         agent=None,
         tls=None,
+        credentials: Optional[Credentials] = None,
     ) -> None:
         if agent is None:
             from twisted.web.client import Agent
@@ -415,6 +549,10 @@ class EtcdStateStore(Service):
         self._delay = 0.1
         self._stopping = False
         self._lastError = "not connected yet"
+        self.credentials = credentials
+        #: etcd's token for L{credentials}, once authenticated.
+        self._token: Optional[str] = None
+        self._cancelReason: Optional[str] = None
 
     # -- the service ------------------------------------------------------
 
@@ -447,10 +585,13 @@ class EtcdStateStore(Service):
         from twisted.web.client import FileBodyProducer
         from twisted.web.http_headers import Headers
 
+        headers = Headers({b"content-type": [b"application/json"]})
+        if self._token is not None and path != "/v3/auth/authenticate":
+            headers.addRawHeader(b"authorization", self._token.encode("ascii"))
         d = self.agent.request(
             b"POST",
             self._url(path),
-            Headers({b"content-type": [b"application/json"]}),
+            headers,
             FileBodyProducer(io.BytesIO(json.dumps(message).encode())),
         )
         if timeout is not None:
@@ -459,24 +600,62 @@ class EtcdStateStore(Service):
 
     async def _call(self, path: str, message: Dict[str, Any]) -> Dict[str, Any]:
         """
-        One request and its JSON answer, trying each member once.
+        One request and its JSON answer, trying each member once; with
+        L{credentials}, authenticating first and again when the token has
+        expired.
         """
-        from twisted.web.client import readBody
-
         errors = []
         for _ in range(len(self.members)):
             try:
-                d = self._post(path, message, REQUEST_TIMEOUT)
-                response = await d
-                body = await readBody(response).addTimeout(REQUEST_TIMEOUT, self.reactor)
-                answer = json.loads(body)
-                if response.code != 200:
-                    raise ValueError(f"HTTP {response.code}: {answer.get('error', body[:200])}")
+                if self.credentials is not None and self._token is None:
+                    await self._authenticate()
+                code, answer = await self._request(path, message)
+                if self.credentials is not None and _needsToken(code, answer):
+                    had, self._token = self._token, None
+                    await self._authenticate()
+                    log.info(
+                        "state store: {why}; authenticated again as {user}",
+                        why="etcd's token had expired" if had is not None
+                        else "etcd asks for authentication now",
+                        user=self.credentials[0],
+                    )
+                    code, answer = await self._request(path, message)
+                if code != 200:
+                    raise _failure(code, answer, self.credentials, self.prefix)
                 return answer
+            except StoreAuthFailed:
+                raise
             except Exception as e:
                 errors.append(f"{self._describeMember()}: {_errorText(e)}")
                 self._member += 1
         raise StoreUnavailable("etcd unreachable (" + "; ".join(errors) + ")")
+
+    async def _request(self, path: str, message: Dict[str, Any]) -> Tuple[int, Dict[str, Any]]:
+        """
+        One request to the current member: its status and JSON answer.
+        """
+        from twisted.web.client import readBody
+
+        response = await self._post(path, message, REQUEST_TIMEOUT)
+        body = await readBody(response).addTimeout(REQUEST_TIMEOUT, self.reactor)
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            raise ValueError(f"HTTP {response.code}: {body[:200]!r}") from None
+        return response.code, answer
+
+    async def _authenticate(self) -> None:
+        """
+        Get a token for L{credentials} from the current member; none while
+        etcd's authentication is off.
+        """
+        assert self.credentials is not None
+        code, answer = await self._request("/v3/auth/authenticate", _authMessage(self.credentials))
+        if code == 200:
+            self._token = str(answer["token"])
+            log.debug("state store: authenticated to etcd as {user}", user=self.credentials[0])
+        elif not _authOff(answer):
+            raise _failure(code, answer, self.credentials, self.prefix)
 
     def _describeMember(self) -> str:
         host, port = self.members[self._member % len(self.members)]
@@ -514,6 +693,7 @@ class EtcdStateStore(Service):
             },
             REQUEST_TIMEOUT,
         )
+        self._cancelReason = None
         response = await self._watchRequest
         self._watchRequest = None
         if response.code != 200:
@@ -527,7 +707,10 @@ class EtcdStateStore(Service):
         waiting.addTimeout(REQUEST_TIMEOUT, self.reactor)
         await waiting
         if done.called:
-            raise ConnectionError("the watch stream ended before it was created")
+            raise ConnectionError(
+                f"the watch was canceled: {self._cancelReason}" if self._cancelReason
+                else "the watch stream ended before it was created"
+            )
         if not self.watching:
             log.info(
                 "state store: watching etcd {member} prefix {prefix} from revision {revision} "
@@ -546,13 +729,19 @@ class EtcdStateStore(Service):
         if "error" in message:
             log.error("state store: watch error {error}", error=message["error"])
             return
-        if result.get("created") and not created.called:
-            created.callback(None)
         if result.get("canceled") or result.get("compact_revision"):
-            log.warn("state store: watch canceled ({why}); reading again", why=result)
+            reason = str(result.get("cancel_reason", ""))
+            if "auth token" in reason or "Unauthenticated" in reason:
+                # Created with a token that expired meanwhile: a new one.
+                self._token = None
+            self._cancelReason = reason or "compacted"
+            if created.called:
+                log.warn("state store: watch canceled ({why}); reading again", why=result)
             if self._watchBody is not None:
                 self._watchBody.stopProducing()
             return
+        if result.get("created") and not created.called:
+            created.callback(None)
         for event in result.get("events", ()):
             kv = event.get("kv", {})
             key = base64.b64decode(kv.get("key", ""))[len(self._prefix):].decode("utf-8")
@@ -577,7 +766,13 @@ class EtcdStateStore(Service):
         if self._stopping:
             return
         error = _errorText(failure.value)
-        if self.watching or error != self._lastError:
+        if failure.check(StoreAuthFailed) and error != self._lastError:
+            log.error(
+                "state store: {error}; routing on with the last known state, admin "
+                "changes refused until etcd takes the credentials",
+                error=error,
+            )
+        elif self.watching or error != self._lastError:
             log.warn(
                 "state store: lost etcd ({error}); routing on with the last known "
                 "state, admin changes refused until it is back",

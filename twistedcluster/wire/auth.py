@@ -48,25 +48,36 @@ def loadSecret(path: str) -> bytes:
     Read a secret file: its bytes, without surrounding white space, at least
     L{MIN_SECRET_LENGTH} of them.  Warns when others may read the file.
     """
-    try:
-        with open(path, "rb") as f:
-            secret = f.read().strip()
-            mode = os.fstat(f.fileno()).st_mode
-    except OSError as e:
-        raise SecretFileError(f"cannot read secret file {path}: {e.strerror}") from None
+    secret = readPrivateFile(path, "secret file").strip()
     if len(secret) < MIN_SECRET_LENGTH:
         raise SecretFileError(
             f"secret file {path} holds {len(secret)} bytes; use at least "
             f"{MIN_SECRET_LENGTH}, for example: head -c 32 /dev/urandom | base64 > {path}"
         )
+    return secret
+
+
+def readPrivateFile(path: str, what: str) -> bytes:
+    """
+    The bytes of a file that holds a secret (C{what}: "secret file",
+    "password file"); L{SecretFileError} when it cannot be read.  Warns
+    when any user may read it.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+            mode = os.fstat(f.fileno()).st_mode
+    except OSError as e:
+        raise SecretFileError(f"cannot read {what} {path}: {e.strerror}") from None
     # Group bits are left alone: a Kubernetes Secret mounted with fsGroup is
     # 0440 by design, and the group is the service's own.
     if mode & stat.S_IRWXO:
         log.warn(
-            "secret file {path} may be read by any user; chmod o-rwx it",
+            "{what} {path} may be read by any user; chmod o-rwx it",
+            what=what,
             path=path,
         )
-    return secret
+    return data
 
 
 def newNonce() -> bytes:
