@@ -170,3 +170,28 @@ def test_forget_tells_the_store_which_backend():
     admin, _, _ = lb.adminChannel()
     lb.resultOf(admin.callRemote(commands.ForgetBackend, name="a"))
     assert told == ["a"]
+
+
+def test_a_static_backend_from_the_store_does_not_take_a_registered_backends_name(logged):
+    # Another balancer's cluster-admin add of a name that a backend has
+    # registered here: this balancer keeps the backend, and says why.
+    from tests.test_control import register
+
+    lb = balancerWith()
+    statics = withStatics(lb)
+    statics.registered = lambda name: name in lb.control.owners
+    client, _, _ = lb.controlChannel()
+    lb.resultOf(register(client, name="web", port=9000))
+    applyKey(lb.cluster, statics, "static/web", {"host": "127.0.0.1", "port": 6379, "capacity": 3})
+    s = lb.pool.get("web")
+    assert (s.static, s.port, s.state) == (False, 9000, State.UP)
+    assert "web" not in statics.checks
+    assert any("static backend web not added" in line and "registered" in line for line in logged)
+    # Still the cluster's: a write from this balancer keeps the key...
+    value = {"host": "127.0.0.1", "port": 6379, "capacity": 3}
+    assert desiredState(lb.cluster, statics)["static/web"] == value
+    # ... until it is deleted from the store.
+    applyKey(lb.cluster, statics, "static/web", None)
+    assert "static/web" not in desiredState(lb.cluster, statics)
+    assert lb.pool.get("web").static is False
+    statics.stopService()

@@ -212,6 +212,12 @@ class AdminProtocol(GuardedAMP):
         try:
             statics.add(backend)
         except StaticNameTaken as e:
+            self.log.warn(
+                "admin {peer}: add of static backend {backend} refused: {error}",
+                peer=self.peerText(),
+                backend=backend.describe(),
+                error=str(e),
+            )
             raise commands.BackendInUse(str(e)) from None
         state = self._cluster.pool.get(backend.name).state.value
         return self._changed(f"added static backend {backend.describe()}", {"state": state})

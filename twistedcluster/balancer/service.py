@@ -806,6 +806,8 @@ def makeService(options: Options, reactor=None):
         authTimeout=options["auth-timeout"],
         forgetAfter=options["forget-after"],
     )
+    # A static backend restored from the store never takes a registered name.
+    statics.registered = controlFactory.owners.__contains__
     adminFactory = AdminFactory(
         cluster,
         reactor,

@@ -139,6 +139,10 @@ def desiredState(cluster, statics) -> Dict[str, Any]:
     if statics is not None:
         for name, b in statics.added.items():
             keys["static/" + name] = {"host": b.host, "port": b.port, "capacity": b.capacity}
+        # Not added here (a backend registered under the name), still the
+        # cluster's: a write from here must not delete them.
+        for name, value in statics.heldBack.items():
+            keys["static/" + name] = value
     return keys
 
 
@@ -197,8 +201,23 @@ def applyKey(cluster, statics, key: str, value: Optional[Any]) -> None:
                     b = makeStaticBackend(
                         name, value["host"], int(value["port"]), capacity=int(value["capacity"])
                     )
-                    statics.add(b, runtime=True, restoring=True)
+                    from twistedcluster.balancer.healthcheck import StaticNameTaken
+
+                    try:
+                        statics.add(b, runtime=True, restoring=True)
+                    except StaticNameTaken as e:
+                        # A backend registered here under that name: the
+                        # first to take a name keeps it.
+                        log.warn(
+                            "state store: static backend {name} not added here: {error}",
+                            name=name,
+                            error=str(e),
+                        )
+                        statics.heldBack[name] = value
+                        return
                     log.info("state store: static backend {name} added", name=name)
+            elif statics.heldBack.pop(name, None) is not None:
+                pass
             elif name in statics.added:
                 statics.remove(name)
                 log.info("state store: static backend {name} removed", name=name)
