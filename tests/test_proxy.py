@@ -881,3 +881,51 @@ async def test_a_silent_service_that_closes_after_the_clients_end_is_not_blamed(
         assert await deferToThread(echoOnce, "127.0.0.1", loopback.port, b"log %d" % i, 10) == b""
     s = loopback.cluster.pool.get("b0")
     assert (s.state.value, s.failures, s.routed, s.active) == ("up", 0, 20, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_client_gets_a_backend_only_once_its_handshake_is_done(tmp_path):
+    # With an ssl: listener, a client that opens TCP and never handshakes
+    # costs no backend connection and no load; one that handshakes is relayed.
+    from twisted.internet.endpoints import serverFromString
+
+    from tests.certificates import loopbackTLS
+
+    description, context = loopbackTLS(tmp_path)
+    accepted = []
+
+    class Counted(Factory):
+        def buildProtocol(self, addr):
+            accepted.append(addr)
+            return echoFactory().buildProtocol(addr)
+
+    backendPort = await listen(Counted())
+    cluster = clusterOf(backendPort.getHost().port)
+    factory = ProxyFactory(cluster, reactor)
+    proxyPort = await serverFromString(reactor, description).listen(factory)
+    port = proxyPort.getHost().port
+    try:
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            await deferLater(reactor, 0.3, lambda: None)
+            assert len(factory.clients) == 1  # accepted, awaiting its handshake
+            assert accepted == []
+            s = cluster.pool.get(f"b{backendPort.getHost().port}")
+            assert (s.active, s.routed, s.addedSinceReport) == (0, 0, 0)
+
+            def run():
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                        tls.sendall(b"over tls")
+                        return tls.recv(100)
+
+            assert await deferToThread(run) == b"over tls"
+            assert len(accepted) == 1
+        finally:
+            silent.close()
+        await deferLater(reactor, 0.1, lambda: None)
+        assert factory.clients == set()
+        assert len(accepted) == 1
+    finally:
+        await proxyPort.stopListening()
+        await backendPort.stopListening()

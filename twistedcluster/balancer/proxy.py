@@ -28,6 +28,7 @@ from twisted.internet.error import ConnectBindError, ConnectError, ConnectionDon
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -287,6 +288,7 @@ class _Attempt:
 EARLY_DATA_LIMIT = 64 * 1024
 
 
+@implementer(IHandshakeListener)
 class ProxyServer(Relay):
     """
     The client's connection to the proxy listener.
@@ -320,6 +322,8 @@ class ProxyServer(Relay):
     #: the factory); and whether a PROXY header named another one.
     clientAddress = None
     _proxied: Optional[Tuple[object, object]] = None
+    #: Set while a TLS client's handshake is awaited.
+    _handshaking = False
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -330,6 +334,12 @@ class ProxyServer(Relay):
         if factory.proxyParsers is not None:
             self._awaitHeader()
             return
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            # TLS to the client (ssl:): no backend until its handshake is
+            # done (handshakeCompleted), so a client that opens TCP and
+            # never handshakes costs no backend connection, nor load.
+            self._handshaking = True
+            return
         self.route()
         if not self._gone and plainTCP(self.transport):
             # Most clients send first, and at once: by now their first bytes
@@ -339,6 +349,17 @@ class ProxyServer(Relay):
             data = readNow(self.transport)
             if data is not None:
                 self.dataReceived(data)
+
+    def handshakeCompleted(self) -> None:
+        """
+        The client's TLS handshake is done: find it a backend now.  (With a
+        PROXY header to read as well, the header, which comes inside TLS,
+        decides when instead.)
+        """
+        if self._handshaking:
+            self._handshaking = False
+            if not self._gone:
+                self.route()
 
     def _awaitHeader(self) -> None:
         """
