@@ -929,3 +929,64 @@ async def test_a_tls_client_gets_a_backend_only_once_its_handshake_is_done(tmp_p
     finally:
         await proxyPort.stopListening()
         await backendPort.stopListening()
+
+
+def test_summaries_go_on_while_draining_and_the_last_is_told(logged):
+    # SIGTERM: the listener closes (stopFactory), then the drain waits for
+    # the connections open.  Lines summed once a second are told through
+    # the drain, and what is pending when it ends is told then (the process
+    # exits next): nothing is dropped.
+    mr = MemoryReactorClock()
+    factory = ProxyFactory(clusterOf(9001), mr)
+    factory.doStart()  # listening
+    staying, _ = startClient(factory)
+    completeConnect(mr)
+
+    def closing():
+        return [line for line in logged if "closing client" in line]
+
+    def refuseOne(why):
+        proxy, _ = startClient(factory)
+        proxy.refuse(why)
+        proxy.connectionLost(Failure(ConnectionDone()))
+
+    refuseOne("first")
+    assert len(closing()) == 1
+    mr.advance(0.2)
+    refuseOne("pending at the stop")
+    factory.doStop()  # the listener closed
+    done = []
+    factory.drain(30).addCallback(done.append)
+    mr.advance(1)
+    assert len(closing()) == 2 and "pending at the stop: 1" in closing()[1]
+    mr.advance(1.5)
+    refuseOne("during the drain")
+    assert len(closing()) == 3  # a second after the last: told at once
+    mr.advance(0.2)
+    refuseOne("pending at the end")
+    staying.connectionLost(Failure(ConnectionDone()))
+    assert done == [None]
+    assert len(closing()) == 4 and "pending at the end: 1" in closing()[3]
+    assert not mr.getDelayedCalls()
+
+
+def test_a_long_drain_says_how_it_goes(logged):
+    mr = MemoryReactorClock()
+    factory = ProxyFactory(clusterOf(9001), mr)
+    proxies = [startClient(factory)[0] for _ in range(2)]
+    for i in range(2):
+        completeConnect(mr, i)
+    done = []
+    factory.drain(300).addCallback(done.append)
+
+    def progress():
+        return [line for line in logged if "still open" in line]
+
+    mr.advance(proxy.DRAIN_PROGRESS_INTERVAL)
+    assert progress() == ["proxy: stopping: 2 connection(s) still open, 290 s to the drain deadline"]
+    proxies[0].connectionLost(Failure(ConnectionDone()))
+    mr.advance(proxy.DRAIN_PROGRESS_INTERVAL)
+    assert progress()[1] == "proxy: stopping: 1 connection(s) still open, 280 s to the drain deadline"
+    proxies[1].connectionLost(Failure(ConnectionDone()))
+    assert done == [None]
+    assert not mr.getDelayedCalls()

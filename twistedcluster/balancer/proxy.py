@@ -72,6 +72,8 @@ DEFAULT_ATTEMPTS = 3
 #: Seconds a client of a listener that expects a PROXY header has to send
 #: it (the spec: at least 3, to cover a TCP retransmit).
 PROXY_HEADER_TIMEOUT = 5.0
+#: Seconds between the lines that tell how a drain goes.
+DRAIN_PROGRESS_INTERVAL = 10.0
 
 
 class _BackendSide(Relay):
@@ -825,6 +827,7 @@ class ProxyFactory(Factory):
         stopped separately, so no new one comes.)
         """
         if not self.clients:
+            self._tellSummaries()
             return defer.succeed(None)
         log.info(
             "proxy: stopping: waiting up to {timeout} s for {count} connection(s)",
@@ -833,6 +836,26 @@ class ProxyFactory(Factory):
         )
         self._idle = defer.Deferred()
         self._idle.addTimeout(timeout, self.reactor)
+        end = self.reactor.seconds() + timeout
+        progress = []
+
+        def tell():
+            # A long drain (--takeover-drain) is not silent until its end.
+            progress[:] = [self.reactor.callLater(DRAIN_PROGRESS_INTERVAL, tell)]
+            log.info(
+                "proxy: stopping: {count} connection(s) still open, {left:.0f} s "
+                "to the drain deadline",
+                count=len(self.clients),
+                left=max(0.0, end - self.reactor.seconds()),
+            )
+
+        progress.append(self.reactor.callLater(DRAIN_PROGRESS_INTERVAL, tell))
+
+        def over(result):
+            call = progress.pop()
+            if call.active():
+                call.cancel()
+            return self._tellSummaries(result)
 
         def deadline(failure):
             failure.trap(defer.TimeoutError)
@@ -848,10 +871,21 @@ class ProxyFactory(Factory):
         def drained(result):
             log.info("proxy: drained: no connection left")
 
-        return self._idle.addCallbacks(drained, deadline)
+        return self._idle.addCallbacks(drained, deadline).addBoth(over)
 
-    def stopFactory(self) -> None:
+    def _tellSummaries(self, result=None):
+        """
+        Tell the summed lines pending now, at once (the drain is over: the
+        process exits next).
+        """
         for summary in (self._noSocket, self._closed):
             summary.stop()
+        self.health.stopSummary()
+        return result
+
+    def stopFactory(self) -> None:
+        # The listener closed: what is pending is told now; the connections
+        # still open go on counting until the drain is over (L{drain}).
+        self._tellSummaries()
         self.health.stop()
         self.admission.close("the balancer is stopping")
