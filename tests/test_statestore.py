@@ -195,3 +195,20 @@ def test_a_static_backend_from_the_store_does_not_take_a_registered_backends_nam
     assert "static/web" not in desiredState(lb.cluster, statics)
     assert lb.pool.get("web").static is False
     statics.stopService()
+
+
+def test_a_static_backends_proxy_header_version_is_in_its_key():
+    lb = balancerWith()
+    statics = withStatics(lb)
+    statics.add(StaticBackend("web", "127.0.0.1", 2, sendProxy="v2"))
+    assert desiredState(lb.cluster, statics)["static/web"] == {
+        "host": "127.0.0.1", "port": 2, "capacity": 1000, "sendProxy": "v2"}
+    other = balancerWith()
+    otherStatics = withStatics(other)
+    applyKey(other.cluster, otherStatics, "static/web",
+             {"host": "127.0.0.1", "port": 2, "capacity": 1000, "sendProxy": "v2"})
+    assert otherStatics.sendProxyFor == {"web": "v2"}
+    applyKey(other.cluster, otherStatics, "static/old", {"host": "127.0.0.1", "port": 3, "capacity": 5})
+    assert "old" in other.pool and "old" not in otherStatics.sendProxyFor
+    statics.stopService()
+    otherStatics.stopService()
