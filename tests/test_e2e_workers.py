@@ -398,3 +398,42 @@ def test_workers_refuse_a_listener_they_cannot_share():
     o = Options()
     o.parseOptions(["--workers=2", "--listen=haproxy:tcp:8000", "--redirect=unix:/tmp/r.sock"])
     assert o["workers"] == 2 and o["argv"][0] == "--workers=2"
+
+
+def test_a_static_backends_proxy_header_reaches_every_worker(cluster):
+    # cluster-admin add --send-proxy (and remove, add again without): every
+    # worker sends what the main process has for that backend now, not what
+    # the command line gave it.
+    from tests.test_e2e_statics import RecordingServer, throughTheBalancer
+
+    server = RecordingServer()
+    try:
+        balancer = cluster.startBalancer(
+            extra=["--workers=2", "--check-interval=0.2", "--rise=1",
+                   f"--backend=web=127.0.0.1:{server.port},send-proxy=v2"])
+        pids = waitFor(lambda: len(workerPids(balancer.pid)) == 2 and workerPids(balancer.pid), 20, "2 workers")
+        cluster.workersSeen.update(pids)
+        cluster.waitForStatus(lambda s: s.get("web", {}).get("state") == "up", 20, "web up")
+        cluster.adminRun("remove", "web")
+        cluster.adminRun("add", "web", f"127.0.0.1:{server.port}", "--send-proxy", "v1")
+
+        def firstLine():
+            got = throughTheBalancer(cluster.port, b"x")
+            return got if got.startswith(b"PROXY TCP4 ") else None
+
+        for pid in sorted(pids):
+            with onlyWorker(pid, pids):
+                for _ in range(3):
+                    got = waitFor(firstLine, 10, f"worker {pid} to send a v1 header")
+                    assert got.endswith(b"\r\nx"), got
+        cluster.adminRun("remove", "web")
+        cluster.adminRun("add", "web", f"127.0.0.1:{server.port}")
+        for pid in sorted(pids):
+            with onlyWorker(pid, pids):
+                for _ in range(3):
+                    assert waitFor(
+                        lambda: (got := throughTheBalancer(cluster.port, b"x")) == b"x" and got,
+                        10, f"worker {pid} to send no header",
+                    ) == b"x"
+    finally:
+        server.close()

@@ -854,6 +854,7 @@ def makeService(options: Options, reactor=None):
             options["drain-timeout"],
             onPort=sharedPort,
             traffic=traffic,
+            sendProxyFor=options["backend-send-proxy"],
         )
         workers.setName("workers")
         workers.setServiceParent(top)

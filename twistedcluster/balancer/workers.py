@@ -241,8 +241,13 @@ class WorkerSupervisor(Service):
         onPort=None,
         syncInterval: float = SYNC_INTERVAL,
         traffic=None,
+        sendProxyFor: Optional[Dict[str, str]] = None,
     ) -> None:
         self.count = count
+        #: The static backends' own PROXY header versions, by name (the
+        #: main process's, which cluster-admin add and remove change): sent
+        #: with the view, so that every worker has them as they are now.
+        self.sendProxyFor = sendProxyFor if sendProxyFor is not None else {}
         self.cluster = cluster
         self.reactor = reactor
         self.listeners = listeners
@@ -255,7 +260,7 @@ class WorkerSupervisor(Service):
         self.workers: Dict[int, _WorkerProcess] = {}
         self.restartDelay = RESTART_DELAY
         self.stopping = False
-        self._pushed: tuple = (None, None)
+        self._pushed: tuple = (None, None, None)
         self._sync = LoopingCall(self._push)
         self._sync.clock = reactor
 
@@ -396,8 +401,12 @@ class WorkerSupervisor(Service):
     def _push(self) -> None:
         # The pool's snapshot is cached until anything in it changes: an
         # idle cluster costs no view.
-        marker = (self.cluster.pool.snapshot(), self.cluster.policyName)
-        if marker[0] is self._pushed[0] and marker[1] == self._pushed[1]:
+        marker = (
+            self.cluster.pool.snapshot(),
+            self.cluster.policyName,
+            tuple(sorted(self.sendProxyFor.items())),
+        )
+        if marker[0] is self._pushed[0] and marker[1:] == self._pushed[1:]:
             return
         self._pushed = marker
         for worker in list(self.workers.values()):
@@ -408,9 +417,10 @@ class WorkerSupervisor(Service):
         if channel is None or channel.transport is None:
             return
         view = mirror.viewFor(self.cluster, worker.book)
-        if view != worker.said:
-            worker.said = view
-            channel.send({"policy": view[0], "backends": view[1]})
+        sendProxy = dict(self.sendProxyFor)
+        if (view, sendProxy) != worker.said:
+            worker.said = (view, sendProxy)
+            channel.send({"policy": view[0], "backends": view[1], "sendProxy": sendProxy})
 
 
 class _NoClients(protocol.Factory):
@@ -464,6 +474,20 @@ def workerFigures(proxyFactory, redirectFactory, clientLimit, traffic):
         "paused": int(clientLimit.paused),
     }
     return counters, gauges
+
+
+def applyMessage(m: Dict[str, Any], cluster, applied: dict, proxyFactory) -> None:
+    """
+    What a worker does with a message from the main process: route on its
+    view of the pool, and send each static backend the PROXY header the
+    main process has for it now (C{cluster-admin add --send-proxy}, the
+    state file, a C{remove}), not what the command line gave.
+    """
+    mirror.applyView(cluster, m["policy"], m["backends"], applied)
+    sendProxy = m.get("sendProxy")
+    if sendProxy is not None and sendProxy != proxyFactory.sendProxyFor:
+        proxyFactory.sendProxyFor.clear()
+        proxyFactory.sendProxyFor.update(sendProxy)
 
 
 def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) -> None:
@@ -528,7 +552,7 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     applied: dict = {}
 
     def message(m) -> None:
-        mirror.applyView(cluster, m["policy"], m["backends"], applied)
+        applyMessage(m, cluster, applied, proxyFactory)
 
     def lost() -> None:
         if reactor.running:
