@@ -437,3 +437,23 @@ def test_a_static_backends_proxy_header_reaches_every_worker(cluster):
                     ) == b"x"
     finally:
         server.close()
+
+
+def test_sighup_reopens_every_workers_access_log(cluster, tmp_path):
+    # logrotate moves the access log away and sends SIGHUP to the main
+    # process: what every worker relays next goes to a new file at the path.
+    path = tmp_path / "access.log"
+    balancer, pids = startWorkers(cluster, ["a"], extra=[f"--access-log={path}"])
+    for pid in sorted(pids):
+        with onlyWorker(pid, pids):
+            assert echoOnce("127.0.0.1", cluster.port, b"before") == b"before"
+    waitFor(lambda: path.exists() and path.read_text().count("\n") >= 4, 10, "the records written")
+    path.rename(tmp_path / "access.log.1")
+    balancer.signal(signal.SIGHUP)
+    time.sleep(0.2)  # noqa: the workers are told over their channel (10 ms sync)
+    for pid in sorted(pids):
+        with onlyWorker(pid, pids):
+            assert echoOnce("127.0.0.1", cluster.port, b"after") == b"after"
+    waitFor(lambda: path.exists() and path.read_text().count("\n") == 2, 10,
+            "both workers' records in the new file")
+    assert (tmp_path / "access.log.1").read_text().count("\n") == 4

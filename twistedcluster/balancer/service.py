@@ -589,16 +589,33 @@ class _DrainOnStop(Service):
         return d
 
 
-def _logFilesAnd(accessLog):
+class _WorkersAccessLogs:
+    """
+    The workers' access logs, as SIGHUP reopens them: each worker is told
+    over its channel (workers ignore the signal).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = f"{path} (every worker's)"
+        self.workers = None
+
+    def reopen(self) -> None:
+        if self.workers is not None:
+            self.workers.reopenAccessLogs()
+
+
+def _logFilesAnd(accessLog, workers=None):
     """
     What SIGHUP reopens: twistd's log file, and the access log when it
-    writes to a file.
+    writes to a file (with C{--workers}, each worker's too: C{workers} is
+    a L{_WorkersAccessLogs}).
     """
     from twistedcluster.hangup import logFiles
 
     if accessLog is None or accessLog.path is None:
         return logFiles
-    return lambda: [*logFiles(), accessLog]
+    extra = [accessLog] if workers is None else [accessLog, workers]
+    return lambda: [*logFiles(), *extra]
 
 
 def proxyListener(description: str):
@@ -792,7 +809,12 @@ def makeService(options: Options, reactor=None):
     from twistedcluster.hangup import HangUpService
 
     # SIGHUP reopens the log, and the access log (logrotate moves both).
-    HangUpService(reactor, findLogFiles=_logFilesAnd(accessLog)).setServiceParent(top)
+    workersAccessLogs = None
+    if options["workers"] > 1 and accessLog is not None and accessLog.path is not None:
+        workersAccessLogs = _WorkersAccessLogs(accessLog.path)
+    HangUpService(
+        reactor, findLogFiles=_logFilesAnd(accessLog, workersAccessLogs)
+    ).setServiceParent(top)
     # Proxy and redirect clients share one limit; control and admin have
     # their own, and the descriptors the limit leaves.
     clientLimit = ClientLimit(options["max-connections"], reactor)
@@ -858,6 +880,8 @@ def makeService(options: Options, reactor=None):
         )
         workers.setName("workers")
         workers.setServiceParent(top)
+        if workersAccessLogs is not None:
+            workersAccessLogs.workers = workers
         log.info(
             "balancer {n} workers serve {roles} on shared listening sockets",
             n=options["workers"],

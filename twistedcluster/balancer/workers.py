@@ -412,6 +412,16 @@ class WorkerSupervisor(Service):
         for worker in list(self.workers.values()):
             self._pushTo(worker)
 
+    def reopenAccessLogs(self) -> None:
+        """
+        Tell every worker to reopen its access log file (SIGHUP reached the
+        main process; workers ignore the signal itself).
+        """
+        for worker in list(self.workers.values()):
+            channel = worker.channel
+            if channel is not None and channel.transport is not None:
+                channel.send({"reopen": True})
+
     def _pushTo(self, worker: _WorkerProcess) -> None:
         channel = worker.channel
         if channel is None or channel.transport is None:
@@ -521,7 +531,13 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     if options.get("access-log-output") is not None:
         from twistedcluster.balancer.accesslog import AccessLog
 
-        accessLog = AccessLog(reactor, options["access-log-output"], options["access-log-format"])
+        path = options["access-log"]
+        accessLog = AccessLog(
+            reactor,
+            options["access-log-output"],
+            options["access-log-format"],
+            path=None if path == "-" else path,
+        )
         accessLog.start()
     traffic = Traffic(accessLog)
     _, parsers = proxyListener(options["listen"])
@@ -552,7 +568,23 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     applied: dict = {}
 
     def message(m) -> None:
+        if m.get("reopen"):
+            reopen()
+            return
         applyMessage(m, cluster, applied, proxyFactory)
+
+    def reopen() -> None:
+        if accessLog is None or accessLog.path is None:
+            return
+        try:
+            accessLog.reopen()
+        except OSError as e:
+            log.warn(
+                "SIGHUP: cannot reopen the access log {path}: {error}; still "
+                "writing to the old one",
+                path=accessLog.path,
+                error=e,
+            )
 
     def lost() -> None:
         if reactor.running:
