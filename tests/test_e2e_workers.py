@@ -457,3 +457,18 @@ def test_sighup_reopens_every_workers_access_log(cluster, tmp_path):
     waitFor(lambda: path.exists() and path.read_text().count("\n") == 2, 10,
             "both workers' records in the new file")
     assert (tmp_path / "access.log.1").read_text().count("\n") == 4
+
+
+def test_access_log_on_standard_output_is_written_as_it_is_by_every_worker(cluster):
+    # --access-log - with --workers: the records are the balancer's
+    # standard output, one a line as one process writes them, not lines of
+    # its log ("worker 0 (pid ...): ...").
+    balancer, pids = startWorkers(cluster, ["a"], extra=["--access-log=-"])
+    for pid in sorted(pids):
+        with onlyWorker(pid, pids):
+            assert echoOnce("127.0.0.1", cluster.port, b"hi") == b"hi"
+    record = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+Z proxy client=\S+ backend=a ", re.M)
+    waitFor(lambda: len(record.findall(balancer.logText())) >= 4, 10, "4 records, as written")
+    assert "): 20" not in "".join(
+        line for line in balancer.logText().splitlines() if "proxy client=" in line
+    )

@@ -877,6 +877,9 @@ def makeService(options: Options, reactor=None):
             onPort=sharedPort,
             traffic=traffic,
             sendProxyFor=options["backend-send-proxy"],
+            # --access-log -: the workers' records go to standard output as
+            # they are (the workers log to standard error).
+            shareStdout=options["access-log"] == "-",
         )
         workers.setName("workers")
         workers.setServiceParent(top)

@@ -242,8 +242,13 @@ class WorkerSupervisor(Service):
         syncInterval: float = SYNC_INTERVAL,
         traffic=None,
         sendProxyFor: Optional[Dict[str, str]] = None,
+        shareStdout: bool = False,
     ) -> None:
         self.count = count
+        #: Whether each worker writes to this process's standard output
+        #: itself (C{--access-log -}: the records as they are) rather than
+        #: to a pipe read as log lines.
+        self.shareStdout = shareStdout
         #: The static backends' own PROXY header versions, by name (the
         #: main process's, which cluster-admin add and remove change): sent
         #: with the view, so that every worker has them as they are now.
@@ -333,7 +338,7 @@ class WorkerSupervisor(Service):
 
     def _spawn(self, index: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = {1: "r", 2: "r", 3: theirs.fileno()}
+        fds = {1: 1 if self.shareStdout else "r", 2: "r", 3: theirs.fileno()}
         args = [sys.executable, "-m", "twistedcluster.balancer.workers", str(index), "3"]
         fd = 4
         for role, port in self.ports.items():
