@@ -990,3 +990,37 @@ def test_a_long_drain_says_how_it_goes(logged):
     proxies[1].connectionLost(Failure(ConnectionDone()))
     assert done == [None]
     assert not mr.getDelayedCalls()
+
+
+@pytest.mark.parametrize("kw", [{"handshakeTimeout": 0.3}, {"idleTimeout": 0.3}])
+@pytest_twisted.ensureDeferred
+async def test_a_tls_client_that_never_handshakes_is_closed_in_time(tmp_path, logged, kw):
+    # It holds no backend, but it holds a client slot: closed after the
+    # handshake deadline (or --idle-timeout, when shorter), counted and
+    # logged as the balancer's doing.
+    from twisted.internet.endpoints import serverFromString
+
+    from tests.certificates import loopbackTLS
+
+    description, context = loopbackTLS(tmp_path)
+    cluster = clusterOf(9)
+    ended = []
+    factory = ProxyFactory(cluster, reactor, **kw)
+    factory.traffic.proxyEnded = lambda client, now: ended.append(client._end)
+    proxyPort = await serverFromString(reactor, description).listen(factory)
+    try:
+        silent = socket.create_connection(("127.0.0.1", proxyPort.getHost().port), timeout=5)
+        try:
+            await deferLater(reactor, 1.0, lambda: None)
+            assert factory.clients == set()
+            assert ended == ["handshake_timeout"]
+            silent.settimeout(5)
+            try:
+                assert silent.recv(10) == b""
+            except ConnectionResetError:
+                pass
+        finally:
+            silent.close()
+        assert any("no TLS handshake within 0.3 s" in line for line in logged)
+    finally:
+        await proxyPort.stopListening()

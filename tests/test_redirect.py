@@ -179,3 +179,30 @@ async def test_a_tls_client_is_answered_only_once_its_handshake_is_done(tmp_path
             silent.close()
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_client_that_never_handshakes_is_closed_in_time(tmp_path):
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.task import deferLater
+
+    from tests.certificates import loopbackTLS
+
+    description, _ = loopbackTLS(tmp_path)
+    c = Cluster()
+    c.pool.register("a", "127.0.0.1", 9001, capacity=10)
+    factory = RedirectFactory(c, reactor)
+    factory.handshakeTimeout = 0.3
+    ended = []
+    factory.traffic.redirectEnded = lambda client, now: ended.append(client._end)
+    port = await serverFromString(reactor, description).listen(factory)
+    try:
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5) as silent:
+            await deferLater(reactor, 1.0, lambda: None)
+            assert ended == ["handshake_timeout"]
+            assert c.pool.get("a").routed == 0
+    finally:
+        await port.stopListening()

@@ -60,6 +60,7 @@ __all__ = [
     "DEFAULT_QUEUE_SIZE",
     "DEFAULT_QUEUE_TIMEOUT",
     "EARLY_DATA_LIMIT",
+    "HANDSHAKE_TIMEOUT",
     "PROXY_HEADER_TIMEOUT",
     "ProxyFactory",
     "ProxyServer",
@@ -72,6 +73,10 @@ DEFAULT_ATTEMPTS = 3
 #: Seconds a client of a listener that expects a PROXY header has to send
 #: it (the spec: at least 3, to cover a TCP retransmit).
 PROXY_HEADER_TIMEOUT = 5.0
+#: Seconds a TLS client (C{ssl:} listener) has to finish its handshake
+#: before it is closed (nginx's C{ssl_handshake_timeout} is 60): until
+#: then it has no backend, but it holds a client connection.
+HANDSHAKE_TIMEOUT = 10.0
 #: Seconds between the lines that tell how a drain goes.
 DRAIN_PROGRESS_INTERVAL = 10.0
 
@@ -324,8 +329,9 @@ class ProxyServer(Relay):
     #: the factory); and whether a PROXY header named another one.
     clientAddress = None
     _proxied: Optional[Tuple[object, object]] = None
-    #: Set while a TLS client's handshake is awaited.
+    #: Set while a TLS client's handshake is awaited, and its deadline.
     _handshaking = False
+    _handshakeCall = None
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -341,6 +347,12 @@ class ProxyServer(Relay):
             # done (handshakeCompleted), so a client that opens TCP and
             # never handshakes costs no backend connection, nor load.
             self._handshaking = True
+            timeout = factory.handshakeTimeout
+            if factory.idleTimeout is not None:
+                timeout = min(timeout, factory.idleTimeout)
+            self._handshakeCall = factory.reactor.callLater(
+                timeout, self._handshakeLate, timeout
+            )
             return
         self.route()
         if not self._gone and plainTCP(self.transport):
@@ -359,9 +371,28 @@ class ProxyServer(Relay):
         decides when instead.)
         """
         if self._handshaking:
-            self._handshaking = False
+            self._stopHandshakeWait()
             if not self._gone:
                 self.route()
+
+    def _stopHandshakeWait(self) -> None:
+        self._handshaking = False
+        call, self._handshakeCall = self._handshakeCall, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _handshakeLate(self, timeout: float) -> None:
+        """
+        No TLS handshake in time: closed (aborted: a TLS close would wait
+        for the client's own close_notify), and said in the summed line.
+        """
+        self._handshakeCall = None
+        self._handshaking = False
+        self._end = ends.HANDSHAKE_TIMEOUT
+        factory = self.factory
+        factory._lastClosed = (peerText(self.transport), f"no TLS handshake within {timeout:g} s")
+        factory._closed.count("no TLS handshake in time")
+        self.transport.abortConnection()
 
     def _awaitHeader(self) -> None:
         """
@@ -633,6 +664,8 @@ class ProxyServer(Relay):
             )
         if self._header is not None:
             self._stopAwaiting()
+        if self._handshaking:
+            self._stopHandshakeWait()
         factory = self.factory
         factory.clientGone(self)
         if self._idleCall is not None and self._idleCall.active():
@@ -681,6 +714,9 @@ class ProxyFactory(Factory):
         clients send a PROXY header first (another proxy in front); C{None}
         when they do not.
     @param proxyHeaderTimeout: seconds such a client has to send it.
+    @param handshakeTimeout: seconds a TLS client has to finish its
+        handshake (or C{idleTimeout}, when shorter); it gets a backend only
+        then.
     @param backendTLS: how to speak TLS to backends
         (L{twistedcluster.balancer.backendtls.BackendTLS}); C{None} for
         plain TCP.
@@ -717,7 +753,9 @@ class ProxyFactory(Factory):
         proxyParsers=None,
         proxyHeaderTimeout: float = PROXY_HEADER_TIMEOUT,
         backendTLS=None,
+        handshakeTimeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
+        self.handshakeTimeout = handshakeTimeout
         self.traffic = traffic if traffic is not None else Traffic()
         if self.traffic.pool is None:
             self.traffic.pool = cluster.pool

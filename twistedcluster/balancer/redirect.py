@@ -151,6 +151,7 @@ class RedirectProtocol(Protocol):
     """
 
     _handshaking = False
+    _handshakeCall = None
 
     factory: "RedirectFactory"
     #: For the metrics and the access log: when it started, the backend
@@ -171,13 +172,28 @@ class RedirectProtocol(Protocol):
             # client that never handshakes is not counted as load on the
             # backend it would have been named.
             self._handshaking = True
+            timeout = factory.handshakeTimeout
+            self._handshakeCall = factory.clock.callLater(timeout, self._handshakeLate)
             return
         self._answer()
 
     def handshakeCompleted(self) -> None:
         if self._handshaking:
-            self._handshaking = False
+            self._stopHandshakeWait()
             self._answer()
+
+    def _stopHandshakeWait(self) -> None:
+        self._handshaking = False
+        call, self._handshakeCall = self._handshakeCall, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _handshakeLate(self) -> None:
+        # Aborted: a TLS close would wait for the client's close_notify.
+        self._handshakeCall = None
+        self._handshaking = False
+        self._end = ends.HANDSHAKE_TIMEOUT
+        self.transport.abortConnection()
 
     def _answer(self) -> None:
         factory = self.factory
@@ -220,7 +236,7 @@ class RedirectProtocol(Protocol):
     def connectionLost(self, reason) -> None:
         if self._handshaking:
             # Left (or failed) before its TLS handshake: never answered.
-            self._handshaking = False
+            self._stopHandshakeWait()
             self._end = ends.CLIENT_CLOSED
         factory = self.factory
         if factory.limit is not None:
@@ -239,6 +255,9 @@ class RedirectFactory(Factory):
     noisy = False
     protocol = RedirectProtocol
     refused = 0
+    #: Seconds a TLS client (C{ssl:}) has to finish its handshake before
+    #: it is closed unanswered.
+    handshakeTimeout = 10.0
     #: The client connection limit its connections count against, if any.
     limit = None
     _handOffCall = None
