@@ -144,3 +144,32 @@ def test_takeover_with_workers_is_refused_clearly():
 
     with pytest.raises(usage.UsageError, match="--takeover cannot be used with --workers"):
         Options().parseOptions(["--workers=2", "--takeover=/tmp/tc-takeover.sock"])
+
+
+def test_a_live_backend_handed_over_does_not_take_a_static_backends_name(logged):
+    # The old process heard from a backend "web"; the new one is started
+    # with --backend web=...: the static backend keeps its name, address
+    # and state, and the handed-over one's heartbeat does not mark it down.
+    from twisted.internet.task import Clock
+
+    from twistedcluster.balancer.control import ControlFactory
+    from twistedcluster.balancer.healthcheck import TCPHealthChecks
+    from twistedcluster.balancer.staticbackend import StaticBackend
+    from twistedcluster.balancer.takeover import restoreLive
+    from twistedcluster.core.cluster import Cluster
+    from twistedcluster.core.pool import State
+
+    clock = Clock()
+    cluster = Cluster()
+    control = ControlFactory(cluster, clock)
+    statics = TCPHealthChecks(cluster.pool, clock, [StaticBackend("web", "127.0.0.1", 6379)])
+    live = [{"name": "web", "host": "127.0.0.1", "port": 9000, "capacity": 10,
+             "connections": 0, "load": 0.0, "timeout": 3.0}]
+    restored = restoreLive({"live": live}, cluster, control, clock, statics=statics)
+    assert restored == []
+    assert any("web" in line and "static" in line for line in logged)
+    statics.startService()
+    clock.advance(3.5)
+    s = cluster.pool.get("web")
+    assert (s.static, s.port, s.state) == (True, 6379, State.UP)
+    statics.stopService()

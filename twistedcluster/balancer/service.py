@@ -916,7 +916,7 @@ def makeService(options: Options, reactor=None):
     if inherited is not None:
         from twistedcluster.balancer.takeover import restoreLive
 
-        restored = restoreLive(inherited.state, cluster, controlFactory, reactor)
+        restored = restoreLive(inherited.state, cluster, controlFactory, reactor, statics=statics)
         log.info(
             "takeover: {n} backend(s) up as the old process saw them, until "
             "they register here: {names}",
