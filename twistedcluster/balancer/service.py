@@ -570,6 +570,10 @@ class _DrainOnStop(Service):
     any, is closed after them, so that their records are written.
     """
 
+    #: Told to tell what they have summed when the drain is over (the
+    #: client limit's and the accept errors' lines): the process exits next.
+    summaries: tuple = ()
+
     def __init__(self, factory, timeout: float, accessLog=None) -> None:
         self.factory = factory
         self.timeout = timeout
@@ -583,6 +587,13 @@ class _DrainOnStop(Service):
     def stopService(self):
         super().stopService()
         d = self.factory.drain(self.timeout)
+
+        def tell(result):
+            for summary in self.summaries:
+                summary.stop()
+            return result
+
+        d.addBoth(tell)
         if self.accessLog is not None:
             accessLog = self.accessLog
             d.addBoth(lambda _: accessLog.close())
@@ -819,6 +830,7 @@ def makeService(options: Options, reactor=None):
     # their own, and the descriptors the limit leaves.
     clientLimit = ClientLimit(options["max-connections"], reactor)
     acceptErrors = AcceptErrors(reactor)
+    drainOnStop.summaries = (clientLimit, acceptErrors)
     controlFactory = ControlFactory(
         cluster,
         reactor,

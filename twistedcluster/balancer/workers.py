@@ -615,6 +615,14 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
         for port in ports:
             port.stopListening()
         d = proxyFactory.drain(options["drain-timeout"])
+
+        def tell(result):
+            # What they summed and have not told yet: the worker exits next.
+            clientLimit.stop()
+            acceptErrors.stop()
+            return result
+
+        d.addBoth(tell)
         if accessLog is not None:
             d.addBoth(lambda _: accessLog.close())
         return d
