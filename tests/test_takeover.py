@@ -173,3 +173,31 @@ def test_a_live_backend_handed_over_does_not_take_a_static_backends_name(logged)
     s = cluster.pool.get("web")
     assert (s.static, s.port, s.state) == (True, 6379, State.UP)
     statics.stopService()
+
+
+@pytest.mark.parametrize("stored, expected", [({}, "p2c"), ({"policy": "hash"}, "hash")])
+def test_with_a_state_store_the_policy_comes_from_the_store_not_the_old_process(
+    shortDir, monkeypatch, stored, expected
+):
+    # With --state-store, the policy is the store's once an operator set
+    # one, and each balancer's own --policy until then: a takeover must not
+    # carry the old process's --policy over the new one's.
+    import socket as socketModule
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twistedcluster.balancer import statestore
+    from twistedcluster.balancer.service import Options, makeService
+
+    old = {"operator": {"version": 1, "policy": "round-robin", "backends": {}, "static": {}},
+           "live": []}
+    monkeypatch.setattr(
+        takeover, "inherit",
+        lambda path: takeover.Inheritance(socketModule.socket(socketModule.AF_UNIX), {}, old),
+    )
+    monkeypatch.setattr(statestore, "loadBlocking", lambda *a, **kw: dict(stored))
+    o = Options()
+    o.parseOptions([f"--takeover={shortPath(shortDir, 't.sock')}",
+                    "--state-store=etcd:127.0.0.1:1", "--policy=p2c"])
+    top = makeService(o, reactor=MemoryReactorClock())
+    assert top.cluster.policyName == expected

@@ -774,6 +774,11 @@ def makeService(options: Options, reactor=None):
         # The old process's operator state is the newest (its state file
         # is written a moment after each change).
         snap = inherited.state["operator"]
+        if options.get("state-members"):
+            # The policy is the store's (applied above, or once it answers)
+            # when an operator set one, else this process's own --policy:
+            # not the old process's.
+            snap = {**snap, "policy": None}
         restore(cluster, snap)
         restoreStatics(
             statics,
