@@ -875,7 +875,7 @@ class ProxyFactory(Factory):
         self._idle = defer.Deferred()
         self._idle.addTimeout(timeout, self.reactor)
         end = self.reactor.seconds() + timeout
-        progress = []
+        progress: list = []
 
         def tell():
             # A long drain (--takeover-drain) is not silent until its end.

@@ -7,6 +7,8 @@ L{Cluster}; each is a Twisted server endpoint string.
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
@@ -608,7 +610,8 @@ class _WorkersAccessLogs:
 
     def __init__(self, path: str) -> None:
         self.path = f"{path} (every worker's)"
-        self.workers = None
+        #: The L{twistedcluster.balancer.workers.WorkerSupervisor}, once made.
+        self.workers: Optional[Any] = None
 
     def reopen(self) -> None:
         if self.workers is not None:
