@@ -180,3 +180,35 @@ def test_a_static_backend_added_with_send_proxy_gets_the_header_and_keeps_it(tmp
     finally:
         cluster.stopAll()
         server.close()
+
+
+def test_a_backend_registering_under_a_static_backends_name_is_refused(tmp_path):
+    # --backend web=... holds the name "web": a cluster-backend --name web
+    # is refused (its log and the balancer's say why), the static backend
+    # keeps its address and its clients; and cluster-admin add of the
+    # registered backend's name is refused the same way.
+    from twistedcluster.localcluster import waitFor
+
+    cluster = LocalCluster(tmp_path)
+    cluster.useSecret()
+    static = echoServer(cluster, "echo-static")
+    try:
+        cluster.startBalancer(extra=[f"--backend=web=127.0.0.1:{static.port}", "--check-interval=0.2"])
+        cluster.waitForStatus(lambda s: s.get("web", {}).get("state") == "up", 20, "web up")
+        impostor = cluster.startBackend("web")
+        waitFor(lambda: "is a static backend's" in impostor.logText(), 20, "the refusal on the channel")
+        balancerLog = cluster.processes["balancer"].logText()
+        assert "registration from" in balancerLog and "refused" in balancerLog
+        status = cluster.status()["web"]
+        assert (status["static"], status["port"], status["state"]) == (True, static.port, "up")
+        for i in range(3):
+            assert echoOnce("127.0.0.1", cluster.port, b"%d" % i) == b"%d" % i
+        assert cluster.status()["web"]["routed"] == 3
+
+        cluster.startBackend("amp")
+        cluster.waitUp(["amp"])
+        r = cluster.adminRun("add", "amp", f"127.0.0.1:{static.port}", check=False)
+        assert r.returncode == 1 and "registered itself" in r.stderr
+        assert cluster.status()["amp"]["static"] is False
+    finally:
+        cluster.stopAll()
