@@ -450,7 +450,8 @@ def test_sighup_reopens_every_workers_access_log(cluster, tmp_path):
     waitFor(lambda: path.exists() and path.read_text().count("\n") >= 4, 10, "the records written")
     path.rename(tmp_path / "access.log.1")
     balancer.signal(signal.SIGHUP)
-    time.sleep(0.2)  # noqa: the workers are told over their channel (10 ms sync)
+    waitFor(lambda: "(every worker's) reopened" in balancer.logText(), 10, "the workers told")
+    time.sleep(0.2)  # noqa: for the workers to read it on their channel
     for pid in sorted(pids):
         with onlyWorker(pid, pids):
             assert echoOnce("127.0.0.1", cluster.port, b"after") == b"after"
