@@ -300,7 +300,7 @@ def test_add_and_remove_static_backends_at_runtime():
     answer = lb.resultOf(admin.callRemote(
         commands.AddBackend, name="s1", host="127.0.0.1", port=6379, weight=3, capacity=7
     ))
-    assert answer == {"state": "up", "notSaved": None}
+    assert answer == {"state": "up", "notSaved": None, "sendProxy": None}
     s = lb.pool.get("s1")
     assert (s.static, s.weight, s.capacity, s.host, s.port) == (True, 3, 7, "127.0.0.1", 6379)
     assert set(statics.added) == {"s1"} and "s1" in statics.checks
@@ -309,7 +309,7 @@ def test_add_and_remove_static_backends_at_runtime():
     # Refusals, each with its reason, the channel kept.
     for kw, error, text in [
         (dict(name="s1", host="127.0.0.1", port=1), commands.BackendInUse, "exists already"),
-        (dict(name="amp", host="127.0.0.1", port=1), commands.BackendInUse, "exists already"),
+        (dict(name="amp", host="127.0.0.1", port=1), commands.BackendInUse, "registered itself"),
         (dict(name="x", host="bad host", port=1), commands.InvalidArgument, "not an IP address"),
         (dict(name="x", host="127.0.0.1", port=1, weight=900), commands.InvalidArgument, "weight"),
         (dict(name="x", host="127.0.0.1", port=1, capacity=0), commands.InvalidArgument, "capacity"),
@@ -340,3 +340,40 @@ def test_add_and_remove_need_the_secret():
     f = lb.resultOf(admin.callRemote(commands.RemoveBackend, name="s0"))
     assert f.check(commands.NotAuthenticated)
     assert "s0" in lb.pool
+
+
+def test_adding_a_static_backend_under_a_registered_backends_name_is_refused_and_logged(logged):
+    from tests.test_control import register
+
+    lb = MemoryBalancer()
+    statics = withStatics(lb)
+    client, server, _ = lb.controlChannel()
+    lb.resultOf(register(client, name="web", port=9000))
+    admin, _, _ = lb.adminChannel()
+    f = lb.resultOf(admin.callRemote(commands.AddBackend, name="web", host="127.0.0.1", port=6379))
+    assert f.check(commands.BackendInUse)
+    assert "registered itself" in f.getErrorMessage()
+    s = lb.pool.get("web")
+    assert (s.static, s.port, s.state) == (False, 9000, State.UP)
+    assert "web" not in statics.checks
+    assert any("add" in line and "web" in line and "refused" in line for line in logged)
+    statics.stopService()
+
+
+def test_a_static_backend_added_with_a_proxy_header_version_gets_it():
+    lb = balancerWith()
+    statics = withStatics(lb)
+    admin, _, _ = lb.adminChannel()
+    answer = lb.resultOf(admin.callRemote(
+        commands.AddBackend, name="web", host="127.0.0.1", port=8080, sendProxy="v2"
+    ))
+    assert answer == {"state": "up", "notSaved": None, "sendProxy": "v2"}
+    assert statics.sendProxyFor == {"web": "v2"}
+    assert statics.added["web"].sendProxy == "v2"
+    assert statics.probeFactoryFor("web").sendProxy == "v2"
+    f = lb.resultOf(admin.callRemote(
+        commands.AddBackend, name="x", host="127.0.0.1", port=1, sendProxy="v3"
+    ))
+    assert f.check(commands.InvalidArgument) and "send-proxy" in f.getErrorMessage()
+    assert "x" not in lb.pool
+    statics.stopService()

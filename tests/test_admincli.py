@@ -107,3 +107,30 @@ def test_a_name_longer_than_amp_carries_is_a_usage_error():
     assert f.check(CommandFailed)
     assert f.value.code == EXIT_USAGE
     assert "too long" in str(f.value) and "65,535" in str(f.value)
+
+
+def test_add_with_send_proxy_to_a_balancer_that_ignores_it_fails_clearly(monkeypatch):
+    # A balancer older than --send-proxy ignores the argument it does not
+    # know: its answer does not repeat it, and cluster-admin says so.
+    from twisted.internet import defer
+
+    from tests.test_admin import balancerWith, withStatics
+    from twistedcluster.cli.admin import EXIT_REFUSED, CommandFailed, execute
+    from twistedcluster.wire import commands
+
+    lb = balancerWith()
+    statics = withStatics(lb)
+    # The answer as an older balancer declares it: no sendProxy.
+    monkeypatch.setattr(
+        commands.AddBackend, "response", [r for r in commands.AddBackend.response if r[0] != b"sendProxy"]
+    )
+    admin, _, _ = lb.adminChannel()
+    got = []
+    args = parser().parse_args(["add", "web", "127.0.0.1:8080", "--send-proxy", "v2"])
+    defer.ensureDeferred(execute(admin, args)).addBoth(got.append)
+    lb.flush()
+    [failure] = got
+    assert failure.check(CommandFailed), failure
+    assert failure.value.code == EXIT_REFUSED
+    assert "WITHOUT a PROXY header" in str(failure.value)
+    statics.stopService()

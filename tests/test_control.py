@@ -528,3 +528,33 @@ def test_backends_restored_from_the_state_file_are_forgotten_too():
     lb.pool.setAdminState("drained", AdminState.ENABLED)
     lb.clock.advance(61)
     assert "drained" not in lb.pool
+
+
+def _withStatic(lb, name="web", port=6379):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twistedcluster.balancer.healthcheck import TCPHealthChecks
+    from twistedcluster.balancer.staticbackend import StaticBackend
+
+    statics = TCPHealthChecks(lb.pool, MemoryReactorClock(), [StaticBackend(name, "127.0.0.1", port)])
+    statics.startService()
+    return statics
+
+
+def test_a_backend_cannot_register_under_a_static_backends_name(logged):
+    # A static backend (--backend web=..., or cluster-admin add) holds its
+    # name: a backend registering it is refused, said on the channel and in
+    # the log, and the static one stays as it was (address, checks, routing).
+    lb = MemoryBalancer()
+    statics = _withStatic(lb)
+    client, server, _ = lb.controlChannel()
+    f = result(register(client, name="web", port=9000), lb)
+    assert f.check(commands.NameTaken)
+    assert "static backend" in f.getErrorMessage()
+    s = lb.pool.get("web")
+    assert (s.static, s.host, s.port, s.capacity, s.state) == (True, "127.0.0.1", 6379, 1000, State.UP)
+    assert "web" not in lb.control.owners and server.name is None
+    assert any("static backend" in line and "web" in line and "refused" in line for line in logged)
+    # The channel stays usable: it may register under another name.
+    assert result(register(client, name="web-2", port=9000), lb)["heartbeatTimeout"] == 3.0
+    statics.stopService()

@@ -98,3 +98,117 @@ def test_a_client_keeps_its_backend_only_under_hash(tmp_path, policy):
         assert routed == ([0, 10] if policy == "hash" else [5, 5]), routed
     finally:
         cluster.stopAll()
+
+
+class RecordingServer:
+    """
+    A plain TCP server in this process that echoes what it gets: a static
+    backend that shows what the balancer sends first.
+    """
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                try:
+                    while True:
+                        data = conn.recv(4096)
+                        if not data:
+                            break
+                        conn.sendall(data)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.sock.close()
+
+
+def throughTheBalancer(port, payload):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                return got
+            got += chunk
+
+
+def test_a_static_backend_added_with_send_proxy_gets_the_header_and_keeps_it(tmp_path):
+    cluster = LocalCluster(tmp_path)
+    cluster.useSecret()
+    state = tmp_path / "state.json"
+    server = RecordingServer()
+    balancerArgs = [f"--state-file={state}", "--check-interval=0.2", "--rise=1"]
+    try:
+        cluster.startBalancer(extra=balancerArgs)
+        ports = (cluster.port, cluster.controlPort, cluster.adminPort)
+        r = cluster.adminRun("add", "web", f"127.0.0.1:{server.port}", "--send-proxy", "v1", "--json")
+        assert json.loads(r.stdout) == {"name": "web", "host": "127.0.0.1", "port": server.port,
+                                        "sendProxy": "v1", "state": "up"}
+        r = cluster.adminRun("add", "x", "127.0.0.1:1", "--send-proxy", "v3", check=False)
+        assert r.returncode == 2
+        got = throughTheBalancer(cluster.port, b"hello")
+        assert got.startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 ") and got.endswith(b"\r\nhello"), got
+        assert json.loads(state.read_text())["static"] == {
+            "web": {"host": "127.0.0.1", "port": server.port, "capacity": 1000, "sendProxy": "v1"}}
+
+        # A restart keeps it, header included.
+        cluster.processes["balancer"].stop()
+        cluster.startBalancer(*ports, extra=balancerArgs)
+        cluster.waitForStatus(lambda s: s.get("web", {}).get("state") == "up", 20, "web back up")
+        got = throughTheBalancer(cluster.port, b"again")
+        assert got.startswith(b"PROXY TCP4 ") and got.endswith(b"\r\nagain"), got
+    finally:
+        cluster.stopAll()
+        server.close()
+
+
+def test_a_backend_registering_under_a_static_backends_name_is_refused(tmp_path):
+    # --backend web=... holds the name "web": a cluster-backend --name web
+    # is refused (its log and the balancer's say why), the static backend
+    # keeps its address and its clients; and cluster-admin add of the
+    # registered backend's name is refused the same way.
+    from twistedcluster.localcluster import waitFor
+
+    cluster = LocalCluster(tmp_path)
+    cluster.useSecret()
+    static = echoServer(cluster, "echo-static")
+    try:
+        cluster.startBalancer(extra=[f"--backend=web=127.0.0.1:{static.port}", "--check-interval=0.2"])
+        cluster.waitForStatus(lambda s: s.get("web", {}).get("state") == "up", 20, "web up")
+        impostor = cluster.startBackend("web")
+        waitFor(lambda: "is a static backend's" in impostor.logText(), 20, "the refusal on the channel")
+        balancerLog = cluster.processes["balancer"].logText()
+        assert "registration from" in balancerLog and "refused" in balancerLog
+        status = cluster.status()["web"]
+        assert (status["static"], status["port"], status["state"]) == (True, static.port, "up")
+        for i in range(3):
+            assert echoOnce("127.0.0.1", cluster.port, b"%d" % i) == b"%d" % i
+        assert cluster.status()["web"]["routed"] == 3
+
+        cluster.startBackend("amp")
+        cluster.waitUp(["amp"])
+        r = cluster.adminRun("add", "amp", f"127.0.0.1:{static.port}", check=False)
+        assert r.returncode == 1 and "registered itself" in r.stderr
+        assert cluster.status()["amp"]["static"] is False
+    finally:
+        cluster.stopAll()

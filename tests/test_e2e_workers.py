@@ -398,3 +398,78 @@ def test_workers_refuse_a_listener_they_cannot_share():
     o = Options()
     o.parseOptions(["--workers=2", "--listen=haproxy:tcp:8000", "--redirect=unix:/tmp/r.sock"])
     assert o["workers"] == 2 and o["argv"][0] == "--workers=2"
+
+
+def test_a_static_backends_proxy_header_reaches_every_worker(cluster):
+    # cluster-admin add --send-proxy (and remove, add again without): every
+    # worker sends what the main process has for that backend now, not what
+    # the command line gave it.
+    from tests.test_e2e_statics import RecordingServer, throughTheBalancer
+
+    server = RecordingServer()
+    try:
+        balancer = cluster.startBalancer(
+            extra=["--workers=2", "--check-interval=0.2", "--rise=1",
+                   f"--backend=web=127.0.0.1:{server.port},send-proxy=v2"])
+        pids = waitFor(lambda: len(workerPids(balancer.pid)) == 2 and workerPids(balancer.pid), 20, "2 workers")
+        cluster.workersSeen.update(pids)
+        cluster.waitForStatus(lambda s: s.get("web", {}).get("state") == "up", 20, "web up")
+        cluster.adminRun("remove", "web")
+        cluster.adminRun("add", "web", f"127.0.0.1:{server.port}", "--send-proxy", "v1")
+
+        def firstLine():
+            got = throughTheBalancer(cluster.port, b"x")
+            return got if got.startswith(b"PROXY TCP4 ") else None
+
+        for pid in sorted(pids):
+            with onlyWorker(pid, pids):
+                for _ in range(3):
+                    got = waitFor(firstLine, 10, f"worker {pid} to send a v1 header")
+                    assert got.endswith(b"\r\nx"), got
+        cluster.adminRun("remove", "web")
+        cluster.adminRun("add", "web", f"127.0.0.1:{server.port}")
+        for pid in sorted(pids):
+            with onlyWorker(pid, pids):
+                for _ in range(3):
+                    assert waitFor(
+                        lambda: (got := throughTheBalancer(cluster.port, b"x")) == b"x" and got,
+                        10, f"worker {pid} to send no header",
+                    ) == b"x"
+    finally:
+        server.close()
+
+
+def test_sighup_reopens_every_workers_access_log(cluster, tmp_path):
+    # logrotate moves the access log away and sends SIGHUP to the main
+    # process: what every worker relays next goes to a new file at the path.
+    path = tmp_path / "access.log"
+    balancer, pids = startWorkers(cluster, ["a"], extra=[f"--access-log={path}"])
+    for pid in sorted(pids):
+        with onlyWorker(pid, pids):
+            assert echoOnce("127.0.0.1", cluster.port, b"before") == b"before"
+    waitFor(lambda: path.exists() and path.read_text().count("\n") >= 4, 10, "the records written")
+    path.rename(tmp_path / "access.log.1")
+    balancer.signal(signal.SIGHUP)
+    waitFor(lambda: "(every worker's) reopened" in balancer.logText(), 10, "the workers told")
+    time.sleep(0.2)  # noqa: for the workers to read it on their channel
+    for pid in sorted(pids):
+        with onlyWorker(pid, pids):
+            assert echoOnce("127.0.0.1", cluster.port, b"after") == b"after"
+    waitFor(lambda: path.exists() and path.read_text().count("\n") == 2, 10,
+            "both workers' records in the new file")
+    assert (tmp_path / "access.log.1").read_text().count("\n") == 4
+
+
+def test_access_log_on_standard_output_is_written_as_it_is_by_every_worker(cluster):
+    # --access-log - with --workers: the records are the balancer's
+    # standard output, one a line as one process writes them, not lines of
+    # its log ("worker 0 (pid ...): ...").
+    balancer, pids = startWorkers(cluster, ["a"], extra=["--access-log=-"])
+    for pid in sorted(pids):
+        with onlyWorker(pid, pids):
+            assert echoOnce("127.0.0.1", cluster.port, b"hi") == b"hi"
+    record = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+Z proxy client=\S+ backend=a ", re.M)
+    waitFor(lambda: len(record.findall(balancer.logText())) >= 4, 10, "4 records, as written")
+    assert "): 20" not in "".join(
+        line for line in balancer.logText().splitlines() if "proxy client=" in line
+    )

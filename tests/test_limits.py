@@ -374,3 +374,28 @@ def test_the_proxy_and_redirect_factories_count_themselves_without_a_wrapper():
     asked.connectionLost(None)
     assert limit.count == 1
     assert redirect.buildProtocol(None) is not None
+
+
+def test_the_limits_last_summed_line_is_told_when_the_drain_ends(logged):
+    # SIGTERM: what the client limit (and accept errors) had summed but not
+    # yet told when the drain ends is told then; the process exits next.
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twistedcluster.balancer.service import Options, _DrainOnStop, makeService
+
+    o = Options()
+    o.parseOptions(["--max-connections=1"])
+    clock = MemoryReactorClock()
+    top = makeService(o, reactor=clock)
+    [drainOnStop] = [s for s in top if isinstance(s, _DrainOnStop)]
+    limit = drainOnStop.factory.limit  # the proxy listener counts against it
+    for _ in range(3):
+        assert limit.admits()
+        limit.opened()
+        assert not limit.admits()  # refused: summed
+        limit.closed()
+    assert sum("client connection limit 1" in line for line in logged) == 1
+    drainOnStop.stopService()
+    told = [line for line in logged if "client connection limit 1" in line]
+    assert len(told) == 2 and "reached 2 time(s)" in told[1] and "(3 closed at once)" in told[1], told
+    assert not [c for c in clock.getDelayedCalls() if c.active()]

@@ -881,3 +881,146 @@ async def test_a_silent_service_that_closes_after_the_clients_end_is_not_blamed(
         assert await deferToThread(echoOnce, "127.0.0.1", loopback.port, b"log %d" % i, 10) == b""
     s = loopback.cluster.pool.get("b0")
     assert (s.state.value, s.failures, s.routed, s.active) == ("up", 0, 20, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_client_gets_a_backend_only_once_its_handshake_is_done(tmp_path):
+    # With an ssl: listener, a client that opens TCP and never handshakes
+    # costs no backend connection and no load; one that handshakes is relayed.
+    from twisted.internet.endpoints import serverFromString
+
+    from tests.certificates import loopbackTLS
+
+    description, context = loopbackTLS(tmp_path)
+    accepted = []
+
+    class Counted(Factory):
+        def buildProtocol(self, addr):
+            accepted.append(addr)
+            return echoFactory().buildProtocol(addr)
+
+    backendPort = await listen(Counted())
+    cluster = clusterOf(backendPort.getHost().port)
+    factory = ProxyFactory(cluster, reactor)
+    proxyPort = await serverFromString(reactor, description).listen(factory)
+    port = proxyPort.getHost().port
+    try:
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            await deferLater(reactor, 0.3, lambda: None)
+            assert len(factory.clients) == 1  # accepted, awaiting its handshake
+            assert accepted == []
+            s = cluster.pool.get(f"b{backendPort.getHost().port}")
+            assert (s.active, s.routed, s.addedSinceReport) == (0, 0, 0)
+
+            def run():
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                        tls.sendall(b"over tls")
+                        return tls.recv(100)
+
+            assert await deferToThread(run) == b"over tls"
+            assert len(accepted) == 1
+        finally:
+            silent.close()
+        await deferLater(reactor, 0.1, lambda: None)
+        assert factory.clients == set()
+        assert len(accepted) == 1
+    finally:
+        await proxyPort.stopListening()
+        await backendPort.stopListening()
+
+
+def test_summaries_go_on_while_draining_and_the_last_is_told(logged):
+    # SIGTERM: the listener closes (stopFactory), then the drain waits for
+    # the connections open.  Lines summed once a second are told through
+    # the drain, and what is pending when it ends is told then (the process
+    # exits next): nothing is dropped.
+    mr = MemoryReactorClock()
+    factory = ProxyFactory(clusterOf(9001), mr)
+    factory.doStart()  # listening
+    staying, _ = startClient(factory)
+    completeConnect(mr)
+
+    def closing():
+        return [line for line in logged if "closing client" in line]
+
+    def refuseOne(why):
+        proxy, _ = startClient(factory)
+        proxy.refuse(why)
+        proxy.connectionLost(Failure(ConnectionDone()))
+
+    refuseOne("first")
+    assert len(closing()) == 1
+    mr.advance(0.2)
+    refuseOne("pending at the stop")
+    factory.doStop()  # the listener closed
+    done = []
+    factory.drain(30).addCallback(done.append)
+    mr.advance(1)
+    assert len(closing()) == 2 and "pending at the stop: 1" in closing()[1]
+    mr.advance(1.5)
+    refuseOne("during the drain")
+    assert len(closing()) == 3  # a second after the last: told at once
+    mr.advance(0.2)
+    refuseOne("pending at the end")
+    staying.connectionLost(Failure(ConnectionDone()))
+    assert done == [None]
+    assert len(closing()) == 4 and "pending at the end: 1" in closing()[3]
+    assert not mr.getDelayedCalls()
+
+
+def test_a_long_drain_says_how_it_goes(logged):
+    mr = MemoryReactorClock()
+    factory = ProxyFactory(clusterOf(9001), mr)
+    proxies = [startClient(factory)[0] for _ in range(2)]
+    for i in range(2):
+        completeConnect(mr, i)
+    done = []
+    factory.drain(300).addCallback(done.append)
+
+    def progress():
+        return [line for line in logged if "still open" in line]
+
+    mr.advance(proxy.DRAIN_PROGRESS_INTERVAL)
+    assert progress() == ["proxy: stopping: 2 connection(s) still open, 290 s to the drain deadline"]
+    proxies[0].connectionLost(Failure(ConnectionDone()))
+    mr.advance(proxy.DRAIN_PROGRESS_INTERVAL)
+    assert progress()[1] == "proxy: stopping: 1 connection(s) still open, 280 s to the drain deadline"
+    proxies[1].connectionLost(Failure(ConnectionDone()))
+    assert done == [None]
+    assert not mr.getDelayedCalls()
+
+
+@pytest.mark.parametrize("kw", [{"handshakeTimeout": 0.3}, {"idleTimeout": 0.3}])
+@pytest_twisted.ensureDeferred
+async def test_a_tls_client_that_never_handshakes_is_closed_in_time(tmp_path, logged, kw):
+    # It holds no backend, but it holds a client slot: closed after the
+    # handshake deadline (or --idle-timeout, when shorter), counted and
+    # logged as the balancer's doing.
+    from twisted.internet.endpoints import serverFromString
+
+    from tests.certificates import loopbackTLS
+
+    description, context = loopbackTLS(tmp_path)
+    cluster = clusterOf(9)
+    ended = []
+    factory = ProxyFactory(cluster, reactor, **kw)
+    factory.traffic.proxyEnded = lambda client, now: ended.append(client._end)
+    proxyPort = await serverFromString(reactor, description).listen(factory)
+    try:
+        silent = socket.create_connection(("127.0.0.1", proxyPort.getHost().port), timeout=5)
+        try:
+            await deferLater(reactor, 1.0, lambda: None)
+            assert factory.clients == set()
+            assert ended == ["handshake_timeout"]
+            silent.settimeout(5)
+            try:
+                assert silent.recv(10) == b""
+            except ConnectionResetError:
+                pass
+        finally:
+            silent.close()
+        assert any("no TLS handshake within 0.3 s" in line for line in logged)
+    finally:
+        await proxyPort.stopListening()

@@ -2,6 +2,7 @@
 The redirect listener, in memory.
 """
 
+import pytest_twisted
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -138,3 +139,70 @@ def test_a_backend_with_a_bad_host_is_not_named(logged):
     t = ask(c)
     assert t.value() == b"ERROR no-backend\r\n"
     assert any("not a valid host" in line for line in logged)
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_client_is_answered_only_once_its_handshake_is_done(tmp_path):
+    # --redirect ssl:...: a client that connects and never handshakes is
+    # not given a backend (nor counted as load on one); one that does is.
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.task import deferLater
+    from twisted.internet.threads import deferToThread
+
+    from tests.certificates import loopbackTLS
+
+    description, context = loopbackTLS(tmp_path)
+    c = Cluster()
+    c.pool.register("a", "127.0.0.1", 9001, capacity=10)
+    factory = RedirectFactory(c, reactor)
+    port = await serverFromString(reactor, description).listen(factory)
+    number = port.getHost().port
+    try:
+        silent = socket.create_connection(("127.0.0.1", number), timeout=5)
+        try:
+            await deferLater(reactor, 0.3, lambda: None)
+            s = c.pool.get("a")
+            assert (s.routed, s.addedSinceReport) == (0, 0)
+
+            def run():
+                with socket.create_connection(("127.0.0.1", number), timeout=10) as raw:
+                    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                        return tls.recv(100)
+
+            assert await deferToThread(run) == b"127.0.0.1 9001\r\n"
+            assert c.pool.get("a").routed == 1
+        finally:
+            silent.close()
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_client_that_never_handshakes_is_closed_in_time(tmp_path):
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.task import deferLater
+
+    from tests.certificates import loopbackTLS
+
+    description, _ = loopbackTLS(tmp_path)
+    c = Cluster()
+    c.pool.register("a", "127.0.0.1", 9001, capacity=10)
+    factory = RedirectFactory(c, reactor)
+    factory.handshakeTimeout = 0.3
+    ended = []
+    factory.traffic.redirectEnded = lambda client, now: ended.append(client._end)
+    port = await serverFromString(reactor, description).listen(factory)
+    try:
+        with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5) as silent:
+            await deferLater(reactor, 1.0, lambda: None)
+            assert ended == ["handshake_timeout"]
+            assert c.pool.get("a").routed == 0
+    finally:
+        await port.stopListening()

@@ -239,3 +239,39 @@ def test_static_backends_added_at_runtime_survive_a_restart(tmp_path):
                                "static": {"x": {"host": "127.0.0.1", "port": 0, "capacity": 1}}}))
     with pytest.raises(statefile.StateFileError, match="malformed"):
         statefile.load(str(bad))
+
+
+def test_a_static_backends_proxy_header_version_survives_a_restart(tmp_path):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twistedcluster.balancer.healthcheck import TCPHealthChecks
+    from twistedcluster.balancer.staticbackend import parseStaticBackend
+
+    path = str(tmp_path / "state.json")
+    c = Cluster()
+    statics = TCPHealthChecks(c.pool, MemoryReactorClock())
+    statics.startService()
+    statics.add(parseStaticBackend("web=127.0.0.1:8080,send-proxy=v1"))
+    statics.add(parseStaticBackend("plain=127.0.0.1:8081"))
+    statefile.write(path, statefile.snapshot(c, statics))
+    saved = json.loads(open(path).read())
+    assert saved["static"] == {
+        "web": {"host": "127.0.0.1", "port": 8080, "capacity": 1000, "sendProxy": "v1"},
+        "plain": {"host": "127.0.0.1", "port": 8081, "capacity": 1000},
+    }
+    statics.stopService()
+
+    fresh = Cluster()
+    sendProxyFor = {}
+    again = TCPHealthChecks(fresh.pool, MemoryReactorClock(), sendProxyFor=sendProxyFor)
+    statefile.restoreStatics(again, statefile.load(path))
+    again.startService()
+    assert sendProxyFor == {"web": "v1"}
+    assert again.added["web"].sendProxy == "v1" and again.added["plain"].sendProxy is None
+    again.stopService()
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"version": 1, "policy": None, "backends": {}, "static": {
+        "x": {"host": "127.0.0.1", "port": 1, "capacity": 1, "sendProxy": "v9"}}}))
+    with pytest.raises(statefile.StateFileError, match="malformed"):
+        statefile.load(str(bad))

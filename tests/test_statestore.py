@@ -304,3 +304,45 @@ def test_credentials_for_an_etcd_whose_authentication_is_off_are_kept_for_when_i
         ("/v3/auth/authenticate", None), ("/v3/kv/range", None),
         ("/v3/auth/authenticate", None), ("/v3/kv/range", "t1"),
     ]
+
+
+def test_a_static_backend_from_the_store_does_not_take_a_registered_backends_name(logged):
+    # Another balancer's cluster-admin add of a name that a backend has
+    # registered here: this balancer keeps the backend, and says why.
+    from tests.test_control import register
+
+    lb = balancerWith()
+    statics = withStatics(lb)
+    statics.registered = lambda name: name in lb.control.owners
+    client, _, _ = lb.controlChannel()
+    lb.resultOf(register(client, name="web", port=9000))
+    applyKey(lb.cluster, statics, "static/web", {"host": "127.0.0.1", "port": 6379, "capacity": 3})
+    s = lb.pool.get("web")
+    assert (s.static, s.port, s.state) == (False, 9000, State.UP)
+    assert "web" not in statics.checks
+    assert any("static backend web not added" in line and "registered" in line for line in logged)
+    # Still the cluster's: a write from this balancer keeps the key...
+    value = {"host": "127.0.0.1", "port": 6379, "capacity": 3}
+    assert desiredState(lb.cluster, statics)["static/web"] == value
+    # ... until it is deleted from the store.
+    applyKey(lb.cluster, statics, "static/web", None)
+    assert "static/web" not in desiredState(lb.cluster, statics)
+    assert lb.pool.get("web").static is False
+    statics.stopService()
+
+
+def test_a_static_backends_proxy_header_version_is_in_its_key():
+    lb = balancerWith()
+    statics = withStatics(lb)
+    statics.add(StaticBackend("web", "127.0.0.1", 2, sendProxy="v2"))
+    assert desiredState(lb.cluster, statics)["static/web"] == {
+        "host": "127.0.0.1", "port": 2, "capacity": 1000, "sendProxy": "v2"}
+    other = balancerWith()
+    otherStatics = withStatics(other)
+    applyKey(other.cluster, otherStatics, "static/web",
+             {"host": "127.0.0.1", "port": 2, "capacity": 1000, "sendProxy": "v2"})
+    assert otherStatics.sendProxyFor == {"web": "v2"}
+    applyKey(other.cluster, otherStatics, "static/old", {"host": "127.0.0.1", "port": 3, "capacity": 5})
+    assert "old" in other.pool and "old" not in otherStatics.sendProxyFor
+    statics.stopService()
+    otherStatics.stopService()

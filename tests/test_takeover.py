@@ -216,3 +216,60 @@ async def test_a_tls_listener_taken_over_still_speaks_tls(shortDir, tmp_path):
         await defer.maybeDeferred(unixPort.stopListening)
         if old.connected:
             await defer.maybeDeferred(old.stopListening)
+
+
+def test_a_live_backend_handed_over_does_not_take_a_static_backends_name(logged):
+    # The old process heard from a backend "web"; the new one is started
+    # with --backend web=...: the static backend keeps its name, address
+    # and state, and the handed-over one's heartbeat does not mark it down.
+    from twisted.internet.task import Clock
+
+    from twistedcluster.balancer.control import ControlFactory
+    from twistedcluster.balancer.healthcheck import TCPHealthChecks
+    from twistedcluster.balancer.staticbackend import StaticBackend
+    from twistedcluster.balancer.takeover import restoreLive
+    from twistedcluster.core.cluster import Cluster
+    from twistedcluster.core.pool import State
+
+    clock = Clock()
+    cluster = Cluster()
+    control = ControlFactory(cluster, clock)
+    statics = TCPHealthChecks(cluster.pool, clock, [StaticBackend("web", "127.0.0.1", 6379)])
+    live = [{"name": "web", "host": "127.0.0.1", "port": 9000, "capacity": 10,
+             "connections": 0, "load": 0.0, "timeout": 3.0}]
+    restored = restoreLive({"live": live}, cluster, control, clock, statics=statics)
+    assert restored == []
+    assert any("web" in line and "static" in line for line in logged)
+    statics.startService()
+    clock.advance(3.5)
+    s = cluster.pool.get("web")
+    assert (s.static, s.port, s.state) == (True, 6379, State.UP)
+    statics.stopService()
+
+
+@pytest.mark.parametrize("stored, expected", [({}, "p2c"), ({"policy": "hash"}, "hash")])
+def test_with_a_state_store_the_policy_comes_from_the_store_not_the_old_process(
+    shortDir, monkeypatch, stored, expected
+):
+    # With --state-store, the policy is the store's once an operator set
+    # one, and each balancer's own --policy until then: a takeover must not
+    # carry the old process's --policy over the new one's.
+    import socket as socketModule
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twistedcluster.balancer import statestore
+    from twistedcluster.balancer.service import Options, makeService
+
+    old = {"operator": {"version": 1, "policy": "round-robin", "backends": {}, "static": {}},
+           "live": []}
+    monkeypatch.setattr(
+        takeover, "inherit",
+        lambda path: takeover.Inheritance(socketModule.socket(socketModule.AF_UNIX), {}, old),
+    )
+    monkeypatch.setattr(statestore, "loadBlocking", lambda *a, **kw: dict(stored))
+    o = Options()
+    o.parseOptions([f"--takeover={shortPath(shortDir, 't.sock')}",
+                    "--state-store=etcd:127.0.0.1:1", "--policy=p2c"])
+    top = makeService(o, reactor=MemoryReactorClock())
+    assert top.cluster.policyName == expected

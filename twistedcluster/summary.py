@@ -61,13 +61,24 @@ class Summary:
         counts, self.counts = self.counts, {}
         self.emit(counts, since)
 
+    def flush(self) -> None:
+        """
+        Tell what is pending now, rather than when the interval is over.
+        """
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        if self.counts:
+            self._flush()
+
     def stop(self) -> None:
         """
-        Tell nothing more (what is pending is dropped): the service stops.
+        The service stops: what is pending is told now, in a last line, and
+        no timer is left.  (What is counted later, while connections still
+        drain, is told as before: the first at once, the rest after the
+        interval; call this again when they are done.)
         """
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        self.flush()
 
 
 def window(seconds: float) -> str:

@@ -53,6 +53,9 @@ MAX_CONNECTIONS = "refused_max_connections"
 DRAINED = "drained"
 #: Its PROXY header (C{--listen haproxy:...}) was missing, bad or late.
 BAD_HEADER = "refused_bad_header"
+#: A TLS client (C{--listen ssl:...}) that did not finish its handshake in
+#: time.
+HANDSHAKE_TIMEOUT = "handshake_timeout"
 #: A redirect client got its answer (a backend named).
 ANSWERED = "answered"
 ENDS = (
@@ -69,6 +72,7 @@ ENDS = (
     DRAINED,
     BAD_HEADER,
     ANSWERED,
+    HANDSHAKE_TIMEOUT,
 )
 
 FORMATS = ("text", "json")

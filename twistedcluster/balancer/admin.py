@@ -197,7 +197,7 @@ class AdminProtocol(GuardedAMP):
         return self._changed(f"forgot backend {name}", {}, forgotten=name)
 
     @commands.AddBackend.responder
-    def addBackend(self, name, host, port, weight=None, capacity=None):
+    def addBackend(self, name, host, port, weight=None, capacity=None, sendProxy=None):
         from twistedcluster.balancer.healthcheck import StaticNameTaken
         from twistedcluster.balancer.staticbackend import makeStaticBackend
 
@@ -206,15 +206,23 @@ class AdminProtocol(GuardedAMP):
             raise commands.InvalidArgument("this balancer cannot add static backends")
         self._mayChange()
         try:
-            backend = makeStaticBackend(name, host, port, weight, capacity)
+            backend = makeStaticBackend(name, host, port, weight, capacity, sendProxy)
         except ValueError as e:
             raise commands.InvalidArgument(str(e)) from None
         try:
             statics.add(backend)
         except StaticNameTaken as e:
+            self.log.warn(
+                "admin {peer}: add of static backend {backend} refused: {error}",
+                peer=self.peerText(),
+                backend=backend.describe(),
+                error=str(e),
+            )
             raise commands.BackendInUse(str(e)) from None
-        state = self._cluster.pool.get(backend.name).state.value
-        return self._changed(f"added static backend {backend.describe()}", {"state": state})
+        answer = {"state": self._cluster.pool.get(backend.name).state.value}
+        if backend.sendProxy is not None:
+            answer["sendProxy"] = backend.sendProxy
+        return self._changed(f"added static backend {backend.describe()}", answer)
 
     @commands.RemoveBackend.responder
     def removeBackend(self, name):

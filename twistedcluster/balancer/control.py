@@ -214,10 +214,30 @@ class ControlProtocol(GuardedAMP):
         peers that proved it get this far.
         """
         factory = self.factory
+        pool = factory.cluster.pool
+        if name in pool and pool.get(name).static:
+            # A static backend (--backend, cluster-admin add) holds its name
+            # for as long as it is configured: taking it over would move its
+            # address and its routing to this channel while its health
+            # checks went on marking it up and down.
+            static = pool.get(name)
+            where = formatHostPort(static.host, static.port)
+            self.log.warn(
+                "backend {name}: registration from {peer} (serving at {new}) "
+                "refused: the name is a static backend's, at {where}",
+                name=name,
+                peer=self.peerText(),
+                new=formatHostPort(host, port),
+                where=where,
+            )
+            raise commands.NameTaken(
+                f"backend name {name!r} is a static backend's (at {where}, given "
+                f"by --backend or cluster-admin add): register under another "
+                f"name, or remove the static one first"
+            )
         owner = factory.owners.get(name)
         if owner is None or owner is self:
             return
-        pool = factory.cluster.pool
         known = pool.get(name) if name in pool else None
         where = formatHostPort(known.host, known.port) if known is not None else "?"
         if not owner._silent:

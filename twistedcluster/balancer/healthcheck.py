@@ -11,7 +11,7 @@ checks take a dead one out, and meanwhile the proxy retries elsewhere.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Tuple, Union
+from typing import Callable, Dict, Iterable, Tuple, Union
 
 from twisted.application.service import Service
 from twisted.internet import task
@@ -164,6 +164,13 @@ class TCPHealthChecks(Service):
         # that what add and remove change here, it sees.
         self.sendProxyFor = sendProxyFor if sendProxyFor is not None else {}
         self.checks: Dict[str, _Check] = {}
+        #: Whether a control channel holds a name now (the balancer gives
+        #: its control factory's); a static backend restored from the state
+        #: file or the state store does not take such a name.
+        self.registered: Callable[[str], bool] = lambda name: False
+        #: The state store's static backends not added here for that
+        #: reason, by name: their keys, kept in the store.
+        self.heldBack: Dict[str, object] = {}
         self.backends: Dict[str, StaticBackend] = {}
         self.added: Dict[str, StaticBackend] = {}
         for b in backends:
@@ -207,13 +214,24 @@ class TCPHealthChecks(Service):
         """
         Add a static backend now (or at start, before L{startService}).
         L{StaticNameTaken} if the pool has that name already, unless
-        C{restoring} from the state file (where the pool holds the settings
-        restored for it).
+        C{restoring} from the state file or the state store (where the pool
+        holds the settings restored for it) and no control channel holds
+        the name now (L{registered}).
         """
-        if b.name in self.checks or (b.name in self.pool and not restoring):
+        name = b.name
+        known = self.pool.get(name) if name in self.pool else None
+        if name in self.checks or (known is not None and known.static and not restoring):
             raise StaticNameTaken(
-                f"a backend named {b.name} exists already: remove it first, or "
-                "choose another name"
+                f"a static backend named {name} exists already: remove it first, "
+                "or choose another name"
+            )
+        if known is not None and not known.static and (not restoring or self.registered(name)):
+            # Restoring takes the name of a backend known only by its
+            # settings, never one that a control channel holds now.
+            raise StaticNameTaken(
+                f"a backend named {name} registered itself (over the control "
+                f"channel, serving at {formatHostPort(known.host, known.port)}): "
+                "choose another name, or stop that backend and forget it first"
             )
         self.backends[b.name] = b
         self.checks[b.name] = _Check(self, b.name, b.host, b.port)

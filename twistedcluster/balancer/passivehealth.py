@@ -156,6 +156,12 @@ class PassiveHealth:
             percent=pool.maxEjectedPercent,
         )
 
+    def stopSummary(self) -> None:
+        """
+        Tell the summed line pending now (see L{Summary.stop}).
+        """
+        self._skipped.stop()
+
     def stop(self) -> None:
         """
         Cancel the timers: nothing is readmitted any more.

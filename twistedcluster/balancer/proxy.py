@@ -28,6 +28,7 @@ from twisted.internet.error import ConnectBindError, ConnectError, ConnectionDon
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -59,6 +60,7 @@ __all__ = [
     "DEFAULT_QUEUE_SIZE",
     "DEFAULT_QUEUE_TIMEOUT",
     "EARLY_DATA_LIMIT",
+    "HANDSHAKE_TIMEOUT",
     "PROXY_HEADER_TIMEOUT",
     "ProxyFactory",
     "ProxyServer",
@@ -71,6 +73,12 @@ DEFAULT_ATTEMPTS = 3
 #: Seconds a client of a listener that expects a PROXY header has to send
 #: it (the spec: at least 3, to cover a TCP retransmit).
 PROXY_HEADER_TIMEOUT = 5.0
+#: Seconds a TLS client (C{ssl:} listener) has to finish its handshake
+#: before it is closed (nginx's C{ssl_handshake_timeout} is 60): until
+#: then it has no backend, but it holds a client connection.
+HANDSHAKE_TIMEOUT = 10.0
+#: Seconds between the lines that tell how a drain goes.
+DRAIN_PROGRESS_INTERVAL = 10.0
 
 
 class _BackendSide(Relay):
@@ -287,6 +295,7 @@ class _Attempt:
 EARLY_DATA_LIMIT = 64 * 1024
 
 
+@implementer(IHandshakeListener)
 class ProxyServer(Relay):
     """
     The client's connection to the proxy listener.
@@ -320,6 +329,9 @@ class ProxyServer(Relay):
     #: the factory); and whether a PROXY header named another one.
     clientAddress = None
     _proxied: Optional[Tuple[object, object]] = None
+    #: Set while a TLS client's handshake is awaited, and its deadline.
+    _handshaking = False
+    _handshakeCall = None
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -330,6 +342,18 @@ class ProxyServer(Relay):
         if factory.proxyParsers is not None:
             self._awaitHeader()
             return
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            # TLS to the client (ssl:): no backend until its handshake is
+            # done (handshakeCompleted), so a client that opens TCP and
+            # never handshakes costs no backend connection, nor load.
+            self._handshaking = True
+            timeout = factory.handshakeTimeout
+            if factory.idleTimeout is not None:
+                timeout = min(timeout, factory.idleTimeout)
+            self._handshakeCall = factory.reactor.callLater(
+                timeout, self._handshakeLate, timeout
+            )
+            return
         self.route()
         if not self._gone and plainTCP(self.transport):
             # Most clients send first, and at once: by now their first bytes
@@ -339,6 +363,36 @@ class ProxyServer(Relay):
             data = readNow(self.transport)
             if data is not None:
                 self.dataReceived(data)
+
+    def handshakeCompleted(self) -> None:
+        """
+        The client's TLS handshake is done: find it a backend now.  (With a
+        PROXY header to read as well, the header, which comes inside TLS,
+        decides when instead.)
+        """
+        if self._handshaking:
+            self._stopHandshakeWait()
+            if not self._gone:
+                self.route()
+
+    def _stopHandshakeWait(self) -> None:
+        self._handshaking = False
+        call, self._handshakeCall = self._handshakeCall, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _handshakeLate(self, timeout: float) -> None:
+        """
+        No TLS handshake in time: closed (aborted: a TLS close would wait
+        for the client's own close_notify), and said in the summed line.
+        """
+        self._handshakeCall = None
+        self._handshaking = False
+        self._end = ends.HANDSHAKE_TIMEOUT
+        factory = self.factory
+        factory._lastClosed = (peerText(self.transport), f"no TLS handshake within {timeout:g} s")
+        factory._closed.count("no TLS handshake in time")
+        self.transport.abortConnection()
 
     def _awaitHeader(self) -> None:
         """
@@ -610,6 +664,8 @@ class ProxyServer(Relay):
             )
         if self._header is not None:
             self._stopAwaiting()
+        if self._handshaking:
+            self._stopHandshakeWait()
         factory = self.factory
         factory.clientGone(self)
         if self._idleCall is not None and self._idleCall.active():
@@ -658,6 +714,9 @@ class ProxyFactory(Factory):
         clients send a PROXY header first (another proxy in front); C{None}
         when they do not.
     @param proxyHeaderTimeout: seconds such a client has to send it.
+    @param handshakeTimeout: seconds a TLS client has to finish its
+        handshake (or C{idleTimeout}, when shorter); it gets a backend only
+        then.
     @param backendTLS: how to speak TLS to backends
         (L{twistedcluster.balancer.backendtls.BackendTLS}); C{None} for
         plain TCP.
@@ -694,7 +753,9 @@ class ProxyFactory(Factory):
         proxyParsers=None,
         proxyHeaderTimeout: float = PROXY_HEADER_TIMEOUT,
         backendTLS=None,
+        handshakeTimeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
+        self.handshakeTimeout = handshakeTimeout
         self.traffic = traffic if traffic is not None else Traffic()
         if self.traffic.pool is None:
             self.traffic.pool = cluster.pool
@@ -804,6 +865,7 @@ class ProxyFactory(Factory):
         stopped separately, so no new one comes.)
         """
         if not self.clients:
+            self._tellSummaries()
             return defer.succeed(None)
         log.info(
             "proxy: stopping: waiting up to {timeout} s for {count} connection(s)",
@@ -812,6 +874,26 @@ class ProxyFactory(Factory):
         )
         self._idle = defer.Deferred()
         self._idle.addTimeout(timeout, self.reactor)
+        end = self.reactor.seconds() + timeout
+        progress: list = []
+
+        def tell():
+            # A long drain (--takeover-drain) is not silent until its end.
+            progress[:] = [self.reactor.callLater(DRAIN_PROGRESS_INTERVAL, tell)]
+            log.info(
+                "proxy: stopping: {count} connection(s) still open, {left:.0f} s "
+                "to the drain deadline",
+                count=len(self.clients),
+                left=max(0.0, end - self.reactor.seconds()),
+            )
+
+        progress.append(self.reactor.callLater(DRAIN_PROGRESS_INTERVAL, tell))
+
+        def over(result):
+            call = progress.pop()
+            if call.active():
+                call.cancel()
+            return self._tellSummaries(result)
 
         def deadline(failure):
             failure.trap(defer.TimeoutError)
@@ -827,10 +909,21 @@ class ProxyFactory(Factory):
         def drained(result):
             log.info("proxy: drained: no connection left")
 
-        return self._idle.addCallbacks(drained, deadline)
+        return self._idle.addCallbacks(drained, deadline).addBoth(over)
 
-    def stopFactory(self) -> None:
+    def _tellSummaries(self, result=None):
+        """
+        Tell the summed lines pending now, at once (the drain is over: the
+        process exits next).
+        """
         for summary in (self._noSocket, self._closed):
             summary.stop()
+        self.health.stopSummary()
+        return result
+
+    def stopFactory(self) -> None:
+        # The listener closed: what is pending is told now; the connections
+        # still open go on counting until the drain is over (L{drain}).
+        self._tellSummaries()
         self.health.stop()
         self.admission.close("the balancer is stopping")

@@ -23,8 +23,11 @@ import ipaddress
 from collections import deque
 from typing import Deque, Dict, List, Optional, Tuple
 
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 from twistedcluster.balancer import accesslog as ends
 from twistedcluster.balancer.traffic import Traffic
@@ -140,10 +143,15 @@ class HandOffs:
         return min(heads) if heads else None
 
 
+@implementer(IHandshakeListener)
 class RedirectProtocol(Protocol):
     """
-    Answers one client with one line and closes.
+    Answers one client with one line and closes (over TLS, once its
+    handshake is done).
     """
+
+    _handshaking = False
+    _handshakeCall = None
 
     factory: "RedirectFactory"
     #: For the metrics and the access log: when it started, the backend
@@ -158,10 +166,41 @@ class RedirectProtocol(Protocol):
         factory = self.factory
         if factory.limit is not None:
             factory.limit.opened()
+        self._start = factory.clock.seconds()
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            # TLS (ssl:): answered once the handshake is done, so that a
+            # client that never handshakes is not counted as load on the
+            # backend it would have been named.
+            self._handshaking = True
+            timeout = factory.handshakeTimeout
+            self._handshakeCall = factory.clock.callLater(timeout, self._handshakeLate)
+            return
+        self._answer()
+
+    def handshakeCompleted(self) -> None:
+        if self._handshaking:
+            self._stopHandshakeWait()
+            self._answer()
+
+    def _stopHandshakeWait(self) -> None:
+        self._handshaking = False
+        call, self._handshakeCall = self._handshakeCall, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _handshakeLate(self) -> None:
+        # Aborted: a TLS close would wait for the client's close_notify.
+        self._handshakeCall = None
+        self._handshaking = False
+        self._end = ends.HANDSHAKE_TIMEOUT
+        self.transport.abortConnection()
+
+    def _answer(self) -> None:
+        factory = self.factory
         cluster = factory.cluster
         pool = cluster.pool
         handOffs = factory.handOffs
-        now = self._start = factory.clock.seconds()
+        now = factory.clock.seconds()
         peer = self.transport.getPeer()
         source = sourceOf(peer)
         counted = handOffs.admits(source)
@@ -195,6 +234,10 @@ class RedirectProtocol(Protocol):
         self.received += len(data)
 
     def connectionLost(self, reason) -> None:
+        if self._handshaking:
+            # Left (or failed) before its TLS handshake: never answered.
+            self._stopHandshakeWait()
+            self._end = ends.CLIENT_CLOSED
         factory = self.factory
         if factory.limit is not None:
             factory.limit.closed()
@@ -212,6 +255,9 @@ class RedirectFactory(Factory):
     noisy = False
     protocol = RedirectProtocol
     refused = 0
+    #: Seconds a TLS client (C{ssl:}) has to finish its handshake before
+    #: it is closed unanswered.
+    handshakeTimeout = 10.0
     #: The client connection limit its connections count against, if any.
     limit = None
     _handOffCall = None

@@ -7,6 +7,8 @@ L{Cluster}; each is a Twisted server endpoint string.
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
@@ -604,6 +606,10 @@ class _DrainOnStop(Service):
     any, is closed after them, so that their records are written.
     """
 
+    #: Told to tell what they have summed when the drain is over (the
+    #: client limit's and the accept errors' lines): the process exits next.
+    summaries: tuple = ()
+
     def __init__(self, factory, timeout: float, accessLog=None) -> None:
         self.factory = factory
         self.timeout = timeout
@@ -617,22 +623,47 @@ class _DrainOnStop(Service):
     def stopService(self):
         super().stopService()
         d = self.factory.drain(self.timeout)
+
+        def tell(result):
+            for summary in self.summaries:
+                summary.stop()
+            return result
+
+        d.addBoth(tell)
         if self.accessLog is not None:
             accessLog = self.accessLog
             d.addBoth(lambda _: accessLog.close())
         return d
 
 
-def _logFilesAnd(accessLog):
+class _WorkersAccessLogs:
+    """
+    The workers' access logs, as SIGHUP reopens them: each worker is told
+    over its channel (workers ignore the signal).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = f"{path} (every worker's)"
+        #: The L{twistedcluster.balancer.workers.WorkerSupervisor}, once made.
+        self.workers: Optional[Any] = None
+
+    def reopen(self) -> None:
+        if self.workers is not None:
+            self.workers.reopenAccessLogs()
+
+
+def _logFilesAnd(accessLog, workers=None):
     """
     What SIGHUP reopens: twistd's log file, and the access log when it
-    writes to a file.
+    writes to a file (with C{--workers}, each worker's too: C{workers} is
+    a L{_WorkersAccessLogs}).
     """
     from twistedcluster.hangup import logFiles
 
     if accessLog is None or accessLog.path is None:
         return logFiles
-    return lambda: [*logFiles(), accessLog]
+    extra = [accessLog] if workers is None else [accessLog, workers]
+    return lambda: [*logFiles(), *extra]
 
 
 def proxyListener(description: str):
@@ -818,6 +849,11 @@ def makeService(options: Options, reactor=None):
         # The old process's operator state is the newest (its state file
         # is written a moment after each change).
         snap = inherited.state["operator"]
+        if options.get("state-members"):
+            # The policy is the store's (applied above, or once it answers)
+            # when an operator set one, else this process's own --policy:
+            # not the old process's.
+            snap = {**snap, "policy": None}
         restore(cluster, snap)
         restoreStatics(
             statics,
@@ -864,11 +900,17 @@ def makeService(options: Options, reactor=None):
     from twistedcluster.hangup import HangUpService
 
     # SIGHUP reopens the log, and the access log (logrotate moves both).
-    HangUpService(reactor, findLogFiles=_logFilesAnd(accessLog)).setServiceParent(top)
+    workersAccessLogs = None
+    if options["workers"] > 1 and accessLog is not None and accessLog.path is not None:
+        workersAccessLogs = _WorkersAccessLogs(accessLog.path)
+    HangUpService(
+        reactor, findLogFiles=_logFilesAnd(accessLog, workersAccessLogs)
+    ).setServiceParent(top)
     # Proxy and redirect clients share one limit; control and admin have
     # their own, and the descriptors the limit leaves.
     clientLimit = ClientLimit(options["max-connections"], reactor)
     acceptErrors = AcceptErrors(reactor)
+    drainOnStop.summaries = (clientLimit, acceptErrors)
     controlFactory = ControlFactory(
         cluster,
         reactor,
@@ -878,6 +920,8 @@ def makeService(options: Options, reactor=None):
         authTimeout=options["auth-timeout"],
         forgetAfter=options["forget-after"],
     )
+    # A static backend restored from the store never takes a registered name.
+    statics.registered = controlFactory.owners.__contains__
     adminFactory = AdminFactory(
         cluster,
         reactor,
@@ -924,9 +968,15 @@ def makeService(options: Options, reactor=None):
             options["drain-timeout"],
             onPort=sharedPort,
             traffic=traffic,
+            sendProxyFor=options["backend-send-proxy"],
+            # --access-log -: the workers' records go to standard output as
+            # they are (the workers log to standard error).
+            shareStdout=options["access-log"] == "-",
         )
         workers.setName("workers")
         workers.setServiceParent(top)
+        if workersAccessLogs is not None:
+            workersAccessLogs.workers = workers
         log.info(
             "balancer {n} workers serve {roles} on shared listening sockets",
             n=options["workers"],
@@ -958,7 +1008,7 @@ def makeService(options: Options, reactor=None):
     if inherited is not None:
         from twistedcluster.balancer.takeover import restoreLive
 
-        restored = restoreLive(inherited.state, cluster, controlFactory, reactor)
+        restored = restoreLive(inherited.state, cluster, controlFactory, reactor, statics=statics)
         log.info(
             "takeover: {n} backend(s) up as the old process saw them, until "
             "they register here: {names}",

@@ -61,10 +61,7 @@ def snapshot(cluster: Cluster, statics=None) -> Dict[str, Any]:
         "backends": cluster.pool.adminSettings(),
     }
     if statics is not None:
-        state["static"] = {
-            name: {"host": b.host, "port": b.port, "capacity": b.capacity}
-            for name, b in sorted(statics.added.items())
-        }
+        state["static"] = {name: staticEntry(b) for name, b in sorted(statics.added.items())}
     return state
 
 
@@ -165,10 +162,35 @@ def load(path: str) -> Dict[str, Any]:
     return data
 
 
-def _staticBackend(name: str, entry: Dict[str, Any]):
+def staticEntry(b) -> Dict[str, Any]:
+    """
+    What the state file (and the state store) keep of a static backend
+    added at runtime: its address and capacity, and its PROXY header
+    version when it has one (absent otherwise, as in files written before).
+    """
+    entry: Dict[str, Any] = {"host": b.host, "port": b.port, "capacity": b.capacity}
+    if b.sendProxy is not None:
+        entry["sendProxy"] = b.sendProxy
+    return entry
+
+
+def staticBackend(name: str, entry: Dict[str, Any]):
+    """
+    The static backend a L{staticEntry} describes; C{ValueError} (or
+    C{KeyError}, C{TypeError}) when it is malformed.
+    """
     from twistedcluster.balancer.staticbackend import makeStaticBackend
 
-    return makeStaticBackend(name, entry["host"], entry["port"], capacity=entry["capacity"])
+    return makeStaticBackend(
+        name,
+        entry["host"],
+        int(entry["port"]),
+        capacity=int(entry["capacity"]),
+        sendProxy=entry.get("sendProxy"),
+    )
+
+
+_staticBackend = staticBackend
 
 
 def restoreStatics(statics, data: Dict[str, Any]) -> None:

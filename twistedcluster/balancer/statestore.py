@@ -9,7 +9,7 @@ prefix, as JSON:
   - C{PREFIX}C{policy}: the policy's name;
   - C{PREFIX}C{backends/NAME}: C{{"host", "port", "admin", "weight"}} of a
     backend with an operator setting (no key: enabled, default weight);
-  - C{PREFIX}C{static/NAME}: C{{"host", "port", "capacity"}} of a static
+  - C{PREFIX}C{static/NAME}: C{{"host", "port", "capacity"[, "sendProxy"]}} of a static
     backend added at runtime;
   - C{PREFIX}C{forgotten/NAME}: written by ``forget``, so that every balancer
     drops that backend if it is down there too.
@@ -244,8 +244,14 @@ def desiredState(cluster, statics) -> Dict[str, Any]:
         if (AdminState(s["admin"]), s["weight"]) != default(name):
             keys["backends/" + name] = s
     if statics is not None:
+        from twistedcluster.balancer.statefile import staticEntry
+
         for name, b in statics.added.items():
-            keys["static/" + name] = {"host": b.host, "port": b.port, "capacity": b.capacity}
+            keys["static/" + name] = staticEntry(b)
+        # Not added here (a backend registered under the name), still the
+        # cluster's: a write from here must not delete them.
+        for name, value in statics.heldBack.items():
+            keys["static/" + name] = value
     return keys
 
 
@@ -296,16 +302,29 @@ def applyKey(cluster, statics, key: str, value: Optional[Any]) -> None:
                     pool.setWeight(name, weight)
         elif kind == "static" and name and statics is not None:
             if value is not None:
-                if name not in statics.added:
-                    from twistedcluster.balancer.staticbackend import makeStaticBackend
+                from twistedcluster.balancer.statefile import staticBackend
 
+                b = staticBackend(name, value)
+                if name not in statics.added:
                     if name in statics.checks:
                         raise ValueError("a --backend of that name is given here")
-                    b = makeStaticBackend(
-                        name, value["host"], int(value["port"]), capacity=int(value["capacity"])
-                    )
-                    statics.add(b, runtime=True, restoring=True)
+                    from twistedcluster.balancer.healthcheck import StaticNameTaken
+
+                    try:
+                        statics.add(b, runtime=True, restoring=True)
+                    except StaticNameTaken as e:
+                        # A backend registered here under that name: the
+                        # first to take a name keeps it.
+                        log.warn(
+                            "state store: static backend {name} not added here: {error}",
+                            name=name,
+                            error=str(e),
+                        )
+                        statics.heldBack[name] = value
+                        return
                     log.info("state store: static backend {name} added", name=name)
+            elif statics.heldBack.pop(name, None) is not None:
+                pass
             elif name in statics.added:
                 statics.remove(name)
                 log.info("state store: static backend {name} removed", name=name)

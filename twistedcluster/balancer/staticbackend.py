@@ -123,6 +123,7 @@ def makeStaticBackend(
     port: int,
     weight: Optional[int] = None,
     capacity: Optional[int] = None,
+    sendProxy: Optional[str] = None,
 ) -> StaticBackend:
     """
     A L{StaticBackend} from values that come from elsewhere (the admin
@@ -131,7 +132,7 @@ def makeStaticBackend(
     """
     host, port = parseHostPort(formatHostPort(str(host), int(port)))
     values: Dict[str, object] = {}
-    for key, value in (("weight", weight), ("capacity", capacity)):
+    for key, value in (("weight", weight), ("capacity", capacity), ("send-proxy", sendProxy)):
         if value is not None:
             field, read = KEYS[key]
             try:

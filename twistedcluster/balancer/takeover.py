@@ -261,18 +261,31 @@ def inherit(path: str, timeout: float = ASK_TIMEOUT) -> Optional[Inheritance]:
     return Inheritance(channel, listeners, answer["state"])
 
 
-def restoreLive(state: Dict[str, Any], cluster, controlFactory, clock) -> List[str]:
+def restoreLive(
+    state: Dict[str, Any], cluster, controlFactory, clock, statics=None
+) -> List[str]:
     """
     Put the backends whose control channels were live in the old process
     into the pool as up, each until its heartbeat timeout: it registers
     here within that (its channel was closed with a fast retry), or it is
     marked down as if its reports had stopped.
+
+    Not one whose name a static backend of this process holds (C{statics},
+    its L{twistedcluster.balancer.healthcheck.TCPHealthChecks}): that name
+    is the static one's here, and the backend's registration is refused.
     """
     pool = cluster.pool
     restored = []
     for b in state.get("live", []):
         name = b["name"]
         if name in controlFactory.owners:
+            continue
+        if statics is not None and name in statics.checks:
+            log.warn(
+                "takeover: backend {name} registered with the old process, but "
+                "here {name} is a static backend: not restored",
+                name=name,
+            )
             continue
         pool.register(
             name,

@@ -241,8 +241,18 @@ class WorkerSupervisor(Service):
         onPort=None,
         syncInterval: float = SYNC_INTERVAL,
         traffic=None,
+        sendProxyFor: Optional[Dict[str, str]] = None,
+        shareStdout: bool = False,
     ) -> None:
         self.count = count
+        #: Whether each worker writes to this process's standard output
+        #: itself (C{--access-log -}: the records as they are) rather than
+        #: to a pipe read as log lines.
+        self.shareStdout = shareStdout
+        #: The static backends' own PROXY header versions, by name (the
+        #: main process's, which cluster-admin add and remove change): sent
+        #: with the view, so that every worker has them as they are now.
+        self.sendProxyFor = sendProxyFor if sendProxyFor is not None else {}
         self.cluster = cluster
         self.reactor = reactor
         self.listeners = listeners
@@ -255,7 +265,7 @@ class WorkerSupervisor(Service):
         self.workers: Dict[int, _WorkerProcess] = {}
         self.restartDelay = RESTART_DELAY
         self.stopping = False
-        self._pushed: tuple = (None, None)
+        self._pushed: tuple = (None, None, None)
         self._sync = LoopingCall(self._push)
         self._sync.clock = reactor
 
@@ -328,7 +338,7 @@ class WorkerSupervisor(Service):
 
     def _spawn(self, index: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = {1: "r", 2: "r", 3: theirs.fileno()}
+        fds = {1: 1 if self.shareStdout else "r", 2: "r", 3: theirs.fileno()}
         args = [sys.executable, "-m", "twistedcluster.balancer.workers", str(index), "3"]
         fd = 4
         for role, port in self.ports.items():
@@ -396,21 +406,36 @@ class WorkerSupervisor(Service):
     def _push(self) -> None:
         # The pool's snapshot is cached until anything in it changes: an
         # idle cluster costs no view.
-        marker = (self.cluster.pool.snapshot(), self.cluster.policyName)
-        if marker[0] is self._pushed[0] and marker[1] == self._pushed[1]:
+        marker = (
+            self.cluster.pool.snapshot(),
+            self.cluster.policyName,
+            tuple(sorted(self.sendProxyFor.items())),
+        )
+        if marker[0] is self._pushed[0] and marker[1:] == self._pushed[1:]:
             return
         self._pushed = marker
         for worker in list(self.workers.values()):
             self._pushTo(worker)
+
+    def reopenAccessLogs(self) -> None:
+        """
+        Tell every worker to reopen its access log file (SIGHUP reached the
+        main process; workers ignore the signal itself).
+        """
+        for worker in list(self.workers.values()):
+            channel = worker.channel
+            if channel is not None and channel.transport is not None:
+                channel.send({"reopen": True})
 
     def _pushTo(self, worker: _WorkerProcess) -> None:
         channel = worker.channel
         if channel is None or channel.transport is None:
             return
         view = mirror.viewFor(self.cluster, worker.book)
-        if view != worker.said:
-            worker.said = view
-            channel.send({"policy": view[0], "backends": view[1]})
+        sendProxy = dict(self.sendProxyFor)
+        if (view, sendProxy) != worker.said:
+            worker.said = (view, sendProxy)
+            channel.send({"policy": view[0], "backends": view[1], "sendProxy": sendProxy})
 
 
 class _NoClients(protocol.Factory):
@@ -466,6 +491,20 @@ def workerFigures(proxyFactory, redirectFactory, clientLimit, traffic):
     return counters, gauges
 
 
+def applyMessage(m: Dict[str, Any], cluster, applied: dict, proxyFactory) -> None:
+    """
+    What a worker does with a message from the main process: route on its
+    view of the pool, and send each static backend the PROXY header the
+    main process has for it now (C{cluster-admin add --send-proxy}, the
+    state file, a C{remove}), not what the command line gave.
+    """
+    mirror.applyView(cluster, m["policy"], m["backends"], applied)
+    sendProxy = m.get("sendProxy")
+    if sendProxy is not None and sendProxy != proxyFactory.sendProxyFor:
+        proxyFactory.sendProxyFor.clear()
+        proxyFactory.sendProxyFor.update(sendProxy)
+
+
 def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) -> None:
     """
     Serve the proxy (and redirect) listener whose sockets are C{fds} with
@@ -497,7 +536,13 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     if options.get("access-log-output") is not None:
         from twistedcluster.balancer.accesslog import AccessLog
 
-        accessLog = AccessLog(reactor, options["access-log-output"], options["access-log-format"])
+        path = options["access-log"]
+        accessLog = AccessLog(
+            reactor,
+            options["access-log-output"],
+            options["access-log-format"],
+            path=None if path == "-" else path,
+        )
         accessLog.start()
     traffic = Traffic(accessLog)
     _, parsers = proxyListener(options["listen"])
@@ -528,7 +573,23 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     applied: dict = {}
 
     def message(m) -> None:
-        mirror.applyView(cluster, m["policy"], m["backends"], applied)
+        if m.get("reopen"):
+            reopen()
+            return
+        applyMessage(m, cluster, applied, proxyFactory)
+
+    def reopen() -> None:
+        if accessLog is None or accessLog.path is None:
+            return
+        try:
+            accessLog.reopen()
+        except OSError as e:
+            log.warn(
+                "SIGHUP: cannot reopen the access log {path}: {error}; still "
+                "writing to the old one",
+                path=accessLog.path,
+                error=e,
+            )
 
     def lost() -> None:
         if reactor.running:
@@ -554,6 +615,14 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
         for port in ports:
             port.stopListening()
         d = proxyFactory.drain(options["drain-timeout"])
+
+        def tell(result):
+            # What they summed and have not told yet: the worker exits next.
+            clientLimit.stop()
+            acceptErrors.stop()
+            return result
+
+        d.addBoth(tell)
         if accessLog is not None:
             d.addBoth(lambda _: accessLog.close())
         return d

@@ -175,6 +175,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--capacity", type=int, metavar="C", help="connections it is sized for (default 1000)"
     )
+    sp.add_argument(
+        "--send-proxy",
+        choices=("v1", "v2"),
+        dest="sendProxy",
+        help="start every connection to it with a PROXY protocol header of this version "
+        "(as --backend ...,send-proxy=V)",
+    )
     sp = sub.add_parser(
         "remove", parents=[common], help="remove a static backend (its connections go on)"
     )
@@ -304,10 +311,24 @@ async def execute(proto: amp.AMP, args, reactor=None) -> str:
             host, port = parseHostPort(args.address)
         except ValueError as e:
             raise CommandFailed(str(e), EXIT_USAGE) from None
-        extra = {k: getattr(args, k) for k in ("weight", "capacity") if getattr(args, k) is not None}
+        extra = {
+            k: getattr(args, k)
+            for k in ("weight", "capacity", "sendProxy")
+            if getattr(args, k) is not None
+        }
         result = await _call(proto, commands.AddBackend, name=args.name, host=host, port=port, **extra)
+        if args.sendProxy is not None and result.get("sendProxy") != args.sendProxy:
+            # A balancer older than --send-proxy ignores the argument.
+            raise CommandFailed(
+                f"this balancer does not know --send-proxy (too old): {args.name} was "
+                f"added WITHOUT a PROXY header; cluster-admin remove {args.name}, and "
+                "upgrade the balancer",
+                EXIT_REFUSED,
+            )
         out = {"name": args.name, "host": host, "port": port, **extra, "state": result["state"]}
         text = f"{args.name}: added at {formatHostPort(host, port)} ({result['state']})"
+        if args.sendProxy is not None:
+            text += f", PROXY {args.sendProxy} header"
         return _done(result, out, text, args.json)
     if cmd == "remove":
         result = await _call(proto, commands.RemoveBackend, name=args.name)

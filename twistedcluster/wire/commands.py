@@ -429,9 +429,14 @@ class ForgetBackend(amp.Command):
 class AddBackend(amp.Command):
     """
     Add a static backend (one that does not speak AMP, kept in the pool by
-    TCP health checks), as C{--backend NAME=HOST:PORT,weight=W,capacity=C}
-    would at start-up; kept in the state file.  Answers with its state (up:
-    static backends start up, and failing checks take them out).
+    TCP health checks), as C{--backend
+    NAME=HOST:PORT,weight=W,capacity=C,send-proxy=V} would at start-up; kept
+    in the state file.  Answers with its state (up: static backends start
+    up, and failing checks take them out).
+
+    C{sendProxy} (C{"v1"} or C{"v2"}): every connection to it starts with a
+    PROXY header.  The answer repeats it: a balancer that does not know the
+    argument (older) ignores it, and its answer lacks it.
     """
 
     commandName = b"AddBackend"
@@ -441,8 +446,9 @@ class AddBackend(amp.Command):
         (b"port", amp.Integer()),
         (b"weight", amp.Integer(optional=True)),
         (b"capacity", amp.Integer(optional=True)),
+        (b"sendProxy", amp.Unicode(optional=True)),
     ]
-    response = [(b"state", amp.Unicode()), NOT_SAVED]
+    response = [(b"state", amp.Unicode()), NOT_SAVED, (b"sendProxy", amp.Unicode(optional=True))]
     errors = {
         InvalidArgument: b"INVALID_ARGUMENT",
         BackendInUse: b"BACKEND_IN_USE",
