@@ -18,8 +18,8 @@ Set-ups, each on fresh processes:
   (its maxconn is what its open-file limit allows);
 - ``direct``: every client on one echo backend.
 
-A set-up that fails connections at a step stops there: the table says how
-many it held and what stopped it (the failures' reasons, the descriptors
+A set-up that holds less than 99% of a step stops there; whenever clients
+fail, the table says how many it held and why (the failures' reasons, the descriptors
 of its busiest process against its limit, the machine's free memory).
 
 Per step: clients held and failed, the time to build the step and its
@@ -56,7 +56,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from loadgen import LoadGenerator  # noqa: E402
 from run import Progress, percentile, raiseFileLimit, split  # noqa: E402
-from servers import cpuSeconds, haproxyConfig, haproxyPath, openFiles, rssKiB  # noqa: E402
+from servers import cpuSeconds, haproxyConfig, haproxyPath, machineBusy, openFiles, rssKiB  # noqa: E402
 
 from twistedcluster.localcluster import LocalCluster, Process, freePort, waitFor  # noqa: E402
 
@@ -73,6 +73,8 @@ PER_WORKER = 8_000
 P99_FACTOR = 10.0
 RSS_PER_PROXIED_KIB = 3.0
 SPREAD = 1.1
+#: A set-up that holds less than this share of a step goes no further.
+STOP_BELOW = 0.99
 
 
 def fdLimit() -> int:
@@ -191,6 +193,49 @@ def sample(pids: Dict[int, str]) -> Dict[int, dict]:
     return out
 
 
+class CpuMeter:
+    """
+    CPU over a span, in cores: of each of our processes (servers and load
+    generator) and of the whole machine, so that what other work on the
+    machine took is known too.
+    """
+
+    def __init__(self, pids) -> None:
+        self.pids = list(pids)
+        self.t0 = time.monotonic()
+        self.m0 = machineBusy()
+        self.c0 = {p: self._cpu(p) for p in self.pids}
+
+    @staticmethod
+    def _cpu(pid: int) -> float:
+        try:
+            return cpuSeconds(pid)
+        except OSError:
+            return 0.0
+
+    def stop(self) -> dict:
+        span = max(1e-6, time.monotonic() - self.t0)
+        m1 = machineBusy()
+        per = {p: (self._cpu(p) - self.c0[p]) / span for p in self.pids}
+        total = m1[1] - self.m0[1]
+        cores = os.cpu_count() or 1
+        busy = (m1[0] - self.m0[0]) / total * cores if total else None
+        return {"seconds": span, "per": per, "busy": busy}
+
+
+def cpuSplit(meter: dict, groups: Dict[int, str]) -> dict:
+    """
+    Cores used over a span by our servers, by our load generator, by the
+    kernel's work that no process is charged for plus everything else on the
+    machine (``others``: the machine's busy time less ours).
+    """
+    servers = sum(v for p, v in meter["per"].items() if groups.get(p) != "generator")
+    gens = sum(v for p, v in meter["per"].items() if groups.get(p) == "generator")
+    busy = meter["busy"]
+    return {"servers": servers, "generator": gens, "busy": busy,
+            "others": None if busy is None else max(0.0, busy - servers - gens)}
+
+
 def latencies(results, key: str) -> List[float]:
     lat = array("d")
     for r in results:
@@ -209,6 +254,7 @@ class Bench:
         args, say = self.args, self.say
         gens = len(lg.workers)
         pids = setup.allPids()
+        meterPids = {**pids, **{p: "generator" for p in lg.pids}}
         base = sample(pids)
         record = {"note": setup.note, "steps": [], "stopped": None}
         params = [
@@ -224,9 +270,11 @@ class Bench:
                 new = step - held
                 say(f"{setup.name}: building {step:,} clients ({new:,} new) ...")
                 t0 = time.monotonic()
+                meter = CpuMeter(meterPids)
                 grown = pop.grow(split(new, gens), args.max_failures,
                                  timeout=60 + new / 200 + 2 * args.attempt_timeout)
                 seconds = time.monotonic() - t0
+                buildCpu = cpuSplit(meter.stop(), meterPids)
                 held = sum(g["held"] for g in grown)
                 failed = sum(g["failed"] for g in grown)
                 reasons: Dict[str, int] = {}
@@ -236,6 +284,7 @@ class Bench:
                 self._checkAlive(setup)
                 say(f"{setup.name}: {held:,} held, {failed:,} failed in {seconds:.1f} s; echo window ...")
                 rounds = []
+                meter = CpuMeter(meterPids)
                 for _ in range(args.rounds):
                     echo = pop.measure(args.window)
                     lat = latencies(echo, "latencies")
@@ -246,6 +295,7 @@ class Bench:
                         "sent": sum(e["sent"] for e in echo), "late": sum(e["late"] for e in echo),
                         "lagP99": percentile(lags, 0.99),
                     })
+                echoCpu = cpuSplit(meter.stop(), meterPids)
                 say(f"{setup.name}: quiet window ...")
                 box = {}
 
@@ -261,11 +311,14 @@ class Bench:
                 self._checkAlive(setup)
                 row = self._row(setup, step, held, failed, seconds, new, grown, rounds,
                                 quietRes, base, box, reasons)
+                row["buildCpu"], row["echoCpu"] = buildCpu, echoCpu
                 record["steps"].append(row)
                 self._say(setup.name, row)
-                if held < step or failed:
-                    record["stopped"] = self._whyStopped(setup, row, reasons)
-                    say(f"{setup.name}: stopped at {held:,}: {record['stopped']}")
+                if failed or held < step:
+                    row["why"] = self._whyStopped(setup, row, reasons)
+                    say(f"{setup.name}: {held:,} of {step:,} held: {row['why']}")
+                if held < STOP_BELOW * step:
+                    record["stopped"] = row["why"]
                     break
         finally:
             try:
@@ -325,12 +378,14 @@ class Bench:
         for p in [*setup.cluster.processes.values(), *setup.extra]:
             text = p.logText()
             for needle in ("Too many open files", "EMFILE", "Out of file descriptors",
-                           "connection limit", "maxconn", "Cannot raise FD limit"):
+                           "(--max-connections) reached", "Cannot raise FD limit"):
                 if needle in text:
                     logHits.append(f"{p.name} log: {needle!r} x{text.count(needle)}")
         why = ", ".join(f"{k} x{v:,}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        b, e = row["buildCpu"], row["echoCpu"]
         text = (f"failures: {why or 'none'}; most descriptors: {where} {top['fds']:,} of its "
-                f"limit {limit:,}; MemAvailable {row['memAvailableMiB']:,} MiB")
+                f"limit {limit:,}; MemAvailable {row['memAvailableMiB']:,} MiB; cores busy "
+                f"while building {cores(b)}, in the echo windows {cores(e)}")
         if logHits:
             text += "; " + "; ".join(logHits)
         return text
@@ -339,6 +394,11 @@ class Bench:
         rounds = "/".join(f"{ms(r['p99'])} (lag {ms(r['lagP99'])})" for r in row["rounds"])
         self.say(f"{name} {row['clients']:,}: p50 {ms(row['p50'])} ms, p99 of each round {rounds} ms, "
                  f"KiB/conn {row['rssPerConn']}, idle CPU% {row['idleCpu']}, spread {row['spread']}")
+
+
+def cores(c: dict) -> str:
+    return (f"{num(c['busy'])} of {os.cpu_count()} (servers {num(c['servers'])}, "
+            f"load generator {num(c['generator'])}, others {num(c['others'])})")
 
 
 def ms(v: Optional[float]) -> str:
@@ -351,8 +411,9 @@ def num(v: Optional[float], fmt: str = "{:.2f}") -> str:
 
 def table(results: Dict[str, dict]) -> str:
     head = ("set-up", "clients", "held", "failed", "build s", "conn/s", "p50 ms", "p99 ms", "p99 med",
-            "KiB/c main", "workers", "backends", "idle CPU% main", "workers", "backends", "max/mean")
-    widths = (8, 8, 8, 6, 7, 7, 7, 7, 7, 10, 7, 8, 14, 7, 8, 8)
+            "KiB/c main", "workers", "backends", "idle CPU% main", "workers", "backends", "max/mean",
+            "busy", "others")
+    widths = (8, 8, 8, 6, 7, 7, 7, 7, 7, 10, 7, 8, 14, 7, 8, 8, 5, 6)
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths)))]
     lines.append("-" * len(lines[0]))
     for name, rec in results.items():
@@ -364,11 +425,15 @@ def table(results: Dict[str, dict]) -> str:
                 num(r["rssPerConn"]["backends"]),
                 num(r["idleCpu"]["main"], "{:.1f}"), num(r["idleCpu"]["workers"], "{:.1f}"),
                 num(r["idleCpu"]["backends"], "{:.1f}"), num(r["spread"]),
+                num(r["echoCpu"]["busy"], "{:.1f}"), num(r["echoCpu"]["others"], "{:.1f}"),
             )
             lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))))
     lines.append("")
     for name, rec in results.items():
         lines.append(f"{name}: {rec['note']}")
+        for r in rec["steps"]:
+            if r.get("why") and not (rec.get("stopped") and r is rec["steps"][-1]):
+                lines.append(f"  {r['held']:,} of {r['clients']:,} held: {r['why']}")
         if rec.get("stopped"):
             lines.append(f"  stopped at {rec['steps'][-1]['held']:,} held: {rec['stopped']}")
         if rec.get("error"):
@@ -507,7 +572,9 @@ def main(argv=None) -> int:
     print(f"Many clients at once: {', '.join(f'{s:,}' for s in args.steps)}; one echo of 32 bytes per "
           f"client every {args.interval:g} s; {args.rounds} echo windows of {args.window:g} s per step "
           f"(p50/p99 of the best, p99 med: the median window's), idle (quiet) window "
-          f"{args.quiet:g} s; KiB/c = RSS growth per held client; logs in {work}")
+          f"{args.quiet:g} s; KiB/c = RSS growth per held client; busy: "
+          f"cores busy in the echo windows (of {os.cpu_count()}), others: of them, what no process of this "
+          f"run used (other work, unattributed kernel time); logs in {work}")
     print(table(results))
     print()
     checks = verdicts(results, args.steps)
