@@ -373,6 +373,7 @@ class Bench:
         pid, top = max(procs.items(), key=lambda kv: kv[1]["fds"])
         limit = fdLimit()
         names = {str(p.pid): p.name for p in [*setup.cluster.processes.values(), *setup.extra]}
+        names.update({str(p): f"balancer worker {p}" for p in setup.groups.get("workers", [])})
         where = names.get(pid, f"pid {pid}")
         logHits = []
         for p in [*setup.cluster.processes.values(), *setup.extra]:
@@ -474,7 +475,7 @@ def verdicts(results: Dict[str, dict], steps: List[int]) -> List[tuple]:
             kib = (r["rssPerConn"]["main"] or 0) + (r["rssPerConn"]["workers"] or 0)
             out.append((kib <= RSS_PER_PROXIED_KIB,
                         f"proxy: balancer RSS (main + workers) <= {RSS_PER_PROXIED_KIB:g} KiB per proxied "
-                        f"connection: {kib:.2f} KiB at {top:,}"))
+                        f"connection: {kib:.2f} KiB with {r['held']:,} held (step {top:,})"))
         else:
             out.append((False, f"proxy: balancer RSS per proxied connection: {top:,} not reached"))
     for name in ("redirect", "proxy"):
