@@ -753,9 +753,9 @@ def populationRun(pipe, p: dict) -> None:
             becomeHeld(fd, c, now)
             return
         c.waiting = False
-        if windowEnd is not None and not quiet:
-            answered += 1
-            if len(lat) < MAX_SAMPLES:
+        if windowEnd is not None:
+            answered += 1  # in a quiet window: only echoes sent before it
+            if not quiet and len(lat) < MAX_SAMPLES:
                 lat.append(now - c.sentAt)
 
     def reply(kind: str, info: dict) -> None:

@@ -45,8 +45,9 @@ def test_smallPopulationHeldAndEchoing(tmp_path):
             # Echoes were sent through the window and came back.
             assert r["echoesSent"] > 0 and r["echoes"] >= 0.9 * r["echoesSent"], r
             assert 0 < r["p50"] <= r["p99"] < 1.0, r
-            # No echo in the quiet window.
-            assert r["quietEchoes"] == 0, r
+            # The quiet window is quiet: at most the echoes in flight as it
+            # opened come back in it.
+            assert r["quietEchoes"] <= 0.1 * r["held"], r
             # The spread is over what the backends really hold (their
             # descriptors), and adds up to the clients.
             assert sum(r["perBackend"]) == r["held"], r
