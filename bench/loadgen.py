@@ -22,11 +22,19 @@ Tasks:
   sent at that offset.
 - ``hold``: open connections, prove each with one echo, keep them until
   told to release them.
+- ``population``: a population of long-lived clients that grows when told
+  (``grow``), each proven with one echo and then sending one small echo
+  every ``interval`` seconds at its own phase; ``measure`` reports the
+  round trips of a window (or keeps the clients quiet through it);
+  ``release`` closes them all.  In redirect mode each client first asks the
+  balancer's redirect listener and connects to the backend it names.
 """
 
 from __future__ import annotations
 
 import errno
+import gc
+import heapq
 import multiprocessing
 import os
 import random
@@ -534,6 +542,317 @@ def holdSetup(p: dict) -> Tuple[list, dict]:
     return held, {"held": len(held), "errors": errors, "corrupt": corrupt}
 
 
+# -- a population of long-lived clients ------------------------------------------
+
+#: Longest a population task lives, whatever it is told.
+POPULATION_MAX_SECONDS = 3 * 3600.0
+
+
+class _Client:
+    """
+    One client of a population.  C{phase}: 0 asking the redirect listener,
+    1 reading its answer, 2 connecting, 3 waiting for the first echo, 4 held.
+    """
+
+    __slots__ = ("sock", "cid", "seq", "expected", "sentAt", "started", "buf", "phase", "waiting")
+
+    def __init__(self, sock, cid, phase, now):
+        self.sock = sock
+        self.cid = cid
+        self.seq = 0
+        self.expected = b""
+        self.sentAt = 0.0
+        self.started = now
+        self.buf = b""
+        self.phase = phase
+        self.waiting = False
+
+
+def populationRun(pipe, p: dict) -> None:
+    """
+    Serve one population task: answer C{ready}, then the commands
+    C{("grow", n, maxFailures)}, C{("measure", seconds, echo)} and
+    C{("release",)} from C{pipe} until released, or until
+    L{POPULATION_MAX_SECONDS} or the parent's pipe closes.
+    """
+    from twistedcluster.wire.redirectline import ErrorAnswer, parseLine
+
+    addr = tuple(p["addr"])
+    redirect = bool(p.get("redirect"))
+    sources = p.get("sources") or [None]
+    interval = float(p["interval"])
+    size = int(p.get("size", 32))
+    inFlight = int(p.get("concurrency", 64))
+    cidBase = int(p["cidBase"])
+    attemptTimeout = float(p.get("attemptTimeout", ATTEMPT_TIMEOUT))
+    rnd = random.Random(cidBase)
+    monotonic = time.monotonic
+    endOfTask = monotonic() + POPULATION_MAX_SECONDS
+    ep = select.epoll()
+    pipeFd = pipe.fileno()
+    ep.register(pipeFd, EPOLLIN)
+    clients: Dict[int, _Client] = {}  # by fd: connecting and held
+    pending: Dict[int, _Client] = {}  # by fd: not yet held
+    schedule: list = []  # heap of (due, cid, client) for held clients
+    held = 0
+    started = 0  # clients ever started
+    # The current grow order.
+    toStart = 0
+    maxFailures = 0
+    growFailed = 0
+    growHeld = 0
+    growStart = 0.0
+    growing = False
+    failures: Dict[str, int] = {}
+    # The current measure order.
+    windowEnd: Optional[float] = None
+    quiet = False
+    lat = array("d")
+    lags = array("d")  # how late this loop sent each echo of a window
+    sent = answered = late = corrupt = 0
+    dropped = 0  # held clients the far end closed
+    lastScan = monotonic()
+
+    def fail(fd: int, c: _Client, why: str) -> None:
+        nonlocal growFailed, dropped, held
+        try:
+            ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        clients.pop(fd, None)
+        c.sock.close()
+        if pending.pop(fd, None) is not None:
+            growFailed += 1
+            failures[why] = failures.get(why, 0) + 1
+        else:
+            held -= 1
+            dropped += 1
+
+    def startOne(now: float) -> None:
+        nonlocal started, toStart, growFailed
+        source = sources[started % len(sources)]
+        cid = cidBase + started
+        started += 1
+        toStart -= 1
+        try:
+            s = _newSocket(source)
+            s.setblocking(False)
+        except OSError as e:
+            growFailed += 1
+            why = f"socket: {errno.errorcode.get(e.errno, e.errno)}"
+            failures[why] = failures.get(why, 0) + 1
+            return
+        c = _Client(s, cid, 0 if redirect else 2, now)
+        fd = s.fileno()
+        clients[fd] = c
+        pending[fd] = c
+        err = s.connect_ex(addr)
+        if err not in (0, errno.EINPROGRESS):
+            fail(fd, c, f"connect: {errno.errorcode.get(err, err)}")
+            return
+        ep.register(fd, EPOLLOUT)
+
+    def becomeHeld(fd: int, c: _Client, now: float) -> None:
+        nonlocal held, growHeld
+        del pending[fd]
+        c.phase = 4
+        c.waiting = False
+        held += 1
+        growHeld += 1
+        heapq.heappush(schedule, (now + rnd.uniform(0.0, interval), c.cid, c))
+
+    def sendEcho(c: _Client, now: float) -> None:
+        c.seq += 1
+        c.expected = _message(c.cid, c.seq, size)
+        c.sentAt = now
+        c.waiting = True
+        c.buf = b""
+        c.sock.send(c.expected)
+
+    def onEvent(fd: int, ev: int, now: float) -> None:
+        nonlocal answered, corrupt, growFailed
+        c = clients.get(fd)
+        if c is None:
+            return
+        s = c.sock
+        phase = c.phase
+        if phase in (0, 2):  # connected, or not
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err or ev & EPOLLERR:
+                fail(fd, c, ("ask " if phase == 0 else "connect: ")
+                     + errno.errorcode.get(err, "hangup"))
+                return
+            if phase == 0:
+                c.phase = 1
+            else:
+                c.phase = 3
+                c.expected = _message(c.cid, 0, size)
+                c.sentAt = now
+                try:
+                    s.send(c.expected)
+                except OSError as e:
+                    fail(fd, c, f"send: {errno.errorcode.get(e.errno, e.errno)}")
+                    return
+            ep.modify(fd, EPOLLIN)
+            return
+        try:
+            data = s.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if phase == 1:  # the redirect answer, then the listener closes
+            c.buf += data
+            if data and not c.buf.endswith(b"\n") and len(c.buf) < 1024:
+                return
+            try:
+                host, port = parseLine(c.buf)
+            except ErrorAnswer as e:
+                fail(fd, c, f"redirect: {e}")
+                return
+            except ValueError:
+                fail(fd, c, "redirect: no answer" if not c.buf else "redirect: bad answer")
+                return
+            # Same client, new socket: to the backend named.
+            ep.unregister(fd)
+            del clients[fd]
+            del pending[fd]
+            s.close()
+            try:
+                s = _newSocket(sources[c.cid % len(sources)])
+                s.setblocking(False)
+            except OSError as e:
+                why = f"socket: {errno.errorcode.get(e.errno, e.errno)}"
+                failures[why] = failures.get(why, 0) + 1
+                growFailed += 1
+                return
+            c.sock = s
+            c.buf = b""
+            c.phase = 2
+            fd = s.fileno()
+            clients[fd] = c
+            pending[fd] = c
+            err = s.connect_ex((host, port))
+            if err not in (0, errno.EINPROGRESS):
+                fail(fd, c, f"connect: {errno.errorcode.get(err, err)}")
+                return
+            ep.register(fd, EPOLLOUT)
+            return
+        if not data:
+            fail(fd, c, "closed")
+            return
+        c.buf += data
+        if len(c.buf) < size:
+            return
+        if c.buf != c.expected:
+            corrupt += 1
+            fail(fd, c, "corrupt echo")
+            return
+        c.buf = b""
+        if phase == 3:
+            becomeHeld(fd, c, now)
+            return
+        c.waiting = False
+        if windowEnd is not None:
+            answered += 1  # in a quiet window: only echoes sent before it
+            if not quiet and len(lat) < MAX_SAMPLES:
+                lat.append(now - c.sentAt)
+
+    def reply(kind: str, info: dict) -> None:
+        pipe.send((kind, info))
+
+    pipe.send(("ready", {"pid": os.getpid()}))
+    # Its clients make no cycles: no collector pauses in what is measured.
+    gc.disable()
+    try:
+        while monotonic() < endOfTask:
+            now = monotonic()
+            # Commands.
+            timeout = 0.05
+            if schedule:
+                timeout = max(0.0, min(timeout, schedule[0][0] - now))
+            for fd, ev in ep.poll(timeout, 4096):
+                if fd == pipeFd:
+                    continue
+                onEvent(fd, ev, monotonic())
+            if pipe.poll(0):
+                try:
+                    msg = pipe.recv()
+                except EOFError:
+                    return
+                if msg[0] == "release":
+                    break
+                if msg[0] == "grow":
+                    toStart, maxFailures = int(msg[1]), int(msg[2])
+                    growFailed = growHeld = 0
+                    failures.clear()
+                    growStart = monotonic()
+                    growing = True
+                elif msg[0] == "measure":
+                    windowEnd = monotonic() + float(msg[1])
+                    quiet = not msg[2]
+                    del lat[:]
+                    del lags[:]
+                    sent = answered = late = 0
+            now = monotonic()
+            # Growing: keep a bounded number of attempts in flight.
+            if growing:
+                while toStart > 0 and len(pending) < inFlight and growFailed <= maxFailures:
+                    startOne(now)
+                if now - lastScan > 0.5:
+                    lastScan = now
+                    for fd, c in list(pending.items()):
+                        if now - c.started > attemptTimeout:
+                            fail(fd, c, "timeout")
+                if (toStart <= 0 or growFailed > maxFailures) and not pending:
+                    growing = False
+                    reply("grown", {
+                        "held": held, "new": growHeld, "failed": growFailed,
+                        "skipped": max(0, toStart), "seconds": monotonic() - growStart,
+                        "failures": dict(failures),
+                    })
+                    toStart = 0
+            # Echoes due.
+            n = 0
+            while schedule and schedule[0][0] <= now and n < 10_000:
+                n += 1
+                due, cid, c = heapq.heappop(schedule)
+                if c.phase != 4 or c.sock.fileno() < 0:
+                    continue  # dropped meanwhile
+                heapq.heappush(schedule, (due + interval, cid, c))
+                if windowEnd is not None and quiet:
+                    continue
+                if c.waiting:
+                    late += 1
+                    continue
+                try:
+                    sendEcho(c, now)
+                except OSError:
+                    fail(c.sock.fileno(), c, "send")
+                    continue
+                if windowEnd is not None:
+                    sent += 1
+                    if len(lags) < MAX_SAMPLES:
+                        lags.append(now - due)
+            if windowEnd is not None and now >= windowEnd:
+                windowEnd = None
+                quiet = False
+                reply("measured", {
+                    "held": held, "sent": sent, "answered": answered, "late": late,
+                    "corrupt": corrupt, "dropped": dropped, "latencies": lat.tobytes(),
+                    "lags": lags.tobytes(),
+                })
+                del lat[:]
+                del lags[:]
+    finally:
+        gc.enable()
+        ep.close()
+        for c in clients.values():
+            c.sock.close()
+        clients.clear()
+    reply("released", {"held": held, "dropped": dropped})
+
+
 # -- the worker process -----------------------------------------------------------
 
 
@@ -550,6 +869,9 @@ def _worker(pipe) -> None:
             return
         p = msg[1]
         try:
+            if kind == "population":
+                populationRun(pipe, p)
+                continue
             if kind == "hold":
                 held, info = holdSetup(p)
                 pipe.send(("ready", info))
@@ -686,6 +1008,13 @@ class LoadGenerator:
             self._recv(pipe, proc, 60, "release")
         return infos, value
 
+    def population(self, params: Sequence[Optional[dict]]) -> "Population":
+        """
+        Start a population task (see L{populationRun}) on the workers with
+        parameters; control it through the L{Population} returned.
+        """
+        return Population(self, params)
+
     def close(self) -> None:
         for proc, pipe in self.workers:
             try:
@@ -699,3 +1028,49 @@ class LoadGenerator:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.join(2)
             pipe.close()
+
+
+class Population:
+    """
+    The parent's handle on a population task running on several workers.
+    """
+
+    def __init__(self, lg: LoadGenerator, params: Sequence[Optional[dict]]) -> None:
+        self.lg = lg
+        self.busy = [w for w, p in zip(lg.workers, params) if p is not None]
+        lg._drain()
+        for (proc, pipe), p in zip(self.busy, [p for p in params if p is not None]):
+            pipe.send(("population", p))
+        for proc, pipe in self.busy:
+            self.lg._recv(pipe, proc, 30, "population start")
+        self.released = False
+
+    def _ask(self, message, timeout: float, what: str, messages=None) -> List[dict]:
+        for i, (proc, pipe) in enumerate(self.busy):
+            pipe.send(messages[i] if messages is not None else message)
+        return [self.lg._recv(pipe, proc, timeout, what)[1] for proc, pipe in self.busy]
+
+    def grow(self, counts: Sequence[int], maxFailures: int, timeout: float) -> List[dict]:
+        """
+        Worker i starts C{counts[i]} new clients (each stops early after
+        C{maxFailures} failed ones); the answers once all are held or failed.
+        """
+        return self._ask(None, timeout, "grow",
+                         [("grow", n, maxFailures) for n in counts])
+
+    def measure(self, seconds: float, echo: bool = True, during=None) -> List[dict]:
+        """
+        A window of C{seconds}: the round trips of its echoes (or, with
+        C{echo} false, no echo sent in it).  C{during()} runs here meanwhile.
+        """
+        for proc, pipe in self.busy:
+            pipe.send(("measure", seconds, echo))
+        if during is not None:
+            during()
+        return [self.lg._recv(pipe, proc, seconds + 60, "measure")[1] for proc, pipe in self.busy]
+
+    def release(self) -> List[dict]:
+        if self.released:
+            return []
+        self.released = True
+        return self._ask(("release",), 120, "release")

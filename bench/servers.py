@@ -94,7 +94,16 @@ def installHaproxy(say) -> Optional[str]:
     return haproxyPath()
 
 
-def haproxyConfig(listenPort: int, backendPort: int, maxconn: int) -> str:
+def haproxyConfig(listenPort: int, backendPort, maxconn: int) -> str:
+    """
+    HAProxy in TCP mode, one thread, in front of one echo backend
+    (C{backendPort}) or of several (a list of ports), least connections.
+    """
+    ports = [backendPort] if isinstance(backendPort, int) else list(backendPort)
+    servers = "".join(
+        f"    server {BACKEND if len(ports) == 1 else f'echo-{i + 1}'} {HOST}:{port}\n"
+        for i, port in enumerate(ports)
+    )
     return f"""\
 # written by bench/run.py
 global
@@ -115,8 +124,7 @@ frontend bench
 
 backend echo
     balance leastconn
-    server {BACKEND} {HOST}:{backendPort}
-"""
+{servers}"""
 
 
 def _connectable(port: int) -> bool:
