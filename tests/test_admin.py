@@ -346,3 +346,23 @@ def test_add_and_remove_need_the_secret():
     f = lb.resultOf(admin.callRemote(commands.RemoveBackend, name="s0"))
     assert f.check(commands.NotAuthenticated)
     assert "s0" in lb.pool
+
+
+def test_an_admin_answer_goes_out_in_one_send():
+    # Twisted sends 128 KiB each time a socket can take more; on a balancer
+    # busy with reports each of those waited a turn of the reactor.
+    from twistedcluster.balancer.admin import _ANSWER_SEND_LIMIT, _sendWholeAnswers
+    from twistedcluster.wire.commands import TABLE_BYTES
+
+    class FD:
+        SEND_LIMIT = 128 * 1024
+
+    class TLS:
+        def __init__(self, below):
+            self.transport = below
+
+    fd = FD()
+    _sendWholeAnswers(TLS(fd))
+    assert fd.SEND_LIMIT == _ANSWER_SEND_LIMIT > TABLE_BYTES
+    assert FD.SEND_LIMIT == 128 * 1024  # only that connection's
+    _sendWholeAnswers(object())  # a transport with no socket: nothing to do
