@@ -684,15 +684,30 @@ class Bench:
         kept = [s for s in run["samples"] if s[0] >= plan.heteroWarmup]
         latencies = [s[1] * 1000.0 for s in kept]
         slow = sum(1 for s in kept if s[2] == self.slowPort)
+        # Where the tail comes from: each backend's share and latencies, in
+        # the order of plan.serviceMs.
+        backends = []
+        p99 = percentile(latencies, 99)
+        tail = max(1, sum(1 for v in latencies if v > p99))
+        for port in self.heteroPorts:
+            mine = [s[1] * 1000.0 for s in kept if s[2] == port]
+            backends.append({
+                "share": len(mine) / len(kept) if kept else math.nan,
+                "p50": percentile(mine, 50),
+                "p99": percentile(mine, 99),
+                # Of the requests over the round's p99, those it served.
+                "ofTail": sum(1 for v in mine if v > p99) / tail,
+            })
         # Let the queues empty and the reports catch up before the next round.
         time.sleep(1.0)
         return {
-            "p99": percentile(latencies, 99),
+            "p99": p99,
             "p50": percentile(latencies, 50),
             "slowShare": slow / len(kept) if kept else math.nan,
             "requests": len(kept),
             "failures": run["failures"],
             "lagP99": run["lagP99"] * 1000.0,
+            "backends": backends,
         }
 
     def spreadRound(self, variant: str, rep: int) -> dict:
@@ -821,6 +836,30 @@ def table(results: Dict[str, Dict[str, List[dict]]], variants: Sequence[str]) ->
     return lines
 
 
+def backendTable(results: Dict[str, Dict[str, List[dict]]], variants: Sequence[str], serviceMs) -> List[str]:
+    """
+    Lines of text: per hetero variant, each backend's share of the requests,
+    its p50 and p99, and its share of the requests over the round's p99
+    (medians over the repetitions).
+    """
+    rounds = results.get("hetero")
+    if not rounds:
+        return []
+    labels = [f"{ms} ms #{k}" for k, ms in enumerate(serviceMs, 1)]
+    lines = ["hetero per backend (median over the repetitions): share / p50 ms / p99 ms / share of the tail over the round's p99"]
+    lines.append(f"  {'variant':<20}" + "".join(f"{label:>33}" for label in labels))
+    for v in variants:
+        if v not in rounds or not all("backends" in r for r in rounds[v]):
+            continue
+        cells = ""
+        for k in range(len(labels)):
+            med = [medianRange([r["backends"][k][f] for r in rounds[v]])[0] for f in ("share", "p50", "p99", "ofTail")]
+            cells += f"{_fmt(med[0], 3) + ' / ' + _fmt(med[1], 1) + ' / ' + _fmt(med[2], 1) + ' / ' + _fmt(med[3], 2):>33}"
+        lines.append(f"  {v:<20}{cells}")
+    lines.append("")
+    return lines
+
+
 def verdicts(results: Dict[str, Dict[str, List[dict]]]) -> List[Tuple[str, Optional[bool], str]]:
     """
     The targets of issue 15 that this run measured: (target, passed or
@@ -883,6 +922,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-haproxy", action="store_true", help="leave HAProxy out")
     p.add_argument("--install-haproxy", action="store_true", help="apt-get install haproxy when it is missing (root)")
     p.add_argument("--hetero-seconds", type=float, default=None, help="length of a hetero round")
+    p.add_argument("--utilization", type=float, default=None,
+                   help="hetero arrivals as a share of the backends' capacity (default 0.75, the"
+                        " target's; a low one, e.g. 0.1, shows what each proxy adds by itself)")
     p.add_argument("--slow-start", type=float, default=0.0, metavar="SECONDS",
                    help="run the balancers with --slow-start SECONDS (default off)")
     p.add_argument("--json", metavar="FILE", help="write every round's figures")
@@ -912,6 +954,10 @@ def main(argv=None) -> int:
     plan = Plan(args.quick)
     if args.hetero_seconds:
         plan.heteroSeconds = args.hetero_seconds
+    if args.utilization is not None:
+        if not 0 < args.utilization < 1:
+            p.error("--utilization: more than 0, less than 1")
+        plan.utilization = args.utilization
     if not args.slow_start >= 0:
         p.error("--slow-start: 0 (off) or more seconds")
     plan.slowStart = args.slow_start
@@ -963,7 +1009,7 @@ def main(argv=None) -> int:
         + (f"; balancers with --slow-start {plan.slowStart:g}" if plan.slowStart else "")
     )
     print()
-    for line in table(results, variants) + verdictLines(results):
+    for line in table(results, variants) + backendTable(results, variants, plan.serviceMs) + verdictLines(results):
         print(line)
     for e in errors:
         print(f"round lost: {e[:300]}")
