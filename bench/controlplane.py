@@ -262,6 +262,11 @@ def main(argv=None) -> int:
             for label, code in codes if k % 2 == 0 else codes[::-1]:
                 env = dict(os.environ, PYTHONPATH=str(code))
                 with tempfile.TemporaryDirectory(prefix="controlplane-") as d:
+                    # The processes start in an empty directory: `python -c`
+                    # and `-m` put their working directory first on the
+                    # path, where a checkout's own twistedcluster would
+                    # shadow --baseline's.
+                    os.chdir(d)
                     cluster = LocalCluster(Path(d))
                     cluster.env = env
                     balancer = cluster.startBalancer(
@@ -292,14 +297,16 @@ def main(argv=None) -> int:
     return 0 if len(results) == len(counts) * len(codes) else 1
 
 
-def _summary(calls: list) -> dict:
+def _summary(runs: list) -> dict:
     """
-    The first status call, and the median of the later ones: wall time and
-    the CPU cluster-admin took.
+    Over the status calls of one or more runs (lists of calls): the median
+    first call, the median of the later ones, and the median CPU per call in
+    cluster-admin and in the balancer.
     """
-    later = calls[1:] or calls
+    calls = [c for run in runs for c in run]
+    later = [c for run in runs for c in run[1:]] or calls
     return {
-        "first": calls[0]["wall"],
+        "first": statistics.median(run[0]["wall"] for run in runs),
         "later": statistics.median(c["wall"] for c in later),
         "adminCpu": statistics.median(c["adminCpu"] for c in calls),
         "balancerCpu": statistics.median(c["balancerCpu"] for c in calls),
@@ -320,29 +327,30 @@ def _print(results: list, codes: list, mode: str) -> None:
         for phase in ("status", "statusQuiet"):
             calls = r[phase]
             row.append(" ".join(f"{c['wall']:.2f}" + ("!" if c.get("failed") else "") for c in calls))
-            s = _summary(calls)
+            s = _summary([calls])
             row.append(f"{s['adminCpu']:.2f}/{s['balancerCpu']:.2f}")
         print(f"{r['code']:>9}{r['backends']:>9,}{r['reportsPerSecond']:>11.0f}"
               f"{r['balancerCpuPercent']:>7.1f}{r['usPerReport']:>10.1f}{r['oneWay']:>8}"
               f"{row[0]:>28}{row[1]:>11}{row[2]:>28}{row[3]:>11}")
     if len(codes) < 2:
         return
-    print("this / baseline (first call; median of the later calls; cluster-admin CPU;"
-          " balancer CPU per call; us per report):")
+    print("this / baseline, medians over the runs of each (first call; later calls;"
+          " cluster-admin CPU; balancer CPU per call; us per report):")
     for n in sorted({r["backends"] for r in results}):
         mine = [r for r in results if r["backends"] == n and r["code"] == "this"]
         base = [r for r in results if r["backends"] == n and r["code"] == "baseline"]
         if not (mine and base):
             continue
-        m, b = mine[0], base[0]
         parts = []
         for phase, name in (("status", "reporting"), ("statusQuiet", "paused")):
-            sm, sb = _summary(m[phase]), _summary(b[phase])
+            sm, sb = _summary([r[phase] for r in mine]), _summary([r[phase] for r in base])
             parts.append(name + " " + ", ".join(
                 f"{sm[k] / sb[k]:.2f}x" if sb[k] > 0 else "-"
                 for k in ("first", "later", "adminCpu", "balancerCpu")))
-        parts.append(f"report {m['usPerReport'] / b['usPerReport']:.2f}x")
-        print(f"  {n:,} backends: " + "; ".join(parts))
+        report = statistics.median(r["usPerReport"] for r in mine) / statistics.median(
+            r["usPerReport"] for r in base)
+        parts.append(f"report {report:.2f}x")
+        print(f"  {n:,} backends ({len(mine)} and {len(base)} runs): " + "; ".join(parts))
 
 
 if __name__ == "__main__":

@@ -1027,9 +1027,14 @@ def main(argv=None) -> int:
     def record(key: str, variant: str, figures: dict) -> None:
         results.setdefault(key, {}).setdefault(variant, []).append(figures)
 
+    jsonPath = Path(args.json).resolve() if args.json else None
     with tempfile.TemporaryDirectory(prefix="routing-quality-") as tmp:
-        workdir = Path(args.logs) if args.logs else Path(tmp)
+        workdir = Path(args.logs).resolve() if args.logs else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
+        # The processes start there: `python -c` and `-m` put their working
+        # directory first on the path, where a checkout's own twistedcluster
+        # would shadow --baseline's.
+        os.chdir(workdir)
         bench = Bench(workdir, plan, setups, haproxy, say, baseline)
         try:
             bench.start()
@@ -1073,8 +1078,8 @@ def main(argv=None) -> int:
     for e in errors:
         print(f"round lost: {e[:300]}")
     print(f"\ntook {seconds:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"plan": vars(plan), "results": results, "errors": errors, "seconds": seconds}, indent=2))
+    if jsonPath:
+        jsonPath.write_text(json.dumps({"plan": vars(plan), "results": results, "errors": errors, "seconds": seconds}, indent=2))
     return 0
 
 
