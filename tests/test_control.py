@@ -238,29 +238,27 @@ def test_a_backend_that_registers_again_after_silence_keeps_its_name():
     assert f.check(commands.NameTaken)
 
 
-def test_reports_are_answered_with_a_mark_and_cancel_what_had_connected():
+def test_reports_are_answered_with_a_mark_and_cancel_only_what_they_saw():
     lb = MemoryBalancer()
     client, server, pump = lb.controlChannel()
     registered = result(register(client, capacity=20), lb)
     pool = lb.pool
     first = pool.acquire("a")
     pool.connected("a", first)
-    connecting = pool.acquire("a")
-    # Measured with the registration's mark: the connected one is taken as
-    # in it, the one still connecting is not.
+    # Measured with the registration's mark, from before the connection.
     answer = result(
-        client.callRemote(commands.ReportLoad, connections=1, load=0.05, seen=registered["mark"]), lb
+        client.callRemote(commands.ReportLoad, connections=0, load=0.0, seen=registered["mark"]), lb
     )
     assert answer["mark"] > registered["mark"]
-    s = pool.get("a")
-    assert (s.connections, s.addedSinceReport, s.estimatedConnections) == (1, 1, 2)
-    pool.connected("a", connecting)
+    assert pool.get("a").addedSinceReport == 1
+    second = pool.acquire("a")
+    pool.connected("a", second)
+    # Measured after the mark that followed the first connection.
     result(
-        client.callRemote(commands.ReportLoad, connections=2, load=0.1, seen=answer["mark"]), lb
+        client.callRemote(commands.ReportLoad, connections=1, load=0.05, seen=answer["mark"]), lb
     )
     s = pool.get("a")
-    assert (s.connections, s.addedSinceReport) == (2, 0)
-    pool.connected("a", pool.acquire("a"))
+    assert (s.connections, s.addedSinceReport) == (1, 1)
     # A backend that echoes nothing has everything taken as seen.
     result(client.callRemote(commands.ReportLoad, connections=2, load=0.1), lb)
     assert pool.get("a").addedSinceReport == 0
@@ -278,11 +276,8 @@ def test_the_mark_never_covers_a_connection_still_connecting():
     pool.report("a", 1, 0.05, seen=mark)
     assert pool.get("a").addedSinceReport == 1  # the slow one
     pool.connected("a", slow)
-    # Measured before it connected, but it had when the report came: taken
-    # as in it, and never fewer than this balancer's own are counted.
-    pool.report("a", 1, 0.05, seen=mark)
-    s = pool.get("a")
-    assert (s.addedSinceReport, s.estimatedConnections) == (0, 2)
+    pool.report("a", 1, 0.05, seen=mark)  # measured before it connected
+    assert pool.get("a").addedSinceReport == 1
     pool.report("a", 2, 0.1, seen=pool.mark("a"))
     assert pool.get("a").addedSinceReport == 0
 

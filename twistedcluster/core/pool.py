@@ -230,10 +230,6 @@ class _Member:
     #: still to come: each one's ticket, and the pool's epoch when it
     #: reached the backend (C{None} while it is still on its way).
     unseen: Dict[int, Optional[int]] = attr.ib(factory=dict)
-    #: Those of them handed off (redirect mode): this balancer never sees
-    #: them reach the backend, so only a report that echoes a later mark
-    #: counts them (L{Pool.report}).
-    handedOff: Set[int] = attr.ib(factory=set)
     #: Connections the last report had seen that have closed since.
     closedSinceReport: int = 0
     #: The pool's epoch when the last report came (see L{Pool.release}).
@@ -632,7 +628,6 @@ class Pool:
         # still on their way stay added.
         for ticket in [t for t, reached in m.unseen.items() if reached is not None]:
             del m.unseen[ticket]
-        m.handedOff.intersection_update(m.unseen)
         m.closedSinceReport = 0
         m.failures = 0
         self._changed(m)
@@ -763,19 +758,10 @@ class Pool:
             C{load} a share of the capacity.
 
         @param seen: the mark of the last answer the backend had received
-            when it measured (see L{mark}): the connections handed off
-            (redirect mode) that had reached it before that mark left are in
-            the report, the others are not.  C{None} (a backend that does
-            not echo marks) counts every connection routed so far as seen.
-
-        A connection this balancer relays counts as seen once it is
-        connected, whatever the mark: the backend counted it if it had
-        accepted it when it measured, which is all but those connected in
-        the report's last moments in flight.  (Counting only those before
-        the echoed mark counted every connection that reached the backend
-        between that mark and the report twice, in the report and as added,
-        for as long as it stayed open: a backend's whole queue, after each
-        report, on top of its load.)
+            when it measured (see L{mark}): the connections that had
+            reached it before that mark left are in the report, the others
+            are not.  C{None} (a backend that does not echo marks) counts
+            every connection routed so far as seen.
         """
         m = self._member(name)
         m.connections = max(0, connections)
@@ -785,13 +771,8 @@ class Pool:
         if seen is None:
             unseen.clear()
         elif unseen:
-            handed = m.handedOff
-            for ticket in [
-                t for t, reached in unseen.items()
-                if reached is not None and (reached <= seen or t not in handed)
-            ]:
+            for ticket in [t for t, reached in unseen.items() if reached is not None and reached <= seen]:
                 del unseen[ticket]
-                handed.discard(ticket)
         m.closedSinceReport = 0
         m.reports += 1
         # Connections that reach the backend from now on have a later epoch
@@ -808,9 +789,7 @@ class Pool:
         that connection.
         """
         m = self._member(name)
-        unseen = m.unseen
-        for ticket in m.handedOff:
-            reached = unseen.get(ticket)
+        for reached in m.unseen.values():
             if reached is not None and (mark is None or reached > mark):
                 return True
         return False
@@ -907,8 +886,6 @@ class Pool:
         m = self._mine(name, ticket)
         if m is not None and m.active > 0:
             m.active -= 1
-            if ticket in m.unseen:
-                m.handedOff.add(ticket)
             self._loadChanged(m)
 
     def forgetHandOff(self, name: str, ticket: int) -> None:
@@ -919,14 +896,13 @@ class Pool:
         m = self._mine(name, ticket)
         if m is not None and ticket in m.unseen:
             del m.unseen[ticket]
-            m.handedOff.discard(ticket)
             self._loadChanged(m)
 
     def connected(self, name: str, ticket: int, served: bool = True) -> None:
         """
         The connection chosen by L{acquire} was established (for a hand-off:
-        its client has had time to connect): the next report counts it (a
-        hand-off, the next from the next mark on).
+        its client has had time to connect): from the next mark on, a
+        report counts it.
 
         @param served: whether that is proof enough that the backend works
             (ending its failures in a row); C{False} when it must prove
@@ -956,7 +932,6 @@ class Pool:
         m.active = max(0, m.active - 1)
         m.routed = max(0, m.routed - 1)
         m.unseen.pop(ticket, None)
-        m.handedOff.discard(ticket)
         if countFailure:
             m.failures += 1
         self._loadChanged(m)
