@@ -9,15 +9,20 @@ register and once they report, so KiB per registered backend), this
 process's own CPU per report sent (an upper bound on what sending one
 costs a backend: it includes the simulation's timer), and the wall time of
 ``cluster-admin status --json``, while they report and with their reports
-paused (this process and the balancer take cores cluster-admin would use).
+paused (this process and the balancer take cores cluster-admin would use),
+with the CPU each call took in cluster-admin and in the balancer.
 
     python bench/controlplane.py [--backends 1000,10000] [--seconds 10]
-        [--mode auto|answered]
+        [--mode auto|answered] [--status-calls 3] [--baseline DIR]
 
 --mode answered makes every report ask for an answer (as backends before
 one-way reports did); auto (the default) speaks as today's backend does,
-one-way when the balancer offers it.  --baseline DIR runs the balancer from
-the twistedcluster package in DIR (the simulated backends stay this code's).
+one-way when the balancer offers it.  --baseline DIR also measures, in the
+same run and alternating with this code, a balancer and a cluster-admin
+from the twistedcluster package in DIR (e.g. ``git archive REF
+twistedcluster twisted | tar -x -C DIR``; the simulated backends stay this
+code's), and prints this code's figures as ratios of the baseline's: a
+before/after comparison on a machine whose load moves.
 
 Every wait is bounded; the balancer is stopped at the end, whatever happens.
 """
@@ -27,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -174,12 +181,12 @@ def simulate(reactor, control: str, n: int, seconds: float, mode: str, balancerP
             "marksPushed": Sim.marks,
         }
         # status while they keep reporting, in a thread so the reports go on.
-        result["statusSeconds"] = await _threads().deferToThread(_timeStatus, control)
+        result["status"] = await _threads().deferToThread(_timeStatus, balancerPid)
         # ... and with the reports paused: on a small machine this process
         # and the balancer compete with cluster-admin for the cores.
         loop.stop()
         await task.deferLater(reactor, 1.5, lambda: None)
-        result["statusQuietSeconds"] = await _threads().deferToThread(_timeStatus, control)
+        result["statusQuiet"] = await _threads().deferToThread(_timeStatus, balancerPid)
         for p in protos:
             p.transport.loseConnection()
         await task.deferLater(reactor, 0.5, lambda: None)
@@ -203,25 +210,44 @@ def _hasQuiet() -> bool:
 ADMIN = {}
 
 
-def _timeStatus(control: str) -> list:
-    times = []
-    for _ in range(3):
+def _childCpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _timeStatus(balancerPid: int) -> list:
+    """
+    Run C{cluster-admin status --json} C{ADMIN["calls"]} times; for each,
+    its wall time, cluster-admin's CPU and the balancer's CPU meanwhile
+    (which counts the reports it handled too), in seconds.
+    """
+    calls = []
+    for _ in range(ADMIN["calls"]):
         # Output to a file, not a pipe: this thread reading a pipe would
         # wait for the GIL behind the busy reactor thread, and that is not
         # cluster-admin's time.
         with tempfile.TemporaryFile() as out:
+            cpu0, bal0 = _childCpu(), cpuSeconds(balancerPid)
             start = time.monotonic()
             r = subprocess.run(
                 adminCommand(ADMIN["endpoint"], ["status", "--json"]),
-                stdout=out, stderr=subprocess.DEVNULL, timeout=60, env=ADMIN["env"],
+                stdout=out, stderr=subprocess.PIPE, timeout=60, env=ADMIN["env"],
             )
             elapsed = time.monotonic() - start
+            cpu1, bal1 = _childCpu(), cpuSeconds(balancerPid)
+            failed = None
             if r.returncode:
-                raise RuntimeError(f"status failed: exit {r.returncode}")
-            out.seek(0)
-            ADMIN["count"] = len(json.loads(out.read()))
-        times.append(elapsed)
-    return times
+                # Counted (as its wall time, marked), not fatal: one call that
+                # did not get its answer in cluster-admin's --timeout says
+                # as much as the others.
+                failed = f"exit {r.returncode}: " + r.stderr.decode(errors="replace").strip()[-300:]
+                print(f"status failed after {elapsed:.1f} s: {failed}", file=sys.stderr, flush=True)
+            else:
+                out.seek(0)
+                ADMIN["count"] = len(json.loads(out.read()))
+        calls.append({"wall": elapsed, "adminCpu": cpu1 - cpu0, "balancerCpu": bal1 - bal0,
+                      "failed": failed})
+    return calls
 
 
 def main(argv=None) -> int:
@@ -229,59 +255,128 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default="1000,10000")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--mode", choices=["auto", "answered"], default="auto")
-    p.add_argument("--baseline", metavar="DIR", help="run the balancer from the package in DIR")
+    p.add_argument("--status-calls", type=int, default=3, metavar="N",
+                   help="cluster-admin status calls in each phase (default 3)")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also measure the balancer and cluster-admin of the package in DIR")
     args = p.parse_args(argv)
     counts = [int(x) for x in args.backends.split(",") if x.strip()]
     if not counts or min(counts) < 1 or max(counts) > 15000:
         p.error("--backends: counts from 1 to 15000")
     if not 1 <= args.seconds <= 120:
         p.error("--seconds: 1 to 120")
+    if not 1 <= args.status_calls <= 20:
+        p.error("--status-calls: 1 to 20")
+    ADMIN["calls"] = args.status_calls
+    codes = [("this", ROOT)]
+    if args.baseline:
+        base = Path(args.baseline).resolve()
+        if not (base / "twistedcluster" / "__init__.py").exists():
+            p.error(f"--baseline {base}: no twistedcluster package there")
+        codes.append(("baseline", base))
     from twisted.internet import reactor
 
-    code = Path(args.baseline).resolve() if args.baseline else ROOT
-    env = dict(os.environ, PYTHONPATH=str(code))
     results = []
 
     async def work():
-        for n in counts:
-            with tempfile.TemporaryDirectory(prefix="controlplane-") as d:
-                cluster = LocalCluster(Path(d))
-                cluster.env = env
-                balancer = cluster.startBalancer(
-                    extra=["--max-control-connections", str(n + 100)]
-                )
-                try:
-                    ADMIN["endpoint"], ADMIN["env"] = cluster.admin, env
-                    control = f"tcp:host=127.0.0.1:port={cluster.controlPort}"
-                    r = await simulate(reactor, control, n, args.seconds, args.mode, balancer.pid)
-                    r["listed"] = ADMIN.get("count")
-                    results.append(r)
-                    print(json.dumps(r), file=sys.stderr, flush=True)
-                finally:
-                    cluster.stopAll()
+        for k, n in enumerate(counts):
+            # Alternate which code goes first, so neither always meets the
+            # machine in the same state.
+            for label, code in codes if k % 2 == 0 else codes[::-1]:
+                env = dict(os.environ, PYTHONPATH=str(code))
+                with tempfile.TemporaryDirectory(prefix="controlplane-") as d:
+                    # The processes start in an empty directory: `python -c`
+                    # and `-m` put their working directory first on the
+                    # path, where a checkout's own twistedcluster would
+                    # shadow --baseline's.
+                    os.chdir(d)
+                    cluster = LocalCluster(Path(d))
+                    cluster.env = env
+                    balancer = cluster.startBalancer(
+                        extra=["--max-control-connections", str(n + 100)]
+                    )
+                    try:
+                        ADMIN["endpoint"], ADMIN["env"] = cluster.admin, env
+                        control = f"tcp:host=127.0.0.1:port={cluster.controlPort}"
+                        r = await simulate(reactor, control, n, args.seconds, args.mode, balancer.pid)
+                        r["listed"] = ADMIN.get("count")
+                        r["code"] = label
+                        results.append(r)
+                        print(json.dumps(r), file=sys.stderr, flush=True)
+                    finally:
+                        cluster.stopAll()
 
     def done(_):
         reactor.stop()
 
     def failed(f):
-        f.printTraceback()
+        f.printTraceback(file=sys.stderr)
         reactor.stop()
 
     reactor.callWhenRunning(lambda: __import__("twisted.internet.defer", fromlist=["x"])
                             .ensureDeferred(work()).addCallbacks(done, failed))
     reactor.run()
-    print(f"balancer control plane, code: {code}, mode: {args.mode}")
-    print(f"{'backends':>9}{'reports/s':>11}{'cpu %':>8}{'us/report':>11}{'sender us':>10}"
-          f"{'RSS MiB':>9}{'KiB/backend':>12}{'one-way':>9}"
-          f"{'marks':>7}{'status s, reporting':>24}{'status s, paused':>20}")
+    _print(results, codes, args.mode)
+    return 0 if len(results) == len(counts) * len(codes) else 1
+
+
+def _summary(runs: list) -> dict:
+    """
+    Over the status calls of one or more runs (lists of calls): the median
+    first call, the median of the later ones, and the median CPU per call in
+    cluster-admin and in the balancer.
+    """
+    calls = [c for run in runs for c in run]
+    later = [c for run in runs for c in run[1:]] or calls
+    return {
+        "first": statistics.median(run[0]["wall"] for run in runs),
+        "later": statistics.median(c["wall"] for c in later),
+        "adminCpu": statistics.median(c["adminCpu"] for c in calls),
+        "balancerCpu": statistics.median(c["balancerCpu"] for c in calls),
+    }
+
+
+def _print(results: list, codes: list, mode: str) -> None:
+    for label, code in codes:
+        print(f"{label}: {code}")
+    print(f"mode: {mode}; status: wall s of each call (! failed: no answer in cluster-admin's"
+          " --timeout); cpu: median s per call of cluster-admin and of the balancer (its"
+          " reports included)")
+    print(f"{'code':>9}{'backends':>9}{'reports/s':>11}{'cpu %':>7}{'us/report':>10}"
+          f"{'sender us':>10}{'RSS MiB':>9}{'KiB/backend':>12}"
+          f"{'one-way':>8}{'status s, reporting':>28}{'cpu':>11}"
+          f"{'status s, paused':>28}{'cpu':>11}")
     for r in results:
-        status = " ".join(f"{t:.2f}" for t in r["statusSeconds"])
-        quiet = " ".join(f"{t:.2f}" for t in r["statusQuietSeconds"])
-        print(f"{r['backends']:>9,}{r['reportsPerSecond']:>11.0f}{r['balancerCpuPercent']:>8.1f}"
-              f"{r['usPerReport']:>11.1f}{r['senderUsPerReport']:>10.1f}"
-              f"{r['balancerRssKiB'] / 1024:>9.1f}{r['kibPerBackend']:>12.1f}"
-              f"{r['oneWay']:>9}{r['marksPushed']:>7}{status:>24}{quiet:>20}")
-    return 0 if len(results) == len(counts) else 1
+        row = []
+        for phase in ("status", "statusQuiet"):
+            calls = r[phase]
+            row.append(" ".join(f"{c['wall']:.2f}" + ("!" if c.get("failed") else "") for c in calls))
+            s = _summary([calls])
+            row.append(f"{s['adminCpu']:.2f}/{s['balancerCpu']:.2f}")
+        print(f"{r['code']:>9}{r['backends']:>9,}{r['reportsPerSecond']:>11.0f}"
+              f"{r['balancerCpuPercent']:>7.1f}{r['usPerReport']:>10.1f}"
+              f"{r['senderUsPerReport']:>10.1f}{r['balancerRssKiB'] / 1024:>9.1f}"
+              f"{r['kibPerBackend']:>12.1f}{r['oneWay']:>8}"
+              f"{row[0]:>28}{row[1]:>11}{row[2]:>28}{row[3]:>11}")
+    if len(codes) < 2:
+        return
+    print("this / baseline, medians over the runs of each (first call; later calls;"
+          " cluster-admin CPU; balancer CPU per call; us per report):")
+    for n in sorted({r["backends"] for r in results}):
+        mine = [r for r in results if r["backends"] == n and r["code"] == "this"]
+        base = [r for r in results if r["backends"] == n and r["code"] == "baseline"]
+        if not (mine and base):
+            continue
+        parts = []
+        for phase, name in (("status", "reporting"), ("statusQuiet", "paused")):
+            sm, sb = _summary([r[phase] for r in mine]), _summary([r[phase] for r in base])
+            parts.append(name + " " + ", ".join(
+                f"{sm[k] / sb[k]:.2f}x" if sb[k] > 0 else "-"
+                for k in ("first", "later", "adminCpu", "balancerCpu")))
+        report = statistics.median(r["usPerReport"] for r in mine) / statistics.median(
+            r["usPerReport"] for r in base)
+        parts.append(f"report {report:.2f}x")
+        print(f"  {n:,} backends ({len(mine)} and {len(base)} runs): " + "; ".join(parts))
 
 
 if __name__ == "__main__":

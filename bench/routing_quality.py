@@ -66,6 +66,8 @@ HAPROXY_ALGORITHMS = ("leastconn", "roundrobin")
 SETUPS = ("hetero", "spread", "newcomer")
 # The policy the targets are about: least-load, the default.
 JUDGED = "least-load"
+#: The suffix of a variant routed by the --baseline balancer (hetero only).
+BASE = "@base"
 
 
 # -- the backend service: one request at a time, a fixed service time -----------
@@ -530,8 +532,12 @@ class Bench:
     stops everything it started.
     """
 
-    def __init__(self, workdir: Path, plan: Plan, setups, haproxy: Optional[str], say) -> None:
+    def __init__(self, workdir: Path, plan: Plan, setups, haproxy: Optional[str], say,
+                 baseline: Optional[Path] = None) -> None:
         self.workdir = workdir
+        #: A second hetero balancer from the package in this directory, in
+        #: front of the same backends (variants POLICY@base).
+        self.baseline = baseline
         self.plan = plan
         self.setups = setups
         self.haproxyBinary = haproxy
@@ -576,14 +582,27 @@ class Bench:
         if "hetero" in self.setups:
             self.say("hetero: a balancer and three one-at-a-time backends ...")
             self.hetero = self._balancer("hetero")
+            controls = [self._control(self.hetero)]
+            self.heteroBase = None
+            if self.baseline is not None:
+                # The same backends report to both; a round routes through
+                # one of them only.
+                self.heteroBase = self._cluster("hetero-base")
+                self.heteroBase.env["PYTHONPATH"] = str(self.baseline)
+                self.heteroBase.startBalancer(name="balancer-hetero-base")
+                controls.append(self._control(self.heteroBase))
             self.heteroPorts = {}
             for k, ms in enumerate(plan.serviceMs, 1):
                 name = f"h{k}-{ms}ms"
                 port = freePort()
                 self.heteroPorts[port] = ms
-                self.hetero.startBackend(name, port=port, extra=[f"--service=bench.routing_quality.serve_{ms}ms"])
+                self.hetero.startBackend(name, port=port, extra=[f"--service=bench.routing_quality.serve_{ms}ms"],
+                                         balancers=controls)
             self.slowPort = max(self.heteroPorts, key=self.heteroPorts.get)
-            _waitUp(self.hetero, [f"h{k}-{ms}ms" for k, ms in enumerate(plan.serviceMs, 1)], timeout=30)
+            names = [f"h{k}-{ms}ms" for k, ms in enumerate(plan.serviceMs, 1)]
+            _waitUp(self.hetero, names, timeout=30)
+            if self.heteroBase is not None:
+                _waitUp(self.heteroBase, names, timeout=30)
             for a in HAPROXY_ALGORITHMS:
                 sections[f"hetero_{a}"] = (freePort(), [(f"s{p}", p, False) for p in self.heteroPorts])
         if "spread" in self.setups:
@@ -665,8 +684,12 @@ class Bench:
     # -- choosing a variant ---------------------------------------------------
 
     def setPolicy(self, policy: str) -> None:
+        if policy.endswith(BASE):
+            self.heteroBase.adminRun("policy", policy[: -len(BASE)])
+            return
         for c in self.clusters:
-            c.adminRun("policy", policy)
+            if c is not getattr(self, "heteroBase", None):
+                c.adminRun("policy", policy)
 
     # -- rounds ---------------------------------------------------------------
 
@@ -675,6 +698,8 @@ class Bench:
         algorithm = _algorithm(variant)
         if algorithm:
             port = self.haproxies[0].port(f"hetero_{algorithm}")
+        elif variant.endswith(BASE):
+            port = self.heteroBase.port
         else:
             port = self.hetero.port
         arrivals = poissonArrivals(
@@ -684,15 +709,30 @@ class Bench:
         kept = [s for s in run["samples"] if s[0] >= plan.heteroWarmup]
         latencies = [s[1] * 1000.0 for s in kept]
         slow = sum(1 for s in kept if s[2] == self.slowPort)
+        # Where the tail comes from: each backend's share and latencies, in
+        # the order of plan.serviceMs.
+        backends = []
+        p99 = percentile(latencies, 99)
+        tail = max(1, sum(1 for v in latencies if v > p99))
+        for port in self.heteroPorts:
+            mine = [s[1] * 1000.0 for s in kept if s[2] == port]
+            backends.append({
+                "share": len(mine) / len(kept) if kept else math.nan,
+                "p50": percentile(mine, 50),
+                "p99": percentile(mine, 99),
+                # Of the requests over the round's p99, those it served.
+                "ofTail": sum(1 for v in mine if v > p99) / tail,
+            })
         # Let the queues empty and the reports catch up before the next round.
         time.sleep(1.0)
         return {
-            "p99": percentile(latencies, 99),
+            "p99": p99,
             "p50": percentile(latencies, 50),
             "slowShare": slow / len(kept) if kept else math.nan,
             "requests": len(kept),
             "failures": run["failures"],
             "lagP99": run["lagP99"] * 1000.0,
+            "backends": backends,
         }
 
     def spreadRound(self, variant: str, rep: int) -> dict:
@@ -821,6 +861,30 @@ def table(results: Dict[str, Dict[str, List[dict]]], variants: Sequence[str]) ->
     return lines
 
 
+def backendTable(results: Dict[str, Dict[str, List[dict]]], variants: Sequence[str], serviceMs) -> List[str]:
+    """
+    Lines of text: per hetero variant, each backend's share of the requests,
+    its p50 and p99, and its share of the requests over the round's p99
+    (medians over the repetitions).
+    """
+    rounds = results.get("hetero")
+    if not rounds:
+        return []
+    labels = [f"{ms} ms #{k}" for k, ms in enumerate(serviceMs, 1)]
+    lines = ["hetero per backend (median over the repetitions): share / p50 ms / p99 ms / share of the tail over the round's p99"]
+    lines.append(f"  {'variant':<20}" + "".join(f"{label:>33}" for label in labels))
+    for v in variants:
+        if v not in rounds or not all("backends" in r for r in rounds[v]):
+            continue
+        cells = ""
+        for k in range(len(labels)):
+            med = [medianRange([r["backends"][k][f] for r in rounds[v]])[0] for f in ("share", "p50", "p99", "ofTail")]
+            cells += f"{_fmt(med[0], 3) + ' / ' + _fmt(med[1], 1) + ' / ' + _fmt(med[2], 1) + ' / ' + _fmt(med[3], 2):>33}"
+        lines.append(f"  {v:<20}{cells}")
+    lines.append("")
+    return lines
+
+
 def verdicts(results: Dict[str, Dict[str, List[dict]]]) -> List[Tuple[str, Optional[bool], str]]:
     """
     The targets of issue 15 that this run measured: (target, passed or
@@ -861,6 +925,27 @@ def verdicts(results: Dict[str, Dict[str, List[dict]]]) -> List[Tuple[str, Optio
     return out
 
 
+def baselineLines(results) -> List[str]:
+    """
+    Each policy against the same policy in the --baseline balancer, per
+    repetition (the two ran back to back): p99 and p50 ratios.
+    """
+    hetero = results.get("hetero", {})
+    lines = []
+    for variant in hetero:
+        base = hetero.get(variant + BASE)
+        if variant.endswith(BASE) or not base:
+            continue
+        mine = hetero[variant]
+        p99 = [a["p99"] / b["p99"] for a, b in zip(mine, base)]
+        p50 = [a["p50"] / b["p50"] for a, b in zip(mine, base)]
+        lines.append(
+            f"  {variant} / {variant}{BASE}: p99 median {statistics.median(p99):.2f}x (per repetition "
+            + ", ".join(f"{r:.2f}" for r in p99) + f"), p50 median {statistics.median(p50):.2f}x"
+        )
+    return ["this code against --baseline (hetero):", *lines, ""] if lines else []
+
+
 def verdictLines(results) -> List[str]:
     lines = ["issue 15 targets:"]
     for target, passed, figures in verdicts(results):
@@ -883,8 +968,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-haproxy", action="store_true", help="leave HAProxy out")
     p.add_argument("--install-haproxy", action="store_true", help="apt-get install haproxy when it is missing (root)")
     p.add_argument("--hetero-seconds", type=float, default=None, help="length of a hetero round")
+    p.add_argument("--utilization", type=float, default=None,
+                   help="hetero arrivals as a share of the backends' capacity (default 0.75, the"
+                        " target's; a low one, e.g. 0.1, shows what each proxy adds by itself)")
     p.add_argument("--slow-start", type=float, default=0.0, metavar="SECONDS",
                    help="run the balancers with --slow-start SECONDS (default off)")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="hetero only: also route each policy through a second balancer running the"
+                        " package in DIR, in front of the same backends (variants POLICY@base), e.g."
+                        " `git archive REF twistedcluster twisted | tar -x -C DIR`")
     p.add_argument("--json", metavar="FILE", help="write every round's figures")
     p.add_argument("--logs", metavar="DIR", help="keep the processes' logs there")
     args = p.parse_args(argv)
@@ -912,10 +1004,22 @@ def main(argv=None) -> int:
     plan = Plan(args.quick)
     if args.hetero_seconds:
         plan.heteroSeconds = args.hetero_seconds
+    if args.utilization is not None:
+        if not 0 < args.utilization < 1:
+            p.error("--utilization: more than 0, less than 1")
+        plan.utilization = args.utilization
     if not args.slow_start >= 0:
         p.error("--slow-start: 0 (off) or more seconds")
     plan.slowStart = args.slow_start
     variants = variantNames(policies, haproxy is not None)
+    baseline = None
+    if args.baseline:
+        baseline = Path(args.baseline).resolve()
+        if not (baseline / "twistedcluster" / "__init__.py").exists():
+            p.error(f"--baseline {baseline}: no twistedcluster package there")
+        if setups != ["hetero"]:
+            p.error("--baseline: with --setups hetero only")
+        variants[len(policies):len(policies)] = [v + BASE for v in policies]
     began = time.monotonic()
     results: Dict[str, Dict[str, List[dict]]] = {}
     errors: List[str] = []
@@ -923,10 +1027,15 @@ def main(argv=None) -> int:
     def record(key: str, variant: str, figures: dict) -> None:
         results.setdefault(key, {}).setdefault(variant, []).append(figures)
 
+    jsonPath = Path(args.json).resolve() if args.json else None
     with tempfile.TemporaryDirectory(prefix="routing-quality-") as tmp:
-        workdir = Path(args.logs) if args.logs else Path(tmp)
+        workdir = Path(args.logs).resolve() if args.logs else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        bench = Bench(workdir, plan, setups, haproxy, say)
+        # The processes start there: `python -c` and `-m` put their working
+        # directory first on the path, where a checkout's own twistedcluster
+        # would shadow --baseline's.
+        os.chdir(workdir)
+        bench = Bench(workdir, plan, setups, haproxy, say, baseline)
         try:
             bench.start()
             for rep in range(repeat):
@@ -963,13 +1072,14 @@ def main(argv=None) -> int:
         + (f"; balancers with --slow-start {plan.slowStart:g}" if plan.slowStart else "")
     )
     print()
-    for line in table(results, variants) + verdictLines(results):
+    for line in (table(results, variants) + backendTable(results, variants, plan.serviceMs)
+                 + baselineLines(results) + verdictLines(results)):
         print(line)
     for e in errors:
         print(f"round lost: {e[:300]}")
     print(f"\ntook {seconds:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"plan": vars(plan), "results": results, "errors": errors, "seconds": seconds}, indent=2))
+    if jsonPath:
+        jsonPath.write_text(json.dumps({"plan": vars(plan), "results": results, "errors": errors, "seconds": seconds}, indent=2))
     return 0
 
 

@@ -2,9 +2,11 @@
 cluster-admin's parsing and output; the real round trip is in test_e2e.
 """
 
+import json
+
 import pytest
 
-from twistedcluster.cli.admin import formatTable, parser
+from twistedcluster.cli.admin import formatJSON, formatTable, parser
 
 
 def backend(name, **kw):
@@ -29,6 +31,16 @@ def test_table_has_a_row_per_backend_and_a_summary():
 
 def test_empty_cluster_says_so():
     assert "no backend has registered" in formatTable("least-load", [])
+
+
+def test_json_output_is_a_list_with_one_object_a_line():
+    items = [backend("web1", load=0.25), backend('odd "name"\nwith a newline', host="::1")]
+    text = formatJSON(items)
+    assert json.loads(text) == items
+    lines = text.splitlines()
+    assert lines[0] == "[" and lines[-1] == "]" and len(lines) == 2 + len(items)
+    assert json.loads(lines[1].rstrip(",")) == items[0]
+    assert formatJSON([]) == "[]" and json.loads(formatJSON([])) == []
 
 
 def test_json_flag_is_accepted_before_or_after_the_command():
