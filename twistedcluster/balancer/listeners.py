@@ -87,7 +87,7 @@ def withBacklog(description: str, backlog: Optional[int] = None) -> str:
 
 
 @implementer(IStreamServerEndpoint)
-class _Noting:
+class Noting:
     """
     An endpoint that tells C{onPort} the port it listens on.
     """
@@ -141,7 +141,7 @@ def listenerService(
 
     svc.privilegedStartService = privilegedStartService  # type: ignore[method-assign]
     if onPort is not None:
-        svc.endpoint = _Noting(svc.endpoint, onPort)
+        svc.endpoint = Noting(svc.endpoint, onPort)
     return svc
 
 

@@ -443,25 +443,6 @@ class Handover:
         self.stop()
 
 
-@implementer(IStreamServerEndpoint)
-class _NotingEndpoint:
-    """
-    Tells C{onPort} the port C{endpoint} listens on: the takeover port is
-    one a successor gets.
-    """
-
-    def __init__(self, endpoint, onPort: Callable[[Any], None]) -> None:
-        self.endpoint = endpoint
-        self.onPort = onPort
-
-    def listen(self, factory):
-        def noted(port):
-            self.onPort(port)
-            return port
-
-        return self.endpoint.listen(factory).addCallback(noted)
-
-
 class TakeoverService(MultiService):
     """
     Listens at PATH (mode 600) for a successor; after the balancer's
@@ -484,9 +465,10 @@ class TakeoverService(MultiService):
         factory = protocol.Factory.forProtocol(_Giver)
         factory.noisy = False
         factory.handover = handover
-        from twistedcluster.balancer.listeners import explainListenError
+        from twistedcluster.balancer.listeners import Noting, explainListenError
 
-        svc = StreamServerEndpointService(_NotingEndpoint(endpoint, self._listening), factory)
+        # Told the port: the takeover port is one a successor gets.
+        svc = StreamServerEndpointService(Noting(endpoint, self._listening), factory)
         raiseListenFailures(svc)
         original = svc.privilegedStartService
 
