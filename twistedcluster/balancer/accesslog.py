@@ -186,6 +186,21 @@ def openOutput(path: str):
     return os.fdopen(fd, "ab", buffering=0)
 
 
+def accessLogFor(options, clock) -> Optional["AccessLog"]:
+    """
+    The access log the balancer's options ask for (C{--access-log},
+    C{--access-log-format}; the output the options opened), not started;
+    C{None} when it is off.  For the main process and each worker alike.
+    """
+    output = options.get("access-log-output")
+    if output is None:
+        return None
+    path = options["access-log"]
+    return AccessLog(
+        clock, output, options["access-log-format"], path=None if path == "-" else path
+    )
+
+
 class AccessLog:
     """
     Takes records on the reactor thread, writes them on its own thread.

@@ -866,18 +866,11 @@ def makeService(options: Options, reactor=None):
 
     secret = options["secret"]
     warnAboutExposure(options)
-    from twistedcluster.balancer.accesslog import AccessLog
+    from twistedcluster.balancer.accesslog import accessLogFor
     from twistedcluster.balancer.traffic import Traffic
 
-    accessLog = None
-    if options.get("access-log-output") is not None:
-        path = options["access-log"]
-        accessLog = AccessLog(
-            reactor,
-            options["access-log-output"],
-            options["access-log-format"],
-            path=None if path == "-" else path,
-        )
+    accessLog = accessLogFor(options, reactor)
+    if accessLog is not None:
         log.info(
             "balancer access log: {path} ({logFormat})",
             path=options["access-log"],

@@ -532,17 +532,10 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     options = Options()
     options.parseOptions(argv)
     cluster = Cluster(policy=options["policy"], hashBalance=options["hash-balance"])
-    accessLog = None
-    if options.get("access-log-output") is not None:
-        from twistedcluster.balancer.accesslog import AccessLog
+    from twistedcluster.balancer.accesslog import accessLogFor
 
-        path = options["access-log"]
-        accessLog = AccessLog(
-            reactor,
-            options["access-log-output"],
-            options["access-log-format"],
-            path=None if path == "-" else path,
-        )
+    accessLog = accessLogFor(options, reactor)
+    if accessLog is not None:
         accessLog.start()
     traffic = Traffic(accessLog)
     _, parsers = proxyListener(options["listen"])
