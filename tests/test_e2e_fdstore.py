@@ -39,9 +39,11 @@ class Load:
     die with it).
     """
 
-    def __init__(self, proxyPort, redirectPort, threads=2):
+    def __init__(self, proxyPort, redirectPort, threads=2, limit=20000, seconds=180.0):
         self.proxyPort = proxyPort
         self.redirectPort = redirectPort
+        self.limit = limit
+        self.deadline = time.monotonic() + seconds
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.figures = {
@@ -133,7 +135,9 @@ class Load:
         return "redirected", None
 
     def _run(self, kind):
-        while not self.stopping.is_set():
+        for _ in range(self.limit):  # bounded in count and time, as every load loop
+            if self.stopping.is_set() or time.monotonic() > self.deadline:
+                return
             result = self._proxy() if kind == "proxy" else self._redirect()
             key, error = result if isinstance(result, tuple) else (result, None)
             self._count(key, error)
