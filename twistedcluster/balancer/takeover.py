@@ -160,7 +160,9 @@ def tlsContextOf(description: str, reactor) -> Optional[Any]:
         return None
     from twisted.internet.endpoints import serverFromString
 
-    context = getattr(serverFromString(reactor, description), "_sslContextFactory", None)
+    from twistedcluster.fast.internals import serverTLSContext
+
+    context = serverTLSContext(serverFromString(reactor, description))
     if context is None:  # Twisted renamed it: refuse rather than serve in clear
         raise TakeoverError(f"cannot read the TLS settings of {description!r} to adopt it")
     return context

@@ -490,6 +490,19 @@ def systemdDescriptors() -> Dict[str, int]:
         return dict(ListenFDs.fromEnvironment().inheritedNamedDescriptors())
 
 
+# SSL4ServerEndpoint (what ssl: and mtls: strings make) keeps the TLS
+# context factory it listens with as _sslContextFactory.
+
+
+def serverTLSContext(endpoint) -> Optional[object]:
+    """
+    The TLS context factory C{endpoint} (a C{SSL4ServerEndpoint}) listens
+    with, to put the same TLS layer on a socket listened on otherwise (an
+    adopted one); C{None} when Twisted keeps it elsewhere.
+    """
+    return getattr(endpoint, "_sslContextFactory", None)
+
+
 def raiseListenFailures(service) -> None:
     """
     Make a C{StreamServerEndpointService} raise a listen failure when it
