@@ -98,8 +98,9 @@ class BalancerCollector:
         yield perBackend(
             GaugeMetricFamily,
             "twistedcluster_backend_cost_seconds",
-            "What one connection costs the backend, as it last reported (1/capacity "
-            "until measured).",
+            "What one connection costs the backend, as least-load routes on it: the "
+            "cost it last reported, within 10% (costs that close count as one), "
+            "1/capacity until measured.",
             lambda b: b.cost,
         )
         yield perBackend(

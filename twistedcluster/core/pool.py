@@ -39,6 +39,8 @@ from typing import (
 
 import attr
 
+from twistedcluster.core.costlevels import CostLevels
+
 __all__ = [
     "AdminState",
     "BackendStatus",
@@ -223,6 +225,10 @@ class _Member:
     #: Seconds per connection, as the backend last reported it; C{None}:
     #: 1/capacity.
     cost: Optional[float] = None
+    #: The cost level it routes on (L{CostLevels}): C{cost} within the
+    #: measurement noise of other backends' costs; C{None} with C{cost}, or
+    #: when static.
+    level: Optional[float] = None
     #: The pool's last ticket when this member was added: tickets at or
     #: below it belong to a backend of the same name that was forgotten.
     bornAfter: int = 0
@@ -304,7 +310,14 @@ class _Member:
         # Nothing reports for a static backend: what this balancer relays is
         # all it knows.
         connections = self.active if self.static else self.connections
-        load = self.active / self.capacity if self.static else self.load
+        level, cost = self.level, self.cost
+        if self.static:
+            load = self.active / self.capacity
+        elif level is None or not cost:
+            load = self.load
+        else:
+            # The report's load is on the scale of the cost it measured.
+            load = self.load * (level / cost)
         return BackendStatus(
             name=self.name,
             host=self.host,
@@ -321,7 +334,7 @@ class _Member:
             failures=self.failures,
             static=self.static,
             reports=self.reports,
-            cost=1.0 / self.capacity if self.cost is None or self.static else self.cost,
+            cost=1.0 / self.capacity if level is None else level,
         )
 
 
@@ -407,6 +420,8 @@ class Pool:
         self._ringLog: List[str] = []
         self._ringLogBase = 0
         self._candidates = Candidates(self)
+        #: The cost levels the members route on (L{_Member.level}).
+        self._costLevels = CostLevels()
 
     def watch(self, callback: Callable[[], None]) -> None:
         """
@@ -623,7 +638,7 @@ class Pool:
         m.selfDraining = False
         m.connections = connections
         m.load = load
-        m.cost = cost
+        self._setCost(m, cost)
         # The registration counts what had reached the backend; connects
         # still on their way stay added.
         for ticket in [t for t, reached in m.unseen.items() if reached is not None]:
@@ -708,6 +723,7 @@ class Pool:
         Forget a backend, admin state included.
         """
         m = self._members.pop(self._member(name).name)
+        self._setCost(m, None)
         self._names.remove(m.name)
         self._configured.discard(m.name)
         self._uncount(m)
@@ -726,6 +742,7 @@ class Pool:
             return
         for n in gone:
             m = self._members.pop(n)
+            self._setCost(m, None)
             self._uncount(m)
             self._noteUp(m)
             self._place(m)
@@ -766,7 +783,7 @@ class Pool:
         m = self._member(name)
         m.connections = max(0, connections)
         m.load = max(0.0, load)
-        m.cost = cost
+        self._setCost(m, cost)
         unseen = m.unseen
         if seen is None:
             unseen.clear()
@@ -1007,6 +1024,18 @@ class Pool:
         bisect.insort(self._names, name)
         self._layoutStale = True
         return m
+
+    def _setCost(self, m: _Member, cost: Optional[float]) -> None:
+        """
+        The backend measured C{cost} (C{None}: none, or it left): keep its
+        cost level (L{CostLevels}) with it.  A static backend has none.
+        """
+        m.cost = cost
+        if cost is None or m.static:
+            self._costLevels.release(m.level)
+            m.level = None
+        else:
+            m.level = self._costLevels.place(m.level, cost)
 
     def _status(self, m: _Member) -> BackendStatus:
         status = self._statuses.get(m.name)
