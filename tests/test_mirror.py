@@ -20,6 +20,8 @@ class Cluster3:
     def __init__(self):
         self.main = Cluster()
         self.workers = [Cluster(), Cluster()]
+        for w in self.workers:
+            w.pool.levelCosts(0)  # as runWorker does
         self.books = [mirror.TrafficBook(), mirror.TrafficBook()]
         self.said = [{}, {}]
         self.applied = [{}, {}]
@@ -165,3 +167,25 @@ def test_counter_deltas_add_up_to_the_totals():
     mirror.addDeltas(totals, mirror.counterDeltas({"waited": 1, "ended": {"proxy|normal": 1}}, {}))
     assert totals == {"waited": 3, "ended": {"proxy|normal": 6}, "bytes": {"a": [15, 20]}, "connect": [1, 0, 0.5, 1]}
     assert mirror.counterDeltas(figures, last) == {}
+
+
+def test_workers_route_least_load_on_the_main_pools_costs():
+    # A 2 ms and an 8 ms backend, measured in the main pool: each worker
+    # counts a connection at the same cost, so least-load fills them 4:1
+    # there too (they took 1/capacity each, and split evenly).
+    c = Cluster3()
+    c.main.pool.register("fast", "127.0.0.1", 1, capacity=1000, cost=0.002)
+    c.main.pool.register("slow", "127.0.0.1", 2, capacity=1000, connections=1, load=0.0085, cost=0.0085)
+    c.sync()
+    for w in c.workers:
+        assert w.pool.get("fast").cost == 0.002
+        assert w.pool.get("slow").cost == 0.0085
+        assert w.pool.get("slow").load == 0.0085
+    w = c.workers[0]
+    picked = [w.pick().name for _ in range(8)]
+    assert picked.count("fast") == 8, picked  # 8 x 2 ms < 1 x 8.5 ms queued + 8.5
+    # Nothing changed: another sync reports nothing to the workers again.
+    reports = [wk.pool.get("slow").reports for wk in c.workers]
+    c.sync()
+    c.sync()
+    assert [wk.pool.get("slow").reports for wk in c.workers] == reports

@@ -532,6 +532,8 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     options = Options()
     options.parseOptions(argv)
     cluster = Cluster(policy=options["policy"], hashBalance=options["hash-balance"])
+    # The main process's view carries cost levels already: take them as they are.
+    cluster.pool.levelCosts(0)
     from twistedcluster.balancer.accesslog import accessLogFor
 
     accessLog = accessLogFor(options, reactor)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from typing import Deque, Dict, List, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 from twistedcluster.core.cluster import Cluster
 from twistedcluster.core.pool import RAMP_STEPS, AdminState, Pool, State
@@ -28,9 +28,10 @@ __all__ = ["TrafficBook", "fold", "release", "viewFor", "applyView", "trafficOf"
 
 #: One backend in a view: name, host, port, state, weight, slow start's
 #: step (of RAMP_STEPS), capacity, base (connections on it not held by the
-#: worker), and the load its own figure adds beyond connections / capacity
-#: (0 unless its service supplies one).
-ViewEntry = Tuple[str, str, int, str, int, int, int, int, float]
+#: worker), the load its own figure adds beyond connections x cost (0
+#: unless its service supplies one), and the cost level least-load routes
+#: it on (C{None}: none measured, 1/capacity).
+ViewEntry = Tuple[str, str, int, str, int, int, int, int, float, Optional[float]]
 
 
 class TrafficBook:
@@ -89,10 +90,13 @@ def viewFor(cluster: Cluster, book: TrafficBook) -> Tuple[str, List[ViewEntry]]:
     for b in cluster.pool.snapshot():
         capacity = max(1, b.capacity)
         base = max(0, b.estimatedConnections - book.holding(b.name))
-        extra = b.load - b.connections / capacity
+        extra = b.load - b.connections * b.cost
+        # Workers route least-load on the main pool's costs; without one,
+        # a connection costs 1/capacity there too.
+        cost: Optional[float] = None if abs(b.cost * capacity - 1) < 1e-9 else b.cost
         step = round(b.ramp * RAMP_STEPS)
         entries.append(
-            (b.name, b.host, b.port, b.state.value, b.weight, step, capacity, base, round(extra, 6))
+            (b.name, b.host, b.port, b.state.value, b.weight, step, capacity, base, round(extra, 9), cost)
         )
     return cluster.policyName, entries
 
@@ -121,7 +125,7 @@ def applyView(
         cluster.setPolicy(policy)
     pool = cluster.pool
     named = set()
-    for name, host, port, state, weight, step, capacity, base, extra in entries:
+    for name, host, port, state, weight, step, capacity, base, extra, cost in entries:
         named.add(name)
         if name not in pool:
             applied.pop(name, None)
@@ -132,9 +136,11 @@ def applyView(
                 pool.register(name, host, port, capacity=capacity)
         now = pool.get(name)
         connections = base + now.active
-        load = max(0.0, extra + connections / capacity)
-        if (now.connections, now.load, now.addedSinceReport) != (connections, load, 0):
-            pool.report(name, connections, load, seen=None)
+        load = max(0.0, extra + connections * (1.0 / capacity if cost is None else cost))
+        if (now.connections, now.load, now.addedSinceReport, now.cost) != (
+            connections, load, 0, 1.0 / capacity if cost is None else cost
+        ):
+            pool.report(name, connections, load, seen=None, cost=cost)
         if applied.get(name) != (state, weight):
             applied[name] = (state, weight)
             if state == State.DOWN.value:

@@ -1025,6 +1025,16 @@ class Pool:
         self._layoutStale = True
         return m
 
+    def levelCosts(self, tolerance: float) -> None:
+        """
+        From now on, measured costs within C{tolerance} (a share) of a level
+        in use take that level (L{CostLevels}); 0: each cost as measured (a
+        mirror of a pool that levels them already).
+        """
+        if not 0 <= tolerance < 1:
+            raise ValueError("the tolerance must be in [0, 1)")
+        self._costLevels.tolerance = tolerance
+
     def _setCost(self, m: _Member, cost: Optional[float]) -> None:
         """
         The backend measured C{cost} (C{None}: none, or it left): keep its
