@@ -71,6 +71,28 @@ def test_reports_at_once_on_a_noticeable_step():
     r.stopService()
 
 
+def test_reports_at_once_when_the_cost_moved():
+    lb = MemoryBalancer()
+    b = Backend()
+    moved = []
+    r = startReporter(b, [lb], lb.clock, step=1000)
+    r.costMoved = lambda: bool(moved)
+    b.connections = 3
+    r.connectionsChanged(3)
+    lb.clock.advance(0)
+    lb.flush()
+    assert lb.pool.get("web1").connections == 0  # nothing new: waits for the tick
+    moved.append(True)
+    b.connections = 2
+    r.connectionsChanged(2)
+    r.connectionsChanged(2)  # two asks in one turn: one report
+    lb.clock.advance(0)
+    lb.flush()
+    assert lb.pool.get("web1").connections == 2
+    assert lb.pool.get("web1").reports == 1  # one report for both asks
+    r.stopService()
+
+
 def test_report_step_is_two_percent_of_capacity():
     assert reportStep(1000) == 20
     assert reportStep(10) == 1

@@ -6,7 +6,8 @@ One C{ClientService} per balancer keeps the channel up, reconnecting with
 backoff; registering is its C{prepareConnection}, so a refused registration
 counts as a failed connection and is retried the same way.  Reports go out
 every interval, and at once when the connection count moves by a noticeable
-step, so that balancers learn of a burst before the next tick.
+step, or the cost by more than the balancers' cost levels tolerate, so that
+balancers learn of a burst or a change of speed before the next tick.
 """
 
 from __future__ import annotations
@@ -181,6 +182,10 @@ class LoadReporter(MultiService):
     @param step: connection-count change that triggers a report at once
         (see L{reportStep}).
     @param secret: the balancers' shared secret, proved before registering.
+    @param costMoved: asked at each change of the connection count whether
+        the cost moved since it was last measured by more than the
+        balancers' cost levels tolerate (L{CostMeter.moved}): then a
+        report goes out at once too.
     """
 
     def __init__(
@@ -193,8 +198,10 @@ class LoadReporter(MultiService):
         retryPolicy: Optional[Callable[[int], float]] = None,
         step: int = 1,
         secret: Optional[bytes] = None,
+        costMoved: Optional[Callable[[], bool]] = None,
     ) -> None:
         super().__init__()
+        self.costMoved = costMoved
         self.clock = clock
         self.identify = identify
         self.measure = measure
@@ -428,8 +435,16 @@ class LoadReporter(MultiService):
         The service's connection count changed: report now if it moved by a
         noticeable step (coalescing a burst into one report).
         """
-        if abs(count - self._lastReported) < self.step:
-            return
+        costMoved = self.costMoved
+        if abs(count - self._lastReported) >= self.step or (costMoved is not None and costMoved()):
+            self.reportSoon()
+
+    def reportSoon(self) -> None:
+        """
+        Report once this reactor turn is done, ahead of the next tick (one
+        report for all that asked in the turn): the count or the cost moved
+        by a noticeable step.
+        """
         if self._pending is None or not self._pending.active():
             self._pending = self.clock.callLater(0, self.reportNow)
 

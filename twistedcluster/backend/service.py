@@ -24,6 +24,7 @@ from twisted.python import usage
 from twistedcluster.options import loadSecretOption, oneLineDoc, positive
 from twistedcluster.address import formatHostPort, parseHostPort
 from twistedcluster.backend.cost import CostMeter
+from twistedcluster.core.costlevels import DEFAULT_TOLERANCE as COST_LEVEL_TOLERANCE
 from twistedcluster.backend.counting import CountingFactory
 from twistedcluster.balancer.limits import AcceptErrors
 from twistedcluster.balancer.listeners import (
@@ -519,6 +520,8 @@ def makeService(options: Options, reactor=None) -> BackendService:
         interval=options["report-interval"],
         step=reportStep(capacity),
         secret=options["secret"],
+        # A cost that left its level is news: the balancers route on it.
+        costMoved=lambda: meter.moved(COST_LEVEL_TOLERANCE),
     )
     _discoverBalancers(options, reporter, reactor)
     site = None
