@@ -3,7 +3,7 @@ What the balancer's and the backend's twistd options share: number
 checks and the secret file.
 """
 
-from typing import Callable, Optional
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 from twisted.python import usage
 
@@ -46,3 +46,24 @@ def loadSecretOption(path: Optional[str]) -> Optional[bytes]:
         return loadSecret(path)
     except SecretFileError as e:
         raise usage.UsageError(str(e)) from None
+
+
+def keyValues(items: Iterable[str], keys: Sequence[str]) -> Dict[str, str]:
+    """
+    The C{KEY=VALUE} items of a comma-separated option value, as a dict
+    (keys and values stripped); C{ValueError} naming an item that is not
+    one, an unknown key, or a key given twice.  The one reader of such
+    lists, so that every option says the same about the same mistake.
+    """
+    pairs: Dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ValueError(f"{item!r} is not KEY=VALUE (keys: {', '.join(keys)})")
+        if key not in keys:
+            raise ValueError(f"unknown key {key!r} (keys: {', '.join(keys)})")
+        if key in pairs:
+            raise ValueError(f"{key} given twice")
+        pairs[key] = value
+    return pairs

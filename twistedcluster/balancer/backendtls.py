@@ -25,6 +25,8 @@ from typing import Dict, Optional
 
 import attr
 
+from twistedcluster.options import keyValues
+
 __all__ = ["BackendTLS", "parseBackendTLS"]
 
 _KEYS = ("ca", "hostname", "cert", "key")
@@ -37,17 +39,7 @@ def parseBackendTLS(text: str) -> "BackendTLS":
     The C{--backend-tls} value as a L{BackendTLS}, its files read;
     C{ValueError} saying what is wrong.
     """
-    pairs: Dict[str, str] = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or not value:
-            raise ValueError(f"{part!r} is not KEY=VALUE (keys: {', '.join(_KEYS)})")
-        if key not in _KEYS:
-            raise ValueError(f"unknown key {key!r} (keys: {', '.join(_KEYS)})")
-        if key in pairs:
-            raise ValueError(f"{key} given twice")
-        pairs[key] = value
+    pairs = keyValues(text.split(","), _KEYS)
     if "ca" not in pairs:
         raise ValueError("give ca=PATH (a PEM file of authorities) or ca=system")
     if ("cert" in pairs) != ("key" in pairs):

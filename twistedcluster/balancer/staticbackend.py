@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional, Tuple
 import attr
 
 from twistedcluster.address import formatHostPort, parseHostPort
+from twistedcluster.options import keyValues
 
 __all__ = [
     "DEFAULT_STATIC_CAPACITY",
@@ -154,18 +155,10 @@ def parseStaticBackend(text: str) -> StaticBackend:
     host, port = parseHostPort(address.strip())
     name = checkName(name.strip()) if sep else formatHostPort(host, port)
     values: Dict[str, object] = {}
-    for item in rest:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"{item!r} is not KEY=VALUE (keys: {', '.join(KEYS)})")
-        if key not in KEYS:
-            raise ValueError(f"unknown key {key!r} (keys: {', '.join(KEYS)})")
+    for key, value in keyValues(rest, list(KEYS)).items():
         field, read = KEYS[key]
-        if field in values:
-            raise ValueError(f"{key} given twice")
         try:
-            values[field] = read(value.strip())
+            values[field] = read(value)
         except ValueError as e:
             raise ValueError(f"{key}: {e}") from None
     return StaticBackend(name=name, host=host, port=port, **values)
