@@ -594,3 +594,21 @@ def test_a_short_connection_open_at_a_report_with_an_older_mark_counts_once():
     assert pool.get("a").estimatedConnections == 2
     pool.release("a", later)
     assert pool.get("a").estimatedConnections == 0
+
+
+def test_a_status_says_the_state_the_member_is_in():
+    # _Member.status() works the state out inline (the routing path builds
+    # one per routed connection): it must agree with _Member.state.
+    from itertools import product
+
+    from twistedcluster.core.pool import _Member
+
+    for healthy, ejected, admin, selfDraining, static in product(
+        (True, False), (True, False), list(AdminState), (True, False), (True, False)
+    ):
+        m = _Member(name="a", host="h", port=1, capacity=10, healthy=healthy, ejected=ejected,
+                    admin=admin, selfDraining=selfDraining, static=static, active=3, connections=5, load=0.5)
+        s = m.status()
+        assert s.state is m.state
+        assert s.addedSinceReport == m.addedSinceReport
+        assert (s.connections, s.load) == ((3, 0.3) if static else (5, 0.5))
