@@ -558,3 +558,71 @@ def test_a_backend_cannot_register_under_a_static_backends_name(logged):
     # The channel stays usable: it may register under another name.
     assert result(register(client, name="web-2", port=9000), lb)["heartbeatTimeout"] == 3.0
     statics.stopService()
+
+
+# -- one-way reports (ControlProtocol.shortcut) --------------------------------
+
+
+def oneWay(server, **args):
+    """
+    Hand the balancer's side a one-way ReportLoad box, as the wire gives it.
+    """
+    box = amp.AmpBox(_command=b"ReportLoad")
+    for key, value in args.items():
+        box[key.encode()] = value if isinstance(value, bytes) else repr(value).encode()
+    server.ampBoxReceived(box)
+
+
+def test_a_one_way_report_reaches_the_pool_and_resets_the_heartbeat():
+    lb = MemoryBalancer()
+    client, server, _ = lb.controlChannel()
+    result(register(client, interval=0.5), lb)  # heartbeat 1.5 s
+    lb.clock.advance(1.0)
+    oneWay(server, connections=4, load=0.012, seen=0, cost=0.003)
+    s = lb.pool.get("a")
+    assert (s.connections, s.load, s.cost, s.reports) == (4, 0.012, 0.003, 1)
+    lb.clock.advance(1.0)
+    assert lb.pool.get("a").state is State.UP  # the report reset the timer
+    assert not server.transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "args, why",
+    [
+        (dict(connections=-1, load=0.0), "connections"),
+        (dict(connections=1, load=float("nan")), "load"),
+        (dict(connections=1, load=0.1, cost=0.0), "cost"),
+    ],
+)
+def test_a_one_way_report_out_of_bounds_closes_only_that_channel(args, why, logged):
+    lb = MemoryBalancer()
+    good, goodServer, _ = lb.controlChannel()
+    result(register(good, name="good"), lb)
+    bad, badServer, _ = lb.controlChannel()
+    result(register(bad, name="bad"), lb)
+    oneWay(badServer, **args)
+    assert badServer.transport.disconnecting
+    assert any("closing connection from" in line and why in line for line in logged), logged
+    assert lb.pool.get("bad").connections == 0
+    oneWay(goodServer, connections=2, load=0.2)
+    assert lb.pool.get("good").connections == 2
+
+
+def test_a_malformed_one_way_report_goes_amps_way_and_is_refused(logged):
+    lb = MemoryBalancer()
+    client, server, _ = lb.controlChannel()
+    result(register(client), lb)
+    oneWay(server, connections=b"many", load=b"0.1")
+    lb.flush()
+    assert server.transport.disconnecting
+    assert any("malformed" in line and "ReportLoad" in line for line in logged), logged
+    assert lb.pool.get("a").connections == 0
+
+
+def test_a_one_way_report_before_registering_is_not_taken():
+    lb = MemoryBalancer()
+    client, server, _ = lb.controlChannel()
+    oneWay(server, connections=4, load=0.4)
+    lb.flush()
+    assert "a" not in lb.pool
+    assert server.transport.disconnecting  # NotRegistered, one-way: the channel closes

@@ -23,6 +23,8 @@ from typing import Dict, Optional, Set, Tuple
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from twistedcluster.wire import commands
 from twistedcluster.address import formatHostPort, validHost
@@ -50,6 +52,9 @@ MAX_COST = 3600.0
 
 #: What a one-way report "answers" (nobody reads it).
 _NO_ANSWER: Dict[str, object] = {}
+#: What L{ControlProtocol.shortcut} looks for in a box.
+_COMMAND, _ASK = amp.COMMAND, amp.ASK
+_REPORT_LOAD = commands.ReportLoad.commandName
 
 
 def _check(condition: bool, message: str) -> None:
@@ -154,6 +159,35 @@ class ControlProtocol(GuardedAMP):
         if self.quiet:
             answer["quiet"] = True
         return answer
+
+    def shortcut(self, box) -> bool:
+        """
+        A one-way L{commands.ReportLoad} from a registered backend: parsed as
+        AMP's own argument types parse it (C{int}, C{float}) and answered by
+        L{reportLoad} at once, without AMP's dispatch, which was about two
+        thirds of the balancer's CPU per report with 10,000 backends
+        reporting once a second.  Anything else, and a box whose arguments
+        do not parse, goes AMP's way (its errors with it); an error here
+        closes the channel, as a one-way command's error does there.
+        """
+        if self.name is None or box.get(_COMMAND) != _REPORT_LOAD or _ASK in box:
+            return False
+        try:
+            connections = int(box[b"connections"])
+            load = float(box[b"load"])
+            seen = box.get(b"seen")
+            if seen is not None:
+                seen = int(seen)
+            cost = box.get(b"cost")
+            if cost is not None:
+                cost = float(cost)
+        except (KeyError, ValueError, TypeError):
+            return False
+        try:
+            self.reportLoad(connections, load, seen, cost)
+        except Exception:
+            self.unhandledError(Failure())
+        return True
 
     @commands.ReportLoad.responder
     def reportLoad(self, connections, load, seen=None, cost=None):
