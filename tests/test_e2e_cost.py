@@ -78,3 +78,38 @@ def test_a_slower_backend_shows_a_higher_cost_and_gets_fewer_connections(tmp_pat
         assert routed["slow"] * 3 < routed["fast"], routed
     finally:
         cluster.stopAll()
+
+
+def test_clients_giving_up_together_do_not_make_a_slow_backend_look_fast(tmp_path):
+    # 150 requests queue on the 10 ms backend and their clients give up
+    # together, as a front's timeout would: those closes took no service.
+    # The backend's cost stays about 10 ms (it used to fall to 1/capacity,
+    # 1 ms, and least-load then took it for the fastest backend).
+    cluster = LocalCluster(tmp_path)
+    try:
+        cluster.startBalancer()
+        backend = cluster.startBackend(
+            "slow", extra=["--service=tests.slowservice.slow", "--report-interval=0.2"]
+        )
+        cluster.waitUp(["slow"])
+        assert set(load(cluster.port, 2, 60, 60)) == {b"done\n"}
+        cluster.waitForStatus(lambda s: s["slow"]["cost"] >= 0.009, 10, "a cost of about 10 ms")
+        waiting = []
+        try:
+            for _ in range(150):
+                s = socket.create_connection(("127.0.0.1", backend.port), timeout=10)
+                s.sendall(b"q\n")
+                waiting.append(s)
+            cluster.waitForStatus(
+                lambda s: s["slow"]["connections"] >= 100, 10, "the queue to be reported"
+            )
+        finally:
+            for s in waiting:
+                s.close()
+        # The report that says they are gone measured the cost after them.
+        status = cluster.waitForStatus(
+            lambda s: s["slow"]["connections"] == 0, 10, "the given-up requests to be gone"
+        )
+        assert status["slow"]["cost"] >= 0.009, status["slow"]
+    finally:
+        cluster.stopAll()
