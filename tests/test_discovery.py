@@ -56,7 +56,13 @@ class Resolver:
 
     def lookupAddress(self, name):
         return defer.succeed((
-            [dns.RRHeader(name, dns.A, payload=dns.Record_A(a)) for a in self.hosts[name]], [], []))
+            [dns.RRHeader(name, dns.A, payload=dns.Record_A(a))
+             for a in self.hosts[name] if ":" not in a], [], []))
+
+    def lookupIPV6Address(self, name):
+        return defer.succeed((
+            [dns.RRHeader(name, dns.AAAA, payload=dns.Record_AAAA(a))
+             for a in self.hosts[name] if ":" in a], [], []))
 
 
 def started(interval=30.0):
@@ -239,3 +245,15 @@ def _walk(service):
     yield service
     for child in getattr(service, "services", []):
         yield from _walk(child)
+
+
+def test_a_target_with_ipv6_addresses_only_is_reached_over_ipv6():
+    clock, reporter, resolver, srv = started()
+    resolver.srv = [("lb-v6.example", 7001), ("lb-both.example", 7002)]
+    resolver.hosts = {"lb-v6.example": ["fd00::7"], "lb-both.example": ["10.0.0.2", "fd00::8"]}
+    srv.startService()
+    assert sorted(reporter.balancers) == [
+        "tcp:host=10.0.0.2:port=7002",  # IPv4 when there is some: not both
+        "tcp:host=fd00\\:\\:7:port=7001",
+    ]
+    srv.stopService()

@@ -24,6 +24,8 @@ cluster's domain are.
 
 from __future__ import annotations
 
+import socket
+
 import errno
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -147,8 +149,10 @@ def _noSuchName():
 
 
 def _endpointDescription(host: str, port: int) -> str:
+    # Twisted has no tcp6: client string; tcp: connects to an IPv6 literal
+    # (its colons escaped) over IPv6.
     if ":" in host:
-        return f"tcp6:host={host.replace(':', chr(92) + ':')}:port={port}"
+        return f"tcp:host={host.replace(':', chr(92) + ':')}:port={port}"
     return f"tcp:host={host}:port={port}"
 
 
@@ -285,7 +289,18 @@ class SRVBalancers(Service):
         except ValueError:
             pass
         answers, _, _ = await self.resolver.lookupAddress(target)
-        return [rr.payload.dottedQuad() for rr in answers if rr.type == dns.A]
+        found = [rr.payload.dottedQuad() for rr in answers if rr.type == dns.A]
+        if found:
+            # IPv4 when there is some: a balancer reached at both of its
+            # addresses would be registered with twice.
+            return found
+        # A target with IPv6 addresses only (an IPv6-only cluster).
+        answers, _, _ = await self.resolver.lookupIPV6Address(target)
+        return [
+            socket.inet_ntop(socket.AF_INET6, rr.payload.address)
+            for rr in answers
+            if rr.type == dns.AAAA
+        ]
 
     def _follow(self, found: List[Tuple[str, int]]) -> None:
         from twisted.internet.endpoints import clientFromString
