@@ -21,7 +21,7 @@ def test_round_trip_restores_admin_state_weight_and_policy(tmp_path):
     c.pool.register("b", "::1", 9002)
     c.pool.setAdminState("a", AdminState.DRAINING)
     c.pool.setWeight("b", 7)
-    c.setPolicy("round-robin")
+    c.setPolicy("round-robin", chosen=True)  # cluster-admin policy
     statefile.save(path, c)
 
     fresh = Cluster()
@@ -32,6 +32,39 @@ def test_round_trip_restores_admin_state_weight_and_policy(tmp_path):
     assert (b.host, b.port, b.weight) == ("::1", 9002, 7)
     fresh.pool.register("a", "127.0.0.1", 9001)
     assert fresh.pool.get("a").state is State.DRAINING
+
+
+def test_a_policy_nobody_chose_gives_way_to_a_new_policy_option(tmp_path):
+    # The balancer ran with --policy p2c and nobody ran cluster-admin
+    # policy: restarted with --policy least-conn, it routes least-conn (the
+    # state file used to bring p2c back, silently).
+    path = str(tmp_path / "state.json")
+    c = Cluster(policy="p2c")
+    c.pool.register("a", "127.0.0.1", 9001)
+    c.pool.setWeight("a", 3)
+    statefile.save(path, c)
+    assert statefile.load(path)["policy"] is None
+    fresh = Cluster(policy="least-conn")
+    statefile.restore(fresh, statefile.load(path))
+    assert (fresh.policyName, fresh.chosenPolicy) == ("least-conn", None)
+    assert fresh.pool.get("a").weight == 3
+    # Once chosen, it is kept: by this restart, and the next.
+    fresh.setPolicy("round-robin", chosen=True)
+    statefile.save(path, fresh)
+    again = Cluster(policy="least-conn")
+    statefile.restore(again, statefile.load(path))
+    assert (again.policyName, again.chosenPolicy) == ("round-robin", "round-robin")
+
+
+def test_an_older_state_files_policy_is_kept_and_said(tmp_path, logged):
+    # Version 1 saved the policy in force, whoever chose it: kept (it may
+    # be an operator's), with a line saying how to have the option's.
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "policy": "p2c", "backends": {}}))
+    fresh = Cluster(policy="least-conn")
+    statefile.restore(fresh, statefile.load(str(path)))
+    assert fresh.policyName == "p2c"
+    assert any("cluster-admin policy least-conn" in line for line in logged), logged
 
 
 def test_no_file_yet_is_an_empty_state(tmp_path):

@@ -268,7 +268,7 @@ class AdminProtocol(GuardedAMP):
         self._mayChange()
         previous = self._cluster.policyName
         with _asWireErrors():
-            self._cluster.setPolicy(policy)
+            self._cluster.setPolicy(policy, chosen=True)
         return self._changed(
             f"changed policy from {previous} to {policy}", {"previous": previous}, policy=policy
         )

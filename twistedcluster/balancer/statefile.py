@@ -29,7 +29,11 @@ from twistedcluster.core.pool import AdminState, MAX_WEIGHT, MIN_WEIGHT
 
 log = Logger()
 
-VERSION = 1
+#: 2: C{policy} is the one an operator chose (C{null}: none, the
+#: command line's applies).  1 (still read): the policy in force, whoever
+#: chose it.
+VERSION = 2
+_READABLE = (1, 2)
 
 #: What temporary files were called before they named their state file.
 _LEGACY_TEMPORARY = re.compile(r"\.state-[a-z0-9_]{8}\Z")
@@ -57,7 +61,9 @@ def snapshot(cluster: Cluster, statics=None) -> Dict[str, Any]:
     """
     state: Dict[str, Any] = {
         "version": VERSION,
-        "policy": cluster.policyName,
+        # Only an operator's choice: a restart with another --policy takes
+        # that one unless an operator chose.
+        "policy": cluster.chosenPolicy,
         "backends": cluster.pool.adminSettings(),
     }
     if statics is not None:
@@ -139,7 +145,7 @@ def load(path: str) -> Dict[str, Any]:
     except (OSError, ValueError) as e:
         raise StateFileError(f"cannot read state file {path}: {e}") from None
     try:
-        if data["version"] != VERSION:
+        if data["version"] not in _READABLE:
             raise StateFileError(f"state file {path}: unknown version {data['version']!r}")
         policy = data.get("policy")
         if policy is not None and policy not in POLICIES:
@@ -210,8 +216,24 @@ def restoreStatics(statics, data: Dict[str, Any]) -> None:
 
 
 def restore(cluster: Cluster, data: Dict[str, Any]) -> None:
-    if data.get("policy"):
-        cluster.setPolicy(data["policy"])
+    policy = data.get("policy")
+    if policy:
+        if policy != cluster.policyName:
+            log.info(
+                "policy {policy}, as an operator chose it (cluster-admin policy), "
+                "not --policy {configured}",
+                policy=policy,
+                configured=cluster.policyName,
+            )
+            if data.get("version") == 1:
+                log.warn(
+                    "the state file's policy {policy} was saved by an older version, "
+                    "which could not tell an operator's choice from --policy; if "
+                    "{configured} is meant, run: cluster-admin policy {configured}",
+                    policy=policy,
+                    configured=cluster.policyName,
+                )
+        cluster.setPolicy(policy, chosen=True)
     for name, b in data["backends"].items():
         cluster.pool.restore(
             name, str(b["host"]), int(b["port"]), AdminState(b["admin"]), int(b["weight"])

@@ -280,8 +280,10 @@ def applyKey(cluster, statics, key: str, value: Optional[Any]) -> None:
             if value is not None and value != cluster.policyName:
                 if value not in POLICIES:
                     raise ValueError(f"unknown policy {value!r}")
-                cluster.setPolicy(value)
+                cluster.setPolicy(value, chosen=True)
                 log.info("state store: policy {policy}", policy=value)
+            elif value is not None:
+                cluster.chosenPolicy = value  # an operator's, in force already
         elif kind == "backends" and name:
             if value is not None:
                 admin, weight = AdminState(value["admin"]), validWeight(int(value["weight"]))

@@ -52,6 +52,10 @@ class Cluster:
         callers work the key out for L{pick} only then.
     @ivar hashBalance: the hash policy's bound factor, kept for when an
         operator switches to it.
+    @ivar chosenPolicy: the policy an operator chose at runtime (C{setPolicy}
+        with C{chosen}), which a restart keeps; C{None} while the policy is
+        the configured one, which a restart with another C{--policy}
+        replaces.
     """
 
     def __init__(
@@ -67,14 +71,20 @@ class Cluster:
         self.policyName = policy
         self._policy = makePolicy(policy, hashBalance=hashBalance)
         self.keyed = getattr(self._policy, "keyed", False)
+        self.chosenPolicy: Optional[str] = None
 
-    def setPolicy(self, name: str) -> None:
+    def setPolicy(self, name: str, chosen: bool = False) -> None:
         """
         Switch policy; L{UnknownPolicy} leaves the current one in force.
+
+        @param chosen: an operator chose it (or chose it before a restart):
+            it is kept across restarts (L{chosenPolicy}).
         """
         self._policy = makePolicy(name, hashBalance=self.hashBalance)
         self.policyName = name
         self.keyed = getattr(self._policy, "keyed", False)
+        if chosen:
+            self.chosenPolicy = name
 
     def pick(
         self, exclude: AbstractSet[str] = frozenset(), key: Optional[str] = None
