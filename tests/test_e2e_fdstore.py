@@ -15,11 +15,11 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 
 import pytest
 
+from tests.churn import Churn
 from tests.fakesystemd import FakeSystemd
 from tests.test_e2e import assertNoTracebacks
 from twistedcluster.localcluster import LocalCluster, freePort, twistdCommand, waitFor
@@ -29,118 +29,6 @@ pytestmark = pytest.mark.e2e
 BACKENDS = ["backend-1", "backend-2", "backend-3"]
 #: Seconds between the kill and the new start (the unit's RestartSec= is 2).
 RESTART_DELAY = 1.0
-
-
-class Load:
-    """
-    New connections in a loop, in threads, until told to stop: proxied
-    echoes and redirect questions.  A connect that fails is counted apart
-    from a connection cut once made (those the killed process was relaying
-    die with it).
-    """
-
-    def __init__(self, proxyPort, redirectPort, threads=2, limit=20000, seconds=180.0):
-        self.proxyPort = proxyPort
-        self.redirectPort = redirectPort
-        self.limit = limit
-        self.deadline = time.monotonic() + seconds
-        self.stopping = threading.Event()
-        self.lock = threading.Lock()
-        self.figures = {
-            "proxied": 0,
-            "redirected": 0,
-            "refused": 0,
-            "connectFailed": 0,
-            "cut": 0,
-            "noBackend": 0,
-            "corrupted": 0,
-        }
-        self.errors = []
-        self.threads = [
-            threading.Thread(target=self._run, args=(kind,), daemon=True)
-            for kind in ("proxy", "redirect")
-            for _ in range(threads)
-        ]
-
-    def start(self):
-        for t in self.threads:
-            t.start()
-
-    def stop(self):
-        self.stopping.set()
-        for t in self.threads:
-            t.join(30)
-        assert not any(t.is_alive() for t in self.threads)
-        return dict(self.figures)
-
-    def total(self):
-        return self.figures["proxied"] + self.figures["redirected"]
-
-    def _count(self, key, error=None):
-        with self.lock:
-            self.figures[key] += 1
-            if error is not None and len(self.errors) < 30:
-                self.errors.append(f"{time.monotonic():.2f} {error}")
-
-    def _connect(self, port):
-        try:
-            return socket.create_connection(("127.0.0.1", port), timeout=15), None
-        except ConnectionRefusedError as e:
-            return None, ("refused", f"connect {port}: {e!r}")
-        except OSError as e:
-            return None, ("connectFailed", f"connect {port}: {e!r}")
-
-    def _proxy(self):
-        s, bad = self._connect(self.proxyPort)
-        if s is None:
-            return bad
-        payload = os.urandom(200)
-        got = b""
-        try:
-            s.sendall(payload)
-            while len(got) < len(payload):
-                data = s.recv(65536)
-                if not data:
-                    break
-                got += data
-        except OSError as e:
-            return "cut", f"proxy echo: {e!r}"
-        finally:
-            s.close()
-        if got == payload:
-            return "proxied", None
-        if payload.startswith(got):
-            return "cut", f"proxy: closed after {len(got)} bytes"
-        return "corrupted", f"proxy: {len(got)} bytes, differ"
-
-    def _redirect(self):
-        s, bad = self._connect(self.redirectPort)
-        if s is None:
-            return bad
-        answer = b""
-        try:
-            while not answer.endswith(b"\r\n"):
-                data = s.recv(1024)
-                if not data:
-                    break
-                answer += data
-        except OSError as e:
-            return "cut", f"redirect read: {e!r}"
-        finally:
-            s.close()
-        if answer.startswith(b"ERROR no-backend"):
-            return "noBackend", "redirect: no backend"
-        if len(answer.split()) != 2:
-            return "cut", f"redirect answer {answer!r}"
-        return "redirected", None
-
-    def _run(self, kind):
-        for _ in range(self.limit):  # bounded in count and time, as every load loop
-            if self.stopping.is_set() or time.monotonic() > self.deadline:
-                return
-            result = self._proxy() if kind == "proxy" else self._redirect()
-            key, error = result if isinstance(result, tuple) else (result, None)
-            self._count(key, error)
 
 
 def isListening(fd):
@@ -241,7 +129,7 @@ def test_a_balancer_restarted_with_its_stored_sockets_refuses_no_one(tmp_path, s
             "the live pool to be written to the store",
         )
 
-        load = Load(ports["proxy"], ports["redirect"])
+        load = Churn(ports["proxy"], ports["redirect"])
         load.start()
         waitFor(lambda: load.figures["proxied"] > 20 and load.figures["redirected"] > 20, 20, "load to run")
 

@@ -136,9 +136,14 @@ def startWorkers(cluster, names, extra=(), backendExtra=()):
     cluster.waitUp(names)
     pids = waitFor(lambda: len(workerPids(balancer.pid)) == 2 and workerPids(balancer.pid), 20, "2 workers")
     cluster.workersSeen.update(pids)
-    # The workers learn the pool within a sync interval: wait for both to route.
-    for _ in range(2):
-        waitFor(lambda: echoOnce("127.0.0.1", cluster.port, b"up", timeout=5) == b"up", 20, "routing")
+    # The workers learn the pool within a sync interval: wait for each to
+    # route (each alone accepting: two echoes in a row may both have gone
+    # to the same worker, and the other, on a loaded machine, still have
+    # had no view when a test's own first connection came to it).
+    for pid in sorted(pids):
+        with onlyWorker(pid, pids):
+            waitFor(lambda: echoOnce("127.0.0.1", cluster.port, b"up", timeout=5) == b"up", 20,
+                    f"worker {pid} to route")
     # The probes' ends told to the main process, before a test may SIGSTOP
     # the worker that relayed them (a stopped worker tells nothing).
     waitFor(lambda: all(b["active"] == 0 for b in cluster.quickStatus().values()), 10, "probes released")

@@ -28,7 +28,6 @@ from twisted.internet.error import ConnectBindError, ConnectError, ConnectionDon
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -37,6 +36,7 @@ from twistedcluster.balancer import accesslog as ends
 from twistedcluster.balancer.admission import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT, WaitQueue
 from twistedcluster.core.cluster import Cluster, Route
 from twistedcluster.balancer.dialer import ReactorDialer, dialerFor
+from twistedcluster.balancer.handshake import AwaitsHandshake, overTLS
 from twistedcluster.fast.fasttcp import loseWriteConnectionNow, plainTCP, readNow, sendNow
 from twistedcluster.balancer.passivehealth import (
     DEFAULT_EARLY_CLOSE_WINDOW,
@@ -295,8 +295,7 @@ class _Attempt:
 EARLY_DATA_LIMIT = 64 * 1024
 
 
-@implementer(IHandshakeListener)
-class ProxyServer(Relay):
+class ProxyServer(AwaitsHandshake, Relay):
     """
     The client's connection to the proxy listener.
 
@@ -329,10 +328,6 @@ class ProxyServer(Relay):
     #: the factory); and whether a PROXY header named another one.
     clientAddress = None
     _proxied: Optional[Tuple[object, object]] = None
-    #: Set while a TLS client's handshake is awaited, and its deadline.
-    _handshaking = False
-    _handshakeCall = None
-
     def connectionMade(self) -> None:
         factory = self.factory
         self._start = factory.reactor.seconds()
@@ -342,17 +337,14 @@ class ProxyServer(Relay):
         if factory.proxyParsers is not None:
             self._awaitHeader()
             return
-        if isinstance(self.transport, TLSMemoryBIOProtocol):
+        if overTLS(self.transport):
             # TLS to the client (ssl:): no backend until its handshake is
-            # done (handshakeCompleted), so a client that opens TCP and
-            # never handshakes costs no backend connection, nor load.
-            self._handshaking = True
+            # done (handshakeDone), so a client that opens TCP and never
+            # handshakes costs no backend connection, nor load.
             timeout = factory.handshakeTimeout
             if factory.idleTimeout is not None:
                 timeout = min(timeout, factory.idleTimeout)
-            self._handshakeCall = factory.reactor.callLater(
-                timeout, self._handshakeLate, timeout
-            )
+            self.awaitHandshake(factory.reactor, timeout)
             return
         self.route()
         if not self._gone and plainTCP(self.transport):
@@ -364,35 +356,19 @@ class ProxyServer(Relay):
             if data is not None:
                 self.dataReceived(data)
 
-    def handshakeCompleted(self) -> None:
+    def handshakeDone(self) -> None:
         """
         The client's TLS handshake is done: find it a backend now.  (With a
         PROXY header to read as well, the header, which comes inside TLS,
         decides when instead.)
         """
-        if self._handshaking:
-            self._stopHandshakeWait()
-            if not self._gone:
-                self.route()
+        if not self._gone:
+            self.route()
 
-    def _stopHandshakeWait(self) -> None:
-        self._handshaking = False
-        call, self._handshakeCall = self._handshakeCall, None
-        if call is not None and call.active():
-            call.cancel()
-
-    def _handshakeLate(self, timeout: float) -> None:
-        """
-        No TLS handshake in time: closed (aborted: a TLS close would wait
-        for the client's own close_notify), and said in the summed line.
-        """
-        self._handshakeCall = None
-        self._handshaking = False
-        self._end = ends.HANDSHAKE_TIMEOUT
+    def handshakeTimedOut(self, timeout: float) -> None:
         factory = self.factory
         factory._lastClosed = (peerText(self.transport), f"no TLS handshake within {timeout:g} s")
         factory._closed.count("no TLS handshake in time")
-        self.transport.abortConnection()
 
     def _awaitHeader(self) -> None:
         """

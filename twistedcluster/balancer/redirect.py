@@ -23,13 +23,11 @@ import ipaddress
 from collections import deque
 from typing import Deque, Dict, List, Optional, Tuple
 
-from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOProtocol
-from zope.interface import implementer
 
 from twistedcluster.balancer import accesslog as ends
+from twistedcluster.balancer.handshake import AwaitsHandshake, overTLS
 from twistedcluster.balancer.traffic import Traffic
 from twistedcluster.core.cluster import Cluster
 from twistedcluster.wire.redirectline import NO_BACKEND, answerLine
@@ -143,15 +141,11 @@ class HandOffs:
         return min(heads) if heads else None
 
 
-@implementer(IHandshakeListener)
-class RedirectProtocol(Protocol):
+class RedirectProtocol(AwaitsHandshake, Protocol):
     """
     Answers one client with one line and closes (over TLS, once its
     handshake is done).
     """
-
-    _handshaking = False
-    _handshakeCall = None
 
     factory: "RedirectFactory"
     #: For the metrics and the access log: when it started, the backend
@@ -167,33 +161,16 @@ class RedirectProtocol(Protocol):
         if factory.limit is not None:
             factory.limit.opened()
         self._start = factory.clock.seconds()
-        if isinstance(self.transport, TLSMemoryBIOProtocol):
+        if overTLS(self.transport):
             # TLS (ssl:): answered once the handshake is done, so that a
             # client that never handshakes is not counted as load on the
             # backend it would have been named.
-            self._handshaking = True
-            timeout = factory.handshakeTimeout
-            self._handshakeCall = factory.clock.callLater(timeout, self._handshakeLate)
+            self.awaitHandshake(factory.clock, factory.handshakeTimeout)
             return
         self._answer()
 
-    def handshakeCompleted(self) -> None:
-        if self._handshaking:
-            self._stopHandshakeWait()
-            self._answer()
-
-    def _stopHandshakeWait(self) -> None:
-        self._handshaking = False
-        call, self._handshakeCall = self._handshakeCall, None
-        if call is not None and call.active():
-            call.cancel()
-
-    def _handshakeLate(self) -> None:
-        # Aborted: a TLS close would wait for the client's close_notify.
-        self._handshakeCall = None
-        self._handshaking = False
-        self._end = ends.HANDSHAKE_TIMEOUT
-        self.transport.abortConnection()
+    def handshakeDone(self) -> None:
+        self._answer()
 
     def _answer(self) -> None:
         factory = self.factory

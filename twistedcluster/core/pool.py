@@ -784,7 +784,7 @@ class Pool:
         load: float,
         seen: Optional[int] = None,
         cost: Optional[float] = None,
-    ) -> int:
+    ) -> None:
         """
         Record a load report.
 
