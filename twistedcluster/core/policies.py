@@ -202,6 +202,10 @@ class RoundRobin:
         self._now = 0.0
         #: The weight each pass was moved on with.
         self._strideWeight: Dict[str, float] = {}
+        #: The index's score function, bound once: the pool finds its index
+        #: by it, and a bound method made anew each pick is hashed and
+        #: compared field by field there.
+        self._score = self._passOf
 
     def _passOf(self, b: BackendStatus) -> float:
         passes = self._pass
@@ -249,7 +253,8 @@ class RoundRobin:
         return best
 
     def _stride(self, candidates, indexed, rng: random.Random) -> Optional[BackendStatus]:
-        chosen = indexed(self._passOf, rng, randomTies=False)  # name order, as ever
+        score = self._score
+        chosen = indexed(score, rng, randomTies=False)  # name order, as ever
         if chosen is None:
             return None
         passes = self._pass
@@ -257,7 +262,7 @@ class RoundRobin:
         weight = chosen.weight * chosen.ramp
         passes[chosen.name] = now + 1.0 / weight
         self._strideWeight[chosen.name] = weight
-        candidates.rescore(self._passOf, chosen.name)
+        candidates.rescore(score, chosen.name)
         if len(passes) > 2 * len(candidates) + 64:
             # Forget the passes of backends no longer eligible.
             self._pass = {n: p for n, p in passes.items() if candidates.get(n) is not None}
