@@ -709,7 +709,12 @@ class BoundedHash:
         num = self._num
         room = scale = 0
         over: Set[Optional[str]] = set()
-        for entry in islice(self._clockwise(point), _MAX_WALK):
+        # Most picks end at the first entry or the next: those two straight
+        # from the home bucket, the walk (a generator) only past them.  An
+        # entry met twice is judged the same way twice.
+        home = self._buckets[point >> self._shift]
+        start = bisect_left(home, point << _INDEX_BITS)
+        for entry in chain(home[start:start + 2], islice(self._clockwise(point), _MAX_WALK)):
             name = names[entry & _INDEX_MASK]
             c = get(name)  # type: ignore[arg-type]
             if c is None or (over and name in over):
