@@ -138,20 +138,6 @@ class RecordingServer:
         self.sock.close()
 
 
-def throughTheBalancer(port, payload):
-    import socket
-
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        got = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                return got
-            got += chunk
-
-
 def test_a_static_backend_added_with_send_proxy_gets_the_header_and_keeps_it(tmp_path):
     cluster = LocalCluster(tmp_path)
     cluster.useSecret()
@@ -166,7 +152,7 @@ def test_a_static_backend_added_with_send_proxy_gets_the_header_and_keeps_it(tmp
                                         "sendProxy": "v1", "state": "up"}
         r = cluster.adminRun("add", "x", "127.0.0.1:1", "--send-proxy", "v3", check=False)
         assert r.returncode == 2
-        got = throughTheBalancer(cluster.port, b"hello")
+        got = echoOnce("127.0.0.1", cluster.port, b"hello")
         assert got.startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 ") and got.endswith(b"\r\nhello"), got
         assert json.loads(state.read_text())["static"] == {
             "web": {"host": "127.0.0.1", "port": server.port, "capacity": 1000, "sendProxy": "v1"}}
@@ -175,7 +161,7 @@ def test_a_static_backend_added_with_send_proxy_gets_the_header_and_keeps_it(tmp
         cluster.processes["balancer"].stop()
         cluster.startBalancer(*ports, extra=balancerArgs)
         cluster.waitForStatus(lambda s: s.get("web", {}).get("state") == "up", 20, "web back up")
-        got = throughTheBalancer(cluster.port, b"again")
+        got = echoOnce("127.0.0.1", cluster.port, b"again")
         assert got.startswith(b"PROXY TCP4 ") and got.endswith(b"\r\nagain"), got
     finally:
         cluster.stopAll()

@@ -409,7 +409,7 @@ def test_a_static_backends_proxy_header_reaches_every_worker(cluster):
     # cluster-admin add --send-proxy (and remove, add again without): every
     # worker sends what the main process has for that backend now, not what
     # the command line gave it.
-    from tests.test_e2e_statics import RecordingServer, throughTheBalancer
+    from tests.test_e2e_statics import RecordingServer
 
     server = RecordingServer()
     try:
@@ -423,7 +423,7 @@ def test_a_static_backends_proxy_header_reaches_every_worker(cluster):
         cluster.adminRun("add", "web", f"127.0.0.1:{server.port}", "--send-proxy", "v1")
 
         def firstLine():
-            got = throughTheBalancer(cluster.port, b"x")
+            got = echoOnce("127.0.0.1", cluster.port, b"x")
             return got if got.startswith(b"PROXY TCP4 ") else None
 
         for pid in sorted(pids):
@@ -437,7 +437,7 @@ def test_a_static_backends_proxy_header_reaches_every_worker(cluster):
             with onlyWorker(pid, pids):
                 for _ in range(3):
                     assert waitFor(
-                        lambda: (got := throughTheBalancer(cluster.port, b"x")) == b"x" and got,
+                        lambda: (got := echoOnce("127.0.0.1", cluster.port, b"x")) == b"x" and got,
                         10, f"worker {pid} to send no header",
                     ) == b"x"
     finally:
