@@ -152,11 +152,13 @@ class CostMeter:
         Seconds of this backend's time one connection takes: what it
         measured, or 1/capacity, whichever is more.
         """
-        measured = self.measured()
-        cost = self.floor if measured is None or measured < self.floor else measured
-        self._told = cost
+        cost = self._told = self._now()
         self._fresh = False
         return cost
+
+    def _now(self) -> float:
+        measured = self.measured()
+        return self.floor if measured is None or measured < self.floor else measured
 
     def moved(self, tolerance: float) -> bool:
         """
@@ -168,6 +170,4 @@ class CostMeter:
             return False
         told = self._told
         self._fresh = False
-        measured = self.measured()
-        now = self.floor if measured is None or measured < self.floor else measured
-        return told is None or abs(now - told) > tolerance * told
+        return told is None or abs(self._now() - told) > tolerance * told

@@ -136,9 +136,10 @@ def applyView(
                 pool.register(name, host, port, capacity=capacity)
         now = pool.get(name)
         connections = base + now.active
-        load = max(0.0, extra + connections * (1.0 / capacity if cost is None else cost))
+        perConnection = 1.0 / capacity if cost is None else cost
+        load = max(0.0, extra + connections * perConnection)
         if (now.connections, now.load, now.addedSinceReport, now.cost) != (
-            connections, load, 0, 1.0 / capacity if cost is None else cost
+            connections, load, 0, perConnection
         ):
             pool.report(name, connections, load, seen=None, cost=cost)
         if applied.get(name) != (state, weight):
