@@ -573,6 +573,15 @@ def oneWay(server, **args):
     server.ampBoxReceived(box)
 
 
+def test_the_shortcut_parses_the_arguments_report_load_declares():
+    # ControlProtocol.shortcut parses ReportLoad by hand: a change to the
+    # command's arguments must change it too.
+    from twistedcluster.balancer.control import _REPORT_ARGUMENTS
+
+    declared = [(name, type(a), a.optional) for name, a in commands.ReportLoad.arguments]
+    assert declared == _REPORT_ARGUMENTS
+
+
 def test_a_one_way_report_reaches_the_pool_and_resets_the_heartbeat():
     lb = MemoryBalancer()
     client, server, _ = lb.controlChannel()

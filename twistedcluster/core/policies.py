@@ -711,7 +711,8 @@ class BoundedHash:
         over: Set[Optional[str]] = set()
         # Most picks end at the first entry or the next: those two straight
         # from the home bucket, the walk (a generator) only past them.  An
-        # entry met twice is judged the same way twice.
+        # entry met twice is judged the same way twice.  (Where the walk
+        # begins, as _clockwise works it out: inline, on the pick's path.)
         home = self._buckets[point >> self._shift]
         start = bisect_left(home, point << _INDEX_BITS)
         for entry in chain(home[start:start + 2], islice(self._clockwise(point), _MAX_WALK)):
