@@ -22,9 +22,9 @@ chat, a proxy, the benchmarks' bursts), or a queue of requests whose
 clients gave up.  Such a burst is one long gap and many of next to
 nothing; a mean would count the long wait as the cost of one connection.
 
-A gap far shorter than 1/capacity (under L{SIMULTANEOUS} of it: closes
-all but at once) says no more than "faster than one at a time" (the cost
-is 1/capacity, below), so such gaps are sampled at a bounded rate: at most L{BURST} in a row, then one per L{REFILL} x
+A gap shorter than 1/capacity says no more than "faster than one at a
+time" (the cost is 1/capacity, below), so such gaps are sampled at a
+bounded rate: at most L{BURST} in a row, then one per L{REFILL} x
 1/capacity of busy time.  A steady stream of fast closes still fills the
 window with them within a fraction of a second; held connections that
 close together still show nothing but their long wait and next to nothing
@@ -66,12 +66,6 @@ MIN_EVIDENCE = 8
 #: in units of 1/capacity, that makes room for one more.
 BURST = 2
 REFILL = 4.0
-#: Gaps under this share of 1/capacity are closes all but at once (a
-#: queue given up together): only those are sampled at a bounded rate.
-#: Closes a little further apart (clients closing held connections one
-#: after another) are taken as they come, and pull the median down to
-#: 1/capacity as they always did.
-SIMULTANEOUS = 0.1
 
 
 class CostMeter:
@@ -126,7 +120,7 @@ class CostMeter:
         for _ in range(min(closed, WINDOW)):
             # The first close ends the gap; the others closed with it took
             # no busy time of their own.
-            if gap < floor * SIMULTANEOUS:
+            if gap < floor:
                 if self._credit < 1.0:
                     gap = 0.0
                     continue
