@@ -158,9 +158,9 @@ def test_the_cost_is_always_a_finite_number_of_seconds_at_least_a_share(capacity
 
 
 def test_a_burst_of_closes_without_service_keeps_the_cost():
-    # A queue of 400 requests whose clients gave up closes at once: those
-    # closes took no service, and the 8 ms the backend showed stays (it
-    # used to fall to 1/capacity until half a window of real closes).
+    # A queue of 400 requests whose clients gave up closes at once: the
+    # service wrote to none of them, and the 8 ms the backend showed stays
+    # (it used to fall to 1/capacity until half a window of real closes).
     clock = Clock()
     meter = CostMeter(clock, capacity=1000)
     serial(meter, clock, 0.008, [k * 0.02 for k in range(100)])
@@ -168,8 +168,15 @@ def test_a_burst_of_closes_without_service_keeps_the_cost():
     meter.changed(400)
     clock.advance(0.001)
     for k in range(400):
-        meter.changed(399 - k)
+        meter.changed(399 - k, served=False)
     assert meter.cost() == pytest.approx(0.008, rel=0.01)
+    # Served, the same closes are evidence: a backend closing 400
+    # connections at once serves in parallel.
+    meter.changed(400)
+    clock.advance(0.001)
+    for k in range(400):
+        meter.changed(399 - k)
+    assert meter.cost() == pytest.approx(0.001)
 
 
 def test_a_give_up_burst_spread_over_a_few_milliseconds_keeps_the_cost():
@@ -180,8 +187,32 @@ def test_a_give_up_burst_spread_over_a_few_milliseconds_keeps_the_cost():
     meter.changed(400)
     for k in range(400):
         clock.advance(0.00005)
-        meter.changed(399 - k)
+        meter.changed(399 - k, served=False)
     assert meter.cost() == pytest.approx(0.008, rel=0.01)
+    # The busy time ran on through them: the next served close ends a gap
+    # that holds the 20 ms they took as well.
+    meter.changed(1)
+    clock.advance(0.008)
+    meter.changed(0)
+    assert meter._gaps[-1] == pytest.approx(0.028)
+
+
+def test_held_connections_closing_a_little_apart_still_cost_a_share():
+    # Held connections that their client closes in a loop: some in the
+    # same turn, the others a millisecond or two apart.  Each close is one
+    # of a served connection, but none took service time: the near-zero
+    # gaps keep the cost at 1/capacity (sampling them at a bounded rate let
+    # the 1.5 ms gaps take over, and identical backends split 8:12).
+    clock = Clock()
+    meter = CostMeter(clock, capacity=1000)
+    for _ in range(3):
+        meter.changed(20)
+        clock.advance(1.0)
+        for k in range(10):
+            meter.changed(19 - 2 * k)
+            meter.changed(18 - 2 * k)
+            clock.advance(0.0015)
+    assert meter.cost() == pytest.approx(0.001)
 
 
 def test_closes_faster_than_capacity_allows_take_over_within_a_second():

@@ -62,7 +62,9 @@ class Handshaker(Recorder):
 
 def counted(protocolClass):
     seen, changes = [], []
-    factory = CountingFactory(Factory.forProtocol(lambda: protocolClass(seen)), changes.append)
+    factory = CountingFactory(
+        Factory.forProtocol(lambda: protocolClass(seen)), lambda *change: changes.append(change)
+    )
     return factory, seen, changes
 
 
@@ -88,9 +90,47 @@ async def test_counts_connections_and_the_service_gets_its_real_transport():
     factory, seen, changes = counted(Recorder)
     async with listening(factory) as port:
         assert await deferToThread(exchange, port, False) == b""
-        await until(lambda: factory.count == 0 and changes == [1, 0], what="count back to 0")
+        await until(lambda: factory.count == 0 and len(changes) == 2, what="count back to 0")
+        # It wrote: its close is a served one (the cost meter counts it).
+        assert changes == [(1, True), (0, True)]
         assert seen[:2] == [("made", True), ("data", b"ping")]
         assert seen[-1][0] == "lost"
+
+
+class Silent(Recorder):
+    """
+    Reads and never answers: a request whose client gave up waiting.
+    """
+
+    def dataReceived(self, data):
+        self.seen.append(("data", data))
+
+
+def giveUp(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"q\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_the_service_never_wrote_to_closes_unserved():
+    factory, seen, changes = counted(Silent)
+    async with listening(factory) as port:
+        await deferToThread(giveUp, port)
+        await until(lambda: factory.count == 0 and len(changes) == 2, what="closed")
+        assert changes == [(1, True), (0, False)]
+        # The write hook is gone with the first write, from writeSequence too:
+        # the next connection's service writes through the real transport.
+        factory.wrappedFactory.protocol = lambda: Sequencer(seen)
+        assert await deferToThread(exchange, port, False) == b""
+        await until(lambda: factory.count == 0 and len(changes) == 4, what="closed")
+        assert changes[2:] == [(1, True), (0, True)]
+        assert seen.count(("hook gone", True)) == 1
+
+
+class Sequencer(Recorder):
+    def dataReceived(self, data):
+        self.transport.writeSequence([data[:1], data[1:]])
+        self.seen.append(("hook gone", "write" not in vars(self.transport)))
 
 
 @pytest_twisted.ensureDeferred
@@ -128,7 +168,7 @@ async def test_a_tls_service_is_told_of_the_handshake(tmp_path):
         assert await deferToThread(client, port) == b"ping"
         await until(lambda: ("handshake",) in seen, what="handshake")
         await until(lambda: factory.count == 0, what="closed")
-        assert changes[0] == 1
+        assert changes == [(1, True), (0, True)]  # its write went through TLS
 
 
 @pytest_twisted.ensureDeferred
@@ -284,7 +324,9 @@ async def test_a_proxy_header_is_read_before_the_service_sees_anything():
 
     inner = echoFactory()
     inner.protocol = Both
-    factory = CountingFactory(inner, counts.append, proxyParsers=proxyParsers(), clock=reactor)
+    factory = CountingFactory(
+        inner, lambda count, served: counts.append(count), proxyParsers=proxyParsers(), clock=reactor
+    )
     async with listening(factory) as port:
         header = b"PROXY TCP4 127.0.0.5 127.0.0.1 4444 80\r\n"
         got = await deferToThread(proxiedExchange, port, header + b"hello")

@@ -132,7 +132,13 @@ def test_reported_load_steers_new_connections_away(cluster):
         routed = {n: after[n]["routed"] - before[n] for n in BACKENDS}
         assert routed["backend-1"] == 0, routed
         assert routed["backend-2"] + routed["backend-3"] == 20
-        assert abs(routed["backend-2"] - routed["backend-3"]) <= 2, routed
+        # Shared, though not evenly: a backend's report measured during the
+        # burst echoes a mark from before it, so it counts the burst's
+        # connections it holds twice until its next report (to be safe with
+        # several balancers, docs/internals.md#what-a-report-had-seen).  A
+        # report at k connections sends the other backend k more; the worst
+        # of 20 is about 7:13.
+        assert min(routed["backend-2"], routed["backend-3"]) >= 5, routed
     finally:
         for c in direct + proxied:
             c.close()

@@ -22,17 +22,17 @@ chat, a proxy, the benchmarks' bursts), or a queue of requests whose
 clients gave up.  Such a burst is one long gap and many of next to
 nothing; a mean would count the long wait as the cost of one connection.
 
-A gap shorter than 1/capacity says no more than "faster than one at a
-time" (the cost is 1/capacity, below), so such gaps are sampled at a
-bounded rate: at most L{BURST} in a row, then one per L{REFILL} x
-1/capacity of busy time.  A steady stream of fast closes still fills the
-window with them within a fraction of a second; held connections that
-close together still show nothing but their long wait and next to nothing
-(so their count against capacity is their load); but a queue of 300
-requests whose clients gave up at once (it happened to the 8 ms backend of
-the routing benchmark after each round-robin round, and least-load then
-took it for the fastest backend for the next second) adds a few such gaps,
-not a whole window of them, and the service time stays.
+Only a close of a connection the service wrote to ends a gap (the counting
+wrapper tells, L{twistedcluster.backend.counting}).  A connection closed
+before the service answered it took no service: a queue of 300 requests
+whose clients gave up at once (it happened to the 8 ms backend of the
+routing benchmark after each round-robin round, and least-load then took it
+for the fastest backend for the next second), or a client refused for its
+PROXY header.  Its close changes the count, and the busy time runs on to
+the next close of a served connection.  (Sampling such closes at a bounded
+rate instead, as this module once did, let held connections closing a
+millisecond or two apart outvote the near-zero gaps that keep them at
+1/capacity, and two identical backends measured costs 1.5x apart.)
 
 A connection costs 1/capacity (the count, as before this module existed):
 
@@ -53,7 +53,7 @@ from bisect import bisect_left, insort
 from collections import deque
 from typing import Deque, List, Optional
 
-__all__ = ["BURST", "CostMeter", "DEFAULT_HORIZON", "MIN_EVIDENCE", "REFILL", "WINDOW"]
+__all__ = ["CostMeter", "DEFAULT_HORIZON", "MIN_EVIDENCE", "WINDOW"]
 
 #: The gaps the median is taken over.
 WINDOW = 32
@@ -62,10 +62,6 @@ WINDOW = 32
 DEFAULT_HORIZON = 0.25
 #: Closes needed before the measurement counts.
 MIN_EVIDENCE = 8
-#: Gaps shorter than 1/capacity taken in a row, at most; and the busy time,
-#: in units of 1/capacity, that makes room for one more.
-BURST = 2
-REFILL = 4.0
 
 
 class CostMeter:
@@ -92,45 +88,37 @@ class CostMeter:
         self._gap = 0.0
         self._gaps: Deque[float] = deque()
         self._sorted: List[float] = []
-        #: How many gaps under 1/capacity may be taken now (see BURST).
-        self._credit = float(BURST)
         #: Whether a gap was taken since L{cost} last answered, and what it
         #: answered then (L{moved}).
         self._fresh = False
         self._told: Optional[float] = None
 
-    def changed(self, count: int) -> None:
+    def changed(self, count: int, served: bool = True) -> None:
         """
-        The connection count is now C{count}: a fall counts as closes.
+        The connection count is now C{count}: a fall counts as closes, which
+        end a gap when C{served} (the service wrote to the connections that
+        closed); closes of connections it never answered only change the
+        count.
         """
         now = self.clock.seconds()
         if self._count:
-            busy = max(0.0, now - self._at)
-            self._gap += busy
-            if self._credit < BURST:
-                self._credit = min(float(BURST), self._credit + busy / (REFILL * self.floor))
+            self._gap += max(0.0, now - self._at)
         self._at = now
         closed = self._count - count
         self._count = count
-        if closed <= 0:
+        if closed <= 0 or not served:
             return
         gaps, ordered = self._gaps, self._sorted
         gap = self._gap
-        floor = self.floor
         for _ in range(min(closed, WINDOW)):
             # The first close ends the gap; the others closed with it took
             # no busy time of their own.
-            if gap < floor:
-                if self._credit < 1.0:
-                    gap = 0.0
-                    continue
-                self._credit -= 1.0
             gaps.append(gap)
             insort(ordered, gap)
             if len(gaps) > WINDOW:
                 del ordered[bisect_left(ordered, gaps.popleft())]
             gap = 0.0
-            self._fresh = True
+        self._fresh = True
         self._gap = 0.0
 
     def measured(self) -> Optional[float]:

@@ -11,7 +11,10 @@ with bench/profile_balancer.py --process backend --loads connect; see
 docs/benchmarks.md).
 
 Here the service's protocol gets the real transport; the wrapper only
-passes the transport's events on, and declares the optional event
+passes the transport's events on, notes the service's first C{write} (a
+one-shot hook on the transport instance, gone after that write: the cost
+meter counts only closes of connections the service answered,
+L{twistedcluster.backend.cost}), and declares the optional event
 interfaces the service's protocol has (half-close, TLS handshake) on one
 class per combination, built once, which it takes on once the service's
 protocol is connected.
@@ -65,12 +68,14 @@ class _Counted:
     while it is open.
     """
 
-    __slots__ = ("factory", "wrapped", "transport", "_awaiting", "__weakref__")
+    __slots__ = ("factory", "wrapped", "transport", "served", "_awaiting", "__weakref__")
 
     def __init__(self, factory: "CountingFactory", wrapped) -> None:
         self.factory = factory
         self.wrapped = wrapped
         self.transport = None
+        #: Whether the service wrote to the connection.
+        self.served = False
         self._awaiting = None
 
     def logPrefix(self) -> str:
@@ -85,6 +90,13 @@ class _Counted:
 
     def _connectService(self, transport) -> None:
         try:
+            # Instance attributes over the transport's methods until the
+            # first write; a transport that takes none counts as answered.
+            transport.write = self._firstWrite
+            transport.writeSequence = self._firstWriteSequence
+        except AttributeError:
+            self.served = True
+        try:
             self.wrapped.makeConnection(transport)
         finally:
             # Transports look for the optional event interfaces later (at end
@@ -94,6 +106,21 @@ class _Counted:
             cls = _wrapperClass(self.wrapped)
             if cls is not _Counted:
                 self.__class__ = cls
+
+    def _answered(self):
+        self.served = True
+        transport = self.transport
+        try:
+            del transport.write, transport.writeSequence
+        except AttributeError:
+            pass
+        return transport
+
+    def _firstWrite(self, data) -> None:
+        self._answered().write(data)
+
+    def _firstWriteSequence(self, data) -> None:
+        self._answered().writeSequence(data)
 
     def connectionMade(self) -> None:
         # makeConnection does the service's; nothing calls this one.
@@ -208,8 +235,9 @@ def _wrapperClass(protocol) -> type:
 
 class CountingFactory(Factory):
     """
-    Wraps a service factory; calls C{onChange(count)} whenever the number of
-    open connections changes.
+    Wraps a service factory; calls C{onChange(count, served)} whenever the
+    number of open connections changes: C{served} says, for a close,
+    whether the service wrote to that connection (True for an open).
 
     @param proxyParsers: Twisted's PROXY header parsers
         (L{twistedcluster.fast.internals.proxyParsers}) when every client
@@ -225,7 +253,7 @@ class CountingFactory(Factory):
     def __init__(
         self,
         wrappedFactory,
-        onChange: Optional[Callable[[int], None]] = None,
+        onChange: Optional[Callable[[int, bool], None]] = None,
         proxyParsers=None,
         clock=None,
         proxyHeaderTimeout: float = PROXY_HEADER_TIMEOUT,
@@ -284,16 +312,14 @@ class CountingFactory(Factory):
 
     def _opened(self, p: _Counted) -> None:
         self._open.add(p)
-        self._changed()
+        if self.onChange is not None:
+            self.onChange(len(self._open), True)
 
     def _closed(self, p: _Counted) -> None:
         if p in self._open:
             self._open.remove(p)
-            self._changed()
-
-    def _changed(self) -> None:
-        if self.onChange is not None:
-            self.onChange(len(self._open))
+            if self.onChange is not None:
+                self.onChange(len(self._open), p.served)
 
     def closeAll(self) -> None:
         """

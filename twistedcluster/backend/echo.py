@@ -10,7 +10,11 @@ echo is sent in the turn it was read, and the close happens when the
 client's end of input is read, instead of each waiting a reactor turn with
 two epoll changes (what the backend's CPU per connection is mostly made of,
 bench/profile_balancer.py --process backend).  Any other transport (TLS)
-gets Twisted's C{write} and C{loseConnection}.
+gets Twisted's C{write} and C{loseConnection}.  That fast path writes past
+the counting wrapper's note of a first write, so over plain TCP an echo's
+closes give the cost meter no evidence: an echo serves for as long as its
+client stays, and its count against capacity is its load
+(L{twistedcluster.backend.cost}).
 """
 
 from twisted.internet.interfaces import IHalfCloseableProtocol

@@ -546,8 +546,8 @@ def makeService(options: Options, reactor=None) -> BackendService:
         metricsSite=site,
     )
 
-    def connectionsChanged(count: int) -> None:
-        meter.changed(count)
+    def connectionsChanged(count: int, served: bool) -> None:
+        meter.changed(count, served)
         svc.connectionsChanged(count)
 
     counting.onChange = connectionsChanged
