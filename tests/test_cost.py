@@ -189,12 +189,36 @@ def test_a_give_up_burst_spread_over_a_few_milliseconds_keeps_the_cost():
         clock.advance(0.00005)
         meter.changed(399 - k, served=False)
     assert meter.cost() == pytest.approx(0.008, rel=0.01)
-    # The busy time ran on through them: the next served close ends a gap
-    # that holds the 20 ms they took as well.
+    # The 20 ms they were open served nobody: the next answered close ends a
+    # gap of its own service time only.
     meter.changed(1)
     clock.advance(0.008)
     meter.changed(0)
-    assert meter._gaps[-1] == pytest.approx(0.028)
+    assert meter._gaps[-1] == pytest.approx(0.008)
+
+
+def test_the_busy_time_runs_on_through_a_close_without_service_while_others_wait():
+    # One request in service for 8 ms; a probe connects and leaves meanwhile
+    # (no answer): the request's close still ends an 8 ms gap.
+    clock = Clock()
+    meter = CostMeter(clock, capacity=1000)
+    meter.changed(1)
+    clock.advance(0.003)
+    meter.changed(2)
+    clock.advance(0.001)
+    meter.changed(1, served=False)
+    clock.advance(0.004)
+    meter.changed(0)
+    assert meter._gaps[-1] == pytest.approx(0.008)
+    # A probe alone, then a request: the probe's time is not the request's.
+    meter.changed(1)
+    clock.advance(0.05)
+    meter.changed(0, served=False)
+    clock.advance(1.0)
+    meter.changed(1)
+    clock.advance(0.008)
+    meter.changed(0)
+    assert meter._gaps[-1] == pytest.approx(0.008)
 
 
 def test_held_connections_closing_a_little_apart_still_cost_a_share():

@@ -29,7 +29,8 @@ whose clients gave up at once (it happened to the 8 ms backend of the
 routing benchmark after each round-robin round, and least-load then took it
 for the fastest backend for the next second), or a client refused for its
 PROXY header.  Its close changes the count, and the busy time runs on to
-the next close of a served connection.  (Sampling such closes at a bounded
+the next close of a served connection while others are open (their service
+goes on), or is dropped when none is.  (Sampling such closes at a bounded
 rate instead, as this module once did, let held connections closing a
 millisecond or two apart outvote the near-zero gaps that keep them at
 1/capacity, and two identical backends measured costs 1.5x apart.)
@@ -98,7 +99,7 @@ class CostMeter:
         The connection count is now C{count}: a fall counts as closes, which
         end a gap when C{served} (the service wrote to the connections that
         closed); closes of connections it never answered only change the
-        count.
+        count (and drop the busy time when none is left open).
         """
         now = self.clock.seconds()
         if self._count:
@@ -106,7 +107,15 @@ class CostMeter:
         self._at = now
         closed = self._count - count
         self._count = count
-        if closed <= 0 or not served:
+        if closed <= 0:
+            return
+        if not served:
+            if not count:
+                # Nothing left open: the busy time since the last answered
+                # close went to connections nobody was answered on (a
+                # readiness probe, a queue given up); the next gap starts
+                # with the next connection.
+                self._gap = 0.0
             return
         gaps, ordered = self._gaps, self._sorted
         gap = self._gap
