@@ -9,7 +9,9 @@ own cost per request, per connection and per megabyte shows as users see
 it.  Targets, each in front of the same nginx (one process, access log
 off): direct, HAProxy one thread, HAProxy one thread with
 C{option splice-auto}, the balancer (nginx as its one static backend),
-Twisted's portforward, and the baseline balancer with C{--baseline}.
+Twisted's portforward, the least relay Python can run (bench/floorrelay.py:
+epoll, recv and send, no framework; what no Python proxy can go below), and
+the baseline balancer with C{--baseline}.
 
 Loads (wrk; figures from a Lua C{done} hook that prints them as JSON):
 
@@ -50,7 +52,7 @@ from twistedcluster.localcluster import (
 )
 
 #: In the order the table shows them.
-NGINX_TARGETS = ["direct", "haproxy", "haproxy-splice", "balancer", "portforward", "baseline"]
+NGINX_TARGETS = ["direct", "haproxy", "haproxy-splice", "balancer", "portforward", "python-floor", "baseline"]
 NGINX_LOADS = ["keepalive", "latency", "close", "bulk"]
 SMALL = "64.bin"
 SMALL_SIZE = 64
@@ -75,6 +77,8 @@ NGINX_RATIOS = [
     ("bal/hap", "balancer", "haproxy"),
     ("bal/hsp", "balancer", "haproxy-splice"),
     ("bal/pf", "balancer", "portforward"),
+    ("bal/flr", "balancer", "python-floor"),
+    ("flr/hap", "python-floor", "haproxy"),
     ("bal/base", "balancer", "baseline"),
 ]
 
@@ -312,6 +316,12 @@ class NginxServers:
             )
             waitFor(lambda: self._alive(pf) and _connectable(pport) and self._serves(pport), 20, "portforward to relay")
             self.targets["portforward"] = Target("portforward", pport, pf, "twistd portforward")
+        if "python-floor" in self.wanted:
+            fport = freePort(HOST)
+            script = Path(__file__).resolve().parent / "floorrelay.py"
+            fl = self._start("python-floor", [__import__("sys").executable, str(script), str(fport), str(port), HOST])
+            waitFor(lambda: self._alive(fl) and _connectable(fport) and self._serves(fport), 20, "the floor relay to relay")
+            self.targets["python-floor"] = Target("python-floor", fport, fl, "bench/floorrelay.py: epoll, recv, send")
         return {n: t for n, t in self.targets.items() if n in self.wanted}
 
     def check(self) -> None:
@@ -495,7 +505,19 @@ class NginxBench:
             mb, mo = medians["balancer"][key], medians[other][key]
             extra = f"; medians {mb / mo:.2f}x" if mb and mo and len(per) > 1 else ""
             extra += f"; per round {', '.join(f'{x:.2f}' for x in per)}" if len(per) > 1 else ""
-            judge(r >= need, f"{what}: balancer/{other} = {r:.2f}x (need >= {need}x{extra})")
+            judge(r >= need, f"{what}: balancer/{other} = {r:.2f}x (need >= {need}x{extra}){floor(key, other, True)}")
+
+        def floor(key, other, higher):
+            # What the least Python relay reaches on the same target: whether
+            # Python can reach it at all on this machine.
+            f, o = figs.get("python-floor", {}).get(key), figs[other][key]
+            if not f or not o:
+                return ""
+            r = f / o
+            reach = r >= need_of[key] if higher else r <= need_of[key]
+            return f"; python-floor {r:.2f}x: {'within' if reach else 'out of'} Python's reach"
+
+        need_of = {"close_rate": 0.8, "cpu_per_conn": 1.3, "ka_rps": 1.0, "bulk_mbps": 1.0}
 
         rate("close_rate", "close", "haproxy", 0.8, "new conn/s")
         if have("balancer", "haproxy") and bal["cpu_per_conn"] and hap["cpu_per_conn"]:
@@ -503,7 +525,7 @@ class NginxBench:
             judge(
                 r <= 1.3,
                 f"server CPU per new conn: balancer {bal['cpu_per_conn']:.1f} us, haproxy "
-                f"{hap['cpu_per_conn']:.1f} us = {r:.2f}x (need <= 1.3x)",
+                f"{hap['cpu_per_conn']:.1f} us = {r:.2f}x (need <= 1.3x){floor('cpu_per_conn', 'haproxy', False)}",
             )
         else:
             judge(None, "server CPU per new conn (needs balancer, haproxy and the close load)")

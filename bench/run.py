@@ -906,7 +906,9 @@ def runNginx(args, say, pythonPath, codeText: str) -> dict:
         return {"skipped": text}
     names = [
         t for t in nginx.NGINX_TARGETS
-        if t in args.targets or (t == "haproxy-splice" and "haproxy" in args.targets)
+        if t in args.targets
+        or (t == "haproxy-splice" and "haproxy" in args.targets)
+        or (t == "python-floor" and "balancer" in args.targets)
     ]
     return nginx.NginxBench(args, say, pythonPath, codeText).run(names)
 
