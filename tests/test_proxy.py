@@ -208,6 +208,23 @@ async def test_relays_a_large_payload_byte_exact_with_half_close(loopback):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_held_connection_keeps_no_names_of_its_own(loopback):
+    # The accepted transport's logPrefix() and repr() are one shared pair of
+    # strings, not two built per connection (issue 16, item 4: bytes per
+    # held connection); the relay goes on as before.
+    await loopback.start([echoFactory()])
+    s = await deferToThread(socket.create_connection, ("127.0.0.1", loopback.port), 5)
+    try:
+        await deferToThread(s.sendall, b"ping")
+        assert await deferToThread(s.recv, 10) == b"ping"
+        [relay] = loopback.factory.clients
+        prefix, text = type(relay)._SERVER_NAMES
+        assert relay.transport.logPrefix() is prefix and repr(relay.transport) is text
+    finally:
+        s.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_many_concurrent_clients_each_get_their_own_bytes(loopback):
     await loopback.start([echoFactory(), echoFactory()])
     payloads = [f"client {i} ".encode() * (i + 1) * 100 for i in range(40)]

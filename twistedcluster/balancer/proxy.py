@@ -37,7 +37,13 @@ from twistedcluster.balancer.admission import DEFAULT_QUEUE_SIZE, DEFAULT_QUEUE_
 from twistedcluster.core.cluster import Cluster, Route
 from twistedcluster.balancer.dialer import ReactorDialer, dialerFor
 from twistedcluster.balancer.handshake import AwaitsHandshake, overTLS
-from twistedcluster.fast.fasttcp import loseWriteConnectionNow, plainTCP, readNow, sendNow
+from twistedcluster.fast.fasttcp import (
+    loseWriteConnectionNow,
+    plainTCP,
+    readNow,
+    sendNow,
+    shareServerNames,
+)
 from twistedcluster.balancer.passivehealth import (
     DEFAULT_EARLY_CLOSE_WINDOW,
     DEFAULT_EJECT_AFTER,
@@ -328,9 +334,15 @@ class ProxyServer(AwaitsHandshake, Relay):
     #: the factory); and whether a PROXY header named another one.
     clientAddress = None
     _proxied: Optional[Tuple[object, object]] = None
+    #: What every accepted plain TCP connection's logPrefix() and repr()
+    #: answer (shareServerNames: two strings fewer per held connection).
+    _SERVER_NAMES = ("ProxyServer,server", "<ProxyServer: a client of the proxy listener>")
+
     def connectionMade(self) -> None:
         factory = self.factory
         self._start = factory.reactor.seconds()
+        if plainTCP(self.transport):
+            shareServerNames(self.transport, *self._SERVER_NAMES)
         factory.clients.add(self)
         if factory.limit is not None:
             factory.limit.opened()

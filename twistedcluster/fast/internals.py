@@ -299,6 +299,19 @@ def setLogPrefix(connection, prefix: str) -> None:
     connection.logstr = prefix
 
 
+def shareServerNames(server, prefix: str, text: str) -> None:
+    """
+    Give an accepted C{tcp.Server} a shared C{logPrefix()} (C{logstr}) and
+    C{repr()} (C{repstr}) in place of the two strings its C{__init__} built
+    for it alone (with its session number and the client's host): about
+    150 bytes a held connection, of the 2.5 KiB item 4 of issue 16 allows.
+    twistedcluster's log lines name the client themselves (peerText); only
+    a legacy log context (Twisted's own reactor) names the listener instead.
+    """
+    server.logstr = prefix
+    server.repstr = text
+
+
 # -- the epoll reactor (EPollReactor) ----------------------------------------
 #
 # _poller is the select.epoll object; _selectables maps each registered file
@@ -865,6 +878,7 @@ def checkPort() -> None:
     import inspect
 
     _require(isinstance(getattr(tcp.Port, "_logger", None), Logger), "tcp.Port._logger is not a Logger")
+    _checkServerNames()
     doRead = inspect.getsource(tcp.Port.doRead)
     _require(
         "self._logger" in doRead and "self.numberAccepts" in doRead,
@@ -878,6 +892,27 @@ def checkPort() -> None:
     formats.clear()
     list(tcp._accept(logger, range(5), _Listener([errno.ENOBUFS]), _Reservation()))
     _require(formats == [ACCEPT_FAILED], f"accept-error log format changed: {formats}")
+
+
+def _checkServerNames() -> None:
+    """
+    An accepted C{tcp.Server} answers C{logPrefix()} and C{repr()} from
+    C{logstr} and C{repstr} (L{shareServerNames}).
+    """
+    server, client = _loopbackPair()
+    try:
+        port = tcp.Port(0, None, reactor=_FakeReactor())
+        port._realPortNumber = 1
+        t = tcp.Server(server, _HalfCloseable(), ("127.0.0.1", 1), port, 7, _FakeReactor())
+        _require(hasattr(t, "logstr") and hasattr(t, "repstr"), "tcp.Server has no logstr or repstr")
+        shareServerNames(t, "Probe,server", "<Probe on 1>")
+        _require(
+            t.logPrefix() == "Probe,server" and repr(t) == "<Probe on 1>",
+            "tcp.Server's logPrefix() and repr() no longer answer logstr and repstr",
+        )
+    finally:
+        server.close()
+        client.close()
 
 
 class _ProbeAMP(amp.AMP):
