@@ -908,7 +908,7 @@ def runNginx(args, say, pythonPath, codeText: str) -> dict:
         t for t in nginx.NGINX_TARGETS
         if t in args.targets
         or (t == "haproxy-splice" and "haproxy" in args.targets)
-        or (t == "python-floor" and "balancer" in args.targets)
+        or (t in ("python-floor", "twisted-relay") and "balancer" in args.targets)
     ]
     return nginx.NginxBench(args, say, pythonPath, codeText).run(names)
 
