@@ -36,6 +36,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -58,6 +59,11 @@ NGINX_TARGETS = [
     "direct", "haproxy", "haproxy-splice", "balancer", "portforward", "twisted-relay", "python-floor", "baseline",
 ]
 NGINX_LOADS = ["keepalive", "latency", "close", "bulk"]
+#: The references that run with the balancer: name, script in bench/, note.
+REFERENCE_RELAYS = [
+    ("twisted-relay", "twistedrelay.py", "bench/twistedrelay.py: the balancer's relay alone"),
+    ("python-floor", "floorrelay.py", "bench/floorrelay.py: epoll, recv, send"),
+]
 SMALL = "64.bin"
 SMALL_SIZE = 64
 LARGE = "50m.bin"
@@ -321,19 +327,20 @@ class NginxServers:
             )
             waitFor(lambda: self._alive(pf) and _connectable(pport) and self._serves(pport), 20, "portforward to relay")
             self.targets["portforward"] = Target("portforward", pport, pf, "twistd portforward")
-        if "twisted-relay" in self.wanted:
-            tport = freePort(HOST)
-            script = Path(__file__).resolve().parent / "twistedrelay.py"
-            tw = self._start("twisted-relay", [__import__("sys").executable, str(script), str(tport), str(port), HOST])
-            waitFor(lambda: self._alive(tw) and _connectable(tport) and self._serves(tport), 20, "the Twisted relay to relay")
-            self.targets["twisted-relay"] = Target("twisted-relay", tport, tw, "bench/twistedrelay.py: the balancer's relay alone")
-        if "python-floor" in self.wanted:
-            fport = freePort(HOST)
-            script = Path(__file__).resolve().parent / "floorrelay.py"
-            fl = self._start("python-floor", [__import__("sys").executable, str(script), str(fport), str(port), HOST])
-            waitFor(lambda: self._alive(fl) and _connectable(fport) and self._serves(fport), 20, "the floor relay to relay")
-            self.targets["python-floor"] = Target("python-floor", fport, fl, "bench/floorrelay.py: epoll, recv, send")
+        for name, script, note in REFERENCE_RELAYS:
+            if name in self.wanted:
+                self._startReference(name, script, note, port)
         return {n: t for n, t in self.targets.items() if n in self.wanted}
+
+    def _startReference(self, name: str, script: str, note: str, backendPort: int) -> None:
+        """
+        One of L{REFERENCE_RELAYS}: C{python bench/SCRIPT LISTEN BACKEND HOST}.
+        """
+        port = freePort(HOST)
+        path = Path(__file__).resolve().parent / script
+        proc = self._start(name, [sys.executable, str(path), str(port), str(backendPort), HOST])
+        waitFor(lambda: self._alive(proc) and _connectable(port) and self._serves(port), 20, f"{name} to relay")
+        self.targets[name] = Target(name, port, proc, note)
 
     def check(self) -> None:
         for proc in self.procs:

@@ -89,12 +89,15 @@ class _Counted:
         self._connectService(transport)
 
     def _connectService(self, transport) -> None:
-        try:
-            # Instance attributes over the transport's methods until the
-            # first write; a transport that takes none counts as answered.
-            transport.write = self._firstWrite
-            transport.writeSequence = self._firstWriteSequence
-        except AttributeError:
+        if self.factory.notesWrites:
+            try:
+                # Instance attributes over the transport's methods until the
+                # first write; a transport that takes none counts as answered.
+                transport.write = self._firstWrite
+                transport.writeSequence = self._firstWriteSequence
+            except AttributeError:
+                self.served = True
+        else:
             self.served = True
         try:
             self.wrapped.makeConnection(transport)
@@ -247,6 +250,9 @@ class CountingFactory(Factory):
     """
 
     noisy = False
+    #: Whether each connection notes the service's first write (C{served}
+    #: in C{onChange}); a subclass that needs only the count turns it off.
+    notesWrites = True
     _refusals: Optional[Summary] = None
     _lastRefusal = ("?", "")
 

@@ -73,12 +73,15 @@ class _LimitedFactory(CountingFactory):
     port closes the connection at once).
     """
 
+    #: Only the count matters here: no note of the service's first write.
+    notesWrites = False
+
     def __init__(self, limit: "ClientLimit", wrappedFactory) -> None:
         super().__init__(wrappedFactory, self._counted)
         self.limit = limit
         self._last = 0
 
-    def _counted(self, count: int) -> None:
+    def _counted(self, count: int, served: bool) -> None:
         last, self._last = self._last, count
         for _ in range(count - last):
             self.limit.opened()
