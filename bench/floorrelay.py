@@ -46,7 +46,7 @@ def main(listenPort: int, backendPort: int, host: str = "127.0.0.1") -> None:
     pending = {}  # fd -> bytes waiting to be written to it
     eof = set()  # fds whose input has ended
     paused = set()  # fds not read while their peer's pending data waits
-    register, modify, unregister = poller.register, poller.modify, poller.unregister
+    register, modify = poller.register, poller.modify
 
     def close(fd: int) -> None:
         s = socks.pop(fd, None)
