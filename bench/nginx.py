@@ -56,12 +56,15 @@ from twistedcluster.localcluster import (
 
 #: In the order the table shows them.
 NGINX_TARGETS = [
-    "direct", "haproxy", "haproxy-splice", "balancer", "portforward", "twisted-relay", "python-floor", "baseline",
+    "direct", "haproxy", "haproxy-splice", "balancer", "portforward", "twisted-relay", "reactor-relay",
+    "python-floor", "baseline",
 ]
 NGINX_LOADS = ["keepalive", "latency", "close", "bulk"]
-#: The references that run with the balancer: name, script in bench/, note.
+#: The reference relays: name, script in bench/, note.  twisted-relay and
+#: python-floor run with the balancer; reactor-relay with --reactor-relay.
 REFERENCE_RELAYS = [
     ("twisted-relay", "twistedrelay.py", "bench/twistedrelay.py: the balancer's relay alone"),
+    ("reactor-relay", "reactorrelay.py", "bench/reactorrelay.py: python-floor on Twisted's reactor"),
     ("python-floor", "floorrelay.py", "bench/floorrelay.py: epoll, recv, send"),
 ]
 SMALL = "64.bin"

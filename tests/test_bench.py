@@ -120,8 +120,9 @@ def test_baselineAndLoadsMeasureTwoCopiesSideBySide(tmp_path):
 
 def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
     # wrk -> proxy -> nginx: every row for direct, HAProxy (both ways), the
-    # balancer, its relay alone (twisted-relay) and the least relay Python
-    # can run (python-floor; both come with the balancer), and a verdict line for each target of issue 16.
+    # balancer, its relay alone (twisted-relay), the least relay Python can
+    # run (python-floor; both come with the balancer) and that relay on
+    # Twisted's reactor (reactor-relay, asked for), and a verdict line for each target of issue 16.
     _skipUnlessPossible()
     import shutil
 
@@ -131,7 +132,7 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
     out = tmp_path / "figures.json"
     argv = [
         sys.executable, str(RUN), "--parts", "nginx", "--rounds", "1", "--duration", "1",
-        "--targets", "direct,balancer,haproxy",
+        "--targets", "direct,balancer,haproxy", "--reactor-relay",
         "--logs", str(tmp_path / "logs"), "--json", str(out),
     ]
     result = subprocess.run(
@@ -143,24 +144,26 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
 
     lines = result.stdout.splitlines()
     header = next(l for l in lines if l.startswith("metric")).split()
-    assert header[1:7] == ["direct", "haproxy", "haproxy-splice", "balancer", "twisted-relay", "python-floor"], header
+    assert header[1:8] == [
+        "direct", "haproxy", "haproxy-splice", "balancer", "twisted-relay", "reactor-relay", "python-floor"
+    ], header
     for key, label, unit, higher in nginx.NGINX_ROWS:
         row = next((l for l in lines if l.startswith(label)), None)
         assert row is not None, f"no row {label!r} in:\n{result.stdout}"
         values = row[len(label):].split()
         # Every target has the rates and latencies; only the proxies' CPU
         # per operation, and direct's (nginx's), are there too.
-        assert all(v != "-" for v in values[:6]), row
+        assert all(v != "-" for v in values[:7]), row
     verdicts = [l.split(None, 1) for l in lines if l.startswith(("  PASS", "  FAIL", "  n/a"))]
     assert len(verdicts) == 5, result.stdout
     assert all(mark in ("PASS", "FAIL") for mark, _ in verdicts), result.stdout
     figures = json.loads(out.read_text())["nginx"]
     assert set(figures["figures"]) == {
-        "direct", "haproxy", "haproxy-splice", "balancer", "twisted-relay", "python-floor"
+        "direct", "haproxy", "haproxy-splice", "balancer", "twisted-relay", "reactor-relay", "python-floor"
     }
     for name, f in figures["figures"].items():
         assert f["ka_rps"] > 0 and f["close_rate"] > 0 and f["bulk_mbps"] > 0, name
-    # wrk saw no errors through any of them: the floor relay too relays
+    # wrk saw no errors through any of them: the reference relays too relay
     # keep-alive, Connection: close and a 50 MB stream (back-pressure) whole.
     assert not figures["notes"], figures["notes"]
     # Every target but the added latency says what the least Python relay
