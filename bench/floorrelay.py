@@ -29,14 +29,57 @@ IN, OUT = select.EPOLLIN, select.EPOLLOUT
 READ_SIZE = 65536
 
 
-def main(listenPort: int, backendPort: int, host: str = "127.0.0.1") -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """
+    A non-blocking listening socket; Linux copies its TCP_NODELAY to every
+    socket it accepts (as HAProxy does).
+    """
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Linux copies TCP_NODELAY to every socket accepted (as HAProxy does).
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    listener.bind((host, listenPort))
+    listener.bind((host, port))
     listener.listen(1024)
     listener.setblocking(False)
+    return listener
+
+
+def acceptPairs(listener: socket.socket, backend, most: int = 64):
+    """
+    Up to C{most} clients waiting on C{listener}, each yielded with a
+    non-blocking socket whose connect to C{backend} is under way (or done).
+    """
+    for _ in range(most):
+        try:
+            client, _ = listener.accept()
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                return
+            continue
+        client.setblocking(False)
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = server.connect_ex(backend)
+        if err not in (0, errno.EINPROGRESS):
+            client.close()
+            server.close()
+            continue
+        yield client, server
+
+
+def runScript(main, doc: str) -> None:
+    """
+    C{main(LISTEN_PORT, BACKEND_PORT[, HOST])} from the command line.
+    """
+    a = sys.argv[1:]
+    if len(a) not in (2, 3):
+        raise SystemExit(doc)
+    main(int(a[0]), int(a[1]), *a[2:])
+
+
+def main(listenPort: int, backendPort: int, host: str = "127.0.0.1") -> None:
+    listener = listen(host, listenPort)
     backend = (host, backendPort)
     poller = select.epoll()
     lfd = listener.fileno()
@@ -91,23 +134,7 @@ def main(listenPort: int, backendPort: int, host: str = "127.0.0.1") -> None:
     while True:
         for fd, event in poller.poll():
             if fd == lfd:
-                for _ in range(64):
-                    try:
-                        client, _ = listener.accept()
-                    except BlockingIOError:
-                        break
-                    except OSError as e:
-                        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                            break
-                        continue
-                    client.setblocking(False)
-                    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-                    server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    err = server.connect_ex(backend)
-                    if err not in (0, errno.EINPROGRESS):
-                        client.close()
-                        server.close()
-                        continue
+                for client, server in acceptPairs(listener, backend):
                     c, b = client.fileno(), server.fileno()
                     socks[c], socks[b] = client, server
                     peers[c], peers[b] = b, c
@@ -177,7 +204,4 @@ def main(listenPort: int, backendPort: int, host: str = "127.0.0.1") -> None:
 
 
 if __name__ == "__main__":
-    a = sys.argv[1:]
-    if len(a) not in (2, 3):
-        raise SystemExit(__doc__)
-    main(int(a[0]), int(a[1]), *a[2:])
+    runScript(main, __doc__)

@@ -17,9 +17,9 @@ close a relay of our own on Twisted's reactor could come to the floor.
 
 from __future__ import annotations
 
-import errno
 import socket
-import sys
+
+from floorrelay import acceptPairs, listen, runScript
 
 
 class Side:
@@ -158,23 +158,7 @@ class Listener:
 
     def doRead(self):
         reactor = self.reactor
-        for _ in range(64):
-            try:
-                client, _ = self.sock.accept()
-            except BlockingIOError:
-                return None
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    return None
-                continue
-            client.setblocking(False)
-            server = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = server.connect_ex(self.backend)
-            if err not in (0, errno.EINPROGRESS):
-                client.close()
-                server.close()
-                continue
+        for client, server in acceptPairs(self.sock, self.backend):
             c, b = Side(reactor, client), Connecting(reactor, server)
             c.peer, b.peer = b, c
             # The client is read once the backend is connected (its first
@@ -190,18 +174,9 @@ def main(listenPort: int, backendPort: int, host: str = "127.0.0.1") -> None:
     installIfNone()
     from twisted.internet import reactor
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, listenPort))
-    sock.listen(1024)
-    sock.setblocking(False)
-    reactor.addReader(Listener(reactor, sock, (host, backendPort)))
+    reactor.addReader(Listener(reactor, listen(host, listenPort), (host, backendPort)))
     reactor.run()
 
 
 if __name__ == "__main__":
-    a = sys.argv[1:]
-    if len(a) not in (2, 3):
-        raise SystemExit(__doc__)
-    main(int(a[0]), int(a[1]), *a[2:])
+    runScript(main, __doc__)

@@ -18,8 +18,6 @@ connection adds (issue 16, item 2).
 
 from __future__ import annotations
 
-import sys
-
 
 def main(listenPort: int, backendPort: int, host: str = "127.0.0.1") -> None:
     from twistedcluster.fast.reactor import installIfNone
@@ -61,7 +59,6 @@ def main(listenPort: int, backendPort: int, host: str = "127.0.0.1") -> None:
 
 
 if __name__ == "__main__":
-    a = sys.argv[1:]
-    if len(a) not in (2, 3):
-        raise SystemExit(__doc__)
-    main(int(a[0]), int(a[1]), *a[2:])
+    from floorrelay import runScript
+
+    runScript(main, __doc__)
