@@ -341,7 +341,8 @@ class ProxyServer(AwaitsHandshake, Relay):
     def connectionMade(self) -> None:
         factory = self.factory
         self._start = factory.reactor.seconds()
-        if plainTCP(self.transport):
+        plain = plainTCP(self.transport)
+        if plain:
             shareServerNames(self.transport, *self._SERVER_NAMES)
         factory.clients.add(self)
         if factory.limit is not None:
@@ -359,7 +360,7 @@ class ProxyServer(AwaitsHandshake, Relay):
             self.awaitHandshake(factory.reactor, timeout)
             return
         self.route()
-        if not self._gone and plainTCP(self.transport):
+        if not self._gone and plain:
             # Most clients send first, and at once: by now their first bytes
             # are here, so read them in this turn (to the backend, when it is
             # connected already, or held until it is) rather than on the

@@ -308,7 +308,7 @@ def shareServerNames(server, prefix: str, text: str) -> None:
     twistedcluster's log lines name the client themselves (peerText); only
     a legacy log context (Twisted's own reactor) names the listener instead.
     """
-    server.logstr = prefix
+    setLogPrefix(server, prefix)
     server.repstr = text
 
 
