@@ -22,8 +22,11 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistedcluster.fast import internals
 from twistedcluster.fast.transports import unsentBytes
 from twistedcluster.fast.fasttcp import (
     Dialled,
@@ -374,6 +377,11 @@ async def test_a_prepared_listener_accepts_sockets_with_no_delay_already(servers
         await until(lambda: accepted)
         transport = accepted[0].transport
         assert type(transport.socket) is socket.socket
+        # The lean server: Twisted's names, made when asked for.
+        assert type(transport) is internals.LeanServer and plainTCP(transport)
+        assert "logstr" not in vars(transport) and "repstr" not in vars(transport)
+        assert transport.logPrefix() == f"Keep,{transport.sessionno},127.0.0.1"
+        assert repr(transport) == f"<Keep #{transport.sessionno} on {port}>"
         assert transport.getTcpNoDelay()
         prepare(transport)
         assert transport.getTcpNoDelay() and transport._shouldShutdown is False
@@ -384,6 +392,51 @@ async def test_a_prepared_listener_accepts_sockets_with_no_delay_already(servers
     await bounded(accepted[0].readDone)
     transport.loseConnection()
     await bounded(accepted[0].lost)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("abort", [False, True], ids=["close", "abort"])
+async def test_a_lean_server_closes_as_twisteds_does(servers, abort):
+    # LeanConnection.connectionLost: a close is an end-of-file to the
+    # client, an abort a reset (SO_LINGER 0), and the protocol is told
+    # once, with the reason.
+    accepted = []
+
+    class Keep(Recorder):
+        def connectionMade(self):
+            accepted.append(self)
+
+        def connectionLost(self, reason):
+            self.reason = reason
+            Recorder.connectionLost(self, reason)
+
+    port = await listen(servers, Factory.forProtocol(Keep))
+    prepareListener(servers[-1])
+    client = socket.create_connection(("127.0.0.1", port))
+    client.settimeout(10)
+    try:
+        await until(lambda: accepted)
+        transport = accepted[0].transport
+        assert type(transport) is internals.LeanServer
+        transport.write(b"bye")
+        if abort:
+            transport.abortConnection()
+        else:
+            transport.loseConnection()
+        await bounded(accepted[0].lost)
+        assert transport.disconnected and not transport.connected
+        assert "socket" not in vars(transport) and "protocol" not in vars(transport)
+        if abort:
+            assert accepted[0].reason.check(ConnectionAborted)
+            with pytest.raises(ConnectionResetError):
+                await deferToThread(lambda: [client.recv(100) for _ in range(3)])
+        else:
+            assert accepted[0].reason.check(ConnectionDone)
+            got = await deferToThread(client.recv, 100)
+            assert got == b"bye" and await deferToThread(client.recv, 100) == b""
+        transport.connectionLost(Failure(ConnectionDone()))  # a second call: nothing
+    finally:
+        client.close()
 
 
 def bounded(d, seconds=10.0):

@@ -48,6 +48,33 @@ def test_a_changed_buffer_meaning_is_named(monkeypatch):
         internals.checkTransport()
 
 
+def test_a_changed_server_init_is_named(monkeypatch):
+    # As if a Twisted release set one more attribute in tcp.Server.__init__:
+    # LeanServer, which copies it, would lack it.
+    from twisted.internet import tcp
+
+    init = tcp.Server.__init__
+
+    def more(self, *a, **kw):
+        init(self, *a, **kw)
+        self.newInTwisted = 1
+
+    monkeypatch.setattr(tcp.Server, "__init__", more)
+    with pytest.raises(Changed, match="LeanServer differs from tcp.Server: __init__ sets"):
+        internals.checkLeanServer()
+
+
+def test_a_changed_connection_lost_is_named(monkeypatch):
+    from twisted.internet import tcp
+
+    def lost(self, reason):
+        self.somethingNew(reason)
+
+    monkeypatch.setattr(tcp.Connection, "connectionLost", lost)
+    with pytest.raises(Changed, match="tcp.Connection.connectionLost uses"):
+        internals.checkLeanServer()
+
+
 def test_a_changed_amp_parser_is_named(monkeypatch):
     monkeypatch.setattr(internals, "AMP_VALUE_STATE", "val")
     with pytest.raises(Changed, match="proto_key changed"):

@@ -26,6 +26,7 @@ from twistedcluster.backend.echo import echoFactory
 from twistedcluster.balancer import proxy
 from twistedcluster.balancer import relay as relaying
 from twistedcluster.balancer.proxy import ProxyFactory
+from twistedcluster.fast.fasttcp import prepareListener
 from twistedcluster.localcluster import echoOnce
 
 
@@ -177,6 +178,9 @@ class ProxyOnLoopback:
             self.cluster.pool.register(f"b{i}", "127.0.0.1", port.getHost().port, capacity=100)
         self.factory = ProxyFactory(self.cluster, reactor, **kw)
         proxyPort = await listen(self.factory)
+        # As the balancer's service readies its proxy listener: the lean
+        # accept and the lean server.
+        prepareListener(proxyPort)
         self.ports.append(proxyPort)
         self.port = proxyPort.getHost().port
         return self

@@ -78,7 +78,7 @@ def _clientPrefix(kind: type) -> str:
     return prefix
 
 
-class Dialled(internals.TCPConnection):
+class Dialled(internals.LeanConnection, internals.TCPConnection):
     """
     An outgoing TCP connection to a literal IPv4 or IPv6 address, started by
     L{dial}.
@@ -215,7 +215,7 @@ class Dialled(internals.TCPConnection):
 
     def connectionLost(self, reason: Failure) -> None:
         if self.connected:
-            internals.TCPConnection.connectionLost(self, reason)
+            internals.LeanConnection.connectionLost(self, reason)
             return
         # The reactor saw the socket hang up before it was connected.
         try:
@@ -250,7 +250,7 @@ def _connectError(err: int) -> error.ConnectError:
 
 #: The transports the functions below drive; anything else goes through
 #: Twisted's public methods.
-_PLAIN_TYPES = internals.TCP_TRANSPORTS + (Dialled,)
+_PLAIN_TYPES = internals.TCP_TRANSPORTS + (internals.LeanServer, Dialled)
 
 
 def plainTCP(transport) -> bool:
@@ -307,6 +307,8 @@ def prepareListener(port) -> None:
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     internals.leanAccept(port)
+    if port.transport is internals.TCPServer:
+        port.transport = internals.LeanServer
     if sys.platform.startswith("linux"):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

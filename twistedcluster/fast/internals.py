@@ -30,7 +30,8 @@ from select import EPOLLIN as _EPOLLIN
 from typing import Callable, Dict, List, Optional
 
 import twisted
-from twisted.internet import error, tcp
+from twisted.internet import abstract, error, tcp
+from twisted.internet.address import IPv6Address
 from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -70,6 +71,9 @@ class Changed(Exception):
 TCPConnection = tcp.Connection
 #: Twisted's listening TCP port (its C{socket} is the listening socket).
 TCPPort = tcp.Port
+#: Twisted's accepted TCP transport, which a listening port makes (its
+#: C{transport}: L{LeanServer} may stand in).
+TCPServer = tcp.Server
 #: Twisted's own accepted and connected TCP transports.
 TCP_TRANSPORTS = (tcp.Server, tcp.Client)
 
@@ -225,6 +229,93 @@ def closeNow(transport) -> None:
     transport.disconnecting = True
     # FileDescriptor.connectionLost stops reading and writing first thing.
     transport.connectionLost(_DONE)
+
+
+class _Named:
+    """
+    A C{tcp.Server} string (C{logstr}, C{repstr}) made the first time it is
+    asked for and kept on the instance (a non-data descriptor: the
+    instance's own value, once set, is read before it).
+    """
+
+    def __init__(self, make: Callable[[tcp.Server], str]) -> None:
+        self.make = make
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.make(instance)
+        return value
+
+
+def _protocolName(server) -> str:
+    protocol = server.__dict__.get("protocol")
+    return "?" if protocol is None else server._getLogPrefix(protocol)
+
+
+class LeanConnection:
+    """
+    C{tcp.Connection.connectionLost} with the same effects in the same
+    order, for less Python: Twisted's asks C{reason.check(ConnectionAborted)}
+    (L{Failure.check} builds the type's qualified name and searches the
+    reason's parents by name, a few microseconds) and goes through
+    C{FileDescriptor.connectionLost}; this asks C{isinstance} and does the
+    latter's four steps itself (disconnected, the producer stopped and let
+    go, reading and writing stopped).  Mixed into L{LeanServer} and the
+    dialer's connections: closes are two per proxied connection.
+    """
+
+    def connectionLost(self, reason) -> None:
+        d = self.__dict__
+        if "socket" not in d:  # called twice (Twisted guards the same way)
+            return
+        self.disconnected = 1
+        self.connected = 0
+        producer = self.producer
+        if producer is not None:
+            producer.stopProducing()
+            self.producer = None
+        self.stopReading()
+        self.stopWriting()
+        self._closeSocket(not isinstance(reason.value, error.ConnectionAborted))
+        protocol = d.pop("protocol")
+        del d["socket"]
+        d.pop("fileno", None)
+        protocol.connectionLost(reason)
+
+
+class LeanServer(LeanConnection, tcp.Server):
+    """
+    An accepted TCP connection: C{tcp.Server} with L{LeanConnection}'s
+    close, and without the two strings its C{__init__} formats for each
+    connection (C{logstr} with the session number and the client's host,
+    C{repstr} with the port): they are made when first asked for (the
+    legacy log context of Twisted's own reactor asks; the lean reactor and
+    twistedcluster's log lines never do).  What C{__init__} sets otherwise
+    is C{tcp.Server}'s (L{checkLeanServer} compares the two).  A listening
+    port makes these when its C{transport} is this class
+    (L{twistedcluster.fast.fasttcp.prepareListener}).
+    """
+
+    logstr = _Named(lambda t: f"{_protocolName(t)},{t.sessionno},{t.hostname}")
+    repstr = _Named(
+        lambda t: f"<{type(t.__dict__.get('protocol')).__name__} #{t.sessionno} on "
+        f"{t.server._realPortNumber}>"
+    )
+
+    def __init__(self, sock, protocol, client, server, sessionno, reactor) -> None:
+        tcp.Connection.__init__(self, sock, protocol, reactor)
+        if len(client) != 2:
+            self._addressType = IPv6Address
+        self.server = server
+        self.client = client
+        self.sessionno = sessionno
+        self.hostname = client[0]
+        self.startReading()
+        self.connected = 1
 
 
 class LeanListeningSocket(socket.socket):
@@ -894,6 +985,53 @@ def checkPort() -> None:
     _require(formats == [ACCEPT_FAILED], f"accept-error log format changed: {formats}")
 
 
+#: What Twisted's C{connectionLost} of a TCP connection, and of a file
+#: descriptor, use (L{LeanConnection} does the same).
+_CONNECTION_LOST_NAMES = {
+    "hasattr", "abstract", "FileDescriptor", "connectionLost", "_closeSocket",
+    "check", "error", "ConnectionAborted", "protocol", "socket", "fileno",
+}
+_DESCRIPTOR_LOST_NAMES = {
+    "disconnected", "connected", "producer", "stopProducing", "stopReading", "stopWriting",
+}
+
+
+def checkLeanServer() -> None:
+    """
+    L{LeanServer} is C{tcp.Server} less its strings: the same attributes
+    after C{__init__}, the same names (made when asked for), and
+    L{LeanConnection.connectionLost} does what Twisted's does (their code
+    uses the names it copies, and both leave the same state).
+    """
+    used = set(tcp.Connection.connectionLost.__code__.co_names)
+    _require(used <= _CONNECTION_LOST_NAMES, f"tcp.Connection.connectionLost uses {sorted(used)}")
+    used = set(abstract.FileDescriptor.connectionLost.__code__.co_names)
+    _require(used == _DESCRIPTOR_LOST_NAMES, f"FileDescriptor.connectionLost uses {sorted(used)}")
+    states = []
+    for kind in (tcp.Server, LeanServer):
+        server, client = _loopbackPair()
+        try:
+            port = tcp.Port(0, None, reactor=_FakeReactor())
+            port._realPortNumber = 1
+            reactor = _FakeReactor()
+            protocol = _HalfCloseable()
+            t = kind(server, protocol, ("127.0.0.1", 1), port, 7, reactor)
+            names = (t.logPrefix(), repr(t))
+            made = set(vars(t)) - {"logstr", "repstr"}
+            t.connectionLost(_DONE)
+            after = {k: v for k, v in vars(t).items() if k not in ("reactor", "server")}
+            states.append((made, names, after, reactor.readers, protocol.events))
+            _require(client.recv(10) == b"", f"{kind.__name__}.connectionLost did not close the socket")
+        finally:
+            server.close()
+            client.close()
+    twisted_, lean = states
+    for what, i in (("__init__ sets", 0), ("names", 1), ("state after connectionLost", 2),
+                    ("reading after connectionLost", 3), ("protocol told", 4)):
+        _require(twisted_[i] == lean[i], f"LeanServer differs from tcp.Server: {what} "
+                 f"{lean[i]!r} against {twisted_[i]!r}")
+
+
 def _checkServerNames() -> None:
     """
     An accepted C{tcp.Server} answers C{logPrefix()} and C{repr()} from
@@ -963,7 +1101,7 @@ def checkAMP() -> None:
 
 
 #: Every probe, in the order L{check} runs them.
-PROBES = (checkTransport, checkListener, checkReactor, checkPort, checkAMP)
+PROBES = (checkTransport, checkListener, checkReactor, checkPort, checkLeanServer, checkAMP)
 
 
 def check() -> None:
