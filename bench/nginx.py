@@ -42,9 +42,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 try:
-    from servers import HOST, Target, _connectable, aptInstall, cpuSeconds, haproxyPath
+    from servers import HOST, Target, _connectable, aptInstall, cpuSeconds, descendants, haproxyPath, treeCpuSeconds
 except ImportError:  # imported as bench.nginx (the tests)
-    from bench.servers import HOST, Target, _connectable, aptInstall, cpuSeconds, haproxyPath
+    from bench.servers import (
+        HOST, Target, _connectable, aptInstall, cpuSeconds, descendants, haproxyPath, treeCpuSeconds,
+    )
 from twistedcluster.localcluster import (
     LocalCluster,
     Process,
@@ -56,8 +58,8 @@ from twistedcluster.localcluster import (
 
 #: In the order the table shows them.
 NGINX_TARGETS = [
-    "direct", "haproxy", "haproxy-splice", "balancer", "portforward", "twisted-relay", "reactor-relay",
-    "python-floor", "baseline",
+    "direct", "haproxy", "haproxy-splice", "balancer", "balancer-workers", "portforward", "twisted-relay",
+    "reactor-relay", "python-floor", "baseline",
 ]
 NGINX_LOADS = ["keepalive", "latency", "close", "bulk"]
 #: The reference relays: name, script in bench/, note.  twisted-relay and
@@ -94,6 +96,7 @@ NGINX_RATIOS = [
     ("bal/flr", "balancer", "python-floor"),
     ("flr/hap", "python-floor", "haproxy"),
     ("bal/base", "balancer", "baseline"),
+    ("bw/hap", "balancer-workers", "haproxy"),
 ]
 
 #: Printed by wrk's Lua done() hook: one line, easy to find among wrk's own.
@@ -233,7 +236,10 @@ class NginxServers:
     nginx and every proxy in front of it; C{stop()} stops each by PID.
     """
 
-    def __init__(self, workdir: Path, wanted: List[str], pythonPath, maxconn: int, say, baseline=None) -> None:
+    def __init__(
+        self, workdir: Path, wanted: List[str], pythonPath, maxconn: int, say, baseline=None, workers: int = 2
+    ) -> None:
+        self.workers = workers
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.wanted = wanted
@@ -320,6 +326,24 @@ class NginxServers:
             waitFor(lambda: self._alive(bp) and self._serves(cluster.port), 30, f"the {name} to relay to nginx")
             where = cluster.env.get("PYTHONPATH", "").split(os.pathsep)[0] or "installed"
             self.targets[name] = Target(name, cluster.port, bp, f"twistd cluster-balancer from {where}, static backend")
+        if "balancer-workers" in self.wanted:
+            # The balancer on every core (--workers): its CPU is the main
+            # process's and its workers' together.
+            n = self.workers
+            cluster = LocalCluster(self.workdir / "balancer-workers", HOST)
+            cluster.env = dict(self.env)
+            bp = cluster.startBalancer(
+                name="balancer-workers-nginx", extra=[f"--backend={HOST}:{port}", f"--workers={n}"]
+            )
+            self.procs.append(bp)
+            waitFor(
+                lambda: self._alive(bp) and len(descendants(bp.pid)) >= n and self._serves(cluster.port),
+                30,
+                f"the balancer's {n} workers to relay to nginx",
+            )
+            target = Target("balancer-workers", cluster.port, bp, f"twistd cluster-balancer --workers={n}")
+            target.cpuSeconds = treeCpuSeconds
+            self.targets["balancer-workers"] = target
         if "portforward" in self.wanted:
             pport = freePort(HOST)
             pf = self._start(
@@ -381,7 +405,8 @@ class NginxBench:
         ]
         if latency:
             argv.insert(1, "--latency")
-        cpu0 = cpuSeconds(target.pid)
+        cpuOf = getattr(target, "cpuSeconds", cpuSeconds)
+        cpu0 = cpuOf(target.pid)
         t0 = time.monotonic()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -391,7 +416,7 @@ class NginxBench:
             proc.communicate()
             raise RuntimeError(f"wrk against {name} did not finish in {self.duration + 30} s")
         wall = time.monotonic() - t0
-        cpu1 = cpuSeconds(target.pid)
+        cpu1 = cpuOf(target.pid)
         self.servers.check()
         line = next((l for l in out.splitlines() if l.startswith("WRKJSON ")), None)
         if proc.returncode != 0 or line is None:
@@ -458,7 +483,8 @@ class NginxBench:
         os.chdir(workdir)
         self.script.write_text(WRK_SCRIPT)
         self.servers = NginxServers(
-            workdir, names, self.pythonPath, 4096, self.say, baseline=self.args.baseline
+            workdir, names, self.pythonPath, 4096, self.say, baseline=self.args.baseline,
+            workers=self.args.balancer_workers or 2,
         )
         try:
             self.say("nginx part: starting nginx and the proxies in front of it ...")
@@ -568,6 +594,18 @@ class NginxBench:
             judge(None, "p50 latency added at 1 conn (needs direct, balancer, haproxy and the latency load)")
         rate("ka_rps", "keepalive", "haproxy", 1.0, "keep-alive req/s")
         rate("bulk_mbps", "bulk", "haproxy-splice", 1.0, "bulk MB/s")
+        bw = figs.get("balancer-workers", {})
+        if have("balancer-workers", "haproxy") and bw.get("close_rate") and figs["haproxy"]["close_rate"]:
+            # Not one of the issue's targets (they are per thread): what a
+            # user gets from every core on this machine, wrk and nginx on
+            # the same cores.
+            text = (
+                f"new conn/s with --workers={self.servers.workers} (every core; not a target): "
+                f"balancer-workers/haproxy one thread = {bw['close_rate'] / figs['haproxy']['close_rate']:.2f}x"
+            )
+            if bw.get("cpu_per_conn"):
+                text += f", {bw['cpu_per_conn']:.1f} us of its processes' CPU per new conn"
+            out.append({"mark": "info", "ok": None, "text": text})
         return out
 
     def report(self) -> dict:
@@ -588,13 +626,14 @@ class NginxBench:
         )
         print(f"code measured: {self.codeText}", file=out)
         print(file=out)
-        header = f"{'metric':<{w0}}" + "".join(f"{c:>15}" for c in cols) + "".join(f"{r[0]:>10}" for r in ratios)
+        width = {c: max(15, len(c) + 2) for c in cols}
+        header = f"{'metric':<{w0}}" + "".join(f"{c:>{width[c]}}" for c in cols) + "".join(f"{r[0]:>10}" for r in ratios)
         print(header, file=out)
         print("-" * len(header), file=out)
         for key, label, unit, higher in NGINX_ROWS:
             line = f"{label:<{w0}}"
             for c in cols:
-                line += f"{_fmt(figs[c][key], unit):>15}"
+                line += f"{_fmt(figs[c][key], unit):>{width[c]}}"
             for _, a, b in ratios:
                 va, vb = figs[a][key], figs[b][key]
                 line += f"{va / vb:>9.2f}x" if va is not None and vb else f"{'-':>10}"

@@ -313,6 +313,41 @@ def cpuSeconds(pid: int) -> float:
     return sum(cpuTimes(pid))
 
 
+def descendants(pid: int) -> List[int]:
+    """
+    The processes C{pid} started, and theirs (a balancer's workers).
+    """
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out.extend(children)
+            todo.extend(children)
+    return out
+
+
+def treeCpuSeconds(pid: int) -> float:
+    """
+    User + system CPU seconds of a process and of every process it started
+    that is still running (a balancer with --workers: its workers).
+    """
+    total = 0.0
+    for p in [pid] + descendants(pid):
+        try:
+            total += cpuSeconds(p)
+        except OSError:  # exited meanwhile
+            pass
+    return total
+
+
 def rssKiB(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

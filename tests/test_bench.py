@@ -122,7 +122,9 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
     # wrk -> proxy -> nginx: every row for direct, HAProxy (both ways), the
     # balancer, its relay alone (twisted-relay), the least relay Python can
     # run (python-floor; both come with the balancer) and that relay on
-    # Twisted's reactor (reactor-relay, asked for), and a verdict line for each target of issue 16.
+    # Twisted's reactor (reactor-relay, asked for), the balancer with two
+    # workers (asked for; its CPU is its processes'), and a verdict line for
+    # each target of issue 16.
     _skipUnlessPossible()
     import shutil
 
@@ -132,11 +134,11 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
     out = tmp_path / "figures.json"
     argv = [
         sys.executable, str(RUN), "--parts", "nginx", "--rounds", "1", "--duration", "1",
-        "--targets", "direct,balancer,haproxy", "--reactor-relay",
+        "--targets", "direct,balancer,haproxy", "--reactor-relay", "--balancer-workers", "2",
         "--logs", str(tmp_path / "logs"), "--json", str(out),
     ]
     result = subprocess.run(
-        argv, capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+        argv, capture_output=True, text=True, timeout=180, cwd=str(tmp_path),
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
@@ -144,8 +146,9 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
 
     lines = result.stdout.splitlines()
     header = next(l for l in lines if l.startswith("metric")).split()
-    assert header[1:8] == [
-        "direct", "haproxy", "haproxy-splice", "balancer", "twisted-relay", "reactor-relay", "python-floor"
+    assert header[1:9] == [
+        "direct", "haproxy", "haproxy-splice", "balancer", "balancer-workers", "twisted-relay", "reactor-relay",
+        "python-floor",
     ], header
     for key, label, unit, higher in nginx.NGINX_ROWS:
         row = next((l for l in lines if l.startswith(label)), None)
@@ -153,13 +156,14 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
         values = row[len(label):].split()
         # Every target has the rates and latencies; only the proxies' CPU
         # per operation, and direct's (nginx's), are there too.
-        assert all(v != "-" for v in values[:7]), row
+        assert all(v != "-" for v in values[:8]), row
     verdicts = [l.split(None, 1) for l in lines if l.startswith(("  PASS", "  FAIL", "  n/a"))]
     assert len(verdicts) == 5, result.stdout
     assert all(mark in ("PASS", "FAIL") for mark, _ in verdicts), result.stdout
     figures = json.loads(out.read_text())["nginx"]
     assert set(figures["figures"]) == {
-        "direct", "haproxy", "haproxy-splice", "balancer", "twisted-relay", "reactor-relay", "python-floor"
+        "direct", "haproxy", "haproxy-splice", "balancer", "balancer-workers", "twisted-relay", "reactor-relay",
+        "python-floor",
     }
     for name, f in figures["figures"].items():
         assert f["ka_rps"] > 0 and f["close_rate"] > 0 and f["bulk_mbps"] > 0, name
@@ -169,6 +173,9 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
     # Every target but the added latency says what the least Python relay
     # reaches on it, in the same run.
     assert sum("python-floor" in text for _, text in verdicts) == 4, result.stdout
+    # The workers' rate, beside HAProxy's one thread, with their CPU.
+    info = [l for l in lines if l.startswith("  info new conn/s with --workers=2")]
+    assert len(info) == 1 and "us of its processes' CPU per new conn" in info[0], result.stdout
 
 
 def test_straceSummaryIsParsed():
