@@ -317,6 +317,57 @@ def test_a_silent_backend_is_forgotten_and_told_to_register_again():
     assert lb.pool.get("pod").state is State.UP
 
 
+def test_a_forgotten_channel_that_closes_frees_its_place_and_marks_nothing(logged):
+    # A hung backend is forgotten while its channel stays open; when that
+    # channel closes at last, there is nothing to mark down (no error, no
+    # traceback), and its place on the listener is free again.
+    lb = MemoryBalancer(forgetAfter=60)
+    lb.control.maxConnections = 2
+    hung = downAfterRegistering(lb, close=False)
+    other, _, _ = lb.controlChannel()
+    result(register(other, name="b", port=9001), lb)
+    lb.clock.advance(3)  # the heartbeat timeout: pod is down
+    result(other.callRemote(commands.ReportLoad, connections=0, load=0.0), lb)
+    lb.clock.advance(60)
+    assert "pod" not in lb.pool
+    assert lb.control.buildProtocol(None) is None  # full: pod's channel and b's
+    hung.transport.loseConnection()
+    lb.flush()
+    assert not [line for line in logged if "Traceback" in line or "Unhandled" in line], logged
+    newcomer, _, _ = lb.controlChannel()
+    result(register(newcomer, name="c", port=9002), lb)
+    assert lb.pool.get("c").state is State.UP
+
+
+def test_a_forgotten_channel_does_not_speak_for_a_new_backend_of_its_name(logged):
+    # pod is forgotten while its channel hangs; a new backend of the same
+    # name is then added (here directly, as an operator's static backend
+    # would be). The old channel closing, or its silence, is not the new
+    # one's: it stays up.
+    lb = MemoryBalancer(forgetAfter=60)
+    hung = downAfterRegistering(lb, close=False)
+    lb.clock.advance(3)  # the heartbeat timeout: down, channel still open
+    lb.clock.advance(60)
+    assert "pod" not in lb.pool
+    lb.pool.register("pod", "127.0.0.1", 9100, 10, 0, 0.0, static=True)
+    hung.transport.loseConnection()
+    lb.flush()
+    assert lb.pool.get("pod").state is State.UP and lb.pool.get("pod").port == 9100
+    assert not [line for line in logged if "Traceback" in line], logged
+
+
+def test_a_forgotten_channel_may_register_under_another_name(logged):
+    lb = MemoryBalancer(forgetAfter=60)
+    hung = downAfterRegistering(lb, close=False)
+    lb.clock.advance(3)  # the heartbeat timeout: down, channel still open
+    lb.clock.advance(60)
+    assert "pod" not in lb.pool
+    answer = result(register(hung, name="pod-2", port=9001), lb)
+    assert "mark" in answer, answer
+    assert lb.pool.get("pod-2").state is State.UP and "pod" not in lb.pool
+    assert not [line for line in logged if "Traceback" in line], logged
+
+
 def test_a_backend_back_in_time_is_kept_and_its_next_absence_counts_afresh():
     lb = MemoryBalancer(forgetAfter=60)
     downAfterRegistering(lb)

@@ -204,6 +204,23 @@ def test_a_ticket_of_a_forgotten_backend_does_not_touch_its_successor():
     assert (s.active, s.addedSinceReport, s.estimatedConnections) == (1, 1, 1)
 
 
+def test_a_backend_forgotten_and_added_again_is_another_incarnation():
+    pool = Pool()
+    assert pool.incarnation("a") is None
+    pool.register("a", "h", 1, capacity=10)
+    first = pool.incarnation("a")
+    pool.register("a", "h", 1, capacity=10, connections=3)  # again: the same one
+    assert pool.incarnation("a") == first
+    pool.markDown("a")
+    pool.removeMany(["a"])
+    assert pool.incarnation("a") is None
+    pool.register("a", "h", 1, capacity=10)
+    second = pool.incarnation("a")
+    pool.remove("a")
+    pool.register("a", "h", 1, capacity=10)
+    assert len({first, second, pool.incarnation("a")}) == 3
+
+
 def test_a_forgotten_hand_off_stops_counting():
     pool = Pool()
     pool.register("a", "h", 1, capacity=10)

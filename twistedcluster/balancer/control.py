@@ -140,13 +140,16 @@ class ControlProtocol(GuardedAMP):
         self._claimName(name, host, port)
         if self.name is not None and self.name != name:
             previous = self.name
+            mine = self._speaksFor(previous)
             self._disown(close=False)
-            pool.markDown(previous)
-            factory.wentDown(previous)
+            if mine:
+                pool.markDown(previous)
+                factory.wentDown(previous)
         self.name = name
         self._silent = False  # registering is the surest sign of life
         factory.owners[name] = self
         pool.register(name, host, port, capacity, connections, load, cost=cost)
+        self._incarnation = pool.incarnation(name)
         factory.reported(name)
         factory.cameUp(name)
         self._timeout = factory.heartbeatTimeout(interval)
@@ -230,13 +233,30 @@ class ControlProtocol(GuardedAMP):
     def _registered(self) -> str:
         if self.name is None:
             raise commands.NotRegistered("register before sending other commands")
-        if self.name not in self.factory.cluster.pool:
-            # An operator forgot it while it was silent: it must register
-            # again (its reporter does so when told this).
+        if not self._speaksFor(self.name):
+            # Forgotten while it was silent (by the balancer, or an operator;
+            # a backend of the same name may have been added since): it must
+            # register again (its reporter does so when told this).
             self._disown(close=False)
             self._awaitAdmission()
             raise commands.NotRegistered("this balancer forgot you: register again")
         return self.name
+
+    #: The pool's L{incarnation<twistedcluster.core.pool.Pool.incarnation>}
+    #: of the backend this channel registered.
+    _incarnation: Optional[int] = None
+
+    def _speaksFor(self, name: str) -> bool:
+        """
+        Whether this channel still speaks for the backend C{name}: it holds
+        the name, and the pool has not forgotten that backend since (one of
+        the same name added later, static or registered, is another).
+        """
+        factory = self.factory
+        return (
+            factory.owners.get(name) is self
+            and factory.cluster.pool.incarnation(name) == self._incarnation
+        )
 
     def admitted(self) -> bool:
         # Registering needs the secret first, when there is one.
@@ -314,6 +334,8 @@ class ControlProtocol(GuardedAMP):
         if self.name is None:
             return
         self._silent = True
+        if not self._speaksFor(self.name):
+            return  # forgotten meanwhile: there is nothing left to mark down
         self.factory.cluster.pool.markDown(self.name)
         self.factory.wentDown(self.name)
         self.log.warn(
@@ -338,7 +360,9 @@ class ControlProtocol(GuardedAMP):
 
     def connectionLost(self, reason) -> None:
         name = self.name
-        owned = name is not None and self.factory.owners.get(name) is self
+        # Not once the pool has forgotten it (it stayed down long enough,
+        # or an operator forgot it), whatever holds the name now.
+        owned = name is not None and self._speaksFor(name)
         self._disown(close=False)
         if owned:
             self.factory.cluster.pool.markDown(name)

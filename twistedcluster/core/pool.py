@@ -236,6 +236,9 @@ class _Member:
     #: The pool's last ticket when this member was added: tickets at or
     #: below it belong to a backend of the same name that was forgotten.
     bornAfter: int = 0
+    #: Which of the members ever added under its name this is (see
+    #: L{Pool.incarnation}).
+    incarnation: int = 0
     #: Connections routed here that no report has seen yet, still open or
     #: still to come: each one's ticket, and the pool's epoch when it
     #: reached the backend (C{None} while it is still on its way).
@@ -412,6 +415,8 @@ class Pool:
         #: The last ticket given to a routed connection, and the epoch that
         #: every mark moves on (see L{mark}).
         self._ticket = 0
+        #: Members added so far (L{incarnation}).
+        self._added = 0
         self._epoch = 0
         #: The backends with an operator setting (L{_Member.configured}),
         #: kept as they change so that saving them costs nothing per backend.
@@ -458,6 +463,16 @@ class Pool:
 
     def __contains__(self, name: object) -> bool:
         return name in self._members
+
+    def incarnation(self, name: str) -> Optional[int]:
+        """
+        A number for the backend of this name as added, which changes when
+        it is forgotten and a backend of the same name added again; C{None}
+        when there is none.  Whoever speaks for a backend (its control
+        channel) checks it speaks for the same one still.
+        """
+        m = self._members.get(name)
+        return None if m is None else m.incarnation
 
     def __len__(self) -> int:
         return len(self._members)
@@ -1036,8 +1051,9 @@ class Pool:
         return m
 
     def _add(self, name: str, host: str, port: int) -> _Member:
+        self._added += 1
         m = self._members[name] = _Member(
-            name=name, host=host, port=port, bornAfter=self._ticket
+            name=name, host=host, port=port, bornAfter=self._ticket, incarnation=self._added
         )
         bisect.insort(self._names, name)
         self._layoutStale = True
