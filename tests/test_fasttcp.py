@@ -439,6 +439,23 @@ async def test_a_lean_server_closes_as_twisteds_does(servers, abort):
         client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_send_that_meets_a_reset_ends_the_connection_as_lost(servers):
+    # The far end resets while this side is not reading. The send that
+    # meets the reset is the only call that hears of it: a read after it
+    # would find a clean end of file. So sendNow ends the connection as
+    # lost, and the protocol never hears of a clean end.
+    conn, proto, far = await dialledPair(servers)
+    conn.stopReading()
+    far.transport.abortConnection()
+    await bounded(far.lost)
+    sendNow(conn, b"x" * 10)
+    conn.startReading()
+    reason = await bounded(proto.lost)
+    assert not isinstance(reason, ConnectionDone), reason
+    assert not proto.readDone.called
+
+
 def bounded(d, seconds=10.0):
     return d.addTimeout(seconds, reactor)
 

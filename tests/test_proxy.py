@@ -7,6 +7,7 @@ import fcntl
 import os
 import socket
 import threading
+import time
 
 import pytest
 import pytest_twisted
@@ -26,6 +27,7 @@ from twistedcluster.backend.echo import echoFactory
 from twistedcluster.balancer import proxy
 from twistedcluster.balancer import relay as relaying
 from twistedcluster.balancer.proxy import ProxyFactory
+from tests.loopback import until
 from twistedcluster.fast.fasttcp import prepareListener
 from twistedcluster.localcluster import echoOnce
 
@@ -284,6 +286,62 @@ async def test_a_backend_reset_reaches_the_client_as_a_reset(loopback):
     got, how = await deferToThread(readUntilClosed, loopback.port, b"question")
     assert how == "reset"
     assert got in (b"", b"partial answer")
+
+
+class EchoThenReset(Protocol):
+    """
+    A backend that echoes a stream, then resets in the middle of it.
+    """
+
+    seen = 0
+
+    def dataReceived(self, data):
+        self.seen += len(data)
+        if self.seen > 300_000:
+            self.transport.abortConnection()
+        else:
+            self.transport.write(data)
+
+
+def streamUntilClosed(port, total, timeout=20.0):
+    """
+    Send C{total} bytes while reading what comes back, until the proxy
+    ends the connection: how it ended it, "reset" or "clean end".
+    """
+    import select
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.setblocking(False)
+    chunk, sent = b"y" * 65536, 0
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            want = [s] if sent < total else []
+            readable, writable, _ = select.select([s], want, [], 1.0)
+            try:
+                if readable and not s.recv(1 << 20):
+                    return "clean end"
+                if writable:
+                    sent += s.send(chunk)
+            except (ConnectionResetError, BrokenPipeError):
+                return "reset"
+        return "no end"
+    finally:
+        s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_reset_mid_stream_reaches_every_client_as_a_reset(loopback):
+    # Big streams both ways (the relay splices them): the reset meets the
+    # balancer in a send or a splice towards the backend as often as in a
+    # read. Each time it must be passed on as a reset, never as a clean end
+    # that would make the client take a cut-off echo for the whole.
+    await loopback.start([Factory.forProtocol(EchoThenReset)])
+    for _ in range(12):
+        how = await deferToThread(streamUntilClosed, loopback.port, 8 * 1024 * 1024)
+        assert how == "reset"
+    await until(lambda: not loopback.factory.clients)
+    assert loopback.cluster.pool.get("b0").active == 0
 
 
 @pytest_twisted.ensureDeferred

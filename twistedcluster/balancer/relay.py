@@ -122,9 +122,13 @@ class Splicer:
             except BlockingIOError:
                 break
             except OSError:
-                # The sink is broken; its own side will report it and close
-                # everything.  Read no more meanwhile.
+                # The sink is broken (reset, or a broken pipe).  The socket
+                # reported that once, to this splice: a read of it now would
+                # see only a clean end of file.  So the sink is lost, and
+                # said so (its protocol then resets the source, as any lost
+                # side does); read no more meanwhile.
                 self.src.stopReading()
+                self.dst.abortConnection()
                 return
             if m == 0:
                 break

@@ -150,8 +150,16 @@ def skipShutdown(transport) -> None:
 def sendNow(transport, data: bytes) -> None:
     """
     Write C{data} to a plain TCP transport, sending it at once when nothing
-    is queued before it; what the kernel does not take, and every error,
-    goes through C{transport.write} as usual.
+    is queued before it; what the kernel does not take goes through
+    C{transport.write} as usual.
+
+    A send that fails for any other reason than a full buffer (a reset, a
+    broken pipe) ends the connection as lost, at once
+    (C{abortConnection}: its protocol hears of it on the reactor's next
+    turn, as C{ConnectionAborted}): the socket reports its error once, to
+    this send, so a read after it would see only the end of file that
+    follows, a clean close, and a relay would pass on a cut-off stream as a
+    complete one.
     """
     if (
         transport._tempDataLen == 0
@@ -163,7 +171,12 @@ def sendNow(transport, data: bytes) -> None:
     ):
         try:
             sent = transport.socket.send(data)
-        except OSError:
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            if e.errno != errno.ENOBUFS:
+                transport.abortConnection()
+                return
             sent = 0
         if sent == len(data):
             return
