@@ -241,6 +241,62 @@ async def test_a_burst_past_the_limit_waits_in_the_backlog_none_is_closed():
         limit.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_clients_let_in_as_room_frees_are_never_closed_at_once():
+    # At the limit with a queue in the backlog, the clients served leave
+    # together: each turn lets in as many as there is room for. Twisted
+    # raises a port's accepts per turn by 20 after a turn that took all it
+    # might; unless clamped again, the next turn accepted clients past the
+    # limit only to close them at once (reset, where they should wait).
+    limit = ClientLimit(50, reactor)
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1:backlog=4096").listen(
+        limit.wrap(Factory.forProtocol(Protocol))
+    )
+    limit.listening(port)
+    address = ("127.0.0.1", port.getHost().port)
+    first, waiting = [], []
+
+    def connect(n, into):
+        for _ in range(n):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(address)
+            into.append(s)
+
+    def closedByServer(clients):
+        closed = 0
+        for s in clients:
+            try:
+                if s.recv(1) == b"":
+                    closed += 1
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+        return closed
+
+    try:
+        for _ in range(3):
+            connect(50, first)
+            await until(lambda: limit.count == 50, what="the first 50 accepted")
+            connect(100, waiting)
+            await until(lambda: acceptQueue(port) == 100, what="the rest in the backlog")
+            for s in first:  # they all leave at once
+                s.close()
+            first.clear()
+            await until(lambda: acceptQueue(port) == 50 and limit.count == 50, what="50 more let in")
+            assert closedByServer(waiting) == 0
+            for s in waiting:  # everyone leaves: again from an empty listener
+                s.close()
+            waiting.clear()
+            await until(lambda: limit.count == 0 and acceptQueue(port) == 0, what="all gone")
+    finally:
+        for s in first + waiting:
+            s.close()
+        await port.stopListening()
+        limit.stop()
+
+
 # -- accept errors ---------------------------------------------------------
 
 

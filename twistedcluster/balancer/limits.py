@@ -32,6 +32,7 @@ from twistedcluster.fast.internals import (
     acceptsPerTurn,
     fastPaths,
     limitAcceptsPerTurn,
+    replaceDoRead,
     portLogger,
     setPortLogger,
 )
@@ -169,6 +170,21 @@ class ClientLimit:
         if self.paused:
             port.stopReading()
         self._clamp(port)
+        accept = getattr(port, "doRead", None)
+        if accept is None:  # not a listening port the reactor reads
+            return
+
+        def doRead():
+            # After a turn that accepted as many as it might, Twisted raises
+            # the port's accepts per turn by 20: within the room again
+            # before the next turn, or the clients past the limit that it
+            # accepted would be closed at once (waiting clients, reset).
+            try:
+                return accept()
+            finally:
+                self._clamp(port)
+
+        replaceDoRead(port, doRead)
 
     def _changed(self) -> None:
         count = self.count
