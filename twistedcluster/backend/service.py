@@ -526,16 +526,13 @@ def makeService(options: Options, reactor=None) -> BackendService:
     _discoverBalancers(options, reporter, reactor)
     site = None
     if options["metrics"]:
-        from twisted.web.server import Site
-
         from twistedcluster.backend.metrics import BackendCollector, BackendMetricsRoot
+        from twistedcluster.wire.guardedweb import GuardedSite
 
         root = BackendMetricsRoot(
             BackendCollector(holder, measure, capacity, options["balancers"])
         )
-        site = Site(root)
-        site.noisy = False
-        site.log = lambda request: None  # scraped every few seconds: no access log
+        site = GuardedSite(root, reactor)
     svc = holder["service"] = BackendService(
         reactor,
         listen,

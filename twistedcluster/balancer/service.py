@@ -976,11 +976,10 @@ def makeService(options: Options, reactor=None):
             roles=", ".join(role for role, _ in shared),
         )
     if options["metrics"]:
-        from twisted.web.server import Site
-
         from twistedcluster.balancer.metrics import MetricsRoot
+        from twistedcluster.wire.guardedweb import GuardedSite
 
-        site = Site(
+        site = GuardedSite(
             MetricsRoot(
                 cluster,
                 # With --workers, what they relay, summed.
@@ -993,10 +992,9 @@ def makeService(options: Options, reactor=None):
                 # /readyz: every listener that takes clients or backends.
                 listeners=openPorts,
                 clock=reactor,
-            )
+            ),
+            reactor,
         )
-        site.noisy = False
-        site.log = lambda request: None  # scrapes every few seconds: no access log
         listeners.append(("metrics", options["metrics"], site))
     if inherited is not None:
         from twistedcluster.balancer.takeover import restoreLive
