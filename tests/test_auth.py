@@ -165,6 +165,31 @@ def test_connection_cap(logged):
     lb.adminChannel()
     assert lb.admin.buildProtocol(None) is None
     assert any("2 connections open" in line for line in logged)
+    # A flood of refusals is one line a second, with the count.
+    for _ in range(500):
+        assert lb.admin.buildProtocol(None) is None
+    lb.clock.advance(1)
+    lines = [line for line in logged if "admin listener: closing" in line]
+    assert len(lines) == 2 and "500 refused" in lines[1], lines
+
+
+def test_a_full_admin_listener_closes_the_connection_idle_the_longest(logged):
+    # A script that left its admin connections open does not lock an
+    # operator out: once idle for a while, the idlest makes room. One in
+    # use is never cut, and a flood is one line a second.
+    lb = MemoryBalancer()
+    lb.admin.maxConnections = 2
+    busy, busyServer, _ = lb.adminChannel()
+    _, idleServer, _ = lb.adminChannel()
+    lb.clock.advance(4)
+    assert lb.admin.buildProtocol(None) is None  # idle 4 s only: kept
+    lb.clock.advance(2)
+    lb.resultOf(busy.callRemote(commands.ListBackends))  # in use
+    _, newcomer, _ = lb.adminChannel()
+    assert idleServer.transport.disconnecting
+    assert not busyServer.transport.disconnecting and not newcomer.transport.disconnecting
+    lines = [line for line in logged if "admin listener: closing" in line]
+    assert any("idle for 6 s" in line and "1 closed to make room" in line for line in lines), logged
 
 
 def test_a_full_listener_makes_room_by_closing_the_oldest_stranger(logged):

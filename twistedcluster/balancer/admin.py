@@ -102,10 +102,16 @@ class AdminProtocol(GuardedAMP):
     def __init__(self, factory: "AdminFactory") -> None:
         super().__init__()
         self.factory = factory
+        #: When this peer last sent anything (L{AdminFactory._evictIdle}).
+        self.lastActive = factory.clock.seconds()
 
     def connectionMade(self) -> None:
         super().connectionMade()
         _sendWholeAnswers(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.lastActive = self.factory.clock.seconds()
+        super().dataReceived(data)
 
     @property
     def _cluster(self) -> Cluster:
@@ -300,6 +306,11 @@ class AdminProtocol(GuardedAMP):
         return d
 
 
+#: Seconds an admin connection must have been idle before it is closed to
+#: make room for a new one on a full listener.
+IDLE_BEFORE_EVICTION = 5.0
+
+
 class AdminFactory(GuardedFactory):
     """
     Serves the admin listener.
@@ -330,3 +341,22 @@ class AdminFactory(GuardedFactory):
 
     def makeProtocol(self) -> AdminProtocol:
         return AdminProtocol(self)
+
+    def _evictIdle(self, addr) -> None:
+        """
+        The listener is full of admitted connections: close the one idle
+        the longest, if it has been idle for L{IDLE_BEFORE_EVICTION} (a
+        script that left its connections open must not lock an operator
+        out; one in use is never cut).
+        """
+        idlest = min(self.open, key=lambda p: p.lastActive, default=None)
+        if idlest is None or self.clock.seconds() - idlest.lastActive < IDLE_BEFORE_EVICTION:
+            return
+        self.open.discard(idlest)
+        self._lastRefusal = (
+            idlest.peerText(),
+            f"listener full ({self.maxConnections} connections), idle for "
+            f"{self.clock.seconds() - idlest.lastActive:.0f} s, to let {addr.host if hasattr(addr, 'host') else addr} in",
+        )
+        self._refusals.count("evicted")
+        idlest._close(abort=True)

@@ -35,6 +35,11 @@ from twistedcluster.wire import auth
 from twistedcluster.wire import commands
 from twistedcluster.fast.internals import AMP_VALUE_STATE, connectAMPQuietly
 from twistedcluster.fast.transports import peerText, unsentBytes
+from twistedcluster.summary import Summary, window
+
+
+def _addressText(addr) -> str:
+    return f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
 
 #: A box with more keys than this is refused: no command of ours has half as
 #: many, and an unbounded box is unbounded memory.
@@ -400,21 +405,45 @@ class GuardedFactory(Factory):
         self.authTimeout = authTimeout
         self.open: Set[GuardedAMP] = set()
         self.waiting: Dict[GuardedAMP, None] = {}
+        # A flood of connections is one line a second, not one each.
+        self._refusals = Summary(clock, self._tellRefusals)
+        self._lastRefusal = ("?", "")
 
     def buildProtocol(self, addr):
         if len(self.open) >= self.maxConnections and self.waiting:
             self._evictOldestWaiting(addr)
         if len(self.open) >= self.maxConnections:
-            self.log.warn(
-                "{channel} listener: refusing {peer}: {limit} connections open",
-                channel=self.channel,
-                peer=f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}",
-                limit=self.maxConnections,
-            )
+            self._evictIdle(addr)
+        if len(self.open) >= self.maxConnections:
+            self._lastRefusal = (_addressText(addr), f"{self.maxConnections} connections open")
+            self._refusals.count("refused")
             return None
         p = self.makeProtocol()
         p.factory = p.guard = self
         return p
+
+    def _evictIdle(self, addr) -> None:
+        """
+        Make room for a new peer among the admitted ones, if this listener
+        may (the admin listener: an operator is not locked out by
+        connections left idle); nothing here.
+        """
+
+    def _tellRefusals(self, counts: Dict[str, int], seconds: float) -> None:
+        peer, why = self._lastRefusal
+        self.log.warn(
+            "{channel} listener: closing {peer}: {why} ({refused} refused, "
+            "{evicted} closed to make room {window})",
+            channel=self.channel,
+            peer=peer,
+            why=why,
+            refused=counts.get("refused", 0),
+            evicted=counts.get("evicted", 0),
+            window=window(seconds),
+        )
+
+    def stopFactory(self) -> None:
+        self._refusals.stop()
 
     def _evictOldestWaiting(self, addr) -> None:
         """
@@ -424,15 +453,12 @@ class GuardedFactory(Factory):
         oldest = next(iter(self.waiting))
         del self.waiting[oldest]
         self.open.discard(oldest)
-        self.log.warn(
-            "{channel} listener full ({limit} connections): closing {old}, the "
-            "oldest connection yet to {step}, to let {peer} in",
-            channel=self.channel,
-            limit=self.maxConnections,
-            old=oldest.peerText(),
-            step=oldest._missingStep(),
-            peer=f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}",
+        self._lastRefusal = (
+            oldest.peerText(),
+            f"listener full ({self.maxConnections} connections), the oldest "
+            f"connection yet to {oldest._missingStep()}, to let {_addressText(addr)} in",
         )
+        self._refusals.count("evicted")
         oldest._cancelAdmissionTimer()
         oldest._close(abort=True)
 
