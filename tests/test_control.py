@@ -58,6 +58,32 @@ def test_silence_marks_down_and_a_report_brings_it_back():
     assert lb.pool.get("a").state is State.UP
 
 
+def test_a_heartbeat_found_long_overdue_waits_one_turn_for_waiting_reports(logged):
+    # The balancer was stalled past the heartbeat: when its timers run again
+    # the reports that came meanwhile are still unread (the reactor runs
+    # overdue timers first). The heartbeat looks again after one turn: a
+    # report read then keeps the backend up, and nothing was marked down.
+    lb = MemoryBalancer()
+    client, server, pump = lb.controlChannel()
+    result(register(client, interval=0.5), lb)  # heartbeat 1.5 s
+    # Read (here: delivered) only once the timers of the stall have run;
+    # delivered as a reactor turn would, without running timers first.
+    answers = []
+
+    def report():
+        client.callRemote(commands.ReportLoad, connections=0, load=0.0).addBoth(answers.append)
+        pump.flush(advanceClock=False)
+
+    lb.clock.callLater(9.9, report)
+    lb.clock.advance(10)
+    assert answers and "mark" in answers[0], answers
+    assert lb.pool.get("a").state is State.UP
+    assert not [line for line in logged if "marked down" in line], logged
+    # A backend truly silent is marked down all the same, a turn later.
+    lb.clock.advance(20)
+    assert lb.pool.get("a").state is State.DOWN
+
+
 def test_fixed_heartbeat_timeout_option():
     lb = MemoryBalancer(heartbeatTimeout=0.25)
     client, server, pump = lb.controlChannel()

@@ -37,6 +37,9 @@ MIN_INTERVAL = 0.01
 MAX_INTERVAL = 3600.0
 #: Missed report intervals after which a silent backend is marked down.
 DEFAULT_HEARTBEAT_FACTOR = 3.0
+#: Seconds past its time after which a heartbeat that fires says the
+#: balancer itself was stalled, not the backend (L{ControlProtocol._silence}).
+STALL_GRACE = 0.25
 #: Seconds a backend that registered itself may stay down before it is
 #: forgotten (Kubernetes waits as long before it evicts a lost node's pods).
 DEFAULT_FORGET_AFTER = 300.0
@@ -323,15 +326,34 @@ class ControlProtocol(GuardedAMP):
         )
         owner._disown(close=True)
 
+    #: When the heartbeat is due, and whether it has been put off once
+    #: for a stalled reactor (L{_silence}).
+    _deadline = 0.0
+    _graced = False
+
     def _resetHeartbeat(self) -> None:
+        clock = self.factory.clock
+        self._deadline = clock.seconds() + self._timeout
+        self._graced = False
         if self._heartbeat is not None and self._heartbeat.active():
             self._heartbeat.reset(self._timeout)
         else:
-            self._heartbeat = self.factory.clock.callLater(self._timeout, self._silence)
+            self._heartbeat = clock.callLater(self._timeout, self._silence)
 
     def _silence(self) -> None:
         self._heartbeat = None
         if self.name is None:
+            return
+        clock = self.factory.clock
+        if clock.seconds() - self._deadline > STALL_GRACE and not self._graced:
+            # Due long ago: this process was stalled (a long reactor turn,
+            # a paused VM or process), and the reports that came meanwhile
+            # wait unread in the socket; the reactor runs overdue timers
+            # before it reads.  Look again after one turn of reading, or
+            # every backend would be marked down at once, and the clients
+            # waiting refused.
+            self._graced = True
+            self._heartbeat = clock.callLater(0, self._silence)
             return
         self._silent = True
         if not self._speaksFor(self.name):
