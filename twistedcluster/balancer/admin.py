@@ -239,6 +239,16 @@ class AdminProtocol(GuardedAMP):
             backend = makeStaticBackend(name, host, port, weight, capacity, sendProxy)
         except ValueError as e:
             raise commands.InvalidArgument(str(e)) from None
+        own = self.factory.ownListeners
+        loop = own.refusal(backend.host, backend.port) if own is not None else None
+        if loop is not None:
+            self.log.warn(
+                "admin {peer}: add of static backend {backend} refused: {error}",
+                peer=self.peerText(),
+                backend=backend.describe(),
+                error=loop,
+            )
+            raise commands.InvalidArgument(loop)
         try:
             statics.add(backend)
         except StaticNameTaken as e:
@@ -314,9 +324,15 @@ IDLE_BEFORE_EVICTION = 5.0
 class AdminFactory(GuardedFactory):
     """
     Serves the admin listener.
+
+    @ivar ownListeners: this balancer's own listeners
+        (L{twistedcluster.balancer.selfloop.OwnListeners}): no static
+        backend may be added at one of their addresses; C{None}: not
+        checked.
     """
 
     channel = "admin"
+    ownListeners = None
 
     def __init__(
         self,

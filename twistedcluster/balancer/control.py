@@ -136,6 +136,16 @@ class ControlProtocol(GuardedAMP):
     ):
         validName(name)
         _validAddress(host, port, capacity)
+        own = self.factory.ownListeners
+        loop = own.refusal(host, port) if own is not None else None
+        if loop is not None:
+            self.log.warn(
+                "backend {name}: registration from {peer} refused: {why}",
+                name=name,
+                peer=self.peerText(),
+                why=loop,
+            )
+            raise commands.InvalidArgument(loop)
         _check(MIN_INTERVAL <= interval <= MAX_INTERVAL, f"interval must be {MIN_INTERVAL}..{MAX_INTERVAL} s")
         _validLoad(connections, load, cost)
         factory = self.factory
@@ -413,6 +423,10 @@ class ControlFactory(GuardedFactory):
     """
 
     reports = 0
+    #: This balancer's own listeners
+    #: (L{twistedcluster.balancer.selfloop.OwnListeners}): no backend may
+    #: register at one of their addresses.  C{None}: not checked.
+    ownListeners = None
 
     channel = "control"
 

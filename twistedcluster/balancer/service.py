@@ -44,6 +44,7 @@ from twistedcluster.balancer.passivehealth import (
 )
 from twistedcluster.balancer.proxy import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT
 from twistedcluster.wire.proxyheader import checkVersion
+from twistedcluster.balancer.selfloop import OwnListeners
 from twistedcluster.fast.fasttcp import prepareListener
 
 log = Logger()
@@ -932,6 +933,14 @@ def makeService(options: Options, reactor=None):
     ]
     #: role: its listening port once open, for /readyz.
     openPorts = {role: None for role, _, _ in listeners}
+    # No backend at this balancer's own proxy or redirect address: it would
+    # relay every client to itself.
+    own = OwnListeners(openPorts, {"proxy": listen, "redirect": options["redirect"]})
+    controlFactory.ownListeners = adminFactory.ownListeners = own
+    for backend in options["backends"]:
+        loop = own.refusal(backend.host, backend.port)
+        if loop is not None:
+            raise usage.UsageError(f"--backend {backend.describe()}: {loop}")
     redirectFactory = None
     if options["redirect"]:
         redirectFactory = RedirectFactory(
