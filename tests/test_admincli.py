@@ -146,3 +146,39 @@ def test_add_with_send_proxy_to_a_balancer_that_ignores_it_fails_clearly(monkeyp
     assert failure.value.code == EXIT_REFUSED
     assert "WITHOUT a PROXY header" in str(failure.value)
     statics.stopService()
+
+
+def test_a_listener_that_closes_at_once_is_explained(tmp_path):
+    # What a full admin listener does to a newcomer: accept, then close
+    # before any answer. The message says what that may mean.
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+
+    def closeEach():
+        for _ in range(3):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+
+    thread = threading.Thread(target=closeEach, daemon=True)
+    thread.start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "twistedcluster.cli.admin", f"--admin=tcp:127.0.0.1:{port}", "status"],
+            capture_output=True, text=True, timeout=60,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+        )
+    finally:
+        listener.close()
+    assert result.returncode == 3, result
+    assert "admin listener may be full" in result.stderr, result.stderr

@@ -20,7 +20,7 @@ import argparse
 import json
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
@@ -546,10 +546,15 @@ async def runOne(reactor, args, job=None) -> str:
         except CommandFailed:
             raise
         except Exception as e:
-            raise CommandFailed(
-                f"lost the balancer at {args.admin}: {explainConnectError(e)}",
-                EXIT_UNREACHABLE,
-            ) from None
+            why = explainConnectError(e)
+            if isinstance(e, error.ConnectionDone):
+                # Accepted, then closed cleanly before any answer: what a
+                # full admin listener does to a newcomer.
+                why += (
+                    " before answering (its admin listener may be full: "
+                    "--max-admin-connections; or it is stopping)"
+                )
+            raise CommandFailed(f"lost the balancer at {args.admin}: {why}", EXIT_UNREACHABLE) from None
     finally:
         proto.transport.loseConnection()
 
