@@ -215,6 +215,17 @@ def test_unknown_command_gets_an_error_and_is_logged(logged):
     assert lb.pool.get("a").state is State.UP
 
 
+def test_a_one_way_unknown_command_closes_the_channel_with_one_log_line(logged):
+    lb = MemoryBalancer()
+    client, server, pump = lb.controlChannel()
+    client.transport.write(amp.AmpBox(_command=b"Nope").serialize())  # no _ask
+    lb.flush()
+    assert server.transport.disconnecting
+    closing = [line for line in logged if "closing connection" in line]
+    assert closing and "Unhandled Command: b'Nope'" in closing[0]
+    assert not [line for line in logged if "\n" in line or "Traceback" in line], logged
+
+
 @pytest.mark.parametrize(
     "data",
     [

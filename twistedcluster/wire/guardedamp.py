@@ -244,11 +244,13 @@ class GuardedAMP(amp.AMP):
         # The end of the line for an error nobody handled: a box that needs no
         # answer failed, or an answer matched no question.  Close this peer.
         if self.transport is not None and not getattr(self.transport, "disconnecting", False):
+            # One line: AMP's own errors carry a traceback's text after it.
+            message = (failure.getErrorMessage().splitlines() or [""])[0]
             self.log.warn(
                 "{channel} channel: closing connection from {peer}: {why}",
                 channel=self.channel,
                 peer=self.peerText(),
-                why=f"{failure.type.__name__}: {failure.getErrorMessage()}",
+                why=f"{failure.type.__name__}: {message}",
             )
             self.transport.abortConnection()
 
