@@ -466,7 +466,8 @@ class RemoveBackend(amp.Command):
     """
     Remove a static backend (given by C{--backend} or L{AddBackend}): no new
     connections, no more checks; the connections it has go on.  A backend
-    that registered itself is drained and forgotten instead.
+    that registered itself is refused (C{BACKEND_IN_USE}): drain it or stop
+    it, and L{ForgetBackend} it once it is down.
     """
 
     commandName = b"RemoveBackend"
