@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from twistedcluster.core import mirror
+from twistedcluster.fast.transports import unsentBytes
 
 log = Logger()
 
@@ -50,6 +51,12 @@ STATS_INTERVAL = 0.5
 RESTART_DELAY = 0.2
 MAX_RESTART_DELAY = 10.0
 STABLE_AFTER = 5.0
+#: Seconds between tries to send a view to a worker that has not read the
+#: last one yet.
+PUSH_RETRY = 0.25
+#: Seconds a worker may leave a view unread before it is taken for hung
+#: and killed (then started again).
+HUNG_AFTER = 20.0
 #: Endpoint kinds whose listening socket a worker can adopt.
 SHAREABLE = ("tcp", "tcp6", "unix")
 
@@ -197,6 +204,10 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.book = mirror.TrafficBook()
         self.channel: Optional[_Channel] = None
         self.said: Optional[tuple] = None  # the last view sent
+        #: Since when a view has waited for it to read the last one, and
+        #: the call that tries again (L{WorkerSupervisor._pushLater}).
+        self.stuckSince: Optional[float] = None
+        self.retry = None
         self.started = 0.0
         self.pid: Optional[int] = None
         self.ended = defer.Deferred()
@@ -379,6 +390,9 @@ class WorkerSupervisor(Service):
             del self.workers[worker.index]
         mirror.release(self.cluster.pool, worker.book)
         self.figures.gone(worker.index)
+        if worker.retry is not None and worker.retry.active():
+            worker.retry.cancel()
+        worker.retry = None
         if worker.channel is not None and worker.channel.transport is not None:
             worker.channel.transport.loseConnection()
         if self.stopping:
@@ -431,11 +445,47 @@ class WorkerSupervisor(Service):
         channel = worker.channel
         if channel is None or channel.transport is None:
             return
+        if unsentBytes(channel.transport):
+            # It has not read the last view yet: the newest goes once it
+            # has (a worker that stopped reading must not grow this
+            # process's memory by a view a change).
+            self._pushLater(worker)
+            return
+        worker.stuckSince = None
         view = mirror.viewFor(self.cluster, worker.book)
         sendProxy = dict(self.sendProxyFor)
         if (view, sendProxy) != worker.said:
             worker.said = (view, sendProxy)
             channel.send({"policy": view[0], "backends": view[1], "sendProxy": sendProxy})
+
+    def _pushLater(self, worker: _WorkerProcess) -> None:
+        """
+        Try L{_pushTo} again shortly; a worker that has read nothing for
+        L{HUNG_AFTER} seconds is hung (stopped, or stuck in a turn): it is
+        killed, and started again as a worker that died is.
+        """
+        now = self.reactor.seconds()
+        if worker.stuckSince is None:
+            worker.stuckSince = now
+        elif now - worker.stuckSince >= HUNG_AFTER:
+            log.error(
+                "worker {index} (pid {pid}) has read nothing from this process "
+                "for {seconds:.0f} s: hung, killed",
+                index=worker.index,
+                pid=worker.pid,
+                seconds=now - worker.stuckSince,
+            )
+            worker.stuckSince = None
+            self._signal(worker, signal.SIGKILL)
+            return
+        if worker.retry is None or not worker.retry.active():
+
+            def again():
+                worker.retry = None
+                if self.workers.get(worker.index) is worker:
+                    self._pushTo(worker)
+
+            worker.retry = self.reactor.callLater(PUSH_RETRY, again)
 
 
 class _NoClients(protocol.Factory):

@@ -1,0 +1,78 @@
+"""
+The main process's pushes of the pool's view to a worker that stops
+reading: its memory stays bounded (the newest view waits, no queue of
+them), and a worker that reads nothing for HUNG_AFTER seconds is killed,
+to be started again as a worker that died is.
+"""
+
+import signal
+
+import pytest
+from twisted.internet.task import Clock
+
+from twistedcluster.balancer import workers
+from twistedcluster.balancer.workers import WorkerSupervisor, _WorkerProcess
+from twistedcluster.core.cluster import Cluster
+
+
+class Transport:
+    """
+    Just what the push reads of a channel's transport: what it holds unsent.
+    """
+
+    def __init__(self):
+        self._tempDataLen = 0
+        self.dataBuffer = b""
+        self.offset = 0
+
+
+class Channel:
+    def __init__(self):
+        self.transport = Transport()
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(message)
+
+
+class Process:
+    def __init__(self):
+        self.signals = []
+
+    def signalProcess(self, sig):
+        self.signals.append(sig)
+
+
+@pytest.mark.allow_errors  # the kill is logged as an error
+def test_a_worker_that_stops_reading_gets_only_the_newest_view_then_is_killed(logged):
+    clock = Clock()
+    cluster = Cluster()
+    supervisor = WorkerSupervisor(2, cluster, clock, [], [], 5.0)
+    worker = _WorkerProcess(supervisor, 0)
+    worker.channel = Channel()
+    worker.transport = Process()
+    supervisor.workers[0] = worker
+    cluster.pool.register("a", "127.0.0.1", 9000, capacity=10)
+    supervisor._pushTo(worker)
+    assert len(worker.channel.sent) == 1
+    # The worker stops reading: what was sent stays unsent.
+    worker.channel.transport._tempDataLen = 500
+    for n in range(50):
+        cluster.pool.register(f"b{n}", "127.0.0.1", 9001 + n, capacity=10)
+        supervisor._pushTo(worker)
+        clock.advance(0.1)
+    assert len(worker.channel.sent) == 1  # no view queued behind the unread one
+    # It reads again: the newest view goes, once.
+    worker.channel.transport._tempDataLen = 0
+    clock.advance(workers.PUSH_RETRY)
+    assert len(worker.channel.sent) == 2
+    assert len(worker.channel.sent[-1]["backends"]) == 51
+    # It stops for good: killed after HUNG_AFTER seconds without reading.
+    worker.channel.transport._tempDataLen = 500
+    cluster.pool.register("c", "127.0.0.1", 8000, capacity=10)
+    supervisor._pushTo(worker)
+    clock.advance(workers.HUNG_AFTER - 1)
+    assert worker.transport.signals == []
+    clock.advance(2)
+    assert worker.transport.signals == [signal.SIGKILL]
+    assert any("has read nothing from this process" in line and "hung, killed" in line for line in logged)
