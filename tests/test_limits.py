@@ -158,6 +158,46 @@ def acceptQueue(port):
     return struct.unpack_from("I", info, 24)[0]
 
 
+async def limitedPort(most):
+    """
+    A listener on loopback whose connections count against a new
+    C{ClientLimit(most)}: (the limit, the port, its address).
+    """
+    limit = ClientLimit(most, reactor)
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1:backlog=4096").listen(
+        limit.wrap(Factory.forProtocol(Protocol))
+    )
+    limit.listening(port)
+    return limit, port, ("127.0.0.1", port.getHost().port)
+
+
+def connectMany(address, n, into):
+    """
+    Start C{n} non-blocking connects to C{address}, kept in C{into}.
+    """
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(address)
+        into.append(s)
+
+
+def closedByServer(clients):
+    """
+    How many of C{clients} the server has closed (end of file, or reset).
+    """
+    closed = 0
+    for s in clients:
+        try:
+            if s.recv(1) == b"":
+                closed += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+    return closed
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_client_past_the_limit_waits_in_the_backlog_and_is_served_later():
     limit = ClientLimit(2, reactor)
@@ -200,40 +240,15 @@ async def test_a_burst_past_the_limit_waits_in_the_backlog_none_is_closed():
     # After a warm-up Twisted's port accepts 100+ connections a turn: the
     # turn that reaches the limit must not accept more than there is room
     # for (those would be closed at once instead of waiting).
-    limit = ClientLimit(150, reactor)
-    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1:backlog=4096").listen(
-        limit.wrap(Factory.forProtocol(Protocol))
-    )
-    limit.listening(port)
-    address = ("127.0.0.1", port.getHost().port)
+    limit, port, address = await limitedPort(150)
     clients = []
-
-    def connect(n):
-        for _ in range(n):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(address)
-            clients.append(s)
-
-    def closedByServer():
-        closed = 0
-        for s in clients:
-            try:
-                if s.recv(1) == b"":
-                    closed += 1
-            except BlockingIOError:
-                pass
-            except OSError:
-                closed += 1
-        return closed
-
     try:
-        connect(100)
+        connectMany(address, 100, clients)
         await until(lambda: limit.count == 100, what="the warm-up accepted")
-        connect(300)
+        connectMany(address, 300, clients)
         await until(lambda: acceptQueue(port) == 250, what="the rest in the backlog")
         assert limit.count == 150
-        assert closedByServer() == 0
+        assert closedByServer(clients) == 0
     finally:
         for s in clients:
             s.close()
@@ -248,38 +263,13 @@ async def test_clients_let_in_as_room_frees_are_never_closed_at_once():
     # raises a port's accepts per turn by 20 after a turn that took all it
     # might; unless clamped again, the next turn accepted clients past the
     # limit only to close them at once (reset, where they should wait).
-    limit = ClientLimit(50, reactor)
-    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1:backlog=4096").listen(
-        limit.wrap(Factory.forProtocol(Protocol))
-    )
-    limit.listening(port)
-    address = ("127.0.0.1", port.getHost().port)
+    limit, port, address = await limitedPort(50)
     first, waiting = [], []
-
-    def connect(n, into):
-        for _ in range(n):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(address)
-            into.append(s)
-
-    def closedByServer(clients):
-        closed = 0
-        for s in clients:
-            try:
-                if s.recv(1) == b"":
-                    closed += 1
-            except BlockingIOError:
-                pass
-            except OSError:
-                closed += 1
-        return closed
-
     try:
         for _ in range(3):
-            connect(50, first)
+            connectMany(address, 50, first)
             await until(lambda: limit.count == 50, what="the first 50 accepted")
-            connect(100, waiting)
+            connectMany(address, 100, waiting)
             await until(lambda: acceptQueue(port) == 100, what="the rest in the backlog")
             for s in first:  # they all leave at once
                 s.close()

@@ -366,13 +366,8 @@ class AdminFactory(GuardedFactory):
         out; one in use is never cut).
         """
         idlest = min(self.open, key=lambda p: p.lastActive, default=None)
-        if idlest is None or self.clock.seconds() - idlest.lastActive < IDLE_BEFORE_EVICTION:
+        if idlest is None:
             return
-        self.open.discard(idlest)
-        self._lastRefusal = (
-            idlest.peerText(),
-            f"listener full ({self.maxConnections} connections), idle for "
-            f"{self.clock.seconds() - idlest.lastActive:.0f} s, to let {addr.host if hasattr(addr, 'host') else addr} in",
-        )
-        self._refusals.count("evicted")
-        idlest._close(abort=True)
+        idle = self.clock.seconds() - idlest.lastActive
+        if idle >= IDLE_BEFORE_EVICTION:
+            self._evict(idlest, f"idle for {idle:.0f} s", addr)

@@ -453,16 +453,23 @@ class GuardedFactory(Factory):
         must not keep a restarted backend out.
         """
         oldest = next(iter(self.waiting))
-        del self.waiting[oldest]
-        self.open.discard(oldest)
+        self._evict(oldest, f"the oldest connection yet to {oldest._missingStep()}", addr)
+
+    def _evict(self, victim: GuardedAMP, why: str, addr) -> None:
+        """
+        Close C{victim} to let the peer at C{addr} in (C{why}: what made it
+        the one), told in the summed line.
+        """
+        self.open.discard(victim)
+        self.waiting.pop(victim, None)
         self._lastRefusal = (
-            oldest.peerText(),
-            f"listener full ({self.maxConnections} connections), the oldest "
-            f"connection yet to {oldest._missingStep()}, to let {_addressText(addr)} in",
+            victim.peerText(),
+            f"listener full ({self.maxConnections} connections), {why}, to let "
+            f"{_addressText(addr)} in",
         )
         self._refusals.count("evicted")
-        oldest._cancelAdmissionTimer()
-        oldest._close(abort=True)
+        victim._cancelAdmissionTimer()
+        victim._close(abort=True)
 
     def makeProtocol(self) -> GuardedAMP:
         raise NotImplementedError()
