@@ -463,11 +463,12 @@ def test_sighup_reopens_every_workers_access_log(cluster, tmp_path):
     waitFor(lambda: path.exists() and path.read_text().count("\n") == 2, 10,
             "both workers' records in the new file")
     assert path.read_text().count("bytes_in=5 ") == 2  # "after", one a worker
-    # The old file has the "before" records, and the start-up probes' (as
-    # many as it took each worker to route: one each, or more on a loaded
-    # machine, a refused one first), nothing after the rotation.
+    # The old file has the "before" records and the start-up probes' (one
+    # a worker), nothing after the rotation. None was refused: a worker
+    # accepts no client before it has its first view of the pool.
     old = (tmp_path / "access.log.1").read_text()
     assert old.count("bytes_in=6 ") == 2 and "bytes_in=5 " not in old, old
+    assert "backend=- " not in old, old
 
 
 def test_access_log_on_standard_output_is_written_as_it_is_by_every_worker(cluster):

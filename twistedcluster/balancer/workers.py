@@ -612,16 +612,26 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
         clientLimit.listening(port)
         if role == "proxy":
             prepareListener(port)
+        # No client before the first view of the pool: one accepted sooner
+        # would be refused (no backend known yet), where it could have
+        # waited in the shared queue for a worker that knows the pool.
+        port.stopReading()
         ports.append(port)
 
     said: dict = {}
     applied: dict = {}
+    beforeView = [True]
 
     def message(m) -> None:
         if m.get("reopen"):
             reopen()
             return
         applyMessage(m, cluster, applied, proxyFactory)
+        if beforeView and "policy" in m:
+            beforeView.clear()
+            if not clientLimit.paused:
+                for port in ports:
+                    port.startReading()
 
     def reopen() -> None:
         if accessLog is None or accessLog.path is None:
