@@ -550,7 +550,7 @@ async def runOne(reactor, args, job=None) -> str:
             if isinstance(e, error.ConnectionDone):
                 # Accepted, then closed cleanly before any answer: what a
                 # full admin listener does to a newcomer.
-                why += (
+                why = why.rstrip(".") + (
                     " before answering (its admin listener may be full: "
                     "--max-admin-connections; or it is stopping)"
                 )
