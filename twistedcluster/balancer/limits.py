@@ -120,7 +120,6 @@ class ClientLimit:
         self.clock = clock
         self.count = 0
         self.paused = False
-        self._clampCall = None
         self._ports: list = []
         self._summary = Summary(clock, self._report, interval)
 
@@ -200,10 +199,9 @@ class ClientLimit:
                 # Not one that has stopped listening (draining).
                 if port.connected:
                     port.startReading()
+        # Each port is clamped again once its turn's accepting is over
+        # (listening): Twisted raises its accepts per turn then.
         self._clampAll()
-        if self._clampCall is None and self._near():
-            # Again once this turn's accepting is over.
-            self._clampCall = self.clock.callLater(0, self._clampLater)
 
     def _near(self) -> bool:
         """
@@ -214,10 +212,6 @@ class ClientLimit:
         if room > _FAR:
             return False
         return room <= sum(acceptsPerTurn(port, 1) for port in self._ports)
-
-    def _clampLater(self) -> None:
-        self._clampCall = None
-        self._clampAll()
 
     def _clampAll(self) -> None:
         for port in self._ports:
@@ -243,9 +237,6 @@ class ClientLimit:
 
     def stop(self) -> None:
         self._summary.stop()
-        if self._clampCall is not None and self._clampCall.active():
-            self._clampCall.cancel()
-        self._clampCall = None
 
 
 # What Twisted's tcp.Port logs when accept() fails (the formats and their
