@@ -20,6 +20,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedcluster.wire import commands
+from twistedcluster.balancer.selfloop import OwnListeners
 from twistedcluster.core.cluster import Cluster
 from twistedcluster.wire.guardedamp import DEFAULT_AUTH_TIMEOUT, GuardedAMP, GuardedFactory
 from twistedcluster.core.policies import UnknownPolicy
@@ -239,8 +240,7 @@ class AdminProtocol(GuardedAMP):
             backend = makeStaticBackend(name, host, port, weight, capacity, sendProxy)
         except ValueError as e:
             raise commands.InvalidArgument(str(e)) from None
-        own = self.factory.ownListeners
-        loop = own.refusal(backend.host, backend.port) if own is not None else None
+        loop = self.factory.ownListeners.refusal(backend.host, backend.port)
         if loop is not None:
             self.log.warn(
                 "admin {peer}: add of static backend {backend} refused: {error}",
@@ -325,14 +325,13 @@ class AdminFactory(GuardedFactory):
     """
     Serves the admin listener.
 
-    @ivar ownListeners: this balancer's own listeners
-        (L{twistedcluster.balancer.selfloop.OwnListeners}): no static
-        backend may be added at one of their addresses; C{None}: not
-        checked.
+    @ivar ownListeners: this balancer's own listeners (L{OwnListeners}):
+        no static backend may be added at one of their addresses (none
+        known unless the service says).
     """
 
     channel = "admin"
-    ownListeners = None
+    ownListeners = OwnListeners({})
 
     def __init__(
         self,

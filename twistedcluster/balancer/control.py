@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from twistedcluster.wire import commands
 from twistedcluster.address import formatHostPort, validHost
+from twistedcluster.balancer.selfloop import OwnListeners
 from twistedcluster.core.cluster import Cluster
 from twistedcluster.wire.guardedamp import DEFAULT_AUTH_TIMEOUT, GuardedAMP, GuardedFactory
 from twistedcluster.core.pool import State
@@ -136,8 +137,7 @@ class ControlProtocol(GuardedAMP):
     ):
         validName(name)
         _validAddress(host, port, capacity)
-        own = self.factory.ownListeners
-        loop = own.refusal(host, port) if own is not None else None
+        loop = self.factory.ownListeners.refusal(host, port)
         if loop is not None:
             self.log.warn(
                 "backend {name}: registration from {peer} refused: {why}",
@@ -423,10 +423,10 @@ class ControlFactory(GuardedFactory):
     """
 
     reports = 0
-    #: This balancer's own listeners
-    #: (L{twistedcluster.balancer.selfloop.OwnListeners}): no backend may
-    #: register at one of their addresses.  C{None}: not checked.
-    ownListeners = None
+    #: This balancer's own listeners (L{OwnListeners}): no backend may
+    #: register at one of their addresses (none known unless the service
+    #: says).
+    ownListeners = OwnListeners({})
 
     channel = "control"
 
