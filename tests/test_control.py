@@ -331,6 +331,18 @@ def downAfterRegistering(lb, name="pod", close=True, interval=1.0):
     return client
 
 
+def forgottenWhileHung(lb):
+    """
+    pod registers, falls silent with its channel open, and is forgotten
+    (C{forgetAfter} 60): its channel's client side.
+    """
+    hung = downAfterRegistering(lb, close=False)
+    lb.clock.advance(3)  # the heartbeat timeout: down, channel still open
+    lb.clock.advance(60)
+    assert "pod" not in lb.pool
+    return hung
+
+
 def test_a_backend_down_for_forget_after_is_forgotten(logged):
     lb = MemoryBalancer(forgetAfter=60)
     downAfterRegistering(lb)
@@ -382,10 +394,7 @@ def test_a_forgotten_channel_does_not_speak_for_a_new_backend_of_its_name(logged
     # would be). The old channel closing, or its silence, is not the new
     # one's: it stays up.
     lb = MemoryBalancer(forgetAfter=60)
-    hung = downAfterRegistering(lb, close=False)
-    lb.clock.advance(3)  # the heartbeat timeout: down, channel still open
-    lb.clock.advance(60)
-    assert "pod" not in lb.pool
+    hung = forgottenWhileHung(lb)
     lb.pool.register("pod", "127.0.0.1", 9100, 10, 0, 0.0, static=True)
     hung.transport.loseConnection()
     lb.flush()
@@ -395,10 +404,7 @@ def test_a_forgotten_channel_does_not_speak_for_a_new_backend_of_its_name(logged
 
 def test_a_forgotten_channel_may_register_under_another_name(logged):
     lb = MemoryBalancer(forgetAfter=60)
-    hung = downAfterRegistering(lb, close=False)
-    lb.clock.advance(3)  # the heartbeat timeout: down, channel still open
-    lb.clock.advance(60)
-    assert "pod" not in lb.pool
+    hung = forgottenWhileHung(lb)
     answer = result(register(hung, name="pod-2", port=9001), lb)
     assert "mark" in answer, answer
     assert lb.pool.get("pod-2").state is State.UP and "pod" not in lb.pool
