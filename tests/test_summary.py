@@ -44,6 +44,20 @@ def test_stopping_tells_what_is_pending_at_once():
     assert len(told) == 2
 
 
+def test_a_line_names_the_newest_example_of_what_it_sums():
+    # One client among a thousand refused is what the line shows: the
+    # newest, as it stands when the line is told.
+    clock = Clock()
+    told = []
+    summary = Summary(clock, lambda counts, seconds: told.append((sum(counts.values()), summary.last)))
+    assert summary.last is None
+    summary.count("refused", example="10.0.0.1")
+    summary.count("refused", example="10.0.0.2")
+    summary.count("refused")  # no example: the one before stands
+    clock.advance(1)
+    assert told == [(1, "10.0.0.1"), (2, "10.0.0.2")]
+
+
 def test_window_text():
     assert window(0.0) == "just now"
     assert window(1.25) == "in the last 1.2 s"

@@ -23,6 +23,10 @@ class Summary:
     Counts told to C{emit} at most once per C{interval} seconds of C{clock}:
     the first at once, what comes later summed and told when the interval is
     over (so the last of a burst is told too, not kept until the next).
+
+    @ivar last: the newest example counted (C{count(..., example=...)}):
+        what C{emit} says of one event among those summed; C{None} until
+        one is given.
     """
 
     def __init__(self, clock, emit: Emit, interval: float = 1.0) -> None:
@@ -32,6 +36,7 @@ class Summary:
         self.counts: Dict[str, int] = {}
         self._last: Optional[float] = None
         self._call = None
+        self.last: object = None
 
     def add(self, **counts: int) -> None:
         """
@@ -40,10 +45,13 @@ class Summary:
         for key, n in counts.items():
             self.count(key, n)
 
-    def count(self, key: str, n: int = 1) -> None:
+    def count(self, key: str, n: int = 1, example: object = None) -> None:
         """
-        Count C{n} of C{key} (any string: a reason, a backend's name).
+        Count C{n} of C{key} (any string: a reason, a backend's name);
+        C{example}, when given, becomes L{last}.
         """
+        if example is not None:
+            self.last = example
         self.counts[key] = self.counts.get(key, 0) + n
         if self._call is not None:
             return

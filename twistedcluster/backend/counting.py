@@ -254,7 +254,6 @@ class CountingFactory(Factory):
     #: in C{onChange}); a subclass that needs only the count turns it off.
     notesWrites = True
     _refusals: Optional[Summary] = None
-    _lastRefusal = ("?", "")
 
     def __init__(
         self,
@@ -302,11 +301,10 @@ class CountingFactory(Factory):
         """
         if self._refusals is None:
             self._refusals = Summary(self.clock, self._reportRefusals)
-        self._lastRefusal = (client, why)
-        self._refusals.count("refused")
+        self._refusals.count("refused", example=(client, why))
 
     def _reportRefusals(self, counts: Dict[str, int], seconds: float) -> None:
-        client, why = self._lastRefusal
+        client, why = self._refusals.last
         log.warn(
             "backend: closing client {client}: {why}; {count} client(s) closed "
             "for their PROXY header {window}",

@@ -380,8 +380,10 @@ class ProxyServer(AwaitsHandshake, Relay):
 
     def handshakeTimedOut(self, timeout: float) -> None:
         factory = self.factory
-        factory._lastClosed = (peerText(self.transport), f"no TLS handshake within {timeout:g} s")
-        factory._closed.count("no TLS handshake in time")
+        factory._closed.count(
+            "no TLS handshake in time",
+            example=(peerText(self.transport), f"no TLS handshake within {timeout:g} s"),
+        )
 
     def _awaitHeader(self) -> None:
         """
@@ -610,8 +612,9 @@ class ProxyServer(AwaitsHandshake, Relay):
         )
         if local:
             # As many as clients come, under a flood: summed.
-            factory._lastNoSocket = (name, attempt.host, attempt.port, errorText(reason))
-            factory._noSocket.count("no socket")
+            factory._noSocket.count(
+                "no socket", example=(name, attempt.host, attempt.port, errorText(reason))
+            )
         else:
             log.warn(
                 "proxy: connect to backend {backend} failed "
@@ -638,8 +641,7 @@ class ProxyServer(AwaitsHandshake, Relay):
         if self._end is None:
             self._end = end or getattr(why, "end", None) or ends.NO_BACKEND
         factory = self.factory
-        factory._lastClosed = (peerText(self.transport), detail or why)
-        factory._closed.count(why)
+        factory._closed.count(why, example=(peerText(self.transport), detail or why))
         self.transport.loseConnection()
 
     def connectionLost(self, reason) -> None:
@@ -777,9 +779,7 @@ class ProxyFactory(Factory):
         self._idle: Optional[defer.Deferred] = None
         # What a flood would log once per client, summed once a second.
         self._noSocket = Summary(reactor, self._reportNoSocket)
-        self._lastNoSocket: Tuple[str, str, int, str] = ("?", "?", 0, "")
         self._closed = Summary(reactor, self._reportClosed)
-        self._lastClosed: Tuple[str, str] = ("?", "")
 
     def buildProtocol(self, addr):
         limit = self.limit
@@ -821,7 +821,7 @@ class ProxyFactory(Factory):
             idle.callback(None)
 
     def _reportNoSocket(self, counts: Dict[str, int], seconds: float) -> None:
-        name, host, port, error = self._lastNoSocket
+        name, host, port, error = self._noSocket.last
         log.warn(
             "proxy: no socket for a connect to backend {backend}: {error}; "
             "not counted against the backends, trying others ({count} such "
@@ -836,7 +836,7 @@ class ProxyFactory(Factory):
         )
 
     def _reportClosed(self, counts: Dict[str, int], seconds: float) -> None:
-        client, why = self._lastClosed
+        client, why = self._closed.last
         log.warn(
             "proxy: closing client {client}: {why}; {count} client(s) closed "
             "{window} ({reasons})",

@@ -409,7 +409,6 @@ class GuardedFactory(Factory):
         self.waiting: Dict[GuardedAMP, None] = {}
         # A flood of connections is one line a second, not one each.
         self._refusals = Summary(clock, self._tellRefusals)
-        self._lastRefusal = ("?", "")
 
     def buildProtocol(self, addr):
         if len(self.open) >= self.maxConnections and self.waiting:
@@ -417,8 +416,9 @@ class GuardedFactory(Factory):
         if len(self.open) >= self.maxConnections:
             self._evictIdle(addr)
         if len(self.open) >= self.maxConnections:
-            self._lastRefusal = (_addressText(addr), f"{self.maxConnections} connections open")
-            self._refusals.count("refused")
+            self._refusals.count(
+                "refused", example=(_addressText(addr), f"{self.maxConnections} connections open")
+            )
             return None
         p = self.makeProtocol()
         p.factory = p.guard = self
@@ -432,7 +432,7 @@ class GuardedFactory(Factory):
         """
 
     def _tellRefusals(self, counts: Dict[str, int], seconds: float) -> None:
-        peer, why = self._lastRefusal
+        peer, why = self._refusals.last
         self.log.warn(
             "{channel} listener: closing {peer}: {why} ({refused} refused, "
             "{evicted} closed to make room {window})",
@@ -462,12 +462,14 @@ class GuardedFactory(Factory):
         """
         self.open.discard(victim)
         self.waiting.pop(victim, None)
-        self._lastRefusal = (
-            victim.peerText(),
-            f"listener full ({self.maxConnections} connections), {why}, to let "
-            f"{_addressText(addr)} in",
+        self._refusals.count(
+            "evicted",
+            example=(
+                victim.peerText(),
+                f"listener full ({self.maxConnections} connections), {why}, to let "
+                f"{_addressText(addr)} in",
+            ),
         )
-        self._refusals.count("evicted")
         victim._cancelAdmissionTimer()
         victim._close(abort=True)
 

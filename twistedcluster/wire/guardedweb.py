@@ -105,7 +105,6 @@ class GuardedSite(server.Site):
         self.maxConnections = maxConnections
         self.open = 0
         self._refused = Summary(clock, self._tellRefused)
-        self._lastRefused = "?"
 
     def log(self, request) -> None:  # type: ignore[override]
         """
@@ -114,8 +113,9 @@ class GuardedSite(server.Site):
 
     def buildProtocol(self, addr):
         if self.open >= self.maxConnections:
-            self._lastRefused = f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
-            self._refused.count("refused")
+            self._refused.count(
+                "refused", example=f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
+            )
             return None
         p = server.Site.buildProtocol(self, addr)
         self.open += 1
@@ -133,7 +133,7 @@ class GuardedSite(server.Site):
             "{what} listener: refusing {peer}: {limit} connections open "
             "({count} refused {window})",
             what=self.what,
-            peer=self._lastRefused,
+            peer=self._refused.last,
             limit=self.maxConnections,
             count=sum(counts.values()),
             window=window(seconds),
