@@ -7,6 +7,7 @@ import socket
 
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 
@@ -45,6 +46,16 @@ def exchange(port, data, timeout=10.0):
         s.close()
 
 
+def ended(s):
+    """
+    Whether the server has closed C{s} (an end of file or a reset).
+    """
+    try:
+        return s.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_page_is_served_and_an_idle_connection_closed():
     site = GuardedSite(Page(), reactor, timeout=0.3)
@@ -71,7 +82,7 @@ async def test_connections_past_the_bound_are_closed_at_once_and_summed(logged):
             for _ in range(5):
                 assert await deferToThread(exchange, port, b"GET / HTTP/1.0\r\n\r\n") == b""
             assert site.open == 3
-            lines = [line for line in logged if "metrics listener: refusing" in line]
+            lines = [line for line in logged if "metrics listener: closing" in line]
             assert lines and "3 connections open" in lines[0]
         finally:
             for s in held:
@@ -79,6 +90,42 @@ async def test_connections_past_the_bound_are_closed_at_once_and_summed(logged):
         await until(lambda: site.open == 0, what="all closed")
         got = await deferToThread(exchange, port, b"GET / HTTP/1.0\r\n\r\n")
         assert got.endswith(b"page\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_listener_lets_a_newcomer_in_in_place_of_the_idlest(logged):
+    # A peer holding every place must not keep a scraper out for the whole
+    # idle timeout: past evictAfter, the connection idle the longest makes
+    # room; one that has just sent something stays.
+    site = GuardedSite(Page(), reactor, maxConnections=2, evictAfter=0.5)
+    async with listening(site) as port:
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        busy = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            await until(lambda: site.open == 2, what="two open")
+            # Too soon: the newcomer is closed, the two stay.
+            assert await deferToThread(exchange, port, b"GET / HTTP/1.0\r\n\r\n") == b""
+            await deferLater(reactor, 0.6, lambda: None)
+            busy.sendall(b"GET / HTTP/1.0\r\n")
+            def received():
+                times = [at for at, _ in site._active.values()]
+                return max(times) - min(times) >= 0.5
+
+            await until(received, what="the busy one's request line read")
+            got = await deferToThread(exchange, port, b"GET / HTTP/1.0\r\n\r\n")
+            assert got.endswith(b"page\n")
+            assert await deferToThread(ended, idle)
+            busy.sendall(b"\r\n")
+            got = await deferToThread(busy.recv, 65536)
+            assert got.startswith(b"HTTP/1.0 200")
+            # Summed with the refusal before it: told once its second is over.
+            await until(
+                lambda: any("idle for" in line and "1 closed to make room" in line for line in logged),
+                what="the eviction logged",
+            )
+        finally:
+            idle.close()
+            busy.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -9,9 +9,12 @@ temporary file) before the page is asked.  A scraper needs none of that: a
 local peer holding a thousand idle connections took every file descriptor
 of the balancer, and with them its control and admin listeners and its
 clients.  L{GuardedSite} closes a connection idle for L{IDLE_TIMEOUT},
-keeps at most L{MAX_CONNECTIONS} open (more are closed at once, summed in
-one log line a second), and refuses a body over L{MAX_BODY} before storing
-it (no page here reads one).
+keeps at most L{MAX_CONNECTIONS} open, and refuses a body over L{MAX_BODY}
+before storing it (no page here reads one).  When it is full, a newcomer
+takes the place of the connection idle the longest, if that one has been
+idle for L{IDLE_BEFORE_EVICTION} (a peer holding every place must not keep
+a scraper out); else the newcomer is closed at once.  Both are summed in
+one log line a second.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from twisted.web import server
 
 from twistedcluster.summary import Summary, window
 
-__all__ = ["GuardedSite", "IDLE_TIMEOUT", "MAX_BODY", "MAX_CONNECTIONS"]
+__all__ = ["GuardedSite", "IDLE_BEFORE_EVICTION", "IDLE_TIMEOUT", "MAX_BODY", "MAX_CONNECTIONS"]
 
 _log = Logger()
 
@@ -33,6 +36,9 @@ _log = Logger()
 IDLE_TIMEOUT = 60.0
 #: Connections open at once: scrapers, health checkers and browsers are few.
 MAX_CONNECTIONS = 128
+#: Seconds a connection must have been idle (nothing received) to be closed for a newcomer when every place is taken: as the
+#: admin listener does (L{twistedcluster.balancer.admin.IDLE_BEFORE_EVICTION}).
+IDLE_BEFORE_EVICTION = 5.0
 #: The largest request body taken (no page reads one).
 MAX_BODY = 64 * 1024
 
@@ -86,7 +92,8 @@ class GuardedSite(server.Site):
     bodies (see the module's docstring).
 
     @param what: the listener's name in log lines (C{"metrics"}).
-    @ivar open: the connections open now.
+    @param evictAfter: seconds of idleness after which a connection may be
+        closed to let a newcomer in when the listener is full.
     """
 
     noisy = False
@@ -99,12 +106,23 @@ class GuardedSite(server.Site):
         what: str = "metrics",
         maxConnections: int = MAX_CONNECTIONS,
         timeout: float = IDLE_TIMEOUT,
+        evictAfter: float = IDLE_BEFORE_EVICTION,
     ) -> None:
         server.Site.__init__(self, resource, timeout=timeout, reactor=clock)
         self.what = what
+        self.clock = clock
         self.maxConnections = maxConnections
-        self.open = 0
+        self.evictAfter = evictAfter
+        #: Each connection open now, with when it last received anything.
+        self._active: Dict[object, list] = {}
         self._refused = Summary(clock, self._tellRefused)
+
+    @property
+    def open(self) -> int:
+        """
+        The connections open now (one closed to make room no longer counts).
+        """
+        return len(self._active)
 
     def log(self, request) -> None:  # type: ignore[override]
         """
@@ -112,33 +130,76 @@ class GuardedSite(server.Site):
         """
 
     def buildProtocol(self, addr):
-        if self.open >= self.maxConnections:
+        peer = _addressText(addr)
+        if len(self._active) >= self.maxConnections and not self._evictIdlest(peer):
             self._refused.count(
-                "refused", example=f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
+                "refused", example=(peer, f"{self.maxConnections} connections open")
             )
             return None
         p = server.Site.buildProtocol(self, addr)
-        self.open += 1
-        lost = p.connectionLost
+        # Each place: when it last received anything, and its transport.
+        place = self._active[p] = [self.clock.seconds(), None]
+        now = self.clock.seconds
+        made, received, lost = p.makeConnection, p.dataReceived, p.connectionLost
 
-        def connectionLost(reason, lost=lost):
-            self.open -= 1
+        def makeConnection(transport, made=made):
+            place[1] = transport
+            return made(transport)
+
+        def dataReceived(data, received=received):
+            place[0] = now()
+            return received(data)
+
+        def connectionLost(reason, lost=lost, active=self._active):
+            active.pop(p, None)
             return lost(reason)
 
+        p.makeConnection = makeConnection
+        p.dataReceived = dataReceived
         p.connectionLost = connectionLost
         return p
 
+    def _evictIdlest(self, peer: str) -> bool:
+        """
+        Close the connection idle the longest, if it is idle enough (nothing
+        received for L{evictAfter} seconds: the pages here are answered as
+        soon as asked), to make room for C{peer}; whether one was.
+        """
+        places = [(at, p, t) for p, (at, t) in self._active.items() if t is not None]
+        if not places:
+            return False
+        at, idlest, transport = min(places, key=lambda place: place[0])
+        seconds = self.clock.seconds() - at
+        if seconds < self.evictAfter:
+            return False
+        del self._active[idlest]
+        self._refused.count(
+            "evicted",
+            example=(
+                _addressText(transport.getPeer()),
+                f"listener full, idle for {seconds:.0f} s, to let {peer} in",
+            ),
+        )
+        transport.abortConnection()
+        return True
+
     def _tellRefused(self, counts: Dict[str, int], seconds: float) -> None:
+        peer, why = self._refused.last
         _log.warn(
-            "{what} listener: refusing {peer}: {limit} connections open "
-            "({count} refused {window})",
+            "{what} listener: closing {peer}: {why} ({refused} refused, "
+            "{evicted} closed to make room {window})",
             what=self.what,
-            peer=self._refused.last,
-            limit=self.maxConnections,
-            count=sum(counts.values()),
+            peer=peer,
+            why=why,
+            refused=counts.get("refused", 0),
+            evicted=counts.get("evicted", 0),
             window=window(seconds),
         )
 
     def stopFactory(self) -> None:
         self._refused.stop()
         server.Site.stopFactory(self)
+
+
+def _addressText(addr) -> str:
+    return f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
