@@ -11,9 +11,10 @@ of the balancer, and with them its control and admin listeners and its
 clients.  L{GuardedSite} closes a connection idle for L{IDLE_TIMEOUT},
 keeps at most L{MAX_CONNECTIONS} open, and refuses a body over L{MAX_BODY}
 before storing it (no page here reads one).  When it is full, a newcomer
-takes the place of the connection idle the longest, if that one has been
-idle for L{IDLE_BEFORE_EVICTION} (a peer holding every place must not keep
-a scraper out); else the newcomer is closed at once.  Both are summed in
+takes the place of the connection that has made no request for the
+longest, if that is L{IDLE_BEFORE_EVICTION} or more (a peer holding every
+place, idle or trickling a request byte by byte, must not keep a scraper
+out); else the newcomer is closed at once.  Both are summed in
 one log line a second.
 """
 
@@ -83,6 +84,9 @@ class _BoundedRequest(server.Request):
     def requestReceived(self, command, path, version) -> None:
         if self._refused:
             return
+        site = getattr(self.channel, "site", None)
+        if isinstance(site, GuardedSite):
+            site._requested(self.channel.transport)
         server.Request.requestReceived(self, command, path, version)
 
 
@@ -113,8 +117,9 @@ class GuardedSite(server.Site):
         self.clock = clock
         self.maxConnections = maxConnections
         self.evictAfter = evictAfter
-        #: Each connection open now, with when it last received anything.
-        self._active: Dict[object, list] = {}
+        #: The transport of each connection open now, with when it last
+        #: made a whole request (or opened).
+        self._active: Dict[object, float] = {}
         self._refused = Summary(clock, self._tellRefused)
 
     @property
@@ -137,47 +142,50 @@ class GuardedSite(server.Site):
             )
             return None
         p = server.Site.buildProtocol(self, addr)
-        # Each place: when it last received anything, and its transport.
-        place = self._active[p] = [self.clock.seconds(), None]
-        now = self.clock.seconds
-        made, received, lost = p.makeConnection, p.dataReceived, p.connectionLost
+        made, lost = p.makeConnection, p.connectionLost
+        active, now = self._active, self.clock.seconds
+        place = []
 
         def makeConnection(transport, made=made):
-            place[1] = transport
+            # Made as soon as built, in the same call: counted from here.
+            place.append(transport)
+            active[transport] = now()
             return made(transport)
 
-        def dataReceived(data, received=received):
-            place[0] = now()
-            return received(data)
-
-        def connectionLost(reason, lost=lost, active=self._active):
-            active.pop(p, None)
+        def connectionLost(reason, lost=lost):
+            if place:
+                active.pop(place[0], None)
             return lost(reason)
 
         p.makeConnection = makeConnection
-        p.dataReceived = dataReceived
         p.connectionLost = connectionLost
         return p
 
+    def _requested(self, transport) -> None:
+        """
+        A whole request came on C{transport}: it is in use.
+        """
+        if transport in self._active:
+            self._active[transport] = self.clock.seconds()
+
     def _evictIdlest(self, peer: str) -> bool:
         """
-        Close the connection idle the longest, if it is idle enough (nothing
-        received for L{evictAfter} seconds: the pages here are answered as
-        soon as asked), to make room for C{peer}; whether one was.
+        Close the connection that has gone without a request the longest, if
+        that is L{evictAfter} seconds or more, to make room for C{peer};
+        whether one was.
         """
-        places = [(at, p, t) for p, (at, t) in self._active.items() if t is not None]
-        if not places:
+        if not self._active:
             return False
-        at, idlest, transport = min(places, key=lambda place: place[0])
+        transport, at = min(self._active.items(), key=lambda item: item[1])
         seconds = self.clock.seconds() - at
         if seconds < self.evictAfter:
             return False
-        del self._active[idlest]
+        del self._active[transport]
         self._refused.count(
             "evicted",
             example=(
                 _addressText(transport.getPeer()),
-                f"listener full, idle for {seconds:.0f} s, to let {peer} in",
+                f"listener full, no request for {seconds:.0f} s, to let {peer} in",
             ),
         )
         transport.abortConnection()
