@@ -192,6 +192,42 @@ def test_a_full_admin_listener_closes_the_connection_idle_the_longest(logged):
     assert any("idle for 6 s" in line and "1 closed to make room" in line for line in lines), logged
 
 
+def test_a_peer_trickling_a_box_keeps_no_place_on_a_full_admin_listener():
+    # Bytes that never make a whole box are not use: a peer sending one
+    # now and then makes room as an idle one does.
+    lb = MemoryBalancer()
+    lb.admin.maxConnections = 1
+    _, trickler, _ = lb.adminChannel()
+    box = amp.AmpBox(_ask=b"1", _command=b"ListBackends").serialize()
+    for i in range(6):
+        lb.clock.advance(1)
+        trickler.dataReceived(box[i:i + 1])
+    _, newcomer, _ = lb.adminChannel()
+    assert trickler.transport.disconnecting
+    assert not newcomer.transport.disconnecting
+
+
+def test_an_admin_change_waiting_on_the_shared_store_keeps_its_place():
+    # A change is answered once saved; the connection waiting for that is
+    # in use however long the store takes, and idle again once answered.
+    saved = defer.Deferred()
+    lb = MemoryBalancer()
+    lb.admin.onChange = lambda **hints: saved
+    lb.admin.maxConnections = 1
+    lb.pool.register("web1", "127.0.0.1", 8001)
+    client, server, _ = lb.adminChannel()
+    answer = client.callRemote(commands.DrainBackend, name="web1")
+    lb.flush()
+    lb.clock.advance(10)
+    assert lb.admin.buildProtocol(None) is None
+    assert not server.transport.disconnecting
+    saved.callback(None)
+    lb.resultOf(answer)
+    lb.clock.advance(5)
+    _, newcomer, _ = lb.adminChannel()
+    assert server.transport.disconnecting and not newcomer.transport.disconnecting
+
+
 def test_a_full_listener_makes_room_by_closing_the_oldest_stranger(logged):
     lb = MemoryBalancer(secret=SECRET)
     lb.admin.maxConnections = 2

@@ -103,16 +103,19 @@ class AdminProtocol(GuardedAMP):
     def __init__(self, factory: "AdminFactory") -> None:
         super().__init__()
         self.factory = factory
-        #: When this peer last sent anything (L{AdminFactory._evictIdle}).
+        #: When this peer last sent a whole box (L{AdminFactory._evictIdle}):
+        #: bytes trickled without one keep no place.
         self.lastActive = factory.clock.seconds()
+        #: Changes still to be answered (saved to the shared store first).
+        self.pending = 0
 
     def connectionMade(self) -> None:
         super().connectionMade()
         _sendWholeAnswers(self.transport)
 
-    def dataReceived(self, data: bytes) -> None:
+    def ampBoxReceived(self, box) -> None:
         self.lastActive = self.factory.clock.seconds()
-        super().dataReceived(data)
+        super().ampBoxReceived(box)
 
     @property
     def _cluster(self) -> Cluster:
@@ -313,7 +316,16 @@ class AdminProtocol(GuardedAMP):
         # What the shared store needs told (forgotten=NAME, policy=NAME).
         d = defer.maybeDeferred(self.factory.onChange, **hints)
         d.addCallbacks(lambda _: answer, notSaved)
+        if not d.called:
+            # Waiting on the shared store: in use until answered.
+            self.pending += 1
+            d.addBoth(self._answered)
         return d
+
+    def _answered(self, result):
+        self.pending -= 1
+        self.lastActive = self.factory.clock.seconds()
+        return result
 
 
 #: Seconds an admin connection must have been idle before it is closed to
@@ -360,11 +372,14 @@ class AdminFactory(GuardedFactory):
     def _evictIdle(self, addr) -> None:
         """
         The listener is full of admitted connections: close the one idle
-        the longest, if it has been idle for L{IDLE_BEFORE_EVICTION} (a
-        script that left its connections open must not lock an operator
-        out; one in use is never cut).
+        the longest (no whole box received), if it has been idle for
+        L{IDLE_BEFORE_EVICTION} (a script that left its connections open,
+        or a peer trickling a box byte by byte, must not lock an operator
+        out; one in use, or waiting for a change's answer, is never cut).
         """
-        idlest = min(self.open, key=lambda p: p.lastActive, default=None)
+        idlest = min(
+            (p for p in self.open if not p.pending), key=lambda p: p.lastActive, default=None
+        )
         if idlest is None:
             return
         idle = self.clock.seconds() - idlest.lastActive
