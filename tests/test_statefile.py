@@ -79,6 +79,13 @@ def test_no_file_yet_is_an_empty_state(tmp_path):
         (json.dumps({"version": 1, "policy": "x", "backends": {}}).encode(), "unknown policy"),
         (json.dumps({"version": 1, "backends": {"a": {"admin": "sleepy"}}}).encode(), "malformed"),
         (json.dumps({"version": 1, "backends": {"a": {"admin": "enabled", "weight": 900, "host": "h", "port": 1}}}).encode(), "malformed"),
+        # Numbers JSON allows and int() does not; a port no backend has;
+        # nesting deeper than json reads: one clear line each, no traceback.
+        (b'{"version": 1, "backends": {"a": {"admin": "enabled", "weight": 1e999, "host": "h", "port": 1}}}', "malformed"),
+        (b'{"version": 1, "backends": {"a": {"admin": "enabled", "weight": 1, "host": "h", "port": 1e999}}}', "malformed"),
+        (b'{"version": 1, "backends": {}, "static": {"x": {"host": "127.0.0.1", "port": 1, "capacity": 1e999}}}', "malformed"),
+        (json.dumps({"version": 1, "backends": {"a": {"admin": "enabled", "weight": 1, "host": "h", "port": 99999999}}}).encode(), "port"),
+        (b"[" * 100000, "nested too deep"),
     ],
 )
 def test_bad_state_files_are_clear_errors(tmp_path, content, message):
@@ -308,3 +315,23 @@ def test_a_static_backends_proxy_header_version_survives_a_restart(tmp_path):
         "x": {"host": "127.0.0.1", "port": 1, "capacity": 1, "sendProxy": "v9"}}}))
     with pytest.raises(statefile.StateFileError, match="malformed"):
         statefile.load(str(bad))
+
+
+@pytest.mark.allow_errors
+def test_a_static_backend_at_this_balancers_own_listener_is_not_restored(tmp_path, logged):
+    # Written by an older version, or taken from the state store: restored,
+    # it would have the balancer relay every client to itself.
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twistedcluster.balancer.healthcheck import TCPHealthChecks
+    from twistedcluster.balancer.selfloop import OwnListeners
+
+    cluster = Cluster()
+    statics = TCPHealthChecks(cluster.pool, MemoryReactorClock(), [])
+    statics.loopsBack = OwnListeners({}, {"proxy": "tcp:8100:interface=127.0.0.1"}).refusal
+    statefile.restoreStatics(statics, {"static": {
+        "loop": {"host": "127.0.0.1", "port": 8100, "capacity": 1},
+        "fine": {"host": "127.0.0.1", "port": 8101, "capacity": 1},
+    }})
+    assert "loop" not in statics.checks and "fine" in statics.checks
+    assert any("static backend loop not added" in line and "own proxy listener" in line for line in logged)

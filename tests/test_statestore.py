@@ -89,6 +89,72 @@ def test_a_key_that_cannot_be_used_is_logged_and_skipped(logged):
     assert sum("cannot apply" in e for e in logged) == 2
 
 
+@pytest.mark.allow_errors
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        # JSON's 1e999 is Python's inf: int() raises OverflowError.
+        ("backends/a", {"host": "h", "port": 1, "admin": "draining", "weight": 1e999}),
+        ("backends/a", {"host": "h", "port": 1e999, "admin": "draining", "weight": 1}),
+        ("backends/a", {"host": "h", "port": 99999999, "admin": "draining", "weight": 1}),
+        ("backends/a", ["not", "a", "dict"]),
+        ("static/s", {"host": "127.0.0.1", "port": 5, "capacity": 1e999}),
+        ("static/s", {"host": "127.0.0.1", "port": float("nan"), "capacity": 1}),
+        ("policy", ["a list"]),
+    ],
+)
+def test_no_value_makes_applying_a_key_raise(logged, key, value):
+    # One key written by hand stopped every balancer's admin changes (the
+    # watch died on it) and every balancer's start (reconcile raised).
+    lb = balancerWith("a")
+    statics = withStatics(lb)
+    applyKey(lb.cluster, statics, key, value)
+    reconcile(lb.cluster, statics, {key: value, "backends/b": {"host": "h", "port": 2, "admin": "disabled", "weight": 3}})
+    assert lb.pool.get("a").state is State.UP and lb.cluster.policyName == "least-load"
+    assert "s" not in lb.pool
+    assert lb.pool.get("b").weight == 3  # the good key still applies
+    assert any("cannot apply" in line for line in logged)
+    statics.stopService()
+
+
+@pytest.mark.allow_errors
+def test_a_key_that_is_not_utf8_is_skipped_and_the_rest_read(logged):
+    import base64
+    import json
+
+    from twistedcluster.balancer.statestore import _decodeKVs
+
+    def kv(key, value):
+        return {"key": base64.b64encode(key).decode(), "value": base64.b64encode(json.dumps(value).encode()).decode()}
+
+    known = _decodeKVs(b"/tc/", [
+        kv(b"/tc/backends/\xff\xfe", {"admin": "draining"}),
+        kv(b"/tc/policy", "round-robin"),
+        {"key": "%%% not base64", "value": ""},
+        kv(b"/tc/backends/deep", None) | {"value": base64.b64encode(b"[" * 100000).decode()},
+    ])
+    assert known == {"policy": "round-robin"}
+    assert sum("not UTF-8" in line for line in logged) == 2
+    assert any("deep is not JSON" in line for line in logged)
+
+
+@pytest.mark.allow_errors
+def test_a_static_backend_at_this_balancers_own_listener_is_not_added_from_the_store(logged):
+    # Another balancer took it (not its own address): here it would relay
+    # every client to itself.
+    from twistedcluster.balancer.selfloop import OwnListeners
+
+    lb = balancerWith("a")
+    statics = withStatics(lb)
+    statics.loopsBack = OwnListeners({}, {"proxy": "tcp:8100:interface=127.0.0.1"}).refusal
+    applyKey(lb.cluster, statics, "static/loop", {"host": "127.0.0.1", "port": 8100, "capacity": 3})
+    applyKey(lb.cluster, statics, "static/fine", {"host": "127.0.0.1", "port": 8101, "capacity": 3})
+    assert "loop" not in lb.pool and "loop" not in statics.checks
+    assert "fine" in statics.checks
+    assert any("static/loop" in line and "own proxy listener" in line for line in logged)
+    statics.stopService()
+
+
 def test_reconcile_makes_the_state_what_the_store_holds():
     lb = balancerWith("a", "b")
     statics = withStatics(lb)

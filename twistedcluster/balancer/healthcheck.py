@@ -37,6 +37,14 @@ class StaticNameTaken(ValueError):
     """
 
 
+class StaticAtOwnListener(ValueError):
+    """
+    A static backend cannot be at this balancer's own proxy or redirect
+    listener (L{twistedcluster.balancer.selfloop}): it would relay every
+    client to itself.
+    """
+
+
 class NotStatic(ValueError):
     """
     Only static backends can be removed; the message says what to do instead.
@@ -168,6 +176,11 @@ class TCPHealthChecks(Service):
         #: its control factory's); a static backend restored from the state
         #: file or the state store does not take such a name.
         self.registered: Callable[[str], bool] = lambda name: False
+        #: Why a backend at (host, port) would be this balancer's own
+        #: listener, or C{None} (the balancer gives its L{OwnListeners}'
+        #: C{refusal}): checked for every static backend added, from the
+        #: command line, an admin, the state file or the state store.
+        self.loopsBack: Callable[[str, int], object] = lambda host, port: None
         #: The state store's static backends not added here for that
         #: reason, by name: their keys, kept in the store.
         self.heldBack: Dict[str, object] = {}
@@ -213,6 +226,7 @@ class TCPHealthChecks(Service):
     def add(self, b: StaticBackend, runtime: bool = True, restoring: bool = False) -> None:
         """
         Add a static backend now (or at start, before L{startService}).
+        L{StaticAtOwnListener} if it is at this balancer's own listener;
         L{StaticNameTaken} if the pool has that name already, unless
         C{restoring} from the state file or the state store (where the pool
         holds the settings restored for it) and no control channel holds
@@ -233,6 +247,9 @@ class TCPHealthChecks(Service):
                 f"channel, serving at {formatHostPort(known.host, known.port)}): "
                 "choose another name, or stop that backend and forget it first"
             )
+        loop = self.loopsBack(b.host, b.port)
+        if loop is not None:
+            raise StaticAtOwnListener(str(loop))
         self.backends[b.name] = b
         self.checks[b.name] = _Check(self, b.name, b.host, b.port)
         if b.sendProxy is not None:

@@ -7,7 +7,7 @@ L{Cluster}; each is a Twisted server endpoint string.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
@@ -825,6 +825,14 @@ def makeService(options: Options, reactor=None):
     )
     statics.setServiceParent(top)
     top.statics = statics  # for embedding and tests
+    listen, parsers = proxyListener(options["listen"])
+    #: role: its listening port once open, for /readyz.
+    openPorts: Dict[str, object] = {}
+    # No backend at this balancer's own proxy or redirect address: it would
+    # relay every client to itself.  Known before any static backend is
+    # restored (state file, state store, takeover), which is then refused.
+    own = OwnListeners(openPorts, {"proxy": listen, "redirect": options["redirect"]})
+    statics.loopsBack = own.refusal
     onChange = None
     if options["state-file"]:
         state = options["state"]
@@ -878,7 +886,6 @@ def makeService(options: Options, reactor=None):
             logFormat=options["access-log-format"],
         )
     traffic = top.traffic = Traffic(accessLog)
-    listen, parsers = proxyListener(options["listen"])
     proxyFactory = proxyFactoryFor(options, cluster, reactor, traffic, parsers)
     if options["backend-tls"] is not None:
         log.info(
@@ -931,11 +938,7 @@ def makeService(options: Options, reactor=None):
         ("control", options["control"], controlFactory),
         ("admin", options["admin"], adminFactory),
     ]
-    #: role: its listening port once open, for /readyz.
-    openPorts = {role: None for role, _, _ in listeners}
-    # No backend at this balancer's own proxy or redirect address: it would
-    # relay every client to itself.
-    own = OwnListeners(openPorts, {"proxy": listen, "redirect": options["redirect"]})
+    openPorts.update({role: None for role, _, _ in listeners})
     controlFactory.ownListeners = adminFactory.ownListeners = own
     for backend in options["backends"]:
         loop = own.refusal(backend.host, backend.port)

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -144,6 +144,8 @@ def load(path: str) -> Dict[str, Any]:
         return {"version": VERSION, "policy": None, "backends": {}, "static": {}}
     except (OSError, ValueError) as e:
         raise StateFileError(f"cannot read state file {path}: {e}") from None
+    except RecursionError:
+        raise StateFileError(f"cannot read state file {path}: nested too deep") from None
     try:
         if data["version"] not in _READABLE:
             raise StateFileError(f"state file {path}: unknown version {data['version']!r}")
@@ -151,11 +153,7 @@ def load(path: str) -> Dict[str, Any]:
         if policy is not None and policy not in POLICIES:
             raise StateFileError(f"state file {path}: unknown policy {policy!r}")
         for name, b in data["backends"].items():
-            AdminState(b["admin"])
-            if not (MIN_WEIGHT <= int(b["weight"]) <= MAX_WEIGHT):
-                raise ValueError(f"weight {b['weight']}")
-            str(b["host"])
-            int(b["port"])
+            backendSetting(b)
         # Written since static backends could be added at runtime; absent
         # from older files.
         data.setdefault("static", {})
@@ -163,9 +161,28 @@ def load(path: str) -> Dict[str, Any]:
             _staticBackend(name, b)
     except StateFileError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
+        # ArithmeticError: a number JSON allows and int() does not (1e999).
         raise StateFileError(f"state file {path} is malformed: {e!r}") from None
     return data
+
+
+def backendSetting(entry: Dict[str, Any]) -> Tuple[str, int, AdminState, int]:
+    """
+    The address, admin state and weight an operator setting of a backend
+    holds (the state file's C{backends}, the state store's C{backends/NAME});
+    C{ValueError} (or C{KeyError}, C{TypeError}, C{ArithmeticError}) when
+    it is malformed.
+    """
+    admin = AdminState(entry["admin"])
+    weight = int(entry["weight"])
+    if not (MIN_WEIGHT <= weight <= MAX_WEIGHT):
+        raise ValueError(f"weight {entry['weight']!r} is not {MIN_WEIGHT}..{MAX_WEIGHT}")
+    host, port = str(entry["host"]), int(entry["port"])
+    if not 0 <= port < 65536:
+        # 0: a backend known only by its settings, before any address.
+        raise ValueError(f"port {entry['port']!r} is not 0..65535")
+    return host, port, admin, weight
 
 
 def staticEntry(b) -> Dict[str, Any]:
@@ -212,7 +229,12 @@ def restoreStatics(statics, data: Dict[str, Any]) -> None:
                 name=name,
             )
             continue
-        statics.add(_staticBackend(name, entry), runtime=True, restoring=True)
+        from twistedcluster.balancer.healthcheck import StaticAtOwnListener
+
+        try:
+            statics.add(_staticBackend(name, entry), runtime=True, restoring=True)
+        except StaticAtOwnListener as e:
+            log.error("state file: static backend {name} not added: {error}", name=name, error=str(e))
 
 
 def restore(cluster: Cluster, data: Dict[str, Any]) -> None:
@@ -235,9 +257,7 @@ def restore(cluster: Cluster, data: Dict[str, Any]) -> None:
                 )
         cluster.setPolicy(policy, chosen=True)
     for name, b in data["backends"].items():
-        cluster.pool.restore(
-            name, str(b["host"]), int(b["port"]), AdminState(b["admin"]), int(b["weight"])
-        )
+        cluster.pool.restore(name, *backendSetting(b))
 
 
 class StateKeeper:

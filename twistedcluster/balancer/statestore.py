@@ -63,7 +63,7 @@ from zope.interface import implementer
 
 from twistedcluster.address import parseHostPort
 from twistedcluster.core.policies import POLICIES
-from twistedcluster.core.pool import DEFAULT_WEIGHT, AdminState, State, validWeight
+from twistedcluster.core.pool import DEFAULT_WEIGHT, AdminState, State
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -271,7 +271,9 @@ def applyKey(cluster, statics, key: str, value: Optional[Any]) -> None:
     """
     Make this balancer's state follow one key of the store (C{value}
     C{None}: the key was deleted).  Idempotent; a value it cannot use is
-    logged and skipped.
+    logged and skipped: it never raises, so that one bad key (written by
+    hand, or by another version) stops neither a balancer's start nor the
+    admin changes of every balancer.
     """
     pool = cluster.pool
     kind, _, name = key.partition("/")
@@ -286,12 +288,14 @@ def applyKey(cluster, statics, key: str, value: Optional[Any]) -> None:
                 cluster.chosenPolicy = value  # an operator's, in force already
         elif kind == "backends" and name:
             if value is not None:
-                admin, weight = AdminState(value["admin"]), validWeight(int(value["weight"]))
+                from twistedcluster.balancer.statefile import backendSetting
+
+                host, port, admin, weight = backendSetting(value)
                 if name in pool:
                     current = pool.get(name)
                     if current.weight == weight and _admin(pool, name) is admin:
                         return
-                pool.restore(name, str(value["host"]), int(value["port"]), admin, weight)
+                pool.restore(name, host, port, admin, weight)
                 log.info(
                     "state store: backend {name} {admin}, weight {weight}",
                     name=name, admin=admin.value, weight=weight,
@@ -336,8 +340,13 @@ def applyKey(cluster, statics, key: str, value: Optional[Any]) -> None:
                 if s.state is State.DOWN and not s.static:
                     pool.remove(name)
                     log.info("state store: backend {name} forgotten", name=name)
-    except (KeyError, TypeError, ValueError) as e:
-        log.error("state store: cannot apply {key}: {error}", key=key, error=repr(e))
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
+        # ArithmeticError: a number JSON allows and int() does not (1e999).
+        log.error("state store: cannot apply {key}: {error}", key=key, error=_errorText(e))
+    except Exception:
+        # Whatever else one key's value makes happen: that key is skipped,
+        # the rest of the store still applies (and the watch goes on).
+        log.failure("state store: cannot apply {key}", key=key)
 
 
 def _admin(pool, name: str) -> AdminState:
@@ -368,12 +377,27 @@ def _order(key: str):
 def _decodeKVs(prefix: bytes, kvs: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
     known = {}
     for kv in kvs:
-        key = base64.b64decode(kv["key"])[len(prefix):].decode("utf-8")
+        key = _decodeKey(prefix, kv)
+        if key is None:
+            continue
         try:
             known[key] = json.loads(base64.b64decode(kv.get("value", "")))
-        except ValueError:
+        except (ValueError, RecursionError):
             log.error("state store: {key} is not JSON; ignored", key=key)
     return known
+
+
+def _decodeKey(prefix: bytes, kv: Dict[str, Any]) -> Optional[str]:
+    """
+    A key's name under the prefix, or C{None} (logged) for one that no
+    balancer wrote: not UTF-8, or not base64.
+    """
+    raw = kv.get("key", "")
+    try:
+        return base64.b64decode(raw)[len(prefix):].decode("utf-8")
+    except (ValueError, TypeError):
+        log.error("state store: a key under the prefix is not UTF-8 ({raw!r}); ignored", raw=raw)
+        return None
 
 
 def _sslContext(tlsText: str):
@@ -765,12 +789,14 @@ class EtcdStateStore(Service):
             created.callback(None)
         for event in result.get("events", ()):
             kv = event.get("kv", {})
-            key = base64.b64decode(kv.get("key", ""))[len(self._prefix):].decode("utf-8")
+            key = _decodeKey(self._prefix, kv)
+            if key is None:
+                continue
             value: Optional[Any] = None
             if event.get("type", "PUT") == "PUT":
                 try:
                     value = json.loads(base64.b64decode(kv.get("value", "")))
-                except ValueError:
+                except (ValueError, RecursionError):
                     log.error("state store: {key} is not JSON; ignored", key=key)
                     continue
                 self.known[key] = value
