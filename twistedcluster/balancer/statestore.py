@@ -394,9 +394,14 @@ def _decodeKey(prefix: bytes, kv: Dict[str, Any]) -> Optional[str]:
     """
     raw = kv.get("key", "")
     try:
-        return base64.b64decode(raw)[len(prefix):].decode("utf-8")
+        key = base64.b64decode(raw)
     except (ValueError, TypeError):
-        log.error("state store: a key under the prefix is not UTF-8 ({raw!r}); ignored", raw=raw)
+        log.error("state store: a key etcd sent is not base64 ({raw!r}); ignored", raw=raw)
+        return None
+    try:
+        return key[len(prefix):].decode("utf-8")
+    except ValueError:
+        log.error("state store: key {key!r} is not UTF-8; ignored", key=key)
         return None
 
 
