@@ -314,13 +314,18 @@ def applyKey(cluster, statics, key: str, value: Optional[Any]) -> None:
                 if name not in statics.added:
                     if name in statics.checks:
                         raise ValueError("a --backend of that name is given here")
-                    from twistedcluster.balancer.healthcheck import StaticNameTaken
+                    from twistedcluster.balancer.healthcheck import (
+                        StaticAtOwnListener,
+                        StaticNameTaken,
+                    )
 
                     try:
                         statics.add(b, runtime=True, restoring=True)
-                    except StaticNameTaken as e:
-                        # A backend registered here under that name: the
-                        # first to take a name keeps it.
+                    except (StaticNameTaken, StaticAtOwnListener) as e:
+                        # A backend registered here under that name (the
+                        # first to take a name keeps it), or one at this
+                        # balancer's own listener: not here, but still the
+                        # cluster's (a write from here keeps the key).
                         log.warn(
                             "state store: static backend {name} not added here: {error}",
                             name=name,
