@@ -6,6 +6,9 @@ etcd is in tests/test_e2e_statestore.py.
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
 
 from tests.test_admin import balancerWith, withStatics
 from twistedcluster.balancer.staticbackend import StaticBackend
@@ -413,3 +416,39 @@ def test_a_static_backends_proxy_header_version_is_in_its_key():
     assert "old" in other.pool and "old" not in otherStatics.sendProxyFor
     statics.stopService()
     otherStatics.stopService()
+
+
+@pytest.mark.parametrize(
+    "error, maybeTaken",
+    [
+        (lambda: ConnectionRefusedError(), False),
+        (lambda: ValueError("HTTP 400: etcdserver: too many operations in txn request"), False),
+        (lambda: defer.CancelledError(), True),  # REQUEST_TIMEOUT
+        (lambda: ResponseNeverReceived([Failure(ConnectionLost())]), True),
+    ],
+)
+def test_a_change_etcd_may_have_taken_is_not_said_to_be_undone(error, maybeTaken):
+    # A write that got no answer may have been committed: etcd's watch then
+    # brings it to every balancer, so "undone" would be untrue.
+    store = scriptedStore([], credentials=None)
+
+    async def request(path, message):
+        raise error()
+
+    store._request = request
+    store.watching = True
+    store.cluster.pool.setAdminState("a", AdminState.DRAINING)
+    failure = []
+    store().addErrback(failure.append)
+    [f] = failure
+    assert f.check(StoreUnavailable)
+    message = f.getErrorMessage()
+    if maybeTaken:
+        assert "did not say whether it took the change" in message and "look with status" in message
+        assert "undone" not in message
+    else:
+        assert "which is undone" in message
+    assert ("no answer in time" in message) == isinstance(error(), defer.CancelledError)
+    # Either way this balancer holds what the store last had, until the
+    # watch says otherwise.
+    assert store.cluster.pool.get("a").state is State.UP

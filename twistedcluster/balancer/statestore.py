@@ -55,6 +55,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -96,7 +97,12 @@ EXIT_STORE_AUTH = 78
 class StoreUnavailable(Exception):
     """
     The state store cannot take a change now; the message says why.
+
+    @ivar maybeTaken: whether a request went to etcd and no answer came (a
+        timeout, a connection lost): etcd may have taken it all the same.
     """
+
+    maybeTaken = False
 
 
 class StoreAuthFailed(StoreUnavailable):
@@ -660,6 +666,7 @@ class EtcdStateStore(Service):
         expired.
         """
         errors = []
+        maybeTaken = False
         for _ in range(len(self.members)):
             try:
                 if self.credentials is not None and self._token is None:
@@ -681,9 +688,15 @@ class EtcdStateStore(Service):
             except StoreAuthFailed:
                 raise
             except Exception as e:
+                # Not connected, or etcd's own answer: it took nothing.
+                # Anything else (no answer in time, the connection lost)
+                # leaves it unknown.
+                maybeTaken = maybeTaken or not isinstance(e, (ConnectError, ValueError))
                 errors.append(f"{self._describeMember()}: {_errorText(e)}")
                 self._member += 1
-        raise StoreUnavailable("etcd unreachable (" + "; ".join(errors) + ")")
+        unavailable = StoreUnavailable("etcd unreachable (" + "; ".join(errors) + ")")
+        unavailable.maybeTaken = maybeTaken
+        raise unavailable
 
     async def _request(self, path: str, message: Dict[str, Any]) -> Tuple[int, Dict[str, Any]]:
         """
@@ -892,6 +905,15 @@ class EtcdStateStore(Service):
                 # A member that holds the watch but cannot take a write (cut
                 # off from the others, or hung): watch another one.
                 self._watchBody.stopProducing()
+            if e.maybeTaken:
+                # The watch tells what etcd did: if it took the change,
+                # every balancer (this one too) applies it in a moment.
+                raise StoreUnavailable(
+                    f"the state store did not say whether it took the change ({e}): "
+                    "this balancer keeps the state the store last had, and follows "
+                    "the store; if etcd took it, every balancer applies it in a "
+                    "moment: look with status before trying again"
+                ) from None
             raise StoreUnavailable(
                 f"the state store could not take the change, which is undone: {e}"
             ) from None
@@ -921,7 +943,8 @@ def _errorText(e: BaseException) -> str:
     reasons = getattr(e, "reasons", None)
     if reasons:
         return _errorText(reasons[0].value)
-    if isinstance(e, defer.TimeoutError):
+    if isinstance(e, (defer.TimeoutError, defer.CancelledError)):
+        # Requests are cancelled only by their timeout (REQUEST_TIMEOUT).
         return "no answer in time"
     text = str(e) or type(e).__name__
     return text.splitlines()[0][:300]
