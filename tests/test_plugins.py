@@ -118,6 +118,25 @@ def test_port_in_use_exits_with_the_reason(tmp_path):
     assert "address already in use" in r.stdout + r.stderr
 
 
+def test_options_the_service_cannot_use_are_one_line_not_a_traceback(tmp_path):
+    # Found by makeService (after twistd parsed the options): twistd itself
+    # would print a traceback.  A takeover refused is one of these.
+    for plugin, args, message in [
+        ("cluster-balancer", ["--listen=tcp:18000:interface=127.0.0.1", "--backend=127.0.0.1:18000"],
+         "cluster-balancer: --backend 127.0.0.1:18000: 127.0.0.1:18000 is this balancer's own proxy listener"),
+    ]:
+        r = subprocess.run(
+            twistdCommand(plugin, [
+                "--control=tcp:0:interface=127.0.0.1", "--admin=tcp:0:interface=127.0.0.1", *args,
+            ]),
+            capture_output=True, text=True, timeout=60,
+        )
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "Traceback" not in r.stdout + r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), r.stderr
+
+
 @pytest.mark.parametrize(
     "service, expected",
     [("echo", "LeanEPollReactor"), ("twistedcluster.backend.echo.echoFactory", "EPollReactor")],

@@ -97,6 +97,13 @@ async def test_listeners_and_state_are_handed_over(shortDir):
     await until(lambda: not handover.busy, 10, "the old side to see the new one gone")
     assert old.connected and not stopped
     inh = await threads.deferToThread(takeover.inherit, path)
+    # A second new process while this one is under way is refused, saying
+    # so; its going does not end the first one's handover.
+    with pytest.raises(takeover.TakeoverError, match="handing its listeners to another new process"):
+        await threads.deferToThread(takeover.inherit, path)
+    with pytest.raises(takeover.TakeoverError, match="handing its listeners to another new process"):
+        await threads.deferToThread(takeover.inherit, path)
+    assert handover.busy
     endpoint = inh.take("proxy", "tcp:0", reactor)
     assert endpoint is not None
     adopted = await endpoint.listen(taggedFactory(b"new"))

@@ -360,10 +360,16 @@ class _Giver(LineOnlyReceiver):
         if line == _ASK and not self._asked:
             self._asked = True
             if handover.done or handover.busy:
-                self._answer({"error": "this balancer has handed its listeners over already"})
+                why = (
+                    "this balancer has handed its listeners over already"
+                    if handover.done
+                    else "this balancer is handing its listeners to another new process "
+                    "now (which has yet to say ready); try again if that one fails"
+                )
+                self._answer({"error": why})
                 self.transport.loseConnection()
                 return
-            handover.busy = True
+            handover.busy = self._handing = True
             listeners, state = handover.describe()
             for r in listeners:
                 self.transport.sendFileDescriptor(r.pop("fd"))
@@ -373,7 +379,7 @@ class _Giver(LineOnlyReceiver):
                 "waiting for it to say ready",
                 n=len(listeners),
             )
-        elif line == _READY and self._asked and handover.busy:
+        elif line == _READY and self._handing:
             self._ready = True
             handover.release()
             self.transport.loseConnection()
@@ -381,13 +387,16 @@ class _Giver(LineOnlyReceiver):
             self.transport.loseConnection()
 
     _ready = False
+    #: Whether this is the new process the listeners went to (a second one,
+    #: refused meanwhile, must not end that handover when it goes).
+    _handing = False
 
     def _answer(self, value: Dict[str, Any]) -> None:
         self.transport.write(json.dumps(value).encode("utf-8") + b"\n")
 
     def connectionLost(self, reason) -> None:
         handover = self.factory.handover
-        if self._asked and not self._ready and handover.busy and not handover.done:
+        if self._handing and not self._ready and not handover.done:
             handover.busy = False
             log.warn(
                 "takeover: the new process went away before it was ready; "
