@@ -129,3 +129,145 @@ def test_bad_backend_tls_values_are_refused_clearly(value, why):
     with pytest.raises(usage.UsageError) as e:
         Options().parseOptions([f"--backend-tls={value}"])
     assert "--backend-tls" in str(e.value) and why in str(e.value)
+
+
+class ThreadServer:
+    """
+    A backend of the standard library's own (OpenSSL's TLS, not Twisted's),
+    one thread per connection: C{serve(sock)} runs for each accepted socket.
+    Connections that fail before serving (the balancer's health checks, which
+    connect and close) are ignored.
+    """
+
+    def __init__(self, serve):
+        import threading
+
+        self.serve = serve
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.seen = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(sock,), daemon=True).start()
+
+    def _one(self, sock):
+        try:
+            with sock:
+                sock.settimeout(10)
+                self.seen.append(self.serve(sock))
+        except (OSError, ValueError):
+            pass
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_clients_end_reaches_a_tls_backend_as_a_close_notify(cluster, pki):
+    # A plain client sends its request and ends its side (SHUT_WR); the
+    # backend, over TLS, must read that as TLS's end (close_notify), not as
+    # a truncated stream, and answer. Before, the balancer shut TCP down
+    # beneath TLS: OpenSSL backends saw an unexpected EOF, and the balancer
+    # blamed them for resets until it took them out.
+    import hashlib
+
+    key, cert = pki["good"]
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+
+    def digestUntilEnd(sock):
+        tls = server.wrap_socket(sock, server_side=True, suppress_ragged_eofs=False)
+        digest = hashlib.sha256()
+        try:
+            while True:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                digest.update(chunk)
+        except ssl.SSLEOFError:
+            return "truncated"
+        tls.sendall(digest.hexdigest().encode())
+        tls.unwrap()
+        return "ended"
+
+    backend = ThreadServer(digestUntilEnd)
+    try:
+        cluster.startBalancer(extra=[
+            f"--backend-tls=ca={pki['ca']}", f"--backend=digest=127.0.0.1:{backend.port}",
+            "--eject-after=1",
+        ])
+        cluster.waitUp(["digest"])
+        payload = b"request " * 12500
+        for _ in range(6):
+            with socket.create_connection(("127.0.0.1", cluster.port), timeout=10) as s:
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)
+                got = b""
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+            assert got == hashlib.sha256(payload).hexdigest().encode()
+        assert "truncated" not in backend.seen and backend.seen.count("ended") == 6
+        log = cluster.processes["balancer"].logText()
+        assert "before sending anything" not in log and "taken out" not in log
+        assert cluster.status()["digest"]["state"] == "up"
+    finally:
+        backend.close()
+
+
+def test_a_backends_end_reaches_a_tls_client_as_a_close_notify(cluster, pki):
+    # The other way: the backend answers and closes (HTTP/1.0 style); the
+    # TLS client must see TLS's end, not a truncation, and its own
+    # close_notify in return is no error. Its ClientHello offers ALPN, as
+    # curl's and browsers' do: the listener, which speaks no application
+    # protocol, completes the handshake choosing none.
+    def answerAndClose(sock):
+        request = b""
+        while not request.endswith(b"\n"):
+            chunk = sock.recv(100)
+            if not chunk:
+                return "no request"
+            request += chunk
+        sock.sendall(b"answer to " + request)
+        return "answered"
+
+    backend = ThreadServer(answerAndClose)
+    key, cert = pki["proxy"]
+    port = freePort()
+    try:
+        cluster.startBalancer(port=port, extra=[
+            f"--listen=ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+            f"--backend=plain=127.0.0.1:{backend.port}",
+        ])
+        cluster.waitUp(["plain"])
+        context = ssl.create_default_context(
+            cadata=pki["authority"].cert.public_bytes(serialization.Encoding.PEM).decode()
+        )
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        for i in range(5):
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            with context.wrap_socket(raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False) as tls:
+                assert tls.selected_alpn_protocol() is None
+                tls.sendall(b"request %d\n" % i)
+                got = b""
+                while True:
+                    chunk = tls.recv(65536)  # SSLEOFError on a truncation
+                    if not chunk:
+                        break
+                    got += chunk
+                assert got == b"answer to request %d\n" % i
+                tls.unwrap()  # close_notify back, as curl sends
+        assert backend.seen.count("answered") == 5
+        balancerLog = cluster.processes["balancer"].logText()
+        assert "Traceback" not in balancerLog and "Unhandled" not in balancerLog, balancerLog[-3000:]
+    finally:
+        backend.close()

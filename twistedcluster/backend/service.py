@@ -474,6 +474,9 @@ def makeService(options: Options, reactor=None) -> BackendService:
         from twisted.internet import reactor
 
     quietListenFailures("cluster-backend")
+    from twistedcluster.fast.internals import tolerateALPN
+
+    tolerateALPN()  # an ssl: listener takes clients that offer ALPN
     capacity = options["capacity"]
     inner = options["factory"]
     listen, parsers = readsProxyHeader(options["listen"], "backend service")

@@ -54,7 +54,7 @@ from twistedcluster.core.pool import DEFAULT_MAX_EJECTED_PERCENT
 from twistedcluster.balancer.relay import Relay
 from twistedcluster.balancer.traffic import Traffic
 from twistedcluster.summary import Summary, window
-from twistedcluster.fast.transports import peerText, readWaiting, showProxied
+from twistedcluster.fast.transports import endWrites, peerText, readWaiting, showProxied
 from twistedcluster.wire.proxyheader import BadProxyHeader, HeaderReader, header, rawHeader
 
 __all__ = [
@@ -529,7 +529,7 @@ class ProxyServer(AwaitsHandshake, Relay):
             if self._direct:
                 loseWriteConnectionNow(backend.transport)
             else:
-                backend.transport.loseWriteConnection()
+                endWrites(backend.transport)
         if factory.idleTimeout is not None:
             self.seconds = backend.seconds = factory.reactor.seconds
             self.lastActivity = backend.lastActivity = self.seconds()

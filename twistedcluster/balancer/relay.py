@@ -41,7 +41,7 @@ from twistedcluster.fast.fasttcp import (
     prepare,
     sendNow,
 )
-from twistedcluster.fast.transports import unsentBytes
+from twistedcluster.fast.transports import endWrites, unsentBytes
 
 log = Logger()
 
@@ -268,7 +268,7 @@ class Relay(Protocol):
                 else:
                     loseWriteConnectionNow(peer.transport)
             else:
-                peer.transport.loseWriteConnection()
+                endWrites(peer.transport)
         self._closeIfDone()
 
     def writeConnectionLost(self) -> None:

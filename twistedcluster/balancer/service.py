@@ -46,6 +46,7 @@ from twistedcluster.balancer.proxy import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIME
 from twistedcluster.wire.proxyheader import checkVersion
 from twistedcluster.balancer.selfloop import OwnListeners
 from twistedcluster.fast.fasttcp import prepareListener
+from twistedcluster.fast.internals import tolerateALPN
 
 log = Logger()
 
@@ -800,6 +801,8 @@ def makeService(options: Options, reactor=None):
     )
 
     quietListenFailures("cluster-balancer")
+    # An ssl: listener takes clients that offer ALPN (curl, browsers).
+    tolerateALPN()
     inherited = None
     if options["takeover"]:
         from twistedcluster.balancer import takeover

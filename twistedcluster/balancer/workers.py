@@ -581,6 +581,9 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
 
     options = Options()
     options.parseOptions(argv)
+    from twistedcluster.fast.internals import tolerateALPN
+
+    tolerateALPN()  # as the main process does: ssl: clients that offer ALPN
     cluster = Cluster(policy=options["policy"], hashBalance=options["hash-balance"])
     # The main process's view carries cost levels already: take them as they are.
     cluster.pool.levelCosts(0)

@@ -50,6 +50,7 @@ from twistedcluster.client.redirectclient import (
     redirectEndpoint,
     tcpEndpoint,
 )
+from twistedcluster.fast.transports import endWrites
 from twistedcluster.wire.redirectline import hostPortText
 
 __all__ = [
@@ -218,7 +219,7 @@ class StdioRelay:
         self._stdinDone = True
         if not self._networkLost:
             self.network.unregisterProducer()
-            self.network.loseWriteConnection()
+            endWrites(self.network)
         self._check()
 
     def networkReadDone(self) -> None:

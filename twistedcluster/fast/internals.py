@@ -1157,7 +1157,151 @@ def checkAMP() -> None:
 
 
 #: Every probe, in the order L{check} runs them.
-PROBES = (checkTransport, checkListener, checkReactor, checkPort, checkLeanServer, checkAMP)
+# -- TLS (twisted.protocols.tls.TLSMemoryBIOProtocol) -----------------------
+#
+# Twisted's TLS layer has no half-close: an ssl: listener's connection is a
+# TLSMemoryBIOProtocol, a ProtocolWrapper whose __getattr__ hands
+# loseWriteConnection to the TCP transport under it (and startTLS on a TCP
+# connection leaves loseWriteConnection the TCP one's): shutdown(SHUT_WR)
+# beneath TLS, which the peer reads as a truncation (an unexpected EOF),
+# not an end.  TLS's end of one direction is a close_notify alert.
+# _tlsConnection is the pyOpenSSL Connection (None once connectionLost has
+# run); its shutdown() queues a close_notify in the send BIO (and reports
+# whether the peer's came already); _flushSendBIO() writes what the send
+# BIO holds to the TCP transport, after what was written before.
+# _handshakeDone is set once the handshake is over, and until then writes
+# wait in _appSendBuffer.  Reading goes on after shutdown(): the peer's
+# data still arrives, and its own close_notify (ZeroReturnError) makes
+# Twisted close the connection, as it does for any close_notify.
+
+# twisted.internet._sslverify.setupForALPN(context, protocols) is what
+# OpenSSLCertificateOptions._makeContext calls, by that module-level name,
+# on every context it makes: it sets an ALPN select callback that returns
+# b"" when none of the client's protocols is acceptable, and always, when
+# none is configured (as on every ssl: listener here).  pyOpenSSL reads b""
+# as "fail the handshake": with recent pyOpenSSL and OpenSSL, every client
+# that offers ALPN (curl, browsers, Go, Java) gets an internal_error alert.
+# pyOpenSSL's NO_OVERLAPPING_PROTOCOLS is "go on without a protocol".
+
+_alpnTolerated = False
+
+
+def tolerateALPN() -> bool:
+    """
+    Make TLS servers with no application protocol configured complete the
+    handshake of a client that offers some (ALPN), choosing none, as a
+    TLS-terminating proxy must: Twisted's select callback fails it with
+    recent pyOpenSSL (see above).  One configured with protocols still
+    refuses a client offering none of them, as Twisted means.  Done once
+    per process; whether it was (C{False} when this Twisted or pyOpenSSL
+    lacks what it relies on, and nothing is changed).
+    """
+    global _alpnTolerated
+    if _alpnTolerated:
+        return True
+    try:
+        from OpenSSL import SSL
+        from twisted.internet import _sslverify
+    except ImportError:
+        return False
+    noOverlap = getattr(SSL, "NO_OVERLAPPING_PROTOCOLS", None)
+    twistedSetup = getattr(_sslverify, "setupForALPN", None)
+    protocolsOf = getattr(_sslverify, "protosFromProtocol", None)
+    makeContext = getattr(_sslverify.OpenSSLCertificateOptions, "_makeContext", None)
+    if (
+        noOverlap is None
+        or twistedSetup is None
+        or protocolsOf is None
+        or makeContext is None
+        or "setupForALPN" not in makeContext.__code__.co_names
+    ):
+        return False
+
+    def setupForALPN(context, acceptableProtocols):
+        if acceptableProtocols:
+            return twistedSetup(context, acceptableProtocols)
+
+        def alpnSelect(connection, offered):
+            protocols = protocolsOf(connection.get_app_data(), ())
+            for protocol in protocols:
+                if protocol in offered:
+                    return protocol
+            return noOverlap
+
+        context.set_alpn_select_callback(alpnSelect)
+
+    _sslverify.setupForALPN = setupForALPN
+    _alpnTolerated = True
+    return True
+
+
+_TLS_SHUTDOWN_NAMES = frozenset({"_tlsConnection", "shutdown", "_flushSendBIO"})
+_TLS_LOSE_NAMES = frozenset({"_handshakeDone", "_appSendBuffer"})
+
+
+def tlsLayer(transport):
+    """
+    The TLS layer (a C{TLSMemoryBIOProtocol}) C{transport} writes through:
+    itself for an C{ssl:} listener's connection, its C{protocol} for a TCP
+    connection after C{startTLS}; C{None} for one without TLS.
+    """
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        return transport
+    layer = getattr(transport, "protocol", None)
+    if getattr(transport, "TLS", False) and isinstance(layer, TLSMemoryBIOProtocol):
+        return layer
+    return None
+
+
+def tlsCloseNotify(layer) -> bool:
+    """
+    End what C{layer} (a C{TLSMemoryBIOProtocol}) sends with a close_notify
+    alert, after what was written before, and go on reading: TLS's
+    half-close.  C{False} when it cannot now (the handshake is not over,
+    writes wait for it, the connection is closing or gone): the caller
+    closes the connection instead.
+    """
+    from OpenSSL.SSL import Error as TLSError
+
+    connection = getattr(layer, "_tlsConnection", None)
+    if (
+        connection is None
+        or not layer._handshakeDone
+        or layer._appSendBuffer
+        or layer.disconnecting
+    ):
+        return False
+    try:
+        connection.shutdown()
+    except TLSError:
+        return False
+    layer._flushSendBIO()
+    return True
+
+
+def checkTLS() -> None:
+    """
+    The TLS layer's names L{tlsCloseNotify} uses mean what it relies on:
+    Twisted's own shutdown uses them so, and its close waits on the same
+    handshake and buffer state.
+    """
+    try:
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+    except ImportError:  # no TLS installed: nothing to half-close
+        return
+    used = set(TLSMemoryBIOProtocol._shutdownTLS.__code__.co_names)
+    _require(_TLS_SHUTDOWN_NAMES <= used, f"TLSMemoryBIOProtocol._shutdownTLS uses {sorted(used)}")
+    used = set(TLSMemoryBIOProtocol.loseConnection.__code__.co_names)
+    _require(_TLS_LOSE_NAMES <= used, f"TLSMemoryBIOProtocol.loseConnection uses {sorted(used)}")
+    _require(
+        callable(getattr(TLSMemoryBIOProtocol, "_flushSendBIO", None)),
+        "TLSMemoryBIOProtocol has no _flushSendBIO",
+    )
+
+
+PROBES = (checkTransport, checkListener, checkReactor, checkPort, checkLeanServer, checkAMP, checkTLS)
 
 
 def check() -> None:

@@ -1,9 +1,10 @@
 """
-What the balancer reads off a Twisted transport: who is on the other end,
-and how much it still holds unsent.
+What the balancer reads off a Twisted transport (who is on the other end,
+and how much it still holds unsent), and how it ends one direction of any
+transport, TLS included.
 """
 
-from twistedcluster.fast.internals import unsent
+from twistedcluster.fast.internals import fastPaths, tlsCloseNotify, tlsLayer, unsent
 
 
 def peerText(transport) -> str:
@@ -65,3 +66,19 @@ def readWaiting(transport, limit: int = 65536) -> bytes:
     except OSError:
         transport.abortConnection()
         return b""
+
+
+def endWrites(transport) -> None:
+    """
+    Half-close C{transport}: nothing more is sent, and what comes is still
+    read.  Over TLS that is a close_notify alert: Twisted's
+    C{loseWriteConnection} would shut the TCP connection down beneath TLS,
+    which the peer reads as a truncated stream, not an end.  Where TLS
+    cannot say it now (before its handshake is over), the connection is
+    closed instead.
+    """
+    layer = tlsLayer(transport)
+    if layer is None:
+        transport.loseWriteConnection()
+    elif not (fastPaths() and tlsCloseNotify(layer)):
+        transport.loseConnection()
