@@ -141,6 +141,44 @@ async def test_a_service_may_report_its_own_load(harness):
     await until(lambda: harness.cluster.pool.get("web1").load == 0.75, what="custom load")
 
 
+class Flaky(Factory):
+    """
+    A service whose own load figure fails, then comes back.
+    """
+
+    protocol = Protocol
+    figures = [0.5]
+
+    def currentLoad(self):
+        figure = self.figures[0]
+        if isinstance(figure, Exception):
+            raise figure
+        return figure
+
+
+flakyFactory = Flaky()
+
+
+@pytest.mark.allow_errors
+@pytest_twisted.ensureDeferred
+async def test_a_service_whose_own_load_fails_goes_on_reporting(harness, logged):
+    # One exception from currentLoad() stopped the reports for good: the
+    # balancer took the backend for dead, its channel still open.
+    await harness.start(f"--service={__name__}.flakyFactory")
+    pool = harness.cluster.pool
+    await until(lambda: pool.get("web1").load == 0.5, what="the service's figure")
+    for bad in (ZeroDivisionError("division by zero"), float("nan"), -1.0):
+        Flaky.figures[0] = bad
+        reports = pool.get("web1").reports
+        await until(lambda: pool.get("web1").reports >= reports + 2, what="reports going on")
+        assert pool.get("web1").state.value == "up" and pool.get("web1").load == 0.0
+    Flaky.figures[0] = 0.25
+    await until(lambda: pool.get("web1").load == 0.25, what="the figure again")
+    lines = [line for line in logged if "currentLoad() failed" in line]
+    assert lines and "ZeroDivisionError: division by zero" in lines[0], logged
+    Flaky.figures[0] = 0.5
+
+
 @pytest_twisted.ensureDeferred
 async def test_out_of_descriptors_on_the_service_listener_is_one_line_a_second(harness, logged):
     # Twisted's port logs three lines for the first connection it closes

@@ -368,3 +368,23 @@ def test_a_drain_a_balancer_is_slow_to_answer_times_out_and_keeps_the_channel():
     clock.advance(2)
     assert failures and failures[0].check(defer.TimeoutError)
     assert r.channels == {channel} and not channel.transport.disconnecting
+
+
+@pytest.mark.allow_errors
+def test_a_measure_that_raises_skips_one_report_not_all_of_them(logged):
+    # The reports run in a LoopingCall, which stops at its first error.
+    lb = MemoryBalancer()
+    b = Backend()
+    r = startReporter(b, [lb], lb.clock, step=1000)
+    good = b.measure
+    b.measure = lambda: 1 / 0
+    r.measure = b.measure
+    lb.clock.advance(1.0)
+    lb.flush()
+    assert any("cannot measure the load" in line for line in logged)
+    b.connections = 7
+    r.measure = good
+    lb.clock.advance(1.0)
+    lb.flush()
+    assert lb.pool.get("web1").connections == 7
+    r.stopService()

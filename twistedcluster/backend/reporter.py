@@ -449,7 +449,14 @@ class LoadReporter(MultiService):
             self._pending = self.clock.callLater(0, self.reportNow)
 
     def reportNow(self) -> None:
-        current = self.measure()
+        try:
+            current = self.measure()
+        except Exception:
+            # Never out of the loop that sends the reports (a LoopingCall
+            # stops at its first error, and the balancers would take this
+            # backend for dead): this report is skipped, the next is tried.
+            log.failure("backend: cannot measure the load; this report is skipped")
+            return
         self._lastReported = current.connections
         for proto in list(self.channels):
             report = dict(

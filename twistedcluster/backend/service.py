@@ -12,6 +12,7 @@ drain deadline, after which they are aborted.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from twisted.application.service import Service
@@ -26,6 +27,7 @@ from twistedcluster.address import formatHostPort, parseHostPort
 from twistedcluster.backend.cost import CostMeter
 from twistedcluster.core.costlevels import DEFAULT_TOLERANCE as COST_LEVEL_TOLERANCE
 from twistedcluster.backend.counting import CountingFactory
+from twistedcluster.summary import Summary, window
 from twistedcluster.balancer.limits import AcceptErrors
 from twistedcluster.balancer.listeners import (
     explainListenError,
@@ -484,6 +486,18 @@ def makeService(options: Options, reactor=None) -> BackendService:
     customLoad = getattr(inner, "currentLoad", None)
     meter = CostMeter(reactor, capacity)
 
+    def tellLoadFailures(counts, seconds: float) -> None:
+        log.error(
+            "backend: the service's currentLoad() failed ({error}); reporting the "
+            "connections' load instead ({count} time(s) {window})",
+            error=loadFailures.last,
+            count=sum(counts.values()),
+            window=window(seconds),
+        )
+
+    # A service whose figure fails is said once a minute, not per report.
+    loadFailures = Summary(reactor, tellLoadFailures, interval=60.0)
+
     def measure() -> Load:
         # The load on the cost scale: the work queued, connections x cost;
         # a service's own figure (1.0 = full) as that share of a full
@@ -491,10 +505,19 @@ def makeService(options: Options, reactor=None) -> BackendService:
         # 1/capacity) both are what they always were.
         n = counting.count
         cost = meter.cost()
+        load = n * cost
         if callable(customLoad):
-            load = float(customLoad()) * capacity * cost
-        else:
-            load = n * cost
+            # A figure that raises, or is not a finite number >= 0, must not
+            # stop the reports (the balancer would take the backend for
+            # dead): the connections' load stands in for it, said in the log.
+            try:
+                figure = float(customLoad())
+                if not (math.isfinite(figure) and figure >= 0):
+                    raise ValueError(f"currentLoad() returned {figure!r}")
+            except Exception as e:
+                loadFailures.count("failed", example=f"{type(e).__name__}: {e}")
+            else:
+                load = figure * capacity * cost
         return Load(connections=n, load=load, cost=cost)
 
     holder = {}
