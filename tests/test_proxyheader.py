@@ -122,6 +122,11 @@ def test_unknown_and_local_leave_the_connection_addresses():
         SIG + b"\x21\x11\x00\x04" + bytes(4),  # too short for its family
         SIG[:6] + b"X" + SIG[7:],
         b"\r\nGET",
+        # A scope id would carry anything to the logs as the client's
+        # address: a forged access log record, terminal escapes.
+        b"PROXY TCP6 fe80::1%\n2026-12-02T00:00:00Z\tproxy ::1 2222 80\r\n",
+        b"PROXY TCP6 fe80::1%\x1b[31mRED ::1 2222 80\r\n",
+        b"PROXY TCP6 fe80::1%eth0 ::1 2222 80\r\n",
     ],
 )
 def test_garbage_is_refused_with_a_reason(data):

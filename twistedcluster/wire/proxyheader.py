@@ -341,7 +341,15 @@ def _checked(parser, raw: bytes, version: str) -> Proxied:
     for a in (source, destination):
         ok = isinstance(a, (IPv4Address, IPv6Address)) and 0 <= a.port <= 0xFFFF
         if ok:
-            ok = isIPAddress(a.host) if isinstance(a, IPv4Address) else isIPv6Address(a.host)
+            # No scope id (fe80::1%eth0): Twisted takes anything after the
+            # %, spaces and line ends included, which would then reach the
+            # logs as the client's address; the header's sender's zones mean
+            # nothing here anyway.
+            ok = (
+                isIPAddress(a.host)
+                if isinstance(a, IPv4Address)
+                else "%" not in a.host and isIPv6Address(a.host)
+            )
         if not ok:
             raise BadProxyHeader(f"invalid {version} header {_shown(raw)}: bad address {a}")
     if source.type != "TCP":
