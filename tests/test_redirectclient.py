@@ -237,6 +237,8 @@ class Backends:
                 how = backends.behaviour[f"p{address.port}"]
                 if how == "refuse":
                     return defer.fail(error.ConnectionRefusedError())
+                if how == "unresolvable":
+                    return defer.fail(error.DNSLookupError("backend-a.nosuch.invalid"))
                 if how == "hang":
                     return defer.Deferred()
                 proto = factory.buildProtocol(None)
@@ -291,6 +293,16 @@ def test_dead_backend_asks_again(logged):
         "backend 127.0.0.1:9001 named by lb failed: connection refused (attempt 1/3)" in m
         for m in logged
     )
+
+
+def test_a_backend_whose_name_does_not_resolve_is_dead_and_another_is_asked_for(logged):
+    # DNSLookupError is no ConnectError: it escaped as it was, and no other
+    # backend was tried.
+    lb = ScriptedBalancer(b"backend-a.nosuch.invalid 9001\r\n", b"127.0.0.1 9002\r\n")
+    backends = Backends(p9001="unresolvable", p9002="accept")
+    proto = result(endpointFor(lb, backends).connect(Factory.forProtocol(Hello)))
+    assert isinstance(proto, Hello) and lb.asked == 2
+    assert any("backend-a.nosuch.invalid" in m and "does not resolve" in m for m in logged)
 
 
 def test_backend_that_does_not_accept_in_time_counts_as_dead():

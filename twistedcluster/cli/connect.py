@@ -341,7 +341,7 @@ async def run(reactor, args, makeStdio=None) -> int:
         raise CommandFailed(str(e), EXIT_NO_BACKEND) from None
     except (BalancerUnreachable, BadAnswer) as e:
         raise CommandFailed(str(e), EXIT_UNREACHABLE) from None
-    except error.ConnectError as e:
+    except (error.ConnectError, error.DNSLookupError) as e:
         # --direct only: the redirect endpoint raises the errors above.
         reason = (
             f"no answer within {args.timeout:g} s"

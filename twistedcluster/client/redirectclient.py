@@ -383,7 +383,12 @@ class RedirectClientEndpoint:
             )
             try:
                 return await connecting
-            except error.ConnectError as e:
+            except (defer.CancelledError, error.ConnectingCancelledError):
+                raise  # the caller gave up: no other backend is tried
+            except Exception as e:
+                # Refused, timed out, a name that does not resolve
+                # (DNSLookupError is no ConnectError), a TLS wrapper's
+                # failure: this backend failed, another may not.
                 reason = _describe(e, self.connectTimeout)
                 failed.add(backend)
                 tried.append(Attempt(backend, reason))
@@ -413,11 +418,13 @@ def _connectTimedOut(value: object, timeout: float) -> object:
     raise error.TimeoutError(f"no answer within {timeout:g} s")
 
 
-def _describe(e: error.ConnectError, timeout: float) -> str:
+def _describe(e: Exception, timeout: float) -> str:
     if isinstance(e, error.ConnectionRefusedError):
         return "connection refused"
     if isinstance(e, error.TimeoutError):
         return f"no answer within {timeout:g} s"
+    if isinstance(e, error.DNSLookupError):
+        return f"its name does not resolve ({e})"
     return str(e) or type(e).__name__
 
 
