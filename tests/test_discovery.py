@@ -55,6 +55,9 @@ class Resolver:
         return defer.succeed((answers, [], []))
 
     def lookupAddress(self, name):
+        failure = self.hosts[name]
+        if isinstance(failure, Exception):
+            return defer.fail(failure)
         return defer.succeed((
             [dns.RRHeader(name, dns.A, payload=dns.Record_A(a))
              for a in self.hosts[name] if ":" not in a], [], []))
@@ -256,4 +259,25 @@ def test_a_target_with_ipv6_addresses_only_is_reached_over_ipv6():
         "tcp:host=10.0.0.2:port=7002",  # IPv4 when there is some: not both
         "tcp:host=fd00\\:\\:7:port=7001",
     ]
+    srv.stopService()
+
+
+def test_one_target_that_cannot_be_looked_up_costs_none_of_the_others(logged):
+    # One bad SRV target made the whole lookup fail: a new backend found
+    # no balancer at all.
+    clock, reporter, resolver, srv = started()
+    resolver.srv = [("lb0.example", 8100), ("ghost.example", 8100), ("lb1.example", 8100)]
+    resolver.hosts = {
+        "lb0.example": ["10.0.0.1"],
+        "ghost.example": error.DNSNameError("ghost.example"),
+        "lb1.example": ["10.0.0.2"],
+    }
+    srv.startService()
+    assert sorted(reporter.balancers) == ["tcp:host=10.0.0.1:port=8100", "tcp:host=10.0.0.2:port=8100"]
+    assert any("cannot look up target ghost.example: no such name; left out" in line for line in logged)
+    # A target that cannot be asked now (a timeout) keeps what it had.
+    resolver.hosts["lb1.example"] = error.DNSQueryTimeoutError("lb1.example")
+    clock.advance(30)
+    assert sorted(reporter.balancers) == ["tcp:host=10.0.0.1:port=8100", "tcp:host=10.0.0.2:port=8100"]
+    assert any("lb1.example: no answer in time; keeping its 1 address(es)" in line for line in logged)
     srv.stopService()

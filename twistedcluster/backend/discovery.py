@@ -192,6 +192,8 @@ class SRVBalancers(Service):
         self._lookingUp: Optional[defer.Deferred] = None
         self._soon = None
         self._lastLookup = -FAILED_LOOKUP_SPACING
+        #: Each target of the last lookup, (name, port): its addresses.
+        self._targets: Dict[Tuple[str, int], List[str]] = {}
 
     def startService(self) -> None:
         super().startService()
@@ -238,9 +240,30 @@ class SRVBalancers(Service):
             if rr.type == dns.SRV and rr.payload.target.name:
                 targets.append((rr.payload.target.name.decode("ascii"), rr.payload.port))
         found: List[Tuple[str, int]] = []
+        known: Dict[Tuple[str, int], List[str]] = {}
         for target, port in targets:
-            addresses = await self._addresses(target)
+            try:
+                addresses = await self._addresses(target)
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                # One target that cannot be looked up must not cost the
+                # others: a name that does not exist is left out; one that
+                # could not be asked keeps the addresses it had last.
+                from twisted.names.error import DNSNameError
+
+                kept = [] if isinstance(e, DNSNameError) else self._targets.get((target, port), [])
+                log.warn(
+                    "SRV {name}: cannot look up target {target}: {error}; {outcome}",
+                    name=self.record,
+                    target=target,
+                    error=_dnsErrorText(e),
+                    outcome=f"keeping its {len(kept)} address(es)" if kept else "left out",
+                )
+                addresses = kept
+            known[(target, port)] = addresses
             found.extend((a, port) for a in addresses)
+        self._targets = known
         return found
 
     async def _lookUpRecord(self) -> list:
@@ -326,6 +349,26 @@ class SRVBalancers(Service):
         log.warn(
             "cannot look up SRV {name}: {error}; keeping {n} balancer(s)",
             name=self.record,
-            error=failure.getErrorMessage() or failure.type.__name__,
+            error=_dnsErrorText(failure.value),
             n=len(self.current),
         )
+
+
+def _dnsErrorText(e: BaseException) -> str:
+    """
+    What a failed DNS query means, for a log line (Twisted's errors carry
+    the whole DNS message as their text).
+    """
+    from twisted.names import error
+
+    for kind, text in (
+        (error.DNSNameError, "no such name"),
+        (error.DNSQueryTimeoutError, "no answer in time"),
+        (error.DNSServerError, "the server failed"),
+        (error.DNSQueryRefusedError, "the server refused the query"),
+        (error.DomainError, "no such name"),
+    ):
+        if isinstance(e, kind):
+            return text
+    text = str(e)
+    return text if text and len(text) < 200 else type(e).__name__
