@@ -388,3 +388,35 @@ def test_a_measure_that_raises_skips_one_report_not_all_of_them(logged):
     lb.flush()
     assert lb.pool.get("web1").connections == 7
     r.stopService()
+
+
+def test_a_balancer_that_never_answers_the_registration_is_left_and_tried_again(logged):
+    # One that accepts and then says nothing (a host lost after the accept)
+    # held the channel for ever: no reconnect, no log line.
+    from twisted.internet.protocol import Protocol
+
+    from twistedcluster.backend.reporter import REGISTER_TIMEOUT
+
+    lb = MemoryBalancer()
+    silent = []
+
+    def buildSilent(addr):
+        p = Protocol()
+        silent.append(p)
+        return p
+
+    answering = lb.control.buildProtocol
+    lb.control.buildProtocol = buildSilent
+    b = Backend()
+    r = startReporter(b, [lb], lb.clock)
+    assert len(silent) == 1 and "web1" not in lb.pool
+    lb.clock.advance(REGISTER_TIMEOUT)
+    lb.flush()
+    assert silent[0].transport.disconnected or silent[0].transport.disconnecting
+    assert any("did not answer the registration within 10 s" in line for line in logged), logged
+    lb.control.buildProtocol = answering
+    for _ in range(10):  # the retry's backoff
+        lb.clock.advance(1)
+        lb.flush()
+    assert lb.pool.get("web1").state == State.UP
+    r.stopService()

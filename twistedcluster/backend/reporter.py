@@ -35,6 +35,11 @@ DEFAULT_INTERVAL = 1.0
 #: Seconds a stopping reporter waits for registrations under way to be
 #: answered before it cancels them.
 REGISTRATION_GRACE = 2.0
+#: Seconds a balancer has to answer a registration (authentication
+#: included): one that accepted the connection and then never answers (a
+#: host lost after the accept, a process hung) would otherwise hold this
+#: channel for ever, reconnecting never.
+REGISTER_TIMEOUT = 10.0
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -364,6 +369,7 @@ class LoadReporter(MultiService):
             )
 
         d = defer.ensureDeferred(handshake())
+        d.addTimeout(REGISTER_TIMEOUT, self.clock)
         self._registering[d] = proto
 
         def settled(result):
@@ -400,6 +406,17 @@ class LoadReporter(MultiService):
                     name=ident.name if ident is not None else "?",
                     error=failure.getErrorMessage(),
                 )
+            elif failure.check(defer.TimeoutError):
+                log.warn(
+                    "balancer {balancer} did not answer the registration within "
+                    "{timeout:g} s; reconnecting",
+                    balancer=balancer,
+                    timeout=REGISTER_TIMEOUT,
+                )
+                if proto.transport is not None:
+                    # A peer that does not answer may not read either.
+                    proto.transport.abortConnection()
+                return
             else:
                 log.warn(
                     "registration with balancer {balancer} failed: {error}",
