@@ -15,16 +15,19 @@ from twisted.internet.threads import deferToThread
 from tests.loopback import until
 from twistedcluster.backend import service as backend
 from twistedcluster.core.cluster import Cluster
-from twistedcluster.balancer.control import ControlFactory
+from twistedcluster.balancer.control import ControlFactory, ControlProtocol
+from twistedcluster.wire import commands
 from twistedcluster.localcluster import echoOnce
 from twistedcluster.core.pool import State
 
 
 class Harness:
+    controlFactory = ControlFactory
+
     async def start(self, *args):
         self.cluster = Cluster()
         self.control = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            ControlFactory(self.cluster, reactor)
+            self.controlFactory(self.cluster, reactor)
         )
         controlPort = self.control.getHost().port
         o = backend.Options()
@@ -119,6 +122,48 @@ async def test_drain_deadline_closes_what_is_left(harness, logged):
     assert await deferToThread(closedByPeer)
     assert any("drain deadline reached: closing 1 connection" in line for line in logged)
     held.close()
+
+
+class MuteOnDrain(ControlProtocol):
+    """
+    A balancer that never answers a backend's Drain (hung, or far away).
+    """
+
+    @commands.Drain.responder
+    def drain(self):
+        return defer.Deferred()
+
+
+class MuteOnDrainFactory(ControlFactory):
+    def makeProtocol(self):
+        return MuteOnDrain(self)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_drain_deadline_counts_from_the_stop_not_from_the_balancers_answers(harness, logged):
+    # The wait for the balancers' answers came on top of --drain-timeout:
+    # a held client was closed 2 s late, past a service manager's grace.
+    harness.controlFactory = MuteOnDrainFactory
+    await harness.start("--drain-timeout=1")
+    held = await deferToThread(openClient, harness.port)
+    held.settimeout(10)
+    started = reactor.seconds()
+    stopped = harness.svc.stopService()
+
+    def closedByPeer():
+        try:
+            return held.recv(10) == b""
+        except ConnectionResetError:
+            return True
+
+    assert await deferToThread(closedByPeer)
+    closedAfter = reactor.seconds() - started
+    await stopped
+    held.close()
+    assert 1.0 <= closedAfter < 1.8, closedAfter
+    lines = [line for line in logged if "did not acknowledge within 1 s" in line]
+    assert lines and f"tcp:host=127.0.0.1:port={harness.control.getHost().port}" in lines[0], logged
+    assert not any("answered Drain with an error" in line for line in logged)
 
 
 class Busy(Factory):

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 import attr
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet import defer, task
+from twisted.internet import defer, error, task
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -230,6 +230,8 @@ class LoadReporter(MultiService):
         self.onChannelFailed: Optional[Callable[[str], None]] = None
         for description, endpoint in balancers:
             self.addBalancer(description, endpoint)
+        #: The balancers told of the drain that have not answered yet.
+        self.unacknowledged: Set[str] = set()
         self._loop = task.LoopingCall(self.reportNow)
         self._loop.clock = clock
 
@@ -492,7 +494,13 @@ class LoadReporter(MultiService):
         and its channel is not closed for being slow.
         """
         self._draining = True
-        ds = [self._send(p, commands.Drain) for p in list(self.channels)]
+        ds = []
+        for p in list(self.channels):
+            balancer = p.balancer
+            self.unacknowledged.add(balancer)
+            d = self._send(p, commands.Drain)
+            d.addBoth(lambda result, b=balancer: self.unacknowledged.discard(b) or result)
+            ds.append(d)
         return self._whenSettled(ds)
 
     def _sendOneWay(self, proto: ControlClient, command, **kw) -> None:
@@ -519,6 +527,10 @@ class LoadReporter(MultiService):
         d = proto.callRemote(command, **kw)
 
         def failed(failure):
+            if failure.check(error.ConnectionClosed):
+                # The channel went first (this backend stopping, or the
+                # balancer gone): no answer to speak of; its loss is logged.
+                return None
             log.warn(
                 "balancer {balancer} answered {command} with an error: {error}; "
                 "reconnecting",

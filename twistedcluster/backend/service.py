@@ -46,6 +46,10 @@ from twistedcluster.backend.reporter import (
 
 log = Logger()
 
+#: Seconds a draining backend waits for the balancers to acknowledge (so
+#: that they stop sending clients) before it closes its listener.
+DRAIN_ACK_TIMEOUT = 2.0
+
 DEFAULT_LISTEN = "tcp:9000"
 DEFAULT_BALANCER = "tcp:host=127.0.0.1:port=8100"
 DEFAULT_CAPACITY = 1000
@@ -386,15 +390,22 @@ class BackendService(Service):
             timeout=self.drainTimeout,
             count=count,
         )
+        # The deadline counts from the signal: what waits for the balancers'
+        # answers comes out of the connections' time, not on top of it.
+        deadline = self.reactor.seconds() + self.drainTimeout
         told = self.reporter.drain()
-        told.addTimeout(min(2.0, self.drainTimeout), self.reactor)
+        told.addTimeout(min(DRAIN_ACK_TIMEOUT, self.drainTimeout), self.reactor)
         try:
             await told
         except defer.TimeoutError:
-            log.warn("draining: a balancer did not acknowledge in time")
+            log.warn(
+                "draining: balancer(s) {balancers} did not acknowledge within {timeout:g} s; "
+                "they stop sending clients when the channel closes",
+                balancers=", ".join(sorted(self.reporter.unacknowledged)) or "?",
+                timeout=min(DRAIN_ACK_TIMEOUT, self.drainTimeout),
+            )
         if self.port is not None:
             await self.port.stopListening()
-        deadline = self.reactor.seconds() + self.drainTimeout
         await self._serviceDrain()
         if self.factory.count:
             idle = self._idle = defer.Deferred()
