@@ -206,3 +206,24 @@ async def test_a_tls_client_that_never_handshakes_is_closed_in_time(tmp_path):
             assert c.pool.get("a").routed == 0
     finally:
         await port.stopListening()
+
+
+def test_settled_hand_offs_have_their_backends_sent_a_newer_mark():
+    # Their backends' next reports count them only with a mark newer than
+    # their settling: the control listener is told at once which backends
+    # need one (ControlFactory.pushMarks), not after their next report.
+    from twistedcluster.balancer.redirect import HANDOFF_SETTLE, HandOffs
+
+    c = Cluster()
+    c.pool.register("a", "127.0.0.1", 9001, capacity=100)
+    c.pool.register("b", "127.0.0.1", 9002, capacity=100)
+    clock = Clock()
+    factory = RedirectFactory(c, clock, HandOffs(window=2.0, perSource=100))
+    told = []
+    factory.pushMarks = told.append
+    for i in range(4):
+        askFrom(factory, f"10.0.0.{i}")
+    assert told == []
+    clock.advance(HANDOFF_SETTLE)
+    assert told == [{"a", "b"}]
+    assert all(c.pool.markDue(n, None) for n in "ab")

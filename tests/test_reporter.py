@@ -171,36 +171,38 @@ def test_refused_registration_is_logged_and_retried(logged):
 
 
 def test_reports_echo_the_balancers_last_mark():
-    # A connection routed before the balancer's answer is in the next report,
-    # so that report cancels it; one routed after stays added to it.
+    # A connection that reached the backend after the mark its report
+    # echoes stays added (the report may not have seen it); the balancer
+    # then pushes a newer mark, and the report that mark asks for (at once)
+    # counts it: counted once throughout, never twice, never dropped.
     lb = MemoryBalancer()
     b = Backend()
     r = startReporter(b, [lb], lb.clock, step=1000)
+    (channel,) = r.channels
     pool = lb.pool
-    before = pool.acquire("web1")
-    pool.connected("web1", before)
-    lb.clock.advance(1.0)  # a report (measured before the backend knew of it)
-    lb.flush()
-    assert pool.get("web1").addedSinceReport == 1  # not seen yet
+    asked = []
+    first = channel.mark
+    # Hold back the report a mark asks for, to see the state before it.
+    r.reportSoonTo = asked.append
+    reached = pool.acquire("web1")
+    pool.connected("web1", reached)
     b.connections = 1  # the backend accepted it
-    after = pool.acquire("web1")  # routed after that answer's mark
-    pool.connected("web1", after)
-    lb.clock.advance(1.0)
+    lb.clock.advance(1.0)  # a report, echoing the registration's mark
     lb.flush()
     s = pool.get("web1")
     assert (s.connections, s.addedSinceReport, s.estimatedConnections) == (1, 1, 2)
-    b.connections = 2
-    lb.clock.advance(1.0)
+    assert asked == [channel] and channel.mark > first  # a newer mark came
+    r._reportTo(channel)  # the report it asked for
     lb.flush()
     s = pool.get("web1")
-    assert (s.connections, s.addedSinceReport, s.estimatedConnections) == (2, 0, 2)
+    assert (s.connections, s.addedSinceReport, s.estimatedConnections) == (1, 0, 1)
     r.stopService()
 
 
 def test_reports_are_one_way_and_marks_come_only_when_needed():
     # The balancer accepts one-way reports: an idle backend's reports get no
     # answer and no mark; once a connection reached it, one mark follows the
-    # next report, and the report after it sees the connection.
+    # next report, and the report that mark asks for sees the connection.
     lb = MemoryBalancer()
     b = Backend()
     r = startReporter(b, [lb], lb.clock, step=1000)
@@ -219,9 +221,7 @@ def test_reports_are_one_way_and_marks_come_only_when_needed():
     lb.clock.advance(1.0)
     lb.flush()
     assert channel.mark > first  # pushed after that report
-    assert pool.get("web1").addedSinceReport == 1
-    lb.clock.advance(1.0)
-    lb.flush()
+    # ... and the report it asked for, at once, saw the connection.
     s = pool.get("web1")
     assert (s.connections, s.addedSinceReport) == (1, 0)
     pushed = channel.mark
@@ -420,3 +420,61 @@ def test_a_balancer_that_never_answers_the_registration_is_left_and_tried_again(
         lb.flush()
     assert lb.pool.get("web1").state == State.UP
     r.stopService()
+
+
+def test_a_balancer_pushes_marks_as_hand_offs_settle_at_most_four_a_second():
+    # Redirect mode: a hand-off counts as added until a report has seen it.
+    # The mark such a report echoes now goes as the hand-off settles, not
+    # after the backend's next report: a hand-off counted two report
+    # intervals, and the redirect listener refused short connections far
+    # below the backends' capacity.
+    from twistedcluster.balancer.control import MARK_SPACING
+
+    lb = MemoryBalancer()
+    b = Backend()
+    r = startReporter(b, [lb], lb.clock, step=1000)
+    (channel,) = r.channels
+    asked = []
+    r.reportSoonTo = asked.append  # the marks alone, not the reports they ask for
+    pool = lb.pool
+    first = channel.mark
+    lb.control.pushMarks({"web1"})  # nothing reached it: no mark
+    lb.flush()
+    assert channel.mark == first and asked == []
+    pool.connected("web1", pool.acquire("web1"))
+    lb.control.pushMarks({"web1"})
+    lb.flush()
+    assert channel.mark > first and asked == [channel]
+    second = channel.mark
+    pool.connected("web1", pool.acquire("web1"))
+    lb.control.pushMarks({"web1", "not-registered"})
+    lb.flush()
+    assert channel.mark == second  # too soon after the last
+    lb.clock.advance(MARK_SPACING)
+    lb.flush()
+    assert channel.mark > second and asked == [channel, channel]
+    r.stopService()
+
+
+def test_a_backend_reports_to_the_balancer_whose_mark_asks_at_most_four_times_a_second():
+    from twistedcluster.backend.reporter import MARK_REPORT_SPACING
+
+    lb = MemoryBalancer()
+    b = Backend()
+    r = startReporter(b, [lb], lb.clock, step=1000)
+    (channel,) = r.channels
+    reports = lb.pool.get("web1").reports
+    b.connections = 3
+    r.reportSoonTo(channel)
+    lb.flush()
+    assert lb.pool.get("web1").reports == reports + 1
+    assert lb.pool.get("web1").connections == 3
+    r.reportSoonTo(channel)
+    r.reportSoonTo(channel)  # one waiting already: nothing more
+    lb.flush()
+    assert lb.pool.get("web1").reports == reports + 1
+    lb.clock.advance(MARK_REPORT_SPACING)
+    lb.flush()
+    assert lb.pool.get("web1").reports == reports + 2
+    r.stopService()
+    assert not [c for c in lb.clock.getDelayedCalls() if c.active() and c.func == r._reportTo]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
+import weakref
+
 import attr
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
@@ -35,6 +37,9 @@ DEFAULT_INTERVAL = 1.0
 #: Seconds a stopping reporter waits for registrations under way to be
 #: answered before it cancels them.
 REGISTRATION_GRACE = 2.0
+#: The least time between two reports to one balancer that its marks ask
+#: for (L{LoadReporter.reportSoonTo}).
+MARK_REPORT_SPACING = 0.25
 #: Seconds a balancer has to answer a registration (authentication
 #: included): one that accepted the connection and then never answers (a
 #: host lost after the accept, a process hung) would otherwise hold this
@@ -112,6 +117,10 @@ class ControlClient(GuardedAMP):
     @commands.Mark.responder
     def markPushed(self, mark):
         self.answered({"mark": mark})
+        # The balancer sends one when connections reached this backend that
+        # no report has counted (redirect hand-offs count as added until
+        # then): a report soon after, not at the next tick.
+        self.reporter.reportSoonTo(self)
         return {}
 
     def connectionLost(self, reason) -> None:
@@ -232,6 +241,10 @@ class LoadReporter(MultiService):
             self.addBalancer(description, endpoint)
         #: The balancers told of the drain that have not answered yet.
         self.unacknowledged: Set[str] = set()
+        #: Reports asked for by a mark, due or waiting for their spacing,
+        #: and when each channel's last one went.
+        self._markReports: Dict[ControlClient, object] = {}
+        self._markReportedAt: "weakref.WeakKeyDictionary[ControlClient, float]" = weakref.WeakKeyDictionary()
         self._loop = task.LoopingCall(self.reportNow)
         self._loop.clock = clock
 
@@ -271,7 +284,14 @@ class LoadReporter(MultiService):
         super().startService()
         self._loop.start(self.interval, now=False)
 
+    def _cancelMarkReport(self, proto: ControlClient) -> None:
+        call = self._markReports.pop(proto, None)
+        if call is not None and call.active():
+            call.cancel()
+
     def stopService(self):
+        for proto in list(self._markReports):
+            self._cancelMarkReport(proto)
         if self._loop.running:
             self._loop.stop()
         if self._pending is not None and self._pending.active():
@@ -432,6 +452,7 @@ class LoadReporter(MultiService):
 
     def _channelLost(self, proto: ControlClient, reason) -> None:
         self.channels.discard(proto)
+        self._cancelMarkReport(proto)
         if not self.running:
             log.info(
                 "control channel to balancer {balancer} closed", balancer=proto.balancer
@@ -467,24 +488,53 @@ class LoadReporter(MultiService):
         if self._pending is None or not self._pending.active():
             self._pending = self.clock.callLater(0, self.reportNow)
 
-    def reportNow(self) -> None:
+    def reportSoonTo(self, proto: ControlClient) -> None:
+        """
+        Report to C{proto}'s balancer alone once this turn is done, at most
+        once per L{MARK_REPORT_SPACING} (the balancer paces its marks too;
+        one that does not, an older one, must not set the pace).
+        """
+        if proto in self._markReports:
+            return
+        now = self.clock.seconds()
+        wait = max(0.0, self._markReportedAt.get(proto, float("-inf")) + MARK_REPORT_SPACING - now)
+        self._markReports[proto] = self.clock.callLater(wait, self._reportTo, proto)
+
+    def _reportTo(self, proto: ControlClient) -> None:
+        self._markReports.pop(proto, None)
+        if proto not in self.channels:
+            return
+        self._markReportedAt[proto] = self.clock.seconds()
+        current = self._measured()
+        if current is not None:
+            self._report(proto, current)
+
+    def _measured(self) -> Optional[Load]:
         try:
-            current = self.measure()
+            return self.measure()
         except Exception:
             # Never out of the loop that sends the reports (a LoopingCall
             # stops at its first error, and the balancers would take this
             # backend for dead): this report is skipped, the next is tried.
             log.failure("backend: cannot measure the load; this report is skipped")
+            return None
+
+    def _report(self, proto: ControlClient, current: Load) -> None:
+        report = dict(
+            connections=current.connections, load=current.load, cost=current.cost, seen=proto.mark
+        )
+        if proto.oneWay:
+            self._sendOneWay(proto, commands.ReportLoadOneWay, **report)
+        else:
+            self._send(proto, commands.ReportLoad, **report).addCallback(_answered, proto)
+
+    def reportNow(self) -> None:
+        current = self._measured()
+        if current is None:
             return
         self._lastReported = current.connections
         for proto in list(self.channels):
-            report = dict(
-                connections=current.connections, load=current.load, cost=current.cost, seen=proto.mark
-            )
-            if proto.oneWay:
-                self._sendOneWay(proto, commands.ReportLoadOneWay, **report)
-            else:
-                self._send(proto, commands.ReportLoad, **report).addCallback(_answered, proto)
+            self._report(proto, current)
 
     def drain(self) -> defer.Deferred:
         """

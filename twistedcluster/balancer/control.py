@@ -44,6 +44,10 @@ STALL_GRACE = 0.25
 #: Seconds a backend that registered itself may stay down before it is
 #: forgotten (Kubernetes waits as long before it evicts a lost node's pods).
 DEFAULT_FORGET_AFTER = 300.0
+#: The least time between two marks pushed to one backend: under a stream
+#: of redirect hand-offs, four a second at most (and the reports they ask
+#: for, L{twistedcluster.backend.reporter.MARK_REPORT_SPACING}).
+MARK_SPACING = 0.25
 MAX_NAME_LENGTH = 200
 #: Bounds of what a backend may claim: far beyond any real backend, and small
 #: enough that sums and products of them stay ordinary numbers.
@@ -231,10 +235,39 @@ class ControlProtocol(GuardedAMP):
         if not self.quiet:
             return {"mark": pool.mark(name)}
         # One-way: a mark goes out only when the backend needs a newer one.
-        if pool.markDue(name, self._lastMark):
-            self._lastMark = mark = pool.mark(name)
-            self.callRemote(commands.Mark, mark=mark)
+        self.pushMark()
         return _NO_ANSWER
+
+    #: When this channel's last pushed mark left, and the one waiting for
+    #: L{MARK_SPACING} to pass.
+    _markPushedAt = float("-inf")
+    _markLater = None
+
+    def pushMark(self) -> None:
+        """
+        Send this one-way backend a newer mark if it needs one (a connection
+        reached it since the last), at most one per L{MARK_SPACING}: one
+        due sooner goes when the spacing is over.
+        """
+        name = self.name
+        if name is None or not self.quiet or self._markLater is not None:
+            return
+        pool = self.factory.cluster.pool
+        if name not in pool or not pool.markDue(name, self._lastMark):
+            return
+        now = self.factory.clock.seconds()
+        wait = self._markPushedAt + MARK_SPACING - now
+        if wait > 0:
+            self._markLater = self.factory.clock.callLater(wait, self._pushLater)
+            return
+        self._markPushedAt = now
+        self._lastMark = mark = pool.mark(name)
+        self.callRemote(commands.Mark, mark=mark)
+
+    def _pushLater(self) -> None:
+        self._markLater = None
+        if self.factory.owners.get(self.name) is self and self.transport is not None:
+            self.pushMark()
 
     @commands.Drain.responder
     def drain(self):
@@ -385,6 +418,9 @@ class ControlProtocol(GuardedAMP):
         if self._heartbeat is not None and self._heartbeat.active():
             self._heartbeat.cancel()
         self._heartbeat = None
+        later, self._markLater = self._markLater, None
+        if later is not None and later.active():
+            later.cancel()
         if name is not None and self.factory.owners.get(name) is self:
             del self.factory.owners[name]
         if close and self.transport is not None:
@@ -450,6 +486,21 @@ class ControlFactory(GuardedFactory):
         self._due: Dict[str, int] = {}
         self._batches: Dict[int, Tuple[IDelayedCall, Set[str]]] = {}
         self.lastReport: Dict[str, float] = {}
+
+    def pushMarks(self, names) -> None:
+        """
+        Connections handed off to C{names} (redirect mode) have had time to
+        reach them: send each a newer mark now, rather than after its next
+        report, so that the report after it counts them and they stop
+        counting as added (L{ControlProtocol.pushMark}).  Without this a
+        hand-off counted for two report intervals, and a redirect listener
+        refused short connections far below the backends' capacity.
+        """
+        owners = self.owners
+        for name in names:
+            channel = owners.get(name)
+            if channel is not None:
+                channel.pushMark()
 
     def reported(self, name: str) -> None:
         """

@@ -227,6 +227,9 @@ class RedirectFactory(Factory):
 
     @param handOffs: the answers counted as load (L{HandOffs}).
     @ivar refused: clients answered C{ERROR no-backend}, in total.
+    @ivar pushMarks: told the names of backends whose hand-offs have just
+        settled (the control listener's L{ControlFactory.pushMarks}, which
+        sends them newer marks); nothing by default (a worker process).
     """
 
     noisy = False
@@ -238,6 +241,10 @@ class RedirectFactory(Factory):
     #: The client connection limit its connections count against, if any.
     limit = None
     _handOffCall = None
+
+    @staticmethod
+    def pushMarks(names) -> None:
+        pass
 
     def buildProtocol(self, addr):
         limit = self.limit
@@ -295,6 +302,10 @@ class RedirectFactory(Factory):
             pool.connected(name, ticket, served=False)
         for name, ticket in expired:
             pool.forgetHandOff(name, ticket)
+        if settled:
+            # Their backends' next reports can count them once these have
+            # a newer mark: sent now, not after a report.
+            self.pushMarks({name for name, _ in settled})
         self.scheduleHandOffs()
 
     def stopFactory(self) -> None:

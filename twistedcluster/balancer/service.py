@@ -955,6 +955,9 @@ def makeService(options: Options, reactor=None):
             HandOffs(options["redirect-window"], options["redirect-per-source"]),
             traffic=traffic,
         )
+        # A hand-off stops counting once a report has seen it: its backend
+        # gets the mark such a report echoes as soon as it has settled.
+        redirectFactory.pushMarks = controlFactory.pushMarks
         listeners.append(("redirect", options["redirect"], clientLimit.wrap(redirectFactory)))
         openPorts["redirect"] = None
     workers = None
