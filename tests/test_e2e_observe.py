@@ -255,9 +255,11 @@ def test_status_page_in_a_real_browser_shows_a_drain_within_two_seconds(tmp_path
     browser = headlessChromium()
     try:
         lc.startBalancer(extra=[f"--metrics=tcp:{port}:interface=127.0.0.1"])
-        for name in ("web1", "web2", "web3"):
+        # A name that is a JavaScript object's own property (the page's
+        # rates once showed NaN for it).
+        for name in ("web1", "web2", "__proto__"):
             lc.startBackend(name, extra=["--report-interval=0.2", "--capacity=10"])
-        lc.waitUp(["web1", "web2", "web3"])
+        lc.waitUp(["web1", "web2", "__proto__"])
         held = [socket.create_connection(("127.0.0.1", lc.port), timeout=5) for _ in range(4)]
         browser.set_page_load_timeout(10)
         browser.get(f"http://127.0.0.1:{port}/")
@@ -266,7 +268,7 @@ def test_status_page_in_a_real_browser_shows_a_drain_within_two_seconds(tmp_path
             rows = browser.find_elements(By.CSS_SELECTOR, "tr[data-backend]")
             return {r.get_attribute("data-backend"): r.get_attribute("data-state") for r in rows}
 
-        waitFor(lambda: states() == {"web1": "up", "web2": "up", "web3": "up"}, 10, "three backends up on the page")
+        waitFor(lambda: states() == {"web1": "up", "web2": "up", "__proto__": "up"}, 10, "three backends up on the page")
         assert browser.find_element(By.ID, "policy").text == "least-load"
         assert browser.find_element(By.ID, "ready").text == "ready"
         lc.adminRun("drain", "web1")
@@ -282,6 +284,7 @@ def test_status_page_in_a_real_browser_shows_a_drain_within_two_seconds(tmp_path
         assert elapsed <= 2.0
         # Rates need two polls; the load bars are drawn.
         waitFor(lambda: browser.find_element(By.ID, "rate").text != "-", 5, "a routed rate")
+        assert "NaN" not in browser.find_element(By.TAG_NAME, "body").text
         assert len(browser.find_elements(By.CSS_SELECTOR, ".bar span")) == 3
         assert browser.save_screenshot(str(tmp_path / "status-page.png"))
         # A phone: the table becomes one card per backend, nothing wider

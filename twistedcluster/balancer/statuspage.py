@@ -92,7 +92,7 @@ function cell(row, label, text, cls) {
 }
 function hostPort(b) { return (b.host.indexOf(":") >= 0 ? "[" + b.host + "]" : b.host) + ":" + b.port; }
 function draw(data) {
-  var now = Date.now() / 1000, dt = previous ? now - previous.at : 0, before = {};
+  var now = Date.now() / 1000, dt = previous ? now - previous.at : 0, before = Object.create(null);
   if (previous) previous.data.backends.forEach(function (b) { before[b.name] = b.routed; });
   document.getElementById("policy").textContent = data.policy;
   var ready = document.getElementById("ready");
