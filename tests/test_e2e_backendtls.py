@@ -82,6 +82,9 @@ def test_backend_tls_verifies_and_a_wrong_certificate_is_a_failed_connect(cluste
     assert status["good"]["routed"] == 6
     log = cluster.processes["balancer"]
     waitFor(lambda: "certificate verify failed" in log.logText(), 10, "the rogue's refusal logged")
+    # Failed connects are summed once a second: the second backend's may
+    # come in the line after.
+    waitFor(lambda: "connect to backend misnamed" in log.logText(), 10, "the misnamed one's")
     text = log.logText()
     assert "connect to backend rogue at 127.0.0.1" in text
     assert "connect to backend misnamed at 127.0.0.1" in text

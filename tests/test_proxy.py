@@ -119,6 +119,28 @@ def test_connect_failure_retries_another_backend(logged):
     )
 
 
+def test_failed_connects_to_a_backend_are_one_line_a_second_not_one_each(logged):
+    # A backend that is not taken out (--max-ejected-percent) fails every
+    # client sent to it: the first is told at once, the rest summed.
+    mr = MemoryReactorClock()
+    cluster = clusterOf(9001)
+    factory = ProxyFactory(cluster, mr, ejectAfter=0, maxAttempts=1)
+    for i in range(20):
+        startClient(factory)
+        failConnect(mr, i)
+    lines = [line for line in logged if "proxy: connect to backend" in line]
+    assert lines == [
+        "proxy: connect to backend b9001 at 127.0.0.1:9001 failed (1 in a row): "
+        "connection refused; trying another"
+    ]
+    mr.advance(1)
+    lines = [line for line in logged if "proxy: connect to backend" in line]
+    assert len(lines) == 2 and lines[1] == (
+        "proxy: connect to backend b9001 at 127.0.0.1:9001 failed (20 in a row): "
+        "connection refused; trying another (19 failed connects to it in the last 1.0 s)"
+    )
+
+
 def test_no_backend_closes_the_client_with_a_log_line(logged):
     mr = MemoryReactorClock()
     proxy, clientT = startClient(ProxyFactory(Cluster(), mr))

@@ -616,16 +616,13 @@ class ProxyServer(AwaitsHandshake, Relay):
                 "no socket", example=(name, attempt.host, attempt.port, errorText(reason))
             )
         else:
-            log.warn(
-                "proxy: connect to backend {backend} failed "
-                "({failures} in a row): {error}; trying another",
-                backend=backendText(name, attempt.host, attempt.port),
-                name=name,
-                host=attempt.host,
-                port=attempt.port,
-                failures=failures,
-                error=errorText(reason),
+            # The first told at once, the rest summed once a second, a line
+            # a backend: one that cannot be taken out (--max-ejected-percent)
+            # fails every client sent to it.
+            factory._connectFailures[name] = (
+                attempt.host, attempt.port, failures, errorText(reason)
             )
+            factory._failedConnects.count(name)
             factory.health.failed(name, failures)
         self.route()
 
@@ -780,6 +777,10 @@ class ProxyFactory(Factory):
         # What a flood would log once per client, summed once a second.
         self._noSocket = Summary(reactor, self._reportNoSocket)
         self._closed = Summary(reactor, self._reportClosed)
+        self._failedConnects = Summary(reactor, self._reportFailedConnects)
+        #: Each backend whose connects failed since the last line: its
+        #: address, the failures in a row, and the last error.
+        self._connectFailures: Dict[str, Tuple[str, int, int, str]] = {}
 
     def buildProtocol(self, addr):
         limit = self.limit
@@ -834,6 +835,23 @@ class ProxyFactory(Factory):
             count=sum(counts.values()),
             window=window(seconds),
         )
+
+    def _reportFailedConnects(self, counts: Dict[str, int], seconds: float) -> None:
+        examples, self._connectFailures = self._connectFailures, {}
+        for name, count in counts.items():
+            host, port, failures, error = examples.get(name, ("?", 0, 0, "?"))
+            log.warn(
+                "proxy: connect to backend {backend} failed ({failures} in a row): "
+                "{error}; trying another{summed}",
+                backend=backendText(name, host, port),
+                name=name,
+                host=host,
+                port=port,
+                failures=failures,
+                error=error,
+                count=count,
+                summed=f" ({count} failed connects to it {window(seconds)})" if count > 1 else "",
+            )
 
     def _reportClosed(self, counts: Dict[str, int], seconds: float) -> None:
         client, why = self._closed.last
@@ -905,7 +923,7 @@ class ProxyFactory(Factory):
         Tell the summed lines pending now, at once (the drain is over: the
         process exits next).
         """
-        for summary in (self._noSocket, self._closed):
+        for summary in (self._noSocket, self._closed, self._failedConnects):
             summary.stop()
         self.health.stopSummary()
         return result
