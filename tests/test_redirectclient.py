@@ -164,6 +164,15 @@ def test_errors_say_what_was_tried():
         "gave up; tried [::1]:9001 (connection refused), "
         "10.0.0.1:80 (no answer within 5 s)"
     )
+    # Many attempts: the same one in a row once, with a count, and at most
+    # ten named (attempts=100000 printed megabytes).
+    dead = Attempt(BackendAddress("127.0.0.1", 9), "connection refused")
+    e.tried = (dead,) * 99999 + (Attempt(BackendAddress("127.0.0.1", 10), "refused"),)
+    assert str(e) == (
+        "gave up; tried 127.0.0.1:9 (connection refused) x99999, 127.0.0.1:10 (refused)"
+    )
+    e.tried = tuple(Attempt(BackendAddress("10.0.0.1", p), "refused") for p in range(1, 13))
+    assert str(e).endswith("10.0.0.1:10 (refused), and 2 more")
 
 
 # -- the endpoint, in memory -----------------------------------------------------

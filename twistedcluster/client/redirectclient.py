@@ -114,7 +114,30 @@ class RedirectFailed(Exception):
     def __str__(self) -> str:
         if not self.tried:
             return self.reason
-        return f"{self.reason}; tried {', '.join(map(str, self.tried))}"
+        return f"{self.reason}; tried {_triedText(self.tried)}"
+
+
+#: The most distinct attempts an error names; more are counted.
+NAMED_ATTEMPTS = 10
+
+
+def _triedText(tried: Sequence[Attempt]) -> str:
+    """
+    The attempts, in order, the same one in a row said once with how many
+    times, and at most L{NAMED_ATTEMPTS} named: a client with attempts=100000
+    against a balancer that names one dead backend must not print them all.
+    """
+    runs: List[List] = []
+    for attempt in tried:
+        if runs and runs[-1][0] == attempt:
+            runs[-1][1] += 1
+        else:
+            runs.append([attempt, 1])
+    named = [f"{a}" + (f" x{n}" if n > 1 else "") for a, n in runs[:NAMED_ATTEMPTS]]
+    rest = sum(n for _, n in runs[NAMED_ATTEMPTS:])
+    if rest:
+        named.append(f"and {rest} more")
+    return ", ".join(named)
 
 
 class BalancerUnreachable(RedirectFailed):
