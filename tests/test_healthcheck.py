@@ -110,3 +110,26 @@ def test_stopping_a_check_in_flight_is_not_a_failed_check(logged):
     checks.stopService()
     assert pool.get("127.0.0.1:8080").state is State.UP
     assert not any("failed 2 checks" in line for line in logged)
+
+
+def test_an_ejected_backend_that_passes_its_checks_says_so_once_and_stays_out(logged):
+    # Taken out by the passive check (its connects failed), a backend whose
+    # TCP checks pass stays out until the ejection is over; the log said
+    # "passed N checks: up" at every check, N climbing, while it stayed down.
+    mr = MemoryReactorClock()
+    pool = Pool()
+    pool.maxEjectedPercent = 100
+    checks = TCPHealthChecks(pool, mr, [("127.0.0.1", 8080)], interval=2, rise=2, fall=3)
+    checks.startService()
+    name = "127.0.0.1:8080"
+    assert pool.eject(name)
+    succeed(mr)
+    for _ in range(4):
+        mr.advance(2)
+        succeed(mr)
+    assert pool.get(name).state is State.DOWN
+    assert not any(": up" in line for line in logged)
+    assert sum("but stays out" in line for line in logged) == 1
+    pool.readmit(name)
+    assert pool.get(name).state is State.UP
+    checks.stopService()

@@ -101,11 +101,21 @@ class _Check:
         if self.name in pool and pool.get(self.name).state is State.DOWN:
             if self.successes >= self.checker.rise:
                 pool.markUp(self.name)
-                log.info(
-                    "static backend {name} passed {n} checks: up",
-                    name=self.name,
-                    n=self.successes,
-                )
+                if pool.get(self.name).state is not State.DOWN:
+                    log.info(
+                        "static backend {name} passed {n} checks: up",
+                        name=self.name,
+                        n=self.successes,
+                    )
+                elif self.successes == self.checker.rise:
+                    # Taken out by the passive check (its connects failed):
+                    # it comes back when that time is over, not before.
+                    log.info(
+                        "static backend {name} passed {n} checks, but stays out "
+                        "until its connects' ejection is over",
+                        name=self.name,
+                        n=self.successes,
+                    )
 
     def _failed(self, reason) -> None:
         self.inFlight = None
