@@ -64,6 +64,13 @@ def test_sighup_reopens_log_files_and_drops_no_one(tmp_path, monkeypatch):
         backend = cluster.processes["backend-1"]
         backend.signal(signal.SIGTERM)
         cluster.waitForStatus(lambda s: s["backend-1"]["state"] != "up", 10, "backend-1 draining")
+        # Another SIGTERM, and a SIGINT, while it drains (systemd signals
+        # every process of the unit; Ctrl-C twice): said, and nothing else
+        # (the reactor stopping twice logged a traceback).
+        backend.signal(signal.SIGTERM)
+        backend.signal(signal.SIGINT)
+        waitFor(lambda: logs["backend-1"].read_text().count("while stopping") >= 2, 10,
+                "the second signals noted")
         for c in held:
             assert c.echo(b"draining") == b"draining"
             c.close()

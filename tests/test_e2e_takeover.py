@@ -145,7 +145,7 @@ def test_the_old_process_ends_at_its_takeover_drain_deadline(tmp_path):
         waitFor(lambda: "stopped accepting" in old.logText(), 30, "the old balancer to let go")
         let = time.monotonic()
         old.signal(15)
-        waitFor(lambda: "signal 15 while finishing" in old.logText(), 10, "the signal to be logged")
+        waitFor(lambda: "signal 15 while stopping" in old.logText(), 10, "the signal to be logged")
         for c in held:
             assert c.echo(b"still relayed") == b"still relayed"
         waitFor(lambda: not old.alive(), 30, "the old balancer to exit")

@@ -8,8 +8,19 @@ from twistedcluster.hangup import HangUpService
 
 
 class NowReactor:
-    def callFromThread(self, f, *args):
-        f(*args)
+    def __init__(self):
+        self.triggers = []
+
+    def callFromThread(self, f, *args, **kw):
+        f(*args, **kw)
+
+    def addSystemEventTrigger(self, phase, event, f, *args):
+        self.triggers.append((phase, event, f, args))
+
+    def shutDown(self):
+        for phase, event, f, args in self.triggers:
+            assert (phase, event) == ("before", "shutdown")
+            f(*args)
 
 
 class FakeLogFile:
@@ -49,3 +60,19 @@ def test_a_log_file_that_cannot_reopen_is_an_error_not_an_exit(observeErrors, lo
     svc.hangUp()
     assert any("cannot reopen the log file /x.log: Permission denied" in line for line in logged)
     observeErrors.clear()  # the error is what this test expects
+
+
+def test_once_the_process_stops_a_second_sigterm_or_sigint_is_only_logged(logged):
+    # The reactor would stop a second time and fail with a traceback; the
+    # drain goes on, and SIGKILL stops at once.
+    installed = {}
+    reactor = NowReactor()
+    svc = HangUpService(reactor, lambda: [], lambda sig, h: installed.__setitem__(sig, h))
+    svc.startService()
+    assert signal.SIGTERM not in installed  # until the process stops, the reactor's
+    svc.stopService()
+    reactor.shutDown()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        installed[sig](sig, None)
+    lines = [line for line in logged if "while stopping" in line]
+    assert len(lines) == 2 and "SIGKILL stops at once" in lines[0]

@@ -1,5 +1,7 @@
 """
-What SIGHUP does to a balancer or a backend: reopen the log file, never stop.
+What SIGHUP does to a balancer or a backend: reopen the log file, never stop;
+and what a second SIGTERM or SIGINT does while one drains: nothing but a log
+line (L{quietSecondStop}).
 
 By default SIGHUP ends a process, and Twisted leaves it so: a ``kill -HUP``
 meant, as for most daemons, "reopen your logs" (logrotate's ``postrotate``)
@@ -7,7 +9,10 @@ or "reload", would cut every relayed connection at once.  L{HangUpService}
 catches it.  When twistd logs to a file (``--logfile PATH``), that file is
 reopened, so a rotation tool that moved it away gets a fresh one at PATH;
 logging to standard output or syslog, there is nothing to reopen and the
-signal is only logged.  SIGTERM is left to the reactor: it drains.
+signal is only logged.  SIGTERM is left to the reactor: it drains.  Once
+it does, another one (systemd signals every process of a unit; an operator
+presses Ctrl-C again) would have the reactor stop a second time, which
+fails with a traceback: it is logged instead, and the drain goes on.
 
 twistd keeps its log file (a L{twisted.python.logfile.BaseLogFile}) to
 itself; it is found at each SIGHUP among the live objects of that type
@@ -69,6 +74,13 @@ class HangUpService(Service):
             self.installSignal(signal.SIGHUP, self._signalled)
         except ValueError:  # not the main thread: an embedding's business
             log.info("SIGHUP left as it is: not started in the main thread")
+            return
+        # Once the reactor stops (its own shutdown, not this service's stop:
+        # the services stop in the same phase, and a trigger removed then
+        # would never run).
+        self.reactor.addSystemEventTrigger(
+            "before", "shutdown", quietSecondStop, self.reactor, self.installSignal
+        )
 
     def _signalled(self, signum, frame) -> None:
         self.reactor.callFromThread(self.hangUp)
@@ -96,3 +108,28 @@ class HangUpService(Service):
                 )
             else:
                 log.info("SIGHUP: log file {path} reopened", path=getattr(f, "path", "?"))
+
+
+def quietSecondStop(reactor, installSignal: Optional[Callable] = None, why: str = "") -> None:
+    """
+    From now on (this process stops), SIGTERM and SIGINT are logged, not
+    handed to the reactor, which would fail to stop again with a traceback:
+    the connections still open go on finishing until the drain deadline.
+
+    @param why: what the process is finishing, for the log line.
+    """
+
+    def signalled(signum, frame) -> None:
+        reactor.callFromThread(
+            log.info,
+            "signal {signum} while stopping: {why}; SIGKILL stops at once",
+            signum=signum,
+            why=why or "the connections still open finish until the drain deadline",
+        )
+
+    install = signal.signal if installSignal is None else installSignal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            install(sig, signalled)
+        except ValueError:  # not the main thread: an embedding's business
+            return

@@ -41,6 +41,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
 from twistedcluster.fast.internals import letGoOfListener, raiseListenFailures
+from twistedcluster.hangup import quietSecondStop
 
 log = Logger()
 
@@ -563,37 +564,13 @@ def takeoverService(
         for owner in list(controlFactory.owners.values()):
             owner._disown(close=True)
         drainOnStop.timeout = options["takeover-drain"]
-        quietSecondStop(reactor)
+        quietSecondStop(
+            reactor,
+            why="the connections it had before the takeover finish until --takeover-drain",
+        )
         reactor.stop()
 
     descriptions = {role: description for role, description, _ in listeners}
     return TakeoverService(
         options["takeover"], reactor, Handover(ports, descriptions, state, stop), inherited
     )
-
-
-def quietSecondStop(reactor, installSignal=None) -> None:
-    """
-    Once this process is stopping after a takeover, a SIGTERM (systemctl
-    stop stops every process of the unit) is logged, not handed to the
-    reactor, which would fail to stop again with a traceback: the relayed
-    connections go on finishing until --takeover-drain, or the service
-    manager's own stop timeout.
-    """
-    import signal
-
-    def signalled(signum, frame) -> None:
-        reactor.callFromThread(
-            log.info,
-            "takeover: signal {signum} while finishing the connections it had "
-            "before the takeover: still finishing them",
-            signum=signum,
-        )
-
-    install = signal.signal if installSignal is None else installSignal
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            install(sig, signalled)
-        except ValueError:  # not the main thread: an embedding's business
-            return
-
