@@ -222,6 +222,11 @@ async def test_a_service_whose_own_load_fails_goes_on_reporting(harness, logged)
     lines = [line for line in logged if "currentLoad() failed" in line]
     assert lines and "ZeroDivisionError: division by zero" in lines[0], logged
     Flaky.figures[0] = 0.5
+    # What is pending is told when the service stops, and no timer is left
+    # (a minute later it logged into whatever ran then).
+    await harness.svc.stopService()
+    assert len([line for line in logged if "currentLoad() failed" in line]) == 2
+    assert not [c for c in reactor.getDelayedCalls() if "Summary" in repr(c.func)]
 
 
 @pytest_twisted.ensureDeferred

@@ -316,6 +316,9 @@ class BackendService(Service):
     metricsPort = None
     #: What SIGHUP does (L{twistedcluster.hangup}); set by L{makeService}.
     hangUp = None
+    #: Log lines summed once in a while (L{twistedcluster.summary.Summary}),
+    #: told at once when the service stops; set by L{makeService}.
+    summaries: tuple = ()
 
     def __init__(
         self,
@@ -422,6 +425,8 @@ class BackendService(Service):
             self._idle = None
         await self.reporter.stopService()
         self.acceptErrors.stop()
+        for summary in self.summaries:
+            summary.stop()
         if self.metricsPort is not None:
             await self.metricsPort.stopListening()
 
@@ -579,6 +584,7 @@ def makeService(options: Options, reactor=None) -> BackendService:
         metrics=options["metrics"],
         metricsSite=site,
     )
+    svc.summaries = (loadFailures,)
 
     def connectionsChanged(count: int, served: bool) -> None:
         meter.changed(count, served)
