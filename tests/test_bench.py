@@ -210,6 +210,20 @@ def test_routingCostIsPrinted():
     assert all(float(r[2]) > 0 for r in rows)
 
 
+def test_redirectShortConnectionsPrintsServedAndRefused():
+    script = ROOT / "bench" / "redirectshort.py"
+    if not script.exists():
+        pytest.skip("not a checkout")
+    result = subprocess.run(
+        [sys.executable, str(script), "--seconds", "1", "--clients", "1", "--capacity", "50"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    [line] = [l for l in result.stdout.splitlines() if "this checkout:" in l]
+    served = float(line.split(":")[1].split()[0].replace(",", ""))
+    assert served > 0 and "answered ERROR no-backend" in line
+
+
 def test_reusePortRunsSeveralBalancersOnOnePort(tmp_path):
     # Two balancer processes share one port (each its own SO_REUSEPORT
     # socket, handed over as a systemd socket); both relay without errors.
