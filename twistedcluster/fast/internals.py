@@ -1170,7 +1170,11 @@ def checkAMP() -> None:
 # whether the peer's came already); _flushSendBIO() writes what the send
 # BIO holds to the TCP transport, after what was written before.
 # _handshakeDone is set once the handshake is over, and until then writes
-# wait in _appSendBuffer.  Reading goes on after shutdown(): the peer's
+# wait in _appSendBuffer.  BufferingTLSTransport (the class Twisted makes)
+# holds writes under 64 KiB in _aggregator until the next reactor turn; its
+# own loseConnection flushes it first, and so must a close_notify, or the
+# alert would overtake what was written just before it, which OpenSSL then
+# refuses to send.  Reading goes on after shutdown(): the peer's
 # data still arrives, and its own close_notify (ZeroReturnError) makes
 # Twisted close the connection, as it does for any close_notify.
 
@@ -1273,6 +1277,12 @@ def tlsCloseNotify(layer) -> bool:
         or layer.disconnecting
     ):
         return False
+    aggregator = getattr(layer, "_aggregator", None)
+    if aggregator is not None:
+        aggregator.flush()  # what was written just before goes first
+        connection = getattr(layer, "_tlsConnection", None)
+        if connection is None or layer.disconnecting:
+            return False
     try:
         connection.shutdown()
     except TLSError:
@@ -1298,6 +1308,15 @@ def checkTLS() -> None:
     _require(
         callable(getattr(TLSMemoryBIOProtocol, "_flushSendBIO", None)),
         "TLSMemoryBIOProtocol has no _flushSendBIO",
+    )
+    try:
+        from twisted.protocols.tls import BufferingTLSTransport
+    except ImportError:  # writes not held back: nothing to flush first
+        return
+    used = set(BufferingTLSTransport.loseConnection.__code__.co_names)
+    _require(
+        {"_aggregator", "flush"} <= used,
+        f"BufferingTLSTransport.loseConnection uses {sorted(used)}",
     )
 
 
