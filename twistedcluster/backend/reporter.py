@@ -115,12 +115,13 @@ class ControlClient(GuardedAMP):
         return result
 
     @commands.Mark.responder
-    def markPushed(self, mark):
+    def markPushed(self, mark, reportSoon=None):
         self.answered({"mark": mark})
-        # The balancer sends one when connections reached this backend that
-        # no report has counted (redirect hand-offs count as added until
-        # then): a report soon after, not at the next tick.
-        self.reporter.reportSoonTo(self)
+        if reportSoon:
+            # Redirect answers naming this backend have just settled: they
+            # count as added at the balancer until a report echoing this
+            # mark, so one goes soon, not at the next tick.
+            self.reporter.reportSoonTo(self)
         return {}
 
     def connectionLost(self, reason) -> None:

@@ -242,13 +242,18 @@ class ControlProtocol(GuardedAMP):
     #: L{MARK_SPACING} to pass.
     _markPushedAt = float("-inf")
     _markLater = None
+    _reportSoon = False
 
-    def pushMark(self) -> None:
+    def pushMark(self, reportSoon: bool = False) -> None:
         """
         Send this one-way backend a newer mark if it needs one (a connection
         reached it since the last), at most one per L{MARK_SPACING}: one
         due sooner goes when the spacing is over.
+
+        @param reportSoon: ask for a report soon after (redirect answers
+            have just settled; see L{commands.Mark}).
         """
+        self._reportSoon = self._reportSoon or reportSoon
         name = self.name
         if name is None or not self.quiet or self._markLater is not None:
             return
@@ -262,7 +267,11 @@ class ControlProtocol(GuardedAMP):
             return
         self._markPushedAt = now
         self._lastMark = mark = pool.mark(name)
-        self.callRemote(commands.Mark, mark=mark)
+        if self._reportSoon:
+            self._reportSoon = False
+            self.callRemote(commands.Mark, mark=mark, reportSoon=True)
+        else:
+            self.callRemote(commands.Mark, mark=mark)
 
     def _pushLater(self) -> None:
         self._markLater = None
@@ -500,7 +509,7 @@ class ControlFactory(GuardedFactory):
         for name in names:
             channel = owners.get(name)
             if channel is not None:
-                channel.pushMark()
+                channel.pushMark(reportSoon=True)
 
     def reported(self, name: str) -> None:
         """

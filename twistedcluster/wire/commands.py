@@ -248,12 +248,18 @@ class Mark(amp.Command):
     """
     Balancer to a backend that registered C{quiet}: a newer mark to echo as
     C{seen} in its next reports (as a L{ReportLoad} answer's C{mark}).  Sent
-    one-way, after a report, only when connections reached the backend
-    since the last mark it was given: an idle backend gets none.
+    one-way, only when connections reached the backend since the last mark
+    it was given (an idle backend gets none): after a report, or as
+    redirect answers naming it settle.
     """
 
     commandName = b"Mark"
-    arguments = [(b"mark", amp.Integer())]
+    #: C{reportSoon}: the mark was sent for connections the backend could
+    #: not have counted yet (redirect answers that have just settled), so
+    #: a report soon after, rather than at the next tick, is wanted.  Marks
+    #: that follow a report do not ask: each report would otherwise ask for
+    #: the next.  A backend from before ignores it.
+    arguments = [(b"mark", amp.Integer()), (b"reportSoon", amp.Boolean(optional=True))]
     response: list = []
     requiresAnswer = False
 
