@@ -326,3 +326,30 @@ async def test_a_service_drain_that_fails_or_hangs_does_not_stop_the_drain(
     assert joining.calls
     assert any("the service's drain() failed: RuntimeError('boom')" in line for line in logged)
     observeErrors.clear()  # that error is what this test expects
+
+
+@pytest.mark.allow_errors
+@pytest_twisted.ensureDeferred
+async def test_a_service_drain_that_hangs_gets_what_is_left_of_the_deadline_not_all_of_it(harness, joining, logged):
+    # A balancer that does not acknowledge (the whole 1 s goes in waiting
+    # for it) and a drain() that never finishes: the connections are still
+    # closed at the deadline counted from the stop.
+    harness.controlFactory = MuteOnDrainFactory
+    await harness.start(f"--service={__name__}.joiningFactory", "--drain-timeout=1")
+    joining.result = defer.Deferred()
+    held = socket.create_connection(("127.0.0.1", harness.port), timeout=10)
+    await until(lambda: harness.svc.factory.count == 1, what="the client counted")
+    started = reactor.seconds()
+    stopped = harness.svc.stopService()
+
+    def closedByPeer():
+        try:
+            return held.recv(10) == b""
+        except ConnectionResetError:
+            return True
+
+    assert await deferToThread(closedByPeer)
+    closedAfter = reactor.seconds() - started
+    await stopped
+    held.close()
+    assert 1.0 <= closedAfter < 1.8, closedAfter

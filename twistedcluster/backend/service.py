@@ -409,7 +409,7 @@ class BackendService(Service):
             )
         if self.port is not None:
             await self.port.stopListening()
-        await self._serviceDrain()
+        await self._serviceDrain(deadline)
         if self.factory.count:
             idle = self._idle = defer.Deferred()
             idle.addTimeout(max(0.0, deadline - self.reactor.seconds()), self.reactor)
@@ -430,25 +430,26 @@ class BackendService(Service):
         if self.metricsPort is not None:
             await self.metricsPort.stopListening()
 
-    async def _serviceDrain(self) -> None:
+    async def _serviceDrain(self, deadline: float) -> None:
         """
         Call the service factory's C{drain()}, when it has one, and wait for
-        what it returns (a Deferred, or a coroutine) within the drain
-        timeout.  A failure or a timeout there is logged and the drain goes
-        on: the connections still get the rest of the deadline.
+        what it returns (a Deferred, or a coroutine) until the drain
+        C{deadline}.  A failure or a timeout there is logged and the drain
+        goes on: the connections still get what is left of the deadline.
         """
         drain = getattr(self.factory.wrappedFactory, "drain", None)
         if not callable(drain):
             return
         log.info("draining: calling the service's drain()")
         joined = defer.maybeDeferred(lambda: defer.ensureDeferred(_awaitable(drain())))
-        joined.addTimeout(self.drainTimeout, self.reactor)
+        left = max(0.0, deadline - self.reactor.seconds())
+        joined.addTimeout(left, self.reactor)
         try:
             await joined
         except defer.TimeoutError:
             log.warn(
-                "draining: the service's drain() had not finished after {timeout} s",
-                timeout=self.drainTimeout,
+                "draining: the service's drain() had not finished after {timeout:g} s",
+                timeout=round(left, 1),
             )
         except Exception as e:
             log.error(

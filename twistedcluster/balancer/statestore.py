@@ -339,6 +339,9 @@ def applyKey(cluster, statics, key: str, value: Optional[Any]) -> None:
                         )
                         statics.heldBack[name] = value
                         return
+                    # Added now: a value held back before is the cluster's
+                    # no more (the store's newer one is).
+                    statics.heldBack.pop(name, None)
                     log.info("state store: static backend {name} added", name=name)
             elif statics.heldBack.pop(name, None) is not None:
                 pass
