@@ -6,7 +6,7 @@ etcd is in tests/test_e2e_statestore.py.
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 
@@ -427,6 +427,7 @@ def test_a_static_backends_proxy_header_version_is_in_its_key():
     "error, maybeTaken",
     [
         (lambda: ConnectionRefusedError(), False),
+        (lambda: DNSLookupError("etcd-0.example"), False),  # never sent
         (lambda: ValueError("HTTP 400: etcdserver: too many operations in txn request"), False),
         (lambda: defer.CancelledError(), True),  # REQUEST_TIMEOUT
         (lambda: ResponseNeverReceived([Failure(ConnectionLost())]), True),
@@ -448,6 +449,7 @@ def test_a_change_etcd_may_have_taken_is_not_said_to_be_undone(error, maybeTaken
     [f] = failure
     assert f.check(StoreUnavailable)
     message = f.getErrorMessage()
+    assert f.value.maybeTaken is maybeTaken
     if maybeTaken:
         assert "did not say whether it took the change" in message and "look with status" in message
         assert "undone" not in message
@@ -457,3 +459,19 @@ def test_a_change_etcd_may_have_taken_is_not_said_to_be_undone(error, maybeTaken
     # Either way this balancer holds what the store last had, until the
     # watch says otherwise.
     assert store.cluster.pool.get("a").state is State.UP
+
+
+@pytest.mark.parametrize("maybeTaken, said", [(False, "change undone"), (True, "change not known to be saved")])
+def test_the_admin_log_line_says_what_became_of_a_change_the_store_did_not_take(logged, maybeTaken, said):
+    lb = balancerWith("a")
+
+    def failing(forgotten=None):
+        e = StoreUnavailable("etcd unreachable")
+        e.maybeTaken = maybeTaken
+        return defer.fail(e)
+
+    lb.admin.onChange = failing
+    admin, _, _ = lb.adminChannel()
+    f = lb.resultOf(admin.callRemote(commands.DrainBackend, name="a"))
+    assert f.check(commands.StateStoreUnavailable)
+    assert any(said in line for line in logged)

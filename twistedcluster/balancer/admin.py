@@ -306,8 +306,11 @@ class AdminProtocol(GuardedAMP):
         def notSaved(failure):
             if failure.check(StoreUnavailable):
                 self.log.warn(
-                    "admin {peer}: change undone: {error}",
+                    "admin {peer}: {outcome}: {error}",
                     peer=self.peerText(),
+                    outcome="change not known to be saved"
+                    if getattr(failure.value, "maybeTaken", False)
+                    else "change undone",
                     error=failure.getErrorMessage(),
                 )
                 raise commands.StateStoreUnavailable(failure.getErrorMessage())

@@ -55,7 +55,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -694,7 +694,9 @@ class EtcdStateStore(Service):
                 # Not connected, or etcd's own answer: it took nothing.
                 # Anything else (no answer in time, the connection lost)
                 # leaves it unknown.
-                maybeTaken = maybeTaken or not isinstance(e, (ConnectError, ValueError))
+                maybeTaken = maybeTaken or not isinstance(
+                    e, (ConnectError, DNSLookupError, ValueError)
+                )
                 errors.append(f"{self._describeMember()}: {_errorText(e)}")
                 self._member += 1
         unavailable = StoreUnavailable("etcd unreachable (" + "; ".join(errors) + ")")
@@ -911,12 +913,14 @@ class EtcdStateStore(Service):
             if e.maybeTaken:
                 # The watch tells what etcd did: if it took the change,
                 # every balancer (this one too) applies it in a moment.
-                raise StoreUnavailable(
+                unknown = StoreUnavailable(
                     f"the state store did not say whether it took the change ({e}): "
                     "this balancer keeps the state the store last had, and follows "
                     "the store; if etcd took it, every balancer applies it in a "
                     "moment: look with status before trying again"
-                ) from None
+                )
+                unknown.maybeTaken = True
+                raise unknown from None
             raise StoreUnavailable(
                 f"the state store could not take the change, which is undone: {e}"
             ) from None
