@@ -122,7 +122,12 @@ def test_an_ejected_backend_that_passes_its_checks_says_so_once_and_stays_out(lo
     checks = TCPHealthChecks(pool, mr, [("127.0.0.1", 8080)], interval=2, rise=2, fall=3)
     checks.startService()
     name = "127.0.0.1:8080"
+    succeed(mr)  # passing checks before it is taken out: past rise already
+    for _ in range(3):
+        mr.advance(2)
+        succeed(mr)
     assert pool.eject(name)
+    mr.advance(2)
     succeed(mr)
     for _ in range(4):
         mr.advance(2)

@@ -82,6 +82,9 @@ class _Check:
         self.inFlight = None
         #: Set by L{stop}: a check cancelled then is no verdict on the backend.
         self.stopped = False
+        #: Whether the log said it passes its checks but stays out (taken
+        #: out by the passive check); said again after it has been back.
+        self.saidOut = False
         self.loop = task.LoopingCall(self.run)
         self.loop.clock = checker.reactor
 
@@ -98,6 +101,8 @@ class _Check:
         self.failures = 0
         self.successes += 1
         pool = self.checker.pool
+        if self.name in pool and pool.get(self.name).state is not State.DOWN:
+            self.saidOut = False
         if self.name in pool and pool.get(self.name).state is State.DOWN:
             if self.successes >= self.checker.rise:
                 pool.markUp(self.name)
@@ -107,9 +112,10 @@ class _Check:
                         name=self.name,
                         n=self.successes,
                     )
-                elif self.successes == self.checker.rise:
+                elif not self.saidOut:
                     # Taken out by the passive check (its connects failed):
                     # it comes back when that time is over, not before.
+                    self.saidOut = True
                     log.info(
                         "static backend {name} passed {n} checks, but stays out "
                         "until its connects' ejection is over",
