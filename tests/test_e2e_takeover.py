@@ -146,6 +146,9 @@ def test_the_old_process_ends_at_its_takeover_drain_deadline(tmp_path):
         let = time.monotonic()
         old.signal(15)
         waitFor(lambda: "signal 15 while stopping" in old.logText(), 10, "the signal to be logged")
+        # Said with what it finishes: the takeover's words, not the generic
+        # ones the process's own shutdown would install after them.
+        assert "finish until --takeover-drain" in old.logText()
         for c in held:
             assert c.echo(b"still relayed") == b"still relayed"
         waitFor(lambda: not old.alive(), 30, "the old balancer to exit")

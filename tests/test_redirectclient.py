@@ -314,6 +314,19 @@ def test_a_backend_whose_name_does_not_resolve_is_dead_and_another_is_asked_for(
     assert any("backend-a.nosuch.invalid" in m and "does not resolve" in m for m in logged)
 
 
+def test_an_error_of_the_callers_own_factory_is_not_a_backend_failure():
+    # Raised by the caller's buildProtocol: the caller's bug, told as it is,
+    # not retried on other backends as "no backend accepted".
+    class Broken(Factory):
+        def buildProtocol(self, addr):
+            raise ZeroDivisionError("the caller's bug")
+
+    lb = ScriptedBalancer(b"127.0.0.1 9001\r\n", b"127.0.0.1 9002\r\n")
+    backends = Backends(p9001="accept", p9002="accept")
+    failure(endpointFor(lb, backends).connect(Broken()), ZeroDivisionError)
+    assert lb.asked == 1
+
+
 def test_backend_that_does_not_accept_in_time_counts_as_dead():
     clock = Clock()
     lb = ScriptedBalancer(b"127.0.0.1 9001\r\n", b"127.0.0.1 9002\r\n")

@@ -119,6 +119,10 @@ def quietSecondStop(reactor, installSignal: Optional[Callable] = None, why: str 
     @param why: what the process is finishing, for the log line.
     """
 
+    install = signal.signal if installSignal is None else installSignal
+    if install is signal.signal and getattr(signal.getsignal(signal.SIGTERM), "quiet", False):
+        return  # in place already, saying what this process finishes (a takeover)
+
     def signalled(signum, frame) -> None:
         reactor.callFromThread(
             log.info,
@@ -127,7 +131,7 @@ def quietSecondStop(reactor, installSignal: Optional[Callable] = None, why: str 
             why=why or "the connections still open finish until the drain deadline",
         )
 
-    install = signal.signal if installSignal is None else installSignal
+    signalled.quiet = True  # type: ignore[attr-defined]
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             install(sig, signalled)

@@ -406,12 +406,11 @@ class RedirectClientEndpoint:
             )
             try:
                 return await connecting
-            except (defer.CancelledError, error.ConnectingCancelledError):
-                raise  # the caller gave up: no other backend is tried
-            except Exception as e:
+            except _BACKEND_FAILURES as e:
                 # Refused, timed out, a name that does not resolve
-                # (DNSLookupError is no ConnectError), a TLS wrapper's
-                # failure: this backend failed, another may not.
+                # (DNSLookupError is no ConnectError), the connection lost
+                # at once: this backend failed, another may not.  (What the
+                # caller's own factory raises is the caller's: it goes up.)
                 reason = _describe(e, self.connectTimeout)
                 failed.add(backend)
                 tried.append(Attempt(backend, reason))
@@ -430,6 +429,15 @@ class RedirectClientEndpoint:
             f"{'' if self.attempts == 1 else 's'}",
             tried,
         )
+
+
+#: How a connect to a named backend fails on the backend's account.
+_BACKEND_FAILURES = (
+    error.ConnectError,
+    error.DNSLookupError,
+    error.ConnectionClosed,
+    OSError,
+)
 
 
 def _connectTimedOut(value: object, timeout: float) -> object:
