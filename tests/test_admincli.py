@@ -148,11 +148,14 @@ def test_add_with_send_proxy_to_a_balancer_that_ignores_it_fails_clearly(monkeyp
     statics.stopService()
 
 
-def test_a_listener_that_closes_at_once_is_explained(tmp_path):
+@pytest.mark.parametrize("ending", ["clean", "reset"])
+def test_a_listener_that_closes_at_once_is_explained(tmp_path, ending):
     # What a full admin listener does to a newcomer: accept, then close
-    # before any answer. The message says what that may mean.
+    # before any answer: a clean close when the command had not arrived, a
+    # reset when it had (unread). The message says what that may mean.
     import os
     import socket
+    import struct
     import subprocess
     import sys
     import threading
@@ -168,6 +171,17 @@ def test_a_listener_that_closes_at_once_is_explained(tmp_path):
                 conn, _ = listener.accept()
             except OSError:
                 return
+            conn.settimeout(10)
+            try:
+                if ending == "clean":
+                    conn.shutdown(socket.SHUT_WR)
+                    while conn.recv(65536):  # until the client has gone
+                        pass
+                else:
+                    conn.recv(1)  # the command is here, unread
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
             conn.close()
 
     thread = threading.Thread(target=closeEach, daemon=True)
@@ -181,4 +195,5 @@ def test_a_listener_that_closes_at_once_is_explained(tmp_path):
     finally:
         listener.close()
     assert result.returncode == 3, result
-    assert "closed cleanly before answering (its admin listener may be full" in result.stderr, result.stderr
+    assert "before answering (its admin listener may be full" in result.stderr, result.stderr
+    assert ("closed cleanly" in result.stderr) == (ending == "clean"), result.stderr

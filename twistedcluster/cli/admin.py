@@ -515,6 +515,17 @@ async def runOne(reactor, args, job=None) -> str:
             f"cannot reach the balancer at {args.admin}: {explainConnectError(e)}",
             EXIT_UNREACHABLE,
         ) from None
+    # Whether the balancer has said anything: a connection it ends before
+    # that is what a full admin listener does to a newcomer.
+    heard: list = []
+    boxReceived = proto.ampBoxReceived
+
+    def ampBoxReceived(box):
+        heard.append(True)
+        return boxReceived(box)
+
+    proto.ampBoxReceived = ampBoxReceived
+
     async def authenticated():
         try:
             proving = defer.ensureDeferred(authenticate(proto, secret, "admin"))
@@ -547,9 +558,10 @@ async def runOne(reactor, args, job=None) -> str:
             raise
         except Exception as e:
             why = explainConnectError(e)
-            if isinstance(e, error.ConnectionDone):
-                # Accepted, then closed cleanly before any answer: what a
-                # full admin listener does to a newcomer.
+            if isinstance(e, error.ConnectionClosed) and not heard:
+                # Accepted, then closed before any answer: what a full
+                # admin listener does to a newcomer (a reset when the
+                # command had arrived, a clean close when it had not).
                 why = why.rstrip(".") + (
                     " before answering (its admin listener may be full: "
                     "--max-admin-connections; or it is stopping)"
