@@ -21,6 +21,7 @@ DIR``), for that one in the same run, then the ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import tempfile
@@ -79,9 +80,13 @@ def run(code: Path, capacity: int, clients: int, seconds: float) -> tuple:
 
     with tempfile.TemporaryDirectory() as d:
         cluster = LocalCluster(Path(d))
-        # The processes run the code measured.
+        # The processes run the code measured: on PYTHONPATH, and started
+        # elsewhere than in a checkout (python -c puts the current folder
+        # first on the path).
         cluster.env["PYTHONPATH"] = str(code)
         redirect = freePort(HOST)
+        here = os.getcwd()
+        os.chdir(d)
         try:
             cluster.startBalancer(extra=[f"--redirect=tcp:{redirect}:interface={HOST}"])
             for name in ("a", "b"):
@@ -98,6 +103,7 @@ def run(code: Path, capacity: int, clients: int, seconds: float) -> tuple:
                 t.join(seconds + 30)
         finally:
             cluster.stopAll()
+            os.chdir(here)
     served = sum(s for s, _ in out)
     refused = sum(r for _, r in out)
     return served / seconds, refused
