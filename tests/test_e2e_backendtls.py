@@ -275,3 +275,38 @@ def test_a_backends_end_reaches_a_tls_client_as_a_close_notify(cluster, pki):
         assert "Traceback" not in balancerLog and "Unhandled" not in balancerLog, balancerLog[-3000:]
     finally:
         backend.close()
+
+
+def test_a_backend_that_wants_a_client_certificate_says_why_it_ends_connections(cluster, pki):
+    # Under TLS 1.3 the balancer's handshake is over before the backend
+    # checks the balancer's certificate (here: it has none to give), so the
+    # refusal comes as an alert after the client's first bytes: the log says
+    # what the backend said, not only "reset".
+    key, cert = pki["good"]
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    server.load_verify_locations(cafile=str(pki["ca"]))
+    server.verify_mode = ssl.CERT_REQUIRED
+
+    def wantsACertificate(sock):
+        tls = server.wrap_socket(sock, server_side=True)
+        tls.recv(100)
+        return "served"
+
+    backend = ThreadServer(wantsACertificate)
+    try:
+        cluster.startBalancer(extra=[
+            f"--backend-tls=ca={pki['ca']}", f"--backend=mtls=127.0.0.1:{backend.port}",
+        ])
+        cluster.waitUp(["mtls"])
+        for _ in range(2):
+            try:
+                exchange(cluster.port, b"hello")
+            except OSError:
+                pass  # a reset: what the client gets
+        log = cluster.processes["balancer"]
+        waitFor(lambda: "before sending anything" in log.logText(), 10, "the backend's refusal logged")
+        [line] = [l for l in log.logText().splitlines() if "before sending anything" in l][:1]
+        assert "TLS:" in line and "certificate" in line, line
+    finally:
+        backend.close()

@@ -15,7 +15,7 @@ and the pool's; this module keeps the timers and the log.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 from twisted.logger import Logger
 
@@ -90,10 +90,14 @@ class PassiveHealth:
         """
         self.pool.backendServed(name)
 
-    def endedEarly(self, name: str, clean: bool, clientDone: bool, madeAt: float) -> None:
+    def endedEarly(
+        self, name: str, clean: bool, clientDone: bool, madeAt: float, why: Optional[str] = None
+    ) -> None:
         """
         The backend ended a connection made at C{madeAt} before sending
         anything, while its client was still there (see L{blames}).
+
+        @param why: what it said, when it said something (a TLS alert).
         """
         if not blames(clean, clientDone, self.clock.seconds() - madeAt, self.earlyCloseWindow):
             self.pool.backendServed(name)
@@ -101,10 +105,11 @@ class PassiveHealth:
         failures = self.pool.backendFailed(name)
         log.warn(
             "proxy: backend {backend} {how} a connection before sending anything "
-            "({failures} in a row)",
+            "({failures} in a row){why}",
             backend=name,
             how="closed" if clean else "reset",
             failures=failures,
+            why=f": {why}" if why else "",
         )
         self.failed(name, failures)
 

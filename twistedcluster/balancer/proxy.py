@@ -87,6 +87,26 @@ HANDSHAKE_TIMEOUT = 10.0
 DRAIN_PROGRESS_INTERVAL = 10.0
 
 
+def tlsAlertText(error: BaseException) -> Optional[str]:
+    """
+    What a TLS error says, in OpenSSL's words (C{"tlsv13 alert certificate
+    required"}), or C{None} for an error that is not TLS's.  Under TLS 1.3
+    a backend that refuses the balancer's certificate (or its lack of one)
+    says so only after the balancer's handshake is over: as an alert that
+    ends the connection, which would otherwise read as a bare reset.
+    """
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # pragma: no cover - pyOpenSSL comes with twisted[tls]
+        return None
+    if not isinstance(error, SSL.Error):
+        return None
+    # pyOpenSSL's args: [(library, function, reason), ...]
+    queue = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [str(entry[-1]) for entry in queue if isinstance(entry, tuple) and entry]
+    return "TLS: " + ("; ".join(reasons) if reasons else str(error))
+
+
 class _BackendSide(Relay):
     """
     The balancer's connection to a backend; releases its pool slot on close.
@@ -134,7 +154,7 @@ class _BackendSide(Relay):
             health.served(self.backendName)
         self.dataReceived(data)
 
-    def _endedEarly(self, clean: bool) -> None:
+    def _endedEarly(self, clean: bool, why: Optional[str] = None) -> None:
         """
         The backend ended the connection while on probation.  When the
         client (or this balancer, on its behalf) ended it first (the peer
@@ -149,7 +169,7 @@ class _BackendSide(Relay):
         if client is None:
             health.served(name)
         else:
-            health.endedEarly(name, clean, client._readDone, self._madeAt)
+            health.endedEarly(name, clean, client._readDone, self._madeAt, why)
 
     def readConnectionLost(self) -> None:
         client = self.peer
@@ -168,7 +188,9 @@ class _BackendSide(Relay):
                 else ends.BACKEND_RESET
             )
         if self._probation is not None:
-            self._endedEarly(clean=isinstance(reason.value, ConnectionDone))
+            self._endedEarly(
+                clean=isinstance(reason.value, ConnectionDone), why=tlsAlertText(reason.value)
+            )
         if self.pool is not None and self.backendName is not None:
             self.pool.release(self.backendName, self.ticket)
             self.backendName = None
