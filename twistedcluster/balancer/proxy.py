@@ -95,10 +95,10 @@ def tlsAlertText(error: BaseException) -> Optional[str]:
     says so only after the balancer's handshake is over: as an alert that
     ends the connection, which would otherwise read as a bare reset.
     """
-    try:
-        from OpenSSL import SSL
-    except ImportError:  # pragma: no cover - pyOpenSSL comes with twisted[tls]
-        return None
+    if not type(error).__module__.startswith("OpenSSL"):
+        return None  # the common case, at no import's cost
+    from OpenSSL import SSL
+
     if not isinstance(error, SSL.Error):
         return None
     # pyOpenSSL's args: [(library, function, reason), ...]
