@@ -57,6 +57,16 @@ def harness():
     pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
 
 
+def closedByPeer(sock) -> bool:
+    """
+    Whether the backend has closed C{sock} (an end of file, or a reset).
+    """
+    try:
+        return sock.recv(10) == b""
+    except ConnectionResetError:
+        return True
+
+
 def openClient(port):
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     s.sendall(b"hi")
@@ -112,14 +122,7 @@ async def test_drain_deadline_closes_what_is_left(harness, logged):
     await harness.svc.stopService()
     assert reactor.seconds() - started >= 0.3
     held.settimeout(5)
-
-    def closedByPeer():
-        try:
-            return held.recv(10) == b""
-        except ConnectionResetError:
-            return True
-
-    assert await deferToThread(closedByPeer)
+    assert await deferToThread(closedByPeer, held)
     assert any("drain deadline reached: closing 1 connection" in line for line in logged)
     held.close()
 
@@ -147,14 +150,7 @@ async def secondsToCloseOnStop(harness, held) -> float:
     held.settimeout(10)
     started = reactor.seconds()
     stopped = harness.svc.stopService()
-
-    def closedByPeer():
-        try:
-            return held.recv(10) == b""
-        except ConnectionResetError:
-            return True
-
-    assert await deferToThread(closedByPeer)
+    assert await deferToThread(closedByPeer, held)
     closedAfter = reactor.seconds() - started
     await stopped
     held.close()

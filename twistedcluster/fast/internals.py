@@ -1156,7 +1156,6 @@ def checkAMP() -> None:
     _require(used <= kept and all(hasattr(protocol, n) for n in kept), f"AMP.connectionLost uses {used}")
 
 
-#: Every probe, in the order L{check} runs them.
 # -- TLS (twisted.protocols.tls.TLSMemoryBIOProtocol) -----------------------
 #
 # Twisted's TLS layer has no half-close: an ssl: listener's connection is a
@@ -1320,6 +1319,7 @@ def checkTLS() -> None:
     )
 
 
+#: Every probe, in the order L{check} runs them.
 PROBES = (checkTransport, checkListener, checkReactor, checkPort, checkLeanServer, checkAMP, checkTLS)
 
 
