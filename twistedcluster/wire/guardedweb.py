@@ -25,8 +25,7 @@ from typing import Dict, Optional
 from twisted.logger import Logger
 from twisted.web import server
 
-from twistedcluster.address import addressText
-from twistedcluster.summary import Summary, tellClosings
+from twistedcluster.summary import Summary, window
 
 __all__ = ["GuardedSite", "IDLE_BEFORE_EVICTION", "IDLE_TIMEOUT", "MAX_BODY", "MAX_CONNECTIONS"]
 
@@ -136,7 +135,7 @@ class GuardedSite(server.Site):
         """
 
     def buildProtocol(self, addr):
-        peer = addressText(addr)
+        peer = _addressText(addr)
         if len(self._active) >= self.maxConnections and not self._evictIdlest(peer):
             self._refused.count(
                 "refused", example=(peer, f"{self.maxConnections} connections open")
@@ -185,7 +184,7 @@ class GuardedSite(server.Site):
         self._refused.count(
             "evicted",
             example=(
-                addressText(transport.getPeer()),
+                _addressText(transport.getPeer()),
                 f"listener full, no request for {seconds:.0f} s, to let {peer} in",
             ),
         )
@@ -193,9 +192,22 @@ class GuardedSite(server.Site):
         return True
 
     def _tellRefused(self, counts: Dict[str, int], seconds: float) -> None:
-        tellClosings(_log, self.what, self._refused, counts, seconds)
+        peer, why = self._refused.last
+        _log.warn(
+            "{what} listener: closing {peer}: {why} ({refused} refused, "
+            "{evicted} closed to make room {window})",
+            what=self.what,
+            peer=peer,
+            why=why,
+            refused=counts.get("refused", 0),
+            evicted=counts.get("evicted", 0),
+            window=window(seconds),
+        )
 
     def stopFactory(self) -> None:
         self._refused.stop()
         server.Site.stopFactory(self)
 
+
+def _addressText(addr) -> str:
+    return f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
