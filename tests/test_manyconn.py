@@ -54,9 +54,15 @@ def test_smallPopulationHeldAndEchoing(tmp_path):
             assert len(r["perBackend"]) == 2 and min(r["perBackend"]) > 0, r
             mean = r["held"] / 2
             assert r["spread"] == pytest.approx(max(r["perBackend"]) / mean), r
-            assert r["rssPerConn"]["main"] is not None and r["rssPerConn"]["backends"] > 0, r
+            assert r["rssPerConn"]["main"] is not None and r["rssPerConn"]["backends"] is not None, r
+        # The backends' memory grows with what they hold.  Measured at the
+        # largest step only: at 100 clients each backend grows by a few
+        # pages at most, and where the allocator finds room decides whether
+        # that shows at all.
+        last = rec["steps"][-1]
+        assert last["rssPerConn"]["backends"] > 0, last
         if name == "proxy":
-            assert rec["steps"][-1]["rssPerConn"]["workers"] is not None
+            assert last["rssPerConn"]["workers"] is not None
     lines = result.stdout.splitlines()
     assert any(line.startswith("set-up") for line in lines), result.stdout
     verdicts = [line.split()[0] for line in lines if line.strip().startswith(("PASS", "FAIL"))]

@@ -16,12 +16,21 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 __all__ = [
+    "addressText",
     "endpointParts",
     "formatHostPort",
     "parseHostPort",
     "tcpEndpoint",
     "validHost",
 ]
+
+def addressText(addr) -> str:
+    """
+    A Twisted address (or anything with C{host} and C{port}) as
+    C{host:port}, for a log line.
+    """
+    return f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
+
 
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 

@@ -94,3 +94,23 @@ def window(seconds: float) -> str:
     The time a summary's line covers, for humans.
     """
     return f"in the last {seconds:.1f} s" if seconds else "just now"
+
+
+def tellClosings(logger, listener: str, summary: Summary, counts: Dict[str, int], seconds: float) -> None:
+    """
+    The summed line of a bounded listener (the control, admin and metrics
+    ones): the connections it closed, C{"refused"} at the door or
+    C{"evicted"} to make room, naming the newest (C{summary.last}: the
+    peer, and why).
+    """
+    peer, why = summary.last
+    logger.warn(
+        "{listener} listener: closing {peer}: {why} ({refused} refused, "
+        "{evicted} closed to make room {window})",
+        listener=listener,
+        peer=peer,
+        why=why,
+        refused=counts.get("refused", 0),
+        evicted=counts.get("evicted", 0),
+        window=window(seconds),
+    )

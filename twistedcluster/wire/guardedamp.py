@@ -35,11 +35,9 @@ from twistedcluster.wire import auth
 from twistedcluster.wire import commands
 from twistedcluster.fast.internals import AMP_VALUE_STATE, connectAMPQuietly
 from twistedcluster.fast.transports import peerText, unsentBytes
-from twistedcluster.summary import Summary, window
+from twistedcluster.address import addressText
+from twistedcluster.summary import Summary, tellClosings
 
-
-def _addressText(addr) -> str:
-    return f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
 
 #: A box with more keys than this is refused: no command of ours has half as
 #: many, and an unbounded box is unbounded memory.
@@ -417,7 +415,7 @@ class GuardedFactory(Factory):
             self._evictIdle(addr)
         if len(self.open) >= self.maxConnections:
             self._refusals.count(
-                "refused", example=(_addressText(addr), f"{self.maxConnections} connections open")
+                "refused", example=(addressText(addr), f"{self.maxConnections} connections open")
             )
             return None
         p = self.makeProtocol()
@@ -432,17 +430,7 @@ class GuardedFactory(Factory):
         """
 
     def _tellRefusals(self, counts: Dict[str, int], seconds: float) -> None:
-        peer, why = self._refusals.last
-        self.log.warn(
-            "{channel} listener: closing {peer}: {why} ({refused} refused, "
-            "{evicted} closed to make room {window})",
-            channel=self.channel,
-            peer=peer,
-            why=why,
-            refused=counts.get("refused", 0),
-            evicted=counts.get("evicted", 0),
-            window=window(seconds),
-        )
+        tellClosings(self.log, self.channel, self._refusals, counts, seconds)
 
     def stopFactory(self) -> None:
         self._refusals.stop()
@@ -467,7 +455,7 @@ class GuardedFactory(Factory):
             example=(
                 victim.peerText(),
                 f"listener full ({self.maxConnections} connections), {why}, to let "
-                f"{_addressText(addr)} in",
+                f"{addressText(addr)} in",
             ),
         )
         victim._cancelAdmissionTimer()

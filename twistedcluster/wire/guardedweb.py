@@ -25,7 +25,8 @@ from typing import Dict, Optional
 from twisted.logger import Logger
 from twisted.web import server
 
-from twistedcluster.summary import Summary, window
+from twistedcluster.address import addressText
+from twistedcluster.summary import Summary, tellClosings
 
 __all__ = ["GuardedSite", "IDLE_BEFORE_EVICTION", "IDLE_TIMEOUT", "MAX_BODY", "MAX_CONNECTIONS"]
 
@@ -135,7 +136,7 @@ class GuardedSite(server.Site):
         """
 
     def buildProtocol(self, addr):
-        peer = _addressText(addr)
+        peer = addressText(addr)
         if len(self._active) >= self.maxConnections and not self._evictIdlest(peer):
             self._refused.count(
                 "refused", example=(peer, f"{self.maxConnections} connections open")
@@ -184,7 +185,7 @@ class GuardedSite(server.Site):
         self._refused.count(
             "evicted",
             example=(
-                _addressText(transport.getPeer()),
+                addressText(transport.getPeer()),
                 f"listener full, no request for {seconds:.0f} s, to let {peer} in",
             ),
         )
@@ -192,22 +193,9 @@ class GuardedSite(server.Site):
         return True
 
     def _tellRefused(self, counts: Dict[str, int], seconds: float) -> None:
-        peer, why = self._refused.last
-        _log.warn(
-            "{what} listener: closing {peer}: {why} ({refused} refused, "
-            "{evicted} closed to make room {window})",
-            what=self.what,
-            peer=peer,
-            why=why,
-            refused=counts.get("refused", 0),
-            evicted=counts.get("evicted", 0),
-            window=window(seconds),
-        )
+        tellClosings(_log, self.what, self._refused, counts, seconds)
 
     def stopFactory(self) -> None:
         self._refused.stop()
         server.Site.stopFactory(self)
 
-
-def _addressText(addr) -> str:
-    return f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
