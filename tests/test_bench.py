@@ -224,6 +224,24 @@ def test_redirectShortConnectionsPrintsServedAndRefused():
     assert served > 0 and "answered ERROR no-backend" in line
 
 
+
+def test_metricsScrapePrintsTheScrapeAndTheRoundTrips():
+    # Enough backends that the page is streamed (above STREAM_ABOVE).
+    script = ROOT / "bench" / "metricsscrape.py"
+    if not script.exists():
+        pytest.skip("not a checkout")
+    result = subprocess.run(
+        [sys.executable, str(script), "--backends", "1100", "--seconds", "1"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    [line] = [l for l in result.stdout.splitlines() if "1,100 backends: scrape" in l]
+    # The whole page, every backend in it, and the echoes went on.
+    assert float(line.split("scrape ")[1].split()[0]) > 0
+    assert float(line.split("(")[1].split()[0]) > 0.5  # MB: 1,100 backends' series
+    trips = int(line.split("echo round trips (")[1].split(")")[0].replace(",", ""))
+    assert trips > 0 and "longest" in line
+
 def test_reusePortRunsSeveralBalancersOnOnePort(tmp_path):
     # Two balancer processes share one port (each its own SO_REUSEPORT
     # socket, handed over as a systemd socket); both relay without errors.

@@ -286,10 +286,11 @@ def test_the_balancer_has_the_timer_only_with_slow_start():
 def test_metrics_show_the_share_of_weight():
     p = pool("a")
     p.register("b", "127.0.0.1", 2)
-    from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = generate_latest(MetricsRoot(Cluster(p), processMetrics=False).registry).decode()
+    from twistedcluster.balancer.metrics import exposition
+
+    text = exposition(MetricsRoot(Cluster(p), processMetrics=False)).decode()
     shares = {
         s.labels["backend"]: s.value
         for f in text_string_to_metric_families(text)
