@@ -114,7 +114,9 @@ def simulate(reactor, control: str, n: int, seconds: float, mode: str, balancerP
         result = await proto.callRemote(
             commands.Register,
             name=f"sim-{i:05d}",
-            host="127.0.0.1",
+            # Where nothing listens: on 127.0.0.1 one of them could fall on
+            # the balancer's own proxy port, which it refuses.
+            host="127.0.0.2",
             port=20000 + i % 40000,
             capacity=100,
             connections=0,
