@@ -357,6 +357,38 @@ def test_sigterm_stops_the_workers(cluster):
     waitFor(gone, 20, "the workers to exit")
 
 
+
+def refused(port):
+    """
+    Whether a connect to C{port} is refused now.
+    """
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_sigterm_refuses_new_clients_while_the_workers_drain(cluster):
+    # As one balancer does: the listeners close at once, so a new client is
+    # refused (and tries elsewhere), not accepted into a backlog nobody
+    # serves and reset when the drain ends.
+    balancer, pids = startWorkers(cluster, ["a"], extra=["--drain-timeout=20"])
+    held = holdUntilEveryWorker(cluster.port, pids, perWorker=1)
+    try:
+        balancer.signal(signal.SIGTERM)
+        waitFor(lambda: refused(cluster.port), 10, "new clients refused")
+        # ... while the held clients are still served.
+        for pid, [s] in held.items():
+            s.sendall(b"still\n")
+            assert s.recv(100) == b"still\n"
+        assert balancer.alive()
+    finally:
+        for sockets in held.values():
+            for s in sockets:
+                s.close()
+    balancer.popen.wait(30)
+
 def redirectAnswer(port):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         data = b""

@@ -121,14 +121,26 @@ def test_port_in_use_exits_with_the_reason(tmp_path):
 def test_options_the_service_cannot_use_are_one_line_not_a_traceback(tmp_path):
     # Found by makeService (after twistd parsed the options): twistd itself
     # would print a traceback.  A takeover refused is one of these.
+    # Endpoint strings Twisted cannot make an endpoint of: its parsers
+    # raise ValueError, KeyError, TypeError or OSError, each once a
+    # traceback (a typo in any listener's string).
+    missing = tmp_path / "missing.pem"
     for plugin, args, message in [
         ("cluster-balancer", ["--listen=tcp:18000:interface=127.0.0.1", "--backend=127.0.0.1:18000"],
          "cluster-balancer: --backend 127.0.0.1:18000: 127.0.0.1:18000 is this balancer's own proxy listener"),
+        ("cluster-balancer", ["--listen=garbage"], "cluster-balancer: --listen garbage: Unknown endpoint type"),
+        ("cluster-balancer", ["--listen=tcp:0", "--metrics=tcp:xx"], "cluster-balancer: --metrics tcp:xx: invalid literal"),
+        ("cluster-balancer", ["--listen=systemd:domain=INET:name=proxy"],
+         "cluster-balancer: --listen systemd:domain=INET:name=proxy: systemd passed no socket named 'proxy'"),
+        ("cluster-balancer", [f"--listen=ssl:0:privateKey={missing}"],
+         f"cluster-balancer: --listen ssl:0:privateKey={missing}: No such file or directory: {missing}"),
+        ("cluster-backend", ["--listen=garbage"], "cluster-backend: --listen garbage: Unknown endpoint type"),
+        ("cluster-backend", ["--listen=tcp:0", "--balancer=tcp:8100"],
+         "cluster-backend: --balancer tcp:8100: a client endpoint names where to connect"),
     ]:
+        common = ["--control=tcp:0:interface=127.0.0.1", "--admin=tcp:0:interface=127.0.0.1"]
         r = subprocess.run(
-            twistdCommand(plugin, [
-                "--control=tcp:0:interface=127.0.0.1", "--admin=tcp:0:interface=127.0.0.1", *args,
-            ]),
+            twistdCommand(plugin, [*(common if plugin == "cluster-balancer" else []), *args]),
             capture_output=True, text=True, timeout=60,
         )
         assert r.returncode == 2, (r.stdout, r.stderr)

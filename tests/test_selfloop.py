@@ -40,6 +40,39 @@ def test_own_addresses_by_the_open_ports_and_else_by_their_endpoint_strings():
     assert own.refusal("127.0.0.1", 8003) is None
 
 
+
+@pytest.mark.parametrize("interface", ["127.0.0.1", "0.0.0.0"])
+@pytest.mark.parametrize(
+    "host", ["localhost", "LOCALHOST.", "0.0.0.0", "::", "::ffff:127.0.0.1", "127.1", "2130706433"]
+)
+def test_this_host_however_it_is_written_loops_back(interface, host):
+    # Each of these reaches a listener on 127.0.0.1 (or every interface)
+    # from this host: the guard once compared the text, and any of them
+    # wedged the proxy with one client.
+    own = OwnListeners({"proxy": Port(interface, 8000)})
+    assert own.refusal(host, 8000) is not None, host
+    assert own.refusal(host, 8001) is None or host in ("0.0.0.0", "::"), host
+
+
+def test_the_operators_listeners_are_no_backend_either():
+    # A backend at the admin (or control, metrics) address would hand proxy
+    # clients the operator's channel.
+    own = OwnListeners(
+        {"proxy": Port("127.0.0.1", 8000)},
+        {"control": "tcp:8100:interface=127.0.0.1", "admin": "tcp:8101:interface=127.0.0.1",
+         "metrics": "tcp:8102:interface=127.0.0.1"},
+    )
+    for port, role in ((8100, "control"), (8101, "admin"), (8102, "metrics")):
+        assert own.loopsTo("127.0.0.1", port) == role
+        assert f"own {role} listener" in own.refusal("localhost", port)
+
+
+def test_the_unspecified_address_is_no_backend_address():
+    own = OwnListeners({})
+    for host in ("0.0.0.0", "::"):
+        assert "no address to connect to" in own.refusal(host, 9000)
+    assert own.refusal("127.0.0.1", 9000) is None
+
 def test_local_addresses():
     assert isLocalAddress("127.0.0.1") and isLocalAddress("::1")
     assert not isLocalAddress("192.0.2.1") and not isLocalAddress("not an address")

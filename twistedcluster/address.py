@@ -17,7 +17,9 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 
 __all__ = [
     "addressText",
+    "endpointProblem",
     "endpointParts",
+    "parsedEndpoint",
     "formatHostPort",
     "parseHostPort",
     "tcpEndpoint",
@@ -152,3 +154,50 @@ def endpointParts(description: str) -> Tuple[str, List[str], Dict[str, str]]:
     args = [p for p in parts[1:] if "=" not in p]
     kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
     return parts[0], args, kwargs
+
+
+def endpointProblem(description: str, error: BaseException, client: bool = False) -> str:
+    """
+    Why Twisted could not make an endpoint of C{description}, in words:
+    its parsers raise whatever they meet (C{ValueError} for an unknown
+    type, C{KeyError} for a systemd socket that was not passed,
+    C{TypeError} for a missing argument, C{OSError} for a key file), some
+    with no message at all.
+    """
+    kind = description.split(":", 1)[0]
+    if isinstance(error, KeyError) and kind == "systemd":
+        return (
+            f"systemd passed no socket named {error.args[0]!r} (start it from its "
+            ".socket unit, whose FileDescriptorName= names it, or give a tcp: endpoint)"
+        )
+    if isinstance(error, TypeError) and client and "missing" in str(error):
+        return (
+            "a client endpoint names where to connect, e.g. "
+            "tcp:host=127.0.0.1:port=8100 (tcp:8100 is a listening endpoint)"
+        )
+    if isinstance(error, OSError):
+        filename = getattr(error, "filename", None)
+        reason = error.strerror or str(error) or type(error).__name__
+        inner = getattr(error, "originalException", None)  # FilePath's Unlistable...
+        if inner is not None and not error.strerror:
+            reason = getattr(inner, "strerror", None) or str(inner) or reason
+            filename = filename or getattr(inner, "filename", None)
+        return f"{reason}: {filename}" if filename else reason
+    return errorText(error) or type(error).__name__
+
+
+def parsedEndpoint(parse, reactor, description: str, option: str, client: bool = False):
+    """
+    C{parse(reactor, description)} (C{serverFromString}, C{clientFromString}
+    or C{strports.service}), with anything it raises turned into a
+    L{twisted.python.usage.UsageError} that names C{option} and says why in
+    one line: what a process prints before it exits, not a traceback.
+    """
+    from twisted.python import usage
+
+    try:
+        return parse(reactor, description)
+    except Exception as e:
+        raise usage.UsageError(
+            f"{option} {description}: {endpointProblem(description, e, client)}"
+        ) from None

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from twistedcluster.options import loadSecretOption, oneLineDoc, positive
-from twistedcluster.address import formatHostPort, parseHostPort
+from twistedcluster.address import formatHostPort, parseHostPort, parsedEndpoint
 from twistedcluster.backend.cost import CostMeter
 from twistedcluster.core.costlevels import DEFAULT_TOLERANCE as COST_LEVEL_TOLERANCE
 from twistedcluster.backend.counting import CountingFactory
@@ -251,9 +251,11 @@ class Options(usage.Options):
                 self["advertise"] = parseHostPort(self["advertise"])
             except ValueError as e:
                 raise usage.UsageError(f"--advertise: {e}") from None
-        elif not (proxyProtocolInner(self["listen"]) or self["listen"]).split(":", 1)[0] in (
-            "tcp", "tcp6", "ssl", "systemd"
-        ):
+        elif ":" in (inner := proxyProtocolInner(self["listen"]) or self["listen"]) and inner.split(
+            ":", 1
+        )[0] not in ("tcp", "tcp6", "ssl", "systemd"):
+            # (A string with no type at all is no endpoint: makeService
+            # says so, not this.)
             raise usage.UsageError(
                 f"--listen {self['listen']}: give --advertise HOST:PORT, clients "
                 "cannot reach this kind of endpoint by address"
@@ -499,6 +501,13 @@ def makeService(options: Options, reactor=None) -> BackendService:
     capacity = options["capacity"]
     inner = options["factory"]
     listen, parsers = readsProxyHeader(options["listen"], "backend service")
+    # A string Twisted cannot make an endpoint of is one line here, not a
+    # traceback when the service starts.
+    parsedEndpoint(lambda r, d: serverFromString(r, withBacklog(d)), reactor, listen, "--listen")
+    if options["metrics"]:
+        parsedEndpoint(
+            lambda r, d: serverFromString(r, withBacklog(d)), reactor, options["metrics"], "--metrics"
+        )
     counting = CountingFactory(inner, proxyParsers=parsers, clock=reactor)
     customLoad = getattr(inner, "currentLoad", None)
     meter = CostMeter(reactor, capacity)
@@ -553,7 +562,9 @@ def makeService(options: Options, reactor=None) -> BackendService:
     from twistedcluster.backend.discovery import isSRV
 
     balancers = [
-        (b, clientFromString(reactor, b)) for b in options["balancers"] if not isSRV(b)
+        (b, parsedEndpoint(clientFromString, reactor, b, "--balancer", client=True))
+        for b in options["balancers"]
+        if not isSRV(b)
     ]
     reporter = LoadReporter(
         reactor,

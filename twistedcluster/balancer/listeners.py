@@ -25,7 +25,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from zope.interface import implementer
 
-from twistedcluster.address import endpointParts
+from twistedcluster.address import endpointParts, parsedEndpoint
 
 SOMAXCONN = "/proc/sys/net/core/somaxconn"
 #: Linux's somaxconn since 5.4; used where the system does not say.
@@ -128,7 +128,13 @@ def listenerService(
         svc = StreamServerEndpointService(endpoint, factory)
         raiseListenFailures(svc)
     else:
-        svc = strports.service(withBacklog(description), factory, reactor=reactor)
+        svc = parsedEndpoint(
+            lambda r, d: strports.service(withBacklog(d), factory, reactor=r),
+            reactor,
+            description,
+            # The option that names it: the proxy listener's is --listen.
+            "--listen" if role == "proxy" else f"--{role}" if role else "a listener",
+        )
     # strports' service raises a listen failure at start-up (twistd then
     # exits); said with the role and the endpoint as the operator wrote it.
     listen = svc.privilegedStartService

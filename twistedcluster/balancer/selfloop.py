@@ -1,6 +1,7 @@
 """
-A backend whose address is this balancer's own proxy or redirect listener
-is refused: at start (``--backend``), on ``cluster-admin add`` and when a
+A backend whose address is one of this balancer's own listeners (proxy,
+redirect, control, admin, metrics), however written (C{localhost},
+C{0.0.0.0}, C{::ffff:127.0.0.1}, C{127.1}), is refused: at start (``--backend``), on ``cluster-admin add`` and when a
 backend registers.
 
 Such a backend (a typo, or a backend that advertises the balancer's own
@@ -22,7 +23,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 from twistedcluster.address import endpointParts
 
-__all__ = ["OwnListeners", "isLocalAddress"]
+__all__ = ["OwnListeners", "isLocalAddress", "unspecified"]
 
 _ANY = ("", "0.0.0.0", "::")
 
@@ -45,6 +46,40 @@ def isLocalAddress(host: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def _canonical(host: str) -> Tuple[str, ...]:
+    """
+    The IP addresses C{host} names as a connect would reach them, for the
+    forms that name this host without saying so: C{localhost}, IPv4 in
+    IPv6 (C{::ffff:127.0.0.1}), the shorthands C{inet_aton} takes
+    (C{127.1}, C{2130706433}); otherwise C{host} itself.  No name is
+    looked up.
+    """
+    text = host.strip().rstrip(".").lower()
+    if text == "localhost" or text.endswith(".localhost"):
+        return ("127.0.0.1", "::1")
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        try:
+            return (socket.inet_ntoa(socket.inet_aton(text)),)
+        except (OSError, ValueError):
+            return (host,)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (str(mapped if mapped is not None else address),)
+
+
+def unspecified(host: str) -> bool:
+    """
+    Whether C{host} is the unspecified address (C{0.0.0.0}, C{::}): a
+    listener's "every interface", never a backend's address (a connect to
+    it reaches whatever listens on the connecting host).
+    """
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_unspecified
+    except ValueError:
+        return False
 
 
 def _describedAddress(description: Optional[str]) -> Optional[Tuple[str, int]]:
@@ -86,7 +121,9 @@ class OwnListeners:
         self.descriptions = descriptions or {}
 
     def _addresses(self) -> Iterator[Tuple[str, str, int]]:
-        for role in ("proxy", "redirect"):
+        # The control, admin and metrics listeners too: a backend there
+        # would hand proxy clients the operator's own channels.
+        for role in ("proxy", "redirect", "control", "admin", "metrics"):
             port = self.ports.get(role)
             host = getattr(port.getHost(), "host", None) if port is not None else None
             if host is not None:
@@ -101,17 +138,27 @@ class OwnListeners:
         The role of this balancer's own listener at C{host}:C{port}
         (C{"proxy"}, C{"redirect"}), or C{None} when that is not one.
         """
+        hosts = _canonical(host)
+        anywhere = unspecified(host)
         for role, interface, listening in self._addresses():
             if listening != port:
                 continue
-            if interface == host or (interface in _ANY and isLocalAddress(host)):
-                return role
+            for one in hosts:
+                if anywhere or one == interface or (interface in _ANY and isLocalAddress(one)):
+                    return role
+                if _canonical(interface) == (one,):
+                    return role
         return None
 
     def refusal(self, host: str, port: int) -> Optional[str]:
         """
         Why a backend at C{host}:C{port} is refused, or C{None}.
         """
+        if unspecified(host):
+            return (
+                f"{host} is no address to connect to (it means every interface to a "
+                "listener): give the backend's own address"
+            )
         role = self.loopsTo(host, port)
         if role is None:
             return None

@@ -834,7 +834,16 @@ def makeService(options: Options, reactor=None):
     # No backend at this balancer's own proxy or redirect address: it would
     # relay every client to itself.  Known before any static backend is
     # restored (state file, state store, takeover), which is then refused.
-    own = OwnListeners(openPorts, {"proxy": listen, "redirect": options["redirect"]})
+    own = OwnListeners(
+        openPorts,
+        {
+            "proxy": listen,
+            "redirect": options["redirect"],
+            "control": options["control"],
+            "admin": options["admin"],
+            "metrics": options["metrics"],
+        },
+    )
     statics.loopsBack = own.refusal
     onChange = None
     if options["state-file"]:

@@ -309,8 +309,11 @@ class WorkerSupervisor(Service):
     def stopService(self):
         """
         SIGTERM every worker (each stops accepting and drains its clients,
-        as one balancer does), then close the shared listeners; a worker
-        still there after the drain timeout and a margin is killed.
+        as one balancer does) and close this process's copy of the shared
+        listeners at once: once the workers have closed theirs, a new client
+        is refused, as by one balancer, not accepted into a backlog nobody
+        serves and reset when the drain is over.  A worker still there after
+        the drain timeout and a margin is killed.
         """
         super().stopService()
         self.stopping = True
@@ -320,13 +323,16 @@ class WorkerSupervisor(Service):
         for worker in list(self.workers.values()):
             waits.append(worker.ended)
             self._signal(worker, signal.SIGTERM)
+        listeners = defer.DeferredList(
+            [defer.maybeDeferred(p.stopListening) for p in self.ports.values()]
+        )
         killer = self.reactor.callLater(self.drainTimeout + 5.0, self._killAll)
         done = defer.DeferredList(waits)
 
         def closed(_):
             if killer.active():
                 killer.cancel()
-            return defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in self.ports.values()])
+            return listeners
 
         return done.addCallback(closed)
 

@@ -27,7 +27,7 @@ from twisted.protocols import amp
 
 from twistedcluster.core.policies import POLICIES
 from twistedcluster.wire import commands
-from twistedcluster.address import formatHostPort, parseHostPort
+from twistedcluster.address import endpointProblem, formatHostPort, parseHostPort
 from twistedcluster.wire.auth import SecretFileError, authenticate, loadSecret
 from twistedcluster.cli.common import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CommandFailed, react
 from twistedcluster.client.mtls import explainConnectError
@@ -500,7 +500,9 @@ async def runOne(reactor, args, job=None) -> str:
     try:
         endpoint = clientFromString(reactor, args.admin)
     except Exception as e:
-        raise CommandFailed(f"--admin {args.admin}: {e}", EXIT_USAGE) from None
+        raise CommandFailed(
+            f"--admin {args.admin}: {endpointProblem(args.admin, e, client=True)}", EXIT_USAGE
+        ) from None
     connecting = endpoint.connect(Factory.forProtocol(amp.AMP))
     connecting.addTimeout(args.timeout, reactor)
     try:
