@@ -64,3 +64,77 @@ def test_a_balancer_that_is_not_ours_is_refused(tmp_path):
     finally:
         ours.stopAll()
         other.stopAll()
+
+
+def test_ports_out_of_range_are_usage_errors(tmp_path):
+    # Port 0 used to start everything, then fail its self-check against
+    # port 0 with a traceback, and leave every process running.
+    for option in ("--port=0", "--admin-port=70000"):
+        r = subprocess.run(
+            [sys.executable, "-m", "twistedcluster.cli.local", option, f"--logs={tmp_path}"],
+            capture_output=True, text=True, timeout=60, env=_env(),
+        )
+        assert r.returncode == 2, r.stderr
+        assert "a port from 1 to 65535" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.glob("*.log")) == []
+
+
+def childPids(pid):
+    from pathlib import Path
+
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found.update(int(p) for p in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("sig", ["SIGHUP", "SIGINT"])
+def test_a_hangup_or_ctrl_c_stops_every_process_it_started(tmp_path, sig):
+    # Its processes are in sessions of their own: a terminal's hangup (or
+    # Ctrl-C) reaches cluster-local alone, which stops them all; before,
+    # a hangup killed cluster-local and left the cluster running.
+    import os
+    import signal
+
+    from twistedcluster.localcluster import waitFor
+
+    argv = [sys.executable, "-m", "twistedcluster.cli.local", "--backends=2", f"--logs={tmp_path}",
+            f"--port={freePort()}", f"--redirect-port={freePort()}", f"--control-port={freePort()}",
+            f"--admin-port={freePort()}", f"--backend-port={freePort()}"]
+    # Two consecutive free ports for the backends.
+    base = next(p for p in (freePort() for _ in range(50)) if not portInUse("127.0.0.1", p + 1))
+    argv[-1] = f"--backend-port={base}"
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    children = set()
+    try:
+        for line in proc.stdout:
+            if "twistedcluster is running" in line:
+                break
+        else:
+            pytest.fail("cluster-local did not start")
+        children = childPids(proc.pid)
+        assert len(children) == 3  # the balancer and two backends
+        assert all(os.getsid(c) == c for c in children)  # sessions of their own
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(60) == 0
+        def gone():
+            alive = []
+            for c in children:
+                try:
+                    os.kill(c, 0)
+                    alive.append(c)
+                except OSError:
+                    pass
+            return not alive
+        waitFor(gone, 20, "every process it started to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for c in children:
+            try:
+                os.kill(c, signal.SIGKILL)
+            except OSError:
+                pass

@@ -133,7 +133,9 @@ class Process:
     One ``twistd`` process we started, with its log file.
     """
 
-    def __init__(self, name: str, argv: List[str], logPath: Path, env=None, cwd=None) -> None:
+    def __init__(
+        self, name: str, argv: List[str], logPath: Path, env=None, cwd=None, session: bool = False
+    ) -> None:
         self.name = name
         self.argv = argv
         self.logPath = logPath
@@ -145,6 +147,9 @@ class Process:
             stdin=subprocess.DEVNULL,
             env=env,
             cwd=cwd,
+            # Its own session: a terminal's Ctrl-C or hangup reaches only
+            # the program that started it, which stops it in its turn.
+            start_new_session=session,
         )
 
     @property
@@ -158,13 +163,15 @@ class Process:
         if self.alive():
             os.kill(self.pid, sig)
 
-    def stop(self, timeout: float = 10.0) -> Optional[int]:
+    def stop(self, timeout: float = 10.0, signalled: bool = False) -> Optional[int]:
         """
-        SIGTERM, then SIGKILL if it has not exited within C{timeout}.
+        SIGTERM (unless C{signalled} already), then SIGKILL if it has not
+        exited within C{timeout}.
         """
         if self.alive():
-            self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
+            if not signalled:
+                self.signal(signal.SIGCONT)
+                self.signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -194,6 +201,9 @@ class LocalCluster:
     """
 
     secretFile: Optional[Path] = None
+    #: Start each process in a session of its own (cluster-local: the
+    #: terminal's signals reach it alone, and it stops them in order).
+    ownSessions = False
 
     def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
         self.workdir = Path(workdir)
@@ -284,7 +294,7 @@ class LocalCluster:
     def _start(self, name: str, argv: List[str]) -> Process:
         if name in self.processes and self.processes[name].alive():
             raise ValueError(f"{name} is already running")
-        proc = Process(name, argv, self.workdir / f"{name}.log", env=self.env)
+        proc = Process(name, argv, self.workdir / f"{name}.log", env=self.env, session=self.ownSessions)
         self.processes[name] = proc
         return proc
 
@@ -415,11 +425,21 @@ class LocalCluster:
     # -- stopping ----------------------------------------------------------
 
     def stopAll(self, timeout: float = 10.0) -> None:
-        # Backends first, so they drain while the balancer still answers.
-        for name, proc in sorted(
-            self.processes.items(), key=lambda kv: kv[0].startswith("balancer")
-        ):
-            proc.stop(timeout)
+        """
+        Stop the backends, all at once, then the balancers: the backends
+        drain while the balancer still answers; each group has C{timeout}
+        seconds before what is left is killed.
+        """
+        backends = [p for n, p in self.processes.items() if not n.startswith("balancer")]
+        balancers = [p for n, p in self.processes.items() if n.startswith("balancer")]
+        for group in (backends, balancers):
+            for proc in group:
+                if proc.alive():
+                    proc.signal(signal.SIGCONT)
+                    proc.signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for proc in group:
+                proc.stop(max(0.0, deadline - time.monotonic()), signalled=True)
 
 
 def echoOnce(host: str, port: int, payload: bytes, timeout: float = 10.0) -> bytes:

@@ -33,6 +33,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.backends <= 50:
         p.error("--backends must be 1..50")
+    for option, port in (
+        ("--port", args.port),
+        ("--redirect-port", args.redirect_port),
+        ("--control-port", args.control_port),
+        ("--admin-port", args.admin_port),
+        ("--backend-port", args.backend_port),
+        ("--backend-port", args.backend_port + args.backends - 1),
+    ):
+        if not 1 <= port <= 65535:
+            p.error(f"{option} {port}: a port from 1 to 65535 (the backends take one each from --backend-port)")
 
     # Fail before starting anything when a port is taken: a backend started
     # next to another balancer would register there, and stay there, down.
@@ -51,14 +61,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
             return 1
     cluster = LocalCluster(Path(args.logs))
+    cluster.ownSessions = True
     secret = cluster.useSecret()
     stopping = []
 
     def onSignal(signum, frame):
         stopping.append(signum)
 
-    signal.signal(signal.SIGINT, onSignal)
-    signal.signal(signal.SIGTERM, onSignal)
+    # Ctrl-C, a kill, or the terminal going away: everything stops, in
+    # order (the processes are in sessions of their own: nothing else
+    # stops them).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, onSignal)
     names = [f"backend-{i + 1}" for i in range(args.backends)]
     try:
         print(f"starting the balancer (logs in {cluster.workdir}/) ...", flush=True)
@@ -79,7 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             payload = f"hello {i}\n".encode()
             if echoOnce("127.0.0.1", args.port, payload) != payload:
                 raise RuntimeError("self-check failed: an echo came back wrong")
-    except (RuntimeError, TimeoutError) as e:
+    except Exception as e:
+        # Whatever went wrong, nothing started is left running.
         print(f"cluster-local: {e}", file=sys.stderr)
         print("(is a port in use? see --help for the port options)", file=sys.stderr)
         cluster.stopAll()
