@@ -134,6 +134,8 @@ def test_options_the_service_cannot_use_are_one_line_not_a_traceback(tmp_path):
          "cluster-balancer: --listen systemd:domain=INET:name=proxy: systemd passed no socket named 'proxy'"),
         ("cluster-balancer", [f"--listen=ssl:0:privateKey={missing}"],
          f"cluster-balancer: --listen ssl:0:privateKey={missing}: No such file or directory: {missing}"),
+        ("cluster-balancer", [f"--state-file={tmp_path}/none/state.json"],
+         f"cluster-balancer: state file {tmp_path}/none/state.json: its folder {tmp_path}/none does not exist"),
         ("cluster-backend", ["--listen=garbage"], "cluster-backend: --listen garbage: Unknown endpoint type"),
         ("cluster-backend", ["--listen=tcp:0", "--balancer=tcp:8100"],
          "cluster-backend: --balancer tcp:8100: a client endpoint names where to connect"),

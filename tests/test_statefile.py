@@ -71,6 +71,13 @@ def test_no_file_yet_is_an_empty_state(tmp_path):
     assert statefile.load(str(tmp_path / "none.json"))["backends"] == {}
 
 
+def test_a_state_file_that_could_never_be_written_is_refused_at_start(tmp_path):
+    # Said at start, not at the first admin change ("applied but not saved").
+    with pytest.raises(statefile.StateFileError, match="does not exist"):
+        statefile.checkFolder(str(tmp_path / "no-such-folder" / "state.json"))
+    statefile.checkFolder(str(tmp_path / "state.json"))  # there, and ours
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -86,6 +93,8 @@ def test_no_file_yet_is_an_empty_state(tmp_path):
         (b'{"version": 1, "backends": {}, "static": {"x": {"host": "127.0.0.1", "port": 1, "capacity": 1e999}}}', "malformed"),
         (json.dumps({"version": 1, "backends": {"a": {"admin": "enabled", "weight": 1, "host": "h", "port": 99999999}}}).encode(), "port"),
         (b"[" * 100000, "nested too deep"),
+        (b"", "it is empty"),
+        (b" \n", "it is empty"),
     ],
 )
 def test_bad_state_files_are_clear_errors(tmp_path, content, message):

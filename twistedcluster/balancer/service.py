@@ -847,6 +847,12 @@ def makeService(options: Options, reactor=None):
     statics.loopsBack = own.refusal
     onChange = None
     if options["state-file"]:
+        from twistedcluster.balancer.statefile import StateFileError, checkFolder
+
+        try:
+            checkFolder(options["state-file"])
+        except StateFileError as e:
+            raise usage.UsageError(str(e)) from None
         state = options["state"]
         restore(cluster, state)
         restoreStatics(statics, state)

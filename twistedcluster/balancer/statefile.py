@@ -133,6 +133,19 @@ def removeTemporaries(path: str) -> List[str]:
     return removed
 
 
+def checkFolder(path: str) -> None:
+    """
+    Raise L{StateFileError} when the state file could never be written: its
+    folder is missing or not ours to write.  Said when the balancer starts,
+    not at the first change ("applied but not saved").
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise StateFileError(f"state file {path}: its folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StateFileError(f"state file {path}: its folder {folder} is not writable")
+
+
 def load(path: str) -> Dict[str, Any]:
     """
     Read and check a state file; an empty state if there is none yet.
@@ -142,6 +155,12 @@ def load(path: str) -> Dict[str, Any]:
             data = json.load(f)
     except FileNotFoundError:
         return {"version": VERSION, "policy": None, "backends": {}, "static": {}}
+    except json.JSONDecodeError as e:
+        if not str(e.doc).strip():
+            raise StateFileError(
+                f"cannot read state file {path}: it is empty (remove it to start afresh)"
+            ) from None
+        raise StateFileError(f"cannot read state file {path}: {e}") from None
     except (OSError, ValueError) as e:
         raise StateFileError(f"cannot read state file {path}: {e}") from None
     except RecursionError:
