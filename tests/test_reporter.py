@@ -497,3 +497,26 @@ def test_marks_that_follow_reports_ask_for_no_report_of_their_own():
         lb.flush()
     assert pool.get("web1").reports - reports <= 11
     r.stopService()
+
+
+def test_refusals_in_a_row_space_the_tries_out_to_half_a_minute():
+    # A refusal counts as a made connect to ClientService, whose backoff
+    # stops at 3 s: a wrong secret was a log line on each side every 3 s for
+    # ever.  Past a couple of refusals the tries space out, up to 30 s.
+    from twisted.application.internet import backoffPolicy
+
+    from twistedcluster.backend.reporter import REFUSED_MAX_DELAY
+
+    lb = MemoryBalancer()
+    r = startReporter(Backend(), [lb], lb.clock)
+    delay = r._backoff(backoffPolicy(initialDelay=0.2, maxDelay=3.0, factor=1.6, jitter=lambda: 0), "b")
+    r._refusals["b"] = 0
+    assert delay(1) == 0.32  # a failed connect: the connect backoff
+    delays = []
+    for refusals in range(1, 12):
+        r._refusals["b"] = refusals
+        delays.append(delay(1))
+    assert delays == sorted(delays) and delays[0] < 1
+    assert delays[-1] == REFUSED_MAX_DELAY == 30.0
+    assert sum(1 for d in delays if d >= 10) >= 5, delays
+    r.stopService()

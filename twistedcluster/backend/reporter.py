@@ -45,6 +45,10 @@ MARK_REPORT_SPACING = 0.25
 #: host lost after the accept, a process hung) would otherwise hold this
 #: channel for ever, reconnecting never.
 REGISTER_TIMEOUT = 10.0
+#: Seconds between tries at most once a balancer has refused the
+#: registration several times in a row (the connect backoff alone stops at
+#: 3 s: a log line on each side every 3 s, for ever).
+REFUSED_MAX_DELAY = 30.0
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -359,8 +363,16 @@ class LoadReporter(MultiService):
         """
 
         def delay(attempt: int) -> float:
+            refusals = self._refusals.get(balancer, 0)
+            seconds = policy(max(attempt, refusals))
+            if refusals > 2:
+                # Refused again and again (a wrong secret, a name another
+                # backend holds): not a blip but a setting, said on both
+                # sides at every try; past the connect backoff, the tries
+                # space out to one every REFUSED_MAX_DELAY.
+                seconds = min(REFUSED_MAX_DELAY, max(seconds, seconds * 2 ** (refusals - 2)))
             # Rounded: ClientService logs it ("in 1.32 seconds").
-            return round(policy(max(attempt, self._refusals.get(balancer, 0))), 2)
+            return round(seconds, 2)
 
         return delay
 
