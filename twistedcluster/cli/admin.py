@@ -30,6 +30,9 @@ from twistedcluster.wire import commands
 from twistedcluster.address import endpointProblem, formatHostPort, parseHostPort
 from twistedcluster.wire.auth import SecretFileError, authenticate, loadSecret
 from twistedcluster.cli.common import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, CommandFailed, react
+
+#: Interrupted (Ctrl-C, SIGTERM) before the answer, as the shell counts it.
+EXIT_INTERRUPTED = 130
 from twistedcluster.client.mtls import explainConnectError
 
 DEFAULT_ADMIN = "tcp:host=127.0.0.1:port=8101"
@@ -570,7 +573,8 @@ async def runOne(reactor, args, job=None) -> str:
                 )
             raise CommandFailed(f"lost the balancer at {args.admin}: {why}", EXIT_UNREACHABLE) from None
     finally:
-        proto.transport.loseConnection()
+        if proto.transport is not None:  # not lost meanwhile
+            proto.transport.loseConnection()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -582,7 +586,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(output)
         return EXIT_OK
 
-    react("cluster-admin", work)
+    # Ctrl-C (or SIGTERM) while waiting: one line, no traceback; for top,
+    # a way to quit (status 0), as q is.
+    react("cluster-admin", work, EXIT_OK if args.command == "top" else EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ import sys
 import time
 from typing import Dict, Optional, Sequence
 
+try:  # imported now: at interpreter shutdown (Ctrl-C) an import fails
+    import termios
+except ImportError:  # not a POSIX system: no interactive keys
+    termios = None  # type: ignore[assignment]
+
 from twisted.internet import defer, task
 
 from twistedcluster.address import formatHostPort
@@ -125,8 +130,6 @@ class _Keys:
         return "cluster-admin top keys"
 
     def stop(self) -> None:
-        import termios
-
         if self.saved is not None:
             self.reactor.removeReader(self)
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
