@@ -340,6 +340,28 @@ def test_worker_killed_under_load_costs_only_its_clients(cluster):
             s.close()
 
 
+
+def test_a_worker_stopped_on_its_own_tells_its_last_counts(cluster):
+    # SIGTERM to one worker (how one is restarted by hand): it drains, and
+    # what ended as it did counts in the main process's metrics (the
+    # clients ended in its last half second were lost).
+    metricsPort = freePort()
+    balancer, pids = startWorkers(cluster, ["a"], extra=[f"--metrics=tcp:{metricsPort}:interface=127.0.0.1"])
+    held = holdUntilEveryWorker(cluster.port, pids, perWorker=4)
+    victim = min(pids)
+    routed = lambda: sum(b["routed"] for b in cluster.quickStatus().values())  # noqa: E731
+    os.kill(victim, signal.SIGTERM)
+    for s in held[victim]:
+        s.close()
+    waitFor(lambda: victim not in workerPids(balancer.pid), 20, "the worker to exit")
+    for s in held[max(pids)]:
+        s.close()
+    waitFor(lambda: all(b["active"] == 0 for b in cluster.quickStatus().values()), 10, "all ended")
+    ended = lambda: metric(metricsPort, "twistedcluster_connections_ended_total")  # noqa: E731
+    waitFor(lambda: ended() == routed(), 10, f"every routed connection counted as ended ({routed()})")
+    log = cluster.processes["balancer"].logText()
+    assert "its clients are cut off" not in log, log[-2000:]
+
 def test_sigterm_stops_the_workers(cluster):
     balancer, pids = startWorkers(cluster, ["a"])
     balancer.signal(signal.SIGTERM)

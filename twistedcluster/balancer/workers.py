@@ -30,7 +30,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from twisted.application.service import Service
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, task
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -115,8 +115,13 @@ class WorkerFigures:
         value = self.counters.get(name, 0)
         return value if isinstance(value, int) else 0
 
-    def add(self, index: int, stats) -> None:
-        self.gauges[index] = stats.get("gauges", {})
+    def add(self, index: int, stats, live: bool = True) -> None:
+        """
+        A worker's figures; from one that has exited (C{live} false: its
+        last figures, read after its end), the counters only.
+        """
+        if live:
+            self.gauges[index] = stats.get("gauges", {})
         deltas = stats.get("counters", {})
         traffic = self.traffic
         if traffic is not None:
@@ -374,7 +379,12 @@ class WorkerSupervisor(Service):
 
         def message(m) -> None:
             if self.workers.get(index) is not worker:
-                return  # read after it exited: what it held is released
+                # Read after it exited: what it held is released; its last
+                # counts (the clients that ended as it drained) still count.
+                stats = m.get("stats")
+                if stats is not None:
+                    self.figures.add(index, stats, live=False)
+                return
             traffic = m.get("traffic")
             if traffic:
                 mirror.fold(self.cluster.pool, worker.book, traffic)
@@ -410,11 +420,12 @@ class WorkerSupervisor(Service):
         delay = self.restartDelay
         self.restartDelay = min(MAX_RESTART_DELAY, self.restartDelay * 2)
         log.warn(
-            "worker {index} (pid {pid}) exited ({why}): its clients are cut off; "
-            "starting it again in {delay} s",
+            "worker {index} (pid {pid}) exited ({why}){cut}; starting it again in {delay} s",
             index=worker.index,
             pid=worker.pid,
             why=reason.getErrorMessage(),
+            # A clean exit (SIGTERM to that worker) drained its clients first.
+            cut="" if reason.check(error.ProcessDone) else ": its clients are cut off",
             delay=delay,
         )
         self.reactor.callLater(delay, self._restart, worker.index)
@@ -684,7 +695,13 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
             # What they summed and have not told yet: the worker exits next.
             clientLimit.stop()
             acceptErrors.stop()
-            return result
+            # The last figures (what ended since the last ones) to the main
+            # process, and a turn of the reactor for them to be sent: the
+            # shutdown closes the channel without flushing it.
+            if stats.running:
+                stats.stop()
+            figures()
+            return task.deferLater(reactor, 0.01, lambda: result)
 
         d.addBoth(tell)
         if accessLog is not None:
