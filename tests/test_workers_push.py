@@ -76,3 +76,47 @@ def test_a_worker_that_stops_reading_gets_only_the_newest_view_then_is_killed(lo
     clock.advance(2)
     assert worker.transport.signals == [signal.SIGKILL]
     assert any("has read nothing from this process" in line and "hung, killed" in line for line in logged)
+
+
+@pytest.mark.allow_errors
+def test_a_worker_that_answers_nothing_is_killed_even_when_nothing_changes(logged):
+    # Hung workers were found only when a view waited unread, and views
+    # change only with the pool: in a quiet cluster a stopped worker held
+    # its clients for ever.  Every worker is pinged; one silent for
+    # HUNG_AFTER is killed (and started again, as a dead one is).
+    from twisted.internet.task import Clock
+
+    from twistedcluster.balancer import workers
+    from twistedcluster.core.cluster import Cluster
+
+    clock = Clock()
+    sup = workers.WorkerSupervisor(2, Cluster(), clock, [], [], drainTimeout=1.0)
+
+    class Channel:
+        transport = object()
+
+        def __init__(self):
+            self.sent = []
+
+        def send(self, m):
+            self.sent.append(m)
+
+    signals = []
+    sup._signal = lambda worker, sig: signals.append((worker.index, sig))
+    quiet, answering = workers._WorkerProcess(sup, 0), workers._WorkerProcess(sup, 1)
+    for w in (quiet, answering):
+        w.channel, w.heard, w.pid = Channel(), 0.0, 100 + w.index
+        sup.workers[w.index] = w
+    sup.startService = lambda: None  # no processes here
+    sup._pings.start(workers.PING_INTERVAL, now=False)
+    try:
+        for _ in range(int(workers.HUNG_AFTER / workers.PING_INTERVAL) + 1):
+            clock.advance(workers.PING_INTERVAL)
+            answering.heard = clock.seconds()  # its pong
+        assert {"ping": True} in quiet.channel.sent
+        assert signals == [(0, signal.SIGKILL)]
+        assert any("worker 0 (pid 100) has answered nothing for 20 s: hung, killed" in line for line in logged)
+        clock.advance(workers.PING_INTERVAL * 3)
+        assert signals == [(0, signal.SIGKILL)]  # killed once
+    finally:
+        sup._pings.stop()

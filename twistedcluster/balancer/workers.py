@@ -57,6 +57,11 @@ PUSH_RETRY = 0.25
 #: Seconds a worker may leave a view unread before it is taken for hung
 #: and killed (then started again).
 HUNG_AFTER = 20.0
+#: Seconds between the pings the main process sends each worker, which a
+#: worker answers from its reactor: one that answers nothing for
+#: L{HUNG_AFTER} is hung, even when nothing changes (a view left unread
+#: shows a hung worker only once views change).
+PING_INTERVAL = 5.0
 #: Endpoint kinds whose listening socket a worker can adopt.
 SHAREABLE = ("tcp", "tcp6", "unix")
 
@@ -213,6 +218,8 @@ class _WorkerProcess(protocol.ProcessProtocol):
         #: the call that tries again (L{WorkerSupervisor._pushLater}).
         self.stuckSince: Optional[float] = None
         self.retry = None
+        #: When it last sent anything (an answer to a ping, figures).
+        self.heard: Optional[float] = None
         self.started = 0.0
         self.pid: Optional[int] = None
         self.ended = defer.Deferred()
@@ -283,7 +290,9 @@ class WorkerSupervisor(Service):
         self.stopping = False
         self._pushed: tuple = (None, None, None)
         self._sync = LoopingCall(self._push)
+        self._pings = LoopingCall(self._ping)
         self._sync.clock = reactor
+        self._pings.clock = reactor
 
     def privilegedStartService(self) -> None:
         from twistedcluster.balancer.listeners import explainListenError, proxyProtocolInner, withBacklog
@@ -310,6 +319,7 @@ class WorkerSupervisor(Service):
         for index in range(self.count):
             self._spawn(index)
         self._sync.start(self.syncInterval, now=False)
+        self._pings.start(PING_INTERVAL, now=False)
 
     def stopService(self):
         """
@@ -324,6 +334,8 @@ class WorkerSupervisor(Service):
         self.stopping = True
         if self._sync.running:
             self._sync.stop()
+        if self._pings.running:
+            self._pings.stop()
         waits = []
         for worker in list(self.workers.values()):
             waits.append(worker.ended)
@@ -378,6 +390,7 @@ class WorkerSupervisor(Service):
         theirs.close()
 
         def message(m) -> None:
+            worker.heard = self.reactor.seconds()
             if self.workers.get(index) is not worker:
                 # Read after it exited: what it held is released; its last
                 # counts (the clients that ended as it drained) still count.
@@ -398,6 +411,7 @@ class WorkerSupervisor(Service):
         self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
         ours.close()
         self.workers[index] = worker
+        worker.heard = self.reactor.seconds()
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
         self._pushTo(worker)
 
@@ -474,6 +488,29 @@ class WorkerSupervisor(Service):
         if (view, sendProxy) != worker.said:
             worker.said = (view, sendProxy)
             channel.send({"policy": view[0], "backends": view[1], "sendProxy": sendProxy})
+
+    def _ping(self) -> None:
+        """
+        Ask every worker for an answer; kill one that has answered nothing
+        for L{HUNG_AFTER} seconds (stopped, or stuck in a turn), to be
+        started again as a worker that died is.
+        """
+        now = self.reactor.seconds()
+        for worker in list(self.workers.values()):
+            if worker.heard is not None and now - worker.heard >= HUNG_AFTER:
+                log.error(
+                    "worker {index} (pid {pid}) has answered nothing for "
+                    "{seconds:.0f} s: hung, killed",
+                    index=worker.index,
+                    pid=worker.pid,
+                    seconds=now - worker.heard,
+                )
+                worker.heard = None  # killed once
+                self._signal(worker, signal.SIGKILL)
+                continue
+            channel = worker.channel
+            if channel is not None and channel.transport is not None:
+                channel.send({"ping": True})
 
     def _pushLater(self, worker: _WorkerProcess) -> None:
         """
@@ -643,6 +680,9 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     beforeView = [True]
 
     def message(m) -> None:
+        if m.get("ping"):
+            channel.send({"pong": True})
+            return
         if m.get("reopen"):
             reopen()
             return
