@@ -120,3 +120,27 @@ def test_a_worker_that_answers_nothing_is_killed_even_when_nothing_changes(logge
         assert signals == [(0, signal.SIGKILL)]  # killed once
     finally:
         sup._pings.stop()
+
+
+def test_a_worker_that_keeps_dying_does_not_delay_the_others_restart():
+    # One delay for all once doubled as workers died in turn, until every
+    # worker was down at once for seconds.
+    from twisted.internet import error
+    from twisted.python.failure import Failure
+
+    clock = Clock()
+    sup = WorkerSupervisor(2, Cluster(), clock, [], [], drainTimeout=1.0)
+    sup._restart = lambda index: None
+
+    def dies(index, lived=0.0):
+        w = _WorkerProcess(sup, index)
+        w.pid, w.started = 100 + index, clock.seconds() - lived
+        sup.workers[index] = w
+        before = {id(c) for c in clock.getDelayedCalls()}
+        sup._ended(w, Failure(error.ProcessTerminated(signal=9)))
+        [call] = [c for c in clock.getDelayedCalls() if id(c) not in before]
+        return round(call.getTime() - clock.seconds(), 3)
+
+    assert [dies(0) for _ in range(4)] == [0.2, 0.4, 0.8, 1.6]
+    assert dies(1) == workers.RESTART_DELAY
+    assert dies(0, lived=workers.STABLE_AFTER) == workers.RESTART_DELAY  # it had lived long enough

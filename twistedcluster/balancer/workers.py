@@ -47,7 +47,8 @@ SYNC_INTERVAL = 0.01
 #: Seconds between a worker's client-level figures (for the metrics).
 STATS_INTERVAL = 0.5
 #: Seconds before a worker that exited is started again (doubled, up to
-#: L{MAX_RESTART_DELAY}, while workers keep dying within L{STABLE_AFTER}).
+#: L{MAX_RESTART_DELAY}, while that worker keeps dying within
+#: L{STABLE_AFTER}).
 RESTART_DELAY = 0.2
 MAX_RESTART_DELAY = 10.0
 STABLE_AFTER = 5.0
@@ -286,7 +287,10 @@ class WorkerSupervisor(Service):
         self.figures = WorkerFigures(traffic)
         self.ports: Dict[str, Any] = {}
         self.workers: Dict[int, _WorkerProcess] = {}
-        self.restartDelay = RESTART_DELAY
+        #: Each worker's next restart delay, by index: one worker that keeps
+        #: dying does not delay the restart of another (with one delay for
+        #: all, workers killed in turn were all down at once, for seconds).
+        self.restartDelays: Dict[int, float] = {}
         self.stopping = False
         self._pushed: tuple = (None, None, None)
         self._sync = LoopingCall(self._push)
@@ -429,10 +433,10 @@ class WorkerSupervisor(Service):
             log.info("worker {index} stopped", index=worker.index)
             return
         lived = self.reactor.seconds() - worker.started
+        delay = self.restartDelays.get(worker.index, RESTART_DELAY)
         if lived >= STABLE_AFTER:
-            self.restartDelay = RESTART_DELAY
-        delay = self.restartDelay
-        self.restartDelay = min(MAX_RESTART_DELAY, self.restartDelay * 2)
+            delay = RESTART_DELAY
+        self.restartDelays[worker.index] = min(MAX_RESTART_DELAY, delay * 2)
         log.warn(
             "worker {index} (pid {pid}) exited ({why}){cut}; starting it again in {delay} s",
             index=worker.index,
