@@ -729,3 +729,18 @@ def test_a_one_way_report_before_registering_is_not_taken():
     lb.flush()
     assert "a" not in lb.pool
     assert server.transport.disconnecting  # NotRegistered, one-way: the channel closes
+
+
+def test_two_names_at_one_address_are_said(logged):
+    # A copied --advertise: the same server under two names, each claiming
+    # its whole capacity; nothing said it.
+    lb = MemoryBalancer()
+    a, _, _ = lb.controlChannel()
+    b, _, _ = lb.controlChannel()
+    c, _, _ = lb.controlChannel()
+    lb.resultOf(register(a, name="a", port=9000))
+    lb.resultOf(register(c, name="c", port=9001))
+    assert not [line for line in logged if "registered too" in line]
+    lb.resultOf(register(b, name="b", port=9000))
+    [line] = [line for line in logged if "registered too" in line]
+    assert "backend b registered at 127.0.0.1:9000, where backend a is registered too" in line

@@ -181,12 +181,43 @@ class ControlProtocol(GuardedAMP):
             port=port,
             capacity=capacity,
         )
+        self._sameAddress(name, host, port)
         self.quiet = bool(quiet)
         self._lastMark = mark = pool.mark(name)
         answer = {"heartbeatTimeout": self._timeout, "mark": mark}
         if self.quiet:
             answer["quiet"] = True
         return answer
+
+    def _sameAddress(self, name: str, host: str, port: int) -> None:
+        """
+        Say so when another registered backend serves at the same address:
+        the same server counted twice (a copied --advertise), whose
+        capacity each name would claim whole.
+        """
+        factory = self.factory
+        addresses = factory.addresses
+        if len(addresses) > 2 * len(factory.owners) + 16:
+            # Only the backends registered now: flapping backends on new
+            # ports must not grow it.
+            addresses.clear()
+        key = (host.lower(), port)
+        other = addresses.get(key)
+        addresses[key] = name
+        pool = factory.cluster.pool
+        if other is None or other == name or other not in factory.owners or other not in pool:
+            return
+        status = pool.get(other)
+        if (status.host.lower(), status.port) == key:
+            self.log.warn(
+                "backend {name} registered at {host}:{port}, where backend {other} "
+                "is registered too: one server under two names (a copied "
+                "--advertise?) takes twice its capacity",
+                name=name,
+                other=other,
+                host=host,
+                port=port,
+            )
 
     def shortcut(self, box) -> bool:
         """
@@ -489,6 +520,9 @@ class ControlFactory(GuardedFactory):
         self.cluster = cluster
         self._fixedTimeout = heartbeatTimeout
         self.owners: Dict[str, ControlProtocol] = {}
+        #: (host, port): the backend that last registered there (to tell
+        #: two names at one address, L{ControlProtocol._sameAddress}).
+        self.addresses: Dict[Tuple[str, int], str] = {}
         self.forgetAfter = forgetAfter
         #: When each down backend is due to be forgotten (whole seconds),
         #: and the timer and backends of each such second.
