@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.test_e2e_workers import workerPids
 from tests.test_readme_commands import _env
 from twistedcluster.localcluster import LocalCluster, NotOurBalancer, freePort, portInUse
 
@@ -79,18 +80,6 @@ def test_ports_out_of_range_are_usage_errors(tmp_path):
     assert list(tmp_path.glob("*.log")) == []
 
 
-def childPids(pid):
-    from pathlib import Path
-
-    found = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found.update(int(p) for p in (task / "children").read_text().split())
-        except OSError:
-            pass
-    return found
-
-
 @pytest.mark.parametrize("sig", ["SIGHUP", "SIGINT"])
 def test_a_hangup_or_ctrl_c_stops_every_process_it_started(tmp_path, sig):
     # Its processes are in sessions of their own: a terminal's hangup (or
@@ -115,7 +104,7 @@ def test_a_hangup_or_ctrl_c_stops_every_process_it_started(tmp_path, sig):
                 break
         else:
             pytest.fail("cluster-local did not start")
-        children = childPids(proc.pid)
+        children = workerPids(proc.pid)  # its children
         assert len(children) == 3  # the balancer and two backends
         assert all(os.getsid(c) == c for c in children)  # sessions of their own
         proc.send_signal(getattr(signal, sig))

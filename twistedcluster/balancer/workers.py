@@ -502,19 +502,22 @@ class WorkerSupervisor(Service):
         now = self.reactor.seconds()
         for worker in list(self.workers.values()):
             if worker.heard is not None and now - worker.heard >= HUNG_AFTER:
-                log.error(
-                    "worker {index} (pid {pid}) has answered nothing for "
-                    "{seconds:.0f} s: hung, killed",
-                    index=worker.index,
-                    pid=worker.pid,
-                    seconds=now - worker.heard,
-                )
+                self._killHung(worker, "answered nothing", now - worker.heard)
                 worker.heard = None  # killed once
-                self._signal(worker, signal.SIGKILL)
                 continue
             channel = worker.channel
             if channel is not None and channel.transport is not None:
                 channel.send({"ping": True})
+
+    def _killHung(self, worker: _WorkerProcess, what: str, seconds: float) -> None:
+        log.error(
+            "worker {index} (pid {pid}) has {what} for {seconds:.0f} s: hung, killed",
+            index=worker.index,
+            pid=worker.pid,
+            what=what,
+            seconds=seconds,
+        )
+        self._signal(worker, signal.SIGKILL)
 
     def _pushLater(self, worker: _WorkerProcess) -> None:
         """
@@ -526,15 +529,8 @@ class WorkerSupervisor(Service):
         if worker.stuckSince is None:
             worker.stuckSince = now
         elif now - worker.stuckSince >= HUNG_AFTER:
-            log.error(
-                "worker {index} (pid {pid}) has read nothing from this process "
-                "for {seconds:.0f} s: hung, killed",
-                index=worker.index,
-                pid=worker.pid,
-                seconds=now - worker.stuckSince,
-            )
+            self._killHung(worker, "read nothing from this process", now - worker.stuckSince)
             worker.stuckSince = None
-            self._signal(worker, signal.SIGKILL)
             return
         if worker.retry is None or not worker.retry.active():
 
