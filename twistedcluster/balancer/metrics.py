@@ -4,8 +4,8 @@ The balancer's optional metrics and status web listener (``--metrics``).
   - ``GET /metrics``: Prometheus' text format, read from the pool and the
     counters when scraped, on the reactor thread (Twisted renders the page
     there; nothing else touches the pool): the series a backend each are
-    written here (L{backendSeries}), the rest by C{prometheus_client} from a
-    custom collector (L{BalancerCollector}), with the process' CPU, memory
+    written here (L{_backendPieces}), the rest by C{prometheus_client} from
+    a custom collector (L{BalancerCollector}), with the process' CPU, memory
     and descriptors (L{exposition});
   - ``GET /status.json``: what ``cluster-admin status --json`` prints
     (``?view=page``: the policy, totals and backends, for the status page);
@@ -40,7 +40,7 @@ from twistedcluster.core.cluster import Cluster
 from twistedcluster.core.pool import State
 from twistedcluster.wire.commands import backendItem
 
-__all__ = ["BalancerCollector", "MetricsRoot", "backendSeries", "exposition", "pageStatus", "readiness"]
+__all__ = ["BalancerCollector", "MetricsRoot", "exposition", "pageStatus", "readiness"]
 
 _STATES = [s.value for s in State]
 #: The Prometheus text format C{generate_latest} writes.
@@ -50,7 +50,7 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 class BalancerCollector:
     """
     The balancer's series that are not a backend each (those are
-    L{backendSeries}), read from the cluster and the factories each time it
+    L{_backendPieces}), read from the cluster and the factories each time it
     is collected.
 
     @param root: the L{MetricsRoot} whose cluster and factories are read.
@@ -279,8 +279,13 @@ STREAM_ABOVE = 1000
 
 def _backendPieces(root: "MetricsRoot", piece: int) -> Iterator[str]:
     """
-    The series a backend each, as text, C{piece} backends of one series at a
-    time, all from one snapshot of the pool.
+    The series a backend each (states, weights, loads, counts, report ages,
+    bytes) in Prometheus' text format, C{piece} backends of one series at a
+    time, all from one snapshot of the pool.  Written here rather than by
+    C{prometheus_client}: at thousands of backends they are nearly all of
+    the page, and its per-sample path held the reactor for 0.6 s a scrape at
+    3,000 backends and over 2 s at 10,000, every client waiting meanwhile
+    (docs/benchmarks.md).  The text is the same, family by family.
     """
     snapshot = root.cluster.pool.snapshot()
     names = [_label(b.name) for b in snapshot]
@@ -353,26 +358,6 @@ def _backendPieces(root: "MetricsRoot", piece: int) -> Iterator[str]:
         yield done()
 
 
-def backendSeries(root: "MetricsRoot") -> bytes:
-    """
-    The series a backend each (states, weights, loads, counts, report ages,
-    bytes), in Prometheus' text format, written here rather than by
-    C{prometheus_client}: at thousands of backends they are nearly all of
-    the page, and its per-sample path held the reactor for 0.36 s a scrape
-    at 3,000 backends and 1.8 s at 10,000, every client waiting meanwhile
-    (docs/benchmarks.md).  The text is the same, family by family.
-    """
-    return "".join(_backendPieces(root, PIECE)).encode("utf-8")
-
-
-def exposition(root: "MetricsRoot") -> bytes:
-    """
-    The whole C{/metrics} page at once: the series a backend each, then the
-    rest.
-    """
-    return backendSeries(root) + generate_latest(root.registry)
-
-
 def _metricsPieces(root: "MetricsRoot") -> Iterator[bytes]:
     """
     The C{/metrics} page in pieces: the series a backend each, then the rest.
@@ -380,6 +365,13 @@ def _metricsPieces(root: "MetricsRoot") -> Iterator[bytes]:
     for piece in _backendPieces(root, PIECE):
         yield piece.encode("utf-8")
     yield generate_latest(root.registry)
+
+
+def exposition(root: "MetricsRoot") -> bytes:
+    """
+    The whole C{/metrics} page at once (a pool small enough not to stream).
+    """
+    return b"".join(_metricsPieces(root))
 
 
 def _statusPieces(root: "MetricsRoot", page: bool) -> Iterator[bytes]:
