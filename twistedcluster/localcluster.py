@@ -163,15 +163,21 @@ class Process:
         if self.alive():
             os.kill(self.pid, sig)
 
+    def terminate(self) -> None:
+        """
+        SIGTERM (after SIGCONT: a stopped process would not act on it).
+        """
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 10.0, signalled: bool = False) -> Optional[int]:
         """
-        SIGTERM (unless C{signalled} already), then SIGKILL if it has not
-        exited within C{timeout}.
+        L{terminate} (unless C{signalled} already), then SIGKILL if it has
+        not exited within C{timeout}.
         """
         if self.alive():
             if not signalled:
-                self.signal(signal.SIGCONT)
-                self.signal(signal.SIGTERM)
+                self.terminate()
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -434,9 +440,7 @@ class LocalCluster:
         balancers = [p for n, p in self.processes.items() if n.startswith("balancer")]
         for group in (backends, balancers):
             for proc in group:
-                if proc.alive():
-                    proc.signal(signal.SIGCONT)
-                    proc.signal(signal.SIGTERM)
+                proc.terminate()
             deadline = time.monotonic() + timeout
             for proc in group:
                 proc.stop(max(0.0, deadline - time.monotonic()), signalled=True)

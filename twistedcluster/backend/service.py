@@ -503,11 +503,12 @@ def makeService(options: Options, reactor=None) -> BackendService:
     listen, parsers = readsProxyHeader(options["listen"], "backend service")
     # A string Twisted cannot make an endpoint of is one line here, not a
     # traceback when the service starts.
-    parsedEndpoint(lambda r, d: serverFromString(r, withBacklog(d)), reactor, listen, "--listen")
+    def server(r, d):
+        return serverFromString(r, withBacklog(d))
+
+    parsedEndpoint(server, reactor, listen, "--listen")
     if options["metrics"]:
-        parsedEndpoint(
-            lambda r, d: serverFromString(r, withBacklog(d)), reactor, options["metrics"], "--metrics"
-        )
+        parsedEndpoint(server, reactor, options["metrics"], "--metrics")
     counting = CountingFactory(inner, proxyParsers=parsers, clock=reactor)
     customLoad = getattr(inner, "currentLoad", None)
     meter = CostMeter(reactor, capacity)
