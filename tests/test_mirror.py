@@ -25,13 +25,23 @@ class Cluster3:
         self.books = [mirror.TrafficBook(), mirror.TrafficBook()]
         self.said = [{}, {}]
         self.applied = [{}, {}]
+        self.shares = mirror.CapacityShares()
+        for i in range(2):
+            self.shares.join(i)
 
     def sync(self):
+        """
+        Every message delivered at once: traffic, views, their shares, and
+        each worker's word that it applied its view.
+        """
         for i, w in enumerate(self.workers):
             mirror.fold(self.main.pool, self.books[i], mirror.trafficOf(w.pool, self.said[i]))
+        plan = self.shares.plan(self.main.pool.snapshot(), dict(enumerate(self.books)))
         for i, w in enumerate(self.workers):
-            policy, entries = mirror.viewFor(self.main, self.books[i])
+            policy, entries = mirror.viewFor(self.main, self.books[i], plan[i])
+            number = self.shares.sent(i, plan[i])
             mirror.applyView(w, policy, entries, self.applied[i])
+            self.shares.applied(i, number)
 
 
 def test_a_registration_and_an_admin_change_reach_every_worker():
@@ -141,18 +151,149 @@ def test_capacity_holds_across_workers_when_synced_between_picks(capacity, steps
         assert c.main.pool.get("a").active == len(held[0]) + len(held[1])
 
 
-def test_without_sync_the_overshoot_is_what_the_others_picked():
+def test_without_sync_each_worker_fills_only_its_share():
     """
-    Between two syncs each worker knows only its own picks: the slack is
-    what the other workers route in one interval (docs/internals.md).
+    Between two syncs each worker knows only its own picks, so it fills only
+    its share of the capacity: a burst at both at once cannot overshoot
+    (before shares, each took all 4).  Waiting clients move the free room
+    to the worker that has them.
     """
     c = Cluster3()
     c.main.pool.register("a", "127.0.0.1", 1, capacity=4)
     c.sync()
     picked = [sum(w.pick() is not None for _ in range(10)) for w in c.workers]
-    assert picked == [4, 4]
+    assert picked == [2, 2]
     c.sync()
     assert all(w.pick() is None for w in c.workers)
+    # Worker 0 has 3 clients waiting: it gets 3 of the 4.
+    c2 = Cluster3()
+    c2.main.pool.register("a", "127.0.0.1", 1, capacity=4)
+    c2.shares.demand[0] = 3
+    c2.sync()
+    assert [w.pool.get("a").quota for w in c2.workers] == [3, 1]
+    assert sum(c2.workers[0].pick() is not None for _ in range(10)) == 3
+
+
+def test_a_shrunk_share_counts_until_the_worker_has_applied_it():
+    """
+    The room taken from one worker is given to another only once the first
+    has said it applied the smaller share: until then it may still fill
+    the larger one.
+    """
+    c = Cluster3()
+    c.main.pool.register("a", "127.0.0.1", 1, capacity=4)
+    c.sync()
+    assert [w.pool.get("a").quota for w in c.workers] == [2, 2]
+    # Worker 0 has clients waiting: the plan takes worker 1's share...
+    c.shares.demand[0] = 4
+    plan = c.shares.plan(c.main.pool.snapshot(), dict(enumerate(c.books)))
+    assert plan == {0: {"a": 2}, 1: {"a": 0}}  # ... but gives it to no one yet
+    for i in range(2):
+        c.shares.sent(i, plan[i])
+    # Worker 1 had not read that view: it fills its old share meanwhile.
+    assert sum(c.workers[1].pick() is not None for _ in range(3)) == 2
+    mirror.fold(c.main.pool, c.books[1], mirror.trafficOf(c.workers[1].pool, c.said[1]))
+    plan = c.shares.plan(c.main.pool.snapshot(), dict(enumerate(c.books)))
+    assert plan[0] == {"a": 2}
+    # Once it has applied it, what it does not hold goes to worker 0.
+    c.shares.applied(1, 2)
+    plan = c.shares.plan(c.main.pool.snapshot(), dict(enumerate(c.books)))
+    assert plan == {0: {"a": 2}, 1: {"a": 2}}  # worker 1 holds 2 now: nothing is free
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    capacity=st.integers(1, 12),
+    others=st.integers(0, 4),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["pick", "close", "push", "view", "flush", "message", "want"]),
+            st.integers(0, 1),
+            st.integers(0, 3),
+        ),
+        max_size=120,
+    ),
+)
+def test_capacity_holds_across_workers_whatever_the_message_delays(capacity, others, steps):
+    """
+    Messages either way delivered late and in any interleaving with picks,
+    closes and changing demand (each channel in order, as a socket is): the
+    workers together never hold more than the capacity the backend's own
+    report leaves; and once every message is through, a worker with
+    clients waiting gets the whole of the free room.
+    """
+    from collections import deque
+
+    c = Cluster3()
+    c.main.pool.register("a", "127.0.0.1", 1, capacity=capacity)
+    c.main.pool.report("a", others, others / capacity)  # another balancer's clients
+    toWorker = [deque(), deque()]
+    toMain = [deque(), deque()]
+    applied = [0, 0]
+    held = [[], []]
+
+    def push():
+        plan = c.shares.plan(c.main.pool.snapshot(), dict(enumerate(c.books)))
+        for i in range(2):
+            entries = mirror.viewFor(c.main, c.books[i], plan[i])
+            toWorker[i].append((c.shares.sent(i, plan[i]), entries))
+
+    def view(i):
+        if toWorker[i]:
+            number, (policy, entries) = toWorker[i].popleft()
+            mirror.applyView(c.workers[i], policy, entries, c.applied[i])
+            applied[i] = number
+
+    def flush(i, waiting):
+        toMain[i].append((mirror.trafficOf(c.workers[i].pool, c.said[i]), applied[i], waiting))
+
+    def message(i):
+        if toMain[i]:
+            traffic, number, waiting = toMain[i].popleft()
+            mirror.fold(c.main.pool, c.books[i], traffic)
+            c.shares.applied(i, number)
+            c.shares.demand[i] = waiting
+
+    waiting = [0, 0]
+    for what, i, n in steps:
+        w = c.workers[i]
+        if what == "pick" and "a" in w.pool:
+            r = w.pick()
+            if r is not None:
+                w.pool.connected(r.name, r.ticket)
+                held[i].append(r)
+        elif what == "close" and held[i]:
+            r = held[i].pop(0)
+            w.pool.release(r.name, r.ticket)
+        elif what == "push":
+            push()
+        elif what == "view":
+            view(i)
+        elif what == "flush":
+            flush(i, waiting[i])
+        elif what == "message":
+            message(i)
+        elif what == "want":
+            waiting[i] = n
+        assert len(held[0]) + len(held[1]) <= max(0, capacity - others)
+
+    # Everything through, worker 0 with clients waiting: it can fill the rest.
+    waiting = [20, 0]  # more than there is room for
+    for _ in range(4):
+        for i in range(2):
+            while toWorker[i]:
+                view(i)
+            flush(i, waiting[i])
+            while toMain[i]:
+                message(i)
+        push()
+        for i in range(2):
+            while toWorker[i]:
+                view(i)
+    while c.workers[0].pick() is not None:
+        pass
+    total = c.workers[0].pool.get("a").active + len(held[1])
+    assert total == max(0, capacity - others) or print(c.workers[0].pool.get("a"))
 
 
 def test_counter_deltas_add_up_to_the_totals():

@@ -52,6 +52,7 @@ def test_a_worker_that_stops_reading_gets_only_the_newest_view_then_is_killed(lo
     worker.channel = Channel()
     worker.transport = Process()
     supervisor.workers[0] = worker
+    supervisor.shares.join(0)
     cluster.pool.register("a", "127.0.0.1", 9000, capacity=10)
     supervisor._pushTo(worker)
     assert len(worker.channel.sent) == 1

@@ -70,12 +70,20 @@ class WaitQueue:
         return client in self._queue
 
     def enqueue(
-        self, client: Hashable, retry: Callable[[], None], refuse: Callable[[str], None]
+        self,
+        client: Hashable,
+        retry: Callable[[], None],
+        refuse: Callable[[str], None],
+        forShare: bool = False,
     ) -> None:
         """
-        Let C{client} wait; C{refuse} at once when the queue is full.
+        Let C{client} wait; C{refuse} at once when the queue is full, unless
+        it waits C{forShare}: the cluster has room, but not in this worker's
+        share of it (L{twistedcluster.core.cluster.Cluster.roomElsewhere}),
+        which is no reason to refuse a client (with one process it would
+        have been served).
         """
-        if len(self._queue) >= self.size:
+        if not forShare and len(self._queue) >= self.size:
             return refuse(
                 Refusal(
                     f"every backend is at capacity and {len(self._queue)} clients "

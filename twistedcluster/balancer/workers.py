@@ -14,7 +14,10 @@ queue hands them to the workers still alive; (2) the endpoint's options
 The main process keeps the control, admin and metrics listeners and the one
 real pool; each worker routes on a mirror of it (L{twistedcluster.core.mirror})
 kept over a unix socket pair: the main process sends the pool as that worker
-should see it, the worker sends what it routed and holds, each at most every
+should see it, with the worker's share of each backend's capacity
+(L{mirror.CapacityShares}: capacity holds across workers however fast
+clients come), the worker sends what it routed and holds, the view it
+applied and how many clients wait for room, each at most every
 L{SYNC_INTERVAL} seconds and only when something changed.  A pick stays a
 local call.  A worker that exits is started again; only its clients lose
 their connections.
@@ -293,6 +296,12 @@ class WorkerSupervisor(Service):
         self.restartDelays: Dict[int, float] = {}
         self.stopping = False
         self._pushed: tuple = (None, None, None)
+        #: Each worker's share of each backend's capacity.
+        self.shares = mirror.CapacityShares()
+        #: Whether a worker's word (a view applied, clients waiting) may
+        #: change the shares, and so call for a view though the pool did not
+        #: change.
+        self._sharesMoved = False
         self._sync = LoopingCall(self._push)
         self._pings = LoopingCall(self._ping)
         self._sync.clock = reactor
@@ -405,6 +414,14 @@ class WorkerSupervisor(Service):
             traffic = m.get("traffic")
             if traffic:
                 mirror.fold(self.cluster.pool, worker.book, traffic)
+            number = m.get("applied")
+            if number is not None:
+                self.shares.applied(index, number)
+                self._sharesMoved = True
+            waiting = m.get("waiting")
+            if waiting is not None:
+                self.shares.demand[index] = waiting
+                self._sharesMoved = True
             stats = m.get("stats")
             if stats is not None:
                 self.figures.add(index, stats)
@@ -415,6 +432,7 @@ class WorkerSupervisor(Service):
         self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
         ours.close()
         self.workers[index] = worker
+        self.shares.join(index)
         worker.heard = self.reactor.seconds()
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
         self._pushTo(worker)
@@ -423,6 +441,8 @@ class WorkerSupervisor(Service):
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
         mirror.release(self.cluster.pool, worker.book)
+        if self.workers.get(worker.index) is None:
+            self.shares.leave(worker.index)
         self.figures.gone(worker.index)
         if worker.retry is not None and worker.retry.active():
             worker.retry.cancel()
@@ -460,11 +480,17 @@ class WorkerSupervisor(Service):
             self.cluster.policyName,
             tuple(sorted(self.sendProxyFor.items())),
         )
-        if marker[0] is self._pushed[0] and marker[1:] == self._pushed[1:]:
+        if marker[0] is self._pushed[0] and marker[1:] == self._pushed[1:] and not self._sharesMoved:
             return
         self._pushed = marker
+        self._sharesMoved = False
+        plan = self._plan()
         for worker in list(self.workers.values()):
-            self._pushTo(worker)
+            self._pushTo(worker, plan.get(worker.index))
+
+    def _plan(self) -> Dict[int, Dict[str, int]]:
+        books = {i: w.book for i, w in self.workers.items()}
+        return self.shares.plan(self.cluster.pool.snapshot(), books)
 
     def reopenAccessLogs(self) -> None:
         """
@@ -476,7 +502,7 @@ class WorkerSupervisor(Service):
             if channel is not None and channel.transport is not None:
                 channel.send({"reopen": True})
 
-    def _pushTo(self, worker: _WorkerProcess) -> None:
+    def _pushTo(self, worker: _WorkerProcess, shares: Optional[Dict[str, int]] = None) -> None:
         channel = worker.channel
         if channel is None or channel.transport is None:
             return
@@ -487,11 +513,16 @@ class WorkerSupervisor(Service):
             self._pushLater(worker)
             return
         worker.stuckSince = None
-        view = mirror.viewFor(self.cluster, worker.book)
+        if worker.index not in self.shares:
+            return
+        if shares is None:
+            shares = self._plan().get(worker.index, {})
+        view = mirror.viewFor(self.cluster, worker.book, shares)
         sendProxy = dict(self.sendProxyFor)
         if (view, sendProxy) != worker.said:
             worker.said = (view, sendProxy)
-            channel.send({"policy": view[0], "backends": view[1], "sendProxy": sendProxy})
+            number = self.shares.sent(worker.index, shares)
+            channel.send({"policy": view[0], "backends": view[1], "sendProxy": sendProxy, "number": number})
 
     def _ping(self) -> None:
         """
@@ -678,6 +709,10 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     said: dict = {}
     applied: dict = {}
     beforeView = [True]
+    #: The number of the last view applied, and what the main process was
+    #: last told of it and of the clients waiting for room.
+    viewNumber = [0]
+    told = [0, 0]
 
     def message(m) -> None:
         if m.get("ping"):
@@ -687,6 +722,8 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
             reopen()
             return
         applyMessage(m, cluster, applied, proxyFactory)
+        if "number" in m:
+            viewNumber[0] = m["number"]
         if beforeView and "policy" in m:
             beforeView.clear()
             if not clientLimit.paused:
@@ -719,8 +756,10 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
 
     def flush() -> None:
         figures = mirror.trafficOf(cluster.pool, said)
-        if figures and channel.transport is not None:
-            channel.send({"traffic": figures})
+        now = [viewNumber[0], proxyFactory.waiting]
+        if (figures or now != told) and channel.transport is not None:
+            told[:] = now
+            channel.send({"traffic": figures, "applied": now[0], "waiting": now[1]})
 
     sync = LoopingCall(flush)
     sync.clock = reactor

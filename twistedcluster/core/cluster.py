@@ -132,3 +132,16 @@ class Cluster:
         return not self.pool.candidates() and any(
             b.full for b in self.pool.snapshot() if b.state is State.UP and b.weight > 0
         )
+
+    def roomElsewhere(self) -> bool:
+        """
+        Whether some backend that this pool finds full has room, only not in
+        this worker's share of it (C{--workers}): the share moves to where
+        clients wait within a sync interval or two, so a client may wait for
+        it even where the queue would refuse it.
+        """
+        return any(
+            b.quota is not None and b.estimatedConnections < b.capacity
+            for b in self.pool.snapshot()
+            if b.state is State.UP and b.weight > 0
+        )

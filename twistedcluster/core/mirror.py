@@ -13,25 +13,33 @@ and as cheap as with one process.  Two flows keep them one cluster:
    each backend, C{base} is what the main pool estimates on it less what it
    knows this worker holds there; the worker adds what it holds now, exactly,
    so its own picks count at once and the others' within one sync interval.
+ - L{CapacityShares}: each worker's share of each backend's capacity, which
+   it alone may fill, so that capacity holds across workers however fast
+   clients come (the views alone would let every worker fill what it
+   believed free within one sync interval).  A share grows only out of
+   capacity no worker may be using; one that shrinks counts at its old size
+   until the worker has said it applied the view that shrank it.
 """
 
 from __future__ import annotations
 
 import copy
+import zlib
 from collections import deque
 from typing import Deque, Dict, List, Optional, Tuple
 
 from twistedcluster.core.cluster import Cluster
 from twistedcluster.core.pool import RAMP_STEPS, AdminState, Pool, State
 
-__all__ = ["TrafficBook", "fold", "release", "viewFor", "applyView", "trafficOf"]
+__all__ = ["TrafficBook", "CapacityShares", "fold", "release", "viewFor", "applyView", "trafficOf"]
 
 #: One backend in a view: name, host, port, state, weight, slow start's
 #: step (of RAMP_STEPS), capacity, base (connections on it not held by the
 #: worker), the load its own figure adds beyond connections x cost (0
-#: unless its service supplies one), and the cost level least-load routes
-#: it on (C{None}: none measured, 1/capacity).
-ViewEntry = Tuple[str, str, int, str, int, int, int, int, float, Optional[float]]
+#: unless its service supplies one), the cost level least-load routes
+#: it on (C{None}: none measured, 1/capacity), and the worker's share of
+#: its capacity (L{CapacityShares}; C{None}: none given, capacity alone).
+ViewEntry = Tuple[str, str, int, str, int, int, int, int, float, Optional[float], Optional[int]]
 
 
 class TrafficBook:
@@ -82,11 +90,15 @@ def release(pool: Pool, book: TrafficBook) -> None:
     book.routed.clear()
 
 
-def viewFor(cluster: Cluster, book: TrafficBook) -> Tuple[str, List[ViewEntry]]:
+def viewFor(
+    cluster: Cluster, book: TrafficBook, quotas: Optional[Dict[str, int]] = None
+) -> Tuple[str, List[ViewEntry]]:
     """
-    The main pool as the worker whose traffic is C{book} should route on it.
+    The main pool as the worker whose traffic is C{book} should route on it,
+    with its C{quotas} (L{CapacityShares.plan}) if given.
     """
     entries: List[ViewEntry] = []
+    share = quotas.get if quotas is not None else (lambda name: None)
     for b in cluster.pool.snapshot():
         capacity = max(1, b.capacity)
         base = max(0, b.estimatedConnections - book.holding(b.name))
@@ -96,7 +108,7 @@ def viewFor(cluster: Cluster, book: TrafficBook) -> Tuple[str, List[ViewEntry]]:
         cost: Optional[float] = None if abs(b.cost * capacity - 1) < 1e-9 else b.cost
         step = round(b.ramp * RAMP_STEPS)
         entries.append(
-            (b.name, b.host, b.port, b.state.value, b.weight, step, capacity, base, round(extra, 9), cost)
+            (b.name, b.host, b.port, b.state.value, b.weight, step, capacity, base, round(extra, 9), cost, share(b.name))
         )
     return cluster.policyName, entries
 
@@ -125,7 +137,7 @@ def applyView(
         cluster.setPolicy(policy)
     pool = cluster.pool
     named = set()
-    for name, host, port, state, weight, step, capacity, base, extra, cost in entries:
+    for name, host, port, state, weight, step, capacity, base, extra, cost, quota in entries:
         named.add(name)
         if name not in pool:
             applied.pop(name, None)
@@ -151,11 +163,156 @@ def applyView(
                 pool.setAdminState(name, _ADMIN[state])
             pool.setWeight(name, weight)
         pool.setRamp(name, step)
+        pool.setQuota(name, quota)
     gone = [b.name for b in pool.snapshot() if b.name not in named]
     if gone:
         pool.removeMany(gone)
         for name in gone:
             applied.pop(name, None)
+
+
+#: Views a worker may leave unacknowledged before the oldest two shares
+#: are kept as one (their larger values: never less than it may use).
+_MAX_UNACKED = 8
+
+
+class CapacityShares:
+    """
+    Each worker's share of each backend's capacity, kept by the main
+    process: the connections that worker may hold there at once (its pool's
+    quota, L{Pool.setQuota}).
+
+    For each backend, what the workers may hold at once never exceeds the
+    capacity the rest of the cluster leaves (the main pool's estimate less
+    the workers' own connections): a worker may be acting on any share sent
+    to it since the last view it said it applied, so each worker counts at
+    the largest of those (or at what it holds, if more), and a share grows
+    only out of what is left.  The room nobody holds is shared out by
+    demand: first to the clients waiting for room in each worker, the rest
+    evenly.
+    """
+
+    def __init__(self) -> None:
+        #: Per worker: (view number, shares) sent since, and including, the
+        #: last view it said it applied; oldest first.
+        self._sent: Dict[int, List[Tuple[int, Dict[str, int]]]] = {}
+        #: Per worker and backend: the largest share in C{_sent}.
+        self._inForce: Dict[int, Dict[str, int]] = {}
+        self._numbers: Dict[int, int] = {}
+        #: Per worker: clients waiting for room there, as it last said.
+        self.demand: Dict[int, int] = {}
+
+    def join(self, worker: int) -> None:
+        """
+        A worker started: it holds nothing and has been given nothing.
+        """
+        self._sent[worker] = []
+        self._inForce[worker] = {}
+        self._numbers[worker] = 0
+        self.demand[worker] = 0
+
+    def leave(self, worker: int) -> None:
+        """
+        A worker is gone, and its connections with it: its shares are free.
+        """
+        for d in (self._sent, self._inForce, self._numbers, self.demand):
+            d.pop(worker, None)
+
+    def __contains__(self, worker: object) -> bool:
+        return worker in self._sent
+
+    def inForce(self, worker: int, name: str) -> int:
+        """
+        The largest share of C{name} that C{worker} may be acting on.
+        """
+        return self._inForce[worker].get(name, 0)
+
+    def sent(self, worker: int, shares: Dict[str, int]) -> int:
+        """
+        C{shares} went to C{worker} in a view: return that view's number,
+        for the worker to say it applied (L{applied}).
+        """
+        number = self._numbers[worker] = self._numbers[worker] + 1
+        sent = self._sent[worker]
+        sent.append((number, shares))
+        if len(sent) > _MAX_UNACKED:
+            (_, a), (n, b) = sent[0], sent[1]
+            sent[:2] = [(n, {k: max(a.get(k, 0), b.get(k, 0)) for k in a.keys() | b.keys()})]
+        inForce = self._inForce[worker]
+        for name, share in shares.items():
+            if share > inForce.get(name, 0):
+                inForce[name] = share
+        return number
+
+    def applied(self, worker: int, number: int) -> None:
+        """
+        C{worker} has applied the view numbered C{number}: the shares sent
+        before it no longer bind it.
+        """
+        sent = self._sent.get(worker)
+        if not sent or sent[0][0] >= number:
+            return
+        sent[:] = [(n, shares) for n, shares in sent if n >= number]
+        inForce: Dict[str, int] = {}
+        for _, shares in sent:
+            for name, share in shares.items():
+                if share > inForce.get(name, 0):
+                    inForce[name] = share
+        self._inForce[worker] = inForce
+
+    def plan(self, backends, books: Dict[int, TrafficBook]) -> Dict[int, Dict[str, int]]:
+        """
+        Each worker's share of each of C{backends} (the main pool's
+        snapshot) now, C{books} being what the main pool knows each holds.
+        """
+        workers = sorted(self._sent)
+        out: Dict[int, Dict[str, int]] = {w: {} for w in workers}
+        n = len(workers)
+        if not n:
+            return out
+        wants = [max(0, self.demand.get(w, 0)) for w in workers]
+        wanted = sum(wants)
+        empty = TrafficBook()
+        held = [books.get(w, empty) for w in workers]
+        inForce = [self._inForce[w] for w in workers]
+        shareOut = [out[w] for w in workers]
+        everyone = range(n)
+        for b in backends:
+            name = b.name
+            helds = [book.holding(name) for book in held]
+            heldSum = sum(helds)
+            others = max(0, b.estimatedConnections - heldSum)
+            budget = max(0, max(1, b.capacity) - others)
+            reserves = [max(f.get(name, 0), h) for f, h in zip(inForce, helds)]
+            free = budget - sum(reserves)
+            headroom = max(0, budget - heldSum)
+            start = zlib.crc32(name.encode()) % n
+            if wanted >= headroom:
+                # Not enough for the waiting clients: shared in proportion.
+                shares = [headroom * d // wanted for d in wants] if wanted else [0] * n
+                order = sorted(everyone, key=lambda i: (-wants[i], (i - start) % n))
+            else:
+                # Each its waiting clients, and the rest evenly; what does
+                # not divide goes first to those left without any (a client
+                # that comes to one finds room at once), then from a worker
+                # that depends on the backend (not always the first).
+                even = (headroom - wanted) // n
+                shares = [d + even for d in wants]
+                order = sorted(everyone, key=lambda i: (shares[i] > 0, (i - start) % n))
+            for i in order[: headroom - sum(shares)]:
+                shares[i] += 1
+            grows = []
+            for i in everyone:
+                want = helds[i] + shares[i]
+                if want <= reserves[i]:
+                    shareOut[i][name] = want
+                else:
+                    grows.append(i)
+            for i in sorted(grows, key=lambda i: -wants[i]):
+                give = max(0, min(helds[i] + shares[i] - reserves[i], free))
+                free -= give
+                shareOut[i][name] = reserves[i] + give
+        return out
 
 
 def trafficOf(pool: Pool, said: Dict[str, Tuple[int, int]]) -> Dict[str, List[int]]:

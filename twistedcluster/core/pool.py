@@ -167,6 +167,10 @@ class BackendStatus:
     @ivar routed: connections this balancer has sent it, in total.
     @ivar ramp: the share of its weight it takes now, in (0, 1]: below 1
         while slow start ramps it up after it came up.
+    @ivar quota: in a worker (C{--workers}), the connections this worker
+        may hold on it at once, its share of the capacity the others leave
+        (L{twistedcluster.core.mirror.CapacityShares}); C{None}: no share,
+        the capacity alone limits it.
     """
 
     name: str
@@ -185,6 +189,7 @@ class BackendStatus:
     static: bool = False
     reports: int = 0
     cost: float = attr.Factory(lambda self: 1.0 / self.capacity, takes_self=True)
+    quota: Optional[int] = None
 
     @property
     def estimatedConnections(self) -> int:
@@ -198,9 +203,11 @@ class BackendStatus:
     @property
     def full(self) -> bool:
         """
-        At capacity: its estimated connections leave no room for another.
+        At capacity: its estimated connections leave no room for another,
+        or this worker holds its whole share of it.
         """
-        return self.estimatedConnections >= self.capacity
+        quota = self.quota
+        return self.estimatedConnections >= self.capacity or (quota is not None and self.active >= quota)
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -262,6 +269,8 @@ class _Member:
     #: What it adds to the eligible backends' totals (L{Pool._place}).
     countedConnections: int = 0
     countedUnits: int = 0
+    #: In a worker: the connections it may hold here at once (L{Pool.setQuota}).
+    quota: Optional[int] = None
 
     @property
     def inService(self) -> bool:
@@ -301,7 +310,8 @@ class _Member:
             estimated = active + len(self.unseen) - self.closedSinceReport
         else:
             estimated = self.connections + len(self.unseen) - self.closedSinceReport
-        return max(estimated, active) < self.capacity
+        quota = self.quota
+        return max(estimated, active) < self.capacity and (quota is None or active < quota)
 
     @property
     def state(self) -> State:
@@ -356,6 +366,7 @@ class _Member:
             static,
             self.reports,
             1.0 / capacity if level is None else level,
+            self.quota,
         )
 
 
@@ -609,6 +620,20 @@ class Pool:
         step = min(RAMP_STEPS, max(1, step))
         if step != m.rampStep:
             m.rampStep = step
+            self._loadChanged(m)
+
+    def setQuota(self, name: str, quota: Optional[int]) -> None:
+        """
+        Let this pool (a worker's) hold at most C{quota} connections on
+        C{name} at once, as its main process shares the capacity out
+        (L{twistedcluster.core.mirror.CapacityShares}); C{None}: no limit
+        but the capacity.
+        """
+        m = self._member(name)
+        if quota is not None:
+            quota = max(0, quota)
+        if quota != m.quota:
+            m.quota = quota
             self._loadChanged(m)
 
     @property
@@ -1209,6 +1234,7 @@ class Pool:
             and not m.selfDraining
             and m.weight > 0
             and estimated < m.capacity
+            and (m.quota is None or m.active < m.quota)
             and self._members.get(name) is m
         ):
             if where is None:
