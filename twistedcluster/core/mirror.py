@@ -51,6 +51,9 @@ class TrafficBook:
     def __init__(self) -> None:
         self.routed: Dict[str, int] = {}
         self.tickets: Dict[str, Deque[int]] = {}
+        #: Backends whose count here changed since L{CapacityShares.plan}
+        #: last looked.
+        self.changed: set = set()
 
     def holding(self, name: str) -> int:
         tickets = self.tickets.get(name)
@@ -67,6 +70,7 @@ def fold(pool: Pool, book: TrafficBook, traffic: Dict[str, List[int]]) -> None:
         if name not in pool:
             continue
         tickets = book.tickets.setdefault(name, deque())
+        book.changed.add(name)
         new = routed - book.routed.get(name, 0)
         book.routed[name] = routed
         for _ in range(max(0, new)):
@@ -82,6 +86,7 @@ def release(pool: Pool, book: TrafficBook) -> None:
     The worker is gone and its connections with it: release all it held.
     """
     for name, tickets in book.tickets.items():
+        book.changed.add(name)
         while tickets:
             ticket = tickets.popleft()
             if name in pool:
@@ -201,6 +206,15 @@ class CapacityShares:
         self._numbers: Dict[int, int] = {}
         #: Per worker: clients waiting for room there, as it last said.
         self.demand: Dict[int, int] = {}
+        #: Per backend, the last plan's inputs (its status, each worker's
+        #: connections and reserve there) and shares: a backend whose inputs
+        #: are the same gets the same shares without working them out again
+        #: (most of thousands, in a busy cluster); and the workers and their
+        #: demand it was made for.
+        self._planned: Dict[str, tuple] = {}
+        self._plannedFor: tuple = ()
+        #: Backends whose reserve in some worker changed since the last plan.
+        self._dirty: set = set()
 
     def join(self, worker: int) -> None:
         """
@@ -239,9 +253,11 @@ class CapacityShares:
             (_, a), (n, b) = sent[0], sent[1]
             sent[:2] = [(n, {k: max(a.get(k, 0), b.get(k, 0)) for k in a.keys() | b.keys()})]
         inForce = self._inForce[worker]
+        dirty = self._dirty
         for name, share in shares.items():
             if share > inForce.get(name, 0):
                 inForce[name] = share
+                dirty.add(name)
         return number
 
     def applied(self, worker: int, number: int) -> None:
@@ -258,6 +274,9 @@ class CapacityShares:
             for name, share in shares.items():
                 if share > inForce.get(name, 0):
                     inForce[name] = share
+        was = self._inForce[worker]
+        if inForce != was:
+            self._dirty.update(k for k, v in was.items() if inForce.get(k, 0) != v)
         self._inForce[worker] = inForce
 
     def plan(self, backends, books: Dict[int, TrafficBook]) -> Dict[int, Dict[str, int]]:
@@ -273,17 +292,33 @@ class CapacityShares:
         wants = [max(0, self.demand.get(w, 0)) for w in workers]
         wanted = sum(wants)
         empty = TrafficBook()
-        held = [books.get(w, empty) for w in workers]
+        tickets = [books.get(w, empty).tickets for w in workers]
         inForce = [self._inForce[w] for w in workers]
         shareOut = [out[w] for w in workers]
         everyone = range(n)
+        planned = self._planned
+        if self._plannedFor != (workers, wants):
+            planned.clear()
+            self._plannedFor = (workers, wants)
+        dirty = self._dirty
+        for w in workers:
+            book = books.get(w)
+            if book is not None and book.changed:
+                dirty |= book.changed
+                book.changed.clear()
+        nothing = ()
         for b in backends:
             name = b.name
-            helds = [book.holding(name) for book in held]
+            last = planned.get(name)
+            if last is not None and last[0] is b and name not in dirty:
+                for i, share in enumerate(last[1]):
+                    shareOut[i][name] = share
+                continue
+            helds = [len(t.get(name, nothing)) for t in tickets]
+            reserves = [max(f.get(name, 0), h) for f, h in zip(inForce, helds)]
             heldSum = sum(helds)
             others = max(0, b.estimatedConnections - heldSum)
             budget = max(0, max(1, b.capacity) - others)
-            reserves = [max(f.get(name, 0), h) for f, h in zip(inForce, helds)]
             free = budget - sum(reserves)
             headroom = max(0, budget - heldSum)
             start = zlib.crc32(name.encode()) % n
@@ -312,6 +347,13 @@ class CapacityShares:
                 give = max(0, min(helds[i] + shares[i] - reserves[i], free))
                 free -= give
                 shareOut[i][name] = reserves[i] + give
+            planned[name] = (b, [shareOut[i][name] for i in everyone])
+        dirty.clear()
+        if len(planned) > 2 * len(backends) + 1024:
+            # Backends gone since: forget them.
+            present = {b.name for b in backends}
+            for name in [k for k in planned if k not in present]:
+                del planned[name]
         return out
 
 
