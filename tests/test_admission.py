@@ -71,3 +71,25 @@ def test_closing_refuses_everyone_waiting():
     queue.close("stopping")
     assert log == [("c", "refuse", "stopping")]
     assert not clock.getDelayedCalls()
+
+
+def test_a_client_waiting_for_a_workers_share_waits_past_the_queue_size():
+    """
+    --queue-size 0 refuses at once when the cluster is full; a client that
+    lacks only its worker's share of the room (forShare) waits for it,
+    up to the default queue size, and is retried once the share comes.
+    """
+    pool, clock, log = Pool(), Clock(), []
+    pool.register("a", "h", 1, capacity=2)
+    pool.setQuota("a", 0)
+    assert pool.get("a").full and not pool.candidates()
+    queue = WaitQueue(pool, clock, size=0, timeout=5)
+    full = Client(log, "full")
+    queue.enqueue(full, full.retry, full.refuse)
+    assert log[0][:2] == ("full", "refuse")
+    waiter = Client(log, "waiter")
+    queue.enqueue(waiter, waiter.retry, waiter.refuse, forShare=lambda: True)
+    assert len(queue) == 1
+    pool.setQuota("a", 1)  # the share comes
+    clock.advance(0)
+    assert log[1:] == [("waiter", "retry")]

@@ -201,6 +201,28 @@ def test_a_shrunk_share_counts_until_the_worker_has_applied_it():
     assert plan == {0: {"a": 2}, 1: {"a": 2}}  # worker 1 holds 2 now: nothing is free
 
 
+def test_a_redirect_answer_is_not_bound_by_the_workers_share():
+    """
+    Capacity 1 and two workers: one has the share, the other none.  The
+    other's proxy clients wait for it (nothing to pick, room elsewhere); its
+    redirect answers, which it does not hold, still name the backend.
+    """
+    c = Cluster3()
+    c.main.pool.register("a", "127.0.0.1", 1, capacity=1)
+    c.sync()
+    quotas = [w.pool.get("a").quota for w in c.workers]
+    assert sorted(quotas) == [0, 1]
+    none = c.workers[quotas.index(0)]
+    assert none.pick() is None and none.roomElsewhere()
+    assert none.pickBeyondShare(counted=False).name == "a"
+    route = none.pickBeyondShare()
+    assert route.name == "a" and none.pool.get("a").active == 1
+    none.pool.handOff("a", route.ticket)
+    assert none.pool.get("a").active == 0
+    # One process has no shares: nothing is ever room elsewhere.
+    assert not c.main.roomElsewhere()
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     capacity=st.integers(1, 12),

@@ -11,7 +11,7 @@ queue is full or closing.  The queue knows nothing of sockets or relays.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Hashable, Tuple
+from typing import Callable, Hashable, Optional, Tuple
 
 from twistedcluster.balancer import accesslog as ends
 from twistedcluster.core.pool import Pool
@@ -74,16 +74,18 @@ class WaitQueue:
         client: Hashable,
         retry: Callable[[], None],
         refuse: Callable[[str], None],
-        forShare: bool = False,
+        forShare: Optional[Callable[[], bool]] = None,
     ) -> None:
         """
         Let C{client} wait; C{refuse} at once when the queue is full, unless
-        it waits C{forShare}: the cluster has room, but not in this worker's
-        share of it (L{twistedcluster.core.cluster.Cluster.roomElsewhere}),
-        which is no reason to refuse a client (with one process it would
-        have been served).
+        C{forShare()} says it waits for a share: the cluster has room, but
+        not in this worker's share of it
+        (L{twistedcluster.core.cluster.Cluster.roomElsewhere}), which is no
+        reason to refuse a client (one process would have served it); then
+        up to L{DEFAULT_QUEUE_SIZE} may wait, whatever C{size}.
         """
-        if not forShare and len(self._queue) >= self.size:
+        n = len(self._queue)
+        if n >= self.size and not (n < max(self.size, DEFAULT_QUEUE_SIZE) and forShare is not None and forShare()):
             return refuse(
                 Refusal(
                     f"every backend is at capacity and {len(self._queue)} clients "

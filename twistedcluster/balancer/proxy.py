@@ -487,7 +487,7 @@ class ProxyServer(AwaitsHandshake, Relay):
             # some out while others are eligible would otherwise be woken
             # and queued again for ever.
             if cluster.noRoomOnly():
-                return factory.admission.enqueue(self, self.route, self.refuse, cluster.roomElsewhere())
+                return factory.admission.enqueue(self, self.route, self.refuse, cluster.roomElsewhere)
             if self._tried:
                 return self.refuse("no other backend to try", end=ends.CONNECT_FAILED)
             return self.refuse("no backend available", end=ends.NO_BACKEND)

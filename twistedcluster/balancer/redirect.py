@@ -184,6 +184,8 @@ class RedirectProtocol(AwaitsHandshake, Protocol):
         # hash routes on the client's address; no other policy sees it.
         key = getattr(peer, "host", None) if cluster.keyed else None
         chosen = cluster.pick(key=key) if counted else cluster.pickUncounted(key)
+        if chosen is None and cluster.roomElsewhere():
+            chosen = cluster.pickBeyondShare(key, counted)
         line = NO_BACKEND
         if chosen is None:
             factory.noBackend()

@@ -415,11 +415,10 @@ class WorkerSupervisor(Service):
             if traffic:
                 mirror.fold(self.cluster.pool, worker.book, traffic)
             number = m.get("applied")
-            if number is not None:
-                self.shares.applied(index, number)
+            if number is not None and self.shares.applied(index, number):
                 self._sharesMoved = True
             waiting = m.get("waiting")
-            if waiting is not None:
+            if waiting is not None and waiting != self.shares.demand.get(index):
                 self.shares.demand[index] = waiting
                 self._sharesMoved = True
             stats = m.get("stats")
@@ -433,6 +432,7 @@ class WorkerSupervisor(Service):
         ours.close()
         self.workers[index] = worker
         self.shares.join(index)
+        self._sharesMoved = True
         worker.heard = self.reactor.seconds()
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
         self._pushTo(worker)
@@ -443,6 +443,7 @@ class WorkerSupervisor(Service):
         mirror.release(self.cluster.pool, worker.book)
         if self.workers.get(worker.index) is None:
             self.shares.leave(worker.index)
+            self._sharesMoved = True  # what it may have used is free
         self.figures.gone(worker.index)
         if worker.retry is not None and worker.retry.active():
             worker.retry.cancel()

@@ -123,6 +123,26 @@ class Cluster:
             return None
         return candidates[self.rng.randrange(len(candidates))]
 
+    def pickBeyondShare(self, key: Optional[str] = None, counted: bool = True):
+        """
+        For a redirect answer in a worker whose shares (L{Pool.setQuota})
+        left it no backend: one at random among those up with room.  An
+        answer is not a connection this worker holds (a worker tells it as
+        routed, not held), so its share does not bound it; refusing it would
+        refuse a client for good where one process would answer.  A L{Route}
+        when C{counted}, else the backend's status; C{None} when none has
+        room.
+        """
+        room = [
+            b
+            for b in self.pool.snapshot()
+            if b.state is State.UP and b.weight > 0 and b.estimatedConnections < b.capacity
+        ]
+        if not room:
+            return None
+        chosen = room[self.rng.randrange(len(room))]
+        return Route(chosen, self.pool.acquire(chosen.name)) if counted else chosen
+
     def noRoomOnly(self) -> bool:
         """
         Whether no backend may take a new connection only because every one

@@ -260,14 +260,14 @@ class CapacityShares:
                 dirty.add(name)
         return number
 
-    def applied(self, worker: int, number: int) -> None:
+    def applied(self, worker: int, number: int) -> bool:
         """
         C{worker} has applied the view numbered C{number}: the shares sent
-        before it no longer bind it.
+        before it no longer bind it.  Whether that freed any room.
         """
         sent = self._sent.get(worker)
         if not sent or sent[0][0] >= number:
-            return
+            return False
         sent[:] = [(n, shares) for n, shares in sent if n >= number]
         inForce: Dict[str, int] = {}
         for _, shares in sent:
@@ -275,9 +275,11 @@ class CapacityShares:
                 if share > inForce.get(name, 0):
                     inForce[name] = share
         was = self._inForce[worker]
-        if inForce != was:
-            self._dirty.update(k for k, v in was.items() if inForce.get(k, 0) != v)
         self._inForce[worker] = inForce
+        if inForce == was:
+            return False
+        self._dirty.update(k for k, v in was.items() if inForce.get(k, 0) != v)
+        return True
 
     def plan(self, backends, books: Dict[int, TrafficBook]) -> Dict[int, Dict[str, int]]:
         """
