@@ -172,6 +172,24 @@ def test_without_sync_each_worker_fills_only_its_share():
     c2.sync()
     assert [w.pool.get("a").quota for w in c2.workers] == [3, 1]
     assert sum(c2.workers[0].pick() is not None for _ in range(10)) == 3
+    # Worker 0 has used its share (the plan is cached), then 2 clients
+    # wait there: the idle worker's share moves to it, once applied.
+    c3 = Cluster3()
+    c3.main.pool.register("a", "127.0.0.1", 1, capacity=4)
+    c3.sync()
+    assert sum(c3.workers[0].pick() is not None for _ in range(10)) == 2
+    for _ in range(3):
+        c3.sync()
+    settled = [w.pool.get("a").quota for w in c3.workers]
+    assert sum(c3.workers[0].pick() is not None for _ in range(10)) == settled[0] - 2
+    for _ in range(3):
+        c3.sync()
+    assert [w.pool.get("a").quota for w in c3.workers] == settled
+    c3.shares.demand[0] = 2
+    c3.sync()
+    c3.sync()
+    assert [w.pool.get("a").quota for w in c3.workers] == [4, 0]
+    assert sum(c3.workers[0].pick() is not None for _ in range(10)) == 4 - settled[0]
 
 
 def test_a_shrunk_share_counts_until_the_worker_has_applied_it():

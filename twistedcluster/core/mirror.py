@@ -209,10 +209,14 @@ class CapacityShares:
         #: Per backend, the last plan's inputs (its status, each worker's
         #: connections and reserve there) and shares: a backend whose inputs
         #: are the same gets the same shares without working them out again
-        #: (most of thousands, in a busy cluster); and the workers and their
+        #: (most of thousands, in a busy cluster); and the workers and the
         #: demand it was made for.
         self._planned: Dict[str, tuple] = {}
-        self._plannedFor: tuple = ()
+        self._plannedFor: List[int] = []
+        self._plannedWants: List[int] = []
+        #: Backends where some worker holds its whole share: the only ones a
+        #: change of demand moves.
+        self._tight: set = set()
         #: Backends whose reserve in some worker changed since the last plan.
         self._dirty: set = set()
 
@@ -299,10 +303,21 @@ class CapacityShares:
         shareOut = [out[w] for w in workers]
         everyone = range(n)
         planned = self._planned
-        if self._plannedFor != (workers, wants):
-            planned.clear()
-            self._plannedFor = (workers, wants)
+        tight = self._tight
         dirty = self._dirty
+        if self._plannedFor != workers:
+            planned.clear()
+            tight.clear()
+            self._plannedFor = workers
+            self._plannedWants = wants
+        elif self._plannedWants != wants:
+            # Demand moves only the room of backends where some worker has
+            # used its share: elsewhere every worker may still pick, so no
+            # client waits on their account (and at 10,000 backends, working
+            # them all out again whenever a count of waiting clients moves
+            # took 100 ms a plan).
+            dirty |= tight
+            self._plannedWants = wants
         for w in workers:
             book = books.get(w)
             if book is not None and book.changed:
@@ -349,13 +364,19 @@ class CapacityShares:
                 give = max(0, min(helds[i] + shares[i] - reserves[i], free))
                 free -= give
                 shareOut[i][name] = reserves[i] + give
-            planned[name] = (b, [shareOut[i][name] for i in everyone])
+            mine = [shareOut[i][name] for i in everyone]
+            planned[name] = (b, mine)
+            if any(h >= m for h, m in zip(helds, mine)):
+                tight.add(name)
+            else:
+                tight.discard(name)
         dirty.clear()
         if len(planned) > 2 * len(backends) + 1024:
             # Backends gone since: forget them.
             present = {b.name for b in backends}
             for name in [k for k in planned if k not in present]:
                 del planned[name]
+                tight.discard(name)
         return out
 
 
