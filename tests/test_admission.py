@@ -93,3 +93,24 @@ def test_a_client_waiting_for_a_workers_share_waits_past_the_queue_size():
     pool.setQuota("a", 1)  # the share comes
     clock.advance(0)
     assert log[1:] == [("waiter", "retry")]
+
+
+def test_clients_past_the_queue_size_are_refused_once_the_room_they_wait_for_is_gone():
+    """
+    --queue-size 0: clients waiting for a worker's share are refused as
+    soon as the cluster has no room left (not after the queue's timeout).
+    """
+    pool, clock, log = Pool(), Clock(), []
+    pool.register("a", "h", 1, capacity=2)
+    pool.setQuota("a", 0)
+    queue = WaitQueue(pool, clock, size=0, timeout=5)
+    room = [True]
+    waiters = [Client(log, f"w{i}") for i in range(3)]
+    for w in waiters:
+        queue.enqueue(w, w.retry, w.refuse, forShare=lambda: room[0])
+    assert len(queue) == 3 and log == []
+    room[0] = False  # another worker took the room
+    pool.report("a", connections=2, load=1.0)
+    clock.advance(0)
+    assert [(name, what) for name, what, *_ in log] == [(f"w{i}", "refuse") for i in range(3)]
+    assert len(queue) == 0 and clock.getDelayedCalls() == []

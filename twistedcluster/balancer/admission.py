@@ -60,6 +60,9 @@ class WaitQueue:
         #: Clients that waited, and that waited too long, in total.
         self.waited = 0
         self.timedOut = 0
+        #: How to tell whether the cluster still has room outside this
+        #: worker's shares, while more than C{size} wait for one.
+        self._forShare: Optional[Callable[[], bool]] = None
         self._queue: "OrderedDict[Hashable, Tuple[object, Callable[[], None], Callable[[str], None]]]" = OrderedDict()
         self._wake = None
 
@@ -85,7 +88,8 @@ class WaitQueue:
         up to L{DEFAULT_QUEUE_SIZE} may wait, whatever C{size}.
         """
         n = len(self._queue)
-        if n >= self.size and not (n < max(self.size, DEFAULT_QUEUE_SIZE) and forShare is not None and forShare()):
+        share = n >= self.size
+        if share and not (n < max(self.size, DEFAULT_QUEUE_SIZE) and forShare is not None and forShare()):
             return refuse(
                 Refusal(
                     f"every backend is at capacity and {len(self._queue)} clients "
@@ -96,6 +100,9 @@ class WaitQueue:
         self.waited += 1
         timer = self.clock.callLater(self.timeout, self._timedOut, client)
         self._queue[client] = (timer, retry, refuse)
+        if share:
+            # Past the queue's size: only while the room it waits for lasts.
+            self._forShare = forShare
         if len(self._queue) == 1:
             self.pool.watch(self._mayHaveRoom)
 
@@ -135,6 +142,21 @@ class WaitQueue:
             if entry is not None:
                 self.dequeue(client)
                 entry[1]()
+        forShare = self._forShare
+        if forShare is not None and len(self._queue) > self.size and not forShare():
+            # The room they waited for is gone: those past the queue's size
+            # are refused now, as they would have been had there been none.
+            self._forShare = None
+            for client in list(self._queue)[self.size :]:
+                entry = self._queue.get(client)
+                if entry is not None:
+                    self.dequeue(client)
+                    entry[2](
+                        Refusal(
+                            f"every backend is at capacity and {self.size} clients already wait",
+                            ends.QUEUE_FULL,
+                        )
+                    )
 
     def close(self, why: str) -> None:
         """
