@@ -35,6 +35,10 @@ class Refusal(str):
         return self
 
 
+def _queueFull(waiting: int) -> Refusal:
+    return Refusal(f"every backend is at capacity and {waiting} clients already wait", ends.QUEUE_FULL)
+
+
 class WaitQueue:
     """
     Clients waiting for a backend with room.
@@ -88,19 +92,15 @@ class WaitQueue:
         up to L{DEFAULT_QUEUE_SIZE} may wait, whatever C{size}.
         """
         n = len(self._queue)
-        share = n >= self.size
-        if share and not (n < max(self.size, DEFAULT_QUEUE_SIZE) and forShare is not None and forShare()):
-            return refuse(
-                Refusal(
-                    f"every backend is at capacity and {len(self._queue)} clients "
-                    "already wait",
-                    ends.QUEUE_FULL,
-                )
-            )
+        pastSize = n >= self.size
+        if pastSize:
+            mayWait = n < max(self.size, DEFAULT_QUEUE_SIZE) and forShare is not None and forShare()
+            if not mayWait:
+                return refuse(_queueFull(n))
         self.waited += 1
         timer = self.clock.callLater(self.timeout, self._timedOut, client)
         self._queue[client] = (timer, retry, refuse)
-        if share:
+        if pastSize:
             # Past the queue's size: only while the room it waits for lasts.
             self._forShare = forShare
         if len(self._queue) == 1:
@@ -151,12 +151,7 @@ class WaitQueue:
                 entry = self._queue.get(client)
                 if entry is not None:
                     self.dequeue(client)
-                    entry[2](
-                        Refusal(
-                            f"every backend is at capacity and {self.size} clients already wait",
-                            ends.QUEUE_FULL,
-                        )
-                    )
+                    entry[2](_queueFull(self.size))
 
     def close(self, why: str) -> None:
         """

@@ -206,11 +206,11 @@ class CapacityShares:
         self._numbers: Dict[int, int] = {}
         #: Per worker: clients waiting for room there, as it last said.
         self.demand: Dict[int, int] = {}
-        #: Per backend, the last plan's inputs (its status, each worker's
-        #: connections and reserve there) and shares: a backend whose inputs
-        #: are the same gets the same shares without working them out again
-        #: (most of thousands, in a busy cluster); and the workers and the
-        #: demand it was made for.
+        #: Per backend, the status the last plan saw and the shares it gave:
+        #: a backend whose status is the same object and that is not in
+        #: C{_dirty} (its counts and reserves unchanged) gets the same shares
+        #: without working them out again (most of thousands, in a busy
+        #: cluster); and the workers and the demand it was made for.
         self._planned: Dict[str, tuple] = {}
         self._plannedFor: List[int] = []
         self._plannedWants: List[int] = []
@@ -238,12 +238,6 @@ class CapacityShares:
 
     def __contains__(self, worker: object) -> bool:
         return worker in self._sent
-
-    def inForce(self, worker: int, name: str) -> int:
-        """
-        The largest share of C{name} that C{worker} may be acting on.
-        """
-        return self._inForce[worker].get(name, 0)
 
     def sent(self, worker: int, shares: Dict[str, int]) -> int:
         """
@@ -298,7 +292,7 @@ class CapacityShares:
         wants = [max(0, self.demand.get(w, 0)) for w in workers]
         wanted = sum(wants)
         empty = TrafficBook()
-        tickets = [books.get(w, empty).tickets for w in workers]
+        held = [books.get(w, empty) for w in workers]
         inForce = [self._inForce[w] for w in workers]
         shareOut = [out[w] for w in workers]
         everyone = range(n)
@@ -323,7 +317,6 @@ class CapacityShares:
             if book is not None and book.changed:
                 dirty |= book.changed
                 book.changed.clear()
-        nothing = ()
         for b in backends:
             name = b.name
             last = planned.get(name)
@@ -331,7 +324,7 @@ class CapacityShares:
                 for i, share in enumerate(last[1]):
                     shareOut[i][name] = share
                 continue
-            helds = [len(t.get(name, nothing)) for t in tickets]
+            helds = [book.holding(name) for book in held]
             reserves = [max(f.get(name, 0), h) for f, h in zip(inForce, helds)]
             heldSum = sum(helds)
             others = max(0, b.estimatedConnections - heldSum)
