@@ -304,6 +304,69 @@ def test_capacity_holds_across_workers_in_a_burst(cluster):
     print(f"clients served by worker: {servedByWorker}")
 
 
+def test_redirect_answers_hold_capacity_across_workers(cluster):
+    """
+    Two backends of capacity 5, 40 redirect clients 5 ms apart through two
+    workers, each connecting to the backend it is named 50 ms after its
+    answer (from a timer thread) and staying: no backend is named more than
+    its capacity, nor holds more by its own report.  Before, a worker's
+    answers were counted nowhere but in its own pool, and there until its
+    next view: 19 to 25 clients were named, and backends held up to 13 of 5.
+
+    The workers' first probes go to a third backend, disabled before the
+    burst: a connection that closes as its backend measures a report may
+    be subtracted twice until the next report (with one process too, in a
+    narrower window), which would leave room for one more.
+    """
+    import threading
+
+    capacity = 5
+    redirect = freePort()
+    balancer, pids = startWorkers(cluster, ["probes"], extra=[f"--redirect=tcp:{redirect}:interface=127.0.0.1"])
+    cluster.adminRun("disable", "probes")
+    for name in "ab":
+        cluster.startBackend(name, extra=[*FAST, f"--capacity={capacity}"])
+    cluster.waitUp(["a", "b"])
+    names = {cluster.processes[n].port: n for n in "ab"}
+    named, refused, held, timers = {"a": 0, "b": 0}, 0, [], []
+    lock = threading.Lock()
+
+    def connect(host, port):
+        s = socket.create_connection((host, port), timeout=5)
+        with lock:
+            held.append(s)
+
+    try:
+        for n in range(40):
+            answer = redirectAnswer(redirect)
+            if answer.startswith(b"ERROR"):
+                assert answer == b"ERROR no-backend\r\n", answer
+                refused += 1
+            else:
+                host, port = answer.split()
+                named[names[int(port)]] += 1
+                timer = threading.Timer(0.05, connect, (host.decode(), int(port)))
+                timer.start()
+                timers.append(timer)
+            time.sleep(0.005)  # noqa: the pace of the burst itself, not a wait for a condition
+        for timer in timers:
+            timer.join()
+        print(f"\nnamed {named}, refused {refused}")
+        assert all(count <= capacity for count in named.values()), named
+        assert min(named.values()) > 0, named  # none refused for good
+        reported = waitFor(
+            lambda: (s := cluster.quickStatus()) and all(s[n]["connections"] == named[n] for n in "ab") and s,
+            10,
+            "the backends to report the clients they were named for",
+        )
+        assert all(reported[n]["connections"] <= capacity for n in "ab")
+    finally:
+        for timer in timers:
+            timer.join()
+        for s in held:
+            s.close()
+
+
 def test_worker_killed_under_load_costs_only_its_clients(cluster):
     balancer, pids = startWorkers(cluster, ["a", "b"])
     held = holdUntilEveryWorker(cluster.port, pids, perWorker=3)

@@ -28,14 +28,24 @@ class Cluster3:
         self.shares = mirror.CapacityShares()
         for i in range(2):
             self.shares.join(i)
+        #: The workers' redirect answers as the main pool counts them:
+        #: (name, ticket), to settle or expire as the main process would.
+        self.handedOff = []
+
+    def fold(self, i):
+        w = self.workers[i]
+        mirror.fold(
+            self.main.pool, self.books[i], mirror.trafficOf(w.pool, self.said[i]),
+            lambda name, ticket: self.handedOff.append((name, ticket)),
+        )
 
     def sync(self):
         """
         Every message delivered at once: traffic, views, their shares, and
         each worker's word that it applied its view.
         """
-        for i, w in enumerate(self.workers):
-            mirror.fold(self.main.pool, self.books[i], mirror.trafficOf(w.pool, self.said[i]))
+        for i in range(len(self.workers)):
+            self.fold(i)
         plan = self.shares.plan(self.main.pool.snapshot(), dict(enumerate(self.books)))
         for i, w in enumerate(self.workers):
             policy, entries = mirror.viewFor(self.main, self.books[i], plan[i])
@@ -219,11 +229,11 @@ def test_a_shrunk_share_counts_until_the_worker_has_applied_it():
     assert plan == {0: {"a": 2}, 1: {"a": 2}}  # worker 1 holds 2 now: nothing is free
 
 
-def test_a_redirect_answer_is_not_bound_by_the_workers_share():
+def test_a_redirect_answer_that_counts_nothing_is_not_bound_by_the_share():
     """
     Capacity 1 and two workers: one has the share, the other none.  The
-    other's proxy clients wait for it (nothing to pick, room elsewhere); its
-    redirect answers, which it does not hold, still name the backend.
+    other's clients wait for it (nothing to pick, room elsewhere); an answer
+    past its source's share, which counts nothing, still names the backend.
     """
     c = Cluster3()
     c.main.pool.register("a", "127.0.0.1", 1, capacity=1)
@@ -233,12 +243,83 @@ def test_a_redirect_answer_is_not_bound_by_the_workers_share():
     none = c.workers[quotas.index(0)]
     assert none.pick() is None and none.roomElsewhere()
     assert none.pickBeyondShare(counted=False).name == "a"
-    route = none.pickBeyondShare()
-    assert route.name == "a" and none.pool.get("a").active == 1
-    none.pool.handOff("a", route.ticket)
-    assert none.pool.get("a").active == 0
+    assert none.pool.get("a").routed == 0
     # One process has no shares: nothing is ever room elsewhere.
     assert not c.main.roomElsewhere()
+
+
+def test_redirect_answers_count_across_workers_until_a_report_sees_them():
+    """
+    A worker holds its redirect answers as connections, within its share,
+    until their clients have had time to connect; handed off then, they
+    count in the main pool (so in every worker's view) until a report has
+    seen them, and in the worker while a view made before the main process
+    counted them is applied.  Before, the main pool never counted them and
+    the next view wiped them from the worker: two workers named a backend
+    of capacity 5 to 17-21 clients in a burst.
+    """
+    c = Cluster3()
+    c.main.pool.register("a", "127.0.0.1", 1, capacity=4)
+    c.sync()
+    w0, w1 = c.workers
+    assert [w.pool.get("a").quota for w in c.workers] == [2, 2]
+    answers = []
+    for _ in range(2):
+        r = w0.pick()
+        w0.pool.answered(r.name, r.ticket)
+        answers.append(r)
+    assert w0.pick() is None  # its share is used
+    c.sync()
+    main = c.main.pool.get("a")
+    assert (main.routed, main.active, main.estimatedConnections) == (2, 2, 2)
+    assert c.books[0].holding("a") == 2  # worker 0's, within its share
+    assert [w.pool.get("a").estimatedConnections for w in c.workers] == [2, 2]
+    # Handed off: no longer the worker's, but counted as answers are.
+    for r in answers:
+        w0.pool.handOff(r.name, r.ticket)
+    assert w0.pool.get("a").active == 0 and w0.pick() is None  # still its share's
+    # A view the main process made before it counted them: still counted.
+    policy, entries = mirror.viewFor(c.main, c.books[0], {"a": 2})
+    mirror.applyView(w0, policy, entries, c.applied[0])
+    assert w0.pool.get("a").estimatedConnections == 2
+    assert w0.pick() is None
+    c.sync()
+    main = c.main.pool.get("a")
+    assert (main.routed, main.active, main.estimatedConnections) == (2, 0, 2)
+    assert c.books[0].holding("a") == 0 and len(c.handedOff) == 2
+    for w in c.workers:
+        assert w.pool.get("a").estimatedConnections == 2
+    c.sync()
+    assert sum(w.pool.get("a").quota for w in c.workers) == 2
+    held = [r for w in c.workers for r in [w.pick() for _ in range(5)] if r is not None]
+    assert len(held) == 2
+    # The clients connected and a report saw them and the two held: the
+    # answers count no more on their own, nor twice.
+    c.sync()
+    c.main.pool.report("a", 4, 1.0, seen=c.main.pool.mark("a"))
+    main = c.main.pool.get("a")
+    assert (main.connections, main.estimatedConnections) == (4, 4)
+
+
+def test_a_worker_that_dies_hands_off_the_answers_it_held():
+    """
+    Their clients were answered and may be on their way: they count in the
+    main pool as answers do, until a report sees them or they expire.
+    """
+    c = Cluster3()
+    c.main.pool.register("a", "127.0.0.1", 1, capacity=4)
+    c.sync()
+    w0 = c.workers[0]
+    r = w0.pick()
+    w0.pool.answered(r.name, r.ticket)
+    held = w0.pick()
+    c.sync()
+    assert c.books[0].holding("a") == 2
+    gone = []
+    mirror.release(c.main.pool, c.books[0], lambda name, ticket: gone.append(name))
+    main = c.main.pool.get("a")
+    assert (main.active, main.estimatedConnections, gone) == (0, 1, ["a"])
+    assert held is not None
 
 
 @settings(max_examples=300, deadline=None)
@@ -247,7 +328,7 @@ def test_a_redirect_answer_is_not_bound_by_the_workers_share():
     others=st.integers(0, 4),
     steps=st.lists(
         st.tuples(
-            st.sampled_from(["pick", "close", "push", "view", "flush", "message", "want"]),
+            st.sampled_from(["pick", "close", "push", "view", "flush", "message", "want", "answer", "settle"]),
             st.integers(0, 1),
             st.integers(0, 3),
         ),
@@ -257,10 +338,10 @@ def test_a_redirect_answer_is_not_bound_by_the_workers_share():
 def test_capacity_holds_across_workers_whatever_the_message_delays(capacity, others, steps):
     """
     Messages either way delivered late and in any interleaving with picks,
-    closes and changing demand (each channel in order, as a socket is): the
-    workers together never hold more than the capacity the backend's own
-    report leaves; and once every message is through, a worker with
-    clients waiting gets the whole of the free room.
+    closes, redirect answers and changing demand (each channel in order, as
+    a socket is): the workers together never hold and name more than the
+    capacity the backend's own report leaves; and once every message is
+    through, a worker with clients waiting gets the whole of the free room.
     """
     from collections import deque
 
@@ -271,6 +352,8 @@ def test_capacity_holds_across_workers_whatever_the_message_delays(capacity, oth
     toMain = [deque(), deque()]
     applied = [0, 0]
     held = [[], []]
+    answered = [0, 0]  # no report comes: the answers count to the end
+    answering = [[], []]  # held as connections until they settle
 
     def push():
         plan = c.shares.plan(c.main.pool.snapshot(), dict(enumerate(c.books)))
@@ -290,7 +373,7 @@ def test_capacity_holds_across_workers_whatever_the_message_delays(capacity, oth
     def message(i):
         if toMain[i]:
             traffic, number, waiting = toMain[i].popleft()
-            mirror.fold(c.main.pool, c.books[i], traffic)
+            mirror.fold(c.main.pool, c.books[i], traffic, lambda name, ticket: None)
             c.shares.applied(i, number)
             c.shares.demand[i] = waiting
 
@@ -305,6 +388,15 @@ def test_capacity_holds_across_workers_whatever_the_message_delays(capacity, oth
         elif what == "close" and held[i]:
             r = held[i].pop(0)
             w.pool.release(r.name, r.ticket)
+        elif what == "answer" and "a" in w.pool:
+            r = w.pick()
+            if r is not None:
+                w.pool.answered(r.name, r.ticket)
+                answering[i].append(r)
+                answered[i] += 1
+        elif what == "settle" and answering[i]:
+            r = answering[i].pop(0)
+            w.pool.handOff(r.name, r.ticket)
         elif what == "push":
             push()
         elif what == "view":
@@ -315,7 +407,7 @@ def test_capacity_holds_across_workers_whatever_the_message_delays(capacity, oth
             message(i)
         elif what == "want":
             waiting[i] = n
-        assert len(held[0]) + len(held[1]) <= max(0, capacity - others)
+        assert len(held[0]) + len(held[1]) + sum(answered) <= max(0, capacity - others)
 
     # Everything through, worker 0 with clients waiting: it can fill the rest.
     waiting = [20, 0]  # more than there is room for
@@ -332,7 +424,8 @@ def test_capacity_holds_across_workers_whatever_the_message_delays(capacity, oth
                 view(i)
     while c.workers[0].pick() is not None:
         pass
-    total = c.workers[0].pool.get("a").active + len(held[1])
+    # Worker 0's answers it still holds are in its active count.
+    total = c.workers[0].pool.get("a").active + len(held[1]) + sum(answered) - len(answering[0])
     assert total == max(0, capacity - others) or print(c.workers[0].pool.get("a"))
 
 

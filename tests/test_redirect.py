@@ -227,3 +227,55 @@ def test_settled_hand_offs_have_their_backends_sent_a_newer_mark():
     clock.advance(HANDOFF_SETTLE)
     assert told == [{"a", "b"}]
     assert all(c.pool.markDue(n, None) for n in "ab")
+
+
+def test_a_workers_answer_waits_for_its_share_and_no_longer_than_the_room():
+    """
+    In a worker (--workers), an answer that would exceed the worker's share
+    of a backend that has room waits for the share to move, as a proxy
+    client does; it is answered ERROR no-backend as soon as the room is
+    gone (one process would answer that at once), or after the queue's
+    timeout.  Its answers use its share as held connections would.
+    """
+    from twistedcluster.balancer.admission import WaitQueue
+
+    c = Cluster()
+    c.pool.register("a", "127.0.0.1", 9001, capacity=4)
+    c.pool.setQuota("a", 1)
+    clock = Clock()
+    factory = RedirectFactory(c, clock)
+    factory.shareWait = WaitQueue(c.pool, clock, 0, 5.0)
+    assert ask(c, factory).value() == b"127.0.0.1 9001\r\n"
+    assert c.pool.get("a").quota == 0  # the answer used the share
+    # The share is used, the backend has room: the next waits.
+    waiting = ask(c, factory)
+    assert (waiting.value(), waiting.disconnecting) == (b"", False)
+    assert len(factory.shareWait) == 1
+    c.pool.setQuota("a", 1)  # the share moved here
+    clock.advance(0)
+    assert waiting.value() == b"127.0.0.1 9001\r\n" and waiting.disconnecting
+    # Waiting again; then the room is gone: refused at once.
+    waiting = ask(c, factory)
+    assert waiting.value() == b""
+    c.pool.report("a", 4, 1.0)
+    clock.advance(0)
+    assert waiting.value() == b"ERROR no-backend\r\n" and waiting.disconnecting
+    assert factory.refused == 1
+    # Room, but the share never comes: refused after the queue's timeout.
+    c.pool.report("a", 2, 0.5)
+    waiting = ask(c, factory)
+    clock.advance(4.9)
+    assert waiting.value() == b""
+    clock.advance(0.1)
+    assert waiting.value() == b"ERROR no-backend\r\n"
+    # A client that leaves while it waits waits no more.
+    proto = factory.buildProtocol(None)
+    t = StringTransport()
+    proto.makeConnection(t)
+    assert len(factory.shareWait) == 1
+    proto.connectionLost(None)
+    assert len(factory.shareWait) == 0
+    # One process (no share queue) never waits: nothing is room elsewhere.
+    c.pool.setQuota("a", None)
+    c.pool.report("a", 4, 1.0)
+    assert ask(c).value() == b"ERROR no-backend\r\n"

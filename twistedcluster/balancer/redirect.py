@@ -53,6 +53,9 @@ DEFAULT_HANDOFFS_PER_SOURCE = 64
 #: Seconds a client is given to connect to the backend it was named before
 #: a report may count its connection (and cancel the answer's load).
 HANDOFF_SETTLE = 0.25
+#: The source the main process keeps its workers' answers under: each
+#: worker has counted its clients' shares already.
+WORKERS = "workers"
 
 
 def sourceOf(address) -> str:
@@ -106,9 +109,14 @@ class HandOffs:
         """
         return self._bySource.get(source, 0) < self.perSource
 
-    def add(self, now: float, source: str, name: str, ticket: int) -> None:
+    def add(self, now: float, source: str, name: str, ticket: int, settled: bool = False) -> None:
+        """
+        An answer given at C{now}; C{settled}: one whose settling was seen
+        to elsewhere (a worker's), to expire only.
+        """
         self._queue.append((now + self.window, source, name, ticket))
-        self._settling.append((now + self.settle, name, ticket))
+        if not settled:
+            self._settling.append((now + self.settle, name, ticket))
         self._bySource[source] = self._bySource.get(source, 0) + 1
 
     def due(self, now: float) -> Tuple[List[Tuple[str, int]], List[Tuple[str, int]]]:
@@ -185,6 +193,13 @@ class RedirectProtocol(AwaitsHandshake, Protocol):
         key = getattr(peer, "host", None) if cluster.keyed else None
         chosen = cluster.pick(key=key) if counted else cluster.pickUncounted(key)
         if chosen is None and cluster.roomElsewhere():
+            # A worker (--workers) whose share is used, while the cluster
+            # has room: the share moves to where clients wait, within a
+            # sync interval or two.  An answer that counts nothing needs
+            # no share.
+            shareWait = factory.shareWait
+            if counted and shareWait is not None:
+                return shareWait.enqueue(self, self._answer, self._refused, cluster.roomElsewhere)
             chosen = cluster.pickBeyondShare(key, counted)
         line = NO_BACKEND
         if chosen is None:
@@ -200,11 +215,25 @@ class RedirectProtocol(AwaitsHandshake, Protocol):
                 self._backend = chosen.name
                 self._end = ends.ANSWERED
                 if counted:
-                    # Added to the backend (so least-load sees it until a
-                    # report does) but not a connection this balancer holds.
-                    pool.handOff(chosen.name, chosen.ticket)
+                    if factory.holdAnswers:
+                        # Held as a connection of this worker's until it
+                        # settles (see holdAnswers).
+                        pool.answered(chosen.name, chosen.ticket)
+                    else:
+                        # Added to the backend (so least-load sees it until
+                        # a report does) but not a connection this
+                        # balancer holds.
+                        pool.handOff(chosen.name, chosen.ticket)
                     handOffs.add(now, source, chosen.name, chosen.ticket)
                     factory.scheduleHandOffs()
+        self._say(line)
+
+    def _refused(self, why: str) -> None:
+        # Waited for a share in vain (or the worker is draining).
+        self.factory.noBackend()
+        self._say(NO_BACKEND)
+
+    def _say(self, line: bytes) -> None:
         self.sent = len(line)
         self.transport.write(line)
         self.transport.loseConnection()
@@ -218,6 +247,8 @@ class RedirectProtocol(AwaitsHandshake, Protocol):
             self._stopHandshakeWait()
             self._end = ends.CLIENT_CLOSED
         factory = self.factory
+        if factory.shareWait is not None:
+            factory.shareWait.dequeue(self)  # if it waited for a share
         if factory.limit is not None:
             factory.limit.closed()
         factory.traffic.redirectEnded(self, factory.clock.seconds())
@@ -232,6 +263,19 @@ class RedirectFactory(Factory):
     @ivar pushMarks: told the names of backends whose hand-offs have just
         settled (the control listener's L{ControlFactory.pushMarks}, which
         sends them newer marks); nothing by default (a worker process).
+    @ivar holdAnswers: in a worker (C{--workers}), an answer is held as a
+        connection (L{Pool.answered}), within the worker's share, until its
+        client has had time to connect, and handed off then: the main
+        process counts a worker's answers as that worker's until they are
+        handed off, and as any balancer's answers after, so that the
+        shares it gives out never count an answer twice nor leave it out.
+    @ivar shareWait: in a worker (C{--workers}), where a client whose
+        answer would exceed the worker's share of a backend with room
+        waits for the share to move: a
+        L{twistedcluster.balancer.admission.WaitQueue} of size 0, so that
+        its clients are answered C{ERROR no-backend} as soon as the room
+        is gone, as one process answers them at once.  C{None} in one
+        process (no shares).
     """
 
     noisy = False
@@ -242,6 +286,9 @@ class RedirectFactory(Factory):
     handshakeTimeout = 10.0
     #: The client connection limit its connections count against, if any.
     limit = None
+    shareWait = None
+    holdAnswers = False
+    _marksDue: Optional[set] = None
     _handOffCall = None
 
     @staticmethod
@@ -286,6 +333,28 @@ class RedirectFactory(Factory):
             window=window(seconds),
         )
 
+    def handedOff(self, name: str, ticket: int) -> None:
+        """
+        A worker (C{--workers}) handed off an answer naming C{name}, which
+        the main pool counts under C{ticket}
+        (L{twistedcluster.core.mirror.fold}), once its client had had time to
+        connect: it counts until a report has seen it or its window is
+        over, as this factory's own answers do.  Its backend gets a newer
+        mark at once, for its next report to count it.
+        """
+        handOffs = self.handOffs
+        now = self.clock.seconds()
+        handOffs.add(now - handOffs.settle, WORKERS, name, ticket, settled=True)
+        self.scheduleHandOffs()
+        if self._marksDue is None:
+            self._marksDue = set()
+            self.clock.callLater(0, self._pushMarksDue)
+        self._marksDue.add(name)
+
+    def _pushMarksDue(self) -> None:
+        names, self._marksDue = self._marksDue, None
+        self.pushMarks(names)
+
     def scheduleHandOffs(self) -> None:
         """
         Make sure the next hand-off to settle or expire is seen to in time.
@@ -300,8 +369,12 @@ class RedirectFactory(Factory):
         self._handOffCall = None
         pool = self.cluster.pool
         settled, expired = self.handOffs.due(self.clock.seconds())
-        for name, ticket in settled:
-            pool.connected(name, ticket, served=False)
+        if self.holdAnswers:
+            for name, ticket in settled:
+                pool.handOff(name, ticket)
+        else:
+            for name, ticket in settled:
+                pool.connected(name, ticket, served=False)
         for name, ticket in expired:
             pool.forgetHandOff(name, ticket)
         if settled:
@@ -311,6 +384,8 @@ class RedirectFactory(Factory):
         self.scheduleHandOffs()
 
     def stopFactory(self) -> None:
+        if self.shareWait is not None:
+            self.shareWait.close("the balancer is stopping")
         self._refusals.stop()
         if self._handOffCall is not None and self._handOffCall.active():
             self._handOffCall.cancel()

@@ -998,6 +998,9 @@ def makeService(options: Options, reactor=None):
             # --access-log -: the workers' records go to standard output as
             # they are (the workers log to standard error).
             shareStdout=options["access-log"] == "-",
+            # The workers' redirect answers count here until a report has
+            # seen them, as one balancer's own do.
+            handedOff=redirectFactory.handedOff if redirectFactory is not None else None,
         )
         workers.setName("workers")
         workers.setServiceParent(top)

@@ -270,8 +270,13 @@ class WorkerSupervisor(Service):
         traffic=None,
         sendProxyFor: Optional[Dict[str, str]] = None,
         shareStdout: bool = False,
+        handedOff=None,
     ) -> None:
         self.count = count
+        #: Told of each redirect answer a worker handed off, as the main
+        #: pool counts it (L{mirror.fold}): the main process's redirect
+        #: factory, which expires it.
+        self.handedOff = handedOff
         #: Whether each worker writes to this process's standard output
         #: itself (C{--access-log -}: the records as they are) rather than
         #: to a pipe read as log lines.
@@ -413,7 +418,7 @@ class WorkerSupervisor(Service):
                 return
             traffic = m.get("traffic")
             if traffic:
-                mirror.fold(self.cluster.pool, worker.book, traffic)
+                mirror.fold(self.cluster.pool, worker.book, traffic, self.handedOff)
             number = m.get("applied")
             if number is not None and self.shares.applied(index, number):
                 self._sharesMoved = True
@@ -440,7 +445,7 @@ class WorkerSupervisor(Service):
     def _ended(self, worker: _WorkerProcess, reason) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
-        mirror.release(self.cluster.pool, worker.book)
+        mirror.release(self.cluster.pool, worker.book, self.handedOff)
         if self.workers.get(worker.index) is None:
             self.shares.leave(worker.index)
             self._sharesMoved = True  # what it may have used is free
@@ -658,6 +663,7 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     # Its log is the main process's (through a pipe), which SIGHUP reopens:
     # a SIGHUP sent to the whole group must not end a worker.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from twistedcluster.balancer.admission import WaitQueue
     from twistedcluster.balancer.limits import AcceptErrors, ClientLimit
     from twistedcluster.balancer.redirect import HandOffs, RedirectFactory
     from twistedcluster.balancer.service import Options, proxyFactoryFor, proxyListener
@@ -695,6 +701,8 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
                 HandOffs(options["redirect-window"], options["redirect-per-source"]),
                 traffic=traffic,
             )
+            redirectFactory.shareWait = WaitQueue(cluster.pool, reactor, 0, options["queue-timeout"])
+            redirectFactory.holdAnswers = True
             factory = clientLimit.wrap(redirectFactory)
         port = _adopt(reactor, fd, factory)
         acceptErrors.watch(port, role)
@@ -757,7 +765,10 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
 
     def flush() -> None:
         figures = mirror.trafficOf(cluster.pool, said)
-        now = [viewNumber[0], proxyFactory.waiting]
+        waiting = proxyFactory.waiting
+        if redirectFactory is not None and redirectFactory.shareWait is not None:
+            waiting += len(redirectFactory.shareWait)
+        now = [viewNumber[0], waiting]
         if (figures or now != told) and channel.transport is not None:
             told[:] = now
             channel.send({"traffic": figures, "applied": now[0], "waiting": now[1]})

@@ -126,12 +126,11 @@ class Cluster:
     def pickBeyondShare(self, key: Optional[str] = None, counted: bool = True):
         """
         For a redirect answer in a worker whose shares (L{Pool.setQuota})
-        left it no backend: one at random among those up with room.  An
-        answer is not a connection this worker holds (a worker tells it as
-        routed, not held), so its share does not bound it; refusing it would
-        refuse a client for good where one process would answer.  A L{Route}
-        when C{counted}, else the backend's status; C{None} when none has
-        room.
+        left it no backend: one at random among those up with room.  For an
+        answer that counts nothing (past its source's share), which needs
+        no share; or, C{counted}, for one that cannot wait for a share.  A
+        L{Route} when C{counted}, else the backend's status; C{None} when
+        none has room.
         """
         room = [
             b

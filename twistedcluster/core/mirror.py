@@ -6,9 +6,13 @@ state).  Each worker routes on a mirror of it, so that a pick stays local
 and as cheap as with one process.  Two flows keep them one cluster:
 
  - L{fold}: a worker's traffic (per backend: connections it has routed in
-   total, and those it holds now) becomes tickets in the main pool, so that
-   the main pool's C{routed}, C{active} and "added since report" count every
-   worker's connections.
+   total, those it holds now, its redirect answers and those of them it has
+   handed off, in total) becomes tickets in the main pool, so that the main
+   pool's C{routed}, C{active} and "added since report" count every
+   worker's connections, and its answers until a report has seen them.  A
+   worker holds an answer as a connection until its client has had time to
+   connect: until then it is the worker's, within its share; then it is
+   handed off, and counts in the main pool as one balancer's own answer.
  - L{viewFor} / L{applyView}: the main pool as one worker should see it.  For
    each backend, C{base} is what the main pool estimates on it less what it
    knows this worker holds there; the worker adds what it holds now, exactly,
@@ -26,7 +30,7 @@ from __future__ import annotations
 import copy
 import zlib
 from collections import deque
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from twistedcluster.core.cluster import Cluster
 from twistedcluster.core.pool import RAMP_STEPS, AdminState, Pool, State
@@ -38,52 +42,96 @@ __all__ = ["TrafficBook", "CapacityShares", "fold", "release", "viewFor", "apply
 #: worker), the load its own figure adds beyond connections x cost (0
 #: unless its service supplies one), the cost level least-load routes
 #: it on (C{None}: none measured, 1/capacity), and the worker's share of
-#: its capacity (L{CapacityShares}; C{None}: none given, capacity alone).
-ViewEntry = Tuple[str, str, int, str, int, int, int, int, float, Optional[float], Optional[int]]
+#: its capacity (L{CapacityShares}; C{None}: none given, capacity alone),
+#: and how many of the worker's redirect answers the main pool has counted
+#: as handed off (those since are the worker's own to count: L{applyView}).
+ViewEntry = Tuple[str, str, int, str, int, int, int, int, float, Optional[float], Optional[int], int]
 
 
 class TrafficBook:
     """
     What the main pool holds for one worker: per backend, the last routed
-    total it said, and one ticket for each connection it holds.
+    total it said, and one ticket for each connection it holds (and for
+    each redirect answer it holds, not handed off yet).
     """
 
     def __init__(self) -> None:
         self.routed: Dict[str, int] = {}
         self.tickets: Dict[str, Deque[int]] = {}
+        #: Per backend: the tickets of the answers it holds, oldest first,
+        #: and the last totals of answers and answers handed off it said.
+        self.answers: Dict[str, Deque[int]] = {}
+        self.answered: Dict[str, int] = {}
+        self.handedOff: Dict[str, int] = {}
         #: Backends whose count here changed since L{CapacityShares.plan}
         #: last looked.
         self.changed: set = set()
 
     def holding(self, name: str) -> int:
+        """
+        The connections and answers it holds on C{name}: what its share
+        bounds.
+        """
         tickets = self.tickets.get(name)
-        return len(tickets) if tickets else 0
+        answers = self.answers.get(name)
+        return (len(tickets) if tickets else 0) + (len(answers) if answers else 0)
 
 
-def fold(pool: Pool, book: TrafficBook, traffic: Dict[str, List[int]]) -> None:
+def fold(
+    pool: Pool,
+    book: TrafficBook,
+    traffic: Dict[str, List[int]],
+    handedOff: Optional[Callable[[str, int], None]] = None,
+) -> None:
     """
-    Count a worker's traffic (C{name: [routed total, held now]}) in the main
-    pool: a ticket for each connection routed since its last word, and one
-    released, oldest first, for each it no longer holds.
+    Count a worker's traffic in the main pool: C{name: [routed, held,
+    answered, handed off]}, totals but C{held} (what it holds now, answers
+    not handed off included).  A ticket for each connection or answer
+    routed since its last word; one released, oldest first, for each
+    connection it no longer holds; and each answer it has handed off since
+    is handed off here (L{Pool.handOff}): it counts until a report has seen
+    it, and C{handedOff} (the main process's
+    L{twistedcluster.balancer.redirect.RedirectFactory.handedOff}) is told,
+    to expire it as one balancer does its own answers.
     """
-    for name, (routed, held) in traffic.items():
+    for name, figures in traffic.items():
         if name not in pool:
             continue
+        routed, held = figures[0], figures[1]
+        answered, handed = (figures[2], figures[3]) if len(figures) > 3 else (0, 0)
         tickets = book.tickets.setdefault(name, deque())
+        answers = book.answers.setdefault(name, deque())
         book.changed.add(name)
-        new = routed - book.routed.get(name, 0)
+        new = max(0, routed - book.routed.get(name, 0))
         book.routed[name] = routed
-        for _ in range(max(0, new)):
+        newAnswers = min(new, max(0, answered - book.answered.get(name, 0)))
+        book.answered[name] = answered
+        book.handedOff[name] = handed
+        for _ in range(newAnswers):
+            # Its client may not have connected yet: no report counts it
+            # before it is handed off (no reach epoch until then).
+            answers.append(pool.acquire(name))
+        for _ in range(new - newAnswers):
             ticket = pool.acquire(name)
             pool.connected(name, ticket, served=False)
             tickets.append(ticket)
-        while len(tickets) > max(0, held):
+        holdsAnswers = max(0, answered - handed)
+        while len(answers) > holdsAnswers:
+            ticket = answers.popleft()
+            pool.handOff(name, ticket)
+            # The worker held it until its client had had time to connect.
+            pool.connected(name, ticket, served=False)
+            if handedOff is not None:
+                handedOff(name, ticket)
+        while len(tickets) > max(0, held - holdsAnswers):
             pool.release(name, tickets.popleft())
 
 
-def release(pool: Pool, book: TrafficBook) -> None:
+def release(pool: Pool, book: TrafficBook, handedOff: Optional[Callable[[str, int], None]] = None) -> None:
     """
     The worker is gone and its connections with it: release all it held.
+    The answers it held are handed off as in L{fold}: their clients
+    connect to their backends whatever became of the worker.
     """
     for name, tickets in book.tickets.items():
         book.changed.add(name)
@@ -91,8 +139,21 @@ def release(pool: Pool, book: TrafficBook) -> None:
             ticket = tickets.popleft()
             if name in pool:
                 pool.release(name, ticket)
+    for name, answers in book.answers.items():
+        # Their clients were answered: they may be on their way.
+        book.changed.add(name)
+        while answers:
+            ticket = answers.popleft()
+            if name in pool:
+                pool.handOff(name, ticket)
+                pool.connected(name, ticket, served=False)
+                if handedOff is not None:
+                    handedOff(name, ticket)
     book.tickets.clear()
+    book.answers.clear()
     book.routed.clear()
+    book.answered.clear()
+    book.handedOff.clear()
 
 
 def viewFor(
@@ -104,6 +165,7 @@ def viewFor(
     """
     entries: List[ViewEntry] = []
     share = quotas.get if quotas is not None else (lambda name: None)
+    handed = book.handedOff.get
     for b in cluster.pool.snapshot():
         capacity = max(1, b.capacity)
         base = max(0, b.estimatedConnections - book.holding(b.name))
@@ -113,7 +175,10 @@ def viewFor(
         cost: Optional[float] = None if abs(b.cost * capacity - 1) < 1e-9 else b.cost
         step = round(b.ramp * RAMP_STEPS)
         entries.append(
-            (b.name, b.host, b.port, b.state.value, b.weight, step, capacity, base, round(extra, 9), cost, share(b.name))
+            (
+                b.name, b.host, b.port, b.state.value, b.weight, step, capacity, base,
+                round(extra, 9), cost, share(b.name), handed(b.name, 0),
+            )
         )
     return cluster.policyName, entries
 
@@ -132,6 +197,11 @@ def applyView(
     Make a worker's pool what the main process says, keeping the connections
     the worker holds: each backend's connections become C{base} plus those.
 
+    The worker's redirect answers handed off that the main pool had not
+    counted as such when it made the view count here, on top of C{base} and
+    against the worker's share, until a view says it has (they would
+    otherwise count nowhere for a sync interval).
+
     C{applied} (kept by the caller, updated here) is the state and weight
     last taken from the main process for each backend: only what the main
     process changed is set again, so a backend this worker ejected (its
@@ -142,7 +212,7 @@ def applyView(
         cluster.setPolicy(policy)
     pool = cluster.pool
     named = set()
-    for name, host, port, state, weight, step, capacity, base, extra, cost, quota in entries:
+    for name, host, port, state, weight, step, capacity, base, extra, cost, quota, handed in entries:
         named.add(name)
         if name not in pool:
             applied.pop(name, None)
@@ -152,7 +222,8 @@ def applyView(
             if (now.host, now.port, now.capacity) != (host, port, capacity):
                 pool.register(name, host, port, capacity=capacity)
         now = pool.get(name)
-        connections = base + now.active
+        pending = max(0, now.handedOff - handed)
+        connections = base + now.active + pending
         perConnection = 1.0 / capacity if cost is None else cost
         load = max(0.0, extra + connections * perConnection)
         if (now.connections, now.load, now.addedSinceReport, now.cost) != (
@@ -168,7 +239,8 @@ def applyView(
                 pool.setAdminState(name, _ADMIN[state])
             pool.setWeight(name, weight)
         pool.setRamp(name, step)
-        pool.setQuota(name, quota)
+        # Its answers since count against its share too.
+        pool.setQuota(name, None if quota is None else quota - pending)
     gone = [b.name for b in pool.snapshot() if b.name not in named]
     if gone:
         pool.removeMany(gone)
@@ -373,14 +445,15 @@ class CapacityShares:
         return out
 
 
-def trafficOf(pool: Pool, said: Dict[str, Tuple[int, int]]) -> Dict[str, List[int]]:
+def trafficOf(pool: Pool, said: Dict[str, Tuple[int, int, int, int]]) -> Dict[str, List[int]]:
     """
-    A worker's traffic to tell the main process: C{name: [routed, held]} for
-    each backend whose figures changed since C{said} (updated in place).
+    A worker's traffic to tell the main process (L{fold}): C{name: [routed,
+    held, answered, handed off]} for each backend whose figures changed
+    since C{said} (updated in place).
     """
     out: Dict[str, List[int]] = {}
     for b in pool.snapshot():
-        figures = (b.routed, b.active)
+        figures = (b.routed, b.active, b.answered, b.handedOff)
         if said.get(b.name) != figures:
             said[b.name] = figures
             out[b.name] = list(figures)

@@ -169,8 +169,12 @@ class BackendStatus:
         while slow start ramps it up after it came up.
     @ivar quota: in a worker (C{--workers}), the connections this worker
         may hold on it at once, its share of the capacity the others leave
-        (L{twistedcluster.core.mirror.CapacityShares}); C{None}: no share,
-        the capacity alone limits it.
+        (L{twistedcluster.core.mirror.CapacityShares}) less its redirect
+        answers handed off since the main process last counted them;
+        C{None}: no share, the capacity alone limits it.
+    @ivar answered: redirect answers a worker gave it, in total (L{answered}).
+    @ivar handedOff: redirect answers handed off (L{Pool.handOff}), in
+        total.  A worker tells the main process of its answers with these.
     """
 
     name: str
@@ -190,6 +194,8 @@ class BackendStatus:
     reports: int = 0
     cost: float = attr.Factory(lambda self: 1.0 / self.capacity, takes_self=True)
     quota: Optional[int] = None
+    answered: int = 0
+    handedOff: int = 0
 
     @property
     def estimatedConnections(self) -> int:
@@ -271,6 +277,10 @@ class _Member:
     countedUnits: int = 0
     #: In a worker: the connections it may hold here at once (L{Pool.setQuota}).
     quota: Optional[int] = None
+    #: Redirect answers a worker gave (L{Pool.answered}) and answers handed
+    #: off (L{Pool.handOff}), in total.
+    answered: int = 0
+    handedOff: int = 0
 
     @property
     def inService(self) -> bool:
@@ -367,6 +377,8 @@ class _Member:
             self.reports,
             1.0 / capacity if level is None else level,
             self.quota,
+            self.answered,
+            self.handedOff,
         )
 
 
@@ -627,7 +639,8 @@ class Pool:
         Let this pool (a worker's) hold at most C{quota} connections on
         C{name} at once, as its main process shares the capacity out
         (L{twistedcluster.core.mirror.CapacityShares}); C{None}: no limit
-        but the capacity.
+        but the capacity.  Each redirect answer handed off (L{handOff})
+        takes one from it, as the connection it held did.
         """
         m = self._member(name)
         if quota is not None:
@@ -961,7 +974,25 @@ class Pool:
         m = self._mine(name, ticket)
         if m is not None and m.active > 0:
             m.active -= 1
+            m.handedOff += 1
+            if m.quota:
+                # In a worker the answer uses its share as a connection it
+                # held would, until the main process has counted it as
+                # handed off (L{twistedcluster.core.mirror.applyView}).
+                m.quota -= 1
             self._loadChanged(m)
+
+    def answered(self, name: str, ticket: int) -> None:
+        """
+        In a worker (C{--workers}): the connection chosen by L{acquire} is a
+        redirect answer, held here as a connection (it uses the worker's
+        share) until its client has had time to connect (then
+        L{handOff}); counted for the main process to tell it from the
+        connections the worker relays.
+        """
+        m = self._mine(name, ticket)
+        if m is not None:
+            m.answered += 1
 
     def forgetHandOff(self, name: str, ticket: int) -> None:
         """
