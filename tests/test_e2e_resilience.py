@@ -128,6 +128,46 @@ def test_sigkill_under_load_loses_no_new_client(cluster):
     assert status["backend-1"]["state"] == status["backend-3"]["state"] == "up"
 
 
+def test_a_backend_killed_under_silent_clients_takes_new_ones_once_restarted(tmp_path):
+    """
+    Two clients held silent on a backend of capacity 2, which is killed and
+    started again: its end of their connections is over, so they no longer
+    count as this balancer's on it, and a new client is served there.
+    Before, the balancer counted them as long as the clients kept their
+    half of the relay open: the restarted backend reported room and got no
+    client (the new one waited in the queue and was refused).
+    """
+    from twistedcluster.localcluster import freePort
+
+    cluster = LocalCluster(tmp_path)
+    try:
+        cluster.startBalancer(extra=["--queue-timeout=2"])
+        port = freePort()
+        backendArgs = [*FAST, "--capacity=2"]
+        cluster.startBackend("a", port=port, extra=backendArgs)
+        cluster.waitUp(["a"])
+        held = []
+        for i in range(2):
+            s = socket.create_connection(("127.0.0.1", cluster.port), timeout=5)
+            s.sendall(b"hold %d\n" % i)
+            assert s.recv(100) == b"hold %d\n" % i
+            held.append(s)
+        waitFor(lambda: cluster.quickStatus()["a"]["active"] == 2, 5, "2 held")
+        victim = cluster.processes["a"]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.popen.wait(10)
+        waitFor(lambda: cluster.quickStatus()["a"]["active"] == 0, 5, "the killed backend's relays released")
+        # The clients stay, silent: their half of the relay is open.
+        cluster.startBackend("a", port=port, extra=backendArgs)
+        cluster.waitUp(["a"])
+        assert echoOnce("127.0.0.1", cluster.port, b"after the restart\n") == b"after the restart\n"
+        for s in held:
+            s.settimeout(5)
+            assert s.recv(100) == b""  # the backend's end, passed on
+    finally:
+        cluster.stopAll()
+
+
 def test_sigstop_is_noticed_by_the_heartbeat_and_sigcont_recovers(cluster):
     victim = cluster.processes["backend-3"]
     victim.signal(signal.SIGSTOP)

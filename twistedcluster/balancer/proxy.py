@@ -109,7 +109,8 @@ def tlsAlertText(error: BaseException) -> Optional[str]:
 
 class _BackendSide(Relay):
     """
-    The balancer's connection to a backend; releases its pool slot on close.
+    The balancer's connection to a backend; releases its pool slot once the
+    backend has closed its side, or on close.
 
     Until the backend sends its first byte, it is on probation
     (L{watchEarlyClose}): a backend that accepts and then closes or resets
@@ -177,7 +178,18 @@ class _BackendSide(Relay):
             client._end = ends.BACKEND_CLOSED
         if self._probation is not None:
             self._endedEarly(clean=True)
+        # The backend has closed its side: the connection no longer counts
+        # as this balancer's on it (its own reports count it while it
+        # keeps it open to read).  A backend killed while its clients were
+        # silent would otherwise stay full after its restart, for as long
+        # as those clients kept their half of the relay open.
+        self._release()
         Relay.readConnectionLost(self)
+
+    def _release(self) -> None:
+        if self.pool is not None and self.backendName is not None:
+            self.pool.release(self.backendName, self.ticket)
+            self.pool = None
 
     def connectionLost(self, reason) -> None:
         client = self.peer
@@ -191,9 +203,7 @@ class _BackendSide(Relay):
             self._endedEarly(
                 clean=isinstance(reason.value, ConnectionDone), why=tlsAlertText(reason.value)
             )
-        if self.pool is not None and self.backendName is not None:
-            self.pool.release(self.backendName, self.ticket)
-            self.backendName = None
+        self._release()
         super().connectionLost(reason)
 
 

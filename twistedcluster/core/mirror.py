@@ -88,9 +88,10 @@ def fold(
     answered, handed off]}, totals but C{held} (what it holds now, answers
     not handed off included).  A ticket for each connection or answer
     routed since its last word; one released, oldest first, for each
-    connection it no longer holds; and each answer it has handed off since
-    is handed off here (L{Pool.handOff}): it counts until a report has seen
-    it, and C{handedOff} (the main process's
+    connection it no longer holds.  An answer is handed off here at once
+    (L{Pool.handOff}: added, not relayed) but counts as the worker's
+    (L{TrafficBook.holding}) until the worker has handed it off; then a
+    report may count it, and C{handedOff} (the main process's
     L{twistedcluster.balancer.redirect.RedirectFactory.handedOff}) is told,
     to expire it as one balancer does its own answers.
     """
@@ -108,23 +109,33 @@ def fold(
         book.answered[name] = answered
         book.handedOff[name] = handed
         for _ in range(newAnswers):
-            # Its client may not have connected yet: no report counts it
-            # before it is handed off (no reach epoch until then).
-            answers.append(pool.acquire(name))
+            # Not a connection this balancer relays (as one balancer's own
+            # answers are not), but added, until a report has seen it; and
+            # its client may not have connected yet: no report may count it
+            # before the worker has handed it off (no reach epoch till then).
+            ticket = pool.acquire(name)
+            pool.handOff(name, ticket)
+            answers.append(ticket)
         for _ in range(new - newAnswers):
             ticket = pool.acquire(name)
             pool.connected(name, ticket, served=False)
             tickets.append(ticket)
         holdsAnswers = max(0, answered - handed)
         while len(answers) > holdsAnswers:
-            ticket = answers.popleft()
-            pool.handOff(name, ticket)
-            # The worker held it until its client had had time to connect.
-            pool.connected(name, ticket, served=False)
-            if handedOff is not None:
-                handedOff(name, ticket)
+            _settled(pool, name, answers.popleft(), handedOff)
         while len(tickets) > max(0, held - holdsAnswers):
             pool.release(name, tickets.popleft())
+
+
+def _settled(pool: Pool, name: str, ticket: int, handedOff: Optional[Callable[[str, int], None]]) -> None:
+    """
+    An answer a worker held (a ticket of L{TrafficBook.answers}) is handed
+    off: its client has had time to connect, so a report may count it from
+    the next mark on; C{handedOff} expires it.
+    """
+    pool.connected(name, ticket, served=False)
+    if handedOff is not None:
+        handedOff(name, ticket)
 
 
 def release(pool: Pool, book: TrafficBook, handedOff: Optional[Callable[[str, int], None]] = None) -> None:
@@ -133,22 +144,19 @@ def release(pool: Pool, book: TrafficBook, handedOff: Optional[Callable[[str, in
     The answers it held are handed off as in L{fold}: their clients
     connect to their backends whatever became of the worker.
     """
-    for name, tickets in book.tickets.items():
-        book.changed.add(name)
-        while tickets:
-            ticket = tickets.popleft()
-            if name in pool:
-                pool.release(name, ticket)
-    for name, answers in book.answers.items():
-        # Their clients were answered: they may be on their way.
-        book.changed.add(name)
-        while answers:
-            ticket = answers.popleft()
-            if name in pool:
-                pool.handOff(name, ticket)
-                pool.connected(name, ticket, served=False)
-                if handedOff is not None:
-                    handedOff(name, ticket)
+
+
+    def answered(name: str, ticket: int) -> None:
+        # Its client was answered: it may be on its way.
+        _settled(pool, name, ticket, handedOff)
+
+    for kept, end in ((book.tickets, pool.release), (book.answers, answered)):
+        for name, tickets in kept.items():
+            book.changed.add(name)
+            while tickets:
+                ticket = tickets.popleft()
+                if name in pool:
+                    end(name, ticket)
     book.tickets.clear()
     book.answers.clear()
     book.routed.clear()
