@@ -114,3 +114,30 @@ def test_clients_past_the_queue_size_are_refused_once_the_room_they_wait_for_is_
     clock.advance(0)
     assert [(name, what) for name, what, *_ in log] == [(f"w{i}", "refuse") for i in range(3)]
     assert len(queue) == 0 and clock.getDelayedCalls() == []
+
+
+def test_room_on_a_backend_tried_does_not_wake_a_client_and_a_woken_client_keeps_its_deadline():
+    """
+    A client whose connect to a failed: room on a alone leaves it waiting
+    (it would be woken and queued again on every change); room on b wakes
+    it.  Queued again with its first deadline, it is refused by that
+    deadline, not a whole timeout after its last wake.
+    """
+    pool, clock, log = Pool(), Clock(), []
+    pool.register("a", "h", 1, capacity=2)
+    pool.register("b", "h", 2, capacity=2, connections=2)
+    queue = WaitQueue(pool, clock, size=10, timeout=5)
+    c = Client(log, "c")
+    queue.enqueue(c, c.retry, c.refuse, exclude={"a"}, deadline=5)
+    pool.report("a", connections=0, load=0.0)  # a changes, has room
+    clock.advance(1)
+    assert log == [] and c in queue
+    pool.report("b", connections=1, load=0.5)
+    clock.advance(0)
+    assert log == [("c", "retry")]
+    # b's room went to another: it waits again, by its first deadline.
+    queue.enqueue(c, c.retry, c.refuse, exclude={"a"}, deadline=5)
+    clock.advance(3.9)
+    assert log == [("c", "retry")]
+    clock.advance(0.1)
+    assert log[-1][:2] == ("c", "refuse") and c not in queue

@@ -119,6 +119,31 @@ def test_connect_failure_retries_another_backend(logged):
     )
 
 
+def test_a_worker_client_whose_connect_failed_waits_for_its_share_of_another_backend():
+    """
+    In a worker (--workers): the connect to one backend fails, and the
+    other has room only beyond this worker's share of it.  One process
+    would route the client there, so it waits for the share (not refused
+    with "no other backend to try"), and connects once the share comes.
+    """
+    mr = MemoryReactorClock()
+    cluster = clusterOf(9001, 9002)
+    cluster.pool.setQuota("b9002", 0)  # another worker's share, for now
+    proxy, clientT = startClient(ProxyFactory(cluster, mr, queueTimeout=5))
+    assert mr.tcpClients[0][1] == 9001
+    failConnect(mr)
+    assert not clientT.disconnecting and len(mr.tcpClients) == 1
+    mr.advance(1)  # a change to the failed backend alone does not wake it
+    cluster.pool.report("b9001", connections=0, load=0.0)
+    mr.advance(0)
+    assert len(mr.tcpClients) == 1 and not clientT.disconnecting
+    cluster.pool.setQuota("b9002", 1)  # the share comes
+    mr.advance(0)
+    assert mr.tcpClients[1][1] == 9002
+    completeConnect(mr, 1)
+    assert cluster.pool.get("b9002").active == 1
+
+
 def test_failed_connects_to_a_backend_are_one_line_a_second_not_one_each(logged):
     # A backend that is not taken out (--max-ejected-percent) fails every
     # client sent to it: the first is told at once, the rest summed.

@@ -11,7 +11,7 @@ queue is full or closing.  The queue knows nothing of sockets or relays.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Hashable, Optional, Tuple
+from typing import Callable, FrozenSet, Hashable, Iterable, Optional, Tuple
 
 from twistedcluster.balancer import accesslog as ends
 from twistedcluster.core.pool import Pool
@@ -67,7 +67,9 @@ class WaitQueue:
         #: How to tell whether the cluster still has room outside this
         #: worker's shares, while more than C{size} wait for one.
         self._forShare: Optional[Callable[[], bool]] = None
-        self._queue: "OrderedDict[Hashable, Tuple[object, Callable[[], None], Callable[[str], None]]]" = OrderedDict()
+        self._queue: "OrderedDict[Hashable, Tuple[object, Callable[[], None], Callable[[str], None], FrozenSet[str]]]" = (
+            OrderedDict()
+        )
         self._wake = None
 
     def __len__(self) -> int:
@@ -82,6 +84,8 @@ class WaitQueue:
         retry: Callable[[], None],
         refuse: Callable[[str], None],
         forShare: Optional[Callable[[], bool]] = None,
+        exclude: Iterable[str] = (),
+        deadline: Optional[float] = None,
     ) -> None:
         """
         Let C{client} wait; C{refuse} at once when the queue is full, unless
@@ -90,6 +94,12 @@ class WaitQueue:
         (L{twistedcluster.core.cluster.Cluster.roomElsewhere}), which is no
         reason to refuse a client (one process would have served it); then
         up to L{DEFAULT_QUEUE_SIZE} may wait, whatever C{size}.
+
+        @param exclude: backends it has tried: room on them alone does not
+            wake it.
+        @param deadline: when it is refused (the clock's time); by default
+            C{timeout} from now.  A client woken and queued again keeps the
+            deadline it had.
         """
         n = len(self._queue)
         pastSize = n >= self.size
@@ -98,8 +108,9 @@ class WaitQueue:
             if not mayWait:
                 return refuse(_queueFull(n))
         self.waited += 1
-        timer = self.clock.callLater(self.timeout, self._timedOut, client)
-        self._queue[client] = (timer, retry, refuse)
+        wait = self.timeout if deadline is None else max(0.0, deadline - self.clock.seconds())
+        timer = self.clock.callLater(wait, self._timedOut, client)
+        self._queue[client] = (timer, retry, refuse, frozenset(exclude))
         if pastSize:
             # Past the queue's size: only while the room it waits for lasts.
             self._forShare = forShare
@@ -134,12 +145,14 @@ class WaitQueue:
 
     def _retry(self) -> None:
         self._wake = None
-        # Each waiting client once, oldest first, while there is room.
+        # Each waiting client once, oldest first, while there is room (on a
+        # backend it has not tried).
+        pool = self.pool
         for client in list(self._queue):
-            if not self.pool.candidates():
+            if not pool.candidates():
                 break
             entry = self._queue.get(client)
-            if entry is not None:
+            if entry is not None and (not entry[3] or pool.candidates(entry[3])):
                 self.dequeue(client)
                 entry[1]()
         forShare = self._forShare

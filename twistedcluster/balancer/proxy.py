@@ -350,6 +350,9 @@ class ProxyServer(AwaitsHandshake, Relay):
     factory: "ProxyFactory"
     _attempt: Optional[_Attempt] = None
     _tried: Tuple[str, ...] = ()
+    #: When it is refused if it still waits for room (set when it first
+    #: waits).
+    _waitUntil: Optional[float] = None
     _early: Optional[list] = None
     _earlyBytes = 0
     _pausedEarly = False
@@ -493,12 +496,19 @@ class ProxyServer(AwaitsHandshake, Relay):
         else:
             chosen = cluster.pick(exclude=self._tried)
         if chosen is None:
-            # Wait only when every backend is full: a client that has ruled
-            # some out while others are eligible would otherwise be woken
-            # and queued again for ever.
-            if cluster.noRoomOnly():
-                return factory.admission.enqueue(self, self.route, self.refuse, cluster.roomElsewhere)
-            if self._tried:
+            # Wait when every backend is full, or (in a worker) when those
+            # not tried are full only within this worker's share, as one
+            # process would route it there; room on a backend tried does
+            # not wake it.  Woken and queued again, it keeps its deadline.
+            tried = self._tried
+            if cluster.noRoomOnly() or (tried and cluster.roomElsewhere(tried)):
+                admission = factory.admission
+                deadline = self._waitUntil
+                if deadline is None:
+                    deadline = self._waitUntil = factory.reactor.seconds() + admission.timeout
+                forShare = (lambda: cluster.roomElsewhere(tried)) if tried else cluster.roomElsewhere
+                return admission.enqueue(self, self.route, self.refuse, forShare, tried, deadline)
+            if tried:
                 return self.refuse("no other backend to try", end=ends.CONNECT_FAILED)
             return self.refuse("no backend available", end=ends.NO_BACKEND)
         self._tried += (chosen.name,)

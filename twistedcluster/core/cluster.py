@@ -152,15 +152,15 @@ class Cluster:
             b.full for b in self.pool.snapshot() if b.state is State.UP and b.weight > 0
         )
 
-    def roomElsewhere(self) -> bool:
+    def roomElsewhere(self, exclude: AbstractSet[str] = frozenset()) -> bool:
         """
-        Whether some backend that this pool finds full has room, only not in
-        this worker's share of it (C{--workers}): the share moves to where
-        clients wait within a sync interval or two, so a client may wait for
-        it even where the queue would refuse it.
+        Whether some backend (not in C{exclude}) that this pool finds full
+        has room, only not in this worker's share of it (C{--workers}): the
+        share moves to where clients wait within a sync interval or two, so
+        a client may wait for it even where the queue would refuse it.
         """
         return any(
-            b.quota is not None and b.estimatedConnections < b.capacity
+            b.quota is not None and b.estimatedConnections < b.capacity and b.name not in exclude
             for b in self.pool.snapshot()
             if b.state is State.UP and b.weight > 0
         )
