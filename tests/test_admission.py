@@ -141,3 +141,28 @@ def test_room_on_a_backend_tried_does_not_wake_a_client_and_a_woken_client_keeps
     assert log == [("c", "retry")]
     clock.advance(0.1)
     assert log[-1][:2] == ("c", "refuse") and c not in queue
+
+
+def test_past_the_queue_size_each_client_is_refused_only_once_its_own_room_is_gone():
+    """
+    Two clients wait past --queue-size 0 for a worker's share, one of them
+    having tried b: when the room beyond the share is gone on a only, the
+    one that may go only to a is refused, the other waits on (the last to
+    come decided for all before).
+    """
+    pool, clock, log = Pool(), Clock(), []
+    pool.register("a", "h", 1, capacity=2)
+    pool.setQuota("a", 0)
+    queue = WaitQueue(pool, clock, size=0, timeout=5)
+    room = {"a": True, "b": True}
+    forB, forA = Client(log, "forB"), Client(log, "forA")
+    queue.enqueue(forB, forB.retry, forB.refuse, forShare=lambda: room["a"] or room["b"])
+    queue.enqueue(forA, forA.retry, forA.refuse, forShare=lambda: room["a"], exclude={"b"})
+    room["a"] = False
+    pool.report("a", connections=2, load=1.0)
+    clock.advance(0)
+    assert [name for name, *_ in log] == ["forA"] and forB in queue
+    room["b"] = False
+    pool.report("a", connections=1, load=0.5)
+    clock.advance(0)
+    assert [name for name, *_ in log] == ["forA", "forB"] and len(queue) == 0

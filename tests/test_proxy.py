@@ -144,6 +144,34 @@ def test_a_worker_client_whose_connect_failed_waits_for_its_share_of_another_bac
     assert cluster.pool.get("b9002").active == 1
 
 
+def test_a_connection_stops_counting_on_its_backend_once_the_backend_has_closed_its_side():
+    """
+    The backend's end of file: its own reports count the connection while
+    it keeps it open to read; this balancer no longer does (a backend
+    killed under silent clients stayed full after its restart).  A static
+    backend reports nothing: there it counts until the connection ends.
+    """
+    mr = MemoryReactorClock()
+    cluster = Cluster()
+    cluster.pool.register("reporting", "127.0.0.1", 9001, capacity=10)
+    cluster.pool.register("static", "127.0.0.1", 9002, capacity=10, static=True)
+    factory = ProxyFactory(cluster, mr)
+    for index, name in enumerate(["reporting", "static"]):
+        other = "static" if name == "reporting" else "reporting"
+        cluster.pool.setWeight(other, 0)
+        cluster.pool.setWeight(name, 1)
+        client = factory.buildProtocol(("127.0.0.1", 5555))
+        clientT = HalfClosingTransport()
+        client.makeConnection(clientT)
+        backend, backendT = completeConnect(mr, index)
+        assert cluster.pool.get(name).active == 1
+        backend.readConnectionLost()  # the backend's FIN; the client stays
+        assert clientT.writeClosed and not clientT.disconnecting
+        assert cluster.pool.get(name).active == (1 if name == "static" else 0)
+        backend.connectionLost(Failure(ConnectionDone()))
+        assert cluster.pool.get(name).active == 0
+
+
 def test_failed_connects_to_a_backend_are_one_line_a_second_not_one_each(logged):
     # A backend that is not taken out (--max-ejected-percent) fails every
     # client sent to it: the first is told at once, the rest summed.

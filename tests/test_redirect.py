@@ -279,3 +279,35 @@ def test_a_workers_answer_waits_for_its_share_and_no_longer_than_the_room():
     c.pool.setQuota("a", None)
     c.pool.report("a", 4, 1.0)
     assert ask(c).value() == b"ERROR no-backend\r\n"
+
+
+def test_an_answer_of_a_worker_that_died_settles_in_the_main_process_first():
+    """
+    A worker that died held an answer its client may not have followed
+    yet: the main process lets it settle as its own answers do before its
+    backend's next report may count it (sent a newer mark then), and
+    expires it after the window; one handed off settled is marked at once.
+    """
+    from twistedcluster.balancer.redirect import HANDOFF_SETTLE, HandOffs
+
+    c = Cluster()
+    c.pool.register("a", "127.0.0.1", 9001, capacity=10)
+    clock = Clock()
+    factory = RedirectFactory(c, clock, HandOffs(window=2.0, perSource=10))
+    told = []
+    factory.pushMarks = told.append
+    ticket = c.pool.acquire("a")
+    c.pool.handOff("a", ticket)  # as mirror.fold counts a worker's answer
+    factory.handedOff("a", ticket, settled=False)
+    clock.advance(0)
+    assert told == [] and not c.pool.markDue("a", None)
+    clock.advance(HANDOFF_SETTLE)
+    assert told == [{"a"}] and c.pool.markDue("a", None)
+    clock.advance(2.0)
+    assert c.pool.get("a").estimatedConnections == 0  # expired
+    settled = c.pool.acquire("a")
+    c.pool.handOff("a", settled)
+    c.pool.connected("a", settled, served=False)
+    factory.handedOff("a", settled)
+    clock.advance(0)
+    assert told[-1] == {"a"} and len(told) == 2

@@ -64,10 +64,9 @@ class WaitQueue:
         #: Clients that waited, and that waited too long, in total.
         self.waited = 0
         self.timedOut = 0
-        #: How to tell whether the cluster still has room outside this
-        #: worker's shares, while more than C{size} wait for one.
-        self._forShare: Optional[Callable[[], bool]] = None
-        self._queue: "OrderedDict[Hashable, Tuple[object, Callable[[], None], Callable[[str], None], FrozenSet[str]]]" = (
+        #: Per client: its timer, retry, refuse, the backends it tried, and
+        #: how to tell whether it may still wait past C{size} (C{forShare}).
+        self._queue: "OrderedDict[Hashable, Tuple[object, Callable[[], None], Callable[[str], None], FrozenSet[str], Optional[Callable[[], bool]]]]" = (  # noqa: E501
             OrderedDict()
         )
         self._wake = None
@@ -96,7 +95,8 @@ class WaitQueue:
         up to L{DEFAULT_QUEUE_SIZE} may wait, whatever C{size}.
 
         @param exclude: backends it has tried: room on them alone does not
-            wake it.
+            wake it.  (Clients with the same C{exclude} must have the same
+            C{forShare}: it is asked once for all of them.)
         @param deadline: when it is refused (the clock's time); by default
             C{timeout} from now.  A client woken and queued again keeps the
             deadline it had.
@@ -110,10 +110,7 @@ class WaitQueue:
         self.waited += 1
         wait = self.timeout if deadline is None else max(0.0, deadline - self.clock.seconds())
         timer = self.clock.callLater(wait, self._timedOut, client)
-        self._queue[client] = (timer, retry, refuse, frozenset(exclude))
-        if pastSize:
-            # Past the queue's size: only while the room it waits for lasts.
-            self._forShare = forShare
+        self._queue[client] = (timer, retry, refuse, frozenset(exclude), forShare)
         if len(self._queue) == 1:
             self.pool.watch(self._mayHaveRoom)
 
@@ -155,14 +152,20 @@ class WaitQueue:
             if entry is not None and (not entry[3] or pool.candidates(entry[3])):
                 self.dequeue(client)
                 entry[1]()
-        forShare = self._forShare
-        if forShare is not None and len(self._queue) > self.size and not forShare():
-            # The room they waited for is gone: those past the queue's size
-            # are refused now, as they would have been had there been none.
-            self._forShare = None
+        if len(self._queue) > self.size:
+            # Past the queue's size, each waits only while the room it waits
+            # for lasts; once it is gone, it is refused now, as it would
+            # have been had there been none.
+            room: dict = {}
             for client in list(self._queue)[self.size :]:
                 entry = self._queue.get(client)
-                if entry is not None:
+                if entry is None:
+                    continue
+                exclude, forShare = entry[3], entry[4]
+                left = room.get(exclude)
+                if left is None:
+                    left = room[exclude] = forShare is not None and forShare()
+                if not left:
                     self.dequeue(client)
                     entry[2](_queueFull(self.size))
 

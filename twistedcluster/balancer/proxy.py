@@ -123,6 +123,8 @@ class _BackendSide(Relay):
     pool = None
     backendName: Optional[str] = None
     ticket = 0
+    #: Whether its backend is static (reports nothing).
+    static = False
     attempt: Optional["_Attempt"] = None
     #: Set while on probation: the passive health check that counts
     #: failures, and when the connection was made.
@@ -182,8 +184,11 @@ class _BackendSide(Relay):
         # as this balancer's on it (its own reports count it while it
         # keeps it open to read).  A backend killed while its clients were
         # silent would otherwise stay full after its restart, for as long
-        # as those clients kept their half of the relay open.
-        self._release()
+        # as those clients kept their half of the relay open.  A static
+        # backend reports nothing: what this balancer relays is all that
+        # counts there, to the end.
+        if not self.static:
+            self._release()
         Relay.readConnectionLost(self)
 
     def _release(self) -> None:
@@ -293,6 +298,8 @@ class _Attempt:
         self.port = chosen.port
         #: The connection's ticket in the pool.
         self.ticket = chosen.ticket
+        #: The backend's status when it was chosen.
+        self.status = chosen.backend
 
     def start(self) -> None:
         """
@@ -527,6 +534,8 @@ class ProxyServer(AwaitsHandshake, Relay):
         backend.pool = pool
         backend.backendName = attempt.name
         backend.ticket = attempt.ticket
+        if attempt.status.static:
+            backend.static = True
         if factory.earlyCloseWindow:
             backend.watchEarlyClose(factory.health)
         self.link(backend)

@@ -163,6 +163,9 @@ class RedirectProtocol(AwaitsHandshake, Protocol):
     _end = ends.NO_BACKEND
     received = 0
     sent = 0
+    #: When it is answered ERROR no-backend if it still waits for its
+    #: worker's share (set when it first waits).
+    _waitUntil: Optional[float] = None
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -199,7 +202,12 @@ class RedirectProtocol(AwaitsHandshake, Protocol):
             # no share.
             shareWait = factory.shareWait
             if counted and shareWait is not None:
-                return shareWait.enqueue(self, self._answer, self._refused, cluster.roomElsewhere)
+                # Woken and queued again, it keeps its first deadline.
+                if self._waitUntil is None:
+                    self._waitUntil = now + shareWait.timeout
+                return shareWait.enqueue(
+                    self, self._answer, self._refused, cluster.roomElsewhere, deadline=self._waitUntil
+                )
             chosen = cluster.pickBeyondShare(key, counted)
         line = NO_BACKEND
         if chosen is None:
@@ -333,17 +341,23 @@ class RedirectFactory(Factory):
             window=window(seconds),
         )
 
-    def handedOff(self, name: str, ticket: int) -> None:
+    def handedOff(self, name: str, ticket: int, settled: bool = True) -> None:
         """
         A worker (C{--workers}) handed off an answer naming C{name}, which
         the main pool counts under C{ticket}
-        (L{twistedcluster.core.mirror.fold}), once its client had had time to
-        connect: it counts until a report has seen it or its window is
-        over, as this factory's own answers do.  Its backend gets a newer
-        mark at once, for its next report to count it.
+        (L{twistedcluster.core.mirror.fold}): it counts until a report has
+        seen it or its window is over, as this factory's own answers do.
+        C{settled}: its client has had time to connect (the worker held it
+        that long), and its backend gets a newer mark at once, for its next
+        report to count it; else (the worker died holding it) it settles
+        here first, as this factory's own answers do.
         """
         handOffs = self.handOffs
         now = self.clock.seconds()
+        if not settled:
+            handOffs.add(now, WORKERS, name, ticket)
+            self.scheduleHandOffs()
+            return
         handOffs.add(now - handOffs.settle, WORKERS, name, ticket, settled=True)
         self.scheduleHandOffs()
         if self._marksDue is None:

@@ -81,7 +81,7 @@ def fold(
     pool: Pool,
     book: TrafficBook,
     traffic: Dict[str, List[int]],
-    handedOff: Optional[Callable[[str, int], None]] = None,
+    handedOff: Optional["HandedOff"] = None,
 ) -> None:
     """
     Count a worker's traffic in the main pool: C{name: [routed, held,
@@ -103,10 +103,12 @@ def fold(
         tickets = book.tickets.setdefault(name, deque())
         answers = book.answers.setdefault(name, deque())
         book.changed.add(name)
-        new = max(0, routed - book.routed.get(name, 0))
-        book.routed[name] = routed
-        newAnswers = min(new, max(0, answered - book.answered.get(name, 0)))
+        # Its routed total also falls (a connect that failed, a client that
+        # left before it): answers are counted on their own total.
+        newAnswers = max(0, answered - book.answered.get(name, 0))
         book.answered[name] = answered
+        new = max(0, routed - book.routed.get(name, 0) - newAnswers)
+        book.routed[name] = routed
         book.handedOff[name] = handed
         for _ in range(newAnswers):
             # Not a connection this balancer relays (as one balancer's own
@@ -116,7 +118,7 @@ def fold(
             ticket = pool.acquire(name)
             pool.handOff(name, ticket)
             answers.append(ticket)
-        for _ in range(new - newAnswers):
+        for _ in range(new):
             ticket = pool.acquire(name)
             pool.connected(name, ticket, served=False)
             tickets.append(ticket)
@@ -127,7 +129,12 @@ def fold(
             pool.release(name, tickets.popleft())
 
 
-def _settled(pool: Pool, name: str, ticket: int, handedOff: Optional[Callable[[str, int], None]]) -> None:
+#: Told of an answer a worker handed off: (name, ticket, settled), settled
+#: C{False} when its client may not have had time to connect yet.
+HandedOff = Callable[[str, int, bool], None]
+
+
+def _settled(pool: Pool, name: str, ticket: int, handedOff: Optional[HandedOff]) -> None:
     """
     An answer a worker held (a ticket of L{TrafficBook.answers}) is handed
     off: its client has had time to connect, so a report may count it from
@@ -135,20 +142,23 @@ def _settled(pool: Pool, name: str, ticket: int, handedOff: Optional[Callable[[s
     """
     pool.connected(name, ticket, served=False)
     if handedOff is not None:
-        handedOff(name, ticket)
+        handedOff(name, ticket, True)
 
 
-def release(pool: Pool, book: TrafficBook, handedOff: Optional[Callable[[str, int], None]] = None) -> None:
+def release(pool: Pool, book: TrafficBook, handedOff: Optional[HandedOff] = None) -> None:
     """
     The worker is gone and its connections with it: release all it held.
-    The answers it held are handed off as in L{fold}: their clients
-    connect to their backends whatever became of the worker.
+    The answers it held are given to C{handedOff} to settle: their clients
+    connect to their backends whatever became of the worker, maybe not yet
+    (a report taking one that had not for gone would leave it counted
+    nowhere).  Without C{handedOff}, they are taken as settled now.
     """
 
-
     def answered(name: str, ticket: int) -> None:
-        # Its client was answered: it may be on its way.
-        _settled(pool, name, ticket, handedOff)
+        if handedOff is None:
+            pool.connected(name, ticket, served=False)
+        else:
+            handedOff(name, ticket, False)
 
     for kept, end in ((book.tickets, pool.release), (book.answers, answered)):
         for name, tickets in kept.items():
