@@ -46,6 +46,8 @@ class Cluster3:
         """
         for i in range(len(self.workers)):
             self.fold(i)
+        for book in self.books:  # as the supervisor does when backends come or go
+            mirror.forgetGone(self.main.pool, book)
         plan = self.shares.plan(self.main.pool.snapshot(), dict(enumerate(self.books)))
         for i, w in enumerate(self.workers):
             policy, entries = mirror.viewFor(self.main, self.books[i], plan[i])
@@ -327,6 +329,37 @@ def test_a_worker_that_dies_hands_off_the_answers_it_held():
     # redirect factory first).  Taken as settled, it would count nowhere.
     c.main.pool.report("a", 0, 0.0, seen=c.main.pool.mark("a"))
     assert c.main.pool.get("a").estimatedConnections == 1
+
+
+def test_a_backend_forgotten_and_added_again_starts_from_nothing_in_the_books():
+    """
+    A worker held connections on a backend the main pool then forgot; one
+    of the same name joins again.  What the worker held on the old one is
+    not its holding on the new one (it would have counted in the view's
+    base and the shares until the worker next spoke of it), and what it
+    routes to the new one counts from its first word (its totals there
+    start again from nothing, below the old ones: it was lost until they
+    passed them).
+    """
+    c = Cluster3()
+    c.main.pool.register("a", "127.0.0.1", 1, capacity=4)
+    c.sync()
+    w0 = c.workers[0]
+    assert all(w0.pick() is not None for _ in range(2))
+    c.sync()
+    assert c.books[0].holding("a") == 2
+    c.main.pool.markDown("a")
+    c.main.pool.remove("a")
+    c.sync()  # the workers drop it too
+    assert "a" not in w0.pool
+    c.main.pool.register("a", "127.0.0.1", 1, capacity=4)
+    mirror.forgetGone(c.main.pool, c.books[0])
+    assert c.books[0].holding("a") == 0
+    c.sync()
+    assert w0.pick() is not None
+    c.sync()
+    main = c.main.pool.get("a")
+    assert (main.active, c.books[0].holding("a")) == (1, 1)
 
 
 def test_an_answer_counts_though_a_connect_failed_in_the_same_sync_interval():

@@ -307,6 +307,9 @@ class WorkerSupervisor(Service):
         #: change the shares, and so call for a view though the pool did not
         #: change.
         self._sharesMoved = False
+        #: The pool's additions and size when the books were last checked
+        #: for backends gone (L{_forgetGone}).
+        self._membership = (0, 0)
         self._sync = LoopingCall(self._push)
         self._pings = LoopingCall(self._ping)
         self._sync.clock = reactor
@@ -494,7 +497,22 @@ class WorkerSupervisor(Service):
         for worker in list(self.workers.values()):
             self._pushTo(worker, plan.get(worker.index))
 
+    def _forgetGone(self) -> None:
+        """
+        Drop from every worker's book the backends the pool has forgotten
+        or removed since (a backend of the same name that joins again must
+        not inherit what a worker held on the old one, in its view or its
+        shares): only when a backend was added or left.
+        """
+        pool = self.cluster.pool
+        membership = (pool.added, len(pool))
+        if membership != self._membership:
+            self._membership = membership
+            for worker in self.workers.values():
+                mirror.forgetGone(pool, worker.book)
+
     def _plan(self) -> Dict[int, Dict[str, int]]:
+        self._forgetGone()
         books = {i: w.book for i, w in self.workers.items()}
         return self.shares.plan(self.cluster.pool.snapshot(), books)
 
@@ -523,6 +541,7 @@ class WorkerSupervisor(Service):
             return
         if shares is None:
             shares = self._plan().get(worker.index, {})
+        self._forgetGone()
         view = mirror.viewFor(self.cluster, worker.book, shares)
         sendProxy = dict(self.sendProxyFor)
         if (view, sendProxy) != worker.said:

@@ -35,7 +35,7 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 from twistedcluster.core.cluster import Cluster
 from twistedcluster.core.pool import RAMP_STEPS, AdminState, Pool, State
 
-__all__ = ["TrafficBook", "CapacityShares", "fold", "release", "viewFor", "applyView", "trafficOf"]
+__all__ = ["TrafficBook", "CapacityShares", "fold", "forgetGone", "release", "viewFor", "applyView", "trafficOf"]
 
 #: One backend in a view: name, host, port, state, weight, slow start's
 #: step (of RAMP_STEPS), capacity, base (connections on it not held by the
@@ -63,9 +63,22 @@ class TrafficBook:
         self.answers: Dict[str, Deque[int]] = {}
         self.answered: Dict[str, int] = {}
         self.handedOff: Dict[str, int] = {}
+        #: Per backend, the main pool's incarnation of it (L{Pool.incarnation})
+        #: that these figures are of.
+        self.born: Dict[str, Optional[int]] = {}
         #: Backends whose count here changed since L{CapacityShares.plan}
         #: last looked.
         self.changed: set = set()
+
+    def forget(self, name: str) -> None:
+        """
+        Drop what it has of C{name}: the backend of that name was forgotten
+        or removed (its tickets went with it), and one added again starts
+        from nothing here, as in the worker.
+        """
+        for d in (self.routed, self.tickets, self.answers, self.answered, self.handedOff, self.born):
+            d.pop(name, None)
+        self.changed.add(name)
 
     def holding(self, name: str) -> int:
         """
@@ -96,8 +109,12 @@ def fold(
     to expire it as one balancer does its own answers.
     """
     for name, figures in traffic.items():
-        if name not in pool:
+        incarnation = pool.incarnation(name)
+        if book.born.get(name, incarnation) != incarnation:
+            book.forget(name)
+        if incarnation is None:
             continue
+        book.born[name] = incarnation
         routed, held = figures[0], figures[1]
         answered, handed = (figures[2], figures[3]) if len(figures) > 3 else (0, 0)
         tickets = book.tickets.setdefault(name, deque())
@@ -132,6 +149,19 @@ def fold(
 #: Told of an answer a worker handed off: (name, ticket, settled), settled
 #: C{False} when its client may not have had time to connect yet.
 HandedOff = Callable[[str, int, bool], None]
+
+
+def forgetGone(pool: Pool, book: TrafficBook) -> None:
+    """
+    Drop from C{book} the backends the main pool has forgotten or removed
+    since (or forgotten and added again): their figures there are of a
+    backend that is gone, and would count as the worker's in its shares and
+    its view until the worker next spoke of them.  Call it when the pool's
+    L{Pool.added} moved or a backend left it.
+    """
+    for name, born in list(book.born.items()):
+        if pool.incarnation(name) != born:
+            book.forget(name)
 
 
 def _settled(pool: Pool, name: str, ticket: int, handedOff: Optional[HandedOff]) -> None:

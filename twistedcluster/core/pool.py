@@ -497,6 +497,14 @@ class Pool:
         m = self._members.get(name)
         return None if m is None else m.incarnation
 
+    @property
+    def added(self) -> int:
+        """
+        How many backends were ever added (each a new L{incarnation}): it
+        moves when one is, after being forgotten or not.
+        """
+        return self._added
+
     def __len__(self) -> int:
         return len(self._members)
 
