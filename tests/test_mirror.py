@@ -35,7 +35,7 @@ class Cluster3:
     def fold(self, i):
         w = self.workers[i]
         mirror.fold(
-            self.main.pool, self.books[i], mirror.trafficOf(w.pool, self.said[i]),
+            self.main.pool, self.books[i], mirror.trafficOf(w.pool, self.said[i], self.applied[i]),
             lambda name, ticket, settled: self.handedOff.append((name, ticket)),
         )
 
@@ -362,6 +362,36 @@ def test_a_backend_forgotten_and_added_again_starts_from_nothing_in_the_books():
     assert (main.active, c.books[0].holding("a")) == (1, 1)
 
 
+def test_a_backend_removed_and_added_again_between_two_views_starts_again_in_the_worker():
+    """
+    The main pool forgets a backend and adds one of the same name before
+    the worker has seen a view without it: the view's incarnation says it
+    is another, so the worker starts it again from nothing, as the main
+    pool's book does; figures the worker sent of the old one count for
+    nothing.  (Without the incarnation, the worker's old answers counted
+    as pending against its share for good: it never picked there again.)
+    """
+    c = Cluster3()
+    c.main.pool.register("a", "127.0.0.1", 1, capacity=10)
+    c.sync()
+    w0 = c.workers[0]
+    for _ in range(4):
+        r = w0.pick()
+        w0.pool.answered(r.name, r.ticket)
+        w0.pool.handOff(r.name, r.ticket)
+    stale = mirror.trafficOf(w0.pool, c.said[0], c.applied[0])
+    c.main.pool.markDown("a")
+    c.main.pool.remove("a")
+    c.main.pool.register("a", "127.0.0.1", 1, capacity=10)
+    mirror.fold(c.main.pool, c.books[0], stale)  # crossed the change
+    assert c.main.pool.get("a").estimatedConnections == 0
+    c.sync()
+    assert (w0.pool.get("a").handedOff, w0.pool.get("a").quota) == (0, 5)
+    assert w0.pick() is not None
+    c.sync()
+    assert c.main.pool.get("a").active == 1
+
+
 def test_an_answer_counts_though_a_connect_failed_in_the_same_sync_interval():
     """
     A worker's routed total falls when a connect fails: an answer given in
@@ -434,7 +464,7 @@ def test_capacity_holds_across_workers_whatever_the_message_delays(capacity, oth
             applied[i] = number
 
     def flush(i, waiting):
-        toMain[i].append((mirror.trafficOf(c.workers[i].pool, c.said[i]), applied[i], waiting))
+        toMain[i].append((mirror.trafficOf(c.workers[i].pool, c.said[i], c.applied[i]), applied[i], waiting))
 
     def message(i):
         if toMain[i]:

@@ -172,6 +172,20 @@ def test_a_connection_stops_counting_on_its_backend_once_the_backend_has_closed_
         assert cluster.pool.get(name).active == 0
 
 
+def test_a_client_whose_connect_failed_does_not_wait_for_a_backend_it_tried():
+    """
+    Its only backend failed its connect and is full now: nothing could
+    wake it (room there is not for it), so it is refused at once, not after
+    the queue's timeout.
+    """
+    mr = MemoryReactorClock()
+    cluster = clusterOf(9001)
+    proxy, clientT = startClient(ProxyFactory(cluster, mr, queueTimeout=5))
+    cluster.pool.report("b9001", connections=10, load=1.0)  # full meanwhile
+    failConnect(mr)
+    assert clientT.disconnecting and len(mr.tcpClients) == 1
+
+
 def test_failed_connects_to_a_backend_are_one_line_a_second_not_one_each(logged):
     # A backend that is not taken out (--max-ejected-percent) fails every
     # client sent to it: the first is told at once, the rest summed.

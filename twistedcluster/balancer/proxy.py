@@ -503,12 +503,14 @@ class ProxyServer(AwaitsHandshake, Relay):
         else:
             chosen = cluster.pick(exclude=self._tried)
         if chosen is None:
-            # Wait when every backend is full, or (in a worker) when those
-            # not tried are full only within this worker's share, as one
-            # process would route it there; room on a backend tried does
-            # not wake it.  Woken and queued again, it keeps its deadline.
+            # Wait when every backend is full (one not tried among them, as
+            # room on a backend tried does not wake it), or (in a worker)
+            # when those not tried are full only within this worker's
+            # share, as one process would route it there.  Woken and
+            # queued again, it keeps its deadline.
             tried = self._tried
-            if cluster.noRoomOnly() or (tried and cluster.roomElsewhere(tried)):
+            full = cluster.noRoomOnly() and (not tried or cluster.noRoomOnly(tried))
+            if full or (tried and cluster.roomElsewhere(tried)):
                 admission = factory.admission
                 deadline = self._waitUntil
                 if deadline is None:

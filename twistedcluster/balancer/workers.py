@@ -783,7 +783,7 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     os.close(channelFd)
 
     def flush() -> None:
-        figures = mirror.trafficOf(cluster.pool, said)
+        figures = mirror.trafficOf(cluster.pool, said, applied)
         waiting = proxyFactory.waiting
         if redirectFactory is not None and redirectFactory.shareWait is not None:
             waiting += len(redirectFactory.shareWait)

@@ -142,14 +142,15 @@ class Cluster:
         chosen = room[self.rng.randrange(len(room))]
         return Route(chosen, self.pool.acquire(chosen.name)) if counted else chosen
 
-    def noRoomOnly(self) -> bool:
+    def noRoomOnly(self, exclude: AbstractSet[str] = frozenset()) -> bool:
         """
-        Whether no backend may take a new connection only because every one
-        that could is at capacity (rather than down, drained or absent):
-        then a client may wait for room.
+        Whether no backend (but those in C{exclude}, already tried) may take
+        a new connection only because every one that could is at capacity
+        (rather than down, drained or absent): then a client may wait for
+        room.
         """
-        return not self.pool.candidates() and any(
-            b.full for b in self.pool.snapshot() if b.state is State.UP and b.weight > 0
+        return not self.pool.candidates(exclude) and any(
+            b.full for b in self.pool.snapshot() if b.state is State.UP and b.weight > 0 and b.name not in exclude
         )
 
     def roomElsewhere(self, exclude: AbstractSet[str] = frozenset()) -> bool:

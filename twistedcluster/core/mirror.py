@@ -43,9 +43,12 @@ __all__ = ["TrafficBook", "CapacityShares", "fold", "forgetGone", "release", "vi
 #: unless its service supplies one), the cost level least-load routes
 #: it on (C{None}: none measured, 1/capacity), and the worker's share of
 #: its capacity (L{CapacityShares}; C{None}: none given, capacity alone),
-#: and how many of the worker's redirect answers the main pool has counted
-#: as handed off (those since are the worker's own to count: L{applyView}).
-ViewEntry = Tuple[str, str, int, str, int, int, int, int, float, Optional[float], Optional[int], int]
+#: how many of the worker's redirect answers the main pool has counted as
+#: handed off (those since are the worker's own to count: L{applyView}),
+#: and the main pool's incarnation of it (L{Pool.incarnation}): a backend
+#: forgotten and added again under its name starts again from nothing in
+#: the worker too, and the worker's figures say which one they are of.
+ViewEntry = Tuple[str, str, int, str, int, int, int, int, float, Optional[float], Optional[int], int, Optional[int]]
 
 
 class TrafficBook:
@@ -112,7 +115,9 @@ def fold(
         incarnation = pool.incarnation(name)
         if book.born.get(name, incarnation) != incarnation:
             book.forget(name)
-        if incarnation is None:
+        if incarnation is None or (len(figures) > 4 and figures[4] is not None and figures[4] != incarnation):
+            # Figures of a backend of this name the main pool has forgotten
+            # since: they are not of the one it has now.
             continue
         book.born[name] = incarnation
         routed, held = figures[0], figures[1]
@@ -214,6 +219,7 @@ def viewFor(
     entries: List[ViewEntry] = []
     share = quotas.get if quotas is not None else (lambda name: None)
     handed = book.handedOff.get
+    incarnation = cluster.pool.incarnation
     for b in cluster.pool.snapshot():
         capacity = max(1, b.capacity)
         base = max(0, b.estimatedConnections - book.holding(b.name))
@@ -225,7 +231,7 @@ def viewFor(
         entries.append(
             (
                 b.name, b.host, b.port, b.state.value, b.weight, step, capacity, base,
-                round(extra, 9), cost, share(b.name), handed(b.name, 0),
+                round(extra, 9), cost, share(b.name), handed(b.name, 0), incarnation(b.name),
             )
         )
     return cluster.policyName, entries
@@ -250,19 +256,26 @@ def applyView(
     against the worker's share, until a view says it has (they would
     otherwise count nowhere for a sync interval).
 
-    C{applied} (kept by the caller, updated here) is the state and weight
-    last taken from the main process for each backend: only what the main
-    process changed is set again, so a backend this worker ejected (its
-    passive health check is its own) stays out, and an idle cluster costs
-    no re-indexing.
+    C{applied} (kept by the caller, updated here) is the state, weight and
+    incarnation last taken from the main process for each backend: only
+    what the main process changed is set again, so a backend this worker
+    ejected (its passive health check is its own) stays out, and an idle
+    cluster costs no re-indexing.  A backend of another incarnation (the
+    main pool forgot the last one and added one of the same name) is added
+    anew: what this worker counted on the old one goes with it, as in the
+    main pool (whose book of this worker dropped it: L{forgetGone}).
     """
     if policy != cluster.policyName:
         cluster.setPolicy(policy)
     pool = cluster.pool
     named = set()
-    for name, host, port, state, weight, step, capacity, base, extra, cost, quota, handed in entries:
+    for name, host, port, state, weight, step, capacity, base, extra, cost, quota, handed, born in entries:
         named.add(name)
+        was = applied.get(name)
+        if was is not None and was[2] != born and name in pool:
+            pool.removeMany([name])
         if name not in pool:
+            was = None
             applied.pop(name, None)
             pool.register(name, host, port, capacity=capacity)
         else:
@@ -278,8 +291,8 @@ def applyView(
             connections, load, 0, perConnection
         ):
             pool.report(name, connections, load, seen=None, cost=cost)
-        if applied.get(name) != (state, weight):
-            applied[name] = (state, weight)
+        if was is None or was[:2] != (state, weight):
+            applied[name] = (state, weight, born)
             if state == State.DOWN.value:
                 pool.markDown(name)
             else:
@@ -493,15 +506,18 @@ class CapacityShares:
         return out
 
 
-def trafficOf(pool: Pool, said: Dict[str, Tuple[int, int, int, int]]) -> Dict[str, List[int]]:
+def trafficOf(pool: Pool, said: Dict[str, tuple], applied: Optional[Dict[str, tuple]] = None) -> Dict[str, list]:
     """
     A worker's traffic to tell the main process (L{fold}): C{name: [routed,
-    held, answered, handed off]} for each backend whose figures changed
-    since C{said} (updated in place).
+    held, answered, handed off, incarnation]} for each backend whose figures
+    changed since C{said} (updated in place); the main pool's incarnation
+    of the backend as C{applied} (L{applyView}'s) last took it, so that
+    figures of one forgotten since count for nothing.
     """
-    out: Dict[str, List[int]] = {}
+    out: Dict[str, list] = {}
+    born = (lambda name: (applied.get(name) or (None, None, None))[2]) if applied is not None else (lambda name: None)
     for b in pool.snapshot():
-        figures = (b.routed, b.active, b.answered, b.handedOff)
+        figures = (b.routed, b.active, b.answered, b.handedOff, born(b.name))
         if said.get(b.name) != figures:
             said[b.name] = figures
             out[b.name] = list(figures)
