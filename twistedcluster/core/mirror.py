@@ -219,10 +219,14 @@ def viewFor(
     entries: List[ViewEntry] = []
     share = quotas.get if quotas is not None else (lambda name: None)
     handed = book.handedOff.get
-    incarnation = cluster.pool.incarnation
+    incarnation = cluster.pool.incarnations.get
+    # TrafficBook.holding, inlined: a view of thousands of backends.
+    tickets, answers = book.tickets.get, book.answers.get
     for b in cluster.pool.snapshot():
+        name = b.name
         capacity = max(1, b.capacity)
-        base = max(0, b.estimatedConnections - book.holding(b.name))
+        held = len(tickets(name, ())) + len(answers(name, ()))
+        base = max(0, b.estimatedConnections - held)
         extra = b.load - b.connections * b.cost
         # Workers route least-load on the main pool's costs; without one,
         # a connection costs 1/capacity there too.
@@ -230,8 +234,8 @@ def viewFor(
         step = round(b.ramp * RAMP_STEPS)
         entries.append(
             (
-                b.name, b.host, b.port, b.state.value, b.weight, step, capacity, base,
-                round(extra, 9), cost, share(b.name), handed(b.name, 0), incarnation(b.name),
+                name, b.host, b.port, b.state.value, b.weight, step, capacity, base,
+                round(extra, 9), cost, share(name), handed(name, 0), incarnation(name),
             )
         )
     return cluster.policyName, entries

@@ -440,6 +440,7 @@ class Pool:
         self._ticket = 0
         #: Members added so far (L{incarnation}).
         self._added = 0
+        self._incarnations: Optional[Tuple[Tuple[int, int], Dict[str, int]]] = None
         self._epoch = 0
         #: The backends with an operator setting (L{_Member.configured}),
         #: kept as they change so that saving them costs nothing per backend.
@@ -496,6 +497,19 @@ class Pool:
         """
         m = self._members.get(name)
         return None if m is None else m.incarnation
+
+    @property
+    def incarnations(self) -> Dict[str, int]:
+        """
+        L{incarnation} of every backend, by name: made again only when a
+        backend was added or left (for a view of thousands, where a call
+        per backend showed).  Read it, do not change it.
+        """
+        key = (self._added, len(self._members))
+        cached = self._incarnations
+        if cached is None or cached[0] != key:
+            cached = self._incarnations = (key, {n: m.incarnation for n, m in self._members.items()})
+        return cached[1]
 
     @property
     def added(self) -> int:
