@@ -32,11 +32,18 @@ class Cluster3:
         #: (name, ticket), to settle or expire as the main process would.
         self.handedOff = []
 
+    def settle(self, name, ticket, settled):
+        # As the main process's redirect factory does with a settled one
+        # (after HANDOFF_SETTLE with one that is not).
+        self.handedOff.append((name, ticket))
+        if settled:
+            self.main.pool.connected(name, ticket, served=False)
+
     def fold(self, i):
         w = self.workers[i]
         mirror.fold(
             self.main.pool, self.books[i], mirror.trafficOf(w.pool, self.said[i], self.applied[i]),
-            lambda name, ticket, settled: self.handedOff.append((name, ticket)),
+            self.settle,
         )
 
     def sync(self):

@@ -85,7 +85,7 @@ class WaitQueue:
         forShare: Optional[Callable[[], bool]] = None,
         exclude: Iterable[str] = (),
         deadline: Optional[float] = None,
-    ) -> None:
+    ) -> Optional[float]:
         """
         Let C{client} wait; C{refuse} at once when the queue is full, unless
         C{forShare()} says it waits for a share: the cluster has room, but
@@ -100,19 +100,25 @@ class WaitQueue:
         @param deadline: when it is refused (the clock's time); by default
             C{timeout} from now.  A client woken and queued again keeps the
             deadline it had.
+        @return: its deadline (to give again if it is queued again), or
+            C{None} when it was refused at once.
         """
         n = len(self._queue)
         pastSize = n >= self.size
         if pastSize:
             mayWait = n < max(self.size, DEFAULT_QUEUE_SIZE) and forShare is not None and forShare()
             if not mayWait:
-                return refuse(_queueFull(n))
+                refuse(_queueFull(n))
+                return None
         self.waited += 1
-        wait = self.timeout if deadline is None else max(0.0, deadline - self.clock.seconds())
-        timer = self.clock.callLater(wait, self._timedOut, client)
+        now = self.clock.seconds()
+        if deadline is None:
+            deadline = now + self.timeout
+        timer = self.clock.callLater(max(0.0, deadline - now), self._timedOut, client)
         self._queue[client] = (timer, retry, refuse, frozenset(exclude), forShare)
         if len(self._queue) == 1:
             self.pool.watch(self._mayHaveRoom)
+        return deadline
 
     def dequeue(self, client: Hashable) -> None:
         """

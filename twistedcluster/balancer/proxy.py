@@ -511,12 +511,11 @@ class ProxyServer(AwaitsHandshake, Relay):
             tried = self._tried
             full = cluster.noRoomOnly() and (not tried or cluster.noRoomOnly(tried))
             if full or (tried and cluster.roomElsewhere(tried)):
-                admission = factory.admission
-                deadline = self._waitUntil
-                if deadline is None:
-                    deadline = self._waitUntil = factory.reactor.seconds() + admission.timeout
                 forShare = (lambda: cluster.roomElsewhere(tried)) if tried else cluster.roomElsewhere
-                return admission.enqueue(self, self.route, self.refuse, forShare, tried, deadline)
+                self._waitUntil = factory.admission.enqueue(
+                    self, self.route, self.refuse, forShare, tried, self._waitUntil
+                )
+                return
             if tried:
                 return self.refuse("no other backend to try", end=ends.CONNECT_FAILED)
             return self.refuse("no backend available", end=ends.NO_BACKEND)

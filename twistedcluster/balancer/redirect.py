@@ -109,14 +109,9 @@ class HandOffs:
         """
         return self._bySource.get(source, 0) < self.perSource
 
-    def add(self, now: float, source: str, name: str, ticket: int, settled: bool = False) -> None:
-        """
-        An answer given at C{now}; C{settled}: one whose settling was seen
-        to elsewhere (a worker's), to expire only.
-        """
+    def add(self, now: float, source: str, name: str, ticket: int) -> None:
         self._queue.append((now + self.window, source, name, ticket))
-        if not settled:
-            self._settling.append((now + self.settle, name, ticket))
+        self._settling.append((now + self.settle, name, ticket))
         self._bySource[source] = self._bySource.get(source, 0) + 1
 
     def due(self, now: float) -> Tuple[List[Tuple[str, int]], List[Tuple[str, int]]]:
@@ -203,11 +198,10 @@ class RedirectProtocol(AwaitsHandshake, Protocol):
             shareWait = factory.shareWait
             if counted and shareWait is not None:
                 # Woken and queued again, it keeps its first deadline.
-                if self._waitUntil is None:
-                    self._waitUntil = now + shareWait.timeout
-                return shareWait.enqueue(
+                self._waitUntil = shareWait.enqueue(
                     self, self._answer, self._refused, cluster.roomElsewhere, deadline=self._waitUntil
                 )
+                return
             chosen = cluster.pickBeyondShare(key, counted)
         line = NO_BACKEND
         if chosen is None:
@@ -296,7 +290,6 @@ class RedirectFactory(Factory):
     limit = None
     shareWait = None
     holdAnswers = False
-    _marksDue: Optional[set] = None
     _handOffCall = None
 
     @staticmethod
@@ -348,26 +341,14 @@ class RedirectFactory(Factory):
         (L{twistedcluster.core.mirror.fold}): it counts until a report has
         seen it or its window is over, as this factory's own answers do.
         C{settled}: its client has had time to connect (the worker held it
-        that long), and its backend gets a newer mark at once, for its next
-        report to count it; else (the worker died holding it) it settles
-        here first, as this factory's own answers do.
+        that long), so it settles here at once (its backend gets a newer
+        mark, for its next report to count it); else (the worker died
+        holding it) it settles here in its own time.
         """
         handOffs = self.handOffs
-        now = self.clock.seconds()
-        if not settled:
-            handOffs.add(now, WORKERS, name, ticket)
-            self.scheduleHandOffs()
-            return
-        handOffs.add(now - handOffs.settle, WORKERS, name, ticket, settled=True)
+        given = self.clock.seconds() - (handOffs.settle if settled else 0.0)
+        handOffs.add(given, WORKERS, name, ticket)
         self.scheduleHandOffs()
-        if self._marksDue is None:
-            self._marksDue = set()
-            self.clock.callLater(0, self._pushMarksDue)
-        self._marksDue.add(name)
-
-    def _pushMarksDue(self) -> None:
-        names, self._marksDue = self._marksDue, None
-        self.pushMarks(names)
 
     def scheduleHandOffs(self) -> None:
         """

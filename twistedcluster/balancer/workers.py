@@ -307,9 +307,9 @@ class WorkerSupervisor(Service):
         #: change the shares, and so call for a view though the pool did not
         #: change.
         self._sharesMoved = False
-        #: The pool's additions and size when the books were last checked
-        #: for backends gone (L{_forgetGone}).
-        self._membership = (0, 0)
+        #: The pool's incarnations when the books were last checked for
+        #: backends gone (L{_forgetGone}): a new map, a backend came or went.
+        self._incarnations: Optional[Dict[str, int]] = None
         self._sync = LoopingCall(self._push)
         self._pings = LoopingCall(self._ping)
         self._sync.clock = reactor
@@ -505,9 +505,9 @@ class WorkerSupervisor(Service):
         shares): only when a backend was added or left.
         """
         pool = self.cluster.pool
-        membership = (pool.added, len(pool))
-        if membership != self._membership:
-            self._membership = membership
+        incarnations = pool.incarnations
+        if incarnations is not self._incarnations:
+            self._incarnations = incarnations
             for worker in self.workers.values():
                 mirror.forgetGone(pool, worker.book)
 
@@ -541,7 +541,6 @@ class WorkerSupervisor(Service):
             return
         if shares is None:
             shares = self._plan().get(worker.index, {})
-        self._forgetGone()
         view = mirror.viewFor(self.cluster, worker.book, shares)
         sendProxy = dict(self.sendProxyFor)
         if (view, sendProxy) != worker.said:

@@ -107,9 +107,10 @@ def fold(
     connection it no longer holds.  An answer is handed off here at once
     (L{Pool.handOff}: added, not relayed) but counts as the worker's
     (L{TrafficBook.holding}) until the worker has handed it off; then a
-    report may count it, and C{handedOff} (the main process's
-    L{twistedcluster.balancer.redirect.RedirectFactory.handedOff}) is told,
-    to expire it as one balancer does its own answers.
+    C{handedOff} (the main process's
+    L{twistedcluster.balancer.redirect.RedirectFactory.handedOff}) settles
+    it, from when a report may count it, and expires it, as one balancer
+    does its own answers.
     """
     for name, figures in traffic.items():
         incarnation = pool.incarnation(name)
@@ -146,7 +147,7 @@ def fold(
             tickets.append(ticket)
         holdsAnswers = max(0, answered - handed)
         while len(answers) > holdsAnswers:
-            _settled(pool, name, answers.popleft(), handedOff)
+            _handOver(pool, name, answers.popleft(), handedOff, True)
         while len(tickets) > max(0, held - holdsAnswers):
             pool.release(name, tickets.popleft())
 
@@ -162,22 +163,25 @@ def forgetGone(pool: Pool, book: TrafficBook) -> None:
     since (or forgotten and added again): their figures there are of a
     backend that is gone, and would count as the worker's in its shares and
     its view until the worker next spoke of them.  Call it when the pool's
-    L{Pool.added} moved or a backend left it.
+    L{Pool.incarnations} moved.
     """
+    incarnation = pool.incarnations.get
     for name, born in list(book.born.items()):
-        if pool.incarnation(name) != born:
+        if incarnation(name) != born:
             book.forget(name)
 
 
-def _settled(pool: Pool, name: str, ticket: int, handedOff: Optional[HandedOff]) -> None:
+def _handOver(pool: Pool, name: str, ticket: int, handedOff: Optional[HandedOff], settled: bool) -> None:
     """
     An answer a worker held (a ticket of L{TrafficBook.answers}) is handed
-    off: its client has had time to connect, so a report may count it from
-    the next mark on; C{handedOff} expires it.
+    off, C{settled} if its client has had time to connect: C{handedOff}
+    settles it (from then on a report may count it) and expires it;
+    without C{handedOff}, it is taken as settled now.
     """
-    pool.connected(name, ticket, served=False)
-    if handedOff is not None:
-        handedOff(name, ticket, True)
+    if handedOff is None:
+        pool.connected(name, ticket, served=False)
+    else:
+        handedOff(name, ticket, settled)
 
 
 def release(pool: Pool, book: TrafficBook, handedOff: Optional[HandedOff] = None) -> None:
@@ -190,10 +194,7 @@ def release(pool: Pool, book: TrafficBook, handedOff: Optional[HandedOff] = None
     """
 
     def answered(name: str, ticket: int) -> None:
-        if handedOff is None:
-            pool.connected(name, ticket, served=False)
-        else:
-            handedOff(name, ticket, False)
+        _handOver(pool, name, ticket, handedOff, False)
 
     for kept, end in ((book.tickets, pool.release), (book.answers, answered)):
         for name, tickets in kept.items():

@@ -503,21 +503,14 @@ class Pool:
         """
         L{incarnation} of every backend, by name: made again only when a
         backend was added or left (for a view of thousands, where a call
-        per backend showed).  Read it, do not change it.
+        per backend showed), so a new map says that one was.  Read it, do
+        not change it.
         """
         key = (self._added, len(self._members))
         cached = self._incarnations
         if cached is None or cached[0] != key:
             cached = self._incarnations = (key, {n: m.incarnation for n, m in self._members.items()})
         return cached[1]
-
-    @property
-    def added(self) -> int:
-        """
-        How many backends were ever added (each a new L{incarnation}): it
-        moves when one is, after being forgotten or not.
-        """
-        return self._added
 
     def __len__(self) -> int:
         return len(self._members)
