@@ -13,11 +13,14 @@ paused (this process and the balancer take cores cluster-admin would use),
 with the CPU each call took in cluster-admin and in the balancer.
 
     python bench/controlplane.py [--backends 1000,10000] [--seconds 10]
-        [--mode auto|answered] [--status-calls 3] [--baseline DIR]
+        [--mode auto|answered] [--status-calls 3] [--workers N] [--baseline DIR]
 
 --mode answered makes every report ask for an answer (as backends before
 one-way reports did); auto (the default) speaks as today's backend does,
-one-way when the balancer offers it.  --baseline DIR also measures, in the
+one-way when the balancer offers it.  --workers N runs the balancer with
+``--workers N`` and also measures its workers' CPU together (they route no
+client here: what they take is what keeping their pools the main one's
+costs).  --baseline DIR also measures, in the
 same run and alternating with this code, a balancer and a cluster-admin
 from the twistedcluster package in DIR (e.g. ``git archive REF
 twistedcluster twisted | tar -x -C DIR``; the simulated backends stay this
@@ -52,6 +55,24 @@ def cpuSeconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def childrenOf(pid: int) -> list:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def workersCpuSeconds(pid: int) -> float:
+    total = 0.0
+    for child in childrenOf(pid):
+        try:
+            total += cpuSeconds(child)
+        except OSError:
+            pass
+    return total
 
 
 def rssKiB(pid: int) -> int:
@@ -164,9 +185,11 @@ def simulate(reactor, control: str, n: int, seconds: float, mode: str, balancerP
         loop.start(0.01)
         await task.deferLater(reactor, 3.0, lambda: None)  # settle
         cpu0, t0, r0 = cpuSeconds(balancerPid), time.monotonic(), Sim.reports
+        wcpu0 = workersCpuSeconds(balancerPid)
         own0 = ownCpuSeconds()
         await task.deferLater(reactor, seconds, lambda: None)
         cpu1, t1, r1 = cpuSeconds(balancerPid), time.monotonic(), Sim.reports
+        wcpu1 = workersCpuSeconds(balancerPid)
         own1 = ownCpuSeconds()
         rss1 = rssKiB(balancerPid)
         result = {
@@ -174,6 +197,7 @@ def simulate(reactor, control: str, n: int, seconds: float, mode: str, balancerP
             "connectSeconds": connectTime,
             "reportsPerSecond": (r1 - r0) / (t1 - t0),
             "balancerCpuPercent": 100 * (cpu1 - cpu0) / (t1 - t0),
+            "workersCpuPercent": 100 * (wcpu1 - wcpu0) / (t1 - t0),
             "usPerReport": 1e6 * (cpu1 - cpu0) / max(1, r1 - r0),
             "senderUsPerReport": 1e6 * (own1 - own0) / max(1, r1 - r0),
             "balancerRssKiB": rss1,
@@ -259,6 +283,8 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=["auto", "answered"], default="auto")
     p.add_argument("--status-calls", type=int, default=3, metavar="N",
                    help="cluster-admin status calls in each phase (default 3)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="run the balancer with --workers N (default: one process)")
     p.add_argument("--baseline", metavar="DIR",
                    help="also measure the balancer and cluster-admin of the package in DIR")
     args = p.parse_args(argv)
@@ -270,6 +296,9 @@ def main(argv=None) -> int:
     if not 1 <= args.status_calls <= 20:
         p.error("--status-calls: 1 to 20")
     ADMIN["calls"] = args.status_calls
+    if not 0 <= args.workers <= 16:
+        p.error("--workers: 0 to 16")
+    workerArgs = ["--workers", str(args.workers)] if args.workers else []
     codes = [("this", ROOT)]
     if args.baseline:
         base = Path(args.baseline).resolve()
@@ -295,7 +324,7 @@ def main(argv=None) -> int:
                     cluster = LocalCluster(Path(d))
                     cluster.env = env
                     balancer = cluster.startBalancer(
-                        extra=["--max-control-connections", str(n + 100)]
+                        extra=["--max-control-connections", str(n + 100)] + workerArgs
                     )
                     try:
                         ADMIN["endpoint"], ADMIN["env"] = cluster.admin, env
@@ -318,7 +347,7 @@ def main(argv=None) -> int:
     reactor.callWhenRunning(lambda: __import__("twisted.internet.defer", fromlist=["x"])
                             .ensureDeferred(work()).addCallbacks(done, failed))
     reactor.run()
-    _print(results, codes, args.mode)
+    _print(results, codes, args.mode, args.workers)
     return 0 if len(results) == len(counts) * len(codes) else 1
 
 
@@ -338,13 +367,15 @@ def _summary(runs: list) -> dict:
     }
 
 
-def _print(results: list, codes: list, mode: str) -> None:
+def _print(results: list, codes: list, mode: str, workers: int = 0) -> None:
     for label, code in codes:
         print(f"{label}: {code}")
+    if workers:
+        print(f"--workers {workers}: cpu % is the main process's, workers % theirs together")
     print(f"mode: {mode}; status: wall s of each call (! failed: no answer in cluster-admin's"
           " --timeout); cpu: median s per call of cluster-admin and of the balancer (its"
           " reports included)")
-    print(f"{'code':>9}{'backends':>9}{'reports/s':>11}{'cpu %':>7}{'us/report':>10}"
+    print(f"{'code':>9}{'backends':>9}{'reports/s':>11}{'cpu %':>7}{'workers %':>10}{'us/report':>10}"
           f"{'sender us':>10}{'RSS MiB':>9}{'KiB/backend':>12}"
           f"{'one-way':>8}{'status s, reporting':>28}{'cpu':>11}"
           f"{'status s, paused':>28}{'cpu':>11}")
@@ -356,7 +387,7 @@ def _print(results: list, codes: list, mode: str) -> None:
             s = _summary([calls])
             row.append(f"{s['adminCpu']:.2f}/{s['balancerCpu']:.2f}")
         print(f"{r['code']:>9}{r['backends']:>9,}{r['reportsPerSecond']:>11.0f}"
-              f"{r['balancerCpuPercent']:>7.1f}{r['usPerReport']:>10.1f}"
+              f"{r['balancerCpuPercent']:>7.1f}{r.get('workersCpuPercent', 0):>10.1f}{r['usPerReport']:>10.1f}"
               f"{r['senderUsPerReport']:>10.1f}{r['balancerRssKiB'] / 1024:>9.1f}"
               f"{r['kibPerBackend']:>12.1f}{r['oneWay']:>8}"
               f"{row[0]:>28}{row[1]:>11}{row[2]:>28}{row[3]:>11}")
@@ -378,6 +409,10 @@ def _print(results: list, codes: list, mode: str) -> None:
         report = statistics.median(r["usPerReport"] for r in mine) / statistics.median(
             r["usPerReport"] for r in base)
         parts.append(f"report {report:.2f}x")
+        if workers:
+            def cpu(rs):
+                return statistics.median(r["balancerCpuPercent"] + r.get("workersCpuPercent", 0) for r in rs)
+            parts.append(f"main + workers CPU {cpu(mine) / max(0.1, cpu(base)):.2f}x")
         print(f"  {n:,} backends ({len(mine)} and {len(base)} runs): " + "; ".join(parts))
 
 

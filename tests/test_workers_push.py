@@ -67,7 +67,11 @@ def test_a_worker_that_stops_reading_gets_only_the_newest_view_then_is_killed(lo
     worker.channel.transport._tempDataLen = 0
     clock.advance(workers.PUSH_RETRY)
     assert len(worker.channel.sent) == 2
-    assert len(worker.channel.sent[-1]["backends"]) == 51
+    # It says what changed since the view the worker has: the 50 added.
+    first, newest = worker.channel.sent
+    assert [e[0] for e in first["backends"]] == ["a"] and "removed" not in first
+    assert sorted(e[0] for e in newest["backends"]) == sorted(f"b{n}" for n in range(50))
+    assert newest["removed"] == []
     # It stops for good: killed after HUNG_AFTER seconds without reading.
     worker.channel.transport._tempDataLen = 500
     cluster.pool.register("c", "127.0.0.1", 8000, capacity=10)

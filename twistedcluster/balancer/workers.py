@@ -18,8 +18,9 @@ should see it, with the worker's share of each backend's capacity
 (L{mirror.CapacityShares}: capacity holds across workers however fast
 clients come), the worker sends what it routed and holds, the view it
 applied and how many clients wait for room, each at most every
-L{SYNC_INTERVAL} seconds and only when something changed.  A pick stays a
-local call.  A worker that exits is started again; only its clients lose
+L{SYNC_INTERVAL} seconds and only when something changed, and each saying
+only what changed (at thousands of backends a whole view each interval kept
+every process busy).  A pick stays a local call.  A worker that exits is started again; only its clients lose
 their connections.
 """
 
@@ -217,7 +218,10 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.index = index
         self.book = mirror.TrafficBook()
         self.channel: Optional[_Channel] = None
-        self.said: Optional[tuple] = None  # the last view sent
+        #: What it was last sent of the pool (each view after the first
+        #: says only what changed), and of the PROXY header versions.
+        self.view = mirror.ViewSender()
+        self.saidProxy: Optional[Dict[str, str]] = None
         #: Since when a view has waited for it to read the last one, and
         #: the call that tries again (L{WorkerSupervisor._pushLater}).
         self.stuckSince: Optional[float] = None
@@ -310,6 +314,9 @@ class WorkerSupervisor(Service):
         #: The pool's incarnations when the books were last checked for
         #: backends gone (L{_forgetGone}): a new map, a backend came or went.
         self._incarnations: Optional[Dict[str, int]] = None
+        #: The backends whose status changed since the workers' views
+        #: were told (L{_gather}).
+        self._changes = cluster.pool.follow()
         self._sync = LoopingCall(self._push)
         self._pings = LoopingCall(self._ping)
         self._sync.clock = reactor
@@ -514,7 +521,18 @@ class WorkerSupervisor(Service):
     def _plan(self) -> Dict[int, Dict[str, int]]:
         self._forgetGone()
         books = {i: w.book for i, w in self.workers.items()}
-        return self.shares.plan(self.cluster.pool.snapshot(), books)
+        return self.shares.plan(self.cluster.pool, books)
+
+    def _gather(self) -> None:
+        """
+        Tell every worker's view what changed in the pool and in the
+        shares since: what its next view may have to say.
+        """
+        for changes in (self._changes, self.shares.moved):
+            if changes:
+                for worker in self.workers.values():
+                    worker.view.touch(changes)
+                changes.clear()
 
     def reopenAccessLogs(self) -> None:
         """
@@ -541,12 +559,19 @@ class WorkerSupervisor(Service):
             return
         if shares is None:
             shares = self._plan().get(worker.index, {})
-        view = mirror.viewFor(self.cluster, worker.book, shares)
-        sendProxy = dict(self.sendProxyFor)
-        if (view, sendProxy) != worker.said:
-            worker.said = (view, sendProxy)
-            number = self.shares.sent(worker.index, shares)
-            channel.send({"policy": view[0], "backends": view[1], "sendProxy": sendProxy, "number": number})
+        self._gather()
+        sendProxy = self.sendProxyFor
+        view = worker.view.next(self.cluster, worker.book, shares, force=sendProxy != worker.saidProxy)
+        if view is not None:
+            policy, entries, removed = view
+            worker.saidProxy = sendProxy = dict(sendProxy)
+            # The shares that may have moved are in what the view says.
+            changed = None if removed is None else {e[0] for e in entries}.union(removed)
+            number = self.shares.sent(worker.index, shares, changed)
+            message = {"policy": policy, "backends": entries, "sendProxy": sendProxy, "number": number}
+            if removed is not None:
+                message["removed"] = removed
+            channel.send(message)
 
     def _ping(self) -> None:
         """
@@ -657,7 +682,7 @@ def applyMessage(m: Dict[str, Any], cluster, applied: dict, proxyFactory) -> Non
     main process has for it now (C{cluster-admin add --send-proxy}, the
     state file, a C{remove}), not what the command line gave.
     """
-    mirror.applyView(cluster, m["policy"], m["backends"], applied)
+    mirror.applyView(cluster, m["policy"], m["backends"], applied, m.get("removed"))
     sendProxy = m.get("sendProxy")
     if sendProxy is not None and sendProxy != proxyFactory.sendProxyFor:
         proxyFactory.sendProxyFor.clear()
@@ -781,8 +806,12 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     )
     os.close(channelFd)
 
+    changes = cluster.pool.follow()
+
     def flush() -> None:
-        figures = mirror.trafficOf(cluster.pool, said, applied)
+        names = set(changes)
+        changes.clear()
+        figures = mirror.trafficOf(cluster.pool, said, applied, names)
         waiting = proxyFactory.waiting
         if redirectFactory is not None and redirectFactory.shareWait is not None:
             waiting += len(redirectFactory.shareWait)

@@ -35,7 +35,7 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 from twistedcluster.core.cluster import Cluster
 from twistedcluster.core.pool import RAMP_STEPS, AdminState, Pool, State
 
-__all__ = ["TrafficBook", "CapacityShares", "fold", "forgetGone", "release", "viewFor", "applyView", "trafficOf"]
+__all__ = ["TrafficBook", "CapacityShares", "fold", "forgetGone", "release", "ViewSender", "viewFor", "viewChanges", "applyView", "trafficOf"]
 
 #: One backend in a view: name, host, port, state, weight, slow start's
 #: step (of RAMP_STEPS), capacity, base (connections on it not held by the
@@ -70,8 +70,9 @@ class TrafficBook:
         #: that these figures are of.
         self.born: Dict[str, Optional[int]] = {}
         #: Backends whose count here changed since L{CapacityShares.plan}
-        #: last looked.
+        #: last looked, and since the worker was last sent a view.
         self.changed: set = set()
+        self.unsent: set = set()
 
     def forget(self, name: str) -> None:
         """
@@ -82,6 +83,7 @@ class TrafficBook:
         for d in (self.routed, self.tickets, self.answers, self.answered, self.handedOff, self.born):
             d.pop(name, None)
         self.changed.add(name)
+        self.unsent.add(name)
 
     def holding(self, name: str) -> int:
         """
@@ -126,6 +128,7 @@ def fold(
         tickets = book.tickets.setdefault(name, deque())
         answers = book.answers.setdefault(name, deque())
         book.changed.add(name)
+        book.unsent.add(name)
         # Its routed total also falls (a connect that failed, a client that
         # left before it): answers are counted on their own total.
         newAnswers = max(0, answered - book.answered.get(name, 0))
@@ -199,6 +202,7 @@ def release(pool: Pool, book: TrafficBook, handedOff: Optional[HandedOff] = None
     for kept, end in ((book.tickets, pool.release), (book.answers, answered)):
         for name, tickets in kept.items():
             book.changed.add(name)
+            book.unsent.add(name)
             while tickets:
                 ticket = tickets.popleft()
                 if name in pool:
@@ -217,13 +221,92 @@ def viewFor(
     The main pool as the worker whose traffic is C{book} should route on it,
     with its C{quotas} (L{CapacityShares.plan}) if given.
     """
+    return cluster.policyName, _entries(cluster.pool, cluster.pool.snapshot(), book, quotas)
+
+
+class ViewSender:
+    """
+    What the main process last sent one worker of the pool, so that a view
+    after the first says only what changed (L{viewChanges}): at thousands
+    of backends, a whole view each sync interval kept the main process and
+    every worker busy building, encoding and applying it, with no client
+    about.
+
+    The caller tells it the names of what may have changed that this worker
+    does not hear of otherwise (L{touch}): the pool's changes
+    (L{Pool.follow}) and the shares a plan moved (L{CapacityShares.moved});
+    the worker's own book it reads itself (L{TrafficBook.unsent}).
+    """
+
+    def __init__(self) -> None:
+        #: Each backend's entry as last sent, by name; C{None} until a
+        #: whole view went.
+        self.sent: Optional[Dict[str, ViewEntry]] = None
+        self.policy: Optional[str] = None
+        #: Backends whose entry may differ from what was sent.
+        self.pending: set = set()
+
+    def touch(self, names) -> None:
+        if self.sent is not None:
+            self.pending |= names
+
+    def next(
+        self, cluster: Cluster, book: TrafficBook, quotas: Optional[Dict[str, int]], force: bool = False
+    ) -> Optional[Tuple[str, List[ViewEntry], Optional[List[str]]]]:
+        """
+        The view to send now: (policy, entries, removed), C{removed} C{None}
+        for a whole view (the first), else the backends gone since (for
+        L{applyView}); C{None} when nothing changed and not C{force}.
+        """
+        if self.sent is not None:
+            self.pending |= book.unsent
+        book.unsent.clear()
+        if self.sent is None:
+            policy, entries = viewFor(cluster, book, quotas)
+            self.sent = {e[0]: e for e in entries}
+            self.policy = policy
+            self.pending.clear()
+            return policy, entries, None
+        names, self.pending = self.pending, set()
+        policy, entries, gone = viewChanges(cluster, book, quotas, names)
+        sent = self.sent
+        entries = [e for e in entries if sent.get(e[0]) != e]
+        gone = [name for name in gone if sent.pop(name, None) is not None]
+        if not (entries or gone or force or policy != self.policy):
+            return None
+        for e in entries:
+            sent[e[0]] = e
+        self.policy = policy
+        return policy, entries, gone
+
+
+def viewChanges(
+    cluster: Cluster, book: TrafficBook, quotas: Optional[Dict[str, int]], names
+) -> Tuple[str, List[ViewEntry], List[str]]:
+    """
+    L{viewFor}, of the backends C{names} only: their entries, and those of
+    them the main pool no longer has.  A worker kept up to date with what
+    changed (L{Pool.follow}, L{TrafficBook.unsent}, L{CapacityShares.moved})
+    costs what changed, not a view of every backend each sync interval.
+    """
+    pool = cluster.pool
+    present, gone = [], []
+    for name in names:
+        if name in pool:
+            present.append(pool.get(name))
+        else:
+            gone.append(name)
+    return cluster.policyName, _entries(pool, present, book, quotas), gone
+
+
+def _entries(pool: Pool, statuses, book: TrafficBook, quotas: Optional[Dict[str, int]]) -> List[ViewEntry]:
     entries: List[ViewEntry] = []
     share = quotas.get if quotas is not None else (lambda name: None)
     handed = book.handedOff.get
-    incarnation = cluster.pool.incarnations.get
+    incarnation = pool.incarnations.get
     # TrafficBook.holding, inlined: a view of thousands of backends.
     tickets, answers = book.tickets.get, book.answers.get
-    for b in cluster.pool.snapshot():
+    for b in statuses:
         name = b.name
         capacity = max(1, b.capacity)
         held = len(tickets(name, ())) + len(answers(name, ()))
@@ -239,7 +322,7 @@ def viewFor(
                 round(extra, 9), cost, share(name), handed(name, 0), incarnation(name),
             )
         )
-    return cluster.policyName, entries
+    return entries
 
 
 _ADMIN = {
@@ -250,7 +333,11 @@ _ADMIN = {
 
 
 def applyView(
-    cluster: Cluster, policy: str, entries: List[ViewEntry], applied: Dict[str, tuple]
+    cluster: Cluster,
+    policy: str,
+    entries: List[ViewEntry],
+    applied: Dict[str, tuple],
+    removed: Optional[List[str]] = None,
 ) -> None:
     """
     Make a worker's pool what the main process says, keeping the connections
@@ -269,6 +356,10 @@ def applyView(
     main pool forgot the last one and added one of the same name) is added
     anew: what this worker counted on the old one goes with it, as in the
     main pool (whose book of this worker dropped it: L{forgetGone}).
+
+    With C{removed} (L{viewChanges}), C{entries} are the backends that
+    changed and C{removed} those the main pool has no longer; without, they
+    are every backend, and any other goes.
     """
     if policy != cluster.policyName:
         cluster.setPolicy(policy)
@@ -307,7 +398,10 @@ def applyView(
         pool.setRamp(name, step)
         # Its answers since count against its share too.
         pool.setQuota(name, None if quota is None else quota - pending)
-    gone = [b.name for b in pool.snapshot() if b.name not in named]
+    if removed is None:
+        gone = [b.name for b in pool.snapshot() if b.name not in named]
+    else:
+        gone = [name for name in removed if name in pool and name not in named]
     if gone:
         pool.removeMany(gone)
         for name in gone:
@@ -336,20 +430,26 @@ class CapacityShares:
     """
 
     def __init__(self) -> None:
-        #: Per worker: (view number, shares) sent since, and including, the
-        #: last view it said it applied; oldest first.
-        self._sent: Dict[int, List[Tuple[int, Dict[str, int]]]] = {}
+        #: Per worker: (view number, shares, the backends whose share may
+        #: differ from the view before or C{None}) sent since, and
+        #: including, the last view it said it applied; oldest first.
+        self._sent: Dict[int, List[Tuple[int, Dict[str, int], Optional[set]]]] = {}
         #: Per worker and backend: the largest share in C{_sent}.
         self._inForce: Dict[int, Dict[str, int]] = {}
         self._numbers: Dict[int, int] = {}
         #: Per worker: clients waiting for room there, as it last said.
         self.demand: Dict[int, int] = {}
-        #: Per backend, the status the last plan saw and the shares it gave:
-        #: a backend whose status is the same object and that is not in
-        #: C{_dirty} (its counts and reserves unchanged) gets the same shares
-        #: without working them out again (most of thousands, in a busy
-        #: cluster); and the workers and the demand it was made for.
-        self._planned: Dict[str, tuple] = {}
+        #: Per backend, the shares the last plan gave it: a backend whose
+        #: status did not change (L{Pool.follow}) and that is not in
+        #: C{_dirty} (its counts and reserves unchanged) keeps them without
+        #: being looked at (most of thousands, in a busy cluster); and the
+        #: workers and the demand they were made for.
+        self._planned: Dict[str, List[int]] = {}
+        #: Each worker's shares, by backend, as the last plan left them.
+        self._out: Dict[int, Dict[str, int]] = {}
+        #: The pool planned for, and its changes since (L{Pool.follow}).
+        self._pool: Optional[Pool] = None
+        self._changes: set = set()
         self._plannedFor: List[int] = []
         self._plannedWants: List[int] = []
         #: Backends where some worker holds its whole share: the only ones a
@@ -357,12 +457,16 @@ class CapacityShares:
         self._tight: set = set()
         #: Backends whose reserve in some worker changed since the last plan.
         self._dirty: set = set()
+        #: Backends whose share in some worker a plan changed, for the
+        #: caller to take (and empty): what a view must tell again.
+        self.moved: set = set()
 
     def join(self, worker: int) -> None:
         """
         A worker started: it holds nothing and has been given nothing.
         """
         self._sent[worker] = []
+        self._plannedFor = []  # every backend planned again
         self._inForce[worker] = {}
         self._numbers[worker] = 0
         self.demand[worker] = 0
@@ -373,24 +477,35 @@ class CapacityShares:
         """
         for d in (self._sent, self._inForce, self._numbers, self.demand):
             d.pop(worker, None)
+        self._plannedFor = []
 
     def __contains__(self, worker: object) -> bool:
         return worker in self._sent
 
-    def sent(self, worker: int, shares: Dict[str, int]) -> int:
+    def sent(self, worker: int, shares: Dict[str, int], changed=None) -> int:
         """
         C{shares} went to C{worker} in a view: return that view's number,
-        for the worker to say it applied (L{applied}).
+        for the worker to say it applied (L{applied}).  C{changed}: the
+        backends whose share may differ from the last view sent to it (a
+        view that says only what changed, L{ViewSender}); C{None}, any.
         """
         number = self._numbers[worker] = self._numbers[worker] + 1
         sent = self._sent[worker]
-        sent.append((number, shares))
+        shares = dict(shares)  # the plan's own, which the next plan changes
+        sent.append((number, shares, None if changed is None else set(changed)))
         if len(sent) > _MAX_UNACKED:
-            (_, a), (n, b) = sent[0], sent[1]
-            sent[:2] = [(n, {k: max(a.get(k, 0), b.get(k, 0)) for k in a.keys() | b.keys()})]
+            (_, a, _), (n, b, moved) = sent[0], sent[1]
+            sent[:2] = [(n, {k: max(a.get(k, 0), b.get(k, 0)) for k in a.keys() | b.keys()}, None)]
+            # The next differs from the merged one where it differs from
+            # either of the two.
+            if len(sent) > 1:
+                m, c, after = sent[1]
+                sent[1] = (m, c, None if moved is None or after is None else moved | after)
         inForce = self._inForce[worker]
         dirty = self._dirty
-        for name, share in shares.items():
+        get = shares.get
+        for name in shares if changed is None else changed:
+            share = get(name, 0)
             if share > inForce.get(name, 0):
                 inForce[name] = share
                 dirty.add(name)
@@ -404,44 +519,77 @@ class CapacityShares:
         sent = self._sent.get(worker)
         if not sent or sent[0][0] >= number:
             return False
-        sent[:] = [(n, shares) for n, shares in sent if n >= number]
-        inForce: Dict[str, int] = {}
-        for _, shares in sent:
-            for name, share in shares.items():
-                if share > inForce.get(name, 0):
-                    inForce[name] = share
+        # Only a backend whose share moved between the views sent since the
+        # last one applied can have a largest share other than it had.
+        names: Optional[set] = set()
+        for _, _, changed in sent[1:]:
+            if changed is None:
+                names = None
+                break
+            names |= changed
+        sent[:] = [v for v in sent if v[0] >= number]
         was = self._inForce[worker]
-        self._inForce[worker] = inForce
-        if inForce == was:
-            return False
-        self._dirty.update(k for k, v in was.items() if inForce.get(k, 0) != v)
-        return True
+        if names is None:
+            inForce: Dict[str, int] = {}
+            for _, shares, _ in sent:
+                for name, share in shares.items():
+                    if share > inForce.get(name, 0):
+                        inForce[name] = share
+            self._inForce[worker] = inForce
+            if inForce == was:
+                return False
+            self._dirty.update(k for k in was.keys() | inForce.keys() if inForce.get(k, 0) != was.get(k, 0))
+            return True
+        freed = False
+        for name in names:
+            largest = max(shares.get(name, 0) for _, shares, _ in sent)
+            if largest != was.get(name, 0):
+                freed = True
+                self._dirty.add(name)
+                if largest:
+                    was[name] = largest
+                else:
+                    was.pop(name, None)
+        return freed
 
-    def plan(self, backends, books: Dict[int, TrafficBook]) -> Dict[int, Dict[str, int]]:
+    def plan(self, pool: Pool, books: Dict[int, TrafficBook]) -> Dict[int, Dict[str, int]]:
         """
-        Each worker's share of each of C{backends} (the main pool's
-        snapshot) now, C{books} being what the main pool knows each holds.
+        Each worker's share of each of C{pool}'s backends (the main pool)
+        now, C{books} being what the main pool knows each holds.  The
+        dicts returned are this planner's own, changed by the next plan
+        (only the backends whose status, holdings or reserves changed since
+        are worked out again).
         """
+        if pool is not self._pool:
+            if self._pool is not None:
+                self._pool.unfollow(self._changes)
+            self._pool = pool
+            self._changes = pool.follow()
+            self._plannedFor = []
         workers = sorted(self._sent)
-        out: Dict[int, Dict[str, int]] = {w: {} for w in workers}
         n = len(workers)
         if not n:
-            return out
+            self._out, self._plannedFor = {}, []
+            return {}
         wants = [max(0, self.demand.get(w, 0)) for w in workers]
         wanted = sum(wants)
         empty = TrafficBook()
         held = [books.get(w, empty) for w in workers]
         inForce = [self._inForce[w] for w in workers]
-        shareOut = [out[w] for w in workers]
         everyone = range(n)
         planned = self._planned
         tight = self._tight
         dirty = self._dirty
+        changes = self._changes
+        names = None
         if self._plannedFor != workers:
             planned.clear()
             tight.clear()
+            self._out = {w: {} for w in workers}
             self._plannedFor = workers
             self._plannedWants = wants
+            names = [b.name for b in pool.snapshot()]
+            self.moved.update(names)
         elif self._plannedWants != wants:
             # Demand moves only the room of backends where some worker has
             # used its share: elsewhere every worker may still pick, so no
@@ -455,13 +603,21 @@ class CapacityShares:
             if book is not None and book.changed:
                 dirty |= book.changed
                 book.changed.clear()
-        for b in backends:
-            name = b.name
-            last = planned.get(name)
-            if last is not None and last[0] is b and name not in dirty:
-                for i, share in enumerate(last[1]):
-                    shareOut[i][name] = share
+        out = self._out
+        shareOut = [out[w] for w in workers]
+        if names is None:
+            names = changes | dirty
+        changes.clear()
+        for name in names:
+            if name not in pool:
+                for d in shareOut:
+                    d.pop(name, None)
+                if planned.pop(name, None) is not None:
+                    self.moved.add(name)
+                tight.discard(name)
                 continue
+            b = pool.get(name)
+            last = planned.get(name)
             helds = [book.holding(name) for book in held]
             reserves = [max(f.get(name, 0), h) for f, h in zip(inForce, helds)]
             heldSum = sum(helds)
@@ -496,32 +652,41 @@ class CapacityShares:
                 free -= give
                 shareOut[i][name] = reserves[i] + give
             mine = [shareOut[i][name] for i in everyone]
-            planned[name] = (b, mine)
+            if last != mine:
+                self.moved.add(name)
+            planned[name] = mine
             if any(h >= m for h, m in zip(helds, mine)):
                 tight.add(name)
             else:
                 tight.discard(name)
         dirty.clear()
-        if len(planned) > 2 * len(backends) + 1024:
-            # Backends gone since: forget them.
-            present = {b.name for b in backends}
-            for name in [k for k in planned if k not in present]:
-                del planned[name]
-                tight.discard(name)
         return out
 
 
-def trafficOf(pool: Pool, said: Dict[str, tuple], applied: Optional[Dict[str, tuple]] = None) -> Dict[str, list]:
+def trafficOf(
+    pool: Pool,
+    said: Dict[str, tuple],
+    applied: Optional[Dict[str, tuple]] = None,
+    names=None,
+) -> Dict[str, list]:
     """
     A worker's traffic to tell the main process (L{fold}): C{name: [routed,
     held, answered, handed off, incarnation]} for each backend whose figures
     changed since C{said} (updated in place); the main pool's incarnation
     of the backend as C{applied} (L{applyView}'s) last took it, so that
-    figures of one forgotten since count for nothing.
+    figures of one forgotten since count for nothing.  With C{names} (what
+    changed in the pool since: L{Pool.follow}), only those are looked at.
     """
     out: Dict[str, list] = {}
     born = (lambda name: (applied.get(name) or (None, None, None))[2]) if applied is not None else (lambda name: None)
-    for b in pool.snapshot():
+    if names is None:
+        statuses = pool.snapshot()
+    else:
+        statuses = [pool.get(name) for name in names if name in pool]
+        for name in names:
+            if name not in pool:
+                said.pop(name, None)
+    for b in statuses:
         figures = (b.routed, b.active, b.answered, b.handedOff, born(b.name))
         if said.get(b.name) != figures:
             said[b.name] = figures

@@ -435,6 +435,8 @@ class Pool:
         self._snapshot: Optional[Tuple[BackendStatus, ...]] = None
         self._eligible: Optional[Tuple[BackendStatus, ...]] = None
         self._watchers: List[Callable[[], None]] = []
+        #: The sets L{follow} gave out.
+        self._followers: List[Set[str]] = []
         #: The last ticket given to a routed connection, and the epoch that
         #: every mark moves on (see L{mark}).
         self._ticket = 0
@@ -482,6 +484,20 @@ class Pool:
     def unwatch(self, callback: Callable[[], None]) -> None:
         if callback in self._watchers:
             self._watchers.remove(callback)
+
+    def follow(self) -> Set[str]:
+        """
+        A set into which the name of every backend whose status changes, or
+        that joins or leaves, is put from now on (until L{unfollow}): for a
+        reader that keeps a copy of the pool up to date without going over
+        every backend (a worker's view of thousands).  The reader empties it.
+        """
+        changes: Set[str] = set()
+        self._followers.append(changes)
+        return changes
+
+    def unfollow(self, changes: Set[str]) -> None:
+        self._followers = [f for f in self._followers if f is not changes]
 
     # -- reading ---------------------------------------------------------
 
@@ -836,6 +852,8 @@ class Pool:
             self._stale.discard(n)
             self._configured.discard(n)
         self._names = [n for n in self._names if n not in gone]
+        for changes in self._followers:
+            changes |= gone
         self._layoutStale = True
         self._snapshot = None
         self._eligible = None
@@ -1252,6 +1270,8 @@ class Pool:
         name = m.name
         self._statuses.pop(name, None)
         self._stale.add(name)
+        for changes in self._followers:
+            changes.add(name)
         self._snapshot = None
         self._eligible = None
         self._place(m)
