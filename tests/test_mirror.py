@@ -47,6 +47,7 @@ class Cluster3:
     def traffic(self, i):
         names = set(self.workerChanges[i])
         self.workerChanges[i].clear()
+        mirror.keepRamps(self.workers[i].pool, self.applied[i], names)
         return mirror.trafficOf(self.workers[i].pool, self.said[i], self.applied[i], names)
 
     def views(self, plan):
@@ -615,7 +616,7 @@ def _fullPlan(shares, pool, books):
 
 
 def _mirrored(w):
-    return [(b.name, b.host, b.port, b.state, b.weight, b.capacity, b.quota) for b in w.pool.snapshot()]
+    return [(b.name, b.host, b.port, b.state, b.weight, b.ramp, b.capacity, b.quota) for b in w.pool.snapshot()]
 
 
 @settings(max_examples=200, deadline=None)
@@ -623,7 +624,10 @@ def _mirrored(w):
     steps=st.lists(
         st.tuples(
             st.sampled_from(
-                ["register", "report", "remove", "down", "drain", "enable", "weight", "pick", "close", "policy"]
+                [
+                    "register", "report", "remove", "down", "drain", "enable", "weight", "pick", "close",
+                    "policy", "tick", "eject",
+                ]
             ),
             st.integers(0, 4),
             st.integers(0, 12),
@@ -639,11 +643,14 @@ def test_views_and_shares_that_say_only_what_changed_equal_whole_ones(steps, dem
     each sync interval kept every process busy): after any changes, the
     shares equal a plan of every backend, what each worker was sent equals
     a whole view of the pool, and each worker's pool equals one given whole
-    views.  (Clients waiting, which move only the backends where a worker
+    views, slow start's step included after the worker readmitted one
+    itself.  (Clients waiting, which move only the backends where a worker
     used its share, by design, stay as they are.)
     """
     c = Cluster3()
     c.shares.demand.update(enumerate(demand))
+    c.main.pool.slowStart = 20.0
+    now = [0.0]
     twins = [Cluster(), Cluster()]
     twinApplied = [{}, {}]
     held = [[], []]
@@ -652,6 +659,9 @@ def test_views_and_shares_that_say_only_what_changed_equal_whole_ones(steps, dem
         pool = c.main.pool
         if what == "register":
             pool.register(name, "127.0.0.1", 1000 + k + n, capacity=1 + n)
+        elif what == "tick":
+            now[0] += n
+            pool.rampTick(now[0])
         elif name not in pool and what not in ("pick", "close", "policy"):
             continue
         elif what == "report":
@@ -678,6 +688,12 @@ def test_views_and_shares_that_say_only_what_changed_equal_whole_ones(steps, dem
                 c.workers[k % 2].pool.release(r.name, r.ticket)
         elif what == "policy":
             c.main.setPolicy(["least-load", "round-robin"][n % 2])
+        elif what == "eject" and name in c.workers[n % 2].pool:
+            # Its passive health check ejects and readmits it: back at full
+            # weight in a pool without slow start, unless given its step.
+            w = c.workers[n % 2].pool
+            if w.eject(name):
+                w.readmit(name)
         for i in range(2):
             c.fold(i)
         for book in c.books:

@@ -344,6 +344,9 @@ class WorkerSupervisor(Service):
     def startService(self) -> None:
         super().startService()
         self.stopping = False
+        pool = self.cluster.pool
+        pool.unfollow(self._changes)
+        self._changes = pool.follow()
         for index in range(self.count):
             self._spawn(index)
         self._sync.start(self.syncInterval, now=False)
@@ -360,6 +363,8 @@ class WorkerSupervisor(Service):
         """
         super().stopService()
         self.stopping = True
+        # No view goes any more: what changes in the pool need not be kept.
+        self.cluster.pool.unfollow(self._changes)
         if self._sync.running:
             self._sync.stop()
         if self._pings.running:
@@ -811,6 +816,7 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
     def flush() -> None:
         names = set(changes)
         changes.clear()
+        mirror.keepRamps(cluster.pool, applied, names)
         figures = mirror.trafficOf(cluster.pool, said, applied, names)
         waiting = proxyFactory.waiting
         if redirectFactory is not None and redirectFactory.shareWait is not None:

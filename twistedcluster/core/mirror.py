@@ -35,7 +35,7 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 from twistedcluster.core.cluster import Cluster
 from twistedcluster.core.pool import RAMP_STEPS, AdminState, Pool, State
 
-__all__ = ["TrafficBook", "CapacityShares", "fold", "forgetGone", "release", "ViewSender", "viewFor", "viewChanges", "applyView", "trafficOf"]
+__all__ = ["TrafficBook", "CapacityShares", "fold", "forgetGone", "release", "ViewSender", "viewFor", "viewChanges", "applyView", "keepRamps", "trafficOf"]
 
 #: One backend in a view: name, host, port, state, weight, slow start's
 #: step (of RAMP_STEPS), capacity, base (connections on it not held by the
@@ -348,8 +348,9 @@ def applyView(
     against the worker's share, until a view says it has (they would
     otherwise count nowhere for a sync interval).
 
-    C{applied} (kept by the caller, updated here) is the state, weight and
-    incarnation last taken from the main process for each backend: only
+    C{applied} (kept by the caller, updated here) is the state, weight,
+    incarnation and slow start's step last taken from the main process for
+    each backend (L{keepRamps}): only
     what the main process changed is set again, so a backend this worker
     ejected (its passive health check is its own) stays out, and an idle
     cluster costs no re-indexing.  A backend of another incarnation (the
@@ -388,13 +389,13 @@ def applyView(
         ):
             pool.report(name, connections, load, seen=None, cost=cost)
         if was is None or was[:2] != (state, weight):
-            applied[name] = (state, weight, born)
             if state == State.DOWN.value:
                 pool.markDown(name)
             else:
                 pool.markUp(name)
                 pool.setAdminState(name, _ADMIN[state])
             pool.setWeight(name, weight)
+        applied[name] = (state, weight, born, step)
         pool.setRamp(name, step)
         # Its answers since count against its share too.
         pool.setQuota(name, None if quota is None else quota - pending)
@@ -439,12 +440,12 @@ class CapacityShares:
         self._numbers: Dict[int, int] = {}
         #: Per worker: clients waiting for room there, as it last said.
         self.demand: Dict[int, int] = {}
-        #: Per backend, the shares the last plan gave it: a backend whose
-        #: status did not change (L{Pool.follow}) and that is not in
-        #: C{_dirty} (its counts and reserves unchanged) keeps them without
-        #: being looked at (most of thousands, in a busy cluster); and the
-        #: workers and the demand they were made for.
-        self._planned: Dict[str, List[int]] = {}
+        #: Per backend, what the last plan worked its shares out of, and
+        #: the shares: a backend whose status did not change (L{Pool.follow})
+        #: and that is not in C{_dirty} (its counts and reserves unchanged)
+        #: keeps them without being looked at (most of thousands, in a busy
+        #: cluster); and the workers and the demand they were made for.
+        self._planned: Dict[str, Tuple[tuple, List[int]]] = {}
         #: Each worker's shares, by backend, as the last plan left them.
         self._out: Dict[int, Dict[str, int]] = {}
         #: The pool planned for, and its changes since (L{Pool.follow}).
@@ -620,6 +621,11 @@ class CapacityShares:
             last = planned.get(name)
             helds = [book.holding(name) for book in held]
             reserves = [max(f.get(name, 0), h) for f, h in zip(inForce, helds)]
+            # What its shares follow from: a report that moved none of it
+            # (most, in a quiet cluster) leaves them as they are.
+            inputs = (b.estimatedConnections, b.capacity, helds, reserves, wants)
+            if last is not None and last[0] == inputs:
+                continue
             heldSum = sum(helds)
             others = max(0, b.estimatedConnections - heldSum)
             budget = max(0, max(1, b.capacity) - others)
@@ -652,15 +658,31 @@ class CapacityShares:
                 free -= give
                 shareOut[i][name] = reserves[i] + give
             mine = [shareOut[i][name] for i in everyone]
-            if last != mine:
+            if last is None or last[1] != mine:
                 self.moved.add(name)
-            planned[name] = mine
+            planned[name] = (inputs, mine)
             if any(h >= m for h, m in zip(helds, mine)):
                 tight.add(name)
             else:
                 tight.discard(name)
         dirty.clear()
         return out
+
+
+def keepRamps(pool: Pool, applied: Dict[str, tuple], names) -> None:
+    """
+    Give the backends C{names} (what changed in a worker's pool since:
+    L{Pool.follow}) the slow start step the main process last sent again.
+    A backend the worker readmitted itself (its passive health check, or
+    to keep the share of backends it may eject) comes back at full weight
+    in its pool, which has no slow start of its own: whole views set the
+    step again a sync interval later; views that say only what changed
+    would not until the main pool's next step.
+    """
+    for name in names:
+        was = applied.get(name)
+        if was is not None and len(was) > 3 and name in pool:
+            pool.setRamp(name, was[3])
 
 
 def trafficOf(
