@@ -198,6 +198,7 @@ def simulate(reactor, control: str, n: int, seconds: float, mode: str, balancerP
             "reportsPerSecond": (r1 - r0) / (t1 - t0),
             "balancerCpuPercent": 100 * (cpu1 - cpu0) / (t1 - t0),
             "workersCpuPercent": 100 * (wcpu1 - wcpu0) / (t1 - t0),
+            "workerProcesses": len(childrenOf(balancerPid)),
             "usPerReport": 1e6 * (cpu1 - cpu0) / max(1, r1 - r0),
             "senderUsPerReport": 1e6 * (own1 - own0) / max(1, r1 - r0),
             "balancerRssKiB": rss1,

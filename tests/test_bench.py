@@ -225,6 +225,26 @@ def test_redirectShortConnectionsPrintsServedAndRefused():
 
 
 
+def test_controlPlaneWithWorkersPrintsTheWorkersCpu():
+    # The main process's view of 50 reporting backends reaches both
+    # workers, and their CPU is measured beside its own.
+    script = ROOT / "bench" / "controlplane.py"
+    if not script.exists():
+        pytest.skip("not a checkout")
+    result = subprocess.run(
+        [sys.executable, str(script), "--backends", "50", "--seconds", "1", "--status-calls", "1",
+         "--workers", "2"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--workers 2: cpu % is the main process's, workers % theirs together" in result.stdout
+    [row] = [l for l in result.stdout.splitlines() if l.split()[:2] == ["this", "50"]]
+    reports, cpu, workers = (float(x.replace(",", "")) for x in row.split()[2:5])
+    assert reports > 0 and cpu > 0 and workers >= 0
+    [measured] = [json.loads(l) for l in result.stderr.splitlines() if l.startswith('{"backends"')]
+    assert measured["workerProcesses"] == 2
+
+
 def test_metricsScrapePrintsTheScrapeAndTheRoundTrips():
     # Enough backends that the page is streamed (above STREAM_ABOVE).
     script = ROOT / "bench" / "metricsscrape.py"
