@@ -526,7 +526,9 @@ def test_workers_refuse_a_listener_they_cannot_share():
 
     o = Options()
     with pytest.raises(usage.UsageError, match="--workers"):
-        o.parseOptions(["--workers=2", "--listen=ssl:8443:privateKey=k.pem"])
+        o.parseOptions(["--workers=2", "--listen=systemd:domain=INET:index=0"])
+    o = Options()
+    o.parseOptions(["--workers=2", "--listen=ssl:8443:privateKey=k.pem"])  # each worker wraps it
     o = Options()
     o.parseOptions(["--workers=2", "--listen=haproxy:tcp:8000", "--redirect=unix:/tmp/r.sock"])
     assert o["workers"] == 2 and o["argv"][0] == "--workers=2"
@@ -611,3 +613,60 @@ def test_access_log_on_standard_output_is_written_as_it_is_by_every_worker(clust
     assert "): 20" not in "".join(
         line for line in balancer.logText().splitlines() if "proxy client=" in line
     )
+
+
+def test_tls_termination_in_every_worker(cluster, tmp_path):
+    """
+    C{--listen ssl:} with C{--workers}: each worker adopts the shared
+    socket and speaks TLS on it with the main process's certificate (an
+    adopted socket is bare TCP: without it a worker would serve in clear).
+    """
+    import ssl
+
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.certificates import Authority, writePair
+
+    ca = Authority()
+    key, cert = writePair(tmp_path, "proxy", *ca.issue("localhost", ips=["127.0.0.1"]))
+    port = freePort()
+    balancer = cluster.startBalancer(
+        port=port,
+        extra=["--workers=2", f"--listen=ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"],
+    )
+    cluster.startBackend("a", extra=[*FAST])
+    cluster.waitUp(["a"])
+    pids = waitFor(lambda: len(workerPids(balancer.pid)) == 2 and workerPids(balancer.pid), 20, "2 workers")
+    cluster.workersSeen.update(pids)
+    context = ssl.create_default_context(cadata=ca.cert.public_bytes(serialization.Encoding.PEM).decode())
+
+    def tlsEcho():
+        s = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="127.0.0.1")
+        s.sendall(b"hello\n")
+        if s.recv(100) != b"hello\n":
+            s.close()
+            return None
+        return s
+
+    for pid in sorted(pids):
+        with onlyWorker(pid, pids):
+            s = waitFor(tlsEcho, 20, f"worker {pid} to serve over TLS")
+            try:
+                assert waitFor(lambda: servedBy(s, port, pids), 10, "the client's worker") == pid
+                s.sendall(b"x" * 100000)
+                got = b""
+                while len(got) < 100000:
+                    chunk = s.recv(65536)
+                    assert chunk, "the stream ended early"
+                    got += chunk
+                assert got == b"x" * 100000
+            finally:
+                s.close()
+    # Nothing is served in clear.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(b"hello in clear\n" + b"\0" * 200)
+        try:
+            reply = raw.recv(100)
+        except ConnectionResetError:
+            reply = b""
+    assert b"hello" not in reply

@@ -67,8 +67,9 @@ HUNG_AFTER = 20.0
 #: L{HUNG_AFTER} is hung, even when nothing changes (a view left unread
 #: shows a hung worker only once views change).
 PING_INTERVAL = 5.0
-#: Endpoint kinds whose listening socket a worker can adopt.
-SHAREABLE = ("tcp", "tcp6", "unix")
+#: Endpoint kinds whose listening socket a worker can adopt (a TLS one with
+#: the same TLS settings put on it again: L{listenerTLS}).
+SHAREABLE = ("tcp", "tcp6", "unix", "ssl", "mtls")
 
 
 class _Channel(LineOnlyReceiver):
@@ -326,8 +327,15 @@ class WorkerSupervisor(Service):
         from twistedcluster.balancer.listeners import explainListenError, proxyProtocolInner, withBacklog
 
         super().privilegedStartService()
+        from twistedcluster.balancer.listeners import ListenFailed
+        from twistedcluster.balancer.takeover import TakeoverError
+
         for role, description in self.listeners:
             inner = proxyProtocolInner(description) or description
+            try:
+                listenerTLS(description, self.reactor)  # as each worker will
+            except TakeoverError as e:
+                raise ListenFailed(f"--workers: the {role} listener {description}: {e}") from None
             opened: list = []
             failed: list = []
             d = serverFromString(self.reactor, withBacklog(inner)).listen(_NoClients())
@@ -641,7 +649,27 @@ class _NoClients(protocol.Factory):
 # -- a worker process ------------------------------------------------------
 
 
-def _adopt(reactor, fd: int, factory):
+def listenerTLS(description: str, reactor):
+    """
+    The TLS context factory of a client listener's endpoint string
+    (C{ssl:} or C{mtls:}, behind C{haproxy:} or not), or C{None} for a plain
+    one: an adopted socket is a bare TCP socket, which each worker wraps in
+    the TLS layer the main process listened with.  Raises
+    L{twistedcluster.balancer.takeover.TakeoverError} when this Twisted
+    keeps the settings where they cannot be read (rather than serve in
+    clear).
+    """
+    from twistedcluster.balancer.listeners import proxyProtocolInner
+    from twistedcluster.balancer.takeover import tlsContextOf
+
+    return tlsContextOf(proxyProtocolInner(description) or description, reactor)
+
+
+def _adopt(reactor, fd: int, factory, tls=None):
+    if tls is not None:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        factory = TLSMemoryBIOFactory(tls, False, factory)
     sock = socket.socket(fileno=fd)  # learns the family
     try:
         return reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
@@ -752,7 +780,8 @@ def runWorker(index: int, channelFd: int, fds: Dict[str, int], argv: List[str]) 
             redirectFactory.shareWait = WaitQueue(cluster.pool, reactor, 0, options["queue-timeout"])
             redirectFactory.holdAnswers = True
             factory = clientLimit.wrap(redirectFactory)
-        port = _adopt(reactor, fd, factory)
+        description = options["listen" if role == "proxy" else "redirect"]
+        port = _adopt(reactor, fd, factory, listenerTLS(description, reactor))
         acceptErrors.watch(port, role)
         clientLimit.listening(port)
         if role == "proxy":
