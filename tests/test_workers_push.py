@@ -149,3 +149,80 @@ def test_a_worker_that_keeps_dying_does_not_delay_the_others_restart():
     assert [dies(0) for _ in range(4)] == [0.2, 0.4, 0.8, 1.6]
     assert dies(1) == workers.RESTART_DELAY
     assert dies(0, lived=workers.STABLE_AFTER) == workers.RESTART_DELAY  # it had lived long enough
+
+
+@pytest.mark.allow_errors
+def test_a_silent_worker_keeping_room_others_wait_for_is_killed_sooner(logged):
+    # A stopped worker keeps its unused share from every other worker until
+    # it is killed: at HUNG_AFTER (20 s) its room was lost to everyone that
+    # long.  When another worker's clients wait for room and it reserves
+    # room it does not hold, it goes after STRANDED_AFTER.
+    from twistedcluster.core import mirror
+
+    clock = Clock()
+    cluster = Cluster()
+    cluster.pool.register("a", "127.0.0.1", 9000, capacity=10)
+    sup = WorkerSupervisor(2, cluster, clock, [], [], drainTimeout=1.0)
+    signals = []
+    sup._signal = lambda worker, sig: signals.append((worker.index, sig))
+
+    class Chan:
+        transport = object()
+
+        def send(self, m):
+            pass
+
+    stopped, busy = _WorkerProcess(sup, 0), _WorkerProcess(sup, 1)
+    for w in (stopped, busy):
+        w.channel, w.heard, w.pid, w.answered = Chan(), 0.0, 100 + w.index, True
+        sup.workers[w.index] = w
+        sup.shares.join(w.index)
+    plan = sup.shares.plan(cluster.pool, {0: stopped.book, 1: busy.book})
+    for w in (stopped, busy):
+        sup.shares.sent(w.index, plan[w.index])
+    assert sup.shares.unused(0, stopped.book) == 5  # half of a's room, none of it held
+    sup._pings.start(workers.PING_INTERVAL, now=False)
+    try:
+        # Nobody waits: a silent worker is only killed at HUNG_AFTER.
+        for _ in range(int(workers.STRANDED_AFTER / workers.PING_INTERVAL) + 2):
+            clock.advance(workers.PING_INTERVAL)
+            busy.heard = clock.seconds()
+        assert signals == []
+        # Clients wait for room in the other worker: killed at once.
+        sup.shares.demand[1] = 3
+        clock.advance(workers.PING_INTERVAL)
+        assert signals == [(0, signal.SIGKILL)]
+        assert any("worker 0 (pid 100) has answered nothing for" in line
+                   and "while keeping room other workers' clients wait for: hung, killed" in line for line in logged)
+    finally:
+        sup._pings.stop()
+
+
+@pytest.mark.allow_errors  # the kill at the end is logged as an error
+def test_a_worker_is_not_judged_after_the_main_process_itself_stalled(logged):
+    # After a stall of this process the workers' answers may sit unread:
+    # nobody is killed on that round.
+    clock = Clock()
+    cluster = Cluster()
+    cluster.pool.register("a", "127.0.0.1", 9000, capacity=10)
+    sup = WorkerSupervisor(2, cluster, clock, [], [], drainTimeout=1.0)
+    signals = []
+    sup._signal = lambda worker, sig: signals.append((worker.index, sig))
+
+    class Chan:
+        transport = object()
+
+        def send(self, m):
+            pass
+
+    w = _WorkerProcess(sup, 0)
+    w.channel, w.heard, w.pid, w.answered = Chan(), 0.0, 100, True
+    sup.workers[0] = w
+    sup.shares.join(0)
+    sup._ping()
+    clock.advance(workers.HUNG_AFTER + 5)  # this process stalled
+    sup._ping()
+    assert signals == []
+    clock.advance(workers.PING_INTERVAL)
+    sup._ping()  # no answer since: now it is judged
+    assert signals == [(0, signal.SIGKILL)]

@@ -66,7 +66,12 @@ HUNG_AFTER = 20.0
 #: worker answers from its reactor: one that answers nothing for
 #: L{HUNG_AFTER} is hung, even when nothing changes (a view left unread
 #: shows a hung worker only once views change).
-PING_INTERVAL = 5.0
+PING_INTERVAL = 1.0
+#: Seconds after which a worker that answers nothing is killed sooner than
+#: L{HUNG_AFTER}: when it reserves room it does not hold (its shares) while
+#: another worker's clients wait for room.  A stopped worker would
+#: otherwise keep that room from everyone for HUNG_AFTER seconds.
+STRANDED_AFTER = 3.0
 #: Endpoint kinds whose listening socket a worker can adopt (a TLS one with
 #: the same TLS settings put on it again: L{listenerTLS}).
 SHAREABLE = ("tcp", "tcp6", "unix", "ssl", "mtls")
@@ -227,8 +232,12 @@ class _WorkerProcess(protocol.ProcessProtocol):
         #: the call that tries again (L{WorkerSupervisor._pushLater}).
         self.stuckSince: Optional[float] = None
         self.retry = None
-        #: When it last sent anything (an answer to a ping, figures).
+        #: When it last sent anything (an answer to a ping, figures), and
+        #: whether it has since it started.
         self.heard: Optional[float] = None
+        self.answered = False
+        #: Whether its silence since it last answered was logged.
+        self.warned = False
         self.started = 0.0
         self.pid: Optional[int] = None
         self.ended = defer.Deferred()
@@ -320,6 +329,7 @@ class WorkerSupervisor(Service):
         self._changes = cluster.pool.follow()
         self._sync = LoopingCall(self._push)
         self._pings = LoopingCall(self._ping)
+        self._lastPing: Optional[float] = None
         self._sync.clock = reactor
         self._pings.clock = reactor
 
@@ -432,6 +442,8 @@ class WorkerSupervisor(Service):
 
         def message(m) -> None:
             worker.heard = self.reactor.seconds()
+            worker.answered = True
+            worker.warned = False
             if self.workers.get(index) is not worker:
                 # Read after it exited: what it held is released; its last
                 # counts (the clients that ended as it drained) still count.
@@ -589,26 +601,58 @@ class WorkerSupervisor(Service):
     def _ping(self) -> None:
         """
         Ask every worker for an answer; kill one that has answered nothing
-        for L{HUNG_AFTER} seconds (stopped, or stuck in a turn), to be
-        started again as a worker that died is.
+        for L{HUNG_AFTER} seconds (stopped, or stuck in a turn), or for
+        L{STRANDED_AFTER} while it reserves room another worker's clients
+        wait for, to be started again as a worker that died is.
         """
         now = self.reactor.seconds()
+        # Judged only when this process was not stalled itself since the
+        # last ping: the answers to it may still be unread.
+        judge = self._lastPing is not None and now - self._lastPing <= 2 * PING_INTERVAL
+        self._lastPing = now
         for worker in list(self.workers.values()):
-            if worker.heard is not None and now - worker.heard >= HUNG_AFTER:
-                self._killHung(worker, "answered nothing", now - worker.heard)
+            silent = None if worker.heard is None or not judge else now - worker.heard
+            if silent is not None and silent >= HUNG_AFTER:
+                self._killHung(worker, "answered nothing", silent)
                 worker.heard = None  # killed once
+                continue
+            if silent is not None and silent >= STRANDED_AFTER and not worker.warned:
+                worker.warned = True
+                log.warn(
+                    "worker {index} (pid {pid}) has answered nothing for {seconds:.0f} s; room it "
+                    "keeps unused: {unused}; clients waiting in other workers: {waiting}",
+                    index=worker.index,
+                    pid=worker.pid,
+                    seconds=silent,
+                    unused=self.shares.unused(worker.index, worker.book),
+                    waiting=sum(n for i, n in self.shares.demand.items() if i != worker.index),
+                )
+            if silent is not None and silent >= STRANDED_AFTER and worker.answered and self._strands(worker):
+                self._killHung(
+                    worker, "answered nothing", silent, " while keeping room other workers' clients wait for"
+                )
+                worker.heard = None
                 continue
             channel = worker.channel
             if channel is not None and channel.transport is not None:
                 channel.send({"ping": True})
 
-    def _killHung(self, worker: _WorkerProcess, what: str, seconds: float) -> None:
+    def _strands(self, worker: _WorkerProcess) -> bool:
+        """
+        Whether C{worker} reserves room it does not hold while clients wait
+        for room in another worker.
+        """
+        waiting = any(n > 0 for i, n in self.shares.demand.items() if i != worker.index and i in self.workers)
+        return waiting and self.shares.unused(worker.index, worker.book) > 0
+
+    def _killHung(self, worker: _WorkerProcess, what: str, seconds: float, why: str = "") -> None:
         log.error(
-            "worker {index} (pid {pid}) has {what} for {seconds:.0f} s: hung, killed",
+            "worker {index} (pid {pid}) has {what} for {seconds:.0f} s{why}: hung, killed",
             index=worker.index,
             pid=worker.pid,
             what=what,
             seconds=seconds,
+            why=why,
         )
         self._signal(worker, signal.SIGKILL)
 

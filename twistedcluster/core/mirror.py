@@ -483,6 +483,15 @@ class CapacityShares:
     def __contains__(self, worker: object) -> bool:
         return worker in self._sent
 
+    def unused(self, worker: int, book: TrafficBook) -> int:
+        """
+        The room C{worker} may be acting on and does not hold (what its
+        shares in force reserve beyond what C{book} says it holds): room no
+        other worker may use until it says it applied a smaller share.
+        """
+        holding = book.holding
+        return sum(max(0, share - holding(name)) for name, share in self._inForce.get(worker, {}).items())
+
     def sent(self, worker: int, shares: Dict[str, int], changed=None) -> int:
         """
         C{shares} went to C{worker} in a view: return that view's number,
