@@ -151,33 +151,46 @@ def test_a_worker_that_keeps_dying_does_not_delay_the_others_restart():
     assert dies(0, lived=workers.STABLE_AFTER) == workers.RESTART_DELAY  # it had lived long enough
 
 
-@pytest.mark.allow_errors
-def test_a_silent_worker_keeping_room_others_wait_for_is_killed_sooner(logged):
-    # A stopped worker keeps its unused share from every other worker until
-    # it is killed: at HUNG_AFTER (20 s) its room was lost to everyone that
-    # long.  When another worker's clients wait for room and it reserves
-    # room it does not hold, it goes after STRANDED_AFTER.
-    from twistedcluster.core import mirror
+class _Quiet:
+    """
+    A worker's channel that takes what is sent (the pings) and drops it.
+    """
 
+    transport = object()
+
+    def send(self, m):
+        pass
+
+
+def _supervised(n):
+    """
+    A supervisor on a fake clock with C{n} workers that have answered once
+    (at 0), each of its index, backend a of capacity 10 in the pool, and
+    the signals it sends.
+    """
     clock = Clock()
     cluster = Cluster()
     cluster.pool.register("a", "127.0.0.1", 9000, capacity=10)
     sup = WorkerSupervisor(2, cluster, clock, [], [], drainTimeout=1.0)
     signals = []
     sup._signal = lambda worker, sig: signals.append((worker.index, sig))
+    for index in range(n):
+        w = _WorkerProcess(sup, index)
+        w.channel, w.heard, w.pid, w.answered = _Quiet(), 0.0, 100 + index, True
+        sup.workers[index] = w
+        sup.shares.join(index)
+    return clock, sup, signals
 
-    class Chan:
-        transport = object()
 
-        def send(self, m):
-            pass
-
-    stopped, busy = _WorkerProcess(sup, 0), _WorkerProcess(sup, 1)
-    for w in (stopped, busy):
-        w.channel, w.heard, w.pid, w.answered = Chan(), 0.0, 100 + w.index, True
-        sup.workers[w.index] = w
-        sup.shares.join(w.index)
-    plan = sup.shares.plan(cluster.pool, {0: stopped.book, 1: busy.book})
+@pytest.mark.allow_errors
+def test_a_silent_worker_keeping_room_others_wait_for_is_killed_sooner(logged):
+    # A stopped worker keeps its unused share from every other worker until
+    # it is killed: at HUNG_AFTER (20 s) its room was lost to everyone that
+    # long.  When another worker's clients wait for room and it reserves
+    # room it does not hold, it goes after STRANDED_AFTER.
+    clock, sup, signals = _supervised(2)
+    stopped, busy = sup.workers[0], sup.workers[1]
+    plan = sup.shares.plan(sup.cluster.pool, {0: stopped.book, 1: busy.book})
     for w in (stopped, busy):
         sup.shares.sent(w.index, plan[w.index])
     assert sup.shares.unused(0, stopped.book) == 5  # half of a's room, none of it held
@@ -188,6 +201,8 @@ def test_a_silent_worker_keeping_room_others_wait_for_is_killed_sooner(logged):
             clock.advance(workers.PING_INTERVAL)
             busy.heard = clock.seconds()
         assert signals == []
+        assert any("worker 0 (pid 100) has answered nothing for 3 s; room it keeps unused: 5" in line
+                   for line in logged)
         # Clients wait for room in the other worker: killed at once.
         sup.shares.demand[1] = 3
         clock.advance(workers.PING_INTERVAL)
@@ -202,23 +217,7 @@ def test_a_silent_worker_keeping_room_others_wait_for_is_killed_sooner(logged):
 def test_a_worker_is_not_judged_after_the_main_process_itself_stalled(logged):
     # After a stall of this process the workers' answers may sit unread:
     # nobody is killed on that round.
-    clock = Clock()
-    cluster = Cluster()
-    cluster.pool.register("a", "127.0.0.1", 9000, capacity=10)
-    sup = WorkerSupervisor(2, cluster, clock, [], [], drainTimeout=1.0)
-    signals = []
-    sup._signal = lambda worker, sig: signals.append((worker.index, sig))
-
-    class Chan:
-        transport = object()
-
-        def send(self, m):
-            pass
-
-    w = _WorkerProcess(sup, 0)
-    w.channel, w.heard, w.pid, w.answered = Chan(), 0.0, 100, True
-    sup.workers[0] = w
-    sup.shares.join(0)
+    clock, sup, signals = _supervised(1)
     sup._ping()
     clock.advance(workers.HUNG_AFTER + 5)  # this process stalled
     sup._ping()
