@@ -93,6 +93,15 @@ class _Channel(LineOnlyReceiver):
     def send(self, message) -> None:
         self.sendLine(json.dumps(message, separators=(",", ":")).encode())
 
+    #: Told whenever bytes come, before they make a whole message: a long
+    #: message read over several turns is not silence.
+    onBytes = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.onBytes is not None:
+            self.onBytes()
+        super().dataReceived(data)
+
     def lineReceived(self, line: bytes) -> None:
         self.onMessage(json.loads(line))
 
@@ -329,7 +338,6 @@ class WorkerSupervisor(Service):
         self._changes = cluster.pool.follow()
         self._sync = LoopingCall(self._push)
         self._pings = LoopingCall(self._ping)
-        self._lastPing: Optional[float] = None
         self._sync.clock = reactor
         self._pings.clock = reactor
 
@@ -466,6 +474,12 @@ class WorkerSupervisor(Service):
                 self.figures.add(index, stats)
 
         channel = _Channel(message, lambda: None)
+
+        def heard() -> None:
+            if self.workers.get(index) is worker:
+                worker.heard = self.reactor.seconds()
+
+        channel.onBytes = heard
         worker.channel = channel
         factory = protocol.Factory.forProtocol(lambda: channel)
         self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
@@ -600,23 +614,38 @@ class WorkerSupervisor(Service):
 
     def _ping(self) -> None:
         """
-        Ask every worker for an answer; kill one that has answered nothing
-        for L{HUNG_AFTER} seconds (stopped, or stuck in a turn), or for
+        Ask every worker for an answer, and judge their silence once what
+        they had sent by now has been read (L{_judge}).
+        """
+        for worker in list(self.workers.values()):
+            channel = worker.channel
+            if channel is not None and channel.transport is not None:
+                channel.send({"ping": True})
+        # A call made now runs after the reactor's next poll, which reads
+        # every answer already there: a busy turn of this process (or a
+        # stall) is not taken for the workers' silence.
+        self.reactor.callLater(0, self._judge, self.reactor.seconds())
+
+    def _judge(self, asOf: float) -> None:
+        """
+        Kill a worker that has answered nothing since L{HUNG_AFTER} seconds
+        before C{asOf} (stopped, or stuck in a turn), or since
         L{STRANDED_AFTER} while it reserves room another worker's clients
         wait for, to be started again as a worker that died is.
         """
-        now = self.reactor.seconds()
-        # Judged only when this process was not stalled itself since the
-        # last ping: the answers to it may still be unread.
-        judge = self._lastPing is not None and now - self._lastPing <= 2 * PING_INTERVAL
-        self._lastPing = now
         for worker in list(self.workers.values()):
-            silent = None if worker.heard is None or not judge else now - worker.heard
-            if silent is not None and silent >= HUNG_AFTER:
+            if worker.heard is None:
+                continue  # killed already
+            silent = asOf - worker.heard
+            if silent >= HUNG_AFTER:
                 self._killHung(worker, "answered nothing", silent)
                 worker.heard = None  # killed once
                 continue
-            if silent is not None and silent >= STRANDED_AFTER and not worker.warned:
+            if silent < STRANDED_AFTER or not worker.answered:
+                # One that has not answered since it started is starting
+                # (on a loaded machine, seconds): judged at HUNG_AFTER only.
+                continue
+            if not worker.warned:
                 worker.warned = True
                 log.warn(
                     "worker {index} (pid {pid}) has answered nothing for {seconds:.0f} s; room it "
@@ -625,25 +654,19 @@ class WorkerSupervisor(Service):
                     pid=worker.pid,
                     seconds=silent,
                     unused=self.shares.unused(worker.index, worker.book),
-                    waiting=sum(n for i, n in self.shares.demand.items() if i != worker.index),
+                    waiting=self._waitingElsewhere(worker),
                 )
-            if silent is not None and silent >= STRANDED_AFTER and worker.answered and self._strands(worker):
+            if self._waitingElsewhere(worker) and self.shares.unused(worker.index, worker.book) > 0:
                 self._killHung(
                     worker, "answered nothing", silent, " while keeping room other workers' clients wait for"
                 )
                 worker.heard = None
-                continue
-            channel = worker.channel
-            if channel is not None and channel.transport is not None:
-                channel.send({"ping": True})
 
-    def _strands(self, worker: _WorkerProcess) -> bool:
+    def _waitingElsewhere(self, worker: _WorkerProcess) -> int:
         """
-        Whether C{worker} reserves room it does not hold while clients wait
-        for room in another worker.
+        Clients waiting for room in the workers other than C{worker}.
         """
-        waiting = any(n > 0 for i, n in self.shares.demand.items() if i != worker.index and i in self.workers)
-        return waiting and self.shares.unused(worker.index, worker.book) > 0
+        return sum(n for i, n in self.shares.demand.items() if i != worker.index and i in self.workers)
 
     def _killHung(self, worker: _WorkerProcess, what: str, seconds: float, why: str = "") -> None:
         log.error(
