@@ -342,11 +342,15 @@ class WorkerSupervisor(Service):
         self._pings.clock = reactor
 
     def privilegedStartService(self) -> None:
-        from twistedcluster.balancer.listeners import explainListenError, proxyProtocolInner, withBacklog
+        from twistedcluster.balancer.listeners import (
+            ListenFailed,
+            explainListenError,
+            proxyProtocolInner,
+            withBacklog,
+        )
+        from twistedcluster.balancer.takeover import TakeoverError
 
         super().privilegedStartService()
-        from twistedcluster.balancer.listeners import ListenFailed
-        from twistedcluster.balancer.takeover import TakeoverError
 
         for role, description in self.listeners:
             inner = proxyProtocolInner(description) or description
@@ -449,7 +453,7 @@ class WorkerSupervisor(Service):
         theirs.close()
 
         def message(m) -> None:
-            worker.heard = self.reactor.seconds()
+            # (When it was heard, its bytes' arrival says: heard() below.)
             worker.answered = True
             worker.warned = False
             if self.workers.get(index) is not worker:
@@ -645,6 +649,8 @@ class WorkerSupervisor(Service):
                 # One that has not answered since it started is starting
                 # (on a loaded machine, seconds): judged at HUNG_AFTER only.
                 continue
+            unused = self.shares.unused(worker.index, worker.book)
+            waiting = self._waitingElsewhere(worker)
             if not worker.warned:
                 worker.warned = True
                 log.warn(
@@ -653,10 +659,10 @@ class WorkerSupervisor(Service):
                     index=worker.index,
                     pid=worker.pid,
                     seconds=silent,
-                    unused=self.shares.unused(worker.index, worker.book),
-                    waiting=self._waitingElsewhere(worker),
+                    unused=unused,
+                    waiting=waiting,
                 )
-            if self._waitingElsewhere(worker) and self.shares.unused(worker.index, worker.book) > 0:
+            if waiting and unused > 0:
                 self._killHung(
                     worker, "answered nothing", silent, " while keeping room other workers' clients wait for"
                 )

@@ -82,6 +82,12 @@ class TrafficBook:
         """
         for d in (self.routed, self.tickets, self.answers, self.answered, self.handedOff, self.born):
             d.pop(name, None)
+        self.touch(name)
+
+    def touch(self, name: str) -> None:
+        """
+        What it has of C{name} changed: for the next plan and the next view.
+        """
         self.changed.add(name)
         self.unsent.add(name)
 
@@ -127,8 +133,7 @@ def fold(
         answered, handed = (figures[2], figures[3]) if len(figures) > 3 else (0, 0)
         tickets = book.tickets.setdefault(name, deque())
         answers = book.answers.setdefault(name, deque())
-        book.changed.add(name)
-        book.unsent.add(name)
+        book.touch(name)
         # Its routed total also falls (a connect that failed, a client that
         # left before it): answers are counted on their own total.
         newAnswers = max(0, answered - book.answered.get(name, 0))
@@ -201,8 +206,7 @@ def release(pool: Pool, book: TrafficBook, handedOff: Optional[HandedOff] = None
 
     for kept, end in ((book.tickets, pool.release), (book.answers, answered)):
         for name, tickets in kept.items():
-            book.changed.add(name)
-            book.unsent.add(name)
+            book.touch(name)
             while tickets:
                 ticket = tickets.popleft()
                 if name in pool:
@@ -690,7 +694,7 @@ def keepRamps(pool: Pool, applied: Dict[str, tuple], names) -> None:
     """
     for name in names:
         was = applied.get(name)
-        if was is not None and len(was) > 3 and name in pool:
+        if was is not None and name in pool:
             pool.setRamp(name, was[3])
 
 
