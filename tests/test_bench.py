@@ -408,3 +408,23 @@ def test_proxyCostQuickRunPrintsRatiosAgainstPlain(tmp_path):
     assert sum(1 for l in lines if l.strip().startswith("against plain")) == 4
     figures = json.loads(out.read_text())
     assert figures["rounds"]["send-proxy-v2"][0]["conn"]["done"] == 60
+
+
+# -- bench/poolcost.py: the pool's work per connection ------------------------
+
+
+def test_poolCostPrintsAFigurePerBackendCount(tmp_path):
+    script = ROOT / "bench" / "poolcost.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--connections", "2000", "--rounds", "1", "--backends", "1,8"],
+        capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    figures = {}
+    for line in result.stdout.splitlines():
+        if "backend(s):" in line:
+            count, rest = line.split("backend(s):")
+            figures[int(count)] = float(rest.split()[0])
+    assert sorted(figures) == [1, 8]
+    assert all(0 < us < 10_000 for us in figures.values()), figures
