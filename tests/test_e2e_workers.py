@@ -687,7 +687,7 @@ def test_a_stopped_worker_keeping_room_others_wait_for_is_replaced_in_seconds(cl
     balancer, pids = startWorkers(
         cluster, ["a"], extra=["--queue-timeout=12"], backendExtra=["--capacity=4"]
     )
-    # Fill the backend and let go: the shares then settle at 2 of the 4
+    # Fill the backend and let go: the shares then usually settle at 2 of the 4
     # places each, however they stood before (which depends on which worker
     # the start-up probes met).
     filled = [waitFor(lambda: echoClient(cluster.port, n), 15, f"client {n}") for n in range(4)]
@@ -700,18 +700,24 @@ def test_a_stopped_worker_keeping_room_others_wait_for_is_replaced_in_seconds(cl
     log = cluster.processes["balancer"]
     os.kill(stopped, signal.SIGSTOP)
     try:
-        # Only the other accepts now: its share.
-        for n in range(2):
-            clients.append(waitFor(lambda: echoClient(cluster.port, n), 10, "a client in the serving worker's share"))
-        started = time.monotonic()
-        third = socket.create_connection(("127.0.0.1", cluster.port), timeout=15)
-        clients.append(third)
-        third.sendall(b"third\n")
-        got = third.recv(100)
-        waited = time.monotonic() - started
-        print(f"\nthe client past the serving worker's share waited {waited:.1f} s for {got!r}")
-        assert got == b"third\n", log.logText()[-3000:]
-        assert waited < 10, "served only once the stopped worker was killed as hung (20 s)"
+        # Only the other accepts now.  Each client must be served within
+        # seconds, one after the other: one past the serving worker's share
+        # waits until the stopped worker is killed and its room moves.  (How
+        # the shares stood when it stopped varies: usually 2 and 2, and the
+        # third client waits; with 3 and 1 nothing is stranded for three.)
+        waits = []
+        for n in range(3):
+            started = time.monotonic()
+            s = socket.create_connection(("127.0.0.1", cluster.port), timeout=15)
+            clients.append(s)
+            s.sendall(b"client %d\n" % n)
+            got = s.recv(100)
+            waits.append(time.monotonic() - started)
+            assert got == b"client %d\n" % n, log.logText()[-3000:]
+        print(f"\nclients served after {', '.join(f'{w:.1f}' for w in waits)} s")
+        assert max(waits) < 10, "served only once the stopped worker was killed as hung (20 s)"
+        if max(waits) < 1:
+            return  # the stopped worker held no room these clients needed
         waitFor(lambda: "while keeping room other workers' clients wait for: hung, killed" in log.logText(),
                 10, "the kill logged")
         assert waitFor(lambda: len(workerPids(balancer.pid) - {stopped}) == 2, 10, "a new worker")
