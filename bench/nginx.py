@@ -59,14 +59,16 @@ from twistedcluster.localcluster import (
 #: In the order the table shows them.
 NGINX_TARGETS = [
     "direct", "haproxy", "haproxy-splice", "balancer", "balancer-workers", "portforward", "twisted-relay",
-    "reactor-relay", "python-floor", "baseline",
+    "reactor-relay", "pool-relay", "python-floor", "baseline",
 ]
 NGINX_LOADS = ["keepalive", "latency", "close", "bulk"]
 #: The reference relays: name, script in bench/, note.  twisted-relay and
-#: python-floor run with the balancer; reactor-relay with --reactor-relay.
+#: python-floor run with the balancer; reactor-relay and pool-relay with
+#: --reactor-relay.
 REFERENCE_RELAYS = [
     ("twisted-relay", "twistedrelay.py", "bench/twistedrelay.py: the balancer's relay alone"),
     ("reactor-relay", "reactorrelay.py", "bench/reactorrelay.py: python-floor on Twisted's reactor"),
+    ("pool-relay", "poolrelay.py", "bench/poolrelay.py: reactor-relay routed by the real pool"),
     ("python-floor", "floorrelay.py", "bench/floorrelay.py: epoll, recv, send"),
 ]
 SMALL = "64.bin"
@@ -556,18 +558,26 @@ class NginxBench:
 
         def floor(key, other, higher, passed):
             # What the least Python relay (recv and send, no splice) reaches
-            # on the same target: whether a target the balancer misses is
-            # within Python's reach at all on this machine.
-            f, o = figs.get("python-floor", {}).get(key), figs[other][key]
-            if not f or not o:
-                return ""
-            r = f / o
-            if passed:
-                return f"; python-floor {r:.2f}x"
-            reach = r >= need_of[key] if higher else r <= need_of[key]
-            if reach:
-                return f"; python-floor {r:.2f}x: within Python's reach"
-            return f"; python-floor {r:.2f}x: out of Python's reach (the least Python relay misses it too)"
+            # on the same target, and the least least-load balancer on
+            # Twisted's reactor (pool-relay, when run): whether a target the
+            # balancer misses is within Python's reach at all on this
+            # machine, and within a least-load balancer's.
+            o = figs[other][key]
+            text = ""
+            for name, missed in (
+                ("python-floor", "the least Python relay misses it too"),
+                ("pool-relay", "the least least-load balancer on Twisted's reactor misses it too"),
+            ):
+                f = figs.get(name, {}).get(key)
+                if not f or not o:
+                    continue
+                r = f / o
+                text += f"; {name} {r:.2f}x"
+                if passed:
+                    continue
+                reach = r >= need_of[key] if higher else r <= need_of[key]
+                text += ": within reach" if reach else f": out of reach ({missed})"
+            return text
 
         need_of = {"close_rate": 0.8, "cpu_per_conn": 1.3, "ka_rps": 1.0, "bulk_mbps": 1.0}
 

@@ -122,7 +122,8 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
     # wrk -> proxy -> nginx: every row for direct, HAProxy (both ways), the
     # balancer, its relay alone (twisted-relay), the least relay Python can
     # run (python-floor; both come with the balancer) and that relay on
-    # Twisted's reactor (reactor-relay, asked for), the balancer with two
+    # Twisted's reactor (reactor-relay, asked for) and routed by the real
+    # pool (pool-relay, with it), the balancer with two
     # workers (asked for; its CPU is its processes'), and a verdict line for
     # each target of issue 16.
     _skipUnlessPossible()
@@ -146,9 +147,9 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
 
     lines = result.stdout.splitlines()
     header = next(l for l in lines if l.startswith("metric")).split()
-    assert header[1:9] == [
+    assert header[1:10] == [
         "direct", "haproxy", "haproxy-splice", "balancer", "balancer-workers", "twisted-relay", "reactor-relay",
-        "python-floor",
+        "pool-relay", "python-floor",
     ], header
     for key, label, unit, higher in nginx.NGINX_ROWS:
         row = next((l for l in lines if l.startswith(label)), None)
@@ -156,14 +157,14 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
         values = row[len(label):].split()
         # Every target has the rates and latencies; only the proxies' CPU
         # per operation, and direct's (nginx's), are there too.
-        assert all(v != "-" for v in values[:8]), row
+        assert all(v != "-" for v in values[:9]), row
     verdicts = [l.split(None, 1) for l in lines if l.startswith(("  PASS", "  FAIL", "  n/a"))]
     assert len(verdicts) == 5, result.stdout
     assert all(mark in ("PASS", "FAIL") for mark, _ in verdicts), result.stdout
     figures = json.loads(out.read_text())["nginx"]
     assert set(figures["figures"]) == {
         "direct", "haproxy", "haproxy-splice", "balancer", "balancer-workers", "twisted-relay", "reactor-relay",
-        "python-floor",
+        "pool-relay", "python-floor",
     }
     for name, f in figures["figures"].items():
         assert f["ka_rps"] > 0 and f["close_rate"] > 0 and f["bulk_mbps"] > 0, name
@@ -171,8 +172,10 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
     # keep-alive, Connection: close and a 50 MB stream (back-pressure) whole.
     assert not figures["notes"], figures["notes"]
     # Every target but the added latency says what the least Python relay
-    # reaches on it, in the same run.
+    # reaches on it, in the same run, and what the least least-load balancer
+    # on Twisted's reactor reaches.
     assert sum("python-floor" in text for _, text in verdicts) == 4, result.stdout
+    assert sum("pool-relay" in text for _, text in verdicts) == 4, result.stdout
     # The workers' rate, beside HAProxy's one thread, with their CPU.
     info = [l for l in lines if l.startswith("  info new conn/s with --workers=2")]
     assert len(info) == 1 and "us of its processes' CPU per new conn" in info[0], result.stdout
@@ -408,23 +411,3 @@ def test_proxyCostQuickRunPrintsRatiosAgainstPlain(tmp_path):
     assert sum(1 for l in lines if l.strip().startswith("against plain")) == 4
     figures = json.loads(out.read_text())
     assert figures["rounds"]["send-proxy-v2"][0]["conn"]["done"] == 60
-
-
-# -- bench/poolcost.py: the pool's work per connection ------------------------
-
-
-def test_poolCostPrintsAFigurePerBackendCount(tmp_path):
-    script = ROOT / "bench" / "poolcost.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--connections", "2000", "--rounds", "1", "--backends", "1,8"],
-        capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    figures = {}
-    for line in result.stdout.splitlines():
-        if "backend(s):" in line:
-            count, rest = line.split("backend(s):")
-            figures[int(count)] = float(rest.split()[0])
-    assert sorted(figures) == [1, 8]
-    assert all(0 < us < 10_000 for us in figures.values()), figures
