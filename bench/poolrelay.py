@@ -25,7 +25,7 @@ import errno
 import socket
 
 from floorrelay import listen, runScript
-from reactorrelay import Connecting, Side
+from reactorrelay import Connecting, Listener, Side, serve
 
 from twistedcluster.balancer.staticbackend import DEFAULT_STATIC_CAPACITY
 from twistedcluster.core.cluster import Cluster
@@ -69,20 +69,14 @@ class RoutedConnecting(Connecting):
         self.close()
 
 
-class RoutingListener:
+class RoutingListener(Listener):
+    """
+    reactor-relay's listener, each client routed by C{cluster}'s pool.
+    """
+
     def __init__(self, reactor, sock: socket.socket, cluster: Cluster) -> None:
-        self.reactor = reactor
-        self.sock = sock
+        Listener.__init__(self, reactor, sock, None)
         self.cluster = cluster
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def logPrefix(self) -> str:
-        return "listener"
-
-    def connectionLost(self, reason) -> None:
-        self.sock.close()
 
     def doRead(self):
         reactor, cluster = self.reactor, self.cluster
@@ -109,27 +103,18 @@ class RoutingListener:
                 client.close()
                 server.close()
                 continue
-            c, b = RoutedSide(reactor, client), RoutedConnecting(reactor, server)
+            c = RoutedSide(reactor, client)
             c.pool, c.route = pool, route
-            c.peer, b.peer = b, c
-            # The client is read once the backend is connected.
-            c.paused = True
-            reactor.addWriter(b)
+            self.pair(c, RoutedConnecting(reactor, server))
         return None
 
 
 def main(listenPort: int, backendPort: int, host: str = "127.0.0.1") -> None:
-    from twistedcluster.fast.reactor import installIfNone
-
-    installIfNone()
-    from twisted.internet import reactor
-
     cluster = Cluster(policy="least-load")
     cluster.pool.register(
         "nginx", host, backendPort, capacity=DEFAULT_STATIC_CAPACITY, static=True
     )
-    reactor.addReader(RoutingListener(reactor, listen(host, listenPort), cluster))
-    reactor.run()
+    serve(lambda reactor: RoutingListener(reactor, listen(host, listenPort), cluster))
 
 
 if __name__ == "__main__":

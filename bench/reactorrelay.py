@@ -159,23 +159,36 @@ class Listener:
     def doRead(self):
         reactor = self.reactor
         for client, server in acceptPairs(self.sock, self.backend):
-            c, b = Side(reactor, client), Connecting(reactor, server)
-            c.peer, b.peer = b, c
-            # The client is read once the backend is connected (its first
-            # bytes wait in the kernel meanwhile).
-            c.paused = True
-            reactor.addWriter(b)
+            self.pair(Side(reactor, client), Connecting(reactor, server))
         return None
 
+    def pair(self, c: Side, b: "Connecting") -> None:
+        """
+        Relay client side C{c} and backend side C{b}, whose connect is under
+        way: the client is read once the backend is connected (its first
+        bytes wait in the kernel meanwhile).
+        """
+        c.peer, b.peer = b, c
+        c.paused = True
+        self.reactor.addWriter(b)
 
-def main(listenPort: int, backendPort: int, host: str = "127.0.0.1") -> None:
+
+def serve(listener) -> None:
+    """
+    Run the balancer's lean reactor with C{listener(reactor)} on it, until
+    stopped.
+    """
     from twistedcluster.fast.reactor import installIfNone
 
     installIfNone()
     from twisted.internet import reactor
 
-    reactor.addReader(Listener(reactor, listen(host, listenPort), (host, backendPort)))
+    reactor.addReader(listener(reactor))
     reactor.run()
+
+
+def main(listenPort: int, backendPort: int, host: str = "127.0.0.1") -> None:
+    serve(lambda reactor: Listener(reactor, listen(host, listenPort), (host, backendPort)))
 
 
 if __name__ == "__main__":

@@ -180,3 +180,60 @@ def test_strangers_without_a_secret_neither_block_nor_displace_a_backend(tmp_pat
         for s in idle:
             s.close()
         cluster.stopAll()
+
+
+def test_a_tool_pointed_at_the_wrong_listener_is_told_which_it_reached(tmp_path):
+    # cluster-admin at the control, proxy, redirect or metrics listener, and
+    # a backend at the admin listener, used to read "wrong secret", a raw
+    # AMP error tuple, "TooLong" or a bare timeout.  Each now says what it
+    # reached, or that it is not the admin listener; the balancer logs it.
+    import subprocess
+
+    from twistedcluster.localcluster import adminCommand, freePort
+
+    cluster = LocalCluster(tmp_path)
+    cluster.useSecret()
+    redirect, metrics = freePort(), freePort()
+    try:
+        cluster.startBalancer(extra=[
+            f"--redirect=tcp:{redirect}:interface=127.0.0.1",
+            f"--metrics=tcp:{metrics}:interface=127.0.0.1",
+        ])
+        cluster.startBackend("echo")
+        cluster.waitUp(["echo"], timeout=30)
+
+        def adminAt(port):
+            return subprocess.run(
+                adminCommand(f"tcp:host=127.0.0.1:port={port}",
+                             [f"--secret-file={cluster.secretFile}", "--timeout=3", "status"]),
+                capture_output=True, text=True, timeout=60, env=cluster.env,
+            )
+
+        r = adminAt(cluster.controlPort)
+        assert r.returncode == 4, r.stderr
+        assert "this is the balancer's control listener, where backends register" in r.stderr
+        assert "wrong secret" not in r.stderr
+        for port in (cluster.port, redirect):  # echoes our box back; answers a line
+            r = adminAt(port)
+            assert r.returncode == 3, r.stderr
+            assert "does not speak the balancer's admin protocol" in r.stderr, r.stderr
+            assert "Is it the balancer's admin listener (--admin)?" in r.stderr
+        r = adminAt(metrics)  # an HTTP server waits for a request
+        assert r.returncode == 3 and "nothing came back: is it the balancer's admin listener" in r.stderr
+        assert adminAt(cluster.adminPort).returncode == 0
+        # A backend at the admin listener hears where backends register.
+        lost = cluster.startBackend("lost", balancers=[f"tcp:host=127.0.0.1:port={cluster.adminPort}"])
+        waitFor(lambda: "backends register at its control listener (--control)" in lost.logText(),
+                20, "the lost backend told")
+        log = cluster.processes["balancer"].logText()
+        assert "control channel: 127.0.0.1:" in log and "proved the secret for the admin channel" in log
+        assert "admin channel: 127.0.0.1:" in log and "proved the secret for the control channel" in log
+        # A wrong secret is still just that.
+        bad = secretFile(tmp_path, "bad", b"not-the-secret-at-all!")
+        r = subprocess.run(
+            adminCommand(cluster.admin, [f"--secret-file={bad}", "status"]),
+            capture_output=True, text=True, timeout=60, env=cluster.env,
+        )
+        assert r.returncode == 4 and "wrong secret" in r.stderr
+    finally:
+        cluster.stopAll()

@@ -80,6 +80,33 @@ def test_ports_out_of_range_are_usage_errors(tmp_path):
     assert list(tmp_path.glob("*.log")) == []
 
 
+def localArgv(logs, backends):
+    """
+    cluster-local with C{backends} echo backends, free ports and its logs in
+    C{logs}.
+    """
+    # Consecutive free ports for the backends.
+    base = next(
+        p for p in (freePort() for _ in range(50))
+        if not any(portInUse("127.0.0.1", p + i) for i in range(1, backends))
+    )
+    return [sys.executable, "-m", "twistedcluster.cli.local", f"--backends={backends}", f"--logs={logs}",
+            f"--port={freePort()}", f"--redirect-port={freePort()}", f"--control-port={freePort()}",
+            f"--admin-port={freePort()}", f"--backend-port={base}"]
+
+
+def startLocal(argv):
+    """
+    cluster-local started with C{argv}, once it says it is running.
+    """
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    for line in proc.stdout:
+        if "twistedcluster is running" in line:
+            return proc
+    proc.wait(60)
+    pytest.fail("cluster-local did not start")
+
+
 @pytest.mark.parametrize("sig", ["SIGHUP", "SIGINT"])
 def test_a_hangup_or_ctrl_c_stops_every_process_it_started(tmp_path, sig):
     # Its processes are in sessions of their own: a terminal's hangup (or
@@ -90,20 +117,9 @@ def test_a_hangup_or_ctrl_c_stops_every_process_it_started(tmp_path, sig):
 
     from twistedcluster.localcluster import waitFor
 
-    argv = [sys.executable, "-m", "twistedcluster.cli.local", "--backends=2", f"--logs={tmp_path}",
-            f"--port={freePort()}", f"--redirect-port={freePort()}", f"--control-port={freePort()}",
-            f"--admin-port={freePort()}", f"--backend-port={freePort()}"]
-    # Two consecutive free ports for the backends.
-    base = next(p for p in (freePort() for _ in range(50)) if not portInUse("127.0.0.1", p + 1))
-    argv[-1] = f"--backend-port={base}"
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     children = set()
+    proc = startLocal(localArgv(tmp_path, 2))
     try:
-        for line in proc.stdout:
-            if "twistedcluster is running" in line:
-                break
-        else:
-            pytest.fail("cluster-local did not start")
         children = workerPids(proc.pid)  # its children
         assert len(children) == 3  # the balancer and two backends
         assert all(os.getsid(c) == c for c in children)  # sessions of their own
@@ -127,3 +143,51 @@ def test_a_hangup_or_ctrl_c_stops_every_process_it_started(tmp_path, sig):
                 os.kill(c, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def test_a_second_run_in_the_same_folder_is_refused_and_the_first_keeps_its_secret(tmp_path):
+    # Two runs in one log folder shared its secret file: the second wrote a
+    # new one, so cluster-admin, reading it, was refused by the first
+    # cluster, and their logs mixed.  Now the second says so and starts
+    # nothing; the first keeps serving with its own secret.
+    import os
+    import signal
+
+    from twistedcluster.localcluster import echoOnce
+
+    first = localArgv(tmp_path, 1)
+    proc = startLocal(first)
+    try:
+        secret = (tmp_path / "secret").read_bytes()
+        logs = sorted(p.name for p in tmp_path.glob("*.log"))
+        second = subprocess.Popen(localArgv(tmp_path, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        try:
+            out, err = second.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            # It started a second cluster: stopped as a user would, so that
+            # nothing it started is left running.
+            second.send_signal(signal.SIGINT)
+            second.communicate(timeout=60)
+            pytest.fail("a second cluster-local started in the same folder")
+        assert second.returncode == 1, out + err
+        assert err.splitlines()[0] == (
+            f"cluster-local: {tmp_path}/ is in use by another cluster-local (pid {proc.pid}): "
+            "its secret and logs are there; stop it, or choose another folder with --logs"
+        )
+        assert (tmp_path / "secret").read_bytes() == secret
+        assert sorted(p.name for p in tmp_path.glob("*.log")) == logs
+        port = int(next(a for a in first if a.startswith("--port=")).split("=")[1])
+        assert echoOnce("127.0.0.1", port, b"still mine\n") == b"still mine\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        proc = None
+        # Stopped, it lets go of the folder: the next run may use it.
+        from twistedcluster.cli.local import holdFolder
+
+        held = holdFolder(tmp_path)
+        assert not isinstance(held, int)
+        held.close()
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGINT)
+            proc.wait(60)

@@ -186,6 +186,24 @@ def test_a_handed_off_connection_stays_added_until_a_report_sees_it():
     assert pool.get("a").addedSinceReport == 0
 
 
+def test_a_redirect_answer_shows_in_every_view_of_the_pool_at_once():
+    # A worker's redirect answer (Pool.answered) is counted in the status,
+    # the snapshot and the changes a follower collects (what the worker
+    # tells the main process, mirror.trafficOf): a status read between the
+    # pick and the answer, or a snapshot, kept the old count before.
+    pool = Pool()
+    pool.register("a", "h", 1, capacity=10)
+    changes = pool.follow()
+    ticket = pool.acquire("a")
+    before, snapshot = pool.get("a"), pool.snapshot()
+    assert before.answered == 0 and snapshot[0].answered == 0
+    changes.clear()
+    pool.answered("a", ticket)
+    assert pool.get("a").answered == 1
+    assert pool.snapshot()[0].answered == 1
+    assert "a" in changes
+
+
 def test_a_ticket_of_a_forgotten_backend_does_not_touch_its_successor():
     # A backend is forgotten while a connection to it is open; one of the
     # same name joins; the old connection's close must not count against

@@ -531,6 +531,11 @@ async def runOne(reactor, args, job=None) -> str:
 
     proto.ampBoxReceived = ampBoxReceived
 
+    # Whether the balancer has proved it holds the secret: before that, an
+    # answer that is not AMP, or our own command sent back, is some other
+    # service (one of the balancer's other listeners, most often).
+    proven: list = []
+
     async def authenticated():
         try:
             proving = defer.ensureDeferred(authenticate(proto, secret, "admin"))
@@ -539,6 +544,8 @@ async def runOne(reactor, args, job=None) -> str:
             await proving
         except commands.AuthenticationFailed as e:
             raise CommandFailed(str(e), EXIT_AUTH) from None
+        if secret is not None:
+            proven.append(True)
         if job is not None:
             return await job(proto)
         if args.command == "top":
@@ -553,16 +560,31 @@ async def runOne(reactor, args, job=None) -> str:
         try:
             return await work
         except defer.TimeoutError:
-            raise CommandFailed(
-                f"the balancer at {args.admin} did not answer in {args.timeout} s",
-                EXIT_UNREACHABLE,
-            ) from None
+            text = f"the balancer at {args.admin} did not answer in {args.timeout} s"
+            if not heard:
+                text += (
+                    " (nothing came back: is it the balancer's admin listener, --admin? "
+                    "An HTTP listener, such as --metrics, waits for a request)"
+                )
+            raise CommandFailed(text, EXIT_UNREACHABLE) from None
         except amp.ProtocolSwitched:
             raise
         except CommandFailed:
             raise
         except Exception as e:
             why = explainConnectError(e)
+            if secret is not None and not proven and not isinstance(e, error.ConnectionClosed):
+                said = (
+                    f"it answered {e.description!s}"
+                    if isinstance(e, amp.RemoteAmpError)
+                    else f"its answer is not AMP ({why})"
+                )
+                raise CommandFailed(
+                    f"{args.admin} does not speak the balancer's admin protocol: {said}. "
+                    "Is it the balancer's admin listener (--admin)? Its proxy and redirect "
+                    "listeners answer otherwise",
+                    EXIT_UNREACHABLE,
+                ) from None
             if isinstance(e, error.ConnectionClosed) and not heard:
                 # Accepted, then closed before any answer: what a full
                 # admin listener does to a newcomer (a reset when the

@@ -7,11 +7,13 @@ processes are started and watched by L{twistedcluster.localcluster}.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import IO, Optional, Sequence, Union
 
 from twistedcluster.localcluster import LocalCluster, echoOnce, portInUse
 
@@ -29,7 +31,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument(
         "--backend-port", type=int, default=9001, help="first backend port (default 9001)"
     )
-    p.add_argument("--logs", default="cluster-run", help="log folder (default ./cluster-run)")
+    p.add_argument(
+        "--logs", default="cluster-run",
+        help="folder for its logs and secret, one run at a time (default ./cluster-run)",
+    )
     args = p.parse_args(argv)
     if not 1 <= args.backends <= 50:
         p.error("--backends must be 1..50")
@@ -60,6 +65,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 file=sys.stderr,
             )
             return 1
+    held = holdFolder(Path(args.logs))
+    if isinstance(held, int):
+        print(
+            f"cluster-local: {args.logs}/ is in use by another cluster-local "
+            f"(pid {held or 'unknown'}): its secret and logs are there; stop it, "
+            "or choose another folder with --logs",
+            file=sys.stderr,
+        )
+        return 1
     cluster = LocalCluster(Path(args.logs))
     cluster.ownSessions = True
     secret = cluster.useSecret()
@@ -141,6 +155,35 @@ Ctrl-C stops everything (backends drain first).""",
         cluster.stopAll()
         print("stopped.", flush=True)
     return 0
+
+
+#: In the log folder while a cluster-local runs from it: its pid, locked.
+LOCK_NAME = "cluster-local.pid"
+
+
+def holdFolder(folder: Path) -> Union[IO[str], int]:
+    """
+    Lock C{folder} for this run: the open lock file, held until this
+    process exits (the kernel lets go of it however it ends), or the pid of
+    the cluster-local that holds it already (0 if it wrote none).  Two runs
+    in one folder would share the secret file, so the second would lock the
+    first out of its own cluster (cluster-admin reads the new secret), and
+    interleave their logs.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = open(folder / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        text = lock.read().strip()
+        lock.close()
+        return int(text) if text.isdigit() else 0
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 if __name__ == "__main__":

@@ -1026,6 +1026,8 @@ class Pool:
         m = self._mine(name, ticket)
         if m is not None:
             m.answered += 1
+            # A figure of its status: every view of the pool shows it now.
+            self._loadChanged(m)
 
     def forgetHandOff(self, name: str, ticket: int) -> None:
         """

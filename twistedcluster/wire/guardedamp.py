@@ -321,13 +321,25 @@ class GuardedAMP(amp.AMP):
             or len(nonce) != auth.NONCE_LENGTH
             or not auth.verify(auth.clientProof(secret, self.channel, serverNonce, nonce), proof)
         ):
+            self.paused = True
+            self.guard.clock.callLater(0, self._close)
+            other = _otherChannel(secret, self.channel, serverNonce, nonce, proof)
+            if other is not None:
+                # It holds the secret, for the other listener: say which
+                # this is (it learns nothing it could not have asked for).
+                self.log.warn(
+                    "{channel} channel: {peer} proved the secret for the {other} "
+                    "channel, not this one: pointed at the wrong listener; closing",
+                    channel=self.channel,
+                    peer=self.peerText(),
+                    other=other,
+                )
+                raise commands.AuthenticationFailed(WRONG_LISTENER[self.channel])
             self.log.warn(
                 "{channel} channel: authentication failed from {peer}; closing",
                 channel=self.channel,
                 peer=self.peerText(),
             )
-            self.paused = True
-            self.guard.clock.callLater(0, self._close)
             raise commands.AuthenticationFailed("authentication failed: wrong secret")
         self.authenticated = True
         self._admit()
@@ -463,3 +475,32 @@ class GuardedFactory(Factory):
 
     def makeProtocol(self) -> GuardedAMP:
         raise NotImplementedError()
+
+
+#: What a peer holding the secret for the other channel is told, by the
+#: listener it reached instead.
+WRONG_LISTENER = {
+    "control": (
+        "this is the balancer's control listener, where backends register "
+        "(--control); cluster-admin talks to its admin listener (--admin)"
+    ),
+    "admin": (
+        "this is the balancer's admin listener, for cluster-admin (--admin); "
+        "backends register at its control listener (--control)"
+    ),
+}
+
+
+def _otherChannel(
+    secret: bytes, channel: str, serverNonce: Optional[bytes], nonce: bytes, proof: bytes
+) -> Optional[str]:
+    """
+    The channel, other than C{channel}, that C{proof} proves the secret
+    for, or C{None}.
+    """
+    if serverNonce is None or len(nonce) != auth.NONCE_LENGTH:
+        return None
+    for other in WRONG_LISTENER:
+        if other != channel and auth.verify(auth.clientProof(secret, other, serverNonce, nonce), proof):
+            return other
+    return None
