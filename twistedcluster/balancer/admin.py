@@ -99,6 +99,12 @@ class AdminProtocol(GuardedAMP):
 
     log = Logger()
     channel = "admin"
+    misdirected = {
+        "control": (
+            "this is the balancer's admin listener, for cluster-admin (--admin); "
+            "backends register at its control listener (--control)"
+        ),
+    }
 
     def __init__(self, factory: "AdminFactory") -> None:
         super().__init__()

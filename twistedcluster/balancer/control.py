@@ -120,6 +120,12 @@ class ControlProtocol(GuardedAMP):
 
     log = Logger()
     channel = "control"
+    misdirected = {
+        "admin": (
+            "this is the balancer's control listener, where backends register "
+            "(--control); cluster-admin talks to its admin listener (--admin)"
+        ),
+    }
     admissionStep = "register"
     name: Optional[str] = None
     _heartbeat = None

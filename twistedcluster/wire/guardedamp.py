@@ -78,6 +78,10 @@ class GuardedAMP(amp.AMP):
     #: Names this protocol in its log lines and its authentication proofs:
     #: "control" or "admin".
     channel = "amp"
+    #: Channels a peer may have meant instead of this one, each with what a
+    #: peer that proves the secret for it is told (it holds the secret, so
+    #: it learns nothing it could not ask): where it is, where to go.
+    misdirected: Dict[str, str] = {}
 
     #: The listener's factory, when served by one (not on the client side).
     guard: Optional["GuardedFactory"] = None
@@ -323,7 +327,7 @@ class GuardedAMP(amp.AMP):
         ):
             self.paused = True
             self.guard.clock.callLater(0, self._close)
-            other = _otherChannel(secret, self.channel, serverNonce, nonce, proof)
+            other = self._meant(secret, serverNonce, nonce, proof)
             if other is not None:
                 # It holds the secret, for the other listener: say which
                 # this is (it learns nothing it could not have asked for).
@@ -334,7 +338,7 @@ class GuardedAMP(amp.AMP):
                     peer=self.peerText(),
                     other=other,
                 )
-                raise commands.AuthenticationFailed(WRONG_LISTENER[self.channel])
+                raise commands.AuthenticationFailed(self.misdirected[other])
             self.log.warn(
                 "{channel} channel: authentication failed from {peer}; closing",
                 channel=self.channel,
@@ -344,6 +348,20 @@ class GuardedAMP(amp.AMP):
         self.authenticated = True
         self._admit()
         return {"proof": auth.serverProof(secret, self.channel, serverNonce, nonce)}
+
+    def _meant(
+        self, secret: bytes, serverNonce: Optional[bytes], nonce: bytes, proof: bytes
+    ) -> Optional[str]:
+        """
+        The channel of L{misdirected} that C{proof} proves the secret for,
+        or C{None}.
+        """
+        if serverNonce is None or len(nonce) != auth.NONCE_LENGTH:
+            return None
+        for other in self.misdirected:
+            if auth.verify(auth.clientProof(secret, other, serverNonce, nonce), proof):
+                return other
+        return None
 
     def _missingStep(self) -> str:
         """
@@ -475,32 +493,3 @@ class GuardedFactory(Factory):
 
     def makeProtocol(self) -> GuardedAMP:
         raise NotImplementedError()
-
-
-#: What a peer holding the secret for the other channel is told, by the
-#: listener it reached instead.
-WRONG_LISTENER = {
-    "control": (
-        "this is the balancer's control listener, where backends register "
-        "(--control); cluster-admin talks to its admin listener (--admin)"
-    ),
-    "admin": (
-        "this is the balancer's admin listener, for cluster-admin (--admin); "
-        "backends register at its control listener (--control)"
-    ),
-}
-
-
-def _otherChannel(
-    secret: bytes, channel: str, serverNonce: Optional[bytes], nonce: bytes, proof: bytes
-) -> Optional[str]:
-    """
-    The channel, other than C{channel}, that C{proof} proves the secret
-    for, or C{None}.
-    """
-    if serverNonce is None or len(nonce) != auth.NONCE_LENGTH:
-        return None
-    for other in WRONG_LISTENER:
-        if other != channel and auth.verify(auth.clientProof(secret, other, serverNonce, nonce), proof):
-            return other
-    return None
