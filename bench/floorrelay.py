@@ -43,10 +43,11 @@ def listen(host: str, port: int) -> socket.socket:
     return listener
 
 
-def acceptPairs(listener: socket.socket, backend, most: int = 64):
+def acceptClients(listener: socket.socket, most: int = 64):
     """
-    Up to C{most} clients waiting on C{listener}, each yielded with a
-    non-blocking socket whose connect to C{backend} is under way (or done).
+    Up to C{most} clients waiting on C{listener}, each a non-blocking
+    socket; stops early when none is left, or when the process is out of
+    descriptors or memory (the rest wait in the kernel's queue).
     """
     for _ in range(most):
         try:
@@ -58,12 +59,32 @@ def acceptPairs(listener: socket.socket, backend, most: int = 64):
                 return
             continue
         client.setblocking(False)
-        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = server.connect_ex(backend)
-        if err not in (0, errno.EINPROGRESS):
+        yield client
+
+
+def dial(backend):
+    """
+    A non-blocking socket whose connect to C{backend} is under way (or
+    done), or C{None} when the connect failed at once.
+    """
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    err = server.connect_ex(backend)
+    if err not in (0, errno.EINPROGRESS):
+        server.close()
+        return None
+    return server
+
+
+def acceptPairs(listener: socket.socket, backend, most: int = 64):
+    """
+    Up to C{most} clients waiting on C{listener}, each yielded with a
+    non-blocking socket whose connect to C{backend} is under way (or done).
+    """
+    for client in acceptClients(listener, most):
+        server = dial(backend)
+        if server is None:
             client.close()
-            server.close()
             continue
         yield client, server
 

@@ -59,15 +59,16 @@ from twistedcluster.localcluster import (
 #: In the order the table shows them.
 NGINX_TARGETS = [
     "direct", "haproxy", "haproxy-splice", "balancer", "balancer-workers", "portforward", "twisted-relay",
-    "reactor-relay", "pool-relay", "python-floor", "baseline",
+    "reactor-relay", "count-relay", "pool-relay", "python-floor", "baseline",
 ]
 NGINX_LOADS = ["keepalive", "latency", "close", "bulk"]
 #: The reference relays: name, script in bench/, note.  twisted-relay and
-#: python-floor run with the balancer; reactor-relay and pool-relay with
-#: --reactor-relay.
+#: python-floor run with the balancer; reactor-relay, count-relay and
+#: pool-relay with --reactor-relay.
 REFERENCE_RELAYS = [
     ("twisted-relay", "twistedrelay.py", "bench/twistedrelay.py: the balancer's relay alone"),
     ("reactor-relay", "reactorrelay.py", "bench/reactorrelay.py: python-floor on Twisted's reactor"),
+    ("count-relay", "countrelay.py", "bench/countrelay.py: reactor-relay routed least-conn by a dict"),
     ("pool-relay", "poolrelay.py", "bench/poolrelay.py: reactor-relay routed by the real pool"),
     ("python-floor", "floorrelay.py", "bench/floorrelay.py: epoll, recv, send"),
 ]

@@ -21,10 +21,9 @@ balancer in Python at all, in the same run.
 
 from __future__ import annotations
 
-import errno
 import socket
 
-from floorrelay import listen, runScript
+from floorrelay import acceptClients, dial, listen, runScript
 from reactorrelay import Connecting, Listener, Side, serve
 
 from twistedcluster.balancer.staticbackend import DEFAULT_STATIC_CAPACITY
@@ -81,27 +80,15 @@ class RoutingListener(Listener):
     def doRead(self):
         reactor, cluster = self.reactor, self.cluster
         pool = cluster.pool
-        for _ in range(64):
-            try:
-                client, _ = self.sock.accept()
-            except BlockingIOError:
-                return None
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    return None
-                continue
+        for client in acceptClients(self.sock):
             route = cluster.pick()
             if route is None:
                 client.close()
                 continue
-            client.setblocking(False)
-            server = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = server.connect_ex((route.host, route.port))
-            if err not in (0, errno.EINPROGRESS):
+            server = dial((route.host, route.port))
+            if server is None:
                 pool.connectFailed(route.name, route.ticket)
                 client.close()
-                server.close()
                 continue
             c = RoutedSide(reactor, client)
             c.pool, c.route = pool, route

@@ -823,7 +823,7 @@ def parseArgs(argv=None):
     p.add_argument("--nginx-loads", default=",".join(NGINX_LOADS), help=f"the nginx part's measurements, from {','.join(NGINX_LOADS)} (default all)")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads for the nginx part's 64- and 32-connection loads (default 1)")
     p.add_argument("--balancer-workers", type=int, default=0, metavar="N", help="the nginx part also runs the balancer with --workers=N (target balancer-workers; its CPU is its processes' together): the new connection rate from every core, beside HAProxy's one thread (not one of issue 16's per-thread targets)")
-    p.add_argument("--reactor-relay", action="store_true", help="the nginx part also runs bench/reactorrelay.py (python-floor's relay on Twisted's reactor: what the reactor costs apart from its transports) and bench/poolrelay.py (that relay routed by the real pool: the least a least-load balancer on Twisted's reactor costs)")
+    p.add_argument("--reactor-relay", action="store_true", help="the nginx part also runs bench/reactorrelay.py (python-floor's relay on Twisted's reactor: what the reactor costs apart from its transports), bench/countrelay.py (that relay routed least-conn by a dict of counts: what routing at all costs) and bench/poolrelay.py (that relay routed by the real pool: the least a least-load balancer on Twisted's reactor costs)")
     p.add_argument("--install-nginx", action="store_true", help="apt-get install nginx and wrk when missing (needs root)")
     p.add_argument("--installed", action="store_true", help="measure the installed twistedcluster, not the checkout this script sits in")
     p.add_argument("--code", default=None, metavar="DIR", help="measure the twistedcluster package in DIR (a checkout, or e.g. `git archive HEAD | tar -x -C DIR`), not the checkout this script sits in")
@@ -911,7 +911,7 @@ def runNginx(args, say, pythonPath, codeText: str) -> dict:
         if t in args.targets
         or (t == "haproxy-splice" and "haproxy" in args.targets)
         or (t in ("python-floor", "twisted-relay") and "balancer" in args.targets)
-        or (t in ("reactor-relay", "pool-relay") and args.reactor_relay)
+        or (t in ("reactor-relay", "count-relay", "pool-relay") and args.reactor_relay)
         or (t == "balancer-workers" and args.balancer_workers)
     ]
     return nginx.NginxBench(args, say, pythonPath, codeText).run(names)

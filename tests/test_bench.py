@@ -122,8 +122,9 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
     # wrk -> proxy -> nginx: every row for direct, HAProxy (both ways), the
     # balancer, its relay alone (twisted-relay), the least relay Python can
     # run (python-floor; both come with the balancer) and that relay on
-    # Twisted's reactor (reactor-relay, asked for) and routed by the real
-    # pool (pool-relay, with it), the balancer with two
+    # Twisted's reactor (reactor-relay, asked for), routed by a dict of
+    # counts (count-relay) and by the real pool (pool-relay, with it), the
+    # balancer with two
     # workers (asked for; its CPU is its processes'), and a verdict line for
     # each target of issue 16.
     _skipUnlessPossible()
@@ -147,9 +148,9 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
 
     lines = result.stdout.splitlines()
     header = next(l for l in lines if l.startswith("metric")).split()
-    assert header[1:10] == [
+    assert header[1:11] == [
         "direct", "haproxy", "haproxy-splice", "balancer", "balancer-workers", "twisted-relay", "reactor-relay",
-        "pool-relay", "python-floor",
+        "count-relay", "pool-relay", "python-floor",
     ], header
     for key, label, unit, higher in nginx.NGINX_ROWS:
         row = next((l for l in lines if l.startswith(label)), None)
@@ -157,14 +158,14 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
         values = row[len(label):].split()
         # Every target has the rates and latencies; only the proxies' CPU
         # per operation, and direct's (nginx's), are there too.
-        assert all(v != "-" for v in values[:9]), row
+        assert all(v != "-" for v in values[:10]), row
     verdicts = [l.split(None, 1) for l in lines if l.startswith(("  PASS", "  FAIL", "  n/a"))]
     assert len(verdicts) == 5, result.stdout
     assert all(mark in ("PASS", "FAIL") for mark, _ in verdicts), result.stdout
     figures = json.loads(out.read_text())["nginx"]
     assert set(figures["figures"]) == {
         "direct", "haproxy", "haproxy-splice", "balancer", "balancer-workers", "twisted-relay", "reactor-relay",
-        "pool-relay", "python-floor",
+        "count-relay", "pool-relay", "python-floor",
     }
     for name, f in figures["figures"].items():
         assert f["ka_rps"] > 0 and f["close_rate"] > 0 and f["bulk_mbps"] > 0, name
