@@ -559,14 +559,16 @@ class NginxBench:
 
         def floor(key, other, higher, passed):
             # What the least Python relay (recv and send, no splice) reaches
-            # on the same target, and the least least-load balancer on
-            # Twisted's reactor (pool-relay, when run): whether a target the
+            # on the same target, and, when run, a relay on Twisted's reactor
+            # that routes by a dict of counts (count-relay) and the least
+            # least-load balancer there (pool-relay): whether a target the
             # balancer misses is within Python's reach at all on this
-            # machine, and within a least-load balancer's.
+            # machine, with routing, and with a least-load pool's.
             o = figs[other][key]
             text = ""
             for name, missed in (
                 ("python-floor", "the least Python relay misses it too"),
+                ("count-relay", "a relay on Twisted's reactor that routes by a dict of counts misses it too"),
                 ("pool-relay", "the least least-load balancer on Twisted's reactor misses it too"),
             ):
                 f = figs.get(name, {}).get(key)

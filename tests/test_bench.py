@@ -173,10 +173,11 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
     # keep-alive, Connection: close and a 50 MB stream (back-pressure) whole.
     assert not figures["notes"], figures["notes"]
     # Every target but the added latency says what the least Python relay
-    # reaches on it, in the same run, and what the least least-load balancer
-    # on Twisted's reactor reaches.
+    # reaches on it, in the same run, and what a relay on Twisted's reactor
+    # reaches routing by a dict of counts, and with the real pool.
     assert sum("python-floor" in text for _, text in verdicts) == 4, result.stdout
     assert sum("pool-relay" in text for _, text in verdicts) == 4, result.stdout
+    assert sum("count-relay" in text for _, text in verdicts) == 4, result.stdout
     # The workers' rate, beside HAProxy's one thread, with their CPU.
     info = [l for l in lines if l.startswith("  info new conn/s with --workers=2")]
     assert len(info) == 1 and "us of its processes' CPU per new conn" in info[0], result.stdout
