@@ -124,9 +124,8 @@ def test_nginxPartPrintsItsTableAndTheIssue16Targets(tmp_path):
     # run (python-floor; both come with the balancer) and that relay on
     # Twisted's reactor (reactor-relay, asked for), routed by a dict of
     # counts (count-relay) and by the real pool (pool-relay, with it), the
-    # balancer with two
-    # workers (asked for; its CPU is its processes'), and a verdict line for
-    # each target of issue 16.
+    # balancer with two workers (asked for; its CPU is its processes'), and
+    # a verdict line for each target of issue 16.
     _skipUnlessPossible()
     import shutil
 

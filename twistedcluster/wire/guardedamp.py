@@ -320,14 +320,15 @@ class GuardedAMP(amp.AMP):
             raise commands.AuthenticationFailed(
                 "this balancer has no shared secret configured"
             )
-        if (
-            serverNonce is None
-            or len(nonce) != auth.NONCE_LENGTH
-            or not auth.verify(auth.clientProof(secret, self.channel, serverNonce, nonce), proof)
+        # A proof can only be checked against a nonce this side gave, and
+        # a nonce of the right length from the peer.
+        checkable = serverNonce is not None and len(nonce) == auth.NONCE_LENGTH
+        if not checkable or not auth.verify(
+            auth.clientProof(secret, self.channel, serverNonce, nonce), proof
         ):
             self.paused = True
             self.guard.clock.callLater(0, self._close)
-            other = self._meant(secret, serverNonce, nonce, proof)
+            other = self._meant(secret, serverNonce, nonce, proof) if checkable else None
             if other is not None:
                 # It holds the secret, for the other listener: say which
                 # this is (it learns nothing it could not have asked for).
@@ -349,15 +350,11 @@ class GuardedAMP(amp.AMP):
         self._admit()
         return {"proof": auth.serverProof(secret, self.channel, serverNonce, nonce)}
 
-    def _meant(
-        self, secret: bytes, serverNonce: Optional[bytes], nonce: bytes, proof: bytes
-    ) -> Optional[str]:
+    def _meant(self, secret: bytes, serverNonce: bytes, nonce: bytes, proof: bytes) -> Optional[str]:
         """
         The channel of L{misdirected} that C{proof} proves the secret for,
         or C{None}.
         """
-        if serverNonce is None or len(nonce) != auth.NONCE_LENGTH:
-            return None
         for other in self.misdirected:
             if auth.verify(auth.clientProof(secret, other, serverNonce, nonce), proof):
                 return other
